@@ -1,0 +1,34 @@
+# qrmfs: every target that needs the machine runs `setup` first (idempotent).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+export TESTCONTAINERS_RYUK_DISABLED := true
+
+.PHONY: setup demo test unit e2e lint lab-up lab-down bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(PY) -m lab demo
+
+test: setup
+	$(PY) -m pytest tests/unit tests/e2e
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+e2e: setup
+	$(PY) -m pytest tests/e2e
+
+lint: setup
+	$(VENV)/bin/ruff check qrmfs lab tests
+	$(VENV)/bin/mypy qrmfs lab
+
+lab-up: setup
+	@$(PY) -m lab up
+
+lab-down: setup
+	@$(PY) -m lab down
+
+bench: setup
+	@$(PY) bench/run.py
