@@ -1,0 +1,302 @@
+"""The container lab: an NFS storage server, an sshd source host and an openQRM mock on one network.
+
+Started with testcontainers (Ryuk disabled: it is an image that cannot be pulled here); found again by
+docker labels, so `python -m lab up` is idempotent and `down` removes exactly what `up` made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import httpx
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+from testcontainers.core.container import DockerContainer  # noqa: E402
+from testcontainers.core.network import Network  # noqa: E402
+from testcontainers.core.waiting_utils import WaitStrategy  # noqa: E402
+
+from . import images, keys  # noqa: E402
+from .images import ROLES, LabError  # noqa: E402
+from .paths import state_dir  # noqa: E402
+
+LABEL = "io.qrmfs.lab"
+ROLE_LABEL = "io.qrmfs.lab.role"
+DEFAULT_NAME = "qrmfs-lab"
+OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "openqrm"
+EXPORT_ROOT = "/exports"
+READY_TIMEOUT = 90.0
+
+# Inside each container: what must hold before the host-side probes start.
+_INNER_READY = {
+    "storage": "test -e /run/sshd.pid && pgrep -x ganesha.nfsd >/dev/null",
+    "source": "test -e /srv/fixture/.complete && test -e /run/sshd.pid",
+    "openqrm": "python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1/_mock/health')\"",
+}
+
+
+class InnerReady(WaitStrategy):
+    """Ready when a check inside the container passes; fails at once when the container has exited."""
+
+    def __init__(self, script: str) -> None:
+        super().__init__()
+        self.script = script
+
+    def wait_until_ready(self, container: Any) -> None:
+        wrapped = container.get_wrapped_container()
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            wrapped.reload()
+            if wrapped.status not in ("created", "running"):
+                raise LabError(f"container {wrapped.name} exited ({wrapped.status})")
+            code, out = wrapped.exec_run(["bash", "-c", self.script])
+            if code == 0:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"container {wrapped.name}: `{self.script}` still fails after "
+                               f"{self._startup_timeout:.0f}s: {out.decode(errors='replace')[-300:]}")
+            time.sleep(self._poll_interval)
+
+
+@dataclass(frozen=True)
+class LabHandle:
+    name: str
+
+    @property
+    def state(self) -> Path:
+        d = state_dir() / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o700)
+        return d
+
+    @property
+    def network(self) -> str:
+        return f"{self.name}-net"
+
+    @property
+    def volume(self) -> str:
+        return f"{self.name}-exports"
+
+    def container_name(self, role: str) -> str:
+        return f"{self.name}-{role}"
+
+
+def _client() -> docker.DockerClient:
+    try:
+        c = docker.from_env()
+        c.ping()
+        return c
+    except docker.errors.DockerException as e:
+        raise LabError(f"no docker engine answers ({e}); run `make setup` to start dockerd") from e
+
+
+def _labels(lab: LabHandle, role: str | None = None) -> dict[str, str]:
+    d = {LABEL: lab.name}
+    if role:
+        d[ROLE_LABEL] = role
+    return d
+
+
+def _containers(client: docker.DockerClient, lab: LabHandle) -> dict[str, Any]:
+    found = client.containers.list(all=True, filters={"label": f"{LABEL}={lab.name}"})
+    return {c.labels.get(ROLE_LABEL): c for c in found}
+
+
+def _address(container: Any, lab: LabHandle) -> str:
+    container.reload()
+    nets = container.attrs["NetworkSettings"]["Networks"]
+    if lab.network not in nets or not nets[lab.network]["IPAddress"]:
+        raise LabError(f"container {container.name} has no address on {lab.network}")
+    return str(nets[lab.network]["IPAddress"])
+
+
+def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str]) -> None:
+    down(lab.name, quiet=True)
+    keys.ensure_keys(lab.state, ("storage", "source"))
+    net = Network(docker_network_kw={"labels": _labels(lab)})
+    net.name = lab.network
+    net.create()
+    client.volumes.create(name=lab.volume, labels=_labels(lab))
+    for role in ROLES:
+        kwargs: dict[str, Any] = {"labels": _labels(lab, role), "hostname": f"lab-{role}"}
+        volumes: dict[str, dict[str, str]] = {}
+        if role in ("storage", "source"):
+            volumes[str(lab.state / "hosts" / role)] = {"bind": "/lab", "mode": "ro"}
+        if role == "storage":
+            volumes[lab.volume] = {"bind": EXPORT_ROOT, "mode": "rw"}
+            # ganesha's VFS FSAL uses open_by_handle_at; --privileged is refused on these machines.
+            kwargs["cap_add"] = ["DAC_READ_SEARCH", "SYS_ADMIN"]
+        c = (DockerContainer(tags[role])
+             .with_name(lab.container_name(role))
+             .with_network(net)
+             .with_network_aliases(role)
+             .with_kwargs(**kwargs)
+             .waiting_for(InnerReady(_INNER_READY[role])
+                          .with_startup_timeout(READY_TIMEOUT).with_poll_interval(0.2)))
+        for src, spec in volumes.items():
+            c.with_volume_mapping(src, spec["bind"], spec["mode"])
+        try:
+            c.start()
+        except Exception as e:
+            raise LabError(f"the lab's {role} container did not become ready: {e}\n{_logs(client, lab, role)}"
+                           ) from e
+
+
+def _logs(client: docker.DockerClient, lab: LabHandle, role: str) -> str:
+    try:
+        out = client.containers.get(lab.container_name(role)).logs(tail=20).decode(errors="replace")
+        return f"--- last lines of {lab.container_name(role)} ---\n{out}"
+    except docker.errors.NotFound:
+        return ""
+
+
+def _wait(what: str, probe: Any, timeout: float = READY_TIMEOUT) -> None:
+    """Poll a real probe until it succeeds or the deadline passes (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            ok, last = probe()
+            if ok:
+                return
+        except Exception as e:  # a probe that raises is a probe that failed this round
+            last = str(e)
+        if time.monotonic() > deadline:
+            raise LabError(f"lab: {what} not ready after {timeout:.0f}s: {last.strip()[-500:]}")
+        time.sleep(0.2)
+
+
+def ssh_argv(info: dict[str, Any], role: str) -> list[str]:
+    """ssh argv to a lab host as root, verified against the lab's known_hosts."""
+    host = info["hosts"][role]
+    return ["ssh", "-i", info["ssh"]["private_key"], "-o", f"UserKnownHostsFile={info['ssh']['known_hosts']}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+            "-p", str(host["ssh_port"]), f"root@{host['address']}"]
+
+
+def _probe_all(info: dict[str, Any]) -> None:
+    def ssh_probe(role: str) -> Any:
+        def p() -> tuple[bool, str]:
+            r = subprocess.run([*ssh_argv(info, role), "true"], capture_output=True, text=True, timeout=15)
+            return r.returncode == 0, r.stderr
+        return p
+
+    def nfs_probe() -> tuple[bool, str]:
+        url = f"nfs://{info['hosts']['storage']['address']}{EXPORT_ROOT}?version=4"
+        r = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=15)
+        return r.returncode == 0, r.stderr
+
+    def http_probe() -> tuple[bool, str]:
+        r = httpx.get(info["openqrm"]["base"] + "/_mock/health", timeout=5)
+        return r.status_code == 200, r.text
+
+    _wait("ssh to storage", ssh_probe("storage"))
+    _wait("ssh to source", ssh_probe("source"))
+    _wait("NFS on storage", nfs_probe)
+    _wait("openQRM mock", http_probe)
+
+
+def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
+    addr = {role: _address(found[role], lab) for role in ROLES}
+    state = lab.state
+    known_hosts = keys.write_known_hosts(state, {r: addr[r] for r in ("storage", "source")})
+    pw = state / "openqrm.password"
+    pw.write_text(OPENQRM_PASSWORD + "\n")
+    pw.chmod(0o600)
+    base = f"http://{addr['openqrm']}:80"
+    info: dict[str, Any] = {
+        "name": lab.name,
+        "network": lab.network,
+        "hosts": {
+            "storage": {"address": addr["storage"], "ssh_port": 22, "nfs_port": 2049,
+                        "export_root": EXPORT_ROOT, "container_id": found["storage"].id},
+            "source": {"address": addr["source"], "ssh_port": 22, "container_id": found["source"].id},
+            "openqrm": {"address": addr["openqrm"], "ssh_port": None, "http_port": 80,
+                        "container_id": found["openqrm"].id},
+        },
+        "openqrm": {"url": f"{base}/openqrm", "base": base, "user": OPENQRM_USER,
+                    "password": OPENQRM_PASSWORD, "password_file": str(pw)},
+        "ssh": {"user": "root", "private_key": str(state / "id_ed25519"), "known_hosts": str(known_hosts)},
+        "config": str(state / "qrmfs.toml"),
+        "state_dir": str(state),
+    }
+    (state / "qrmfs.toml").write_text(_config_toml(info))
+    (state / "lab.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _config_toml(info: dict[str, Any]) -> str:
+    s, src = info["hosts"]["storage"], info["hosts"]["source"]
+    return f"""# qrmfs configuration for the lab `{info['name']}` (written by `python -m lab up`).
+[openqrm]
+url = "{info['openqrm']['url']}"
+user = "{info['openqrm']['user']}"
+password_file = "{info['openqrm']['password_file']}"
+
+[ssh]
+identity_file = "{info['ssh']['private_key']}"
+known_hosts = "{info['ssh']['known_hosts']}"
+
+[storage.storage]
+address = "{s['address']}"
+ssh_user = "root"
+ssh_port = {s['ssh_port']}
+export_root = "{s['export_root']}"
+storage_id = 1
+
+[hosts.source]
+address = "{src['address']}"
+ssh_user = "root"
+ssh_port = {src['ssh_port']}
+"""
+
+
+def up(name: str = DEFAULT_NAME) -> dict[str, Any]:
+    """Start the lab, or reuse it when every host already runs the current images. Returns its info."""
+    lab = LabHandle(name)
+    client = _client()
+    tags = images.build_all(client)
+    found = _containers(client, lab)
+    reusable = (set(found) == set(ROLES)
+                and all(c.status == "running" and tags[r] in c.image.tags for r, c in found.items()))
+    if not reusable:
+        _start(lab, client, tags)
+        found = _containers(client, lab)
+    info = _info(lab, found)
+    _probe_all(info)
+    return info
+
+
+def status(name: str = DEFAULT_NAME) -> dict[str, Any] | None:
+    """The running lab's info, or None when it is not (fully) running."""
+    lab = LabHandle(name)
+    found = _containers(_client(), lab)
+    if set(found) != set(ROLES) or any(c.status != "running" for c in found.values()):
+        return None
+    return _info(lab, found)
+
+
+def down(name: str = DEFAULT_NAME, quiet: bool = False) -> list[str]:
+    """Remove every container, network and volume of the lab. Returns what it removed."""
+    lab = LabHandle(name)
+    client = _client()
+    removed: list[str] = []
+    flt = {"label": f"{LABEL}={lab.name}"}
+    for c in client.containers.list(all=True, filters=flt):
+        c.remove(force=True, v=True)
+        removed.append(f"container {c.name}")
+    for n in client.networks.list(filters=flt):
+        n.remove()
+        removed.append(f"network {n.name}")
+    for v in client.volumes.list(filters=flt):
+        v.remove(force=True)
+        removed.append(f"volume {v.name}")
+    return removed
