@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
