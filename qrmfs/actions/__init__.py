@@ -1,0 +1,1 @@
+"""One module per command: orchestration only (cli -> action -> transfer | storage | openqrm -> runner)."""

@@ -1,0 +1,456 @@
+"""The NFS-root preparation steps. `create` and `validate --fix` apply them, `validate` checks them.
+
+Each step is one function that inspects an image tree and returns findings; a finding carries the
+repair for exactly what it found. So a rule is written once, `apply` is "check, then fix each finding",
+and running it twice changes nothing the second time. Paths are image paths ("/etc/mtab").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .fsutil import Escape, is_real_dir, makedirs, read_file, remove, resolve, write_file
+
+QRM_RUNLEVEL = "3"
+MTAB_TARGET = "/proc/mounts"
+MTAB_OK = ("/proc/mounts", "/proc/self/mounts", "../proc/self/mounts", "../proc/mounts")
+NODE_INIT = "/sbin/qrmfs-init"
+NODE_CONF = "/etc/qrmfs/node.conf"
+EASYMIGRATION = "/etc/qrm/easymigration.conf"
+# Units that must not run on a diskless NFS-root node, whatever the options: they check, trim or
+# remount a local root disk that the node does not have.
+ALWAYS_MASK = ("systemd-fsck-root.service", "systemd-remount-fs.service", "fstrim.timer",
+               "fstrim.service", "e2scrub_all.timer", "e2scrub_reap.service")
+# --remove-services: units bound to the source machine's own hardware, disks and network management.
+HOST_BOUND_SERVICES = ("smartd.service", "smartmontools.service", "mdmonitor.service", "mdadm.service",
+                       "lvm2-monitor.service", "multipathd.service", "iscsid.service", "open-iscsi.service",
+                       "NetworkManager.service", "systemd-networkd.service", "wpa_supplicant.service",
+                       "ModemManager.service", "irqbalance.service", "thermald.service",
+                       "kudzu.service", "nfs-server.service")
+LOCAL_DISK = re.compile(r"^(UUID=|PARTUUID=|LABEL=|PARTLABEL=|/dev/(sd|hd|vd|xvd|nvme|mmcblk|md|mapper/|disk/))")
+PERSISTENT_NET = ("/etc/udev/rules.d/70-persistent-net.rules",
+                  "/etc/udev/rules.d/75-persistent-net-generator.rules")
+LIVE_DIRS = {"/proc": 0o555, "/sys": 0o555, "/dev": 0o755, "/run": 0o755, "/tmp": 0o1777,
+             "/mnt/floppy": 0o755, "/mnt/cdrom": 0o755}
+EMPTY_DIRS = ("/proc", "/sys", "/run")
+
+
+@dataclass
+class Options:
+    image: str
+    shared: bool = False
+    private_add: list[str] = field(default_factory=list)
+    private_exclude: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    keep_services: bool = True
+    keep_network: bool = False
+    hostname: str | None = None
+    node_init: str = ""  # the qrmfs-init script's text, shipped from the qrmfs package
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Options:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Finding:
+    step: str
+    path: str
+    problem: str
+    fix: Callable[[], object] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "path": self.path, "problem": self.problem, "fixable": self.fix is not None}
+
+
+@dataclass
+class Ctx:
+    root: str
+    opts: Options
+
+    def host(self, path: str, follow_last: bool = True) -> str:
+        return resolve(self.root, path, follow_last)
+
+    def uses_systemd(self) -> bool:
+        return os.path.lexists(self.host("/lib/systemd/systemd"))
+
+    def uses_sysv(self) -> bool:
+        return os.path.lexists(self.host("/etc/inittab", follow_last=False))
+
+
+Check = Callable[[Ctx], Iterator[Finding]]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    what: str
+    check: Check
+
+
+STEPS: list[Step] = []
+
+
+def step(name: str, what: str) -> Callable[[Check], Check]:
+    def register(fn: Check) -> Check:
+        STEPS.append(Step(name, what, fn))
+        return fn
+    return register
+
+
+# --- the manual's steps ---------------------------------------------------------------------------
+
+@step("dirs", "empty proc, sys, run; dev; tmp with mode 1777; mnt/floppy and mnt/cdrom")
+def _dirs(ctx: Ctx) -> Iterator[Finding]:
+    for path, mode in LIVE_DIRS.items():
+        host = ctx.host(path, follow_last=False)
+        if os.path.islink(host) or (os.path.lexists(host) and not is_real_dir(host)):
+            yield Finding("dirs", path, "is not a directory",
+                        lambda h=host, m=mode: (remove(h), makedirs(h, m)))
+        elif not os.path.lexists(host):
+            yield Finding("dirs", path, "missing", lambda h=host, m=mode: makedirs(h, m))
+        elif stat.S_IMODE(os.lstat(host).st_mode) != mode:
+            have = stat.S_IMODE(os.lstat(host).st_mode)
+            yield Finding("dirs", path, f"mode {have:04o}, want {mode:04o}",
+                        lambda h=host, m=mode: os.chmod(h, m))
+        if path in EMPTY_DIRS and is_real_dir(host) and os.listdir(host):
+            yield Finding("dirs", path, f"not empty ({len(os.listdir(host))} entries)",
+                        lambda h=host: [remove(os.path.join(h, e)) for e in os.listdir(h)])
+
+
+@step("logs", "clear /var/log/* (files removed, directories kept)")
+def _logs(ctx: Ctx) -> Iterator[Finding]:
+    top = ctx.host("/var/log")
+    if not is_real_dir(top):
+        return
+    for dirpath, dirnames, filenames in os.walk(top):
+        for d in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)):
+                filenames.append(d)
+        for f in filenames:
+            host = os.path.join(dirpath, f)
+            rel = "/var/log" + host[len(top):]
+            yield Finding("logs", rel, "log file left in the image", lambda h=host: os.unlink(h))
+
+
+@step("easymigration", "remove /etc/qrm/easymigration.conf")
+def _easymigration(ctx: Ctx) -> Iterator[Finding]:
+    host = ctx.host(EASYMIGRATION, follow_last=False)
+    if os.path.lexists(host):
+        yield Finding("easymigration", EASYMIGRATION, "present", lambda: remove(host))
+
+
+@step("mtab", "/etc/mtab is a symlink to /proc/mounts (for df)")
+def _mtab(ctx: Ctx) -> Iterator[Finding]:
+    host = ctx.host("/etc/mtab", follow_last=False)
+
+    def fix() -> None:
+        remove(host)
+        os.symlink(MTAB_TARGET, host)
+
+    if os.path.islink(host):
+        if os.readlink(host) not in MTAB_OK:
+            yield Finding("mtab", "/etc/mtab", f"links to {os.readlink(host)}, not /proc/mounts", fix)
+    elif os.path.lexists(host):
+        yield Finding("mtab", "/etc/mtab", "is a file, not a link to /proc/mounts", fix)
+    elif is_real_dir(os.path.dirname(host)):
+        yield Finding("mtab", "/etc/mtab", "missing", fix)
+
+
+@step("kudzu", "disable the kudzu hardware-detection service")
+def _kudzu(ctx: Ctx) -> Iterator[Finding]:
+    for rc in sorted(_glob(ctx, "/etc", r"rc[0-6S]\.d")):
+        d = ctx.host(rc)
+        for e in sorted(os.listdir(d)):
+            if re.fullmatch(r"S\d*kudzu", e):
+                src, dst = os.path.join(d, e), os.path.join(d, "K" + e[1:])
+                yield Finding("kudzu", f"{rc}/{e}", "kudzu starts at boot", lambda s=src, t=dst: os.rename(s, t))
+    if os.path.lexists(ctx.host("/etc/init.d/kudzu")) or os.path.lexists(ctx.host("/lib/systemd/system/kudzu.service")):
+        yield from _mask(ctx, "kudzu", ["kudzu.service"])
+
+
+@step("runlevel", f"boot into the qrm runlevel {QRM_RUNLEVEL} (inittab initdefault; systemd: multi-user.target)")
+def _runlevel(ctx: Ctx) -> Iterator[Finding]:
+    if ctx.uses_sysv():
+        host = ctx.host("/etc/inittab")
+        data = read_file(host)
+        if data is None:
+            yield Finding("runlevel", "/etc/inittab", "not a regular file", None)
+        else:
+            text = data.decode("utf-8", "surrogateescape")
+            m = re.search(r"^([^#:\n]*):(\d*):initdefault:", text, re.M)
+            if not m or m.group(2) != QRM_RUNLEVEL:
+                def fix(text: str = text) -> None:
+                    line = f"id:{QRM_RUNLEVEL}:initdefault:"
+                    new = (re.sub(r"^[^#:\n]*:\d*:initdefault:.*$", line, text, count=1, flags=re.M)
+                           if m else f"{line}\n{text}")
+                    write_file(host, new.encode("utf-8", "surrogateescape"), _mode(host))
+                have = m.group(2) if m else "none"
+                yield Finding("runlevel", "/etc/inittab", f"initdefault is {have}, want {QRM_RUNLEVEL}", fix)
+    if ctx.uses_systemd():
+        link = ctx.host("/etc/systemd/system/default.target", follow_last=False)
+        want = "/lib/systemd/system/multi-user.target"
+        if not os.path.islink(link) or os.path.basename(os.readlink(link)) != "multi-user.target":
+            def fix_target() -> None:
+                remove(link)
+                makedirs(os.path.dirname(link))
+                os.symlink(want, link)
+            have = os.readlink(link) if os.path.islink(link) else "unset"
+            yield Finding("runlevel", "/etc/systemd/system/default.target",
+                        f"default target {have}, want multi-user.target", fix_target)
+
+
+# --- what an NFS root needs -----------------------------------------------------------------------
+
+@step("fstab", "/etc/fstab has no local-disk entries (the root comes over NFS)")
+def _fstab(ctx: Ctx) -> Iterator[Finding]:
+    host = ctx.host("/etc/fstab")
+    data = read_file(host)
+    if data is None:
+        return
+    lines = data.decode("utf-8", "surrogateescape").splitlines(keepends=True)
+    bad = [i for i, ln in enumerate(lines)
+           if ln.strip() and not ln.lstrip().startswith("#") and LOCAL_DISK.match(ln.split()[0])]
+    if bad:
+        def fix() -> None:
+            out = [("#qrmfs (local disk on a diskless node): " + ln) if i in bad else ln
+                   for i, ln in enumerate(lines)]
+            write_file(host, "".join(out).encode("utf-8", "surrogateescape"), _mode(host))
+        for i in bad:
+            yield Finding("fstab", "/etc/fstab",
+                        f"line {i + 1} mounts a local disk: {lines[i].split()[0]} on {_field(lines[i], 1)}", fix)
+
+
+@step("sockets", "no sockets in the tree (they belong to processes of the source machine)")
+def _sockets(ctx: Ctx) -> Iterator[Finding]:
+    root = ctx.root
+    skip = {os.path.join(root, d) for d in ("proc", "sys", "dev", "run")}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip]
+        for f in filenames:
+            host = os.path.join(dirpath, f)
+            try:
+                if stat.S_ISSOCK(os.lstat(host).st_mode):
+                    yield Finding("sockets", host[len(root):] or "/", "socket left in the tree",
+                                lambda h=host: os.unlink(h))
+            except FileNotFoundError:
+                continue
+
+
+@step("machine-id", "empty /etc/machine-id; no copied /var/lib/dbus/machine-id")
+def _machine_id(ctx: Ctx) -> Iterator[Finding]:
+    host = ctx.host("/etc/machine-id", follow_last=False)
+    if not is_real_dir(os.path.dirname(host)):
+        return
+    data = read_file(host)
+    if data is None or data.strip():
+        yield Finding("machine-id", "/etc/machine-id",
+                    "missing" if not os.path.lexists(host) else "carries the source machine's id",
+                    lambda: write_file(host, b"", 0o444))
+    dbus = ctx.host("/var/lib/dbus/machine-id", follow_last=False)
+    if os.path.lexists(dbus) and not os.path.islink(dbus):
+        yield Finding("machine-id", "/var/lib/dbus/machine-id", "a copy of the source's machine id",
+                    lambda: (remove(dbus), os.symlink("/etc/machine-id", dbus)))
+
+
+@step("host-keys", "no ssh host keys when the image is shared or its network is removed")
+def _host_keys(ctx: Ctx) -> Iterator[Finding]:
+    if not (ctx.opts.shared or not ctx.opts.keep_network):
+        return
+    d = ctx.host("/etc/ssh")
+    if is_real_dir(d):
+        for e in sorted(os.listdir(d)):
+            if e.startswith("ssh_host_") and not is_real_dir(os.path.join(d, e)):
+                yield Finding("host-keys", f"/etc/ssh/{e}", "host key of the source machine",
+                            functools.partial(os.unlink, os.path.join(d, e)))
+
+
+@step("persistent-net", "no persistent NIC naming rules when shared or network removed")
+def _persistent_net(ctx: Ctx) -> Iterator[Finding]:
+    if not (ctx.opts.shared or not ctx.opts.keep_network):
+        return
+    for path in PERSISTENT_NET:
+        host = ctx.host(path, follow_last=False)
+        if os.path.lexists(host):
+            yield Finding("persistent-net", path, "binds NIC names to the source's MAC addresses",
+                        lambda h=host: remove(h))
+
+
+@step("network", "--remove-network: interfaces reduced to loopback (the kernel brings up the NFS root's NIC)")
+def _network(ctx: Ctx) -> Iterator[Finding]:
+    if ctx.opts.keep_network:
+        return
+    host = ctx.host("/etc/network/interfaces")
+    data = read_file(host)
+    want = LOOPBACK_ONLY.encode()
+    if data is not None and data != want:
+        yield Finding("network", "/etc/network/interfaces", "configures interfaces of the source machine",
+                    lambda: write_file(host, want, 0o644))
+    d = ctx.host("/etc/network/interfaces.d")
+    if is_real_dir(d):
+        for e in sorted(os.listdir(d)):
+            yield Finding("network", f"/etc/network/interfaces.d/{e}", "configures interfaces",
+                        functools.partial(remove, os.path.join(d, e)))
+    for sub in ("/etc/systemd/network", "/etc/NetworkManager/system-connections", "/etc/netplan"):
+        d = ctx.host(sub)
+        if is_real_dir(d):
+            for e in sorted(os.listdir(d)):
+                yield Finding("network", f"{sub}/{e}", "network configuration of the source machine",
+                            functools.partial(remove, os.path.join(d, e)))
+
+
+LOOPBACK_ONLY = """# Written by qrmfs (--remove-network): a diskless node's NIC is brought up by the kernel/initramfs
+# for the NFS root and must not be reconfigured here.
+auto lo
+iface lo inet loopback
+"""
+
+
+@step("services", "mask units that must not run on a diskless node (and host-bound ones with --remove-services)")
+def _services(ctx: Ctx) -> Iterator[Finding]:
+    if not ctx.uses_systemd():
+        return
+    units = list(ALWAYS_MASK) + ([] if ctx.opts.keep_services else list(HOST_BOUND_SERVICES))
+    present = [u for u in units if _unit_exists(ctx, u)]
+    yield from _mask(ctx, "services", present)
+
+
+@step("hostname", "--hostname: /etc/hostname and the 127.0.1.1 line of /etc/hosts")
+def _hostname(ctx: Ctx) -> Iterator[Finding]:
+    name = ctx.opts.hostname
+    if not name:
+        return
+    host = ctx.host("/etc/hostname")
+    if (read_file(host) or b"").strip() != name.encode():
+        yield Finding("hostname", "/etc/hostname", f"not {name}", lambda: write_file(host, f"{name}\n".encode()))
+    hosts = ctx.host("/etc/hosts")
+    data = read_file(hosts)
+    if data is not None:
+        text = data.decode("utf-8", "surrogateescape")
+        line = f"127.0.1.1\t{name}"
+        if not re.search(rf"^127\.0\.1\.1\s+{re.escape(name)}(\s|$)", text, re.M):
+            def fix(text: str = text) -> None:
+                new = (re.sub(r"^127\.0\.1\.1\s.*$", line, text, count=1, flags=re.M)
+                       if re.search(r"^127\.0\.1\.1\s", text, re.M) else text.rstrip("\n") + f"\n{line}\n")
+                write_file(hosts, new.encode("utf-8", "surrogateescape"), _mode(hosts))
+            yield Finding("hostname", "/etc/hosts", f"127.0.1.1 does not name {name}", fix)
+
+
+@step("excludes", "directories excluded from the copy (-e) exist, empty")
+def _excludes(ctx: Ctx) -> Iterator[Finding]:
+    for path in ctx.opts.excludes:
+        host = ctx.host(path, follow_last=False)
+        if not os.path.lexists(host):
+            yield Finding("excludes", path, "excluded directory missing", lambda h=host: makedirs(h))
+
+
+@step("node-init", "per-node private directories and identity: /sbin/qrmfs-init and /etc/qrmfs/node.conf")
+def _node_init(ctx: Ctx) -> Iterator[Finding]:
+    o = ctx.opts
+    needed = o.shared or bool(o.private_add)
+    conf = ctx.host(NODE_CONF)
+    script = ctx.host(NODE_INIT)
+    want_conf = node_conf(o).encode()
+    if not needed:
+        for path, host in ((NODE_CONF, conf), (NODE_INIT, script)):
+            if os.path.lexists(host):
+                yield Finding("node-init", path, "present on an image that is neither shared nor has private "
+                            "directories", lambda h=host: remove(h))
+        return
+    if read_file(conf) != want_conf:
+        def fix_conf() -> None:
+            makedirs(os.path.dirname(conf))
+            write_file(conf, want_conf)
+        yield Finding("node-init", NODE_CONF, "missing or not matching the image's options", fix_conf)
+    if o.node_init and (read_file(script) != o.node_init.encode() or not os.access(script, os.X_OK)):
+        def fix_script() -> None:
+            makedirs(os.path.dirname(script))
+            write_file(script, o.node_init.encode(), 0o755)
+        yield Finding("node-init", NODE_INIT, "missing or not the current qrmfs-init", fix_script)
+    for path in [*o.private_add, *o.private_exclude]:
+        host = ctx.host(path, follow_last=False)
+        if not is_real_dir(host):
+            problem = "missing" if not os.path.lexists(host) else "is not a directory"
+            yield Finding("node-init", path, f"private directory {problem}",
+                        (lambda h=host: makedirs(h)) if not os.path.lexists(host) else None)
+
+
+def node_conf(o: Options) -> str:
+    def q(v: str) -> str:
+        return "'" + v.replace("'", "'\\''") + "'"
+    return ("# Written by qrmfs: read by /sbin/qrmfs-init at each node's boot. Do not edit by hand;\n"
+            "# `qrmfs validate --fix` rewrites it from the image's manifest.\n"
+            f"QRMFS_IMAGE={q(o.image)}\n"
+            f"QRMFS_SHARED={q('yes' if o.shared else 'no')}\n"
+            f"QRMFS_HOSTNAME={q(o.hostname or '')}\n"
+            f"QRMFS_PRIVATE={q(' '.join(o.private_add))}\n"
+            f"QRMFS_PRIVATE_EXCLUDE={q(' '.join(o.private_exclude))}\n")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def _mode(host: str) -> int:
+    try:
+        return stat.S_IMODE(os.lstat(host).st_mode)
+    except FileNotFoundError:
+        return 0o644
+
+
+def _field(line: str, i: int) -> str:
+    f = line.split()
+    return f[i] if len(f) > i else "?"
+
+
+def _glob(ctx: Ctx, parent: str, pattern: str) -> list[str]:
+    d = ctx.host(parent)
+    if not is_real_dir(d):
+        return []
+    return [f"{parent}/{e}" for e in os.listdir(d) if re.fullmatch(pattern, e) and is_real_dir(os.path.join(d, e))]
+
+
+def _unit_exists(ctx: Ctx, unit: str) -> bool:
+    return any(os.path.lexists(ctx.host(f"{d}/{unit}", follow_last=False))
+               for d in ("/lib/systemd/system", "/usr/lib/systemd/system", "/etc/systemd/system"))
+
+
+def _mask(ctx: Ctx, name: str, units: list[str]) -> Iterator[Finding]:
+    for unit in units:
+        link = ctx.host(f"/etc/systemd/system/{unit}", follow_last=False)
+        if not (os.path.islink(link) and os.readlink(link) == "/dev/null"):
+            def fix(link: str = link) -> None:
+                remove(link)
+                makedirs(os.path.dirname(link))
+                os.symlink("/dev/null", link)
+            yield Finding(name, f"/etc/systemd/system/{unit}", "not masked", fix)
+
+
+# --- entry points ---------------------------------------------------------------------------------
+
+def check(root: str, opts: Options, only: list[str] | None = None) -> list[Finding]:
+    ctx = Ctx(root, opts)
+    out: list[Finding] = []
+    for s in STEPS:
+        if only and s.name not in only:
+            continue
+        try:
+            out.extend(s.check(ctx))
+        except Escape as e:
+            out.append(Finding(s.name, "/", str(e), None))
+    return out
+
+
+def apply(root: str, opts: Options) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fix every finding; return (what was fixed, what is left after a second check)."""
+    fixed = []
+    for f in check(root, opts):
+        if f.fix is not None:
+            f.fix()
+            fixed.append(f.as_dict())
+    left = [f.as_dict() for f in check(root, opts)]
+    return fixed, left

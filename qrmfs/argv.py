@@ -1,0 +1,92 @@
+"""Pure builders of every external command line qrmfs runs: argv tuples, asserted exactly by unit tests.
+
+No function here runs anything or reads the environment. Remote commands are one shlex-quoted string.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from .config import SshHost
+
+# Contents not copied from a live root (the directories themselves are kept, then prepared).
+LIVE_EXCLUDES = ("/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*",
+                 "/lost+found", "/swapfile", "/.qrmfs/nodes")
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
+               "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
+
+
+def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,
+                forward_agent: bool = False) -> tuple[str, ...]:
+    opts: list[str] = [*SSH_OPTIONS, "-p", str(h.port), "-l", h.user]
+    if identity:
+        opts += ["-i", identity]
+    if known_hosts:
+        opts += ["-o", f"UserKnownHostsFile={known_hosts}"]
+    if forward_agent:
+        opts += ["-A"]
+    return tuple(opts)
+
+
+def ssh_argv(h: SshHost, remote: Sequence[str], *, identity: str | None = None, known_hosts: str | None = None,
+             forward_agent: bool = False) -> tuple[str, ...]:
+    """ssh to h running `remote` (an argv, quoted into one string for the remote shell)."""
+    return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts, forward_agent=forward_agent),
+            "--", h.address, shlex.join(remote))
+
+
+def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None) -> str:
+    """The -e value for rsync: rsync splits it itself and honours the quotes."""
+    return shlex.join(["ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts)])
+
+
+def rsync_argv(src: str, dest: str, *, excludes: Sequence[str] = (), rsh: str | None = None,
+               progress: bool = False, live_root: bool = True) -> tuple[str, ...]:
+    """rsync with full fidelity: hard links, ACLs, xattrs, sparse files, numeric ids, devices and specials,
+    one filesystem, the live-root excludes, then the operator's -e excludes (anchored at the source root)."""
+    argv = ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats"]
+    if progress:
+        argv += ["--info=progress2"]
+    for e in (*(LIVE_EXCLUDES if live_root else ()), *excludes):
+        argv += [f"--exclude={e}"]
+    if rsh:
+        argv += ["-e", rsh]
+    argv += [src.rstrip("/") + "/", dest.rstrip("/") + "/"]
+    return tuple(argv)
+
+
+def remote_spec(h: SshHost, path: str) -> str:
+    """rsync's HOST:PATH (user comes from the -e ssh -l option)."""
+    addr = f"[{h.address}]" if ":" in h.address else h.address
+    return f"{addr}:{path}"
+
+
+def mounts_argv() -> tuple[str, ...]:
+    return ("cat", "/proc/self/mounts")
+
+
+def mount_nfs_argv(server: str, export: str, mountpoint: str, vers: str = "4.1") -> tuple[str, ...]:
+    return ("mount", "-t", "nfs", "-o", f"vers={vers},hard", f"{server}:{export}", mountpoint)
+
+
+def umount_argv(mountpoint: str) -> tuple[str, ...]:
+    return ("umount", mountpoint)
+
+
+def agent_argv(python: str, bootstrap: str) -> tuple[str, ...]:
+    return (python, "-c", bootstrap)
+
+
+def ssh_agent_argv(socket: str) -> tuple[str, ...]:
+    return ("ssh-agent", "-D", "-a", socket)
+
+
+def ssh_add_argv(identity: str) -> tuple[str, ...]:
+    return ("ssh-add", "-q", identity)
+
+
+def keygen_find_argv(known_hosts: str, host: str, port: int) -> tuple[str, ...]:
+    """The known_hosts lines for host (and [host]:port), to pin the source's key on the storage side."""
+    name = host if port == 22 else f"[{host}]:{port}"
+    return ("ssh-keygen", "-F", name, "-f", known_hosts)

@@ -1,0 +1,206 @@
+"""The qrmfs command line (typer). Each command parses, calls one action, renders text or --json. Thin."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from . import model
+from .actions.common import Env, resolve_credentials
+from .config import load
+from .errors import NotImplementedYet, QrmfsError, UsageError
+from .runner import Runner
+from .ui import Ui
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Build diskless NFS-root filesystem images and register them with openQRM.")
+
+Config = Annotated[str | None, typer.Option("--config", help="Config file (default: $QRMFS_CONFIG, "
+                                            "~/.config/qrmfs/config.toml, /etc/qrmfs/config.toml).")]
+Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Show every command qrmfs runs.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch nothing.")]
+TargetOpt = Annotated[str, typer.Option("-t", "--target", help="STORAGE:/full/path/IMAGE_NAME")]
+User = Annotated[str | None, typer.Option("-u", "--username", help="openQRM user (administrator).")]
+Password = Annotated[str | None, typer.Option("-p", "--password", help="openQRM password (shows in the process "
+                                              "list: prefer --password-file or $QRMFS_PASSWORD).")]
+PasswordFile = Annotated[str | None, typer.Option("--password-file", help="File whose first line is the "
+                                                  "openQRM password.")]
+OnlyPhysical = Annotated[bool, typer.Option("-o", "--only-physical", help="Create the image without registering "
+                                            "it in openQRM.")]
+Url = Annotated[str | None, typer.Option("--openqrm-url", help="openQRM base URL, e.g. http://host/openqrm "
+                                         "(default: config [openqrm] url).")]
+
+
+def _env(config: str | None, verbose: bool, as_json: bool) -> Env:
+    ui = Ui(verbose=verbose)
+    return Env(load(config), Runner(verbose=verbose, log=ui.debug if verbose else None), ui)
+
+
+def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _warn_password_argv(password: str | None, ui: Ui) -> None:
+    if password:
+        ui.warn("-p/--password shows in the process list; use --password-file or $QRMFS_PASSWORD")
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def create(
+    target: TargetOpt,
+    location: Annotated[str, typer.Option("-l", "--location", help="HOST:/rootfs-location, or a local directory "
+                                          "('/' = this system).")],
+    name: Annotated[str | None, typer.Option("-s", "--filesystem-image", help="Image name (letters, digits, _); "
+                                             "default: the target's last path component.")] = None,
+    username: User = None,
+    password: Password = None,
+    password_file: PasswordFile = None,
+    only_physical: OnlyPhysical = False,
+    exclude: Annotated[list[str] | None, typer.Option("-e", "--exclude", help="Directory of the source not to "
+                                                      "copy (repeatable).")] = None,
+    private_add: Annotated[list[str] | None, typer.Option("--private-add", help="Directory private to each node "
+                                                          "(repeatable).")] = None,
+    private_exclude: Annotated[list[str] | None, typer.Option("--private-exclude", help="Directory inside a "
+                                                              "private one that stays common (repeatable).")] = None,
+    arch: Annotated[str | None, typer.Option("-a", "--arch", help="Architecture tag, e.g. i686, Opteron, Xeon, "
+                                             "Any, x86_64.")] = None,
+    keep_services: Annotated[bool, typer.Option("--keep-services/--remove-services", help="Keep (default) or mask "
+                                                "services bound to the source machine's hardware.")] = True,
+    keep_network: Annotated[bool, typer.Option("--keep-network/--remove-network", help="Keep or remove (default) "
+                                               "the source's network configuration.")] = False,
+    hostname: Annotated[str | None, typer.Option("--hostname", help="Hostname of the image.")] = None,
+    shared: Annotated[bool, typer.Option("--shared", help="The image is shared by many nodes.")] = False,
+    operating_system: Annotated[str | None, typer.Option("--operation-system", "--operating-system",
+                                                         help="Operating system tag in openQRM.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing image (kept until the new one is "
+                                        "published, then as .NAME.qrmfs-previous).")] = False,
+    route: Annotated[str, typer.Option("--route", help="ssh (default: storage pulls from the source) or nfs "
+                                       "(mount the export here, the manual's way).")] = "ssh",
+    comment: Annotated[str | None, typer.Option("--comment", help="image_comment in openQRM.")] = None,
+    openqrm_url: Url = None,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    config: Config = None,
+    verbose: Verbose = False,
+) -> None:
+    """Create a new NFS-root image on a storage server (and register it in openQRM)."""
+    from .actions import create as act
+
+    env = _env(config, verbose, as_json)
+    t = model.Target.parse(target)
+    image = model.image_name(name) if name is not None else t.name
+    if image != t.name:
+        raise UsageError(f"image name {image!r} and target {target!r} disagree: the target must end in /{image}")
+    if route not in ("ssh", "nfs"):
+        raise UsageError(f"invalid --route {route!r}: use ssh or nfs")
+    adds, pexcl = model.private_dirs(private_add or [], private_exclude or [])
+    creds = resolve_credentials(env.cfg, username, password, password_file, openqrm_url) if not only_physical \
+        else resolve_credentials(env.cfg, username, None, None, openqrm_url)
+    req = act.CreateRequest(
+        name=image, target=t, location=model.Location.parse(location), only_physical=only_physical,
+        excludes=tuple(model.plain_path(e, "-e/--exclude directory") for e in exclude or []),
+        private_add=tuple(adds), private_exclude=tuple(pexcl),
+        arch=model.tag(arch, "architecture") if arch else None,
+        os_name=model.os_name(operating_system) if operating_system else None,
+        keep_services=keep_services, keep_network=keep_network,
+        hostname=model.hostname(hostname) if hostname else None, shared=shared, force=force, route=route,
+        comment=comment, creds=creds)
+    if dry_run:
+        plan = act.dry_run(req, env)
+        _emit(plan, as_json, _plan_text(plan))
+        return
+    _warn_password_argv(password, env.ui)
+    r = act.create(req, env)
+    reg = r["registration"]["state"]
+    _emit(r, as_json, f"created {r['target']} from {r['source']}: {r['files']} files, "
+                      f"{r['bytes'] / 2**20:.1f} MiB; registration: {reg}")
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    lines = [f"dry run: create {plan['image']} at {plan['target']} from {plan['source']} (route {plan['route']})",
+             f"  staging: {plan['staging']}"]
+    for c in plan["copies"]:
+        lines.append(f"  copy {c['what']} on {c['runs_on']}:")
+        lines.append("    " + " ".join(c["argv"]))
+    lines.append("  " + plan["note"])
+    lines.append("  preparation:")
+    lines += [f"    {s['step']}: {s['what']}" for s in plan["preparation"]]
+    if plan["registration"]:
+        lines.append("  registration (openQRM):")
+        lines += [f"    GET {r['url']} {r['params'].get('image_command') or r['params'].get('event_name')}"
+                  for r in plan["registration"]]
+    else:
+        lines.append("  registration: none (-o/--only-physical)")
+    lines.append("nothing was changed")
+    return "\n".join(lines)
+
+
+def _not_yet(command: str) -> None:
+    raise NotImplementedYet(f"`qrmfs {command}` is not implemented yet")
+
+
+@app.command()
+def clone(
+    name: Annotated[str, typer.Option("-s", "--filesystem-image", help="Name of the new image.")],
+    target: TargetOpt,
+    source: Annotated[str, typer.Option("--from", help="STORAGE:/path/EXISTING_NAME")],
+    username: User = None, password: Password = None, password_file: PasswordFile = None,
+    only_physical: OnlyPhysical = False, as_json: Json = False, dry_run: DryRun = False,
+    config: Config = None, verbose: Verbose = False,
+) -> None:
+    """Create a new image from an existing one."""
+    _not_yet("clone")
+
+
+@app.command()
+def remove(target: TargetOpt, yes: Annotated[bool, typer.Option("--yes", "-y")] = False,
+           as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
+    """Remove an image and deregister it."""
+    _not_yet("remove")
+
+
+@app.command()
+def validate(target: TargetOpt, fix: Annotated[bool, typer.Option("-f", "--fix")] = False,
+             as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
+    """Check an image (and repair it with --fix)."""
+    _not_yet("validate")
+
+
+@app.command("list")
+def list_(storage: Annotated[str | None, typer.Argument()] = None, as_json: Json = False,
+          config: Config = None, verbose: Verbose = False) -> None:
+    """List the images on the storage server(s)."""
+    _not_yet("list")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    try:
+        app(args=args, prog_name="qrmfs", standalone_mode=True)  # usage errors: click prints, exits 2
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except QrmfsError as e:
+        print(f"qrmfs: error: {e.message}", file=sys.stderr)
+        if e.detail:
+            print("\n".join("  | " + ln for ln in e.detail.splitlines()), file=sys.stderr)
+        if as_json:
+            print(json.dumps({"ok": False, "error": {"kind": e.kind, "exit_code": e.exit_code, "message": e.message,
+                                                     "detail": e.detail}}))
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qrmfs: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

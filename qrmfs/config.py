@@ -1,0 +1,142 @@
+"""The TOML configuration: storage servers by name, source host aliases, the openQRM server, ssh keys.
+
+Found at --config, else $QRMFS_CONFIG, else ~/.config/qrmfs/config.toml, else /etc/qrmfs/config.toml.
+Without any, a storage server can still be named by address (ssh as root, export root /exports).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, UsageError
+from .model import host as check_host
+
+SEARCH = ("~/.config/qrmfs/config.toml", "/etc/qrmfs/config.toml")
+LOCAL = ("local", "localhost-local")
+
+
+@dataclass(frozen=True)
+class SshHost:
+    """A host qrmfs reaches over ssh (or `local`, the machine qrmfs runs on)."""
+    address: str
+    user: str = "root"
+    port: int = 22
+
+    @property
+    def is_local(self) -> bool:
+        return self.address in LOCAL
+
+    @property
+    def dest(self) -> str:
+        return f"{self.user}@{self.address}"
+
+
+@dataclass(frozen=True)
+class Storage:
+    name: str
+    ssh: SshHost
+    export_root: str = "/exports"
+    storage_id: int | None = None
+    nfs_address: str | None = None  # what `mount -t nfs` uses; default the ssh address
+
+
+@dataclass(frozen=True)
+class OpenQrm:
+    url: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+    timeout: float = 10.0
+    retries: int = 4
+    backoff: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None = None
+    storage: dict[str, Storage] = field(default_factory=dict)
+    hosts: dict[str, SshHost] = field(default_factory=dict)
+    openqrm: OpenQrm = OpenQrm()
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    spool_dir: str = "~/.local/state/qrmfs/spool"
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def storage_for(self, token: str) -> Storage:
+        """A storage server by its config name, else by address with the defaults."""
+        if token in self.storage:
+            return self.storage[token]
+        check_host(token, "storage server")
+        user, _, addr = token.rpartition("@")
+        return Storage(name=addr, ssh=SshHost(addr, user or "root"))
+
+    def host_for(self, token: str) -> SshHost:
+        if token in self.hosts:
+            return self.hosts[token]
+        user, _, addr = token.rpartition("@")
+        return SshHost(addr, user or "root")
+
+
+def _get(d: dict[str, Any], key: str, typ: type, where: str, default: Any = None) -> Any:
+    v = d.get(key, default)
+    if v is not None and not isinstance(v, typ):
+        raise ConfigError(f"config: {where}.{key} must be a {typ.__name__}, not {type(v).__name__}")
+    return v
+
+
+def _ssh_host(d: dict[str, Any], where: str) -> SshHost:
+    addr = _get(d, "address", str, where)
+    if not addr:
+        raise ConfigError(f"config: {where} needs an address")
+    try:
+        check_host(addr, f"{where}.address")
+    except UsageError as e:
+        raise ConfigError(f"config: {e.message}") from None
+    return SshHost(addr, _get(d, "ssh_user", str, where, "root"), _get(d, "ssh_port", int, where, 22))
+
+
+def parse(data: dict[str, Any], path: str | None = None) -> Config:
+    storage = {}
+    for name, s in (data.get("storage") or {}).items():
+        where = f"storage.{name}"
+        root = _get(s, "export_root", str, where, "/exports")
+        if not root.startswith("/") or root == "/" or os.path.normpath(root) != root:
+            raise ConfigError(f"config: {where}.export_root must be a canonical absolute path other than /")
+        storage[name] = Storage(name, _ssh_host(s, where), root, _get(s, "storage_id", int, where),
+                                _get(s, "nfs_address", str, where))
+    hosts = {name: _ssh_host(h, f"hosts.{name}") for name, h in (data.get("hosts") or {}).items()}
+    o = data.get("openqrm") or {}
+    oq = OpenQrm(_get(o, "url", str, "openqrm"), _get(o, "user", str, "openqrm"),
+                 _expand(_get(o, "password_file", str, "openqrm")),
+                 float(_get(o, "timeout", (int, float), "openqrm", 10.0)),  # type: ignore[arg-type]
+                 _get(o, "retries", int, "openqrm", 4),
+                 float(_get(o, "backoff", (int, float), "openqrm", 0.5)))  # type: ignore[arg-type]
+    ssh = data.get("ssh") or {}
+    return Config(path, storage, hosts, oq, _expand(_get(ssh, "identity_file", str, "ssh")),
+                  _expand(_get(ssh, "known_hosts", str, "ssh")),
+                  _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool"), data.get("defaults") or {})
+
+
+def _expand(p: str | None) -> str | None:
+    return os.path.expanduser(p) if p else None
+
+
+def load(explicit: str | None = None) -> Config:
+    candidates = [explicit] if explicit else [os.environ.get("QRMFS_CONFIG"), *SEARCH]
+    for c in candidates:
+        if not c:
+            continue
+        p = Path(c).expanduser()
+        if p.is_file():
+            try:
+                return parse(tomllib.loads(p.read_text()), str(p))
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config {p}: {e}") from None
+            except OSError as e:
+                raise ConfigError(f"config {p}: {e.strerror}") from None
+        if explicit:
+            raise ConfigError(f"config file {c} not found")
+    return Config()

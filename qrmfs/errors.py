@@ -1,0 +1,86 @@
+"""One error family; each kind has its own exit code. The CLI catches QrmfsError in one place."""
+
+from __future__ import annotations
+
+
+class QrmfsError(Exception):
+    exit_code = 1
+    kind = "error"
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail  # e.g. the failing tool's stderr tail, shown under the one-line message
+
+
+class UsageError(QrmfsError):
+    """Bad input: a name, path, host or option combination. Nothing was touched."""
+    exit_code, kind = 2, "usage"
+
+
+class ConfigError(QrmfsError):
+    """The config file is missing, unreadable or lacks what the command needs."""
+    exit_code, kind = 3, "config"
+
+
+class NotFoundError(QrmfsError):
+    """The image, storage server or source does not exist."""
+    exit_code, kind = 4, "not_found"
+
+
+class ExistsError(QrmfsError):
+    """The image exists and --force was not given."""
+    exit_code, kind = 5, "exists"
+
+
+class LockedError(QrmfsError):
+    """Another qrmfs operation holds the image's lock."""
+    exit_code, kind = 6, "locked"
+
+
+class ConnectError(QrmfsError):
+    """A host could not be reached or refused us (ssh)."""
+    exit_code, kind = 7, "connect"
+
+
+class TransferError(QrmfsError):
+    """rsync (or the copy) failed; no image was published."""
+    exit_code, kind = 8, "transfer"
+
+
+class StorageError(QrmfsError):
+    """An operation on the storage server's tree failed."""
+    exit_code, kind = 9, "storage"
+
+
+class RouteError(QrmfsError):
+    """The requested route cannot work here (e.g. no kernel NFS client for --route nfs)."""
+    exit_code, kind = 10, "route"
+
+
+class RefusedError(QrmfsError):
+    """A dangerous operation was refused (remove outside the export root, of a mounted image, ...)."""
+    exit_code, kind = 11, "refused"
+
+
+class InvalidImageError(QrmfsError):
+    """validate found problems (or --fix could not repair them all)."""
+    exit_code, kind = 12, "invalid"
+
+
+class RegistrationError(QrmfsError):
+    """The openQRM server refused a request (e.g. bad credentials) — not a transient failure."""
+    exit_code, kind = 13, "registration"
+
+
+class AbortedError(QrmfsError):
+    """The operator declined a confirmation."""
+    exit_code, kind = 14, "aborted"
+
+
+class NotImplementedYet(QrmfsError):
+    exit_code, kind = 69, "not_implemented"
+
+
+ALL = [UsageError, ConfigError, NotFoundError, ExistsError, LockedError, ConnectError, TransferError,
+       StorageError, RouteError, RefusedError, InvalidImageError, RegistrationError, AbortedError]

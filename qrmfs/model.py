@@ -1,0 +1,144 @@
+"""Frozen value types, validated on creation: a bad value raises UsageError naming what is wrong."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+NAME_RE = re.compile(r"[A-Za-z0-9_]{1,50}")
+HOST_RE = re.compile(r"(?:[A-Za-z0-9._-]+@)?(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]+\])")
+HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+TAG_RE = re.compile(r"[A-Za-z0-9_.+-]{1,32}")
+OS_RE = re.compile(r"[A-Za-z0-9_.+ -]{1,64}")
+LIVE = ("/proc", "/sys", "/dev", "/run")
+
+
+def image_name(value: str, what: str = "image name") -> str:
+    if not NAME_RE.fullmatch(value or ""):
+        raise UsageError(f"invalid {what} {value!r}: use 1-50 letters, digits and '_' only")
+    return value
+
+
+def abs_path(value: str, what: str, allow_root: bool = False, no_space: bool = False) -> str:
+    """A canonical absolute path: no '..', '.', '//' or trailing '/', no control characters."""
+    if not value or not value.startswith("/"):
+        raise UsageError(f"invalid {what} {value!r}: must be an absolute path")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise UsageError(f"invalid {what} {value!r}: contains a control character")
+    if no_space and any(c.isspace() for c in value):
+        raise UsageError(f"invalid {what} {value!r}: must not contain white space")
+    if posixpath.normpath(value) != value or value.startswith("//"):
+        raise UsageError(f"invalid {what} {value!r}: not canonical (write {posixpath.normpath(value)!r})")
+    if value == "/" and not allow_root:
+        raise UsageError(f"invalid {what} '/': the root directory is not allowed here")
+    return value
+
+
+def plain_path(value: str, what: str) -> str:
+    """An absolute path without rsync wildcards (excludes are made into empty directories)."""
+    p = abs_path(value, what)
+    if any(c in p for c in "*?[]\\"):
+        raise UsageError(f"invalid {what} {value!r}: wildcards are not supported, name the directory")
+    return p
+
+
+def host(value: str, what: str = "host") -> str:
+    if not HOST_RE.fullmatch(value or "") or value.startswith("-"):
+        raise UsageError(f"invalid {what} {value!r}: expected [user@]hostname or address")
+    return value
+
+
+def hostname(value: str) -> str:
+    if not HOSTNAME_RE.fullmatch(value or ""):
+        raise UsageError(f"invalid hostname {value!r}: letters, digits, '-' and '.', labels of 1-63")
+    return value
+
+
+def tag(value: str, what: str) -> str:
+    if not TAG_RE.fullmatch(value or ""):
+        raise UsageError(f"invalid {what} {value!r}: 1-32 of letters, digits, '_', '.', '+', '-'")
+    return value
+
+
+def os_name(value: str) -> str:
+    if not OS_RE.fullmatch(value or ""):
+        raise UsageError(f"invalid operating system {value!r}: 1-64 of letters, digits, space, '_.+-'")
+    return value
+
+
+@dataclass(frozen=True)
+class Target:
+    """STORAGE:/full/path/NAME: where an image lives."""
+    storage: str
+    path: str
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def parent(self) -> str:
+        return posixpath.dirname(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.storage}:{self.path}"
+
+    @classmethod
+    def parse(cls, value: str, what: str = "target") -> Target:
+        storage, sep, path = (value or "").partition(":")
+        if not sep or not storage:
+            raise UsageError(f"invalid {what} {value!r}: expected STORAGE:/full/path/IMAGE_NAME")
+        host(storage, f"storage server in {what}")
+        abs_path(path, f"path in {what}")
+        image_name(posixpath.basename(path), f"image name in {what} (its last path component)")
+        return cls(storage, path)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the root filesystem comes from: HOST:/path over ssh, or a local directory ('/' = this system)."""
+    host: str | None
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.host is None
+
+    @property
+    def is_live_root(self) -> bool:
+        return self.path == "/"
+
+    def __str__(self) -> str:
+        return self.path if self.host is None else f"{self.host}:{self.path}"
+
+    @classmethod
+    def parse(cls, value: str) -> Location:
+        if not value:
+            raise UsageError("invalid location '': expected HOST:/rootfs or a local directory")
+        if value.startswith("/"):
+            return cls(None, abs_path(value, "location", allow_root=True))
+        h, sep, path = value.partition(":")
+        if not sep:
+            raise UsageError(f"invalid location {value!r}: expected HOST:/rootfs or an absolute local directory")
+        host(h, "source host")
+        return cls(h, abs_path(path, "location path", allow_root=True))
+
+
+def private_dirs(adds: list[str], excludes: list[str]) -> tuple[list[str], list[str]]:
+    """--private-add / --private-exclude: each exclude strictly inside one private directory."""
+    a = [abs_path(p, "--private-add directory", no_space=True) for p in adds]
+    e = [abs_path(p, "--private-exclude directory", no_space=True) for p in excludes]
+    for p in a:
+        if any(p == d or p.startswith(d + "/") for d in LIVE):
+            raise UsageError(f"invalid --private-add {p!r}: {p.split('/')[1]} is not part of the image")
+    if e and not a:
+        raise UsageError("--private-exclude needs --private-add: it names directories inside private ones")
+    for p in e:
+        if not any(p.startswith(d + "/") for d in a):
+            raise UsageError(f"invalid --private-exclude {p!r}: not inside any --private-add directory "
+                             f"({', '.join(a)})")
+    return a, e

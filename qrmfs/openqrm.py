@@ -1,0 +1,208 @@
+"""The openQRM server's HTTP interface (events, image records) and the spool of undelivered requests.
+
+A registration is never lost: every request is written to the spool before it is sent and removed when
+the server has answered 200. Never sent twice: a request whose fate is unknown (the connection died after
+it was sent) is marked `maybe_delivered`; a new_image in that state is preceded by remove_by_name on
+retry, so the server ends with exactly one record. Passwords are never written to the spool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .errors import RegistrationError
+
+EVENT_PATH = "/action/resource-monitor.php"
+IMAGE_PATH = "/base/server/image/image-action.php"
+EVENT_SOURCE = "qrmfs"
+
+
+@dataclass
+class Request:
+    kind: str                # "event" | "image"
+    params: dict[str, str]
+    maybe_delivered: bool = False
+
+    @property
+    def path(self) -> str:
+        return EVENT_PATH if self.kind == "event" else IMAGE_PATH
+
+    def describe(self) -> str:
+        p = self.params
+        if self.kind == "event":
+            return f"event {p['event_name']} (priority {p['event_priority']}): {p['event_description']}"
+        return f"{p['image_command']} {p.get('image_name', p.get('image_id', ''))}"
+
+
+def event(name: str, priority: int, description: str) -> Request:
+    return Request("event", {"resource_command": "post_event", "resource_id": "0", "event_name": name,
+                             "event_priority": str(priority), "event_source": EVENT_SOURCE,
+                             "event_description": description})
+
+
+def new_image(fields: dict[str, str]) -> Request:
+    return Request("image", {"image_command": "new_image", **fields})
+
+
+def remove_by_name(name: str) -> Request:
+    return Request("image", {"image_command": "remove_by_name", "image_name": name})
+
+
+@dataclass
+class Job:
+    """An ordered list of requests for one image operation, persisted in the spool until all are sent."""
+    url: str
+    user: str | None
+    image: str
+    target: str
+    requests: list[Request]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        d = json.loads(text)
+        d["requests"] = [Request(**r) for r in d["requests"]]
+        return cls(**d)
+
+
+class Transient(Exception):
+    """The server did not take the request this time (down, 5xx, timeout): try again later."""
+
+
+class Spool:
+    def __init__(self, directory: str) -> None:
+        self.dir = Path(os.path.expanduser(directory))
+
+    def save(self, job: Job) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.dir / f".{job.id}.tmp"
+        tmp.write_text(job.to_json())
+        os.replace(tmp, self.dir / f"{job.id}.json")
+
+    def drop(self, job: Job) -> None:
+        (self.dir / f"{job.id}.json").unlink(missing_ok=True)
+
+    def jobs(self) -> list[Job]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                out.append(Job.from_json(p.read_text()))
+            except (ValueError, TypeError, KeyError):
+                continue
+        return sorted(out, key=lambda j: j.created)
+
+
+class Client:
+    def __init__(self, url: str, user: str | None, password: str | None, *, timeout: float = 10.0,
+                 retries: int = 4, backoff: float = 0.5, transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.url = url.rstrip("/")
+        self.user, self.password = user, password
+        self.retries, self.backoff, self.sleep = retries, backoff, sleep
+        self.http = httpx.Client(timeout=timeout, transport=transport)
+
+    def send_once(self, req: Request) -> None:
+        """One attempt. Raises Transient (try later) or RegistrationError (will not work as is)."""
+        auth = None
+        if req.kind == "image":
+            if not (self.user and self.password):
+                raise RegistrationError("openQRM credentials are needed to register images (-u and -p, "
+                                        "--password-file or QRMFS_PASSWORD)")
+            auth = (self.user, self.password)
+        try:
+            r = self.http.get(self.url + req.path, params=req.params, auth=auth)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise Transient(f"cannot connect to {self.url}: {e}") from None
+        except httpx.TransportError as e:
+            req.maybe_delivered = True  # it may have arrived before the connection died
+            raise Transient(f"no answer from {self.url}: {type(e).__name__} {e}") from None
+        if r.status_code == 200:
+            return
+        if req.params.get("image_command") == "remove_by_name" and r.status_code == 404:
+            return  # nothing to remove: the state we wanted
+        if r.status_code >= 500 or r.status_code in (408, 429):
+            raise Transient(f"{self.url} answered {r.status_code}")
+        what = {401: "refused the credentials (401)", 403: f"user {self.user!r} is not an administrator (403)"}
+        raise RegistrationError(f"openQRM {what.get(r.status_code, f'answered {r.status_code}')} for "
+                                f"{req.describe()}")
+
+    def send(self, req: Request) -> None:
+        """With retries and exponential backoff; the last Transient propagates. A new_image that may
+        have arrived already is preceded by remove_by_name, so the server never holds it twice."""
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                if req.maybe_delivered and _is_new_image(req):
+                    self.send_once(remove_by_name(req.params["image_name"]))
+                    req.maybe_delivered = False
+                self.send_once(req)
+                req.maybe_delivered = False
+                return
+            except Transient:
+                if attempt == self.retries:
+                    raise
+                self.sleep(delay)
+                delay *= 2
+
+    def deliver(self, job: Job, spool: Spool) -> None:
+        """Send the job's requests in order, keeping the spool file current. Raises Transient or
+        RegistrationError with the unsent rest still in the spool."""
+        spool.save(job)
+        while job.requests:
+            req = job.requests[0]
+            if _is_new_image(req):
+                # Write-ahead: should this process die mid-request, the next run treats it as in doubt.
+                doubt, req.maybe_delivered = req.maybe_delivered, True
+                spool.save(job)
+                req.maybe_delivered = doubt
+            try:
+                self.send(req)
+            finally:
+                spool.save(job)  # records maybe_delivered when the attempt ended in doubt
+            job.requests.pop(0)
+            spool.save(job)
+        spool.drop(job)
+
+
+def _is_new_image(req: Request) -> bool:
+    return req.kind == "image" and req.params.get("image_command") == "new_image"
+
+
+def image_fields(*, name: str, rootdevice: str, storage_id: int | None, shared: bool, comment: str,
+                 arch: str | None, os_name: str | None, mount_options: str = "") -> dict[str, str]:
+    """new_image's image_* parameters for an NFS-root image (openqrm-api.md)."""
+    caps = " ".join(f"{k}={v}" for k, v in (("arch", arch), ("os", os_name)) if v)
+    fields = {
+        "image_name": name,
+        "image_type": "nfs-deployment",
+        "image_rootdevice": rootdevice,
+        "image_rootfstype": "nfs",
+        "image_storageid": "" if storage_id is None else str(storage_id),
+        "image_isshared": "1" if shared else "0",
+        "image_comment": comment,
+        "image_capabilities": caps,
+    }
+    if mount_options:
+        fields["image_deployment_parameter"] = f'IMAGE_NFS_MOUNT_OPTIONS="{mount_options}"'
+    return fields
+
+
+def public(job: Job) -> dict[str, Any]:
+    """A job as shown to the user (never a password: jobs do not hold one)."""
+    return {"id": job.id, "image": job.image, "target": job.target, "url": job.url,
+            "pending": [r.describe() for r in job.requests]}

@@ -1,0 +1,114 @@
+"""The ONLY module that starts processes (through plumbum), locally; ssh wrapping is argv.ssh_argv's job.
+
+A failing command raises CommandFailed carrying argv, exit code and the tail of its stderr, so the user
+sees why. Callers that must interpret exit codes themselves (rsync's 24) pass `ok=`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from plumbum import local
+from plumbum.commands.processes import CommandNotFound
+
+from .errors import QrmfsError
+
+
+def tail(text: str, lines: int = 12) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class CommandFailed(QrmfsError):
+    def __init__(self, argv: Sequence[str], code: int, stderr: str) -> None:
+        super().__init__(f"{argv[0]} exited with {code}", tail(stderr))
+        self.argv, self.code, self.stderr = tuple(argv), code, stderr
+
+
+class ToolMissing(QrmfsError):
+    exit_code, kind = 7, "connect"
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    code: int
+    stdout: str
+    stderr: str
+
+
+class Runner:
+    def __init__(self, verbose: bool = False, env: dict[str, str] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.verbose = verbose
+        self.env = env or {}
+        self._log = log or (lambda m: print(m, file=sys.stderr))
+
+    def with_env(self, env: dict[str, str]) -> Runner:
+        return Runner(self.verbose, {**self.env, **env}, self._log)
+
+    def _cmd(self, argv: Sequence[str]) -> Any:
+        try:
+            cmd = local[argv[0]][tuple(argv[1:])]
+        except CommandNotFound:
+            raise ToolMissing(f"{argv[0]} is not installed on this machine") from None
+        if self.env:
+            cmd = cmd.with_env(**self.env)
+        if self.verbose:
+            import shlex
+            self._log(f"+ {shlex.join(argv)}")
+        return cmd
+
+    def popen(self, argv: Sequence[str], stdin: int | IO[Any] | None = subprocess.PIPE) -> subprocess.Popen[bytes]:
+        return self._cmd(argv).popen(stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def run(self, argv: Sequence[str], *, input: str | bytes | None = None, ok: Sequence[int] = (0,),
+            timeout: float | None = None) -> Result:
+        """Run to completion; raise CommandFailed unless the exit code is in `ok`."""
+        p = self.popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+        data = input.encode() if isinstance(input, str) else input
+        try:
+            out, err = p.communicate(data, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            raise CommandFailed(argv, -9, err.decode(errors="replace") + f"\n(timed out after {timeout}s)") from None
+        r = Result(tuple(argv), p.returncode, out.decode(errors="surrogateescape"),
+                   err.decode(errors="replace"))
+        if r.code not in ok:
+            raise CommandFailed(argv, r.code, r.stderr)
+        return r
+
+    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,)) -> Result:
+        """Run, calling on_line for each stdout line (split on \\r too, for progress output)."""
+        p = self.popen(argv, stdin=subprocess.DEVNULL)
+        err_chunks: list[bytes] = []
+        assert p.stderr is not None and p.stdout is not None
+        t = threading.Thread(target=lambda: err_chunks.append(p.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        t.start()
+        out_lines: list[str] = []
+        buf = b""
+        while True:
+            chunk = os.read(p.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.replace(b"\r", b"\n").split(b"\n")
+            for ln in lines:
+                s = ln.decode(errors="replace")
+                out_lines.append(s)
+                on_line(s)
+        if buf:
+            out_lines.append(buf.decode(errors="replace"))
+            on_line(out_lines[-1])
+        p.wait()
+        t.join()
+        r = Result(tuple(argv), p.returncode, "\n".join(out_lines), b"".join(err_chunks).decode(errors="replace"))
+        if r.code not in ok:
+            raise CommandFailed(argv, r.code, r.stderr)
+        return r

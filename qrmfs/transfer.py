@@ -1,0 +1,128 @@
+"""Copying a root filesystem with rsync: what to copy (separate filesystems), how to read rsync's output
+(progress, --stats), and how to judge its exit code. Argv building is in argv.py; processes in runner.py.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import TransferError
+from .runner import CommandFailed, Runner, tail
+
+# Filesystems that hold an OS's own data: a separate /boot, /usr, /var, /home on one of these is copied too.
+DISK_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "jfs", "reiserfs", "f2fs", "zfs", "vfat", "exfat", "bcachefs"}
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "sshfs", "fuse.sshfs", "glusterfs", "ceph", "9p", "davfs"}
+RSYNC_VANISHED = 24
+RSYNC_MEANING = {1: "syntax or usage error", 2: "protocol incompatibility", 3: "errors selecting files",
+                 5: "error starting client-server protocol", 10: "error in socket I/O", 11: "error in file I/O",
+                 12: "error in rsync protocol data stream (often: rsync missing or failing on the other side)",
+                 14: "error in IPC code", 20: "interrupted", 23: "partial transfer due to error",
+                 30: "timeout in data send/receive", 35: "timeout waiting for daemon connection",
+                 127: "rsync not found on the other side", 255: "ssh failed (connection or authentication)"}
+
+
+@dataclass
+class Mounts:
+    """Mounts below a source root: which separate filesystems to copy too, and which to leave out."""
+    include: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _unescape(s: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def mounts_below(proc_mounts: str, root: str) -> Mounts:
+    """From /proc/self/mounts text: disk filesystems mounted strictly below root (to copy as well) and the
+    others (pseudo or network filesystems, left out and reported)."""
+    out = Mounts()
+    base = root.rstrip("/")
+    seen: set[str] = set()
+    for line in proc_mounts.splitlines():
+        f = line.split()
+        if len(f) < 3:
+            continue
+        mp, fstype = _unescape(f[1]), f[2]
+        if not mp.startswith(base + "/") or mp in seen:
+            continue
+        seen.add(mp)
+        if fstype in DISK_FS:
+            out.include.append(mp)
+        elif fstype in NETWORK_FS:
+            out.skipped.append({"path": mp, "fstype": fstype, "why": "network filesystem"})
+    out.include.sort()
+    return out
+
+
+def rebase_excludes(excludes: Sequence[str], mountpoint: str, root: str) -> list[str]:
+    """The -e excludes that fall inside a separately copied filesystem, anchored at its root."""
+    rel_mp = "/" + posixpath.relpath(mountpoint, root) if root != "/" else mountpoint
+    out = []
+    for e in excludes:
+        if e.startswith(rel_mp + "/"):
+            out.append(e[len(rel_mp):])
+    return out
+
+
+PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)\s+(\S+)")
+
+
+def parse_progress(line: str) -> tuple[int, int, str] | None:
+    """rsync --info=progress2: (bytes so far, percent, rate) or None."""
+    m = PROGRESS.match(line)
+    if not m:
+        return None
+    return int(m.group(1).replace(",", "")), int(m.group(2)), m.group(3)
+
+
+def parse_stats(text: str) -> dict[str, int]:
+    """The numbers of rsync --stats we keep in the manifest."""
+    keys = {"Number of files": "files", "Number of regular files transferred": "regular_transferred",
+            "Total file size": "bytes", "Total transferred file size": "bytes_transferred",
+            "Number of created files": "created"}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition(":")
+        if sep and k.strip() in keys:
+            m = re.match(r"\s*([\d,]+)", v)
+            if m:
+                out[keys[k.strip()]] = int(m.group(1).replace(",", ""))
+    return out
+
+
+def judge(code: int, stderr: str) -> tuple[bool, str | None]:
+    """(ok, warning) for an rsync exit code. 24 (files vanished on a live system) is only a warning."""
+    if code == 0:
+        return True, None
+    if code == RSYNC_VANISHED:
+        return True, "some files vanished during the copy (normal on a live system)"
+    return False, None
+
+
+def refused_feature(stderr: str) -> str | None:
+    low = stderr.lower()
+    if "operation not supported" in low and ("xattr" in low or "acl" in low):
+        return "the target filesystem refused extended attributes or ACLs"
+    return None
+
+
+def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None
+              ) -> tuple[dict[str, int], str | None, int]:
+    """Run one rsync (already wrapped for where it runs). Returns (stats, warning, exit code)."""
+    def on_line(line: str) -> None:
+        p = parse_progress(line)
+        if p and on_progress:
+            on_progress(*p)
+
+    try:
+        r = runner.stream(argv, on_line, ok=range(256))
+    except CommandFailed as e:  # pragma: no cover - stream never raises with ok=range(256)
+        raise TransferError(f"rsync failed: {e.message}", e.detail) from None
+    ok, warning = judge(r.code, r.stderr)
+    if not ok:
+        why = refused_feature(r.stderr) or RSYNC_MEANING.get(r.code, "failed")
+        raise TransferError(f"rsync exited with {r.code}: {why}", tail(r.stderr, 15))
+    return parse_stats(r.stdout), warning, r.code

@@ -1,0 +1,51 @@
+"""What the operator sees while a command runs: step lines and warnings on stderr, a progress bar for the
+transfer when stderr is a terminal, nothing decorative otherwise. Results go to stdout (cli.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+
+class Ui:
+    def __init__(self, verbose: bool = False, quiet: bool = False) -> None:
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.verbose, self.quiet = verbose, quiet
+        self.warnings: list[str] = []
+
+    @property
+    def tty(self) -> bool:
+        return sys.stderr.isatty()
+
+    def step(self, msg: str) -> None:
+        if not self.quiet:
+            self.err.print(f"qrmfs: {msg}", markup=False)
+
+    def debug(self, msg: str) -> None:
+        if self.verbose:
+            self.err.print(msg, markup=False, style="dim")
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        self.err.print(f"qrmfs: warning: {msg}", markup=False, style="yellow")
+
+    @contextmanager
+    def transfer(self, label: str) -> Iterator[Any]:
+        """A progress callback (bytes, percent, rate) for rsync; a bar only on a terminal."""
+        if not self.tty or self.quiet:
+            yield None
+            return
+        cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*cols, console=self.err, transient=True) as prog:
+            task = prog.add_task(label, total=100)
+
+            def update(done: int, pct: int, rate: str) -> None:
+                prog.update(task, completed=pct)
+
+            yield update
