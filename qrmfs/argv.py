@@ -63,7 +63,7 @@ def remote_spec(h: SshHost, path: str) -> str:
 
 
 def mounts_argv() -> tuple[str, ...]:
-    return ("cat", "/proc/self/mounts")
+    return ("cat", "/proc/self/mountinfo")
 
 
 def mount_nfs_argv(server: str, export: str, mountpoint: str, vers: str = "4.1") -> tuple[str, ...]:

@@ -20,16 +20,17 @@ from .errors import ConnectError, ExistsError, LockedError, NotFoundError, Qrmfs
 from .runner import CommandFailed, Result, Runner, tail
 
 AGENT_MODULES = ("fsutil", "steps", "tree", "main")
-BOOTSTRAP = (
-    "import sys,json,types\n"
-    "req=json.loads(sys.stdin.readline())\n"
-    "for n in ('qrmfs','qrmfs.agent'):\n"
-    "    m=types.ModuleType(n);m.__path__=[];sys.modules[n]=m\n"
-    "for n,src in req['modules']:\n"
-    "    m=types.ModuleType(n);m.__package__='qrmfs.agent';sys.modules[n]=m\n"
-    "    exec(compile(src,n,'exec'),m.__dict__)\n"
-    "sys.exit(sys.modules['qrmfs.agent.main'].run(req['op'],req['args']))\n"
-)
+# The -c program is tiny and fixed; the loader and the agent modules come on stdin (first JSON line).
+BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'
+LOADER = """
+import sys, types
+for n in ("qrmfs", "qrmfs.agent"):
+    m = types.ModuleType(n); m.__path__ = []; sys.modules[n] = m
+for n, src in r["modules"]:
+    m = types.ModuleType(n); m.__package__ = "qrmfs.agent"; sys.modules[n] = m
+    exec(compile(src, n, "exec"), m.__dict__)
+sys.exit(sys.modules["qrmfs.agent.main"].run(r["op"], r["args"]))
+"""
 ERRORS: dict[str, type[QrmfsError]] = {"locked": LockedError, "exists": ExistsError, "not_found": NotFoundError,
                                        "refused": RefusedError, "not_image": RefusedError}
 
@@ -64,7 +65,7 @@ class StorageSide:
     def _payload(self, op: str, args: dict[str, Any]) -> str:
         if self._sources is None:
             self._sources = _agent_sources()
-        return json.dumps({"modules": self._sources, "op": op, "args": args}) + "\n"
+        return json.dumps({"loader": LOADER, "modules": self._sources, "op": op, "args": args}) + "\n"
 
     def _agent_argv(self) -> tuple[str, ...]:
         return self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP))

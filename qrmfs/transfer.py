@@ -35,24 +35,28 @@ def _unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
-def mounts_below(proc_mounts: str, root: str) -> Mounts:
-    """From /proc/self/mounts text: disk filesystems mounted strictly below root (to copy as well) and the
-    others (pseudo or network filesystems, left out and reported)."""
+def mounts_below(mountinfo: str, root: str) -> Mounts:
+    """From /proc/self/mountinfo text: whole disk filesystems mounted strictly below root (to copy as well);
+    bind mounts (a directory of another filesystem shown elsewhere) and network filesystems are left out
+    and reported. Pseudo filesystems (proc, sysfs, tmpfs, ...) are left out silently."""
     out = Mounts()
     base = root.rstrip("/")
     seen: set[str] = set()
-    for line in proc_mounts.splitlines():
-        f = line.split()
-        if len(f) < 3:
+    for line in mountinfo.splitlines():
+        pre, sep, post = line.partition(" - ")
+        f, g = pre.split(), post.split()
+        if not sep or len(f) < 5 or not g:
             continue
-        mp, fstype = _unescape(f[1]), f[2]
+        fs_root, mp, fstype = _unescape(f[3]), _unescape(f[4]), g[0]
         if not mp.startswith(base + "/") or mp in seen:
             continue
         seen.add(mp)
-        if fstype in DISK_FS:
-            out.include.append(mp)
-        elif fstype in NETWORK_FS:
+        if fstype in NETWORK_FS:
             out.skipped.append({"path": mp, "fstype": fstype, "why": "network filesystem"})
+        elif fstype in DISK_FS and fs_root != "/":
+            out.skipped.append({"path": mp, "fstype": fstype, "why": f"bind mount of {fs_root}"})
+        elif fstype in DISK_FS:
+            out.include.append(mp)
     out.include.sort()
     return out
 

@@ -80,13 +80,13 @@ def discover_mounts(runner: Runner, cfg: Config, loc: Location) -> Mounts:
         raise ConnectError(f"cannot reach source host {h.address} over ssh ({h.dest} port {h.port})",
                            tail(e.stderr)) from None
     m = mounts_below(out, loc.path)
-    if m.include:
-        # A bind-mounted file (e.g. a container's /etc/hosts) is not a filesystem to copy separately.
-        check = ("find", *m.include, "-maxdepth", "0", "-type", "d")
+    binds = [s["path"] for s in m.skipped if s["why"].startswith("bind mount")]
+    if binds:
+        # rsync copies a bind-mounted FILE (a container's /etc/hosts) like any file: only directories are left out.
+        check = ("find", *binds, "-maxdepth", "0", "-type", "d")
         argv = check if h is None else A.ssh_argv(h, check, identity=cfg.identity_file, known_hosts=cfg.known_hosts)
-        r = runner.run(argv, ok=(0, 1), timeout=60)
-        dirs = set(r.stdout.splitlines())
-        m.include = [p for p in m.include if p in dirs]
+        dirs = set(runner.run(argv, ok=(0, 1), timeout=60).stdout.splitlines())
+        m.skipped = [s for s in m.skipped if s["path"] in dirs or not s["why"].startswith("bind mount")]
     return m
 
 
