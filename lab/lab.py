@@ -31,7 +31,8 @@ from .paths import state_dir  # noqa: E402
 LABEL = "io.qrmfs.lab"
 ROLE_LABEL = "io.qrmfs.lab.role"
 DEFAULT_NAME = "qrmfs-lab"
-OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "openqrm"
+# Not openQRM's default openqrm/openqrm: a password unlike every other string lets tests prove it never leaks.
+OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "lab-Secret-4711"
 EXPORT_ROOT = "/exports"
 READY_TIMEOUT = 90.0
 
@@ -141,6 +142,8 @@ def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str]) ->
              .with_kwargs(**kwargs)
              .waiting_for(InnerReady(_INNER_READY[role])
                           .with_startup_timeout(READY_TIMEOUT).with_poll_interval(0.2)))
+        if role == "openqrm":
+            c.with_env("MOCK_USERS", f"{OPENQRM_USER}:{OPENQRM_PASSWORD}:administrator,viewer:viewer:user")
         for src, spec in volumes.items():
             c.with_volume_mapping(src, spec["bind"], spec["mode"])
         try:

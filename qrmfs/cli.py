@@ -181,6 +181,22 @@ def list_(storage: Annotated[str | None, typer.Argument()] = None, as_json: Json
     _not_yet("list")
 
 
+@app.command()
+def flush(username: User = None, password: Password = None, password_file: PasswordFile = None,
+          openqrm_url: Url = None, as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
+    """Deliver the registrations waiting in the spool (openQRM was unreachable when they were made)."""
+    from .actions.common import flush_spool
+
+    env = _env(config, verbose, as_json)
+    _warn_password_argv(password, env.ui)
+    creds = resolve_credentials(env.cfg, username, password, password_file, openqrm_url)
+    r = flush_spool(env, creds, quick=False)
+    _emit(r, as_json, f"delivered {len(r['delivered'])}, still pending {len(r['pending'])}"
+          + (f" ({', '.join(r['pending'])}; see {env.spool().dir})" if r["pending"] else ""))
+    if r["pending"]:
+        raise typer.Exit(13)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args

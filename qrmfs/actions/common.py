@@ -100,7 +100,8 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
             c.deliver(job, env.spool())
             done.append(job.id)
             env.ui.step(f"delivered spooled registration {job.id} ({job.image}) to {job.url}")
-        except (openqrm.Transient, Exception) as e:  # noqa: BLE001 - a flush never fails the command
+        except Exception as e:  # noqa: BLE001 - a failed delivery stays in the spool; never fails the command
             left.append(job.id)
-            env.ui.debug(f"spooled registration {job.id} still pending: {e}")
+            (env.ui.debug if quick else env.ui.warn)(f"spooled registration {job.id} ({job.image}) still pending: "
+                                                     f"{getattr(e, 'message', e)}")
     return {"delivered": done, "pending": left}

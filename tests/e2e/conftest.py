@@ -48,3 +48,72 @@ def mock(lab: dict[str, Any]) -> Iterator[httpx.Client]:
         c.post("/_mock/reset").raise_for_status()
         yield c
         c.delete("/_mock/fault")
+
+
+def write_config(lab: dict[str, Any], directory: Any, *, retries: int = 1, timeout: float = 3.0) -> str:
+    """A qrmfs config for the lab with its own spool dir and quick openQRM retries (tests stay fast)."""
+    s, src = lab["hosts"]["storage"], lab["hosts"]["source"]
+    path = directory / "qrmfs.toml"
+    path.write_text(f"""spool_dir = "{directory / 'spool'}"
+
+[openqrm]
+url = "{lab['openqrm']['url']}"
+user = "{lab['openqrm']['user']}"
+password_file = "{lab['openqrm']['password_file']}"
+timeout = {timeout}
+retries = {retries}
+backoff = 0.05
+
+[ssh]
+identity_file = "{lab['ssh']['private_key']}"
+known_hosts = "{lab['ssh']['known_hosts']}"
+
+[storage.storage]
+address = "{s['address']}"
+export_root = "{s['export_root']}"
+storage_id = 1
+
+[hosts.source]
+address = "{src['address']}"
+""")
+    return str(path)
+
+
+def qrmfs(*args: str, config: str | None = None, env: dict[str, str] | None = None,
+          timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real qrmfs CLI in a subprocess (real exit codes, real stderr)."""
+    import sys
+
+    argv = [sys.executable, "-m", "qrmfs", *args] + (["--config", config] if config else [])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def cfg(lab: dict[str, Any], tmp_path: Any) -> str:
+    return write_config(lab, tmp_path)
+
+
+def tree_info(info: dict[str, Any], role: str, root: str) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    script = (Path(__file__).parent / "treeinfo.py").read_bytes()
+    r = run_on(info, role, f"python3 - {root}", input=script)
+    return json.loads(r.stdout)
+
+
+def exports_listing(info: dict[str, Any]) -> list[str]:
+    """Every name directly under the export root, hidden ones included."""
+    return sorted(run_on(info, "storage", "ls -A /exports").stdout.decode().split())
+
+
+@pytest.fixture
+def image_path(lab: dict[str, Any], request: Any) -> Iterator[str]:
+    """A fresh image name under /exports for one test, removed (with its siblings) afterwards."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:30] + "_" + uuid.uuid4().hex[:6]
+    yield f"/exports/{name}"
+    run_on(lab, "storage", f"rm -rf /exports/{name} /exports/.{name}.qrmfs-*", check=False)
