@@ -51,6 +51,7 @@ class Options:
     keep_services: bool = True
     keep_network: bool = False
     hostname: str | None = None
+    fresh_identity: bool = False  # clone: the new image must not keep the old one's host keys
     node_init: str = ""  # the qrmfs-init script's text, shipped from the qrmfs package
 
     @classmethod
@@ -261,7 +262,7 @@ def _machine_id(ctx: Ctx) -> Iterator[Finding]:
 
 @step("host-keys", "no ssh host keys when the image is shared or its network is removed")
 def _host_keys(ctx: Ctx) -> Iterator[Finding]:
-    if not (ctx.opts.shared or not ctx.opts.keep_network):
+    if not (ctx.opts.shared or not ctx.opts.keep_network or ctx.opts.fresh_identity):
         return
     d = ctx.host("/etc/ssh")
     if is_real_dir(d):
@@ -391,6 +392,15 @@ def node_conf(o: Options) -> str:
             f"QRMFS_HOSTNAME={q(o.hostname or '')}\n"
             f"QRMFS_PRIVATE={q(' '.join(o.private_add))}\n"
             f"QRMFS_PRIVATE_EXCLUDE={q(' '.join(o.private_exclude))}\n")
+
+
+@step("init", "an init to boot: /sbin/init or systemd (checked, not repaired)")
+def _init(ctx: Ctx) -> Iterator[Finding]:
+    for path in ("/sbin/init", "/lib/systemd/systemd"):
+        host = ctx.host(path)
+        if os.path.isfile(host) and os.access(host, os.X_OK):
+            return
+    yield Finding("init", "/sbin/init", "no executable init in the image: it cannot boot", None)
 
 
 # --- helpers --------------------------------------------------------------------------------------
