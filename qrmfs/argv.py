@@ -42,11 +42,13 @@ def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | Non
 
 
 def rsync_argv(src: str, dest: str, *, excludes: Sequence[str] = (), rsh: str | None = None,
-               progress: bool = False, live_root: bool = True) -> tuple[str, ...]:
+               progress: bool = False, live_root: bool = True, drift: bool = False) -> tuple[str, ...]:
     """rsync with full fidelity: hard links, ACLs, xattrs, sparse files, numeric ids, devices and specials,
-    one filesystem, the live-root excludes, then the operator's -e excludes (anchored at the source root)."""
-    argv = ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats"]
-    if progress:
+    one filesystem, the live-root excludes, then the operator's -e excludes (anchored at the source root).
+    drift: the same comparison as a dry run that lists each difference and changes nothing."""
+    argv = ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system"]
+    argv += ["--dry-run", "--itemize-changes", "--delete"] if drift else ["--stats"]
+    if progress and not drift:
         argv += ["--info=progress2"]
     for e in (*(LIVE_EXCLUDES if live_root else ()), *excludes):
         argv += [f"--exclude={e}"]

@@ -101,41 +101,42 @@ def source_known_hosts(runner: Runner, cfg: Config, h: SshHost) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan(cfg: Config, storage: Storage, loc: Location, staging: str, excludes: list[str], mounts: Mounts,
-         *, route: str, progress: bool, storage_known_hosts: str | None, local_root: str | None = None
-         ) -> CopyPlan:
-    """The rsync command lines for copying loc into staging (a path as seen where rsync runs)."""
-    src_host = source_host(cfg, loc)
+def plan(cfg: Config, storage: Storage, src_host: SshHost | None, src_path: str, dest: str, excludes: list[str],
+         mounts: Mounts, *, route: str, progress: bool, storage_known_hosts: str | None, live_root: bool = True,
+         drift: bool = False) -> CopyPlan:
+    """The rsync command lines copying src_host:src_path (None: this machine) into dest, a path on the storage
+    server (or under the NFS mount): one for the root and one per separate filesystem below it."""
+    if src_host is not None and src_host.is_local:
+        src_host = None
     p = CopyPlan(route=route, mounts=mounts)
-    live = True
-    parts = [(loc.path, staging, excludes, "root filesystem")]
+    parts = [(src_path, dest, excludes, "root filesystem")]
     for mp in mounts.include:
-        rel = mp[len(loc.path.rstrip("/")):]
-        parts.append((mp, staging + rel, rebase_excludes(excludes, mp, loc.path), f"separate filesystem {mp}"))
+        parts.append((mp, dest + mp[len(src_path.rstrip("/")):], rebase_excludes(excludes, mp, src_path),
+                      f"separate filesystem {mp}"))
     storage_local = storage.ssh.is_local or route == "nfs"
-    for i, (src_path, dest, exc, what) in enumerate(parts):
-        live_part = live and i == 0
-        if src_host is None and storage_local:
-            rs = A.rsync_argv(src_path, dest, excludes=exc, progress=progress, live_root=live_part)
-            p.copies.append(Copy(rs, rs, "local", what))
+    on_storage = (src_host is not None and not storage_local
+                  and (src_host.address, src_host.port) == (storage.ssh.address, storage.ssh.port))
+    for i, (sp, dp, exc, what) in enumerate(parts):
+        rsh = None
+        if on_storage:  # source and image on the same server: the copy never leaves it
+            src, dst, where = sp, dp, f"storage {storage.name} (local copy)"
+        elif src_host is None and storage_local:
+            src, dst, where = sp, dp, "local"
         elif src_host is None:
             rsh = A.rsync_rsh(storage.ssh, identity=cfg.identity_file, known_hosts=cfg.known_hosts)
-            rs = A.rsync_argv(src_path, A.remote_spec(storage.ssh, dest), excludes=exc, rsh=rsh, progress=progress,
-                              live_root=live_part)
-            p.copies.append(Copy(rs, rs, "local (push to storage)", what))
+            src, dst, where = sp, A.remote_spec(storage.ssh, dp), "local (push to storage)"
         elif storage_local:
             rsh = A.rsync_rsh(src_host, identity=cfg.identity_file, known_hosts=cfg.known_hosts)
-            rs = A.rsync_argv(A.remote_spec(src_host, src_path), dest, excludes=exc, rsh=rsh, progress=progress,
-                              live_root=live_part)
-            p.copies.append(Copy(rs, rs, "local (pull from source)", what))
+            src, dst, where = A.remote_spec(src_host, sp), dp, "local (pull from source)"
         else:
             rsh = A.rsync_rsh(src_host, known_hosts=storage_known_hosts)
-            rs = A.rsync_argv(A.remote_spec(src_host, src_path), dest, excludes=exc, rsh=rsh, progress=progress,
-                              live_root=live_part)
-            run = A.ssh_argv(storage.ssh, rs, identity=cfg.identity_file, known_hosts=cfg.known_hosts,
-                             forward_agent=True)
-            p.copies.append(Copy(rs, run, f"storage {storage.name} (pulls from {src_host.address})", what))
+            src, dst, where = A.remote_spec(src_host, sp), dp, f"storage {storage.name} (pulls from {src_host.address})"
             p.needs_agent = True
+        rs = A.rsync_argv(src, dst, excludes=exc, rsh=rsh, progress=progress, live_root=live_root and i == 0,
+                          drift=drift)
+        run = (A.ssh_argv(storage.ssh, rs, identity=cfg.identity_file, known_hosts=cfg.known_hosts,
+                          forward_agent=p.needs_agent) if on_storage or p.needs_agent else rs)
+        p.copies.append(Copy(rs, run, where, what))
     return p
 
 

@@ -64,8 +64,8 @@ def dry_run(req: CreateRequest, env: Env) -> dict[str, Any]:
     """The plan, computed without contacting any host."""
     storage = env.storage(req.target)
     staging = f"{req.target.parent}/.{req.name}.qrmfs-staging-<id>"
-    cp = copyplan.plan(env.cfg, storage, req.location, staging, list(req.excludes), copyplan.Mounts(),
-                       route=req.route, progress=False,
+    cp = copyplan.plan(env.cfg, storage, copyplan.source_host(env.cfg, req.location), req.location.path, staging,
+                       list(req.excludes), copyplan.Mounts(), route=req.route, progress=False,
                        storage_known_hosts=f"{req.target.parent}/.{req.name}.qrmfs-known_hosts")
     ev = f"create_image_{req.name}"
     regs = [] if req.only_physical else [
@@ -106,8 +106,8 @@ def _create(req: CreateRequest, env: Env, storage: Storage, path: str, public: S
     pull = src is not None and not storage.ssh.is_local
 
     def plan_copy(staging: str, storage_kh: str | None) -> copyplan.CopyPlan:
-        return copyplan.plan(env.cfg, storage, req.location, staging, list(req.excludes), mounts, route=req.route,
-                             progress=env.ui.tty, storage_known_hosts=storage_kh)
+        return copyplan.plan(env.cfg, storage, src, req.location.path, staging, list(req.excludes), mounts,
+                             route=req.route, progress=env.ui.tty, storage_known_hosts=storage_kh)
 
     spec = pipeline.BuildSpec(
         command="create", name=req.name, target=req.target, storage=storage, path=path, public_storage=public,
