@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from typing import Annotated, Any
 
@@ -129,7 +130,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
              f"  staging: {plan['staging']}"]
     for c in plan["copies"]:
         lines.append(f"  copy {c['what']} on {c['runs_on']}:")
-        lines.append("    " + " ".join(c["argv"]))
+        lines.append("    " + shlex.join(c["argv"]))
     lines.append("  " + plan["note"])
     lines.append("  preparation:")
     lines += [f"    {s['step']}: {s['what']}" for s in plan["preparation"]]

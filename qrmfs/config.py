@@ -80,10 +80,19 @@ class Config:
         return SshHost(addr, user or "root")
 
 
-def _get(d: dict[str, Any], key: str, typ: type, where: str, default: Any = None) -> Any:
+def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str, default: Any = None) -> Any:
     v = d.get(key, default)
-    if v is not None and not isinstance(v, typ):
-        raise ConfigError(f"config: {where}.{key} must be a {typ.__name__}, not {type(v).__name__}")
+    wrong = v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool))
+    if wrong:
+        name = "number" if isinstance(typ, tuple) else typ.__name__
+        raise ConfigError(f"config: {where}.{key} must be a {name}, not {type(v).__name__}")
+    return v
+
+
+def _table(d: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    v = d.get(key) or {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"config: [{where}{key}] must be a table, not {type(v).__name__}")
     return v
 
 
@@ -100,21 +109,27 @@ def _ssh_host(d: dict[str, Any], where: str) -> SshHost:
 
 def parse(data: dict[str, Any], path: str | None = None) -> Config:
     storage = {}
-    for name, s in (data.get("storage") or {}).items():
+    for name, s in _table(data, "storage").items():
         where = f"storage.{name}"
+        if not isinstance(s, dict):
+            raise ConfigError(f"config: [{where}] must be a table")
         root = _get(s, "export_root", str, where, "/exports")
-        if not root.startswith("/") or root == "/" or os.path.normpath(root) != root:
+        if not root.startswith("/") or root == "/" or os.path.normpath(root) != root or root.startswith("//"):
             raise ConfigError(f"config: {where}.export_root must be a canonical absolute path other than /")
         storage[name] = Storage(name, _ssh_host(s, where), root, _get(s, "storage_id", int, where),
                                 _get(s, "nfs_address", str, where))
-    hosts = {name: _ssh_host(h, f"hosts.{name}") for name, h in (data.get("hosts") or {}).items()}
-    o = data.get("openqrm") or {}
+    hosts = {}
+    for name, h in _table(data, "hosts").items():
+        if not isinstance(h, dict):
+            raise ConfigError(f"config: [hosts.{name}] must be a table")
+        hosts[name] = _ssh_host(h, f"hosts.{name}")
+    o = _table(data, "openqrm")
     oq = OpenQrm(_get(o, "url", str, "openqrm"), _get(o, "user", str, "openqrm"),
                  _expand(_get(o, "password_file", str, "openqrm")),
-                 float(_get(o, "timeout", (int, float), "openqrm", 10.0)),  # type: ignore[arg-type]
+                 float(_get(o, "timeout", (int, float), "openqrm", 10.0)),
                  _get(o, "retries", int, "openqrm", 4),
-                 float(_get(o, "backoff", (int, float), "openqrm", 0.5)))  # type: ignore[arg-type]
-    ssh = data.get("ssh") or {}
+                 float(_get(o, "backoff", (int, float), "openqrm", 0.5)))
+    ssh = _table(data, "ssh")
     return Config(path, storage, hosts, oq, _expand(_get(ssh, "identity_file", str, "ssh")),
                   _expand(_get(ssh, "known_hosts", str, "ssh")),
                   _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool"), data.get("defaults") or {})
@@ -125,7 +140,8 @@ def _expand(p: str | None) -> str | None:
 
 
 def load(explicit: str | None = None) -> Config:
-    candidates = [explicit] if explicit else [os.environ.get("QRMFS_CONFIG"), *SEARCH]
+    explicit = explicit or os.environ.get("QRMFS_CONFIG") or None
+    candidates = [explicit] if explicit else list(SEARCH)
     for c in candidates:
         if not c:
             continue
@@ -133,7 +149,7 @@ def load(explicit: str | None = None) -> Config:
         if p.is_file():
             try:
                 return parse(tomllib.loads(p.read_text()), str(p))
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"config {p}: {e}") from None
             except OSError as e:
                 raise ConfigError(f"config {p}: {e.strerror}") from None

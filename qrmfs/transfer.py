@@ -38,7 +38,8 @@ def _unescape(s: str) -> str:
 def mounts_below(mountinfo: str, root: str) -> Mounts:
     """From /proc/self/mountinfo text: whole disk filesystems mounted strictly below root (to copy as well);
     bind mounts (a directory of another filesystem shown elsewhere) and network filesystems are left out
-    and reported. Pseudo filesystems (proc, sysfs, tmpfs, ...) are left out silently."""
+    and reported. Pseudo filesystems (proc, sysfs, tmpfs, ...) are left out silently. A btrfs subvolume
+    (fs root = its subvol=) is a filesystem, not a bind mount."""
     out = Mounts()
     base = root.rstrip("/")
     seen: set[str] = set()
@@ -48,12 +49,14 @@ def mounts_below(mountinfo: str, root: str) -> Mounts:
         if not sep or len(f) < 5 or not g:
             continue
         fs_root, mp, fstype = _unescape(f[3]), _unescape(f[4]), g[0]
-        if not mp.startswith(base + "/") or mp in seen:
+        if mp == (base or "/") or not mp.startswith(base + "/") or mp in seen:
             continue
         seen.add(mp)
+        subvol = next((o[len("subvol="):] for o in (g[2] if len(g) > 2 else "").split(",")
+                       if o.startswith("subvol=")), None)
         if fstype in NETWORK_FS:
             out.skipped.append({"path": mp, "fstype": fstype, "why": "network filesystem"})
-        elif fstype in DISK_FS and fs_root != "/":
+        elif fstype in DISK_FS and fs_root != "/" and not (fstype == "btrfs" and subvol == fs_root):
             out.skipped.append({"path": mp, "fstype": fstype, "why": f"bind mount of {fs_root}"})
         elif fstype in DISK_FS:
             out.include.append(mp)

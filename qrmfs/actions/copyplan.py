@@ -110,7 +110,10 @@ def plan(cfg: Config, storage: Storage, src_host: SshHost | None, src_path: str,
         src_host = None
     p = CopyPlan(route=route, mounts=mounts)
     parts = [(src_path, dest, excludes, "root filesystem")]
+    base = src_path.rstrip("/")
     for mp in mounts.include:
+        if any(mp == base + e or mp.startswith(base + e + "/") for e in excludes):
+            continue  # the operator excluded it (or a directory above it)
         parts.append((mp, dest + mp[len(src_path.rstrip("/")):], rebase_excludes(excludes, mp, src_path),
                       f"separate filesystem {mp}"))
     storage_local = storage.ssh.is_local or route == "nfs"
@@ -122,6 +125,9 @@ def plan(cfg: Config, storage: Storage, src_host: SshHost | None, src_path: str,
             src, dst, where = sp, dp, f"storage {storage.name} (local copy)"
         elif src_host is None and storage_local:
             src, dst, where = sp, dp, "local"
+            if i == 0 and (storage.export_root + "/").startswith(sp.rstrip("/") + "/"):
+                # the export root lies inside the tree being copied: never copy the images into themselves
+                exc = [*exc, storage.export_root[len(sp.rstrip("/")):]]
         elif src_host is None:
             rsh = A.rsync_rsh(storage.ssh, identity=cfg.identity_file, known_hosts=cfg.known_hosts)
             src, dst, where = sp, A.remote_spec(storage.ssh, dp), "local (push to storage)"

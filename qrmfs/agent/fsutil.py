@@ -32,7 +32,7 @@ def resolve(root: str, rel: str, follow_last: bool = True) -> str:
         last = not parts
         try:
             st = os.lstat(candidate)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             done.append(part)
             continue
         if stat.S_ISLNK(st.st_mode) and (follow_last or not last):
@@ -55,7 +55,7 @@ def lexists(path: str) -> bool:
 def is_real_dir(path: str) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
+    except OSError:  # absent, or a path through a file
         return False
 
 

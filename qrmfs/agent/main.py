@@ -34,6 +34,8 @@ OPS = {
     "manifest_update": tree.op_manifest_update,
     "write_manifest": _write_manifest,
     "stats": tree.op_stats,
+    "pin_host": tree.op_pin_host,
+    "unpin_host": tree.op_unpin_host,
     "prepare": _prepare,
     "check": _check,
     "steps": lambda: [{"name": s.name, "what": s.what} for s in steps.STEPS],

@@ -137,7 +137,7 @@ def _logs(ctx: Ctx) -> Iterator[Finding]:
         for f in filenames:
             host = os.path.join(dirpath, f)
             rel = "/var/log" + host[len(top):]
-            yield Finding("logs", rel, "log file left in the image", lambda h=host: os.unlink(h))
+            yield Finding("logs", rel, "log file left in the image", functools.partial(remove, host))
 
 
 @step("easymigration", "remove /etc/qrm/easymigration.conf")
@@ -239,7 +239,7 @@ def _sockets(ctx: Ctx) -> Iterator[Finding]:
             try:
                 if stat.S_ISSOCK(os.lstat(host).st_mode):
                     yield Finding("sockets", host[len(root):] or "/", "socket left in the tree",
-                                lambda h=host: os.unlink(h))
+                                functools.partial(remove, host))
             except FileNotFoundError:
                 continue
 
@@ -269,7 +269,7 @@ def _host_keys(ctx: Ctx) -> Iterator[Finding]:
         for e in sorted(os.listdir(d)):
             if e.startswith("ssh_host_") and not is_real_dir(os.path.join(d, e)):
                 yield Finding("host-keys", f"/etc/ssh/{e}", "host key of the source machine",
-                            functools.partial(os.unlink, os.path.join(d, e)))
+                            functools.partial(remove, os.path.join(d, e)))
 
 
 @step("persistent-net", "no persistent NIC naming rules when shared or network removed")
@@ -421,7 +421,8 @@ def _glob(ctx: Ctx, parent: str, pattern: str) -> list[str]:
     d = ctx.host(parent)
     if not is_real_dir(d):
         return []
-    return [f"{parent}/{e}" for e in os.listdir(d) if re.fullmatch(pattern, e) and is_real_dir(os.path.join(d, e))]
+    return [f"{parent}/{e}" for e in os.listdir(d)
+            if re.fullmatch(pattern, e) and os.path.isdir(ctx.host(f"{parent}/{e}"))]
 
 
 def _unit_exists(ctx: Ctx, unit: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -35,6 +36,12 @@ def siblings(path: str) -> dict[str, str]:
         "previous": os.path.join(parent, f".{name}.qrmfs-previous"),
         "known_hosts": os.path.join(parent, f".{name}.qrmfs-known_hosts"),
     }
+
+
+def _is_staging(path: str, staging: str) -> bool:
+    """staging is a staging dir of path: a direct sibling with the staging prefix, canonical (no '..')."""
+    return (os.path.normpath(staging) == staging and os.path.dirname(staging) == os.path.dirname(path)
+            and staging.startswith(siblings(path)["staging_prefix"]))
 
 
 def _check_under(path: str, export_root: str) -> None:
@@ -126,18 +133,32 @@ def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = 
     os.mkdir(staging, 0o755)
     out = {"staging": staging}
     if known_hosts is not None:
-        fd = os.open(s["known_hosts"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(known_hosts)
-        out["known_hosts"] = s["known_hosts"]
+        out.update(op_pin_host(path, export_root, known_hosts))
     return out
+
+
+def op_pin_host(path: str, export_root: str, known_hosts: str) -> dict[str, str]:
+    """Write the source's known_hosts lines beside the image, for the storage server's ssh to the source."""
+    _check_under(path, export_root)
+    kh = siblings(path)["known_hosts"]
+    remove(kh)
+    fd = os.open(kh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(known_hosts)
+    return {"known_hosts": kh}
+
+
+def op_unpin_host(path: str, export_root: str) -> dict[str, str]:
+    _check_under(path, export_root)
+    remove(siblings(path)["known_hosts"])
+    return {}
 
 
 def op_discard(path: str, export_root: str, staging: str) -> dict[str, Any]:
     """Remove a staging copy (a failed run); the image's name is untouched."""
     _check_under(path, export_root)
     s = siblings(path)
-    if not staging.startswith(s["staging_prefix"]):
+    if not _is_staging(path, staging):
         raise AgentError("refused", f"{staging} is not a staging directory of {path}")
     remove(staging)
     remove(s["known_hosts"])
@@ -148,7 +169,7 @@ def op_publish(path: str, export_root: str, staging: str, force: bool) -> dict[s
     """Rename the staging copy to the image's name; with force the old image becomes `.previous`."""
     _check_under(path, export_root)
     s = siblings(path)
-    if not staging.startswith(s["staging_prefix"]) or not is_real_dir(staging):
+    if not _is_staging(path, staging) or not is_real_dir(staging):
         raise AgentError("refused", f"{staging} is not a staging directory of {path}")
     if read_manifest(staging) is None:
         raise AgentError("refused", f"{staging} has no manifest: not publishing an unfinished image")
@@ -168,7 +189,7 @@ def mounts_under(path: str) -> list[str]:
     out = []
     with open("/proc/self/mounts") as f:
         for line in f:
-            mp = line.split()[1].encode().decode("unicode_escape")
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
             if mp == path or mp.startswith(path.rstrip("/") + "/"):
                 out.append(mp)
     return out

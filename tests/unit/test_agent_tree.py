@@ -1,0 +1,328 @@
+"""qrmfs/agent/tree.py (and main.py's dispatch): the image tree on an export root in tmp_path."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qrmfs.agent import main as agent_main
+from qrmfs.agent import tree
+from qrmfs.agent.tree import AgentError
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path.resolve() / "exports"
+    r.mkdir()
+    return r
+
+
+def image(path: Path, manifest: dict[str, Any] | None = None) -> Path:
+    (path / "etc").mkdir(parents=True, exist_ok=True)
+    (path / "etc/hostname").write_text("n\n")
+    if manifest is not None:
+        tree.write_manifest(str(path), manifest)
+    return path
+
+
+def refused(kind: str, fn: Any, *args: Any, **kw: Any) -> str:
+    with pytest.raises(AgentError) as ei:
+        fn(*args, **kw)
+    assert ei.value.kind == kind, str(ei.value)
+    return str(ei.value)
+
+
+def test_siblings() -> None:
+    assert tree.siblings("/exports/lab/img1") == {
+        "lock": "/exports/lab/.img1.qrmfs-lock",
+        "staging_prefix": "/exports/lab/.img1.qrmfs-staging-",
+        "previous": "/exports/lab/.img1.qrmfs-previous",
+        "known_hosts": "/exports/lab/.img1.qrmfs-known_hosts",
+    }
+
+
+# --- inspect ---------------------------------------------------------------------------------------
+
+def test_inspect_absent(root: Path) -> None:
+    info = tree.op_inspect(str(root / "img1"), str(root))
+    st = os.statvfs(root)
+    assert {k: v for k, v in info.items() if k != "free_bytes"} == {
+        "exists": False, "is_image": False, "parent_exists": True, "previous": False, "manifest": None}
+    assert abs(info["free_bytes"] - st.f_bavail * st.f_frsize) < 64 * 2**20
+
+
+def test_inspect_image_and_parent_missing(root: Path) -> None:
+    image(root / "img1", {"image": "img1"})
+    (root / ".img1.qrmfs-previous").mkdir()
+    info = tree.op_inspect(str(root / "img1"), str(root))
+    assert (info["exists"], info["is_image"], info["previous"], info["manifest"]) == (True, True, True,
+                                                                                     {"image": "img1"})
+    info = tree.op_inspect(str(root / "lab/img2"), str(root))
+    assert (info["exists"], info["parent_exists"]) == (False, False)
+    assert not (root / "lab").exists()  # inspect creates nothing
+
+
+def test_inspect_directory_without_manifest_is_not_an_image(root: Path) -> None:
+    image(root / "img1")
+    info = tree.op_inspect(str(root / "img1"), str(root))
+    assert (info["exists"], info["is_image"]) == (True, False)
+
+
+def test_manifest_through_symlink_is_ignored(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "fake.json").write_text('{"image": "evil"}')
+    (root / "img1/.qrmfs").mkdir(parents=True)
+    os.symlink(tmp_path / "fake.json", root / "img1/.qrmfs/manifest.json")
+    assert tree.read_manifest(str(root / "img1")) is None
+    (root / "img2/.qrmfs").mkdir(parents=True)
+    (root / "img2/.qrmfs/manifest.json").write_text("{broken")
+    assert tree.read_manifest(str(root / "img2")) is None
+
+
+@pytest.mark.parametrize("rel", ["../elsewhere/img", "img/../../x"])
+def test_paths_outside_or_not_canonical_refused(root: Path, rel: str) -> None:
+    msg = refused("refused", tree.op_inspect, os.path.join(str(root), rel), str(root))
+    assert "is not below the export root" in msg
+
+
+def test_export_root_itself_and_other_roots_refused(root: Path, tmp_path: Path) -> None:
+    refused("refused", tree.op_inspect, str(root), str(root))
+    refused("refused", tree.op_inspect, str(tmp_path / "exports2/img"), str(root))  # prefix but not below
+    refused("not_found", tree.op_inspect, str(tmp_path / "nope/img"), str(tmp_path / "nope"))
+
+
+def test_symlinked_parent_or_image_refused(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "lab")
+    assert "is reached through a symlink" in refused("refused", tree.op_inspect, str(root / "lab/img"), str(root))
+    image(tmp_path / "real", {"image": "real"})
+    os.symlink(tmp_path / "real", root / "img1")
+    assert "is a symlink" in refused("refused", tree.op_inspect, str(root / "img1"), str(root))
+
+
+# --- stage / discard / publish ---------------------------------------------------------------------
+
+def test_stage_creates_staging_and_removes_leftovers(root: Path) -> None:
+    (root / ".img1.qrmfs-staging-old1/etc").mkdir(parents=True)
+    (root / ".img10.qrmfs-staging-other").mkdir()
+    out = tree.op_stage(str(root / "img1"), str(root), "abc123", known_hosts="src ssh-ed25519 AAAA\n")
+    assert out == {"staging": str(root / ".img1.qrmfs-staging-abc123"),
+                   "known_hosts": str(root / ".img1.qrmfs-known_hosts")}
+    assert sorted(os.listdir(root)) == [".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-abc123",
+                                        ".img10.qrmfs-staging-other"]
+    assert os.listdir(root / ".img1.qrmfs-staging-abc123") == []
+    assert (root / ".img1.qrmfs-known_hosts").read_text() == "src ssh-ed25519 AAAA\n"
+    assert stat.S_IMODE(os.lstat(root / ".img1.qrmfs-known_hosts").st_mode) == 0o600
+
+
+def test_stage_makes_parent_and_no_known_hosts(root: Path) -> None:
+    out = tree.op_stage(str(root / "lab/img1"), str(root), "t")
+    assert out == {"staging": str(root / "lab/.img1.qrmfs-staging-t")}
+    assert os.listdir(root / "lab") == [".img1.qrmfs-staging-t"]
+
+
+def test_publish_refuses_without_manifest(root: Path) -> None:
+    st = tree.op_stage(str(root / "img1"), str(root), "t")["staging"]
+    msg = refused("refused", tree.op_publish, str(root / "img1"), str(root), st, False)
+    assert msg == f"{st} has no manifest: not publishing an unfinished image"
+    assert os.path.isdir(st) and not (root / "img1").exists()
+
+
+def test_publish_refuses_foreign_staging(root: Path) -> None:
+    other = tree.op_stage(str(root / "img2"), str(root), "t")["staging"]
+    tree.write_manifest(other, {"image": "img2"})
+    refused("refused", tree.op_publish, str(root / "img1"), str(root), other, False)
+    refused("refused", tree.op_publish, str(root / "img1"), str(root), str(root / ".img1.qrmfs-staging-none"), False)
+    assert os.path.isdir(other)
+
+
+def test_publish_new(root: Path) -> None:
+    st = tree.op_stage(str(root / "img1"), str(root), "t", known_hosts="kh\n")["staging"]
+    image(Path(st), {"image": "img1", "n": 1})
+    out = tree.op_publish(str(root / "img1"), str(root), st, False)
+    assert out == {"path": str(root / "img1"), "replaced": False, "previous": None}
+    assert os.listdir(root) == ["img1"]  # staging renamed, known_hosts removed
+    assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 1}
+
+
+def test_publish_existing_refused_without_force_then_force_keeps_previous(root: Path) -> None:
+    image(root / "img1", {"image": "img1", "n": 1})
+    (root / ".img1.qrmfs-previous").mkdir()
+    (root / ".img1.qrmfs-previous/very-old").write_text("0")
+    st = tree.op_stage(str(root / "img1"), str(root), "t")["staging"]
+    image(Path(st), {"image": "img1", "n": 2})
+    assert refused("exists", tree.op_publish, str(root / "img1"), str(root), st, False) == f"{root / 'img1'} exists"
+    assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 1} and os.path.isdir(st)
+    out = tree.op_publish(str(root / "img1"), str(root), st, True)
+    assert out == {"path": str(root / "img1"), "replaced": True, "previous": str(root / ".img1.qrmfs-previous")}
+    assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 2}
+    assert tree.read_manifest(str(root / ".img1.qrmfs-previous")) == {"image": "img1", "n": 1}
+    assert sorted(os.listdir(root)) == [".img1.qrmfs-previous", "img1"]
+
+
+def test_discard(root: Path) -> None:
+    st = tree.op_stage(str(root / "img1"), str(root), "t", known_hosts="kh\n")["staging"]
+    image(Path(st))
+    image(root / "img1", {"image": "img1"})
+    assert tree.op_discard(str(root / "img1"), str(root), st) == {"removed": st}
+    assert os.listdir(root) == ["img1"]
+    refused("refused", tree.op_discard, str(root / "img1"), str(root), str(root / "img1"))
+
+
+def test_discard_refuses_dotdot_staging(root: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    (victim / "data").mkdir(parents=True)
+    tree.op_stage(str(root / "img1"), str(root), "x")
+    evil = str(root / ".img1.qrmfs-staging-x") + "/../../victim"
+    with pytest.raises(AgentError):
+        tree.op_discard(str(root / "img1"), str(root), evil)
+    assert (victim / "data").is_dir()
+
+
+# --- remove ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/", "", "exports/img1"])
+def test_remove_refuses_root_empty_relative(root: Path, path: str) -> None:
+    assert refused("refused", tree.op_remove, path, str(root), True) == f"refusing to remove {path!r}"
+
+
+def test_remove_refuses_outside_export_root(root: Path, tmp_path: Path) -> None:
+    image(tmp_path / "other/img1", {"image": "img1"})
+    refused("refused", tree.op_remove, str(tmp_path / "other/img1"), str(root), True)
+    refused("refused", tree.op_remove, str(root), str(root), True)
+    assert (tmp_path / "other/img1/etc/hostname").exists() and root.is_dir()
+
+
+def test_remove_refuses_symlinked_paths(root: Path, tmp_path: Path) -> None:
+    image(tmp_path / "real/img1", {"image": "img1"})
+    os.symlink(tmp_path / "real/img1", root / "img1")
+    os.symlink(tmp_path / "real", root / "lab")
+    refused("refused", tree.op_remove, str(root / "img1"), str(root), True)
+    refused("refused", tree.op_remove, str(root / "lab/img1"), str(root), True)
+    assert (tmp_path / "real/img1/etc/hostname").exists()
+    assert os.path.islink(root / "img1")
+
+
+def test_remove_not_found_not_dir_not_image(root: Path) -> None:
+    refused("not_found", tree.op_remove, str(root / "img1"), str(root), True)
+    (root / "afile").write_text("x")
+    refused("refused", tree.op_remove, str(root / "afile"), str(root), True)
+    image(root / "plain")
+    msg = refused("not_image", tree.op_remove, str(root / "plain"), str(root), False)
+    assert msg == f"{root / 'plain'} has no qrmfs manifest: not an image (use --force to remove anyway)"
+    assert (root / "plain/etc/hostname").exists()
+    assert tree.op_remove(str(root / "plain"), str(root), True) == {"removed": str(root / "plain")}
+    assert sorted(os.listdir(root)) == ["afile"]
+
+
+def test_remove_image_and_previous_only(root: Path) -> None:
+    image(root / "img1", {"image": "img1"})
+    image(root / ".img1.qrmfs-previous", {"image": "img1"})
+    image(root / "img10", {"image": "img10"})
+    (root / ".img10.qrmfs-previous").mkdir()
+    assert tree.op_remove(str(root / "img1"), str(root), False) == {"removed": str(root / "img1")}
+    assert sorted(os.listdir(root)) == [".img10.qrmfs-previous", "img10"]
+
+
+def test_remove_refuses_image_with_mounts(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image(root / "img1", {"image": "img1"})
+    monkeypatch.setattr(tree, "mounts_under", lambda p: [p + "/proc"])
+    msg = refused("refused", tree.op_remove, str(root / "img1"), str(root), True)
+    assert msg == f"{root / 'img1'} has mounts under it: {root / 'img1'}/proc"
+    assert (root / "img1/etc/hostname").exists()
+
+
+def test_mounts_under_reads_proc_mounts() -> None:
+    assert "/proc" in tree.mounts_under("/proc")
+    assert tree.mounts_under("/nonexistent-qrmfs-test") == []
+
+
+# --- list / manifest_update / stats ----------------------------------------------------------------
+
+def test_list(root: Path) -> None:
+    image(root / "img1", {"image": "img1"})
+    image(root / "lab/deep/img2", {"image": "img2"})
+    image(root / "a/b/c/too_deep", {"image": "x"})
+    image(root / ".img1.qrmfs-previous", {"image": "old"})
+    image(root / "plain")
+    (root / "afile").write_text("x")
+    got = tree.op_list(str(root))
+    assert got == [
+        {"path": str(root / "img1"), "manifest": {"image": "img1"}, "locked": None},
+        {"path": str(root / "lab/deep/img2"), "manifest": {"image": "img2"}, "locked": None},
+    ]
+    assert [g["path"] for g in tree.op_list(str(root), depth=4)] == [
+        str(root / "a/b/c/too_deep"), str(root / "img1"), str(root / "lab/deep/img2")]
+    refused("not_found", tree.op_list, str(root / "missing"))
+
+
+def test_list_shows_lock_holder(root: Path) -> None:
+    image(root / "img1", {"image": "img1"})
+    lock = root / ".img1.qrmfs-lock"
+    lock.write_text("")
+    assert tree.op_list(str(root))[0]["locked"] is None
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        os.write(fd, b"op@host pid 42 (create img1) since 2024-01-01T00:00:00Z\n")
+        # a flock held by another open file description (as by the agent's lock process)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert tree.op_list(str(root))[0]["locked"] == "op@host pid 42 (create img1) since 2024-01-01T00:00:00Z"
+    finally:
+        os.close(fd)
+    assert tree.op_list(str(root))[0]["locked"] is None
+
+
+def test_manifest_update(root: Path) -> None:
+    image(root / "img1", {"image": "img1", "registration": {"state": "pending"}, "keep": 1})
+    out = tree.op_manifest_update(str(root / "img1"), str(root), {"registration": {"state": "registered"}})
+    assert out == {"image": "img1", "registration": {"state": "registered"}, "keep": 1}
+    assert json.loads((root / "img1/.qrmfs/manifest.json").read_text()) == out
+    assert (root / "img1/.qrmfs/manifest.json").read_text().endswith("}\n")
+    assert os.listdir(root / "img1/.qrmfs") == ["manifest.json"]
+    image(root / "plain")
+    refused("not_image", tree.op_manifest_update, str(root / "plain"), str(root), {"a": 1})
+
+
+def test_write_manifest_replaces_a_non_directory(root: Path) -> None:
+    (root / "img1").mkdir()
+    (root / "img1/.qrmfs").write_text("junk")
+    tree.write_manifest(str(root / "img1"), {"b": 2, "a": 1})
+    assert (root / "img1/.qrmfs/manifest.json").read_text() == '{\n  "a": 1,\n  "b": 2\n}\n'
+
+
+def test_stats_counts_hard_links_once(tmp_path: Path) -> None:
+    def make(base: Path, hardlink: bool) -> dict[str, int]:
+        (base / "d").mkdir(parents=True)
+        (base / "d/a").write_bytes(os.urandom(200_000))
+        if hardlink:
+            os.link(base / "d/a", base / "d/b")
+        else:
+            (base / "d/b").write_bytes((base / "d/a").read_bytes())
+        os.symlink("/etc/passwd", base / "l")  # never followed
+        return tree.op_stats(str(base))
+
+    linked, copied = make(tmp_path / "x", True), make(tmp_path / "y", False)
+    assert linked["files"] == copied["files"] == 4  # d, d/a, d/b, l
+    blocks = os.lstat(tmp_path / "x/d/a").st_blocks * 512
+    assert blocks > 0
+    assert copied["bytes"] - linked["bytes"] == blocks
+
+
+# --- agent main: one JSON line --------------------------------------------------------------------
+
+def test_agent_main_ok_and_errors(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image(root / "img1", {"image": "img1"})
+    assert agent_main.run("inspect", {"path": str(root / "img1"), "export_root": str(root)}) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["result"]["is_image"] is True
+    assert agent_main.run("remove", {"path": "/", "export_root": str(root), "force": True}) == 3
+    assert json.loads(capsys.readouterr().out) == {"ok": False, "error": {"kind": "refused",
+                                                                          "message": "refusing to remove '/'"}}
+    assert agent_main.run("stats", {"root": str(root / "missing")}) == 3
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert err["kind"] == "os" and str(root / "missing") in err["message"]

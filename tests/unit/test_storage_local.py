@@ -1,0 +1,187 @@
+"""qrmfs/storage.py with a `local` storage server and the real Runner: the agent runs in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from qrmfs import storage as S
+from qrmfs.agent import tree
+from qrmfs.config import SshHost, Storage
+from qrmfs.errors import ConnectError, ExistsError, LockedError, NotFoundError, RefusedError, StorageError
+from qrmfs.runner import CommandFailed, Runner
+from qrmfs.storage import StorageSide
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path.resolve() / "exports"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def side(root: Path) -> StorageSide:
+    return StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
+
+
+def test_call_inspect_runs_agent_in_subprocess(side: StorageSide, root: Path) -> None:
+    info = side.call("inspect", path=str(root / "img1"), export_root=str(root))
+    assert {k: v for k, v in info.items() if k != "free_bytes"} == {
+        "exists": False, "is_image": False, "parent_exists": True, "previous": False, "manifest": None}
+    assert isinstance(info["free_bytes"], int) and info["free_bytes"] > 0
+
+
+def test_call_full_cycle(side: StorageSide, root: Path) -> None:
+    path, er = str(root / "img1"), str(root)
+    st = side.call("stage", path=path, export_root=er, token="tok")["staging"]
+    assert st == str(root / ".img1.qrmfs-staging-tok")
+    Path(st, "etc").mkdir()
+    assert side.call("write_manifest", root=st, manifest={"image": "img1"}) == {"written": st}
+    assert side.call("publish", path=path, export_root=er, staging=st, force=False) == {
+        "path": path, "replaced": False, "previous": None}
+    assert side.call("list", export_root=er) == [{"path": path, "manifest": {"image": "img1"}, "locked": None}]
+    assert side.call("stats", root=path)["files"] == 3  # etc, .qrmfs, manifest.json
+    assert side.call("remove", path=path, export_root=er, force=False) == {"removed": path}
+    assert os.listdir(root) == []
+
+
+def test_call_errors_map_to_exit_codes(side: StorageSide, root: Path) -> None:
+    with pytest.raises(RefusedError) as ei:
+        side.call("remove", path="/", export_root=str(root), force=True)
+    assert (ei.value.message, ei.value.exit_code) == ("refusing to remove '/'", 11)
+    with pytest.raises(NotFoundError):
+        side.call("remove", path=str(root / "nope"), export_root=str(root), force=True)
+    (root / "plain").mkdir()
+    with pytest.raises(RefusedError, match="has no qrmfs manifest"):
+        side.call("remove", path=str(root / "plain"), export_root=str(root), force=False)
+    (root / "img1/.qrmfs").mkdir(parents=True)
+    tree.write_manifest(str(root / "img1"), {})
+    st = side.call("stage", path=str(root / "img1"), export_root=str(root), token="t")["staging"]
+    tree.write_manifest(st, {})
+    with pytest.raises(ExistsError):
+        side.call("publish", path=str(root / "img1"), export_root=str(root), staging=st, force=False)
+    with pytest.raises(StorageError) as ei2:
+        side.call("stats", root=str(root / "missing"))
+    assert type(ei2.value) is StorageError and str(root / "missing") in ei2.value.message
+
+
+def test_agent_crash_is_storage_error(side: StorageSide) -> None:
+    with pytest.raises(StorageError) as ei:
+        side.call("no_such_op")
+    assert "KeyError" in ei.value.detail
+
+
+def test_steps_listing(side: StorageSide) -> None:
+    names = [s["name"] for s in side.call("steps")]
+    assert names[:3] == ["dirs", "logs", "easymigration"] and "node-init" in names
+
+
+def test_argv_local_and_remote(root: Path) -> None:
+    local = StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
+    assert local.argv(["ls", "/x y"]) == ("ls", "/x y")
+    assert local._agent_argv() == (sys.executable, "-c", S.BOOTSTRAP)
+    remote = StorageSide(Storage("nas", SshHost("nas", "admin", 2222), "/exports"), Runner(), identity="/k/id",
+                         known_hosts="/k/kh")
+    argv = remote._agent_argv()
+    assert argv[0] == "ssh" and argv[-2:] == ("nas", "python3 -c " + "'" + S.BOOTSTRAP + "'")
+    assert argv[argv.index("-i") + 1] == "/k/id" and "-A" not in argv
+    assert "-A" in remote.argv(["true"], forward_agent=True)
+
+
+def test_connect_error_mapping(root: Path) -> None:
+    remote = StorageSide(Storage("nas", SshHost("nas", "admin", 2222), "/exports"), Runner())
+    e = remote.connect_error(CommandFailed(("ssh",), 255, "ssh: connect to host nas port 2222: Connection refused"))
+    assert type(e) is ConnectError
+    assert e.message == "cannot reach storage server nas (admin@nas port 2222) over ssh"
+    assert e.detail == "ssh: connect to host nas port 2222: Connection refused"
+    e = remote.connect_error(CommandFailed(("ssh",), 127, "bash: line 1: python3: command not found"))
+    assert (type(e), e.message) == (StorageError, "python3 is needed on storage server nas")
+    local = StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
+    assert type(local.connect_error(CommandFailed(("x",), 255, ""))) is StorageError
+
+
+def test_answer_without_json_is_storage_error(side: StorageSide) -> None:
+    with pytest.raises(StorageError, match="the storage server local gave no answer"):
+        side._answer("Traceback (most recent call last):\n")
+
+
+def test_node_init_script_is_shipped() -> None:
+    text = S.node_init_script()
+    assert text.startswith("#!")
+    assert "node.conf" in text
+
+
+# --- the lock ----------------------------------------------------------------------------------------
+
+def test_lock_second_holder_refused_then_free(side: StorageSide, root: Path) -> None:
+    path = str(root / "img1")
+    with side.lock(path, "alice@ws1 pid 1 (create img1)") as lock:
+        assert lock == str(root / ".img1.qrmfs-lock")
+        assert Path(lock).read_text().startswith("alice@ws1 pid 1 (create img1) since ")
+        t0 = time.monotonic()
+        with pytest.raises(LockedError) as ei:
+            with side.lock(path, "bob@ws2 pid 2 (create img1)"):
+                pytest.fail("second lock was granted")
+        assert time.monotonic() - t0 < 10  # fails fast, does not wait
+        assert ei.value.exit_code == 6
+        assert ei.value.message.startswith(f"image {path} is locked by another qrmfs operation: "
+                                           "alice@ws1 pid 1 (create img1) since ")
+        # another image is not affected
+        with side.lock(str(root / "img2"), "carol"):
+            pass
+    with side.lock(path, "bob@ws2 pid 2 (create img1)"):
+        assert Path(root / ".img1.qrmfs-lock").read_text().startswith("bob@ws2 pid 2 (create img1) since ")
+    assert Path(root / ".img1.qrmfs-lock").read_text() == ""
+
+
+def test_lock_outside_export_root_refused(side: StorageSide, tmp_path: Path) -> None:
+    with pytest.raises(RefusedError, match="is not below the export root"):
+        with side.lock(str(tmp_path / "elsewhere/img1"), "me"):
+            pass
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_lock_of_killed_holder_is_free_again(side: StorageSide, root: Path) -> None:
+    path = str(root / "img1")
+    code = textwrap.dedent(f"""
+        import time
+        from qrmfs.config import SshHost, Storage
+        from qrmfs.runner import Runner
+        from qrmfs.storage import StorageSide
+        side = StorageSide(Storage("local", SshHost("local"), {str(root)!r}), Runner())
+        with side.lock({path!r}, "doomed pid holder"):
+            print("held", flush=True)
+            time.sleep(120)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(LockedError, match="doomed pid holder"):
+            with side.lock(path, "me"):
+                pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    # the helper on the storage side sees its stdin close and exits: the flock dies with it
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with side.lock(path, "me"):
+                break
+        except LockedError:
+            assert time.monotonic() < deadline, "lock still held after its holder was killed"
+            time.sleep(0.1)
