@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from . import model
-from .actions.common import Env, resolve_credentials
+from .actions.common import Credentials, Env, resolve_credentials
 from .config import load
-from .errors import NotImplementedYet, QrmfsError, UsageError
+from .errors import AbortedError, ConnectError, InvalidImageError, QrmfsError, UsageError
 from .runner import Runner
 from .ui import Ui
 
@@ -103,8 +103,6 @@ def create(
     if route not in ("ssh", "nfs"):
         raise UsageError(f"invalid --route {route!r}: use ssh or nfs")
     adds, pexcl = model.private_dirs(private_add or [], private_exclude or [])
-    creds = resolve_credentials(env.cfg, username, password, password_file, openqrm_url) if not only_physical \
-        else resolve_credentials(env.cfg, username, None, None, openqrm_url)
     req = act.CreateRequest(
         name=image, target=t, location=model.Location.parse(location), only_physical=only_physical,
         excludes=tuple(model.plain_path(e, "-e/--exclude directory") for e in exclude or []),
@@ -113,12 +111,11 @@ def create(
         os_name=model.os_name(operating_system) if operating_system else None,
         keep_services=keep_services, keep_network=keep_network,
         hostname=model.hostname(hostname) if hostname else None, shared=shared, force=force, route=route,
-        comment=comment, creds=creds)
+        comment=comment, creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
     if dry_run:
         plan = act.dry_run(req, env)
         _emit(plan, as_json, _plan_text(plan))
         return
-    _warn_password_argv(password, env.ui)
     r = act.create(req, env)
     reg = r["registration"]["state"]
     _emit(r, as_json, f"created {r['target']} from {r['source']}: {r['files']} files, "
@@ -144,42 +141,146 @@ def _plan_text(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _not_yet(command: str) -> None:
-    raise NotImplementedYet(f"`qrmfs {command}` is not implemented yet")
+def _registration(env: Env, only_physical: bool, username: str | None, password: str | None,
+                  password_file: str | None, url: str | None) -> Credentials:
+    if only_physical:
+        return resolve_credentials(env.cfg, username, None, None, url)
+    _warn_password_argv(password, env.ui)
+    return resolve_credentials(env.cfg, username, password, password_file, url)
 
 
 @app.command()
 def clone(
     name: Annotated[str, typer.Option("-s", "--filesystem-image", help="Name of the new image.")],
     target: TargetOpt,
-    source: Annotated[str, typer.Option("--from", help="STORAGE:/path/EXISTING_NAME")],
+    source: Annotated[str, typer.Option("--from", help="The existing image: STORAGE:/path/EXISTING_NAME")],
+    hostname: Annotated[str | None, typer.Option("--hostname", help="Hostname of the new image.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing image at the target.")] = False,
     username: User = None, password: Password = None, password_file: PasswordFile = None,
-    only_physical: OnlyPhysical = False, as_json: Json = False, dry_run: DryRun = False,
+    only_physical: OnlyPhysical = False, openqrm_url: Url = None, dry_run: DryRun = False, as_json: Json = False,
     config: Config = None, verbose: Verbose = False,
 ) -> None:
-    """Create a new image from an existing one."""
-    _not_yet("clone")
+    """Create a new image from an existing one (on the same or another storage server)."""
+    from .actions import clone as act
+
+    env = _env(config, verbose, as_json)
+    t = model.Target.parse(target)
+    if model.image_name(name) != t.name:
+        raise UsageError(f"image name {name!r} and target {target!r} disagree: the target must end in /{name}")
+    req = act.CloneRequest(name=name, target=t, source=model.Target.parse(source, "--from"),
+                           only_physical=only_physical, force=force,
+                           hostname=model.hostname(hostname) if hostname else None,
+                           creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
+    if dry_run:
+        plan = act.dry_run(req, env)
+        _emit(plan, as_json, "\n".join([f"dry run: clone {plan['source']} to {plan['target']}"]
+                                       + [f"  copy on {c['runs_on']}: {shlex.join(c['argv'])}" for c in plan["copies"]]
+                                       + ["nothing was changed"]))
+        return
+    r = act.clone(req, env)
+    _emit(r, as_json, f"cloned {req.source} to {r['target']}: {r['files']} files, {r['bytes'] / 2**20:.1f} MiB; "
+                      f"registration: {r['registration']['state']}")
 
 
 @app.command()
-def remove(target: TargetOpt, yes: Annotated[bool, typer.Option("--yes", "-y")] = False,
-           as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
-    """Remove an image and deregister it."""
-    _not_yet("remove")
+def remove(
+    target: TargetOpt,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Remove a directory that is not a qrmfs image "
+                                        "(still asks unless --yes).")] = False,
+    username: User = None, password: Password = None, password_file: PasswordFile = None,
+    only_physical: Annotated[bool, typer.Option("-o", "--only-physical", help="Remove without deregistering.")]
+    = False,
+    openqrm_url: Url = None, dry_run: DryRun = False, as_json: Json = False, config: Config = None,
+    verbose: Verbose = False,
+) -> None:
+    """Remove an image from its storage server and deregister it from openQRM."""
+    from .actions import remove as act
+
+    env = _env(config, verbose, as_json)
+    req = act.RemoveRequest(target=model.Target.parse(target), yes=yes, force=force, only_physical=only_physical,
+                            dry_run=dry_run,
+                            creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
+
+    def confirm(question: str) -> bool:
+        if not sys.stdin.isatty():
+            raise AbortedError(f"refusing to {question} without --yes (no terminal to ask)")
+        return typer.confirm(question + "?", default=False, err=True)
+
+    r = act.remove(req, env, confirm)
+    _emit(r, as_json, f"would remove {r['remove']}" if dry_run else
+          f"removed {r['removed']}; registration: {r['registration']['state']}")
 
 
 @app.command()
-def validate(target: TargetOpt, fix: Annotated[bool, typer.Option("-f", "--fix")] = False,
-             as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
-    """Check an image (and repair it with --fix)."""
-    _not_yet("validate")
+def validate(
+    target: TargetOpt,
+    location: Annotated[str | None, typer.Option("-l", "--location", help="Also report drift from this source "
+                                                 "(HOST:/rootfs or a local directory); changes nothing.")] = None,
+    fix: Annotated[bool, typer.Option("-f", "--fix", help="Re-run the preparation: repair what can be repaired.")]
+    = False,
+    as_json: Json = False, config: Config = None, verbose: Verbose = False,
+) -> None:
+    """Check an image (and repair it with --fix); exit 0 only when it is clean."""
+    from .actions import validate as act
+
+    env = _env(config, verbose, as_json)
+    req = act.ValidateRequest(target=model.Target.parse(target), fix=fix,
+                              location=model.Location.parse(location) if location else None)
+    r = act.validate(req, env)
+    lines = []
+    for f in r.get("fixed", []):
+        lines.append(f"fixed    {f['step']:<15} {f['path']}: {f['problem']}")
+    for f in r["findings"]:
+        lines.append(f"problem  {f['step']:<15} {f['path']}: {f['problem']}"
+                     + ("" if f["fixable"] else " (not repaired by --fix)") if not fix else
+                     f"LEFT     {f['step']:<15} {f['path']}: {f['problem']}")
+    if "drift" in r:
+        d = r["drift"]
+        lines.append(f"drift from {d['source']}: {d['count']} difference(s)")
+        lines += [f"  {c['change']} {c['path']}" for c in d["changes"]]
+    lines.append(f"{r['target']}: " + ("clean" if r["clean"] else f"{len(r['findings'])} problem(s)"
+                                       + ("" if fix else "; `qrmfs validate --fix` repairs the fixable ones")))
+    _emit(r, as_json, "\n".join(lines))
+    if not r["clean"]:
+        raise typer.Exit(InvalidImageError.exit_code)
 
 
 @app.command("list")
-def list_(storage: Annotated[str | None, typer.Argument()] = None, as_json: Json = False,
-          config: Config = None, verbose: Verbose = False) -> None:
+def list_(
+    storage: Annotated[str | None, typer.Argument(help="A storage server (name in the config or address); "
+                                                  "default: all configured.")] = None,
+    as_json: Json = False, config: Config = None, verbose: Verbose = False,
+) -> None:
     """List the images on the storage server(s)."""
-    _not_yet("list")
+    from .actions.listing import list_images
+
+    env = _env(config, verbose, as_json)
+    r = list_images(env, storage)
+    if as_json:
+        _emit(r, True, "")
+    else:
+        _table(r["images"])
+    if r["errors"]:
+        raise typer.Exit(ConnectError.exit_code)
+
+
+def _table(images: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("STORAGE", "NAME", "SIZE", "FILES", "CREATED", "SOURCE", "TAGS", "VALID", "OPENQRM"):
+        t.add_column(col, overflow="fold")
+    for i in images:
+        tags = " ".join(x for x in ("shared" if i["shared"] else "", i["arch"] or "", i["os"] or "") if x)
+        size = f"{i['bytes'] / 2**30:.2f}G" if i["bytes"] is not None else "?"
+        t.add_row(i["storage"], i["name"] + (f" (locked: {i['locked_by']})" if i["locked_by"] else ""), size,
+                  str(i["files"]), i["created"] or "?", i["source"] or "?", tags, i["validation"],
+                  i["registration"])
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    if not images:
+        print("no images")
 
 
 @app.command()
