@@ -54,7 +54,10 @@ def validate(req: ValidateRequest, env: Env) -> dict[str, Any]:
     if not info["exists"]:
         raise NotFoundError(f"{req.target} does not exist")
     manifest = info["manifest"]
-    opts = steps.Options.from_dict({**(manifest or {}).get("options", {}), "image": req.target.name})
+    # Without a manifest the image's options are unknown: check and fix only what holds for every image
+    # (keep its network configuration and services as they are).
+    known = manifest.get("options", {}) if manifest else {"keep_network": True, "keep_services": True}
+    opts = steps.Options.from_dict({**known, "image": req.target.name})
     if opts.shared or opts.private_add:
         opts = dataclasses.replace(opts, node_init=node_init_script())
     args = {"root": req.target.path, "options": dataclasses.asdict(opts)}

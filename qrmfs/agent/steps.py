@@ -456,11 +456,16 @@ def check(root: str, opts: Options, only: list[str] | None = None) -> list[Findi
     return out
 
 
-def apply(root: str, opts: Options) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Fix every finding; return (what was fixed, what is left after a second check)."""
-    fixed = []
-    for f in check(root, opts):
-        if f.fix is not None:
+def apply(root: str, opts: Options, rounds: int = 3) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fix every finding; return (what was fixed, what is left after a last check). A fix can make another
+    step apply (node-init creating /etc makes mtab and machine-id relevant), so check again until nothing
+    fixable is left, a bounded number of rounds."""
+    fixed: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        todo = [f for f in check(root, opts) if f.fix is not None]
+        if not todo:
+            break
+        for f in todo:
             f.fix()
             fixed.append(f.as_dict())
     left = [f.as_dict() for f in check(root, opts)]

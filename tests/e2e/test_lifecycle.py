@@ -1,0 +1,213 @@
+"""validate [--fix], clone, remove and list against the lab."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+
+import pytest
+
+from lab import lab as _lab
+
+from .conftest import exports_listing, qrmfs, run_on, tree_info, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def base_image(lab, tmp_path_factory):
+    """One image of the whole lab source (kept network: it has host keys), shared by this module's tests."""
+    d = tmp_path_factory.mktemp("base")
+    cfg = write_config(lab, d)
+    path = f"/exports/lc_base_{uuid.uuid4().hex[:6]}"
+    r = qrmfs("create", "-t", f"storage:{path}", "-l", "source:/", "-o", "--keep-network", config=cfg)
+    assert r.returncode == 0, r.stderr
+    yield path
+    run_on(lab, "storage", f"rm -rf {path} /exports/.{posixpath.basename(path)}.qrmfs-*", check=False)
+
+
+def _clone(cfg, base, path, *extra):
+    r = qrmfs("clone", "-s", posixpath.basename(path), "-t", f"storage:{path}", "--from", f"storage:{base}",
+              *extra, config=cfg)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_validate_finds_a_broken_image_and_fix_repairs_it(lab, cfg, base_image, image_path, on_storage):
+    _clone(cfg, base_image, image_path, "-o")
+    assert qrmfs("validate", "-t", f"storage:{image_path}", config=cfg).returncode == 0
+    on_storage(f"cd {image_path} && rm etc/mtab && echo not-a-link > etc/mtab && echo x > var/log/left.log && "
+               f"python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"{image_path}/root/planted.sock\")'")
+    r = qrmfs("validate", "-t", f"storage:{image_path}", "--json", config=cfg)
+    assert r.returncode == 12
+    found = {(f["step"], f["path"], f["fixable"]) for f in json.loads(r.stdout)["findings"]}
+    assert found == {("mtab", "/etc/mtab", True), ("logs", "/var/log/left.log", True),
+                     ("sockets", "/root/planted.sock", True)}
+    r = qrmfs("validate", "-t", f"storage:{image_path}", "--fix", "--json", config=cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["clean"] and len(out["fixed"]) == 3
+    on_storage(f"test \"$(readlink {image_path}/etc/mtab)\" = /proc/mounts && test ! -e {image_path}/var/log/left.log"
+               f" && test ! -e {image_path}/root/planted.sock")
+    manifest = json.loads(on_storage(f"cat {image_path}/.qrmfs/manifest.json").stdout)
+    assert manifest["validation"]["state"] == "clean"
+    assert qrmfs("validate", "-t", f"storage:{image_path}", config=cfg).returncode == 0
+
+
+def test_validate_reports_what_fix_cannot_repair(lab, cfg, base_image, image_path, on_storage):
+    _clone(cfg, base_image, image_path, "-o")
+    on_storage(f"cd {image_path} && rm -f sbin/init usr/lib/systemd/systemd && rm .qrmfs/manifest.json && "
+               "echo 'UUID=1234-abcd / ext4 defaults 0 1' >> etc/fstab")
+    r = qrmfs("validate", "-t", f"storage:{image_path}", "--fix", "--json", config=cfg)
+    assert r.returncode == 12
+    out = json.loads(r.stdout)
+    assert {f["step"] for f in out["fixed"]} == {"fstab"}
+    assert {(f["step"], f["fixable"]) for f in out["findings"]} == {("init", False), ("manifest", False)}
+    on_storage(f"grep -q '^#qrmfs (local disk on a diskless node): UUID=1234-abcd' {image_path}/etc/fstab")
+
+
+def test_validate_reports_drift_from_the_source_and_changes_nothing(lab, cfg, image_path, on_source, on_storage):
+    r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", config=cfg)
+    assert r.returncode == 0, r.stderr
+    marker = f"/srv/drift-{uuid.uuid4().hex[:6]}"
+    on_source(f"echo new > {marker} && echo changed >> /srv/fixture/hardlinks/a")
+    try:
+        before = on_storage(f"find {image_path} | sort | md5sum").stdout
+        r = qrmfs("validate", "-t", f"storage:{image_path}", "-l", "source:/srv", "--json", config=cfg)
+        out = json.loads(r.stdout)
+        paths = {c["path"] for c in out["drift"]["changes"]}
+        assert "/" + posixpath.basename(marker) in paths
+        assert "/fixture/hardlinks/a" in paths
+        assert on_storage(f"find {image_path} | sort | md5sum").stdout == before
+        on_storage(f"test ! -e {image_path}/{posixpath.basename(marker)}")
+    finally:
+        on_source(f"rm -f {marker} && sed -i '$d' /srv/fixture/hardlinks/a")
+
+
+def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, mock, cfg, base_image, image_path, on_storage):
+    r = _clone(cfg, base_image, image_path, "-u", "openqrm", "--hostname", "clone-node", "--json")
+    out = json.loads(r.stdout)
+    assert out["registration"] == {"state": "registered"}
+    assert tree_info(lab, "storage", image_path + "/srv/fixture") == \
+        tree_info(lab, "storage", base_image + "/srv/fixture")
+    manifest = json.loads(on_storage(f"cat {image_path}/.qrmfs/manifest.json").stdout)
+    assert manifest["rsync"][0]["runs_on"] == "storage storage (local copy)"
+    assert manifest["rsync"][0]["argv"][-2:] == [base_image + "/", manifest["rsync"][0]["argv"][-1]]
+    assert manifest["source"] == f"clone of storage:{base_image}"
+    ident = on_storage(f"cat {image_path}/etc/hostname; wc -c < {image_path}/etc/machine-id; "
+                       f"cat {image_path}/etc/ssh/ssh_host_ed25519_key.pub {base_image}/etc/ssh/ssh_host_ed25519_key.pub"
+                       ).stdout.decode().splitlines()
+    assert ident[0] == "clone-node" and ident[1] == "0"
+    assert ident[2].split()[1] != ident[3].split()[1], "the clone kept the original's ssh host key"
+    images = mock.get("/_mock/state").json()["images"]
+    assert [(i["image_name"], i["image_rootdevice"]) for i in images] == [(posixpath.basename(image_path), image_path)]
+
+
+def test_clone_refusals(lab, cfg, base_image, image_path, on_storage):
+    on_storage(f"mkdir -p {image_path}")
+    r = qrmfs("clone", "-s", "x_new", "-t", "storage:/exports/x_new", "--from", f"storage:{image_path}", "-o",
+              config=cfg)
+    assert r.returncode == 4 and "not a qrmfs image" in r.stderr
+    r = qrmfs("clone", "-s", posixpath.basename(image_path), "-t", f"storage:{image_path}", "--from",
+              f"storage:{base_image}", "-o", config=cfg)
+    assert r.returncode == 5 and "--force" in r.stderr
+    r = qrmfs("clone", "-s", "other", "-t", "storage:/exports/x_new", "--from", f"storage:{base_image}", "-o",
+              config=cfg)
+    assert r.returncode == 2
+
+
+def test_remove_deregisters_and_never_leaves_the_image(lab, mock, cfg, image_path, on_storage):
+    assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm",
+                 config=cfg).returncode == 0
+    assert len(mock.get("/_mock/state").json()["images"]) == 1
+    r = qrmfs("remove", "-t", f"storage:{image_path}", "-u", "openqrm", config=cfg)
+    assert r.returncode == 14 and "without --yes" in r.stderr  # no terminal: never removes silently
+    on_storage(f"test -d {image_path}")
+    r = qrmfs("remove", "-t", f"storage:{image_path}", "-u", "openqrm", "--yes", "--json", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["registration"] == {"state": "deregistered"}
+    on_storage(f"test ! -e {image_path} && test -s /etc/hostname")  # the fixture's /etc link was not followed
+    assert mock.get("/_mock/state").json()["images"] == []
+    assert not any(posixpath.basename(image_path) in n and "lock" not in n for n in exports_listing(lab))
+
+
+@pytest.mark.parametrize("target,code,words", [
+    ("storage:/etc", 2, "not below the export root"),
+    ("storage:/", 2, "invalid"),
+    ("storage:", 2, "invalid"),
+    ("storage:/exports", 2, "not below the export root"),
+    ("storage:/exports/../etc/passwd", 2, "not canonical"),
+])
+def test_remove_refuses_paths_outside_the_export_root(lab, cfg, on_storage, target, code, words):
+    before = on_storage("ls -A /etc | md5sum; ls -A /exports | md5sum").stdout
+    r = qrmfs("remove", "-t", target, "--yes", "--force", "-o", config=cfg)
+    assert r.returncode == code, r.stderr
+    assert words in r.stderr
+    assert on_storage("ls -A /etc | md5sum; ls -A /exports | md5sum").stdout == before
+
+
+def test_remove_refuses_a_symlink_out_of_the_export_root(lab, cfg, image_path, on_storage):
+    on_storage(f"ln -s /etc {image_path}")
+    r = qrmfs("remove", "-t", f"storage:{image_path}", "--yes", "--force", "-o", config=cfg)
+    assert r.returncode == 11 and "symlink" in r.stderr
+    on_storage("test -s /etc/passwd && test -L " + image_path)
+    on_storage(f"rm {image_path}")
+
+
+def test_remove_refuses_a_directory_that_is_not_an_image_unless_forced(lab, cfg, image_path, on_storage):
+    on_storage(f"mkdir -p {image_path}/data && echo keep > {image_path}/data/f")
+    r = qrmfs("remove", "-t", f"storage:{image_path}", "--yes", "-o", config=cfg)
+    assert r.returncode == 11 and "not a qrmfs image" in r.stderr
+    on_storage(f"test -f {image_path}/data/f")
+    r = qrmfs("remove", "-t", f"storage:{image_path}", "--yes", "--force", "-o", config=cfg)
+    assert r.returncode == 0, r.stderr
+    on_storage(f"test ! -e {image_path}")
+
+
+def test_remove_refuses_an_image_in_use(lab, cfg, image_path, on_storage):
+    assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", config=cfg).returncode == 0
+    on_storage(f"mkdir -p {image_path}/mnt/x && mount -t tmpfs lab-busy {image_path}/mnt/x")
+    try:
+        r = qrmfs("remove", "-t", f"storage:{image_path}", "--yes", "-o", config=cfg)
+        assert r.returncode == 11 and "mounts under it" in r.stderr
+        on_storage(f"test -d {image_path}/fixture")
+    finally:
+        on_storage(f"umount {image_path}/mnt/x")
+    from qrmfs.config import load
+    from qrmfs.runner import Runner
+    from qrmfs.storage import StorageSide
+
+    c = load(cfg)
+    side = StorageSide(c.storage["storage"], Runner(), identity=c.identity_file, known_hosts=c.known_hosts)
+    with side.lock(image_path, "somebody else (test)"):
+        r = qrmfs("remove", "-t", f"storage:{image_path}", "--yes", "-o", config=cfg)
+        assert r.returncode == 6 and "somebody else (test)" in r.stderr
+    on_storage(f"test -d {image_path}/fixture")
+
+
+def test_list_agrees_with_openqrm(lab, mock, cfg, image_path):
+    other = image_path + "_o"
+    try:
+        assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm", "--shared",
+                     "-a", "x86_64", config=cfg).returncode == 0
+        assert qrmfs("create", "-t", f"storage:{other}", "-l", "source:/srv", "-o", config=cfg).returncode == 0
+        r = qrmfs("list", "storage", "--json", config=cfg)
+        assert r.returncode == 0, r.stderr
+        rows = {i["name"]: i for i in json.loads(r.stdout)["images"]}
+        mine = rows[posixpath.basename(image_path)]
+        assert mine["registration"] == "registered" and mine["shared"] and mine["arch"] == "x86_64"
+        assert mine["source"] == "source:/srv" and mine["files"] > 20 and mine["validation"] == "problems"
+        assert rows[posixpath.basename(other)]["registration"] == "not registered"
+        registered = {n for n, i in rows.items() if i["registration"] == "registered"}
+        in_mock = {i["image_name"] for i in mock.get("/_mock/state").json()["images"]}
+        assert registered & {posixpath.basename(image_path), posixpath.basename(other)} == in_mock
+        text = qrmfs("list", config=cfg).stdout
+        assert posixpath.basename(image_path) in text and "registered" in text
+    finally:
+        run_on(lab, "storage", f"rm -rf {other} /exports/.{posixpath.basename(other)}.qrmfs-*", check=False)
+
+
+def test_lab_status_names_the_running_lab(lab):
+    info = _lab.status()
+    assert info and info["hosts"]["storage"]["address"] == lab["hosts"]["storage"]["address"]
