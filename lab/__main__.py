@@ -53,6 +53,14 @@ def down(name: str = NAME) -> None:
     print("\n".join(f"removed {r}" for r in removed) if removed else f"lab {name}: nothing to remove")
 
 
+@app.command()
+def demo(name: str = NAME) -> None:
+    """The main job against the lab: create, validate and list an image of the source host."""
+    from .demo import main as run_demo
+
+    raise typer.Exit(run_demo(name))
+
+
 def main() -> None:
     try:
         app()
