@@ -34,7 +34,7 @@ DEFAULT_NAME = "qrmfs-lab"
 # Not openQRM's default openqrm/openqrm: a password unlike every other string lets tests prove it never leaks.
 OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "lab-Secret-4711"
 EXPORT_ROOT = "/exports"
-READY_TIMEOUT = 90.0
+READY_TIMEOUT = 90
 
 # Inside each container: what must hold before the host-side probes start.
 _INNER_READY = {

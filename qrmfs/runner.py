@@ -54,7 +54,7 @@ class Runner:
 
     def _cmd(self, argv: Sequence[str]) -> Any:
         try:
-            cmd = local[argv[0]][tuple(argv[1:])]
+            cmd: Any = local[argv[0]][tuple(argv[1:])]
         except CommandNotFound:
             raise ToolMissing(f"{argv[0]} is not installed on this machine") from None
         if self.env:

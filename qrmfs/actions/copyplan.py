@@ -14,7 +14,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from .. import argv as A
@@ -144,6 +144,11 @@ def plan(cfg: Config, storage: Storage, src_host: SshHost | None, src_path: str,
                           forward_agent=p.needs_agent) if on_storage or p.needs_agent else rs)
         p.copies.append(Copy(rs, run, where, what))
     return p
+
+
+def agent_for(runner: Runner, cp: CopyPlan, identity: str | None) -> AbstractContextManager[dict[str, str]]:
+    """The environment the plan's commands need: an agent to forward for the pull route, else nothing."""
+    return ssh_agent(runner, identity) if cp.needs_agent else nullcontext({})
 
 
 @contextmanager

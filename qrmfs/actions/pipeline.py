@@ -8,7 +8,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,8 +129,7 @@ def build(env: Env, spec: BuildSpec) -> dict[str, Any]:
 
 def copy(env: Env, cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
     runs = []
-    agent = copyplan.ssh_agent(env.runner, env.cfg.identity_file) if cp.needs_agent else nullcontext({})
-    with agent as agent_env:
+    with copyplan.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
             env.ui.step(f"copying {c.what} ({c.runs_on})")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,8 +100,7 @@ def drift(env: Env, req: ValidateRequest, storage: Any, manifest: dict[str, Any]
         cp = copyplan.plan(env.cfg, storage, src, loc.path, req.target.path, excludes, copyplan.Mounts(),
                            route="ssh", progress=False, storage_known_hosts=(pinned or {}).get("known_hosts"),
                            drift=True)
-        agent = copyplan.ssh_agent(env.runner, env.cfg.identity_file) if cp.needs_agent else nullcontext({})
-        with agent as agent_env:
+        with copyplan.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
             runner = env.runner.with_env(agent_env) if agent_env else env.runner
             for c in cp.copies:
                 r = runner.run(c.run, ok=range(256), timeout=3600)

@@ -24,7 +24,7 @@ def _write_manifest(root: str, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"written": root}
 
 
-OPS = {
+OPS: dict[str, Any] = {
     "inspect": tree.op_inspect,
     "stage": tree.op_stage,
     "discard": tree.op_discard,

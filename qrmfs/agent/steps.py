@@ -113,16 +113,16 @@ def _dirs(ctx: Ctx) -> Iterator[Finding]:
         host = ctx.host(path, follow_last=False)
         if os.path.islink(host) or (os.path.lexists(host) and not is_real_dir(host)):
             yield Finding("dirs", path, "is not a directory",
-                        lambda h=host, m=mode: (remove(h), makedirs(h, m)))
+                        functools.partial(_replace_with_dir, host, mode))
         elif not os.path.lexists(host):
-            yield Finding("dirs", path, "missing", lambda h=host, m=mode: makedirs(h, m))
+            yield Finding("dirs", path, "missing", functools.partial(makedirs, host, mode))
         elif stat.S_IMODE(os.lstat(host).st_mode) != mode:
             have = stat.S_IMODE(os.lstat(host).st_mode)
             yield Finding("dirs", path, f"mode {have:04o}, want {mode:04o}",
-                        lambda h=host, m=mode: os.chmod(h, m))
+                        functools.partial(os.chmod, host, mode))
         if path in EMPTY_DIRS and is_real_dir(host) and os.listdir(host):
             yield Finding("dirs", path, f"not empty ({len(os.listdir(host))} entries)",
-                        lambda h=host: [remove(os.path.join(h, e)) for e in os.listdir(h)])
+                        functools.partial(_empty_dir, host))
 
 
 @step("logs", "clear /var/log/* (files removed, directories kept)")
@@ -144,17 +144,14 @@ def _logs(ctx: Ctx) -> Iterator[Finding]:
 def _easymigration(ctx: Ctx) -> Iterator[Finding]:
     host = ctx.host(EASYMIGRATION, follow_last=False)
     if os.path.lexists(host):
-        yield Finding("easymigration", EASYMIGRATION, "present", lambda: remove(host))
+        yield Finding("easymigration", EASYMIGRATION, "present", functools.partial(remove, host))
 
 
 @step("mtab", "/etc/mtab is a symlink to /proc/mounts (for df)")
 def _mtab(ctx: Ctx) -> Iterator[Finding]:
     host = ctx.host("/etc/mtab", follow_last=False)
 
-    def fix() -> None:
-        remove(host)
-        os.symlink(MTAB_TARGET, host)
-
+    fix = functools.partial(_symlink, MTAB_TARGET, host)
     if os.path.islink(host):
         if os.readlink(host) not in MTAB_OK:
             yield Finding("mtab", "/etc/mtab", f"links to {os.readlink(host)}, not /proc/mounts", fix)
@@ -171,7 +168,7 @@ def _kudzu(ctx: Ctx) -> Iterator[Finding]:
         for e in sorted(os.listdir(d)):
             if re.fullmatch(r"S\d*kudzu", e):
                 src, dst = os.path.join(d, e), os.path.join(d, "K" + e[1:])
-                yield Finding("kudzu", f"{rc}/{e}", "kudzu starts at boot", lambda s=src, t=dst: os.rename(s, t))
+                yield Finding("kudzu", f"{rc}/{e}", "kudzu starts at boot", functools.partial(os.rename, src, dst))
     if os.path.lexists(ctx.host("/etc/init.d/kudzu")) or os.path.lexists(ctx.host("/lib/systemd/system/kudzu.service")):
         yield from _mask(ctx, "kudzu", ["kudzu.service"])
 
@@ -198,10 +195,7 @@ def _runlevel(ctx: Ctx) -> Iterator[Finding]:
         link = ctx.host("/etc/systemd/system/default.target", follow_last=False)
         want = "/lib/systemd/system/multi-user.target"
         if not os.path.islink(link) or os.path.basename(os.readlink(link)) != "multi-user.target":
-            def fix_target() -> None:
-                remove(link)
-                makedirs(os.path.dirname(link))
-                os.symlink(want, link)
+            fix_target = functools.partial(_symlink, want, link)
             have = os.readlink(link) if os.path.islink(link) else "unset"
             yield Finding("runlevel", "/etc/systemd/system/default.target",
                         f"default target {have}, want multi-user.target", fix_target)
@@ -253,11 +247,11 @@ def _machine_id(ctx: Ctx) -> Iterator[Finding]:
     if data is None or data.strip():
         yield Finding("machine-id", "/etc/machine-id",
                     "missing" if not os.path.lexists(host) else "carries the source machine's id",
-                    lambda: write_file(host, b"", 0o444))
+                    functools.partial(write_file, host, b"", 0o444))
     dbus = ctx.host("/var/lib/dbus/machine-id", follow_last=False)
     if os.path.lexists(dbus) and not os.path.islink(dbus):
         yield Finding("machine-id", "/var/lib/dbus/machine-id", "a copy of the source's machine id",
-                    lambda: (remove(dbus), os.symlink("/etc/machine-id", dbus)))
+                    functools.partial(_symlink, "/etc/machine-id", dbus))
 
 
 @step("host-keys", "no ssh host keys when the image is shared or its network is removed")
@@ -280,7 +274,7 @@ def _persistent_net(ctx: Ctx) -> Iterator[Finding]:
         host = ctx.host(path, follow_last=False)
         if os.path.lexists(host):
             yield Finding("persistent-net", path, "binds NIC names to the source's MAC addresses",
-                        lambda h=host: remove(h))
+                        functools.partial(remove, host))
 
 
 @step("network", "--remove-network: interfaces reduced to loopback (the kernel brings up the NFS root's NIC)")
@@ -292,7 +286,7 @@ def _network(ctx: Ctx) -> Iterator[Finding]:
     want = LOOPBACK_ONLY.encode()
     if data is not None and data != want:
         yield Finding("network", "/etc/network/interfaces", "configures interfaces of the source machine",
-                    lambda: write_file(host, want, 0o644))
+                    functools.partial(write_file, host, want, 0o644))
     d = ctx.host("/etc/network/interfaces.d")
     if is_real_dir(d):
         for e in sorted(os.listdir(d)):
@@ -329,7 +323,8 @@ def _hostname(ctx: Ctx) -> Iterator[Finding]:
         return
     host = ctx.host("/etc/hostname")
     if (read_file(host) or b"").strip() != name.encode():
-        yield Finding("hostname", "/etc/hostname", f"not {name}", lambda: write_file(host, f"{name}\n".encode()))
+        yield Finding("hostname", "/etc/hostname", f"not {name}",
+                      functools.partial(write_file, host, f"{name}\n".encode()))
     hosts = ctx.host("/etc/hosts")
     data = read_file(hosts)
     if data is not None:
@@ -348,7 +343,7 @@ def _excludes(ctx: Ctx) -> Iterator[Finding]:
     for path in ctx.opts.excludes:
         host = ctx.host(path, follow_last=False)
         if not os.path.lexists(host):
-            yield Finding("excludes", path, "excluded directory missing", lambda h=host: makedirs(h))
+            yield Finding("excludes", path, "excluded directory missing", functools.partial(makedirs, host))
 
 
 @step("node-init", "per-node private directories and identity: /sbin/qrmfs-init and /etc/qrmfs/node.conf")
@@ -362,7 +357,7 @@ def _node_init(ctx: Ctx) -> Iterator[Finding]:
         for path, host in ((NODE_CONF, conf), (NODE_INIT, script)):
             if os.path.lexists(host):
                 yield Finding("node-init", path, "present on an image that is neither shared nor has private "
-                            "directories", lambda h=host: remove(h))
+                            "directories", functools.partial(remove, host))
         return
     if read_file(conf) != want_conf:
         def fix_conf() -> None:
@@ -379,7 +374,7 @@ def _node_init(ctx: Ctx) -> Iterator[Finding]:
         if not is_real_dir(host):
             problem = "missing" if not os.path.lexists(host) else "is not a directory"
             yield Finding("node-init", path, f"private directory {problem}",
-                        (lambda h=host: makedirs(h)) if not os.path.lexists(host) else None)
+                        functools.partial(makedirs, host) if not os.path.lexists(host) else None)
 
 
 def node_conf(o: Options) -> str:
@@ -404,6 +399,23 @@ def _init(ctx: Ctx) -> Iterator[Finding]:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _replace_with_dir(host: str, mode: int) -> None:
+    remove(host)
+    makedirs(host, mode)
+
+
+def _empty_dir(host: str) -> None:
+    for e in os.listdir(host):
+        remove(os.path.join(host, e))
+
+
+def _symlink(target: str, link: str) -> None:
+    """Make `link` a symlink to `target`, replacing whatever is there (never following it)."""
+    remove(link)
+    makedirs(os.path.dirname(link))
+    os.symlink(target, link)
 
 def _mode(host: str) -> int:
     try:
@@ -434,11 +446,8 @@ def _mask(ctx: Ctx, name: str, units: list[str]) -> Iterator[Finding]:
     for unit in units:
         link = ctx.host(f"/etc/systemd/system/{unit}", follow_last=False)
         if not (os.path.islink(link) and os.readlink(link) == "/dev/null"):
-            def fix(link: str = link) -> None:
-                remove(link)
-                makedirs(os.path.dirname(link))
-                os.symlink("/dev/null", link)
-            yield Finding(name, f"/etc/systemd/system/{unit}", "not masked", fix)
+            yield Finding(name, f"/etc/systemd/system/{unit}", "not masked",
+                          functools.partial(_symlink, "/dev/null", link))
 
 
 # --- entry points ---------------------------------------------------------------------------------
@@ -466,6 +475,7 @@ def apply(root: str, opts: Options, rounds: int = 3) -> tuple[list[dict[str, Any
         if not todo:
             break
         for f in todo:
+            assert f.fix is not None
             f.fix()
             fixed.append(f.as_dict())
     left = [f.as_dict() for f in check(root, opts)]

@@ -95,9 +95,9 @@ def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, mock, cfg, bas
     assert manifest["rsync"][0]["runs_on"] == "storage storage (local copy)"
     assert manifest["rsync"][0]["argv"][-2:] == [base_image + "/", manifest["rsync"][0]["argv"][-1]]
     assert manifest["source"] == f"clone of storage:{base_image}"
+    key = "etc/ssh/ssh_host_ed25519_key.pub"
     ident = on_storage(f"cat {image_path}/etc/hostname; wc -c < {image_path}/etc/machine-id; "
-                       f"cat {image_path}/etc/ssh/ssh_host_ed25519_key.pub {base_image}/etc/ssh/ssh_host_ed25519_key.pub"
-                       ).stdout.decode().splitlines()
+                       f"cat {image_path}/{key} {base_image}/{key}").stdout.decode().splitlines()
     assert ident[0] == "clone-node" and ident[1] == "0"
     assert ident[2].split()[1] != ident[3].split()[1], "the clone kept the original's ssh host key"
     images = mock.get("/_mock/state").json()["images"]
