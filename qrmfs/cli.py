@@ -303,10 +303,21 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     try:
-        app(args=args, prog_name="qrmfs", standalone_mode=True)  # usage errors: click prints, exits 2
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        rc = app(args=args, prog_name="qrmfs", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except typer.TyperException as e:  # click's usage errors (missing or unknown option, bad value)
+        show = getattr(e, "show", None)
+        if show:
+            show()
+        else:
+            print(f"qrmfs: error: {e.format_message()}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"ok": False, "error": {"kind": "usage", "exit_code": e.exit_code,
+                                                     "message": e.format_message(), "detail": ""}}))
+        return e.exit_code
+    except typer.Abort:
+        print("qrmfs: aborted", file=sys.stderr)
+        return AbortedError.exit_code
     except QrmfsError as e:
         print(f"qrmfs: error: {e.message}", file=sys.stderr)
         if e.detail:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UsageError
+from .model import bare_address
 from .model import host as check_host
 
 SEARCH = ("~/.config/qrmfs/config.toml", "/etc/qrmfs/config.toml")
@@ -70,13 +71,13 @@ class Config:
         if token in self.storage:
             return self.storage[token]
         check_host(token, "storage server")
-        user, _, addr = token.rpartition("@")
+        user, addr = bare_address(token)
         return Storage(name=addr, ssh=SshHost(addr, user or "root"))
 
     def host_for(self, token: str) -> SshHost:
         if token in self.hosts:
             return self.hosts[token]
-        user, _, addr = token.rpartition("@")
+        user, addr = bare_address(token)
         return SshHost(addr, user or "root")
 
 
@@ -104,7 +105,7 @@ def _ssh_host(d: dict[str, Any], where: str) -> SshHost:
         check_host(addr, f"{where}.address")
     except UsageError as e:
         raise ConfigError(f"config: {e.message}") from None
-    return SshHost(addr, _get(d, "ssh_user", str, where, "root"), _get(d, "ssh_port", int, where, 22))
+    return SshHost(bare_address(addr)[1], _get(d, "ssh_user", str, where, "root"), _get(d, "ssh_port", int, where, 22))
 
 
 def parse(data: dict[str, Any], path: str | None = None) -> Config:

@@ -70,6 +70,22 @@ def os_name(value: str) -> str:
     return value
 
 
+def split_host(value: str) -> tuple[str, str, str]:
+    """'HOST:PATH' -> (host, ':', path); a bracketed IPv6 host ('[fd00::5]:/p', 'u@[::1]:/p') keeps its colons."""
+    if "[" in value.split(":", 1)[0] and "]:" in value:
+        i = value.index("]:")
+        return value[:i + 1], ":", value[i + 2:]
+    return value.partition(":")
+
+
+def bare_address(host_token: str) -> tuple[str, str]:
+    """'[user@]host' -> (user or '', address without IPv6 brackets: what ssh wants)."""
+    user, _, addr = host_token.rpartition("@")
+    if addr.startswith("[") and addr.endswith("]"):
+        addr = addr[1:-1]
+    return user, addr
+
+
 @dataclass(frozen=True)
 class Target:
     """STORAGE:/full/path/NAME: where an image lives."""
@@ -89,7 +105,7 @@ class Target:
 
     @classmethod
     def parse(cls, value: str, what: str = "target") -> Target:
-        storage, sep, path = (value or "").partition(":")
+        storage, sep, path = split_host(value or "")
         if not sep or not storage:
             raise UsageError(f"invalid {what} {value!r}: expected STORAGE:/full/path/IMAGE_NAME")
         host(storage, f"storage server in {what}")
@@ -121,7 +137,7 @@ class Location:
             raise UsageError("invalid location '': expected HOST:/rootfs or a local directory")
         if value.startswith("/"):
             return cls(None, abs_path(value, "location", allow_root=True))
-        h, sep, path = value.partition(":")
+        h, sep, path = split_host(value)
         if not sep:
             raise UsageError(f"invalid location {value!r}: expected HOST:/rootfs or an absolute local directory")
         host(h, "source host")

@@ -136,9 +136,6 @@ def test_remote_spec_plain_and_ipv6() -> None:
     assert A.remote_spec(SshHost("::1"), "/") == "[::1]:/"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: config accepts IPv6 only in brackets ('[fd00::5]'; model.HOST_RE "
-                   "has no bare-IPv6 form), and argv then brackets it again and hands the brackets to ssh")
 def test_ipv6_storage_from_config_gives_usable_argv() -> None:
     cfg = config.parse({"storage": {"nas6": {"address": "[fd00::5]"}}})
     h = cfg.storage["nas6"].ssh

@@ -130,9 +130,6 @@ def test_json_config_error(env: dict[str, Path], capsys: pytest.CaptureFixture[s
     assert json.loads(out)["error"]["kind"] == "config"
 
 
-@pytest.mark.xfail(strict=True, raises=json.JSONDecodeError,
-                   reason="BUG: with --json, click's own usage errors (missing/unknown option) "
-                   "print only text on stderr: stdout is empty, not the JSON error object")
 def test_json_error_output_for_click_usage_errors(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["create", "-l", "/", "--json", "--config", str(env["cfg"])], capsys)
     assert code == 2

@@ -86,9 +86,6 @@ def test_target_parse_bad(value: str, why: str) -> None:
     assert ei.value.message.startswith("invalid ")
 
 
-@pytest.mark.xfail(strict=True, raises=UsageError,
-                   reason="BUG: model.HOST_RE accepts a bracketed IPv6 host, but Target.parse / "
-                   "Location.parse split at the FIRST ':' so '[fd00::5]:/path' can never be given")
 def test_target_and_location_accept_bracketed_ipv6() -> None:
     assert model.host("[fd00::5]") == "[fd00::5]"  # the host rule itself allows it
     t = Target.parse("[fd00::5]:/exports/img1")
