@@ -68,21 +68,23 @@ def test_validate_reports_what_fix_cannot_repair(lab, cfg, base_image, image_pat
 
 
 def test_validate_reports_drift_from_the_source_and_changes_nothing(lab, cfg, image_path, on_source, on_storage):
-    r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", config=cfg)
-    assert r.returncode == 0, r.stderr
-    marker = f"/srv/drift-{uuid.uuid4().hex[:6]}"
-    on_source(f"echo new > {marker} && echo changed >> /srv/fixture/hardlinks/a")
+    """Drift on a scratch tree of the source (the shared fixture area is never modified by tests)."""
+    scratch = f"/srv/scratch-{uuid.uuid4().hex[:6]}"
+    on_source(f"mkdir -p {scratch}/etc && echo one > {scratch}/etc/conf && echo keep > {scratch}/same")
     try:
-        before = on_storage(f"find {image_path} | sort | md5sum").stdout
-        r = qrmfs("validate", "-t", f"storage:{image_path}", "-l", "source:/srv", "--json", config=cfg)
+        r = qrmfs("create", "-t", f"storage:{image_path}", "-l", f"source:{scratch}", "-o", config=cfg)
+        assert r.returncode == 0, r.stderr
+        on_source(f"echo new > {scratch}/added && echo two >> {scratch}/etc/conf && rm {scratch}/same")
+        before = on_storage(f"find {image_path} -printf '%p %s %T@\\n' | sort | md5sum").stdout
+        r = qrmfs("validate", "-t", f"storage:{image_path}", "-l", f"source:{scratch}", "--json", config=cfg)
         out = json.loads(r.stdout)
-        paths = {c["path"] for c in out["drift"]["changes"]}
-        assert "/" + posixpath.basename(marker) in paths
-        assert "/fixture/hardlinks/a" in paths
-        assert on_storage(f"find {image_path} | sort | md5sum").stdout == before
-        on_storage(f"test ! -e {image_path}/{posixpath.basename(marker)}")
+        changes = {c["path"]: c["change"] for c in out["drift"]["changes"]}
+        assert changes.keys() >= {"/added", "/etc/conf", "/same"}
+        assert changes["/same"] == "*deleting"
+        assert on_storage(f"find {image_path} -printf '%p %s %T@\\n' | sort | md5sum").stdout == before
+        on_storage(f"test ! -e {image_path}/added && test -e {image_path}/same")
     finally:
-        on_source(f"rm -f {marker} && sed -i '$d' /srv/fixture/hardlinks/a")
+        on_source(f"rm -rf {scratch}")
 
 
 def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, mock, cfg, base_image, image_path, on_storage):
