@@ -30,6 +30,7 @@ from .paths import state_dir  # noqa: E402
 
 LABEL = "io.qrmfs.lab"
 ROLE_LABEL = "io.qrmfs.lab.role"
+STATE_LABEL = "io.qrmfs.lab.state"  # the state dir (keys) the containers were started with
 DEFAULT_NAME = "qrmfs-lab"
 # Not openQRM's default openqrm/openqrm: a password unlike every other string lets tests prove it never leaks.
 OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "lab-Secret-4711"
@@ -103,6 +104,7 @@ def _labels(lab: LabHandle, role: str | None = None) -> dict[str, str]:
     d = {LABEL: lab.name}
     if role:
         d[ROLE_LABEL] = role
+        d[STATE_LABEL] = str(lab.state)
     return d
 
 
@@ -268,8 +270,10 @@ def up(name: str = DEFAULT_NAME) -> dict[str, Any]:
     client = _client()
     tags = images.build_all(client)
     found = _containers(client, lab)
+    # Reuse only what runs the current images with this checkout's keys (another checkout has other keys).
     reusable = (set(found) == set(ROLES)
-                and all(c.status == "running" and tags[r] in c.image.tags for r, c in found.items()))
+                and all(c.status == "running" and tags[r] in c.image.tags
+                        and c.labels.get(STATE_LABEL) == str(lab.state) for r, c in found.items()))
     if not reusable:
         _start(lab, client, tags)
         found = _containers(client, lab)
