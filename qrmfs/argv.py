@@ -18,8 +18,12 @@ SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "
 
 
 def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,
-                forward_agent: bool = False) -> tuple[str, ...]:
+                forward_agent: bool = False, control: str | None = None) -> tuple[str, ...]:
+    """control: the socket of a master connection (ssh_master_argv) to reuse; without a master there,
+    ssh connects on its own (ControlMaster=no never starts one)."""
     opts: list[str] = [*SSH_OPTIONS, "-p", str(h.port), "-l", h.user]
+    if control:
+        opts += ["-o", "ControlMaster=no", "-o", f"ControlPath={control}"]
     if identity:
         opts += ["-i", identity]
     if known_hosts:
@@ -30,10 +34,17 @@ def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | N
 
 
 def ssh_argv(h: SshHost, remote: Sequence[str], *, identity: str | None = None, known_hosts: str | None = None,
-             forward_agent: bool = False) -> tuple[str, ...]:
+             forward_agent: bool = False, control: str | None = None) -> tuple[str, ...]:
     """ssh to h running `remote` (an argv, quoted into one string for the remote shell)."""
-    return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts, forward_agent=forward_agent),
-            "--", h.address, shlex.join(remote))
+    return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts, forward_agent=forward_agent,
+                                control=control), "--", h.address, shlex.join(remote))
+
+
+def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,
+                    known_hosts: str | None = None) -> tuple[str, ...]:
+    """A master connection that later ssh calls with the same control socket share (no new handshake)."""
+    return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts), "-o", "ControlMaster=yes",
+            "-o", f"ControlPath={control}", "-o", "ControlPersist=no", "-N", "--", h.address)
 
 
 def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None) -> str:

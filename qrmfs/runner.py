@@ -64,8 +64,9 @@ class Runner:
             self._log(f"+ {shlex.join(argv)}")
         return cmd
 
-    def popen(self, argv: Sequence[str], stdin: int | IO[Any] | None = subprocess.PIPE) -> subprocess.Popen[bytes]:
-        return self._cmd(argv).popen(stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def popen(self, argv: Sequence[str], stdin: int | IO[Any] | None = subprocess.PIPE,
+              output: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+        return self._cmd(argv).popen(stdin=stdin, stdout=output, stderr=output)
 
     def run(self, argv: Sequence[str], *, input: str | bytes | None = None, ok: Sequence[int] = (0,),
             timeout: float | None = None) -> Result:

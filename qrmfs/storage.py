@@ -6,9 +6,13 @@ ssh, or run locally with this interpreter for a `local` storage server. Their an
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -50,6 +54,33 @@ class StorageSide:
         self.storage, self.runner = storage, runner
         self.identity, self.known_hosts = identity, known_hosts
         self._sources: list[tuple[str, str]] | None = None
+        self._control: str | None = None
+        self._master: subprocess.Popen[bytes] | None = None
+
+    def _mux(self) -> str:
+        """One ssh master connection per storage server for this run: every agent call after the first
+        skips the ssh handshake. Calls made before the master is up simply connect on their own."""
+        if self._control is None:
+            d = tempfile.mkdtemp(prefix="qrmfs-ssh-")
+            self._control = os.path.join(d, "m")
+            self._master = self.runner.popen(
+                A.ssh_master_argv(self.storage.ssh, self._control, identity=self.identity,
+                                  known_hosts=self.known_hosts),
+                stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
+            atexit.register(self.close)
+        return self._control
+
+    def close(self) -> None:
+        if self._master is not None:
+            self._master.terminate()
+            try:
+                self._master.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._master.kill()
+            self._master = None
+        if self._control is not None:
+            shutil.rmtree(os.path.dirname(self._control), ignore_errors=True)
+            self._control = None
 
     @property
     def local(self) -> bool:
@@ -59,8 +90,9 @@ class StorageSide:
         """argv that runs `remote` on the storage server (as is, when the storage server is local)."""
         if self.local:
             return tuple(remote)
+        # Agent forwarding must come from this process's own agent: never through the shared master.
         return A.ssh_argv(self.storage.ssh, remote, identity=self.identity, known_hosts=self.known_hosts,
-                          forward_agent=forward_agent)
+                          forward_agent=forward_agent, control=None if forward_agent else self._mux())
 
     def _payload(self, op: str, args: dict[str, Any]) -> str:
         if self._sources is None:

@@ -66,6 +66,7 @@ class Env:
     cfg: Config
     runner: Runner
     ui: Ui
+    _sides: dict[Storage, StorageSide] = field(default_factory=dict)
 
     def storage(self, target: Target) -> Storage:
         s = self.cfg.storage_for(target.storage)
@@ -75,7 +76,11 @@ class Env:
         return s
 
     def side(self, storage: Storage) -> StorageSide:
-        return StorageSide(storage, self.runner, identity=self.cfg.identity_file, known_hosts=self.cfg.known_hosts)
+        """One StorageSide (and so one ssh master connection) per storage server and run."""
+        if storage not in self._sides:
+            self._sides[storage] = StorageSide(storage, self.runner, identity=self.cfg.identity_file,
+                                               known_hosts=self.cfg.known_hosts)
+        return self._sides[storage]
 
     def spool(self) -> openqrm.Spool:
         return openqrm.Spool(self.cfg.spool_dir)

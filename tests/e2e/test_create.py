@@ -130,7 +130,10 @@ def test_dry_run_changes_nothing(lab, mock, cfg, image_path):
     (["-t", "storage:/exports/ok_name", "-l", "source:/", "-e", "/var/*", "-o"], 2, "wildcards"),
     (["-t", "storage:/exports/ok_name", "-l", "source:/", "--private-exclude", "/x/y", "-o"], 2, "--private-add"),
     (["-t", "storage:/exports/ok_name", "-l", "source:/"], 2, "needs"),  # registration without credentials
-    (["-t", "storage:/exports/ok_name", "-l", "203.0.113.1:/", "-o"], 7, "cannot reach source host"),
+    # a source nobody answers for (loopback port 1: test traffic stays on this machine)
+    (["-t", "storage:/exports/ok_name", "-l", "deadhost:/", "-o"], 7, "cannot reach source host"),
+    # the manual's route needs a kernel NFS client, which these machines do not have: say which route works
+    (["-t", "storage:/exports/ok_name", "-l", "source:/", "-o", "--route", "nfs"], 10, "use the default --route ssh"),
 ])
 def test_rejected_input_touches_nothing(lab, mock, tmp_path, args, code, words):
     from .conftest import write_config
@@ -138,7 +141,7 @@ def test_rejected_input_touches_nothing(lab, mock, tmp_path, args, code, words):
     cfg = write_config(lab, tmp_path)
     # without a password anywhere: the config's password_file is dropped for the credentials case
     text = open(cfg).read().replace(f'password_file = "{lab["openqrm"]["password_file"]}"\n', "")
-    open(cfg, "w").write(text)
+    open(cfg, "w").write(text + '\n[hosts.deadhost]\naddress = "127.0.0.1"\nssh_port = 1\n')
     before = exports_listing(lab)
     r = qrmfs("create", *args, config=cfg, env={"QRMFS_PASSWORD": ""})
     assert r.returncode == code, (r.stdout, r.stderr)
