@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 class Ui:
@@ -40,12 +40,13 @@ class Ui:
         if not self.tty or self.quiet:
             yield None
             return
+        # rsync's progress2 gives percent of the whole transfer, bytes so far and its own rate.
         cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+                TextColumn("{task.fields[done]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
         with Progress(*cols, console=self.err, transient=True) as prog:
-            task = prog.add_task(label, total=100)
+            task = prog.add_task(label, total=100, done="", rate="")
 
             def update(done: int, pct: int, rate: str) -> None:
-                prog.update(task, completed=pct)
+                prog.update(task, completed=pct, done=f"{done / 2**20:,.0f} MiB", rate=rate)
 
             yield update

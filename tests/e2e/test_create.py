@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -250,3 +252,17 @@ def test_spooled_registration_is_delivered_by_the_next_run(lab, mock, cfg, image
     names = [i["image_name"] for i in _state(mock)["images"]]
     assert sorted(names) == sorted([_name(image_path), _name(second)])
     assert list((tmp_path / "spool").glob("*.json")) == []
+
+
+def test_progress_bar_only_on_a_terminal(lab, cfg, image_path, tmp_path):
+    """On a terminal (a pty from script(1)) rsync's progress shows as a bar; in a pipe nothing of it."""
+    quiet = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", config=cfg)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not re.search(r"\d+% [\d,]+ MiB", quiet.stderr) and "\x1b[" not in quiet.stderr
+    log = tmp_path / "tty.log"
+    cmd = shlex.join([sys.executable, "-m", "qrmfs", "create", "-t", f"storage:{image_path}", "-l", "source:/srv",
+                      "-o", "--force", "--config", cfg])
+    r = subprocess.run(["script", "-qec", cmd, str(log)], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stdout
+    screen = log.read_bytes().decode(errors="replace")
+    assert re.search(r"root filesystem .*\d+% [\d,]+ MiB", screen), screen[-2000:]
