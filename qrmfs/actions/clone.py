@@ -32,11 +32,8 @@ class CloneRequest:
 def _inputs(req: CloneRequest, env: Env) -> tuple[Any, Any, StorageSide, dict[str, Any]]:
     if req.target.path == req.source.path and req.target.storage == req.source.storage:
         raise UsageError("clone target and --from are the same image")
-    tstore, sstore = env.storage(req.target), env.storage(req.source)
-    sside = env.side(sstore)
-    info = sside.call("inspect", path=req.source.path, export_root=sstore.export_root)
-    if not info["exists"]:
-        raise NotFoundError(f"{req.source} does not exist")
+    tstore = env.storage(req.target)
+    sstore, sside, info = env.existing(req.source)
     if not info["is_image"]:
         raise NotFoundError(f"{req.source} is not a qrmfs image (no .qrmfs/manifest.json)")
     return tstore, sstore, sside, info["manifest"]

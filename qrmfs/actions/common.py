@@ -7,10 +7,11 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import openqrm
 from ..config import Config, Storage
-from ..errors import UsageError
+from ..errors import NotFoundError, UsageError
 from ..model import Target
 from ..runner import Runner
 from ..storage import StorageSide
@@ -81,6 +82,15 @@ class Env:
             self._sides[storage] = StorageSide(storage, self.runner, identity=self.cfg.identity_file,
                                                known_hosts=self.cfg.known_hosts)
         return self._sides[storage]
+
+    def existing(self, target: Target) -> tuple[Storage, StorageSide, dict[str, Any]]:
+        """The storage server, its agent and what is at target; NotFoundError when nothing is there."""
+        storage = self.storage(target)
+        side = self.side(storage)
+        info = side.call("inspect", path=target.path, export_root=storage.export_root)
+        if not info["exists"]:
+            raise NotFoundError(f"{target} does not exist")
+        return storage, side, info
 
     def spool(self) -> openqrm.Spool:
         return openqrm.Spool(self.cfg.spool_dir)

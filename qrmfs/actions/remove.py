@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import openqrm
-from ..errors import AbortedError, NotFoundError, RefusedError
+from ..errors import AbortedError, RefusedError
 from ..model import Target
 from .common import Credentials, Env, flush_spool, holder, require_registration
 
@@ -24,11 +24,7 @@ class RemoveRequest:
 
 
 def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> dict[str, Any]:
-    storage = env.storage(req.target)
-    side = env.side(storage)
-    info = side.call("inspect", path=req.target.path, export_root=storage.export_root)
-    if not info["exists"]:
-        raise NotFoundError(f"{req.target} does not exist")
+    storage, side, info = env.existing(req.target)
     manifest = info["manifest"]
     if manifest is None and not req.force:
         raise RefusedError(f"{req.target} is not a qrmfs image (no .qrmfs/manifest.json); "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..agent import steps
-from ..errors import NotFoundError, TransferError
+from ..errors import TransferError
 from ..model import Location, Target
 from ..runner import tail
 from ..storage import node_init_script
@@ -47,11 +47,7 @@ def _manifest_findings(req: ValidateRequest, manifest: dict[str, Any] | None) ->
 
 
 def validate(req: ValidateRequest, env: Env) -> dict[str, Any]:
-    storage = env.storage(req.target)
-    side = env.side(storage)
-    info = side.call("inspect", path=req.target.path, export_root=storage.export_root)
-    if not info["exists"]:
-        raise NotFoundError(f"{req.target} does not exist")
+    storage, side, info = env.existing(req.target)
     manifest = info["manifest"]
     # Without a manifest the image's options are unknown: check and fix only what holds for every image
     # (keep its network configuration and services as they are).
