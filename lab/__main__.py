@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -59,6 +60,55 @@ def demo(name: str = NAME) -> None:
     from .demo import main as run_demo
 
     raise typer.Exit(run_demo(name))
+
+
+BOOT_TARGET = typer.Option(..., "-t", "--target",
+                           help="The image: storage:/exports/NAME (or the storage's IP instead of `storage`).")
+BOOT_SCRIPT = typer.Option(None, "--script", exists=True, dir_okay=False,
+                           help="A sh script to run in the booted guest; its output is reported.")
+
+
+@app.command()
+def boot(target: str = BOOT_TARGET,
+         node_id: str | None = typer.Option(None, "--node-id", help="Node id, passed as qrmfs.node=ID."),
+         hostname: str | None = typer.Option(None, "--hostname", help="Passed as qrmfs.hostname=NAME."),
+         script: Path | None = BOOT_SCRIPT,
+         timeout: float = typer.Option(300.0, "--timeout", help="Seconds until the boot counts as failed."),
+         clean_poweroff: bool = typer.Option(False, "--clean-poweroff",
+                                             help="End with an orderly shutdown instead of a forced one."),
+         name: str = NAME, as_json: bool = JSON) -> None:
+    """Boot an image from the lab's NFS storage in QEMU; exit 0 only when it reached multi-user."""
+    from . import boot as _boot
+
+    info = _lab.status(name)
+    if info is None:
+        print(f"lab {name} is not running (start it with `python -m lab up`)", file=sys.stderr)
+        raise typer.Exit(1)
+    path = _boot.parse_target(target, info)
+    r = _boot.boot(info, path, node_id=node_id, script=script.read_text() if script else None, timeout=timeout,
+                   hostname=hostname, clean_poweroff=clean_poweroff)
+    if as_json:
+        print(json.dumps(r.to_dict(), indent=2))
+    else:
+        who = f"{path}" + (f" as node {r.node_id}" if r.node_id else "")
+        if r.reached:
+            print(f"{who}: reached {r.state} after {r.seconds:.1f}s (guest uptime {r.guest_uptime}s, "
+                  f"system {r.system_state or '?'}; kernel {r.kernel}, {'cold' if r.cold else 'warm'} "
+                  f"preparation {r.prepare_seconds:.1f}s, {r.wall_seconds:.1f}s in all)")
+        else:
+            print(f"{who}: FAILED: {r.error}")
+        if r.failed_units:
+            print(f"  failed units: {', '.join(r.failed_units)}")
+        if r.script_rc is not None:
+            print(f"  script exited {r.script_rc}:")
+            print("".join(f"    {ln}\n" for ln in r.script_output.splitlines()), end="")
+        if r.error and r.reached:
+            print(f"  but: {r.error}")
+        if r.log_tail:
+            print("  --- end of the console log ---")
+            print("".join(f"  {ln}\n" for ln in r.log_tail.splitlines()), end="")
+        print(f"  console log {r.log_path}")
+    raise typer.Exit(0 if r.ok else 1)
 
 
 def main() -> None:

@@ -1,0 +1,248 @@
+"""Images really boot: a QEMU guest (TCG) mounts them from the lab's NFS server and reaches multi-user.
+
+Slow (each boot is tens of seconds of emulated CPU). The images are made by `make_image`, the one place
+that knows how; it will become `qrmfs create`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab import boot as lab_boot
+from lab import lab as _lab
+
+pytestmark = [pytest.mark.e2e, pytest.mark.boot]
+
+BOOT_TIMEOUT = float(os.environ.get("QRMFS_BOOT_TIMEOUT", "480"))
+QRMFS_INIT = Path(__file__).resolve().parents[2] / "qrmfs" / "data" / "qrmfs-init"
+
+
+def _on(lab: dict[str, Any], role: str, script: str, input: bytes | None = None, env: dict[str, str] | None = None,
+        ssh_options: tuple[str, ...] = (), ok: tuple[int, ...] = (0,)) -> str:
+    argv = _lab.ssh_argv(lab, role)
+    argv[-1:-1] = list(ssh_options)
+    r = subprocess.run([*argv, script], input=input, capture_output=True, env=env, timeout=600)
+    if r.returncode not in ok:
+        raise AssertionError(f"on {role}: {script!r} exited {r.returncode}: {r.stderr.decode(errors='replace')}")
+    return r.stdout.decode(errors="replace")
+
+
+def _explain(r: lab_boot.BootResult) -> str:
+    return (f"state={r.state} error={r.error}\nfailed units: {r.failed_units}\nscript rc={r.script_rc}:\n"
+            f"{r.script_output}\n--- log {r.log_path} ---\n{r.log_tail}")
+
+
+def make_image(lab: dict[str, Any], name: str) -> str:
+    """A bootable image of the lab source at /exports/NAME, made by hand: rsync pulled by the storage
+    from the source over ssh (with our agent forwarded), then what an NFS root needs. Returns its path."""
+    path = f"{lab['hosts']['storage']['export_root']}/{name}"
+    source = lab["hosts"]["source"]["address"]
+    known = [ln for ln in Path(lab["ssh"]["known_hosts"]).read_text().splitlines()
+             if ln.split()[0].split(",")[0] == source]
+    assert known, f"no known_hosts line for the source {source}"
+    with tempfile.TemporaryDirectory(prefix="qrmfs-agent-") as tmp:
+        sock = f"{tmp}/agent.sock"
+        agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        try:
+            env = {**os.environ, "SSH_AUTH_SOCK": sock}
+            for _ in range(100):  # the agent's socket appears when it is ready
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.05)
+            subprocess.run(["ssh-add", "-q", lab["ssh"]["private_key"]], env=env, check=True, timeout=30,
+                           capture_output=True)
+            kh = f"/tmp/qrmfs-source-known-hosts-{name}"
+            _on(lab, "storage", f"cat > {kh}", input=(known[0] + "\n").encode())
+            rsh = f"ssh -o UserKnownHostsFile={kh} -o StrictHostKeyChecking=yes -o BatchMode=yes"
+            excludes = " ".join(f"--exclude={shlex.quote(p)}" for p in ("/proc/*", "/sys/*", "/dev/*", "/run/*",
+                                                                         "/tmp/*"))
+            # rsync exit 24: files vanished on the live source while copying; harmless here.
+            _on(lab, "storage", f"mkdir -p {path} && rsync -aHAXS --numeric-ids -x -e {shlex.quote(rsh)} "
+                                f"{excludes} root@{source}:/ {path}/; rc=$?; rm -f {kh}; exit $rc",
+                env=env, ssh_options=("-A",), ok=(0, 24))
+        finally:
+            agent.terminate()
+            agent.wait(timeout=10)
+    _on(lab, "storage", f"""set -e; cd {path}
+        mkdir -p proc sys dev run tmp && chmod 1777 tmp
+        printf '# NFS root: mounted by the initramfs\\n' > etc/fstab
+        : > etc/machine-id
+        rm -f .dockerenv""")  # docker's marker would make systemd believe it runs in a container
+    return path
+
+
+def _remove(lab: dict[str, Any], path: str) -> None:
+    assert re.fullmatch(r"/exports/boot-[a-z]+-[0-9a-f]{8}", path), path
+    _on(lab, "storage", f"rm -rf {path}")
+
+
+@pytest.fixture(scope="module")
+def plain_image(lab: dict[str, Any]) -> Iterator[str]:
+    path = make_image(lab, f"boot-plain-{uuid.uuid4().hex[:8]}")
+    yield path
+    _remove(lab, path)
+
+
+NODE_CONF = """QRMFS_IMAGE='{name}'
+QRMFS_SHARED='yes'
+QRMFS_HOSTNAME=''
+QRMFS_PRIVATE='/var/lib/app'
+QRMFS_PRIVATE_EXCLUDE='/var/lib/app/global'
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_image(lab: dict[str, Any]) -> Iterator[str]:
+    name = f"boot-shared-{uuid.uuid4().hex[:8]}"
+    path = make_image(lab, name)
+    _on(lab, "storage", f"cat > {path}/sbin/qrmfs-init && chmod 0755 {path}/sbin/qrmfs-init",
+        input=QRMFS_INIT.read_bytes())
+    _on(lab, "storage", f"mkdir -p {path}/etc/qrmfs && cat > {path}/etc/qrmfs/node.conf",
+        input=NODE_CONF.format(name=name).encode())
+    _on(lab, "storage", f"""set -e; cd {path}/var/lib
+        mkdir -p app/global
+        echo from-the-image > app/seed.txt
+        echo common > app/global/from-image""")
+    yield path
+    _remove(lab, path)
+
+
+def test_prepared_kernel_and_initramfs_are_reused():
+    first = lab_boot.prepare()
+    second = lab_boot.prepare()
+    assert not second.cold
+    assert (second.vmlinuz, second.initramfs) == (first.vmlinuz, first.initramfs)
+    assert second.initramfs.name == f"initramfs-{second.kernel_version}-{lab_boot.bootkit_hash()}.cpio.gz"
+
+
+def test_hand_made_image_boots_to_multi_user(lab, plain_image):
+    r = lab_boot.boot(lab, plain_image, script="cat /proc/cmdline; findmnt -n -o FSTYPE,SOURCE /",
+                      timeout=BOOT_TIMEOUT)
+    assert r.reached, _explain(r)
+    assert r.ok and r.state == "multi-user.target"
+    assert r.script_rc == 0, _explain(r)
+    assert ["nfs4", f"{lab_boot.NFS_GUEST_ADDR}:{plain_image}"] in [ln.split() for ln in r.script_output.splitlines()]
+    assert r.guest_uptime is not None and 0 < r.guest_uptime < r.seconds
+    assert r.clean_shutdown, "the guest should power itself off after the probe"
+    assert Path(r.log_path).is_file()
+    print(f"\nplain boot: {r.seconds}s to multi-user (guest uptime {r.guest_uptime}s), {r.wall_seconds}s "
+          f"in all, prepare {r.prepare_seconds}s ({'cold' if r.cold else 'warm'}), system {r.system_state}, "
+          f"failed units {r.failed_units}")
+
+
+NODE_SCRIPT = r"""
+n=$(sed -n 's/.*qrmfs\.node=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo "node=$n"
+echo "app=$(ls -A /var/lib/app | sort | tr '\n' ' ')"
+echo "global=$(ls -A /var/lib/app/global | sort | tr '\n' ' ')"
+echo "seed=$(cat /var/lib/app/seed.txt)"
+echo "node $n" > /var/lib/app/mine-$n && echo "wrote-mine=yes"
+echo "from $n" > /var/lib/app/global/from-$n && echo "wrote-global=yes"
+echo "machine-id=$(cat /etc/machine-id)"
+echo "hostname=$(cat /etc/hostname)"
+echo "kernel-hostname=$(hostname)"
+echo "ssh-key=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2)"
+sync
+"""
+
+
+def _facts(r: lab_boot.BootResult) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in r.script_output.splitlines() if "=" in line)
+
+
+def test_two_nodes_share_an_image_but_not_their_private_dirs_or_identity(lab, shared_image):
+    name = shared_image.rsplit("/", 1)[1]
+    r1 = lab_boot.boot(lab, shared_image, node_id=1, script=NODE_SCRIPT, timeout=BOOT_TIMEOUT)
+    assert r1.reached and r1.script_rc == 0, _explain(r1)
+    r2 = lab_boot.boot(lab, shared_image, node_id=2, script=NODE_SCRIPT, timeout=BOOT_TIMEOUT)
+    assert r2.reached and r2.script_rc == 0, _explain(r2)
+    n1, n2 = _facts(r1), _facts(r2)
+    print(f"\nnode 1: {r1.seconds}s to multi-user, {r1.wall_seconds}s in all; "
+          f"node 2: {r2.seconds}s, {r2.wall_seconds}s")
+
+    # Private: each node starts from the image's content, and does not see the other's files.
+    assert n1["node"] == "1" and n2["node"] == "2"
+    assert n1["seed"] == n2["seed"] == "from-the-image"
+    assert n1["app"].split() == ["global", "seed.txt"]
+    assert n2["app"].split() == ["global", "seed.txt"], "node 2 must not see node 1's private files"
+    assert n1["wrote-mine"] == n2["wrote-mine"] == "yes"
+    # Excluded: common to all nodes.
+    assert n1["global"].split() == ["from-image"]
+    assert n2["global"].split() == ["from-1", "from-image"]
+
+    # Identity: one per node, none in the image.
+    for facts in (n1, n2):
+        assert re.fullmatch(r"[0-9a-f]{32}", facts["machine-id"]), facts
+    assert n1["machine-id"] != n2["machine-id"]
+    assert (n1["hostname"], n2["hostname"]) == (f"{name}-1", f"{name}-2")
+    assert n1["kernel-hostname"] == n1["hostname"] and n2["kernel-hostname"] == n2["hostname"]
+    assert n1["ssh-key"].startswith("SHA256:") and n1["ssh-key"] != n2["ssh-key"]
+    for r in (r1, r2):
+        assert "systemd-machine-id-commit.service" not in r.failed_units, _explain(r)
+
+    # On the storage server: the image itself is unchanged where it matters, node state is apart.
+    facts = _on(lab, "storage", f"""cd {shared_image}
+        echo "machine-id-size=$(stat -c %s etc/machine-id)"
+        echo "app=$(ls -A var/lib/app | sort | tr '\\n' ' ')"
+        echo "global=$(ls -A var/lib/app/global | sort | tr '\\n' ' ')"
+        echo "node1=$(ls -A .qrmfs/nodes/1/var/lib/app | sort | tr '\\n' ' ')"
+        echo "node2=$(ls -A .qrmfs/nodes/2/var/lib/app | sort | tr '\\n' ' ')"
+        echo "node1-global=$(ls -A .qrmfs/nodes/1/var/lib/app/global | tr '\\n' ' ')"
+        echo "root-bind=$(ls -A .qrmfs/root | tr '\\n' ' ')"
+        """)
+    s = dict(line.split("=", 1) for line in facts.splitlines() if "=" in line)
+    assert s["machine-id-size"] == "0", "the image's own /etc/machine-id must stay empty"
+    assert s["app"].split() == ["global", "seed.txt"], "private writes must not land in the image"
+    assert s["global"].split() == ["from-1", "from-2", "from-image"]
+    assert s["node1"].split() == ["global", "mine-1", "seed.txt"]
+    assert s["node2"].split() == ["global", "mine-2", "seed.txt"]
+    assert s["node1-global"].split() == [], "the node's copy of an excluded dir is only a mount point"
+    assert s["root-bind"].split() == []
+
+
+def test_a_missing_image_is_reported_without_booting(lab):
+    r = lab_boot.boot(lab, f"/exports/boot-missing-{uuid.uuid4().hex[:8]}", timeout=60, visible_timeout=3)
+    assert not r.reached and not r.ok
+    assert r.state == "image not visible over NFS"
+    assert "does the image exist" in (r.error or "")
+
+
+def test_an_image_without_init_fails_fast_with_the_initramfs_reason(lab):
+    path = f"/exports/boot-noinit-{uuid.uuid4().hex[:8]}"
+    _on(lab, "storage", f"mkdir -p {path}/sbin {path}/run && echo not-an-init > {path}/sbin/README")
+    try:
+        r = lab_boot.boot(lab, path, timeout=120)
+    finally:
+        _remove(lab, path)
+    assert not r.reached
+    assert r.state.startswith("initramfs: "), _explain(r)
+    assert "neither /sbin/qrmfs-init nor /sbin/init" in (r.error or "")
+    assert r.seconds < 100, "a fatal initramfs error powers the guest off at once"
+    assert "QRMFS-BOOT FATAL" in r.log_tail
+
+
+def test_cli_boot_reports_json_and_exit_code(lab, plain_image):
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "lab", "boot", "-t", f"storage:{plain_image}", "--node-id", "9",
+                        "--json", "--timeout", str(BOOT_TIMEOUT)], capture_output=True, text=True,
+                       timeout=BOOT_TIMEOUT + 120, cwd=repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["reached"] and out["ok"] and out["state"] == "multi-user.target" and out["node_id"] == "9"
+    bad = subprocess.run([sys.executable, "-m", "lab", "boot", "-t", "source:/exports/x"], capture_output=True,
+                         text=True, cwd=repo, timeout=60)
+    assert bad.returncode != 0 and "only from its storage" in bad.stderr

@@ -1,0 +1,541 @@
+"""The lab boot kit's pure parts, and qrmfs-init's node-id, hostname, machine-id and seeding logic run in a
+fake root. No docker, no QEMU, no mounts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lab import boot
+from lab.images import LabError
+
+REPO = Path(__file__).resolve().parents[2]
+QRMFS_INIT = REPO / "qrmfs" / "data" / "qrmfs-init"
+BOOTKIT = REPO / "lab" / "bootkit"
+SHELL_SCRIPTS = [QRMFS_INIT, BOOTKIT / "init", BOOTKIT / "probe.sh"]
+
+INFO = {"hosts": {"storage": {"address": "172.30.0.2", "export_root": "/exports"}}}
+
+
+# --- kernel and initramfs -------------------------------------------------------------------------------
+
+def test_kernel_package_from_apt_cache_depends():
+    out = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n"
+    assert boot.parse_kernel_depends(out) == "linux-image-6.1.0-56-amd64"
+    assert boot.parse_kernel_depends("linux-image-amd64\n  Depends: <none>\n") is None
+    assert boot.parse_kernel_depends("") is None
+
+
+MODULES_DEP = """\
+kernel/fs/nfs_common/grace.ko:
+kernel/fs/netfs/netfs.ko:
+kernel/fs/fscache/fscache.ko: kernel/fs/netfs/netfs.ko
+kernel/fs/nfs/nfs.ko: kernel/fs/lockd/lockd.ko kernel/fs/nfs_common/grace.ko kernel/net/sunrpc/sunrpc.ko \
+kernel/fs/fscache/fscache.ko kernel/fs/netfs/netfs.ko
+kernel/fs/nfs/nfsv4.ko: kernel/net/dns_resolver/dns_resolver.ko kernel/fs/nfs/nfs.ko kernel/fs/lockd/lockd.ko \
+kernel/fs/nfs_common/grace.ko kernel/net/sunrpc/sunrpc.ko kernel/fs/fscache/fscache.ko kernel/fs/netfs/netfs.ko
+kernel/fs/lockd/lockd.ko: kernel/fs/nfs_common/grace.ko kernel/net/sunrpc/sunrpc.ko
+kernel/net/sunrpc/sunrpc.ko:
+kernel/net/dns_resolver/dns_resolver.ko:
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/net/core/failover.ko:
+"""
+
+
+def test_module_order_puts_every_dependency_first():
+    order = boot.module_load_order(MODULES_DEP, ["virtio-net", "nfsv4", "fscache"])
+    assert len(order) == len(set(order))
+    deps = {line.split(":")[0]: line.split(":")[1].split() for line in MODULES_DEP.splitlines()}
+    for i, mod in enumerate(order):
+        for dep in deps[mod]:
+            assert order.index(dep) < i, f"{dep} must come before {mod}"
+    assert order.index("kernel/fs/netfs/netfs.ko") < order.index("kernel/fs/fscache/fscache.ko")
+    assert order[-1] == "kernel/fs/nfs/nfsv4.ko" or "fscache" in order[-1]
+
+
+def test_module_order_skips_builtins_and_refuses_unknown_modules():
+    assert boot.module_load_order(MODULES_DEP, ["e1000"], builtin="kernel/drivers/net/e1000.ko\n") == []
+    with pytest.raises(LabError, match="e1000"):
+        boot.module_load_order(MODULES_DEP, ["e1000"])
+
+
+def test_bootkit_module_list_names_the_nfs_client_and_a_nic():
+    mods = boot.read_module_list((BOOTKIT / "modules.txt").read_text())
+    assert {"nfsv4", "sunrpc", "netfs", "fscache", "virtio_net", "e1000"} <= set(mods)
+    assert mods.index("netfs") < mods.index("fscache")
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="needs cpio")
+def test_per_boot_archive_is_a_newc_cpio_the_tools_read(tmp_path):
+    data = boot.per_boot_archive("echo hello\n")
+    assert len(data) % 512 == 0
+    listing = subprocess.run(["cpio", "-t", "-v", "--quiet"], input=data, capture_output=True, check=True)
+    lines = listing.stdout.decode().splitlines()
+    assert any(re.match(r"^c.*5,\s*1 .*dev/console$", ln) for ln in lines), lines
+    assert any(ln.startswith("-rwxr-xr-x") and ln.endswith("etc/qrmfs-boot/test.sh") for ln in lines), lines
+    out = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "etc/qrmfs-boot/test.sh"], input=data,
+                         capture_output=True, check=True)
+    assert out.stdout == b"echo hello\n"
+    no_script = subprocess.run(["cpio", "-t", "--quiet"], input=boot.per_boot_archive(None),
+                               capture_output=True, check=True)
+    assert no_script.stdout.decode().split() == ["dev", "dev/console"]
+
+
+def test_the_per_boot_archive_starts_on_a_boundary_the_kernel_looks_at():
+    for size in (1, 3, 511, 512, 2378851):
+        initrd = boot.assemble_initrd(b"\x1f\x8b" + b"x" * (size - 2) if size > 1 else b"\x1f", b"070701")
+        start = initrd.index(b"070701")
+        assert start % 512 == 0 and start >= size
+        assert set(initrd[size:start]) <= {0}
+
+
+# --- command lines ---------------------------------------------------------------------------------------
+
+def test_kernel_cmdline_carries_root_node_and_hostname():
+    line = boot.kernel_cmdline("10.0.2.100", "/exports/img1", node_id=7, hostname="web-7")
+    args = line.split()
+    assert "console=ttyS0,115200" in args
+    assert "qrmfs.root=10.0.2.100:/exports/img1" in args
+    assert "qrmfs.nfsopts=vers=4.1,port=2049" in args
+    assert "qrmfs.node=7" in args and "qrmfs.hostname=web-7" in args
+    assert not any(a.startswith("qrmfs.node=") for a in boot.kernel_cmdline("a", "/exports/x").split())
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x/y", "n;reboot", "ä"])
+def test_kernel_cmdline_refuses_bad_node_ids(bad):
+    with pytest.raises(LabError):
+        boot.kernel_cmdline("10.0.2.100", "/exports/img1", node_id=bad)
+
+
+def test_kernel_cmdline_refuses_bad_paths_and_hostnames():
+    with pytest.raises(LabError):
+        boot.kernel_cmdline("10.0.2.100", "exports/img1")
+    with pytest.raises(LabError):
+        boot.kernel_cmdline("10.0.2.100", "/exports/a b")
+    with pytest.raises(LabError):
+        boot.kernel_cmdline("10.0.2.100", "/exports/img1", hostname="-bad")
+
+
+def test_node_mac_and_uuid_are_stable_and_distinct():
+    assert boot.node_mac(None) == boot.DEFAULT_MAC
+    assert boot.node_mac(1) == boot.node_mac("1") != boot.node_mac(2)
+    assert re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", boot.node_mac("node-a"))
+    assert boot.node_uuid(1) == boot.node_uuid("1") != boot.node_uuid(2)
+
+
+def test_qemu_argv_is_tcg_with_isolated_network_and_one_way_to_nfs():
+    argv = boot.qemu_argv("/k/vmlinuz", "/k/initrd", "console=ttyS0", "172.30.0.2", mac="52:54:00:aa:bb:cc",
+                          machine_uuid=boot.node_uuid(1), memory=1024, smp=2)
+    assert argv[0] == "qemu-system-x86_64"
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert argv[argv.index("-kernel") + 1] == "/k/vmlinuz" and argv[argv.index("-initrd") + 1] == "/k/initrd"
+    assert argv[argv.index("-append") + 1] == "console=ttyS0"
+    assert "-no-reboot" in argv and argv[argv.index("-uuid") + 1] == boot.node_uuid(1)
+    netdev = argv[argv.index("-netdev") + 1]
+    assert "restrict=on" in netdev.split(",")
+    assert f"guestfwd=tcp:{boot.NFS_GUEST_ADDR}:2049-cmd:" in netdev
+    assert netdev.endswith("relay.py 172.30.0.2 2049")
+    assert "mac=52:54:00:aa:bb:cc" in argv[argv.index("-device") + 1]
+
+
+def test_relay_command_refuses_paths_qemu_would_split(monkeypatch):
+    with pytest.raises(LabError):
+        boot.relay_command("172.30.0.2", python="/opt/my python/bin/python3")
+
+
+def test_parse_target_accepts_the_storage_only():
+    assert boot.parse_target("storage:/exports/img1", INFO) == "/exports/img1"
+    assert boot.parse_target("172.30.0.2:/exports/img1/", INFO) == "/exports/img1"
+    assert boot.parse_target("storage:img1", INFO) == "/exports/img1"
+    assert boot.parse_target("img1", INFO) == "/exports/img1"
+    for bad in ("source:/exports/img1", "10.0.0.1:/exports/img1", "storage:/etc", "storage:/exports",
+                "storage:/exports/../etc", "storage:/exports/a/../../etc"):
+        with pytest.raises(LabError):
+            boot.parse_target(bad, INFO)
+
+
+# --- the serial console ----------------------------------------------------------------------------------
+
+SERIAL = """\
+[    2.4] Run /init as init process\r
+QRMFS-BOOT initramfs 6.1.0-56-amd64 root=10.0.2.100:/exports/img1\r
+QRMFS-BOOT mounted 10.0.2.100:/exports/img1\r
+QRMFS-BOOT switch_root /sbin/qrmfs-init\r
+qrmfs-init: node 1 (image img1, state in /.qrmfs/nodes/1)\r
+lab-source login: QRMFS-PROBE reached multi-user.target uptime=15.65\r
+QRMFS-PROBE state=degraded uptime=16.01\r
+QRMFS-PROBE failed-unit dev-mqueue.mount\r
+QRMFS-PROBE failed-unit ssh.service\r
+QRMFS-PROBE script-begin\r
+QRMFS-OUT machine-id=abc\r
+QRMFS-OUT \r
+[   17.1] random kernel line\r
+QRMFS-OUT  indented QRMFS-PROBE done\r
+QRMFS-PROBE script-end rc=3\r
+QRMFS-PROBE done\r
+"""
+
+
+def test_parse_serial_reads_the_probe_markers():
+    r = boot.parse_serial(SERIAL)
+    assert r.mounted and r.switched_to == "/sbin/qrmfs-init" and r.fatal is None
+    assert r.reached and r.uptime == 15.65 and r.system_state == "degraded"
+    assert r.failed_units == ["dev-mqueue.mount", "ssh.service"]
+    assert r.script_lines == ["machine-id=abc", "", " indented QRMFS-PROBE done"]
+    assert r.script_rc == 3 and r.done
+
+
+def test_parse_serial_notices_an_initramfs_the_kernel_could_not_unpack():
+    r = boot.parse_serial("[    1.3] Initramfs unpacking failed: invalid magic at start of compressed archive\n")
+    assert r.unpack_error == "invalid magic at start of compressed archive"
+
+
+def test_parse_serial_reports_a_fatal_initramfs_error_and_partial_boots():
+    r = boot.parse_serial("QRMFS-BOOT FATAL cannot mount 10.0.2.100:/exports/x (-o vers=4.1)\n")
+    assert r.fatal == "cannot mount 10.0.2.100:/exports/x (-o vers=4.1)" and not r.reached
+    r = boot.parse_serial("QRMFS-BOOT mounted x\nQRMFS-BOOT switch_root /sbin/init\n")
+    assert r.mounted and r.switched_to == "/sbin/init" and not r.reached and not r.done
+
+
+# --- the guestfwd relay ----------------------------------------------------------------------------------
+
+def test_relay_copies_both_ways_and_prints_nothing_into_the_stream():
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data.upper())
+
+    threading.Thread(target=echo, daemon=True).start()
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, str(BOOTKIT / "relay.py"), "127.0.0.1", str(port)],
+                            stdin=theirs, stdout=theirs, stderr=theirs)
+    theirs.close()
+    try:
+        ours.settimeout(10)
+        ours.sendall(b"nfs call")
+        got = b""
+        while len(got) < 8:
+            got += ours.recv(100)
+        assert got == b"NFS CALL"
+        ours.shutdown(socket.SHUT_WR)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+        server.close()
+
+
+def test_relay_exits_quietly_when_the_server_is_away():
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    ours, theirs = socket.socketpair()
+    proc = subprocess.run([sys.executable, str(BOOTKIT / "relay.py"), "127.0.0.1", str(port)],
+                          stdin=theirs, stdout=theirs, stderr=theirs, timeout=30)
+    theirs.close()
+    ours.settimeout(5)
+    assert proc.returncode == 1
+    assert ours.recv(100) == b""  # no diagnostics injected into the guest's connection
+    ours.close()
+
+
+# --- shell scripts ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_parse(script):
+    shell = "busybox" if script.name == "init" and shutil.which("busybox") else "sh"
+    argv = [shell, "sh", "-n", str(script)] if shell == "busybox" else ["sh", "-n", str(script)]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_pass_shellcheck(script):
+    r = subprocess.run(["shellcheck", "-s", "sh", "-S", "warning", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_qrmfs_init_is_executable_posix_sh():
+    assert os.access(QRMFS_INIT, os.X_OK)
+    assert QRMFS_INIT.read_text().splitlines()[0] == "#!/bin/sh"
+    if shutil.which("dash"):
+        r = subprocess.run(["dash", "-n", str(QRMFS_INIT)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+# --- qrmfs-init in a fake root ----------------------------------------------------------------------------
+
+class FakeRoot:
+    """A directory standing in for the node: a kernel command line, /sys/class/net, a console file."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.net = base / "sys-class-net"
+        self.console = base / "console"
+        self.cmdline = base / "cmdline"
+        for d in (self.root / "etc" / "qrmfs", self.net):
+            d.mkdir(parents=True)
+        self.console.write_text("")
+        self.set_cmdline("")
+
+    def set_cmdline(self, text: str) -> None:
+        self.cmdline.write_text(text + "\n")
+
+    def add_nic(self, name: str, mac: str) -> None:
+        (self.net / name).mkdir()
+        (self.net / name / "address").write_text(mac + "\n")
+
+    def conf(self, **values: str) -> None:
+        text = "".join(f"QRMFS_{k.upper()}='{v}'\n" for k, v in values.items())
+        (self.root / "etc" / "qrmfs" / "node.conf").write_text(text)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "QRMFS_INIT_SOURCED": "1", "QRMFS_ROOT": str(self.root),
+                "QRMFS_CMDLINE_FILE": str(self.cmdline), "QRMFS_SYS_NET": str(self.net),
+                "QRMFS_CONSOLE": str(self.console), "QRMFS_KMSG": str(self.base / "no-kmsg")}
+
+    def run(self, snippet: str) -> subprocess.CompletedProcess[str]:
+        """Run `snippet` in sh after sourcing qrmfs-init's functions (main is not run)."""
+        return subprocess.run(["sh", "-c", f'. "$1"; {snippet}', "sh", str(QRMFS_INIT)], env=self.env(),
+                              capture_output=True, text=True, timeout=60)
+
+    @property
+    def said(self) -> str:
+        return self.console.read_text()
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeRoot:
+    return FakeRoot(tmp_path)
+
+
+def test_node_id_comes_from_the_kernel_command_line(fake):
+    fake.set_cmdline("console=ttyS0 qrmfs.node=web_7-a quiet")
+    fake.add_nic("eth0", "52:54:00:12:34:56")
+    r = fake.run("node_id")
+    assert r.returncode == 0 and r.stdout == "web_7-a"
+
+
+def test_an_invalid_node_id_on_the_command_line_is_refused_not_replaced(fake):
+    fake.set_cmdline("qrmfs.node=../../etc")
+    fake.add_nic("eth0", "52:54:00:12:34:56")
+    r = fake.run("node_id")
+    assert r.returncode != 0 and r.stdout == ""
+    assert "qrmfs.node=../../etc is not a valid node id" in fake.said
+
+
+def test_node_id_falls_back_to_the_first_real_mac(fake):
+    fake.add_nic("lo", "00:00:00:00:00:00")
+    fake.add_nic("dummy0", "00:00:00:00:00:00")
+    fake.add_nic("eth1", "52:54:00:AA:BB:02")
+    fake.add_nic("eth0", "52:54:00:AA:BB:01")
+    r = fake.run("node_id")
+    assert r.returncode == 0 and r.stdout == "525400aabb01"
+    assert "using the MAC address 525400aabb01 as the node id" in fake.said
+
+
+def test_without_any_node_id_nothing_per_node_happens_and_the_console_says_so(fake):
+    fake.add_nic("lo", "00:00:00:00:00:00")
+    r = fake.run("node_id")
+    assert r.returncode != 0 and r.stdout == ""
+    assert "no node id" in fake.said and "NOT set up" in fake.said
+    assert all(line.startswith("qrmfs-init: ") for line in fake.said.splitlines())
+
+
+@pytest.mark.parametrize(("cmdline", "conf", "node", "expected"), [
+    ("", {"image": "img1", "hostname": ""}, "7", "img1-7"),
+    ("", {"image": "img1", "hostname": "web"}, "7", "web-7"),
+    ("qrmfs.hostname=front-door", {"image": "img1", "hostname": "web"}, "7", "front-door"),
+    ("", {"image": "my_image", "hostname": ""}, "node_2", "my-image-node-2"),
+    ("", {"image": "", "hostname": ""}, "3", "qrmfs-3"),
+    ("", {"image": "img", "hostname": "-x.lab."}, "525400aabb01", "x.lab-525400aabb01"),
+    ("", {"image": "img", "hostname": "h" * 80}, "12", "h" * 60 + "-12"),
+])
+def test_node_hostname(fake, cmdline, conf, node, expected):
+    fake.set_cmdline(cmdline)
+    fake.conf(**conf)
+    r = fake.run(f"load_conf && node_hostname {node}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    assert len(r.stdout) <= 63
+
+
+def test_machine_id_is_made_once_per_node_and_replaced_when_invalid(fake):
+    node = fake.base / "node"
+    node.mkdir()
+    first = fake.run(f'ensure_machine_id "{node}"')
+    assert first.returncode == 0 and re.fullmatch(r"[0-9a-f]{32}", first.stdout)
+    assert (node / "machine-id").read_text() == first.stdout + "\n"
+    again = fake.run(f'ensure_machine_id "{node}"')
+    assert again.stdout == first.stdout
+    other = fake.base / "other"
+    other.mkdir()
+    assert fake.run(f'ensure_machine_id "{other}"').stdout != first.stdout
+    (node / "machine-id").chmod(0o644)
+    (node / "machine-id").write_text("uninitialized\n")
+    fixed = fake.run(f'ensure_machine_id "{node}"')
+    assert re.fullmatch(r"[0-9a-f]{32}", fixed.stdout) and fixed.stdout != first.stdout
+
+
+def _tree(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = ("link:" + os.readlink(p)) if p.is_symlink() else ("dir" if p.is_dir() else p.read_text())
+    return out
+
+
+def test_seeding_copies_the_private_dir_without_the_excluded_content(fake):
+    orig = fake.base / "image" / "var" / "lib" / "app"
+    (orig / "global" / "deep").mkdir(parents=True)
+    (orig / "global" / "deep" / "shared.txt").write_text("common")
+    (orig / "cache" / "sub" / "keep").mkdir(parents=True)
+    (orig / "cache" / "sub" / "keep" / "x").write_text("excluded too")
+    (orig / "cache" / "sub" / "mine.txt").write_text("copied")
+    (orig / "state.db").write_text("seed")
+    (orig / ".hidden").write_text("dot")
+    (orig / "link").symlink_to("state.db")
+    (orig / "cache").chmod(0o750)
+    dest = fake.base / "nodes" / "1" / "var" / "lib" / "app"
+    r = fake.run(f'EXCL="global cache/sub/keep"; seed_private "{orig}" "{dest}"; echo rc=$?')
+    assert r.stdout.strip().endswith("rc=0"), r.stdout + r.stderr
+    assert _tree(dest) == {
+        ".hidden": "dot", "cache": "dir", "cache/sub": "dir", "cache/sub/keep": "dir",
+        "cache/sub/mine.txt": "copied", "global": "dir", "link": "link:state.db", "state.db": "seed"}
+    assert (dest / "cache").stat().st_mode & 0o777 == 0o750
+    assert not list(dest.parent.glob("*.qrmfs-seed"))
+    # Seeding happens once: the node's changes survive, the image's later changes do not leak in.
+    (dest / "state.db").write_text("node 1 was here")
+    (orig / "new-in-image").write_text("later")
+    fake.run(f'EXCL="global"; seed_private "{orig}" "{dest}"')
+    assert (dest / "state.db").read_text() == "node 1 was here"
+    assert not (dest / "new-in-image").exists()
+
+
+def test_an_interrupted_seed_starts_over(fake):
+    orig = fake.base / "image" / "home"
+    orig.mkdir(parents=True)
+    (orig / "f").write_text("x")
+    dest = fake.base / "nodes" / "1" / "home"
+    (dest.parent / "home.qrmfs-seed").mkdir(parents=True)
+    (dest.parent / "home.qrmfs-seed" / "half").write_text("junk")
+    fake.run(f'EXCL=""; seed_private "{orig}" "{dest}"')
+    assert _tree(dest) == {"f": "x"}
+    assert not (dest.parent / "home.qrmfs-seed").exists()
+
+
+@pytest.mark.parametrize("path", ["/", "/proc", "/sys/fs", "/.qrmfs/nodes", "/run", "var/lib", "/a/../etc",
+                                  "/var/*", "/srv/a b"])
+def test_unsafe_private_paths_are_refused(fake, path):
+    r = fake.run(f'check_private_path "{path}"')
+    assert r.returncode != 0
+    assert "skipped" in fake.said
+
+
+def _run_main(fake: FakeRoot, cmdline: str) -> subprocess.CompletedProcess[str]:
+    init = fake.base / "real-init"
+    init.write_text('#!/bin/sh\necho "REAL INIT $# $*"\n')
+    init.chmod(0o755)
+    fake.set_cmdline(f"{cmdline} qrmfs.init={init}")
+    env = {**fake.env(), "QRMFS_INIT_EXEC": "1"}
+    del env["QRMFS_INIT_SOURCED"]
+    return subprocess.run([str(QRMFS_INIT), "--system", "two words"], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_main_execs_the_real_init_with_our_arguments_even_when_node_conf_is_broken(fake):
+    (fake.root / "etc" / "qrmfs" / "node.conf").write_text("QRMFS_PRIVATE='/var/lib/app\nif then fi (\n")
+    r = _run_main(fake, "qrmfs.node=1")
+    assert r.stdout == "REAL INIT 2 --system two words\n", r.stderr
+    assert "set-up incomplete" in fake.said
+
+
+def test_main_without_node_conf_just_execs_the_real_init(fake):
+    r = _run_main(fake, "")
+    assert r.stdout == "REAL INIT 2 --system two words\n"
+    assert "no /etc/qrmfs/node.conf" in fake.said
+
+
+def test_main_without_a_node_id_boots_on_with_a_clear_message(fake):
+    fake.conf(image="img1", shared="yes", hostname="", private="/var/lib/app", private_exclude="")
+    r = _run_main(fake, "")
+    assert r.stdout == "REAL INIT 2 --system two words\n"
+    assert "no node id" in fake.said and "set-up incomplete" in fake.said
+
+
+def test_run_by_hand_it_sets_up_and_exits_without_starting_an_init(fake):
+    init = fake.base / "real-init"
+    init.write_text('#!/bin/sh\necho "REAL INIT"\n')
+    init.chmod(0o755)
+    fake.set_cmdline(f"qrmfs.init={init}")
+    env = fake.env()
+    del env["QRMFS_INIT_SOURCED"]
+    r = subprocess.run([str(QRMFS_INIT)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "REAL INIT" not in r.stdout
+    assert "no /etc/qrmfs/node.conf" in fake.said
+
+
+def test_a_glob_on_the_command_line_is_not_expanded(fake):
+    fake.set_cmdline("qrmfs.node=* quiet")
+    r = fake.run("cmdline_arg qrmfs.node")
+    assert r.stdout == "*"
+
+
+# --- judging a boot --------------------------------------------------------------------------------------
+
+def _report(text: str) -> boot.SerialReport:
+    return boot.parse_serial(text)
+
+
+def test_judge_a_complete_boot_is_a_success():
+    assert boot.judge(_report(SERIAL), timed_out=False, returncode=0, timeout=300, script_given=True) == (
+        "multi-user.target", None)
+
+
+@pytest.mark.parametrize(("text", "kw", "state", "error"), [
+    ("QRMFS-PROBE reached multi-user.target uptime=9\n", {"timed_out": True}, "multi-user.target",
+     "the probe did not finish"),
+    ("QRMFS-PROBE reached multi-user.target uptime=9\nQRMFS-PROBE script-begin\n", {"timed_out": True},
+     "multi-user.target", "the test script did not finish"),
+    ("QRMFS-PROBE reached multi-user.target uptime=9\nQRMFS-PROBE done\n", {"script_given": True},
+     "multi-user.target", "the test script did not run"),
+    ("Initramfs unpacking failed: invalid magic\nQRMFS-PROBE reached multi-user.target uptime=9\n"
+     "QRMFS-PROBE done\n", {"script_given": True}, "multi-user.target", "could not unpack the initramfs"),
+    ("QRMFS-PROBE reached multi-user.target uptime=9\nQRMFS-PROBE done\n",
+     {"clean_poweroff": True, "clean_shutdown": False}, "multi-user.target", "orderly shutdown did not finish"),
+    ("QRMFS-PROBE reached multi-user.target uptime=9\n", {"returncode": 1}, "multi-user.target",
+     "before the probe finished"),
+    ("QRMFS-BOOT FATAL cannot mount x\n", {}, "initramfs: cannot mount x", "the initramfs gave up"),
+    ("QRMFS-BOOT mounted x\n", {"timed_out": True}, "timeout", "after mounting the NFS root"),
+    ("", {"timed_out": True}, "timeout", "before the NFS root was mounted"),
+    ("", {"returncode": 1, "qemu_err": "qemu: could not load kernel"}, "qemu exited (1)",
+     "could not load kernel"),
+])
+def test_judge_failures(text, kw, state, error):
+    args = {"timed_out": False, "returncode": 0, "timeout": 300, **kw}
+    got_state, got_error = boot.judge(_report(text), **args)
+    assert got_state == state
+    assert got_error is not None and error in got_error
+
+
+def test_log_tail_drops_colour_codes(tmp_path):
+    log = tmp_path / "console.log"
+    log.write_bytes(b"one\r\n[\x1b[0;32m  OK  \x1b[0m] Reached target\r\n" + b"x\n" * 50)
+    assert boot._tail(log, 52).splitlines()[:2] == ["one", "[  OK  ] Reached target"]
+    assert boot._tail(tmp_path / "missing.log") == ""
