@@ -140,6 +140,15 @@ def _logs(ctx: Ctx) -> Iterator[Finding]:
             yield Finding("logs", rel, "log file left in the image", functools.partial(remove, host))
 
 
+@step("container", "no container runtime markers (/.dockerenv, /.containerenv): the image boots on a machine")
+def _container(ctx: Ctx) -> Iterator[Finding]:
+    for path in ("/.dockerenv", "/.containerenv"):
+        host = ctx.host(path, follow_last=False)
+        if os.path.lexists(host):
+            yield Finding("container", path, "makes systemd believe it runs in a container",
+                          functools.partial(remove, host))
+
+
 @step("easymigration", "remove /etc/qrm/easymigration.conf")
 def _easymigration(ctx: Ctx) -> Iterator[Finding]:
     host = ctx.host(EASYMIGRATION, follow_last=False)
@@ -264,6 +273,40 @@ def _host_keys(ctx: Ctx) -> Iterator[Finding]:
             if e.startswith("ssh_host_") and not is_real_dir(os.path.join(d, e)):
                 yield Finding("host-keys", f"/etc/ssh/{e}", "host key of the source machine",
                             functools.partial(remove, os.path.join(d, e)))
+
+
+HOSTKEY_UNIT = "qrmfs-ssh-hostkeys.service"
+HOSTKEY_UNIT_TEXT = """# Written by qrmfs: this image's ssh host keys were removed (shared image or --remove-network);
+# make new ones at the first boot, before sshd starts. On a shared image qrmfs-init provides per-node
+# keys first, and this unit does nothing.
+[Unit]
+Description=qrmfs: generate ssh host keys on first boot
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@step("host-keygen", "where host keys were removed: a unit that makes new ones at first boot, before sshd")
+def _host_keygen(ctx: Ctx) -> Iterator[Finding]:
+    if not (ctx.opts.shared or not ctx.opts.keep_network or ctx.opts.fresh_identity):
+        return
+    if not (ctx.uses_systemd() and os.path.lexists(ctx.host("/etc/ssh/sshd_config"))):
+        return
+    unit = ctx.host(f"/etc/systemd/system/{HOSTKEY_UNIT}", follow_last=False)
+    if read_file(unit) != HOSTKEY_UNIT_TEXT.encode():
+        yield Finding("host-keygen", f"/etc/systemd/system/{HOSTKEY_UNIT}", "missing",
+                      functools.partial(_write_new, unit, HOSTKEY_UNIT_TEXT.encode()))
+    wants = ctx.host(f"/etc/systemd/system/multi-user.target.wants/{HOSTKEY_UNIT}", follow_last=False)
+    if not os.path.islink(wants):
+        yield Finding("host-keygen", f"/etc/systemd/system/multi-user.target.wants/{HOSTKEY_UNIT}", "not enabled",
+                      functools.partial(_symlink, f"/etc/systemd/system/{HOSTKEY_UNIT}", wants))
 
 
 @step("persistent-net", "no persistent NIC naming rules when shared or network removed")
@@ -404,6 +447,11 @@ def _init(ctx: Ctx) -> Iterator[Finding]:
 def _replace_with_dir(host: str, mode: int) -> None:
     remove(host)
     makedirs(host, mode)
+
+
+def _write_new(host: str, data: bytes) -> None:
+    makedirs(os.path.dirname(host))
+    write_file(host, data)
 
 
 def _empty_dir(host: str) -> None:

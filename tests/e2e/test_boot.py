@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +20,9 @@ import pytest
 
 from lab import boot as lab_boot
 from lab import lab as _lab
+from qrmfs.agent.steps import MTAB_OK
+
+from .conftest import qrmfs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.boot]
 
@@ -45,78 +45,33 @@ def _explain(r: lab_boot.BootResult) -> str:
             f"{r.script_output}\n--- log {r.log_path} ---\n{r.log_tail}")
 
 
-def make_image(lab: dict[str, Any], name: str) -> str:
-    """A bootable image of the lab source at /exports/NAME, made by hand: rsync pulled by the storage
-    from the source over ssh (with our agent forwarded), then what an NFS root needs. Returns its path."""
+def make_image(lab: dict[str, Any], name: str, *options: str) -> str:
+    """An image of the lab source made by `qrmfs create` (not registered), as an operator would."""
     path = f"{lab['hosts']['storage']['export_root']}/{name}"
-    source = lab["hosts"]["source"]["address"]
-    known = [ln for ln in Path(lab["ssh"]["known_hosts"]).read_text().splitlines()
-             if ln.split()[0].split(",")[0] == source]
-    assert known, f"no known_hosts line for the source {source}"
-    with tempfile.TemporaryDirectory(prefix="qrmfs-agent-") as tmp:
-        sock = f"{tmp}/agent.sock"
-        agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-        try:
-            env = {**os.environ, "SSH_AUTH_SOCK": sock}
-            for _ in range(100):  # the agent's socket appears when it is ready
-                if os.path.exists(sock):
-                    break
-                time.sleep(0.05)
-            subprocess.run(["ssh-add", "-q", lab["ssh"]["private_key"]], env=env, check=True, timeout=30,
-                           capture_output=True)
-            kh = f"/tmp/qrmfs-source-known-hosts-{name}"
-            _on(lab, "storage", f"cat > {kh}", input=(known[0] + "\n").encode())
-            rsh = f"ssh -o UserKnownHostsFile={kh} -o StrictHostKeyChecking=yes -o BatchMode=yes"
-            excludes = " ".join(f"--exclude={shlex.quote(p)}" for p in ("/proc/*", "/sys/*", "/dev/*", "/run/*",
-                                                                         "/tmp/*"))
-            # rsync exit 24: files vanished on the live source while copying; harmless here.
-            _on(lab, "storage", f"mkdir -p {path} && rsync -aHAXS --numeric-ids -x -e {shlex.quote(rsh)} "
-                                f"{excludes} root@{source}:/ {path}/; rc=$?; rm -f {kh}; exit $rc",
-                env=env, ssh_options=("-A",), ok=(0, 24))
-        finally:
-            agent.terminate()
-            agent.wait(timeout=10)
-    _on(lab, "storage", f"""set -e; cd {path}
-        mkdir -p proc sys dev run tmp && chmod 1777 tmp
-        printf '# NFS root: mounted by the initramfs\\n' > etc/fstab
-        : > etc/machine-id
-        rm -f .dockerenv""")  # docker's marker would make systemd believe it runs in a container
+    r = qrmfs("create", "-t", f"storage:{path}", "-l", "source:/", "-o", *options, config=lab["config"])
+    assert r.returncode == 0, r.stderr
     return path
 
 
 def _remove(lab: dict[str, Any], path: str) -> None:
-    assert re.fullmatch(r"/exports/boot-[a-z]+-[0-9a-f]{8}", path), path
-    _on(lab, "storage", f"rm -rf {path}")
+    assert re.fullmatch(r"/exports/boot_[a-z]+_[0-9a-f]{8}", path), path
+    r = qrmfs("remove", "-t", f"storage:{path}", "--yes", "-o", config=lab["config"])
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.fixture(scope="module")
 def plain_image(lab: dict[str, Any]) -> Iterator[str]:
-    path = make_image(lab, f"boot-plain-{uuid.uuid4().hex[:8]}")
+    path = make_image(lab, f"boot_plain_{uuid.uuid4().hex[:8]}")
     yield path
     _remove(lab, path)
 
 
-NODE_CONF = """QRMFS_IMAGE='{name}'
-QRMFS_SHARED='yes'
-QRMFS_HOSTNAME=''
-QRMFS_PRIVATE='/var/lib/app'
-QRMFS_PRIVATE_EXCLUDE='/var/lib/app/global'
-"""
-
-
 @pytest.fixture(scope="module")
 def shared_image(lab: dict[str, Any]) -> Iterator[str]:
-    name = f"boot-shared-{uuid.uuid4().hex[:8]}"
-    path = make_image(lab, name)
-    _on(lab, "storage", f"cat > {path}/sbin/qrmfs-init && chmod 0755 {path}/sbin/qrmfs-init",
-        input=QRMFS_INIT.read_bytes())
-    _on(lab, "storage", f"mkdir -p {path}/etc/qrmfs && cat > {path}/etc/qrmfs/node.conf",
-        input=NODE_CONF.format(name=name).encode())
-    _on(lab, "storage", f"""set -e; cd {path}/var/lib
-        mkdir -p app/global
-        echo from-the-image > app/seed.txt
-        echo common > app/global/from-image""")
+    """--shared with a private /var/lib/app whose global/ stays common (the lab source ships
+    /var/lib/app/seed.txt and /var/lib/app/global/from-image)."""
+    path = make_image(lab, f"boot_shared_{uuid.uuid4().hex[:8]}", "--shared", "--hostname", "node",
+                      "--private-add", "/var/lib/app", "--private-exclude", "/var/lib/app/global")
     yield path
     _remove(lab, path)
 
@@ -129,19 +84,43 @@ def test_prepared_kernel_and_initramfs_are_reused():
     assert second.initramfs.name == f"initramfs-{second.kernel_version}-{lab_boot.bootkit_hash()}.cpio.gz"
 
 
-def test_hand_made_image_boots_to_multi_user(lab, plain_image):
-    r = lab_boot.boot(lab, plain_image, script="cat /proc/cmdline; findmnt -n -o FSTYPE,SOURCE /",
-                      timeout=BOOT_TIMEOUT)
+def test_image_made_by_create_boots_to_multi_user(lab, plain_image):
+    r = lab_boot.boot(lab, plain_image, script=PREPARED_SCRIPT, timeout=BOOT_TIMEOUT)
     assert r.reached, _explain(r)
     assert r.ok and r.state == "multi-user.target"
     assert r.script_rc == 0, _explain(r)
-    assert ["nfs4", f"{lab_boot.NFS_GUEST_ADDR}:{plain_image}"] in [ln.split() for ln in r.script_output.splitlines()]
+    f = _facts(r)
+    # what qrmfs's preparation is for, seen from inside the running node
+    assert f["root"].split() == ["nfs4", f"{lab_boot.NFS_GUEST_ADDR}:{plain_image}"], f
+    assert f["mtab"] in MTAB_OK and f["df"] == "ok", f                   # mtab: df works on the NFS root
+    assert f["fstab-disks"] == "0", f                                    # fstab: no local disk to wait for
+    assert f["remount-fs"] == "masked" and f["fsck-root"] == "masked", f  # masked for a diskless node
+    assert f["dhcp"] == "0" and f["eth0"] == "10.0.2.15/24", f           # network config removed: NIC untouched
+    assert f["sshd"] == "active" and f["hostkey"] == "yes", f            # host keys made anew at first boot
+    assert f["container"] == "none", f
+    assert r.failed_units == [], _explain(r)
     assert r.guest_uptime is not None and 0 < r.guest_uptime < r.seconds
     assert r.clean_shutdown, "the guest should power itself off after the probe"
     assert Path(r.log_path).is_file()
     print(f"\nplain boot: {r.seconds}s to multi-user (guest uptime {r.guest_uptime}s), {r.wall_seconds}s "
           f"in all, prepare {r.prepare_seconds}s ({'cold' if r.cold else 'warm'}), system {r.system_state}, "
           f"failed units {r.failed_units}")
+
+
+PREPARED_SCRIPT = r"""
+echo "root=$(findmnt -n -o FSTYPE,SOURCE /)"
+echo "mtab=$(readlink /etc/mtab)"
+df / >/dev/null && echo "df=ok"
+echo "fstab-disks=$(grep -cE '^(UUID|LABEL|PARTUUID|/dev/[sv]d)' /etc/fstab)"
+echo "remount-fs=$(systemctl is-enabled systemd-remount-fs.service)"
+echo "fsck-root=$(systemctl is-enabled systemd-fsck-root.service)"
+echo "dhcp=$(pgrep -c dhclient)"
+echo "eth0=$(ip -4 -o addr show dev eth0 | awk '{print $4}' | tr '\n' ' ' | sed 's/ $//')"
+echo "sshd=$(systemctl is-active ssh.service)"
+test -s /etc/ssh/ssh_host_ed25519_key && echo "hostkey=yes"
+echo "container=$(systemd-detect-virt --container)"
+true
+"""
 
 
 NODE_SCRIPT = r"""
@@ -165,7 +144,6 @@ def _facts(r: lab_boot.BootResult) -> dict[str, str]:
 
 
 def test_two_nodes_share_an_image_but_not_their_private_dirs_or_identity(lab, shared_image):
-    name = shared_image.rsplit("/", 1)[1]
     r1 = lab_boot.boot(lab, shared_image, node_id=1, script=NODE_SCRIPT, timeout=BOOT_TIMEOUT)
     assert r1.reached and r1.script_rc == 0, _explain(r1)
     r2 = lab_boot.boot(lab, shared_image, node_id=2, script=NODE_SCRIPT, timeout=BOOT_TIMEOUT)
@@ -188,7 +166,7 @@ def test_two_nodes_share_an_image_but_not_their_private_dirs_or_identity(lab, sh
     for facts in (n1, n2):
         assert re.fullmatch(r"[0-9a-f]{32}", facts["machine-id"]), facts
     assert n1["machine-id"] != n2["machine-id"]
-    assert (n1["hostname"], n2["hostname"]) == (f"{name}-1", f"{name}-2")
+    assert (n1["hostname"], n2["hostname"]) == ("node-1", "node-2")
     assert n1["kernel-hostname"] == n1["hostname"] and n2["kernel-hostname"] == n2["hostname"]
     assert n1["ssh-key"].startswith("SHA256:") and n1["ssh-key"] != n2["ssh-key"]
     for r in (r1, r2):
@@ -215,19 +193,19 @@ def test_two_nodes_share_an_image_but_not_their_private_dirs_or_identity(lab, sh
 
 
 def test_a_missing_image_is_reported_without_booting(lab):
-    r = lab_boot.boot(lab, f"/exports/boot-missing-{uuid.uuid4().hex[:8]}", timeout=60, visible_timeout=3)
+    r = lab_boot.boot(lab, f"/exports/boot_missing_{uuid.uuid4().hex[:8]}", timeout=60, visible_timeout=3)
     assert not r.reached and not r.ok
     assert r.state == "image not visible over NFS"
     assert "does the image exist" in (r.error or "")
 
 
 def test_an_image_without_init_fails_fast_with_the_initramfs_reason(lab):
-    path = f"/exports/boot-noinit-{uuid.uuid4().hex[:8]}"
+    path = f"/exports/boot_noinit_{uuid.uuid4().hex[:8]}"
     _on(lab, "storage", f"mkdir -p {path}/sbin {path}/run && echo not-an-init > {path}/sbin/README")
     try:
         r = lab_boot.boot(lab, path, timeout=120)
     finally:
-        _remove(lab, path)
+        _on(lab, "storage", f"rm -rf {path}")
     assert not r.reached
     assert r.state.startswith("initramfs: "), _explain(r)
     assert "neither /sbin/qrmfs-init nor /sbin/init" in (r.error or "")

@@ -566,3 +566,34 @@ def test_makedirs_exact_mode(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.lstat(tmp_path / "t").st_mode) == 0o1777
+
+
+def test_container_markers_are_removed(tmp_path: Path) -> None:
+    root = tmp_path / "img"
+    _w(root, ".dockerenv", "")
+    _w(root, "etc/hostname", "h\n")
+    assert found(root, Options("i"), ["container"]) == [
+        ("container", "/.dockerenv", "makes systemd believe it runs in a container")]
+    steps.apply(str(root), Options("i"))
+    assert not (root / ".dockerenv").exists() and found(root, Options("i"), ["container"]) == []
+
+
+@pytest.mark.parametrize(("opts", "wanted"), [
+    (Options("i", keep_network=True), False),             # keys kept: nothing to regenerate
+    (Options("i", keep_network=False), True),             # --remove-network removed them
+    (Options("i", keep_network=True, shared=True), True),  # shared: qrmfs-init's per-node keys come first
+])
+def test_host_keygen_unit_where_keys_are_removed(tmp_path: Path, opts: Options, wanted: bool) -> None:
+    root = tmp_path / "img"
+    _w(root, "lib/systemd/systemd", "", 0o755)
+    _w(root, "etc/ssh/sshd_config", "PermitRootLogin no\n")
+    _w(root, "etc/ssh/ssh_host_ed25519_key", "secret\n", 0o600)
+    steps.apply(str(root), opts)
+    unit = root / "etc/systemd/system" / steps.HOSTKEY_UNIT
+    link = root / "etc/systemd/system/multi-user.target.wants" / steps.HOSTKEY_UNIT
+    assert unit.is_file() is wanted and link.is_symlink() is wanted
+    assert (root / "etc/ssh/ssh_host_ed25519_key").exists() is not wanted
+    if wanted:
+        assert "ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key" in unit.read_text()
+        assert os.readlink(link) == f"/etc/systemd/system/{steps.HOSTKEY_UNIT}"
+        assert found(root, opts, ["host-keygen", "host-keys"]) == []

@@ -83,7 +83,7 @@ def test_agent_crash_is_storage_error(side: StorageSide) -> None:
 
 def test_steps_listing(side: StorageSide) -> None:
     names = [s["name"] for s in side.call("steps")]
-    assert names[:3] == ["dirs", "logs", "easymigration"] and "node-init" in names
+    assert names[:4] == ["dirs", "logs", "container", "easymigration"] and "node-init" in names
 
 
 def test_argv_local_and_remote(root: Path) -> None:

@@ -3,4 +3,4 @@
 set -e
 mkdir -p /run/sshd
 [ -e /srv/fixture/.complete ] || python3 /usr/local/sbin/lab-make-fixture /srv/fixture
-exec /usr/sbin/sshd -D -e
+exec /usr/sbin/sshd -D -e -h /lab/ssh_host_ed25519_key -o AuthorizedKeysFile=/lab/authorized_keys
