@@ -283,10 +283,11 @@ def up(name: str = DEFAULT_NAME) -> dict[str, Any]:
 
 
 def status(name: str = DEFAULT_NAME) -> dict[str, Any] | None:
-    """The running lab's info, or None when it is not (fully) running."""
+    """The running lab's info, or None when it is not (fully) running with this checkout's keys."""
     lab = LabHandle(name)
     found = _containers(_client(), lab)
-    if set(found) != set(ROLES) or any(c.status != "running" for c in found.values()):
+    if set(found) != set(ROLES) or any(c.status != "running" or c.labels.get(STATE_LABEL) != str(lab.state)
+                                       for c in found.values()):
         return None
     return _info(lab, found)
 
