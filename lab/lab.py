@@ -264,16 +264,19 @@ ssh_port = {src['ssh_port']}
 """
 
 
+def _ours(lab: LabHandle, found: dict[str, Any]) -> bool:
+    """Every host runs, started with this checkout's keys (another checkout's lab has other keys)."""
+    return set(found) == set(ROLES) and all(c.status == "running" and c.labels.get(STATE_LABEL) == str(lab.state)
+                                            for c in found.values())
+
+
 def up(name: str = DEFAULT_NAME) -> dict[str, Any]:
     """Start the lab, or reuse it when every host already runs the current images. Returns its info."""
     lab = LabHandle(name)
     client = _client()
     tags = images.build_all(client)
     found = _containers(client, lab)
-    # Reuse only what runs the current images with this checkout's keys (another checkout has other keys).
-    reusable = (set(found) == set(ROLES)
-                and all(c.status == "running" and tags[r] in c.image.tags
-                        and c.labels.get(STATE_LABEL) == str(lab.state) for r, c in found.items()))
+    reusable = _ours(lab, found) and all(tags[r] in c.image.tags for r, c in found.items())
     if not reusable:
         _start(lab, client, tags)
         found = _containers(client, lab)
@@ -286,8 +289,7 @@ def status(name: str = DEFAULT_NAME) -> dict[str, Any] | None:
     """The running lab's info, or None when it is not (fully) running with this checkout's keys."""
     lab = LabHandle(name)
     found = _containers(_client(), lab)
-    if set(found) != set(ROLES) or any(c.status != "running" or c.labels.get(STATE_LABEL) != str(lab.state)
-                                       for c in found.values()):
+    if not _ours(lab, found):
         return None
     return _info(lab, found)
 
