@@ -154,14 +154,14 @@ def test_lock_outside_export_root_refused(side: StorageSide, tmp_path: Path) -> 
 def test_lock_of_killed_holder_is_free_again(side: StorageSide, root: Path) -> None:
     path = str(root / "img1")
     code = textwrap.dedent(f"""
-        import time
+        import signal
         from qrmfs.config import SshHost, Storage
         from qrmfs.runner import Runner
         from qrmfs.storage import StorageSide
         side = StorageSide(Storage("local", SshHost("local"), {str(root)!r}), Runner())
         with side.lock({path!r}, "doomed pid holder"):
             print("held", flush=True)
-            time.sleep(120)
+            signal.pause()  # hold the lock until this process is killed
     """)
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE)
     try:
