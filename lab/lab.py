@@ -135,7 +135,7 @@ def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str]) ->
             volumes[str(lab.state / "hosts" / role)] = {"bind": "/lab", "mode": "ro"}
         if role == "storage":
             volumes[lab.volume] = {"bind": EXPORT_ROOT, "mode": "rw"}
-            # ganesha's VFS FSAL uses open_by_handle_at; --privileged is refused on these machines.
+            # ganesha's VFS FSAL uses open_by_handle_at; privileged mode is refused here: grant just these.
             kwargs["cap_add"] = ["DAC_READ_SEARCH", "SYS_ADMIN"]
         c = (DockerContainer(tags[role])
              .with_name(lab.container_name(role))

@@ -17,10 +17,14 @@ OS_RE = re.compile(r"[A-Za-z0-9_.+ -]{1,64}")
 LIVE = ("/proc", "/sys", "/dev", "/run")
 
 
-def image_name(value: str, what: str = "image name") -> str:
-    if not NAME_RE.fullmatch(value or ""):
-        raise UsageError(f"invalid {what} {value!r}: use 1-50 letters, digits and '_' only")
+def _matching(rx: re.Pattern[str], value: str, message: str) -> str:
+    if not rx.fullmatch(value or ""):
+        raise UsageError(message)
     return value
+
+
+def image_name(value: str, what: str = "image name") -> str:
+    return _matching(NAME_RE, value, f"invalid {what} {value!r}: use 1-50 letters, digits and '_' only")
 
 
 def abs_path(value: str, what: str, allow_root: bool = False, no_space: bool = False) -> str:
@@ -47,27 +51,21 @@ def plain_path(value: str, what: str) -> str:
 
 
 def host(value: str, what: str = "host") -> str:
-    if not HOST_RE.fullmatch(value or "") or value.startswith("-"):
+    if (value or "").startswith("-"):
         raise UsageError(f"invalid {what} {value!r}: expected [user@]hostname or address")
-    return value
+    return _matching(HOST_RE, value, f"invalid {what} {value!r}: expected [user@]hostname or address")
 
 
 def hostname(value: str) -> str:
-    if not HOSTNAME_RE.fullmatch(value or ""):
-        raise UsageError(f"invalid hostname {value!r}: letters, digits, '-' and '.', labels of 1-63")
-    return value
+    return _matching(HOSTNAME_RE, value, f"invalid hostname {value!r}: letters, digits, '-' and '.', labels of 1-63")
 
 
 def tag(value: str, what: str) -> str:
-    if not TAG_RE.fullmatch(value or ""):
-        raise UsageError(f"invalid {what} {value!r}: 1-32 of letters, digits, '_', '.', '+', '-'")
-    return value
+    return _matching(TAG_RE, value, f"invalid {what} {value!r}: 1-32 of letters, digits, '_', '.', '+', '-'")
 
 
 def os_name(value: str) -> str:
-    if not OS_RE.fullmatch(value or ""):
-        raise UsageError(f"invalid operating system {value!r}: 1-64 of letters, digits, space, '_.+-'")
-    return value
+    return _matching(OS_RE, value, f"invalid operating system {value!r}: 1-64 of letters, digits, space, '_.+-'")
 
 
 def split_host(value: str) -> tuple[str, str, str]:

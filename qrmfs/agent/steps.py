@@ -142,18 +142,13 @@ def _logs(ctx: Ctx) -> Iterator[Finding]:
 
 @step("container", "no container runtime markers (/.dockerenv, /.containerenv): the image boots on a machine")
 def _container(ctx: Ctx) -> Iterator[Finding]:
-    for path in ("/.dockerenv", "/.containerenv"):
-        host = ctx.host(path, follow_last=False)
-        if os.path.lexists(host):
-            yield Finding("container", path, "makes systemd believe it runs in a container",
-                          functools.partial(remove, host))
+    yield from _absent(ctx, "container", ("/.dockerenv", "/.containerenv"),
+                       "makes systemd believe it runs in a container")
 
 
 @step("easymigration", "remove /etc/qrm/easymigration.conf")
 def _easymigration(ctx: Ctx) -> Iterator[Finding]:
-    host = ctx.host(EASYMIGRATION, follow_last=False)
-    if os.path.lexists(host):
-        yield Finding("easymigration", EASYMIGRATION, "present", functools.partial(remove, host))
+    yield from _absent(ctx, "easymigration", (EASYMIGRATION,), "present")
 
 
 @step("mtab", "/etc/mtab is a symlink to /proc/mounts (for df)")
@@ -313,11 +308,7 @@ def _host_keygen(ctx: Ctx) -> Iterator[Finding]:
 def _persistent_net(ctx: Ctx) -> Iterator[Finding]:
     if not (ctx.opts.shared or not ctx.opts.keep_network):
         return
-    for path in PERSISTENT_NET:
-        host = ctx.host(path, follow_last=False)
-        if os.path.lexists(host):
-            yield Finding("persistent-net", path, "binds NIC names to the source's MAC addresses",
-                        functools.partial(remove, host))
+    yield from _absent(ctx, "persistent-net", PERSISTENT_NET, "binds NIC names to the source's MAC addresses")
 
 
 @step("network", "--remove-network: interfaces reduced to loopback (the kernel brings up the NFS root's NIC)")
@@ -447,6 +438,14 @@ def _init(ctx: Ctx) -> Iterator[Finding]:
 def _replace_with_dir(host: str, mode: int) -> None:
     remove(host)
     makedirs(host, mode)
+
+
+def _absent(ctx: Ctx, name: str, paths: tuple[str, ...], problem: str) -> Iterator[Finding]:
+    """A finding (fixed by removal) for each of paths present in the image."""
+    for path in paths:
+        host = ctx.host(path, follow_last=False)
+        if os.path.lexists(host):
+            yield Finding(name, path, problem, functools.partial(remove, host))
 
 
 def _write_new(host: str, data: bytes) -> None:
