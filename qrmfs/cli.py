@@ -219,21 +219,25 @@ def validate(
                                                  "(HOST:/rootfs or a local directory); changes nothing.")] = None,
     fix: Annotated[bool, typer.Option("-f", "--fix", help="Re-run the preparation: repair what can be repaired.")]
     = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --fix: list what it would repair; change "
+                                          "nothing.")] = False,
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
     """Check an image (and repair it with --fix); exit 0 only when it is clean."""
     from .actions import validate as act
 
     env = _env(config, verbose, as_json)
-    req = act.ValidateRequest(target=model.Target.parse(target), fix=fix,
+    req = act.ValidateRequest(target=model.Target.parse(target), fix=fix, dry_run=dry_run,
                               location=model.Location.parse(location) if location else None)
     r = act.validate(req, env)
     lines = []
     for f in r.get("fixed", []):
         lines.append(f"fixed    {f['step']:<15} {f['path']}: {f['problem']}")
+    for f in r.get("would_fix", []):
+        lines.append(f"would fix {f['step']:<14} {f['path']}: {f['problem']}")
     for f in r["findings"]:
         lines.append(f"problem  {f['step']:<15} {f['path']}: {f['problem']}"
-                     + ("" if f["fixable"] else " (not repaired by --fix)") if not fix else
+                     + ("" if f["fixable"] else " (not repaired by --fix)") if not fix or dry_run else
                      f"LEFT     {f['step']:<15} {f['path']}: {f['problem']}")
     if "drift" in r:
         d = r["drift"]

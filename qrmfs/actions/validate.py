@@ -27,6 +27,7 @@ ITEM = re.compile(r"^(\*deleting|[<>ch.*][fdLDS][^ ]{7,9})\s+(.*)$")
 class ValidateRequest:
     target: Target
     fix: bool = False
+    dry_run: bool = False  # with fix: report what --fix would repair, change nothing
     location: Location | None = None
 
 
@@ -58,7 +59,9 @@ def validate(req: ValidateRequest, env: Env) -> dict[str, Any]:
     args = {"root": req.target.path, "options": dataclasses.asdict(opts)}
     findings = _manifest_findings(req, manifest) + side.call("check", **args)["findings"]
     result: dict[str, Any] = {"image": req.target.name, "target": str(req.target), "findings": findings}
-    if req.fix and findings:
+    if req.fix and req.dry_run:
+        result["would_fix"] = [f for f in findings if f["fixable"]]
+    elif req.fix and findings:
         with side.lock(req.target.path, holder("validate --fix", req.target.name)):
             fixed = side.call("prepare", **args)["fixed"]
             if manifest is not None:
@@ -69,7 +72,7 @@ def validate(req: ValidateRequest, env: Env) -> dict[str, Any]:
         result.update(fixed=fixed + [f for f in findings if f["step"] == "manifest" and f["fixable"]],
                       findings_before_fix=findings, findings=after)
     result["clean"] = not result["findings"]
-    if req.fix and manifest is not None:
+    if req.fix and not req.dry_run and manifest is not None:
         side.call("manifest_update", path=req.target.path, export_root=storage.export_root, patch={"validation": {
             "state": "clean" if result["clean"] else "problems", "findings": result["findings"],
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})

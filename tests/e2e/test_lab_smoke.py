@@ -12,16 +12,17 @@ from lab import lab as _lab
 pytestmark = pytest.mark.e2e
 
 
-def test_file_written_over_ssh_is_readable_over_nfs4(lab, on_storage):
+@pytest.mark.parametrize("version", [4, 3])
+def test_file_written_over_ssh_is_readable_over_nfs(lab, on_storage, version):
     name = f"smoke-{uuid.uuid4().hex[:8]}"
     payload = f"written over ssh as {name}\n"
     on_storage(f"mkdir -p /exports/{name} && cat > /exports/{name}/hello.txt", input=payload.encode())
     try:
         base = f"nfs://{lab['hosts']['storage']['address']}/exports/{name}"
-        ls = subprocess.run(["nfs-ls", f"{base}?version=4"], capture_output=True, text=True, timeout=30)
+        ls = subprocess.run(["nfs-ls", f"{base}?version={version}"], capture_output=True, text=True, timeout=30)
         assert ls.returncode == 0, ls.stderr
         assert "hello.txt" in ls.stdout
-        cat = subprocess.run(["nfs-cat", f"{base}/hello.txt?version=4"], capture_output=True, text=True,
+        cat = subprocess.run(["nfs-cat", f"{base}/hello.txt?version={version}"], capture_output=True, text=True,
                              timeout=30)
         assert cat.returncode == 0, cat.stderr
         assert cat.stdout == payload

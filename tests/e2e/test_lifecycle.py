@@ -44,6 +44,10 @@ def test_validate_finds_a_broken_image_and_fix_repairs_it(lab, cfg, base_image, 
     found = {(f["step"], f["path"], f["fixable"]) for f in json.loads(r.stdout)["findings"]}
     assert found == {("mtab", "/etc/mtab", True), ("logs", "/var/log/left.log", True),
                      ("sockets", "/root/planted.sock", True)}
+    r = qrmfs("validate", "-t", f"storage:{image_path}", "--fix", "--dry-run", "--json", config=cfg)
+    assert r.returncode == 12
+    assert {(f["step"], f["path"]) for f in json.loads(r.stdout)["would_fix"]} == {(s, p) for s, p, _ in found}
+    on_storage(f"test ! -L {image_path}/etc/mtab && test -e {image_path}/var/log/left.log")  # nothing changed
     r = qrmfs("validate", "-t", f"storage:{image_path}", "--fix", "--json", config=cfg)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
