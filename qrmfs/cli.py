@@ -96,10 +96,8 @@ def create(
     from .actions import create as act
 
     env = _env(config, verbose, as_json)
-    t = model.Target.parse(target)
-    image = model.image_name(name) if name is not None else t.name
-    if image != t.name:
-        raise UsageError(f"image name {image!r} and target {target!r} disagree: the target must end in /{image}")
+    t = model.named_target(name, target)
+    image = t.name
     if route not in ("ssh", "nfs"):
         raise UsageError(f"invalid --route {route!r}: use ssh or nfs")
     adds, pexcl = model.private_dirs(private_add or [], private_exclude or [])
@@ -164,9 +162,7 @@ def clone(
     from .actions import clone as act
 
     env = _env(config, verbose, as_json)
-    t = model.Target.parse(target)
-    if model.image_name(name) != t.name:
-        raise UsageError(f"image name {name!r} and target {target!r} disagree: the target must end in /{name}")
+    t = model.named_target(name, target)
     req = act.CloneRequest(name=name, target=t, source=model.Target.parse(source, "--from"),
                            only_physical=only_physical, force=force,
                            hostname=model.hostname(hostname) if hostname else None,

@@ -112,6 +112,14 @@ class Target:
         return cls(storage, path)
 
 
+def named_target(name: str | None, target: str) -> Target:
+    """-t with an optional -s: the image name is the target's last path component, and -s must agree."""
+    t = Target.parse(target)
+    if name is not None and image_name(name) != t.name:
+        raise UsageError(f"image name {name!r} and target {target!r} disagree: the target must end in /{name}")
+    return t
+
+
 @dataclass(frozen=True)
 class Location:
     """Where the root filesystem comes from: HOST:/path over ssh, or a local directory ('/' = this system)."""

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import TransferError
-from .runner import CommandFailed, Runner, tail
+from .runner import Runner, tail
 
 # Filesystems that hold an OS's own data: a separate /boot, /usr, /var, /home on one of these is copied too.
 DISK_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "jfs", "reiserfs", "f2fs", "zfs", "vfat", "exfat", "bcachefs"}
@@ -124,10 +124,7 @@ def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, i
         if p and on_progress:
             on_progress(*p)
 
-    try:
-        r = runner.stream(argv, on_line, ok=range(256))
-    except CommandFailed as e:  # pragma: no cover - stream never raises with ok=range(256)
-        raise TransferError(f"rsync failed: {e.message}", e.detail) from None
+    r = runner.stream(argv, on_line, ok=range(256))  # every exit code is judged here, not by the runner
     ok, warning = judge(r.code, r.stderr)
     if not ok:
         why = refused_feature(r.stderr) or RSYNC_MEANING.get(r.code, "failed")

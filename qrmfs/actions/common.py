@@ -102,6 +102,17 @@ class Env:
                               retries=0 if quick else o.retries, backoff=o.backoff)
 
 
+def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False) -> str | None:
+    """Send the job (it is in the spool until answered). None when delivered; else why it still waits.
+    A refusal (bad credentials, ...) raises RegistrationError with the job still spooled."""
+    try:
+        env.client(creds, quick=quick).deliver(job, env.spool())
+        return None
+    except openqrm.Transient as e:
+        env.ui.debug(f"openQRM not reachable now ({e}); kept in the spool")
+        return str(e)
+
+
 def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str]]:
     """Deliver what earlier runs left in the spool (oldest first). Quick: one attempt each, short timeout."""
     done: list[str] = []

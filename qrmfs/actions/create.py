@@ -48,16 +48,11 @@ class CreateRequest:
         o.update(arch=self.arch, os=self.os_name, only_physical=self.only_physical, route=self.route)
         return o
 
-    def fields(self) -> dict[str, str]:
-        return openqrm.image_fields(name=self.name, rootdevice=self.target.path, storage_id=None, shared=self.shared,
-                                    comment=self.comment or f"qrmfs image from {self.location}", arch=self.arch,
-                                    os_name=self.os_name)
-
-
-def _fields(req: CreateRequest, storage: Storage) -> dict[str, str]:
-    f = req.fields()
-    f["image_storageid"] = "" if storage.storage_id is None else str(storage.storage_id)
-    return f
+    def fields(self, storage_id: int | None) -> dict[str, str]:
+        """new_image's image_* parameters for this image on a storage server with that openQRM id."""
+        return openqrm.image_fields(name=self.name, rootdevice=self.target.path, storage_id=storage_id,
+                                    shared=self.shared, comment=self.comment or f"qrmfs image from {self.location}",
+                                    arch=self.arch, os_name=self.os_name)
 
 
 def dry_run(req: CreateRequest, env: Env) -> dict[str, Any]:
@@ -70,7 +65,7 @@ def dry_run(req: CreateRequest, env: Env) -> dict[str, Any]:
     ev = f"create_image_{req.name}"
     regs = [] if req.only_physical else [
         openqrm.event(ev, 9, f"Started to create image {req.name} on {req.target}"),
-        openqrm.new_image(_fields(req, storage)),
+        openqrm.new_image(req.fields(storage.storage_id)),
         openqrm.event(ev, 10, f"Finished to create image {req.name} on {req.target}")]
     return {
         "dry_run": True, "image": req.name, "target": str(req.target), "source": str(req.location),
@@ -112,7 +107,7 @@ def _create(req: CreateRequest, env: Env, storage: Storage, path: str, public: S
     spec = pipeline.BuildSpec(
         command="create", name=req.name, target=req.target, storage=storage, path=path, public_storage=public,
         force=req.force, options=req.prepare_options(), plan_copy=plan_copy,
-        creds=None if req.only_physical else req.creds, fields=_fields(req, public),
+        creds=None if req.only_physical else req.creds, fields=req.fields(public.storage_id),
         manifest={"source": str(req.location), "options": req.options_record(), "excludes": list(req.excludes)},
         known_hosts=copyplan.source_known_hosts(env.runner, env.cfg, src) if pull and src else None)
     return pipeline.build(env, spec)

@@ -20,7 +20,7 @@ from ..model import Target
 from ..storage import StorageSide, node_init_script
 from ..transfer import run_rsync
 from . import copyplan
-from .common import Credentials, Env, holder
+from .common import Credentials, Env, deliver, holder
 
 
 @dataclass
@@ -63,8 +63,8 @@ def build(env: Env, spec: BuildSpec) -> dict[str, Any]:
         if info["exists"] and not spec.force:
             raise ExistsError(f"{spec.target} exists; use --force to replace it (the old image is kept until the "
                               "new one is published)")
-        if job:
-            _deliver(env, spec.creds, job, quick=True)
+        if job and spec.creds:
+            deliver(env, spec.creds, job, quick=True)
         st = side.call("stage", path=spec.path, export_root=spec.storage.export_root, token=uuid.uuid4().hex[:10],
                        known_hosts=spec.known_hosts)
         staging = st["staging"]
@@ -104,11 +104,11 @@ def build(env: Env, spec: BuildSpec) -> dict[str, Any]:
                             force=spec.force)
         except BaseException as e:
             _discard(side, spec, staging)
-            if job:
+            if job and spec.creds:
                 msg = e.message if isinstance(e, QrmfsError) else type(e).__name__
                 job.requests += [_event(spec, 3, f"Failed to {spec.command} image {spec.name}: {msg}"),
                                  _event(spec, 10, f"Ended {spec.command} image {spec.name}")]
-                _deliver(env, spec.creds, job, quick=True)
+                deliver(env, spec.creds, job, quick=True)
             raise
         ui.step(f"published {spec.target}" +
                 (f" (the image it replaced is kept as {pub['previous']})" if pub["replaced"] else ""))
@@ -154,34 +154,25 @@ def _discard(side: StorageSide, spec: BuildSpec, staging: str) -> None:
         pass  # we still hold the lock; the next run for this image removes leftover staging dirs first
 
 
-def _deliver(env: Env, creds: Credentials | None, job: openqrm.Job, quick: bool) -> bool:
-    assert creds
-    try:
-        env.client(creds, quick=quick).deliver(job, env.spool())
-        return True
-    except openqrm.Transient as e:
-        env.ui.debug(f"openQRM not reachable now ({e}); kept in the spool")
-        return False
-
-
 def _register(env: Env, spec: BuildSpec, side: StorageSide, job: openqrm.Job) -> dict[str, Any]:
     """Deliver the registration with retries; if the server stays away, it waits in the spool."""
     assert spec.creds
     root = spec.storage.export_root
     try:
-        env.client(spec.creds).deliver(job, env.spool())
-        state: dict[str, Any] = {"state": "registered"}
-        env.ui.step(f"registered {spec.name} with openQRM at {spec.creds.url}")
-    except openqrm.Transient as e:
-        state = {"state": "pending", "spool_job": job.id}
-        env.ui.warn(f"openQRM did not answer ({e}): the image is created and its registration waits in the spool "
-                    f"({env.spool().dir / (job.id + '.json')}); it is delivered automatically at the next qrmfs "
-                    "run, or now with `qrmfs flush`")
+        why = deliver(env, spec.creds, job)
     except QrmfsError as e:
         side.call("manifest_update", path=spec.path, export_root=root,
                   patch={"registration": {"state": "pending", "spool_job": job.id, "error": e.message}})
         e.message += (f"; the image is created and its registration waits in the spool (job {job.id}): "
                       "fix the cause and run `qrmfs flush`")
         raise
+    if why is None:
+        state: dict[str, Any] = {"state": "registered"}
+        env.ui.step(f"registered {spec.name} with openQRM at {spec.creds.url}")
+    else:
+        state = {"state": "pending", "spool_job": job.id}
+        env.ui.warn(f"openQRM did not answer ({why}): the image is created and its registration waits in the "
+                    f"spool ({env.spool().dir / (job.id + '.json')}); it is delivered automatically at the next "
+                    "qrmfs run, or now with `qrmfs flush`")
     side.call("manifest_update", path=spec.path, export_root=root, patch={"registration": state})
     return state

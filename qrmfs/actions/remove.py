@@ -10,7 +10,7 @@ from typing import Any
 from .. import openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
-from .common import Credentials, Env, flush_spool, holder, require_registration
+from .common import Credentials, Env, deliver, flush_spool, holder, require_registration
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> dict
             openqrm.remove_by_name(name),
             openqrm.event(f"remove_image_{name}", 10, f"Finished to remove image {name} from {req.target}")])
         flush_spool(env, req.creds, quick=True)
-        try:
-            env.client(req.creds).deliver(job, spool)
+        why = deliver(env, req.creds, job)
+        if why is None:
             result["registration"] = {"state": "deregistered"}
-        except openqrm.Transient as e:
+        else:
             result["registration"] = {"state": "pending", "spool_job": job.id}
-            env.ui.warn(f"openQRM did not answer ({e}): the deregistration waits in the spool; it is delivered at "
-                        "the next qrmfs run, or now with `qrmfs flush`")
+            env.ui.warn(f"openQRM did not answer ({why}): the deregistration waits in the spool; it is delivered "
+                        "at the next qrmfs run, or now with `qrmfs flush`")
     return result
