@@ -520,25 +520,34 @@ class BootResult:
         return d
 
 
+def visible_in_listing(listing: str, entry: str = "etc") -> bool:
+    """An `nfs-ls` listing of the image's root shows `entry` as a directory (a line `d... NAME`)."""
+    return any(ln.startswith("d") and ln.rstrip().split(" ")[-1] == entry for ln in listing.splitlines())
+
+
 def wait_visible(storage_address: str, image_path: str, timeout: float = 150.0) -> tuple[bool, float, str]:
-    """Poll the image's /sbin over NFSv4 from this machine (libnfs `nfs-ls`) until the server shows it.
+    """Poll the image's root directory over NFSv4 from this machine (libnfs `nfs-ls`) until the server
+    lists its `etc` directory.
 
     nfs-ganesha caches directory entries and attributes (about a minute): an image that was removed
     and made again under the same name can be invisible (NFS4ERR_NOENT) for that long. Booting then
     would fail in confusing ways, so we wait for a real answer instead. Returns (visible, seconds, why).
+    The probe lists the image root, which qrmfs never publishes as a symlink: probing a path inside
+    the image (such as /sbin, a symlink to usr/sbin in merged-/usr images) would let libnfs resolve a
+    symlink, which it does with garbage after the target (`usr/sbin1`), failing at random.
     """
     if shutil.which("nfs-ls") is None:
         return True, 0.0, "nfs-ls not installed: not checked"
-    url = f"nfs://{storage_address}{image_path}/sbin?version=4"
+    url = f"nfs://{storage_address}{image_path}?version=4"
     t0 = time.monotonic()
     last = ""
     while True:
         try:
             r = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=30,
                                stdin=subprocess.DEVNULL)
-            if r.returncode == 0 and r.stdout.strip():
+            if r.returncode == 0 and visible_in_listing(r.stdout):
                 return True, time.monotonic() - t0, ""
-            last = (r.stderr or r.stdout).strip()
+            last = (r.stderr or r.stdout).strip() or "no etc directory listed"
         except subprocess.TimeoutExpired:
             last = "nfs-ls timed out"
         if time.monotonic() - t0 > timeout:
@@ -641,7 +650,8 @@ def boot(info: dict[str, Any], image_path: str, node_id: int | str | None = None
     if not visible:
         result.state = "image not visible over NFS"
         result.log_path = ""  # QEMU never started
-        result.error = (f"{storage}:{image_path}/sbin is not visible over NFSv4 after {waited:.0f}s ({why}); "
+        result.error = (f"{storage}:{image_path} (its /etc) is not visible over NFSv4 after {waited:.0f}s "
+                        f"({why}); "
                         "does the image exist on the storage server?")
         result.wall_seconds = round(time.monotonic() - t_call, 2)
         return result

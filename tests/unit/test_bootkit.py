@@ -539,3 +539,12 @@ def test_log_tail_drops_colour_codes(tmp_path):
     log.write_bytes(b"one\r\n[\x1b[0;32m  OK  \x1b[0m] Reached target\r\n" + b"x\n" * 50)
     assert boot._tail(log, 52).splitlines()[:2] == ["one", "[  OK  ] Reached target"]
     assert boot._tail(tmp_path / "missing.log") == ""
+
+
+def test_visibility_probe_lists_the_image_root_and_wants_etc_as_a_directory() -> None:
+    listing = ("drwxr-xr-x  2     0     0         4096 etc\n"
+               "lrwxrwxrwx  1     0     0            8 sbin\n")
+    assert boot.visible_in_listing(listing)
+    assert not boot.visible_in_listing("lrwxrwxrwx  1     0     0            8 etc\n")
+    assert not boot.visible_in_listing("drwxr-xr-x  2     0     0         4096 etcetera\n")
+    assert not boot.visible_in_listing("")
