@@ -31,7 +31,8 @@ from .paths import state_dir  # noqa: E402
 LABEL = "io.qrmfs.lab"
 ROLE_LABEL = "io.qrmfs.lab.role"
 STATE_LABEL = "io.qrmfs.lab.state"  # the state dir (keys) the containers were started with
-DEFAULT_NAME = "qrmfs-lab"
+# $QRMFS_LAB_NAME lets a second checkout (or a helper, or make bench) run its own lab beside the default one.
+DEFAULT_NAME = os.environ.get("QRMFS_LAB_NAME") or "qrmfs-lab"
 # Not openQRM's default openqrm/openqrm: a password unlike every other string lets tests prove it never leaks.
 OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "lab-Secret-4711"
 EXPORT_ROOT = "/exports"
