@@ -7,9 +7,9 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .. import openqrm
+from ..agent.protocol import Inspected
 from ..config import Config, Storage
 from ..errors import NotFoundError, UsageError
 from ..model import Target
@@ -83,12 +83,12 @@ class Env:
                                                known_hosts=self.cfg.known_hosts)
         return self._sides[storage]
 
-    def existing(self, target: Target) -> tuple[Storage, StorageSide, dict[str, Any]]:
+    def existing(self, target: Target) -> tuple[Storage, StorageSide, Inspected]:
         """The storage server, its agent and what is at target; NotFoundError when nothing is there."""
         storage = self.storage(target)
         side = self.side(storage)
-        info = side.call("inspect", path=target.path, export_root=storage.export_root)
-        if not info["exists"]:
+        info = side.inspect(target.path)
+        if not info.exists:
             raise NotFoundError(f"{target} does not exist")
         return storage, side, info
 
