@@ -56,7 +56,7 @@ def _warn_password_argv(password: str | None, ui: Ui) -> None:
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
-def create(
+def create(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
     location: Annotated[str, typer.Option("-l", "--location", help="HOST:/rootfs-location, or a local directory "
                                           "('/' = this system).")],
@@ -125,7 +125,7 @@ def _registration(env: Env, only_physical: bool, username: str | None, password:
 
 
 @app.command()
-def clone(
+def clone(  # noqa: PLR0913 - typer: one parameter per command-line option
     name: Annotated[str, typer.Option("-s", "--filesystem-image", help="Name of the new image.")],
     target: TargetOpt,
     source: Annotated[str, typer.Option("--from", help="The existing image: STORAGE:/path/EXISTING_NAME")],
@@ -148,7 +148,7 @@ def clone(
 
 
 @app.command()
-def remove(
+def remove(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Remove a directory that is not a qrmfs image "
@@ -176,7 +176,7 @@ def remove(
 
 
 @app.command()
-def validate(
+def validate(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
     location: Annotated[str | None, typer.Option("-l", "--location", help="Also report drift from this source "
                                                  "(HOST:/rootfs or a local directory); changes nothing.")] = None,
@@ -209,7 +209,8 @@ def list_(
 
 
 @app.command()
-def flush(username: User = None, password: Password = None, password_file: PasswordFile = None,
+def flush(username: User = None,  # noqa: PLR0913 - typer: one parameter per command-line option
+          password: Password = None, password_file: PasswordFile = None,
           openqrm_url: Url = None, as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
     """Deliver the registrations waiting in the spool (openQRM was unreachable when they were made)."""
     from .actions.common import flush_spool
@@ -226,37 +227,44 @@ def _command(args: list[str]) -> str | None:
     return next((a for a in args if a in names), None)
 
 
+def _fail(e: QrmfsError, command: str, as_json: bool) -> int:
+    """The one place an error is shown: one line (and the failing tool's stderr tail) on stderr, and the
+    envelope on stdout with --json."""
+    print(f"qrmfs: error: {e.message}", file=sys.stderr)
+    if e.detail:
+        print("\n".join("  | " + ln for ln in e.detail.splitlines()), file=sys.stderr)
+    if as_json:
+        print(render_json(command, error=e))
+    return e.exit_code
+
+
+def _usage(e: typer.TyperException, command: str, as_json: bool) -> int:
+    """click's own usage errors (a missing or unknown option, a bad value), shown click's way."""
+    show = getattr(e, "show", None)
+    if show:
+        show()
+    else:
+        print(f"qrmfs: error: {e.format_message()}", file=sys.stderr)
+    if as_json:
+        print(render_json(command, error=UsageError(e.format_message())))
+    return e.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
-    command = _command(args)
-
-    def fail(e: QrmfsError) -> int:
-        print(f"qrmfs: error: {e.message}", file=sys.stderr)
-        if e.detail:
-            print("\n".join("  | " + ln for ln in e.detail.splitlines()), file=sys.stderr)
-        if as_json:
-            print(render_json(command or "", error=e))
-        return e.exit_code
-
+    command = _command(args) or ""
     try:
         rc = app(args=args, prog_name="qrmfs", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
     except typer.Exit as e:
         return e.exit_code
-    except typer.TyperException as e:  # click's usage errors (missing or unknown option, bad value)
-        show = getattr(e, "show", None)
-        if show:
-            show()
-        else:
-            print(f"qrmfs: error: {e.format_message()}", file=sys.stderr)
-        if as_json:
-            print(render_json(command or "", error=UsageError(e.format_message())))
-        return e.exit_code
+    except typer.TyperException as e:
+        return _usage(e, command, as_json)
     except typer.Abort:
-        return fail(AbortedError("aborted"))
+        return _fail(AbortedError("aborted"), command, as_json)
     except QrmfsError as e:
-        return fail(e)
+        return _fail(e, command, as_json)
     except KeyboardInterrupt:
         print("qrmfs: interrupted", file=sys.stderr)
         return 130

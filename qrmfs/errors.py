@@ -76,11 +76,3 @@ class RegistrationError(QrmfsError):
 class AbortedError(QrmfsError):
     """The operator declined a confirmation."""
     exit_code, kind = 14, "aborted"
-
-
-class NotImplementedYet(QrmfsError):
-    exit_code, kind = 69, "not_implemented"
-
-
-ALL = [UsageError, ConfigError, NotFoundError, ExistsError, LockedError, ConnectError, TransferError,
-       StorageError, RouteError, RefusedError, InvalidImageError, RegistrationError, AbortedError]
