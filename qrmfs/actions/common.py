@@ -8,6 +8,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from .. import openqrm
 from ..agent.protocol import Inspected
 from ..config import Config, Storage
@@ -67,6 +69,7 @@ class Env:
     cfg: Config
     runner: Runner
     ui: Ui
+    transport: httpx.BaseTransport | None = None  # the openQRM client's (tests give an httpx.MockTransport)
     _sides: dict[Storage, StorageSide] = field(default_factory=dict)
 
     def storage(self, target: Target) -> Storage:
@@ -99,7 +102,7 @@ class Env:
         o = self.cfg.openqrm
         assert creds.url
         return openqrm.Client(creds.url, creds.user, creds.password, timeout=min(o.timeout, 3) if quick else o.timeout,
-                              retries=0 if quick else o.retries, backoff=o.backoff)
+                              retries=0 if quick else o.retries, backoff=o.backoff, transport=self.transport)
 
 
 def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False) -> str | None:
