@@ -93,11 +93,17 @@ def agent_argv(python: str, bootstrap: str) -> tuple[str, ...]:
 
 
 def ssh_agent_argv(socket: str) -> tuple[str, ...]:
-    return ("ssh-agent", "-D", "-a", socket)
+    """An agent that lives as long as its command, `cat` reading our pipe: when qrmfs ends, however it ends, the
+    pipe closes, cat exits, and the agent (which checks on its command every 10 s) exits with our key."""
+    return ("ssh-agent", "-a", socket, "cat")
 
 
 def ssh_add_argv(identity: str) -> tuple[str, ...]:
     return ("ssh-add", "-q", identity)
+
+
+def ssh_add_forget_argv() -> tuple[str, ...]:
+    return ("ssh-add", "-q", "-D")
 
 
 def keygen_find_argv(known_hosts: str, host: str, port: int) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
@@ -10,7 +11,7 @@ import typer
 from . import model
 from .actions.common import Credentials, Env, resolve_credentials
 from .config import load
-from .errors import AbortedError, QrmfsError, UsageError
+from .errors import AbortedError, Interrupted, QrmfsError, UsageError
 from .results import Flushed, Result, render_json
 from .runner import Runner
 from .ui import Ui
@@ -250,8 +251,24 @@ def _usage(e: typer.TyperException, command: str, as_json: bool) -> int:
     return e.exit_code
 
 
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM (Ctrl-C, systemd, `timeout`, CI) raise Interrupted where qrmfs is: every step then
+    stops what it runs (a storage-side copy first) and removes what it left half-done before qrmfs exits.
+    A second signal while that happens is not obeyed: SIGKILL is the way to stop qrmfs at once (its children
+    die with it, and the storage side stops the copy when the connection goes)."""
+    def handler(signum: int, _frame: object) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda n, _f: print("qrmfs: still cleaning up; SIGKILL stops at once", file=sys.stderr))
+        raise Interrupted(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        _stop_on_signals()
     as_json = "--json" in args
     command = _command(args) or ""
     try:

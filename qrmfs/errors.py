@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class QrmfsError(Exception):
     exit_code = 1
@@ -76,3 +78,12 @@ class RegistrationError(QrmfsError):
 class AbortedError(QrmfsError):
     """The operator declined a confirmation."""
     exit_code, kind = 14, "aborted"
+
+
+class Interrupted(QrmfsError):
+    """SIGINT or SIGTERM: qrmfs stopped what it ran, cleaned up, and exits with 128 + the signal's number."""
+    kind = "interrupted"
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum

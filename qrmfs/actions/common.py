@@ -5,13 +5,15 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from .. import openqrm
-from ..agent.protocol import Inspected
+from ..agent.protocol import Inspected, Locked
 from ..config import Config, Storage
 from ..errors import NotFoundError, UsageError
 from ..model import Target
@@ -94,6 +96,15 @@ class Env:
         if not info.exists:
             raise NotFoundError(f"{target} does not exist")
         return storage, side, info
+
+    @contextmanager
+    def locked(self, side: StorageSide, path: str, command: str, name: str) -> Iterator[Locked]:
+        """The image's lock for the block; what unfinished earlier runs left beside the image is removed as the
+        lock is taken, and the operator told."""
+        with side.lock(path, holder(command, name)) as lock:
+            for p in lock.cleaned:
+                self.ui.warn(f"removed {p}, left by an earlier qrmfs run on this image that did not finish")
+            yield lock
 
     def spool(self) -> openqrm.Spool:
         return openqrm.Spool(self.cfg.spool_dir)

@@ -51,11 +51,13 @@ class Into:
 
 @dataclass(frozen=True)
 class Copy:
-    """One rsync: its own argv (recorded in the manifest) and the argv that runs it where it must run."""
+    """One rsync: its argv (recorded in the manifest), run here, or on the storage server under the agent's
+    supervision (then with our ssh-agent forwarded when it pulls from the source)."""
     rsync: tuple[str, ...]
-    run: tuple[str, ...]
     runs_on: str
     what: str
+    on_storage: bool = False
+    forward_agent: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,9 +119,9 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
             rsh, s = A.rsync_rsh(host, known_hosts=into.known_hosts), A.remote_spec(host, sp)
         rs = A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress, live_root=src.live_root and i == 0,
                           drift=drift)
-        on_storage = how in (Hop.ON_STORAGE, Hop.PULL_ON_STORAGE)
-        run = A.ssh_argv(storage.ssh, rs, **ours, forward_agent=how is Hop.PULL_ON_STORAGE) if on_storage else rs
-        copies.append(Copy(rs, run, _where(how, storage, host), what))
+        copies.append(Copy(rs, _where(how, storage, host), what,
+                           on_storage=how in (Hop.ON_STORAGE, Hop.PULL_ON_STORAGE),
+                           forward_agent=how is Hop.PULL_ON_STORAGE))
     return CopyPlan(how, tuple(copies), src.mounts)
 
 

@@ -118,12 +118,12 @@ def build(env: Env, spec: BuildSpec) -> Built:
         _stage(env, run, source, pin)
         try:
             assert run.plan is not None
-            run.rsync = copy(env, run.plan)
+            run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name))
             _prepare(env, run)
             _write_manifest(run)
             published = run.side.publish(spec.place.path, run.staging, spec.force)
         except BaseException as e:
-            _discard(run)
+            _discard(env, run)
             _report_failure(env, run, e)
             raise
         env.ui.step(f"published {spec.place.target}" + (
@@ -144,10 +144,10 @@ def _event(spec: BuildSpec, priority: int, text: str) -> openqrm.Request:
 
 
 def _lock(env: Env, run: Run, held: ExitStack) -> None:
-    who = holder(run.spec.command, run.spec.name)
-    held.enter_context(run.side.lock(run.spec.place.path, who))
-    for other_side, other_path in run.spec.also_lock:
-        held.enter_context(other_side.lock(other_path, who))
+    spec = run.spec
+    held.enter_context(env.locked(run.side, spec.place.path, spec.command, spec.name))
+    for other_side, other_path in spec.also_lock:
+        held.enter_context(env.locked(other_side, other_path, spec.command, spec.name))
 
 
 def _check_target(info: Inspected, spec: BuildSpec) -> None:
@@ -183,15 +183,18 @@ def _stage(env: Env, run: Run, source: copyplan.Source, pin: str | None) -> None
                                                               staged.known_hosts), progress=env.ui.tty)
 
 
-def copy(env: Env, cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
+def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None
+         ) -> list[dict[str, Any]]:
+    """Run the plan's rsyncs; those on the storage server under the agent's supervision, tied to our lock."""
     runs = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
             env.ui.step(f"copying {c.what} ({c.runs_on})")
             env.ui.debug("  rsync argv: " + " ".join(c.rsync))
+            argv, stdin = side.supervised(path, c.rsync, holder, c.forward_agent) if c.on_storage else (c.rsync, None)
             with env.ui.transfer(c.what) as progress:
-                stats, warning, code = run_rsync(runner, c.run, progress)
+                stats, warning, code = run_rsync(runner, argv, progress, stdin)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "argv": list(c.rsync), "exit_code": code,
@@ -254,13 +257,16 @@ def _write_manifest(run: Run) -> None:
     run.side.write_manifest(place.path, run.staging, run.manifest)
 
 
-def _discard(run: Run) -> None:
+def _discard(env: Env, run: Run) -> None:
+    """Remove the unfinished copy (its rsync has stopped by now: Runner.stream waits for it)."""
     if not run.staging:
         return
     try:
         run.side.discard(run.spec.place.path, run.staging)
-    except QrmfsError:
-        pass  # we still hold the lock; the next run for this image removes leftover staging dirs first
+        env.ui.step(f"removed the unfinished copy {run.staging}")
+    except QrmfsError as e:
+        env.ui.warn(f"could not remove the unfinished copy {run.staging} ({e.message}); the next qrmfs run on "
+                    "this image removes it, under the image's lock")
 
 
 def _report_failure(env: Env, run: Run, e: BaseException) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import protocol as P
-from . import steps, tree
+from . import steps, supervise, tree
 from .protocol import AgentError, ErrorKind
 
 
@@ -65,6 +65,8 @@ def run(op: str, args: Any) -> int:
         req = P.request(op, args)
         if isinstance(req, P.Lock):
             return _hold_lock(req)
+        if isinstance(req, P.Run):
+            return supervise.run(req)
         result = HANDLERS[type(req)](req)
     except AgentError as e:
         print(P.error_line(e.kind, str(e)), flush=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 FAILED = 3  # the agent's exit code after an error answer
+STOPPED = 125  # `run`: the agent did not start the command, or stopped it (the reason is on stderr)
 
 
 class ErrorKind(str, enum.Enum):  # noqa: UP042 - StrEnum needs python 3.11 on the storage server
@@ -103,6 +104,7 @@ class Inspected:
 @dataclass(frozen=True)
 class Locked:
     lock: str
+    cleaned: list[str]  # what earlier runs that did not finish had left beside the image, now removed
 
 
 @dataclass(frozen=True)
@@ -325,9 +327,28 @@ class Check(Request[Checked]):
     root: str | None = None
 
 
+@dataclass(frozen=True)
+class Ran:
+    code: int
+
+
+@dataclass(frozen=True)
+class Run(Request[Ran]):
+    """Run a command on the storage server (its rsync) as the agent's child, with the agent's stdout and stderr:
+    no answer line, the agent exits with the command's exit code. The agent stops the command when its own
+    stdin ends (qrmfs is gone, or its connection) or, with a holder, as soon as the image's lock is no longer
+    held by that holder; it then exits with STOPPED and says why on stderr."""
+    op: ClassVar[str] = "run"
+    answer: ClassVar[type] = Ran
+    path: str
+    export_root: str
+    argv: list[str]
+    holder: str | None = None
+
+
 REQUESTS: dict[str, type[Request[Any]]] = {
     r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
-                      PinHost, UnpinHost, Prepare, Check)}
+                      PinHost, UnpinHost, Prepare, Check, Run)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------

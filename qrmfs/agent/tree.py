@@ -120,7 +120,19 @@ def take_lock(path: str, export_root: str, holder: str) -> tuple[int, P.Locked]:
         raise AgentError(ErrorKind.LOCKED, held_by) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{holder} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
-    return fd, P.Locked(lock)
+    return fd, P.Locked(lock, _clean_leftovers(path))
+
+
+def _clean_leftovers(path: str) -> list[str]:
+    """With the image's lock just taken, nothing else works beside the image: a staging copy, a pinned source
+    key or a half-removed tree found there was left by a qrmfs run that did not finish. Remove them, and say so."""
+    s = siblings(path)
+    parent = os.path.dirname(path)
+    found = [os.path.join(parent, e) for e in sorted(os.listdir(parent))]
+    doomed = [p for p in found if p.startswith(s.staging_prefix) or p in (s.known_hosts, s.removing)]
+    for p in doomed:
+        remove(p)
+    return doomed
 
 
 def release_lock(fd: int) -> None:
@@ -132,13 +144,7 @@ def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = 
     _check_under(path, export_root)
     s = siblings(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = s.staging_prefix + token
-    # Leftovers of crashed runs of this image (we hold its lock, so nobody else is writing them).
-    parent = os.path.dirname(path)
-    for e in os.listdir(parent):
-        full = os.path.join(parent, e)
-        if full.startswith(s.staging_prefix):
-            remove(full)
+    staging = s.staging_prefix + token  # leftovers of earlier runs went when the lock was taken
     os.mkdir(staging, 0o755)
     pinned = op_pin_host(path, export_root, known_hosts).known_hosts if known_hosts is not None else None
     return P.Staged(staging, pinned)

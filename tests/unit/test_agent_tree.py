@@ -114,8 +114,19 @@ def test_symlinked_parent_or_image_refused(root: Path, tmp_path: Path) -> None:
 
 # --- stage / discard / publish ---------------------------------------------------------------------
 
-def test_stage_creates_staging_and_removes_leftovers(root: Path) -> None:
+def test_taking_the_lock_removes_leftovers_of_this_image_only(root: Path) -> None:
     (root / ".img1.qrmfs-staging-old1/etc").mkdir(parents=True)
+    (root / ".img1.qrmfs-known_hosts").write_text("stale\n")
+    (root / ".img10.qrmfs-staging-other").mkdir()
+    fd, locked = tree.take_lock(str(root / "img1"), str(root), "me")
+    try:
+        assert locked.cleaned == [str(root / ".img1.qrmfs-known_hosts"), str(root / ".img1.qrmfs-staging-old1")]
+        assert sorted(os.listdir(root)) == [".img1.qrmfs-lock", ".img10.qrmfs-staging-other"]
+    finally:
+        tree.release_lock(fd)
+
+
+def test_stage_creates_staging_and_pins_the_source_key(root: Path) -> None:
     (root / ".img10.qrmfs-staging-other").mkdir()
     out = enc(tree.op_stage)(str(root / "img1"), str(root), "abc123", known_hosts="src ssh-ed25519 AAAA\n")
     assert out == {"staging": str(root / ".img1.qrmfs-staging-abc123"),

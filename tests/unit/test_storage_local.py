@@ -127,8 +127,9 @@ def test_node_init_script_is_shipped() -> None:
 
 def test_lock_second_holder_refused_then_free(side: StorageSide, root: Path) -> None:
     path = str(root / "img1")
-    with side.lock(path, "alice@ws1 pid 1 (create img1)") as lock:
-        assert lock == str(root / ".img1.qrmfs-lock")
+    with side.lock(path, "alice@ws1 pid 1 (create img1)") as locked:
+        lock = locked.lock
+        assert (lock, locked.cleaned) == (str(root / ".img1.qrmfs-lock"), [])
         assert Path(lock).read_text().startswith("alice@ws1 pid 1 (create img1) since ")
         t0 = time.monotonic()
         with pytest.raises(LockedError) as ei:
