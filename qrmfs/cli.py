@@ -11,8 +11,10 @@ import typer
 
 from . import model
 from .actions.common import Credentials, Env, resolve_credentials
+from .completion import complete_host, complete_storage
 from .config import load
-from .errors import AbortedError, ConnectError, InvalidImageError, QrmfsError, UsageError
+from .errors import AbortedError, CheckFailedError, ConnectError, InvalidImageError, QrmfsError, UsageError
+from .result import envelope
 from .runner import Runner
 from .ui import Ui
 
@@ -297,6 +299,34 @@ def flush(username: User = None, password: Password = None, password_file: Passw
           + (f" ({', '.join(r['pending'])}; see {env.spool().dir})" if r["pending"] else ""))
     if r["pending"]:
         raise typer.Exit(13)
+
+
+@app.command()
+def check(
+    target: Annotated[list[str] | None, typer.Option(
+        "-t", "--target", metavar="STORAGE[:/PATH/NAME]", autocompletion=complete_storage,
+        help="A storage server, or where an image would go (repeatable); default: every configured one.")] = None,
+    location: Annotated[list[str] | None, typer.Option(
+        "-l", "--location", metavar="HOST:/PATH", autocompletion=complete_host,
+        help="A source, HOST:/rootfs or a local directory (repeatable); default: / of every configured host.")]
+    = None,
+    username: User = None, password: Password = None, password_file: PasswordFile = None, openqrm_url: Url = None,
+    as_json: Json = False, config: Config = None, verbose: Verbose = False,
+) -> None:
+    """Check that everything create needs is in place, before a long copy; exit 0 only when nothing fails.
+
+    Example: qrmfs check -t nas1:/exports/web -l web1:/
+    """
+    from .actions import check as act
+
+    ui = Ui(verbose=verbose)
+    _warn_password_argv(password, ui)
+    req = act.CheckRequest(config, tuple(target or ()), tuple(location or ()), username, password, password_file,
+                           openqrm_url)
+    r = act.check(req, Runner(verbose=verbose, log=ui.debug if verbose else None), ui)
+    print(json.dumps(envelope("check", r, ok=not r["failed"]), indent=2) if as_json else act.text(r))
+    if r["failed"]:
+        raise typer.Exit(CheckFailedError.exit_code)
 
 
 def main(argv: list[str] | None = None) -> int:
