@@ -37,3 +37,11 @@ def complete_host(ctx: Any, incomplete: str) -> list[tuple[str, str]]:
     if cfg is None:
         return []
     return [(f"{name}:/", h.dest) for name, h in sorted(cfg.hosts.items()) if f"{name}:/".startswith(incomplete)]
+
+
+def complete_storage_name(ctx: Any, incomplete: str) -> list[tuple[str, str]]:
+    """qrmfs list STORAGE: the [storage.NAME] names."""
+    cfg = _config(ctx)
+    if cfg is None:
+        return []
+    return [(name, s.ssh.dest) for name, s in sorted(cfg.storage.items()) if name.startswith(incomplete)]
