@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import __version__, model
+from . import __version__, journal, model
 from .actions.common import Credentials, Env, resolve_credentials
 from .completion import complete_host, complete_storage, complete_storage_name
 from .config import load
@@ -392,6 +392,12 @@ def check(
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    rc = _main(args)
+    journal.record_cli(args, rc)  # the operation's summary in the system log (journalctl -t qrmfs)
+    return rc
+
+
+def _main(args: list[str]) -> int:
     as_json = "--json" in args
     try:
         rc = app(args=args, prog_name="qrmfs", standalone_mode=False)
