@@ -97,6 +97,30 @@ emit()
 """
 
 
+# Runs on the storage server as `python3 -c HOP KNOWN_HOSTS_LINES SSH_ARGV...`: the storage server's own ssh to
+# the source, as the ssh route's rsync makes it, with the source's host key pinned in a temporary known_hosts
+# file (its path replaces the @KNOWN_HOSTS@ marker in the argv), removed afterwards.
+HOP_MARK = "@KNOWN_HOSTS@"
+HOP = r"""
+import os, subprocess, sys, tempfile
+fd, path = tempfile.mkstemp(prefix=".qrmfs-check-known_hosts-")
+try:
+    os.write(fd, sys.argv[1].encode())
+    os.close(fd)
+    argv = [a.replace("@KNOWN_HOSTS@", path) for a in sys.argv[2:]]
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=90)
+    except FileNotFoundError:
+        sys.stderr.write("ssh: command not found on the storage server\n")
+        sys.exit(127)
+    sys.stdout.buffer.write(r.stdout)
+    sys.stderr.buffer.write(r.stderr)
+    sys.exit(r.returncode)
+finally:
+    os.unlink(path)
+"""
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -179,6 +203,7 @@ class Checker:
         self.env, self.req, self.r = env, req, report
         self.cfg: Config = env.cfg
         self.known_hosts = self.cfg.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        self.unreachable: set[str] = set()  # sources that did not answer us (no point asking the storage)
 
     def run(self, argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
         """Exit code, stdout, stderr; a timeout is exit code -9 (never raises for the exit code)."""
@@ -209,6 +234,7 @@ class Checker:
                                                  known_hosts=self.cfg.known_hosts), SSH_TIMEOUT)
             if _ssh_failed(code, err):
                 self.r.add(f"{label} ssh", FAIL, ssh_problem(err, f"source host {loc.host}", h, self.known_hosts))
+                self.unreachable.add(str(loc))
                 return None
             self.r.add(f"{label} ssh", OK, f"{h.dest} port {h.port} answers; its host key is pinned in "
                                            f"{self.known_hosts}")
@@ -324,6 +350,43 @@ class Checker:
         if p["scratch_left"]:
             self.r.add(f"{label} scratch", WARN, f"could not remove the scratch directory {p['scratch']}")
 
+    def hop(self, s: Storage, loc: Location) -> None:
+        """The ssh route: the storage server logs in to the source with our forwarded key and the source's
+        pinned host key, exactly as its rsync will."""
+        h = copyplan.source_host(self.cfg, loc)
+        if h is None or h.is_local or s.ssh.is_local or (h.address, h.port) == (s.ssh.address, s.ssh.port):
+            return  # no hop: a local source is pushed, a local storage pulls itself, one host copies locally
+        label = f"{_storage_label(s, s.export_root)} -> source {loc}"
+        try:
+            lines = copyplan.source_known_hosts(self.env.runner, self.cfg, h)
+        except QrmfsError as e:
+            self.r.add(f"{label} ssh", FAIL, e.message)
+            return
+        side = self.env.side(s)
+        remote = ("python3", "-c", HOP, lines, *A.ssh_argv(h, ("rsync", "--version"), known_hosts=HOP_MARK))
+        try:
+            with copyplan.ssh_agent(self.env.runner, self.cfg.identity_file) as agent_env:
+                runner = self.env.runner.with_env(agent_env)
+                try:
+                    res = runner.run(side.argv(remote, forward_agent=True), ok=range(256), timeout=SSH_TIMEOUT * 2)
+                    code, err = res.code, res.stderr
+                except CommandFailed as e:
+                    code, err = e.code, e.stderr
+        except QrmfsError as e:
+            self.r.add(f"{label} ssh", FAIL, e.message)
+            return
+        finally:
+            side.close()
+        if code == 0:
+            self.r.add(f"{label} ssh", OK, f"the storage server logs in to {h.dest} port {h.port} with the forwarded "
+                                           "key and the pinned host key (the ssh route's pull)")
+        elif code == 127 and "ssh: command not found" in err:
+            self.r.add(f"{label} ssh", FAIL, f"ssh is not installed on storage server {s.name} (the ssh route pulls "
+                                             "from the source with it)")
+        else:
+            why = ssh_problem(err, f"source host {loc.host}", h, "the pinned known_hosts")
+            self.r.add(f"{label} ssh", FAIL, f"from storage server {s.name}: {why}", stderr=tail(err, 3))
+
     # --- openQRM and spool ---------------------------------------------------------------------------
     def openqrm(self, creds: Credentials) -> None:
         if not creds.url:
@@ -421,6 +484,10 @@ def check(req: CheckRequest, runner: Runner, ui: Ui) -> dict[str, Any]:
             env.storage(Target(token, path))  # refuses a path outside the export root (bad input)
             directory = os.path.dirname(path)
         checker.storage(s, directory, need, f"source {need_from}")
+    for token in dict.fromkeys(t for t, _ in targets):
+        for loc in locations:
+            if str(loc) not in checker.unreachable:  # it answered us: can the storage server reach it too?
+                checker.hop(cfg.storage_for(token), loc)
     checker.openqrm(creds)
     checker.spool()
     return report.as_dict()

@@ -50,7 +50,8 @@ def test_all_checks_pass_on_the_lab(lab, cfg, mock):
                  "storage storage ssh", "storage storage rsync", "storage storage python3",
                  "storage storage export root",
                  "storage storage free space", "storage storage hard links", "storage storage ACLs",
-                 "storage storage xattrs", "storage storage security.capability", "openqrm", "spool"):
+                 "storage storage xattrs", "storage storage security.capability", "openqrm", "spool",
+                 "storage storage -> source source:/ ssh"):
         assert name in got, name
     assert re.fullmatch(r"rsync \d+\.\d+\.\d+", got["storage storage rsync"]["message"])
     assert re.fullmatch(r"python3 3\.\d+\.\d+", got["storage storage python3"]["message"])
@@ -212,6 +213,26 @@ def test_changed_host_key_fails_the_ssh_checks(lab, tmp_path):
     assert r.returncode == 15
     assert "is pinned in" in checks(r)["storage storage ssh"]["message"]
     assert checks(r)["storage storage ssh"]["message"].startswith("no host key of storage server storage")
+
+
+def test_storage_that_cannot_log_in_to_the_source_fails_the_hop(lab, cfg):
+    """The ssh route's pull: we reach the source, but the source refuses our key when it comes from the storage
+    server's address (an authorized_keys from= rule, read by sshd at each login)."""
+    ak = Path(lab["state_dir"]) / "hosts" / "source" / "authorized_keys"
+    original = ak.read_text()
+    ak.write_text(f'from="!{lab["hosts"]["storage"]["address"]},*" {original}')
+    try:
+        r = qrmfs("check", "-t", "storage", "-l", "source:/", "--json", config=cfg)
+    finally:
+        ak.write_text(original)
+    assert r.returncode == 15, r.stdout + r.stderr
+    got = checks(r)
+    assert got["source source:/ ssh"]["status"] == "ok"
+    c = got["storage storage -> source source:/ ssh"]
+    assert c["status"] == "fail"
+    assert c["message"] == (f"from storage server storage: root@{lab['hosts']['source']['address']} refused our "
+                            "ssh key (Permission denied)")
+    assert run_on(lab, "storage", "ls -A /tmp").stdout.decode().count(".qrmfs-check-known_hosts-") == 0
 
 
 def test_missing_rsync_on_the_source_fails(lab, cfg):
