@@ -8,6 +8,7 @@ changes nothing (docs/openqrm.md, "The credentials probe").
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -203,7 +204,7 @@ class Checker:
         self.env, self.req, self.r = env, req, report
         self.cfg: Config = env.cfg
         self.known_hosts = self.cfg.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
-        self.unreachable: set[str] = set()  # sources that did not answer us (no point asking the storage)
+        self.unreachable: set[str] = set()  # sources and storage servers that did not answer (no hop to check)
 
     def run(self, argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
         """Exit code, stdout, stderr; a timeout is exit code -9 (never raises for the exit code)."""
@@ -277,6 +278,7 @@ class Checker:
             code, out, err = self.run(side.argv(("rsync", "--version")), SSH_TIMEOUT)
             if not side.local and _ssh_failed(code, err):
                 self.r.add(f"{label} ssh", FAIL, ssh_problem(err, f"storage server {s.name}", s.ssh, self.known_hosts))
+                self.unreachable.add(f"storage {s.name}")
                 return
             if not side.local:
                 self.r.add(f"{label} ssh", OK, f"{s.ssh.dest} port {s.ssh.port} answers; its host key is pinned in "
@@ -286,7 +288,8 @@ class Checker:
                            stderr=tail(err, 3))
             else:
                 self.r.add(f"{label} rsync", OK, f"rsync {_version(out)}", version=_version(out))
-            self.probe(s, side.argv(("python3", "-c", PROBE, directory, s.export_root)), directory, need, need_from)
+            python = sys.executable if side.local else "python3"  # as the agent runs (qrmfs/storage.py)
+            self.probe(s, side.argv((python, "-c", PROBE, directory, s.export_root)), directory, need, need_from)
         finally:
             side.close()
 
@@ -354,6 +357,8 @@ class Checker:
         """The ssh route: the storage server logs in to the source with our forwarded key and the source's
         pinned host key, exactly as its rsync will."""
         h = copyplan.source_host(self.cfg, loc)
+        if str(loc) in self.unreachable or f"storage {s.name}" in self.unreachable:
+            return  # a failed ssh check already says why
         if h is None or h.is_local or s.ssh.is_local or (h.address, h.port) == (s.ssh.address, s.ssh.port):
             return  # no hop: a local source is pushed, a local storage pulls itself, one host copies locally
         label = f"{_storage_label(s, s.export_root)} -> source {loc}"
@@ -486,8 +491,7 @@ def check(req: CheckRequest, runner: Runner, ui: Ui) -> dict[str, Any]:
         checker.storage(s, directory, need, f"source {need_from}")
     for token in dict.fromkeys(t for t, _ in targets):
         for loc in locations:
-            if str(loc) not in checker.unreachable:  # it answered us: can the storage server reach it too?
-                checker.hop(cfg.storage_for(token), loc)
+            checker.hop(cfg.storage_for(token), loc)
     checker.openqrm(creds)
     checker.spool()
     return report.as_dict()

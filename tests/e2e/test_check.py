@@ -235,6 +235,18 @@ def test_storage_that_cannot_log_in_to_the_source_fails_the_hop(lab, cfg):
     assert run_on(lab, "storage", "ls -A /tmp").stdout.decode().count(".qrmfs-check-known_hosts-") == 0
 
 
+def test_storage_refusing_connections_fails_and_skips_the_hop(lab, tmp_path):
+    cfg = Path(write_config(lab, tmp_path))
+    cfg.write_text(cfg.read_text().replace(f'address = "{lab["hosts"]["storage"]["address"]}"',
+                                           'address = "127.0.0.1"\nssh_port = 9'))
+    r = qrmfs("check", "-l", "source:/", "--json", config=str(cfg))
+    assert r.returncode == 15
+    got = checks(r)
+    assert got["storage storage ssh"]["message"] == "nothing accepts ssh at 127.0.0.1 port 9 (connection refused)"
+    assert got["source source:/ ssh"]["status"] == "ok"
+    assert not [n for n in got if n.startswith("storage storage ") and n != "storage storage ssh"]
+
+
 def test_missing_rsync_on_the_source_fails(lab, cfg):
     run_on(lab, "source", "mv /usr/bin/rsync /usr/bin/rsync.qrmfs-test")
     try:
