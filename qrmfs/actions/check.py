@@ -18,7 +18,7 @@ from .. import openqrm
 from ..config import SEARCH, Config, SshHost, Storage, load
 from ..errors import ConfigError, QrmfsError, UsageError
 from ..model import Location, Target, host, split_host
-from ..runner import CommandFailed, Runner, tail
+from ..runner import CommandFailed, Runner, ToolMissing, tail
 from ..ui import Ui
 from . import copyplan
 from .common import Credentials, Env, resolve_credentials
@@ -200,8 +200,8 @@ def _version(text: str) -> str:
 
 
 class Checker:
-    def __init__(self, env: Env, req: CheckRequest, report: Report) -> None:
-        self.env, self.req, self.r = env, req, report
+    def __init__(self, env: Env, report: Report) -> None:
+        self.env, self.r = env, report
         self.cfg: Config = env.cfg
         self.known_hosts = self.cfg.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
         self.unreachable: set[str] = set()  # sources and storage servers that did not answer (no hop to check)
@@ -225,9 +225,12 @@ class Checker:
             if not os.path.isdir(loc.path):
                 self.r.add(label, FAIL, f"{loc.path} is not a directory on this machine")
                 return None
-            code, out, err = self.run(("rsync", "--version"), SSH_TIMEOUT)
+            try:
+                code, out, err = self.run(("rsync", "--version"), SSH_TIMEOUT)
+            except ToolMissing:
+                code, out = 127, ""
             if code != 0:
-                self.r.add(label, FAIL, "rsync is not installed on this machine")
+                self.r.add(label, FAIL, "rsync is not installed on this machine (a local source is pushed with it)")
             else:
                 self.r.add(label, OK, f"local directory; rsync {_version(out)}")
         else:
@@ -478,7 +481,7 @@ def check(req: CheckRequest, runner: Runner, ui: Ui) -> dict[str, Any]:
     if not targets:
         raise UsageError("no storage server to check: name one with -t STORAGE[:/path/NAME] or configure "
                          "[storage.NAME]")
-    checker = Checker(env, req, report)
+    checker = Checker(env, report)
     sizes = [(str(loc), checker.source(loc)) for loc in locations]
     known = [(n, what) for what, n in sizes if n is not None]
     need, need_from = max(known) if known else (None, "")

@@ -154,3 +154,14 @@ def test_ssh_problem_names_the_cause(stderr, start):
 
 def test_envelope_shape():
     assert envelope("check", {"a": 1}, ok=False) == {"schema": 1, "ok": False, "command": "check", "result": {"a": 1}}
+
+
+@pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (2 * 2**20, "2.0 MiB"),
+                                         (int(74.04 * 2**30), "74.0 GiB"), (3 * 2**40, "3.0 TiB")])
+def test_size(n, text):
+    assert check._size(n) == text
+
+
+def test_version_from_rsync_banner():
+    assert check._version("rsync  version 3.2.7  protocol version 31\nCopyright ...") == "3.2.7"
+    assert check._version("") == "?"
