@@ -473,7 +473,15 @@ def check(req: CheckRequest, runner: Runner, ui: Ui) -> dict[str, Any]:
         report.add("config", WARN, f"no config file ({', '.join(('$QRMFS_CONFIG', *SEARCH))}): storage servers can "
                                    "only be named by address, with ssh as root and export root /exports")
     env = Env(cfg, runner, ui)
-    creds = resolve_credentials(cfg, req.user, req.password, req.password_file, req.url)
+    for what, path in (("[ssh] identity_file", cfg.identity_file), ("[ssh] known_hosts", cfg.known_hosts)):
+        if path and not os.access(path, os.R_OK):
+            report.add("config", FAIL, f"{what} {path} is not a readable file")
+    password_error = None
+    try:
+        creds = resolve_credentials(cfg, req.user, req.password, req.password_file, req.url)
+    except UsageError as e:  # an unreadable or empty password file: a failed check, the rest still runs
+        password_error = e.message
+        creds = Credentials(req.url or cfg.openqrm.url, req.user or cfg.openqrm.user)
     if not targets:
         targets = [(name, None) for name in cfg.storage]
     if not locations:
@@ -495,7 +503,10 @@ def check(req: CheckRequest, runner: Runner, ui: Ui) -> dict[str, Any]:
     for token in dict.fromkeys(t for t, _ in targets):
         for loc in locations:
             checker.hop(cfg.storage_for(token), loc)
-    checker.openqrm(creds)
+    if password_error:
+        report.add("openqrm", FAIL, password_error)
+    else:
+        checker.openqrm(creds)
     checker.spool()
     return report.as_dict()
 

@@ -165,3 +165,15 @@ def test_size(n, text):
 def test_version_from_rsync_banner():
     assert check._version("rsync  version 3.2.7  protocol version 31\nCopyright ...") == "3.2.7"
     assert check._version("") == "?"
+
+
+def test_unreadable_key_files_and_password_file_are_failed_checks(env, capsys):
+    cfg = env["cfg"].read_text().replace('user = "openqrm"\n', 'user = "openqrm"\npassword_file = "/nonexistent/pw"\n')
+    env["cfg"].write_text(cfg + '\n[ssh]\nidentity_file = "/nonexistent/id"\nknown_hosts = "/nonexistent/kh"\n')
+    code, out, err = run(["check", "-t", "local", "--config", str(env["cfg"])], capsys)
+    assert code == 15, err
+    lines = out.splitlines()
+    assert "fail config: [ssh] identity_file /nonexistent/id is not a readable file" in lines
+    assert "fail config: [ssh] known_hosts /nonexistent/kh is not a readable file" in lines
+    assert "fail openqrm: cannot read password file /nonexistent/pw: No such file or directory" in lines
+    assert any(ln.startswith("ok   storage local export root") for ln in lines)  # the rest still ran
