@@ -52,7 +52,8 @@ def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | Non
     return shlex.join(["ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts)])
 
 
-def rsync_argv(src: str, dest: str, *, excludes: Sequence[str] = (), rsh: str | None = None,
+def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of one command line
+               excludes: Sequence[str] = (), rsh: str | None = None,
                progress: bool = False, live_root: bool = True, drift: bool = False) -> tuple[str, ...]:
     """rsync with full fidelity: hard links, ACLs, xattrs, sparse files, numeric ids, devices and specials,
     one filesystem, the live-root excludes, then the operator's -e excludes (anchored at the source root).

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import shlex
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -13,8 +11,8 @@ from . import __version__, journal, model
 from .actions.common import Credentials, Env, resolve_credentials
 from .completion import complete_host, complete_storage, complete_storage_name
 from .config import load
-from .errors import AbortedError, CheckFailedError, ConnectError, InvalidImageError, QrmfsError, UsageError
-from .result import envelope
+from .errors import AbortedError, QrmfsError, UsageError
+from .results import Flushed, Result, render_json
 from .runner import Runner
 from .ui import Ui
 
@@ -57,16 +55,18 @@ Url = Annotated[str | None, typer.Option("--openqrm-url", metavar="URL",
                                          "(default: config [openqrm] url).")]
 
 
-def _env(config: str | None, verbose: bool, as_json: bool) -> Env:
+def _env(config: str | None, verbose: bool) -> Env:
     ui = Ui(verbose=verbose)
     return Env(load(config), Runner(verbose=verbose, log=ui.debug if verbose else None), ui)
 
 
-def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
-    if as_json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(text)
+def _emit(command: str, result: Result, as_json: bool) -> None:
+    """The one place a command's result is shown: text for people, the JSON envelope with --json. A result
+    whose answer is "no" (validate found problems, ...) then exits with its documented code."""
+    failure = result.failure()
+    print(render_json(command, result, failure) if as_json else result.text())
+    if failure is not None:
+        raise typer.Exit(failure.exit_code)
 
 
 def _warn_password_argv(password: str | None, ui: Ui) -> None:
@@ -75,7 +75,7 @@ def _warn_password_argv(password: str | None, ui: Ui) -> None:
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
-def create(
+def create(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
     location: Annotated[str, typer.Option("-l", "--location", metavar="HOST:/PATH", autocompletion=complete_host,
                                           help="The source root filesystem, or a local directory ('/' = this "
@@ -128,11 +128,13 @@ def create(
     """
     from .actions import create as act
 
-    env = _env(config, verbose, as_json)
+    env = _env(config, verbose)
     t = model.named_target(name, target)
     image = t.name
-    if route not in ("ssh", "nfs"):
-        raise UsageError(f"invalid --route {route!r}: use ssh or nfs")
+    try:
+        how = model.Route(route)
+    except ValueError:
+        raise UsageError(f"invalid --route {route!r}: use ssh or nfs") from None
     adds, pexcl = model.private_dirs(private_add or [], private_exclude or [])
     req = act.CreateRequest(
         name=image, target=t, location=model.Location.parse(location), only_physical=only_physical,
@@ -141,35 +143,9 @@ def create(
         arch=model.tag(arch, "architecture") if arch else None,
         os_name=model.os_name(operating_system) if operating_system else None,
         keep_services=keep_services, keep_network=keep_network,
-        hostname=model.hostname(hostname) if hostname else None, shared=shared, force=force, route=route,
+        hostname=model.hostname(hostname) if hostname else None, shared=shared, force=force, route=how,
         comment=comment, creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
-    if dry_run:
-        plan = act.dry_run(req, env)
-        _emit(plan, as_json, _plan_text(plan))
-        return
-    r = act.create(req, env)
-    reg = r["registration"]["state"]
-    _emit(r, as_json, f"created {r['target']} from {r['source']}: {r['files']} files, "
-                      f"{r['bytes'] / 2**20:.1f} MiB; registration: {reg}")
-
-
-def _plan_text(plan: dict[str, Any]) -> str:
-    lines = [f"dry run: create {plan['image']} at {plan['target']} from {plan['source']} (route {plan['route']})",
-             f"  staging: {plan['staging']}"]
-    for c in plan["copies"]:
-        lines.append(f"  copy {c['what']} on {c['runs_on']}:")
-        lines.append("    " + shlex.join(c["argv"]))
-    lines.append("  " + plan["note"])
-    lines.append("  preparation:")
-    lines += [f"    {s['step']}: {s['what']}" for s in plan["preparation"]]
-    if plan["registration"]:
-        lines.append("  registration (openQRM):")
-        lines += [f"    GET {r['url']} {r['params'].get('image_command') or r['params'].get('event_name')}"
-                  for r in plan["registration"]]
-    else:
-        lines.append("  registration: none (-o/--only-physical)")
-    lines.append("nothing was changed")
-    return "\n".join(lines)
+    _emit("create", act.dry_run(req, env) if dry_run else act.create(req, env), as_json)
 
 
 def _registration(env: Env, only_physical: bool, username: str | None, password: str | None,
@@ -181,7 +157,7 @@ def _registration(env: Env, only_physical: bool, username: str | None, password:
 
 
 @app.command()
-def clone(
+def clone(  # noqa: PLR0913 - typer: one parameter per command-line option
     name: Annotated[str, typer.Option("-s", "--filesystem-image", metavar="NAME", help="Name of the new image.")],
     target: TargetOpt,
     source: Annotated[str, typer.Option("--from", metavar="STORAGE:/PATH", autocompletion=complete_storage,
@@ -201,25 +177,17 @@ def clone(
     """
     from .actions import clone as act
 
-    env = _env(config, verbose, as_json)
+    env = _env(config, verbose)
     t = model.named_target(name, target)
     req = act.CloneRequest(name=name, target=t, source=model.Target.parse(source, "--from"),
                            only_physical=only_physical, force=force,
                            hostname=model.hostname(hostname) if hostname else None,
                            creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
-    if dry_run:
-        plan = act.dry_run(req, env)
-        _emit(plan, as_json, "\n".join([f"dry run: clone {plan['source']} to {plan['target']}"]
-                                       + [f"  copy on {c['runs_on']}: {shlex.join(c['argv'])}" for c in plan["copies"]]
-                                       + ["nothing was changed"]))
-        return
-    r = act.clone(req, env)
-    _emit(r, as_json, f"cloned {req.source} to {r['target']}: {r['files']} files, {r['bytes'] / 2**20:.1f} MiB; "
-                      f"registration: {r['registration']['state']}")
+    _emit("clone", act.dry_run(req, env) if dry_run else act.clone(req, env), as_json)
 
 
 @app.command()
-def remove(
+def remove(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Remove a directory that is not a qrmfs image "
@@ -238,7 +206,7 @@ def remove(
     """
     from .actions import remove as act
 
-    env = _env(config, verbose, as_json)
+    env = _env(config, verbose)
     req = act.RemoveRequest(target=model.Target.parse(target), yes=yes, force=force, only_physical=only_physical,
                             dry_run=dry_run,
                             creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
@@ -248,13 +216,11 @@ def remove(
             raise AbortedError(f"refusing to {question} without --yes (no terminal to ask)")
         return typer.confirm(question + "?", default=False, err=True)
 
-    r = act.remove(req, env, confirm)
-    _emit(r, as_json, f"would remove {r['remove']}" if dry_run else
-          f"removed {r['removed']}; registration: {r['registration']['state']}")
+    _emit("remove", act.remove(req, env, confirm), as_json)
 
 
 @app.command()
-def validate(
+def validate(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
     location: Annotated[str | None, typer.Option("-l", "--location", metavar="HOST:/PATH",
                                                  autocompletion=complete_host, help="Also report drift from this "
@@ -273,28 +239,10 @@ def validate(
     """
     from .actions import validate as act
 
-    env = _env(config, verbose, as_json)
+    env = _env(config, verbose)
     req = act.ValidateRequest(target=model.Target.parse(target), fix=fix, dry_run=dry_run,
                               location=model.Location.parse(location) if location else None)
-    r = act.validate(req, env)
-    lines = []
-    for f in r.get("fixed", []):
-        lines.append(f"fixed    {f['step']:<15} {f['path']}: {f['problem']}")
-    for f in r.get("would_fix", []):
-        lines.append(f"would fix {f['step']:<14} {f['path']}: {f['problem']}")
-    for f in r["findings"]:
-        lines.append(f"problem  {f['step']:<15} {f['path']}: {f['problem']}"
-                     + ("" if f["fixable"] else " (not repaired by --fix)") if not fix or dry_run else
-                     f"LEFT     {f['step']:<15} {f['path']}: {f['problem']}")
-    if "drift" in r:
-        d = r["drift"]
-        lines.append(f"drift from {d['source']}: {d['count']} difference(s)")
-        lines += [f"  {c['change']} {c['path']}" for c in d["changes"]]
-    lines.append(f"{r['target']}: " + ("clean" if r["clean"] else f"{len(r['findings'])} problem(s)"
-                                       + ("" if fix else "; `qrmfs validate --fix` repairs the fixable ones")))
-    _emit(r, as_json, "\n".join(lines))
-    if not r["clean"]:
-        raise typer.Exit(InvalidImageError.exit_code)
+    _emit("validate", act.validate(req, env), as_json)
 
 
 @app.command("list")
@@ -311,36 +259,13 @@ def list_(
     """
     from .actions.listing import list_images
 
-    env = _env(config, verbose, as_json)
-    r = list_images(env, storage)
-    if as_json:
-        _emit(r, True, "")
-    else:
-        _table(r["images"])
-    if r["errors"]:
-        raise typer.Exit(ConnectError.exit_code)
-
-
-def _table(images: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("STORAGE", "NAME", "SIZE", "FILES", "CREATED", "SOURCE", "TAGS", "VALID", "OPENQRM"):
-        t.add_column(col, overflow="fold")
-    for i in images:
-        tags = " ".join(x for x in ("shared" if i["shared"] else "", i["arch"] or "", i["os"] or "") if x)
-        size = f"{i['bytes'] / 2**30:.2f}G" if i["bytes"] is not None else "?"
-        t.add_row(i["storage"], i["name"] + (f" (locked: {i['locked_by']})" if i["locked_by"] else ""), size,
-                  str(i["files"]), i["created"] or "?", i["source"] or "?", tags, i["validation"],
-                  i["registration"])
-    Console(width=None if sys.stdout.isatty() else 200).print(t)
-    if not images:
-        print("no images")
+    env = _env(config, verbose)
+    _emit("list", list_images(env, storage), as_json)
 
 
 @app.command()
-def flush(username: User = None, password: Password = None, password_file: PasswordFile = None,
+def flush(username: User = None,  # noqa: PLR0913 - typer: one parameter per command-line option
+          password: Password = None, password_file: PasswordFile = None,
           openqrm_url: Url = None, as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
     """Deliver the registrations waiting in the spool (openQRM was unreachable when they were made).
 
@@ -350,18 +275,15 @@ def flush(username: User = None, password: Password = None, password_file: Passw
     """
     from .actions.common import flush_spool
 
-    env = _env(config, verbose, as_json)
+    env = _env(config, verbose)
     _warn_password_argv(password, env.ui)
     creds = resolve_credentials(env.cfg, username, password, password_file, openqrm_url)
     r = flush_spool(env, creds, quick=False)
-    _emit(r, as_json, f"delivered {len(r['delivered'])}, still pending {len(r['pending'])}"
-          + (f" ({', '.join(r['pending'])}; see {env.spool().dir})" if r["pending"] else ""))
-    if r["pending"]:
-        raise typer.Exit(13)
+    _emit("flush", Flushed(r["delivered"], r["pending"], str(env.spool().dir)), as_json)
 
 
 @app.command()
-def check(
+def check(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: Annotated[list[str] | None, typer.Option(
         "-t", "--target", metavar="STORAGE[:/PATH/NAME]", autocompletion=complete_storage,
         help="A storage server, or where an image would go (repeatable); default: every configured one.")] = None,
@@ -384,10 +306,35 @@ def check(
     _warn_password_argv(password, ui)
     req = act.CheckRequest(config, tuple(target or ()), tuple(location or ()), username, password, password_file,
                            openqrm_url)
-    r = act.check(req, Runner(verbose=verbose, log=ui.debug if verbose else None), ui)
-    print(json.dumps(envelope("check", r, ok=not r["failed"]), indent=2) if as_json else act.text(r))
-    if r["failed"]:
-        raise typer.Exit(CheckFailedError.exit_code)
+    _emit("check", act.check(req, Runner(verbose=verbose, log=ui.debug if verbose else None), ui), as_json)
+
+
+def _command(args: list[str]) -> str | None:
+    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    return next((a for a in args if a in names), None)
+
+
+def _fail(e: QrmfsError, command: str, as_json: bool) -> int:
+    """The one place an error is shown: one line (and the failing tool's stderr tail) on stderr, and the
+    envelope on stdout with --json."""
+    print(f"qrmfs: error: {e.message}", file=sys.stderr)
+    if e.detail:
+        print("\n".join("  | " + ln for ln in e.detail.splitlines()), file=sys.stderr)
+    if as_json:
+        print(render_json(command, error=e))
+    return e.exit_code
+
+
+def _usage(e: typer.TyperException, command: str, as_json: bool) -> int:
+    """click's own usage errors (a missing or unknown option, a bad value), shown click's way."""
+    show = getattr(e, "show", None)
+    if show:
+        show()
+    else:
+        print(f"qrmfs: error: {e.format_message()}", file=sys.stderr)
+    if as_json:
+        print(render_json(command, error=UsageError(e.format_message())))
+    return e.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,30 +346,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: list[str]) -> int:
     as_json = "--json" in args
+    command = _command(args) or ""
     try:
         rc = app(args=args, prog_name="qrmfs", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
-    except typer.TyperException as e:  # click's usage errors (missing or unknown option, bad value)
-        show = getattr(e, "show", None)
-        if show:
-            show()
-        else:
-            print(f"qrmfs: error: {e.format_message()}", file=sys.stderr)
-        if as_json:
-            print(json.dumps({"ok": False, "error": {"kind": "usage", "exit_code": e.exit_code,
-                                                     "message": e.format_message(), "detail": ""}}))
+    except typer.Exit as e:
         return e.exit_code
+    except typer.TyperException as e:
+        return _usage(e, command, as_json)
     except typer.Abort:
-        print("qrmfs: aborted", file=sys.stderr)
-        return AbortedError.exit_code
+        return _fail(AbortedError("aborted"), command, as_json)
     except QrmfsError as e:
-        print(f"qrmfs: error: {e.message}", file=sys.stderr)
-        if e.detail:
-            print("\n".join("  | " + ln for ln in e.detail.splitlines()), file=sys.stderr)
-        if as_json:
-            print(json.dumps({"ok": False, "error": {"kind": e.kind, "exit_code": e.exit_code, "message": e.message,
-                                                     "detail": e.detail}}))
-        return e.exit_code
+        return _fail(e, command, as_json)
     except KeyboardInterrupt:
         print("qrmfs: interrupted", file=sys.stderr)
         return 130

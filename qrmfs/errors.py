@@ -81,12 +81,3 @@ class AbortedError(QrmfsError):
 class CheckFailedError(QrmfsError):
     """qrmfs check: at least one check failed (each is reported on its own line)."""
     exit_code, kind = 15, "check_failed"
-
-
-class NotImplementedYet(QrmfsError):
-    exit_code, kind = 69, "not_implemented"
-
-
-ALL = [UsageError, ConfigError, NotFoundError, ExistsError, LockedError, ConnectError, TransferError,
-       StorageError, RouteError, RefusedError, InvalidImageError, RegistrationError, AbortedError,
-       CheckFailedError]

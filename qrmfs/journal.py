@@ -69,12 +69,18 @@ def _option(args: Sequence[str], *names: str) -> str | None:
     return None
 
 
+def _error_classes(base: type[errors.QrmfsError] = errors.QrmfsError) -> list[type[errors.QrmfsError]]:
+    subs = base.__subclasses__()
+    return subs + [c for s in subs for c in _error_classes(s)]
+
+
 def kind_of(rc: int) -> str:
+    """The exit code's name (the error kind of README "Exit codes")."""
     if rc == 0:
         return "ok"
     if rc == 130:
         return "interrupted"
-    return next((e.kind for e in errors.ALL if e.exit_code == rc), "error")
+    return next((e.kind for e in _error_classes() if e.exit_code == rc), "error")
 
 
 def record_cli(args: Sequence[str], rc: int) -> bool:

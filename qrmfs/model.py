@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import posixpath
 import re
 from dataclasses import dataclass
@@ -15,6 +16,13 @@ HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0
 TAG_RE = re.compile(r"[A-Za-z0-9_.+-]{1,32}")
 OS_RE = re.compile(r"[A-Za-z0-9_.+ -]{1,64}")
 LIVE = ("/proc", "/sys", "/dev", "/run")
+
+
+class Route(enum.Enum):
+    """How the image's tree is written (README "Routes"): over ssh on the storage server, or through the
+    export mounted here with the kernel's NFS client (the manual's way)."""
+    SSH = "ssh"
+    NFS = "nfs"
 
 
 def _matching(rx: re.Pattern[str], value: str, message: str) -> str:
@@ -129,10 +137,6 @@ class Location:
     @property
     def is_local(self) -> bool:
         return self.host is None
-
-    @property
-    def is_live_root(self) -> bool:
-        return self.path == "/"
 
     def __str__(self) -> str:
         return self.path if self.host is None else f"{self.host}:{self.path}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from plumbum import local
-from plumbum.commands.processes import CommandNotFound
+from plumbum.commands.processes import CommandNotFound, ProcessTimedOut
 
 from .errors import QrmfsError
 
@@ -70,23 +70,20 @@ class Runner:
 
     def run(self, argv: Sequence[str], *, input: str | bytes | None = None, ok: Sequence[int] = (0,),
             timeout: float | None = None) -> Result:
-        """Run to completion; raise CommandFailed unless the exit code is in `ok`."""
-        p = self.popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
-        data = input.encode() if isinstance(input, str) else input
+        """Run to completion (plumbum's run, its timeout); raise CommandFailed unless the exit code is in `ok`.
+        Without input, the command's stdin is at end of file at once."""
+        cmd = self._cmd(argv) << (input if input is not None else "")
         try:
-            out, err = p.communicate(data, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-            raise CommandFailed(argv, -9, err.decode(errors="replace") + f"\n(timed out after {timeout}s)") from None
-        r = Result(tuple(argv), p.returncode, out.decode(errors="surrogateescape"),
-                   err.decode(errors="replace"))
-        if r.code not in ok:
-            raise CommandFailed(argv, r.code, r.stderr)
-        return r
+            code, out, err = cmd.run(retcode=None, timeout=timeout)
+        except ProcessTimedOut:
+            raise CommandFailed(argv, -9, f"(timed out after {timeout}s)") from None
+        if code not in ok:
+            raise CommandFailed(argv, code, err)
+        return Result(tuple(argv), code, out, err)
 
     def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,)) -> Result:
-        """Run, calling on_line for each stdout line (split on \\r too, for progress output)."""
+        """Run, calling on_line for each stdout line, split on \\r too: rsync's progress rewrites one line with
+        \\r, which plumbum's iter_lines (it reads up to \\n) would deliver only at the end of the copy."""
         p = self.popen(argv, stdin=subprocess.DEVNULL)
         err_chunks: list[bytes] = []
         assert p.stderr is not None and p.stdout is not None

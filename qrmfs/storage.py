@@ -16,14 +16,16 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from . import argv as A
+from .agent import protocol as P
+from .agent.protocol import ErrorKind
 from .config import Storage
 from .errors import ConnectError, ExistsError, LockedError, NotFoundError, QrmfsError, RefusedError, StorageError
-from .runner import CommandFailed, Result, Runner, tail
+from .runner import CommandFailed, Runner, tail
 
-AGENT_MODULES = ("fsutil", "steps", "tree", "main")
+AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "main")
 # The -c program is tiny and fixed; the loader and the agent modules come on stdin (first JSON line).
 BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'
 LOADER = """
@@ -35,8 +37,11 @@ for n, src in r["modules"]:
     exec(compile(src, n, "exec"), m.__dict__)
 sys.exit(sys.modules["qrmfs.agent.main"].run(r["op"], r["args"]))
 """
-ERRORS: dict[str, type[QrmfsError]] = {"locked": LockedError, "exists": ExistsError, "not_found": NotFoundError,
-                                       "refused": RefusedError, "not_image": RefusedError}
+ERRORS: dict[ErrorKind, type[QrmfsError]] = {
+    ErrorKind.LOCKED: LockedError, ErrorKind.EXISTS: ExistsError, ErrorKind.NOT_FOUND: NotFoundError,
+    ErrorKind.REFUSED: RefusedError, ErrorKind.NOT_IMAGE: RefusedError, ErrorKind.OS: StorageError,
+    ErrorKind.BAD_REQUEST: StorageError}
+T = TypeVar("T")
 
 
 def _agent_sources() -> list[tuple[str, str]]:
@@ -83,6 +88,10 @@ class StorageSide:
             self._control = None
 
     @property
+    def root(self) -> str:
+        return self.storage.export_root
+
+    @property
     def local(self) -> bool:
         return self.storage.ssh.is_local
 
@@ -94,31 +103,73 @@ class StorageSide:
         return A.ssh_argv(self.storage.ssh, remote, identity=self.identity, known_hosts=self.known_hosts,
                           forward_agent=forward_agent, control=None if forward_agent else self._mux())
 
-    def _payload(self, op: str, args: dict[str, Any]) -> str:
+    def _payload(self, req: P.Request[Any]) -> str:
         if self._sources is None:
             self._sources = _agent_sources()
-        return json.dumps({"loader": LOADER, "modules": self._sources, "op": op, "args": args}) + "\n"
+        return json.dumps({"loader": LOADER, "modules": self._sources, "op": req.op, "args": P.encode(req)}) + "\n"
 
     def _agent_argv(self) -> tuple[str, ...]:
         return self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP))
 
-    def call(self, op: str, **args: Any) -> Any:
+    def _call(self, req: P.Request[T]) -> T:
         try:
-            r = self.runner.run(self._agent_argv(), input=self._payload(op, args), ok=(0, 3))
+            r = self.runner.run(self._agent_argv(), input=self._payload(req), ok=(0, P.FAILED))
         except CommandFailed as e:
             raise self.connect_error(e) from None
-        return self._answer(r.stdout, r)
+        return req.decode_answer(self._answer(r.stdout, r.stderr, req))
 
-    def _answer(self, stdout: str, r: Result | None = None) -> Any:
+    def _answer(self, stdout: str, stderr: str = "", req: P.Request[Any] | None = None) -> Any:
         lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
         if not lines:
-            raise StorageError(f"the storage server {self.storage.name} gave no answer",
-                               tail(r.stderr) if r else "")
-        ans = json.loads(lines[-1])
-        if ans["ok"]:
-            return ans["result"]
-        err = ans["error"]
-        raise ERRORS.get(err["kind"], StorageError)(err["message"])
+            raise StorageError(f"the storage server {self.storage.name} gave no answer", tail(stderr))
+        ans = P.Answer.parse(lines[-1])
+        if ans.ok:
+            return ans.result
+        assert ans.kind is not None
+        if ans.kind is ErrorKind.LOCKED:
+            raise LockedError(f"image {getattr(req, 'path', '')} is locked by another qrmfs operation: {ans.message}")
+        raise ERRORS[ans.kind](ans.message)
+
+    # --- the operations, typed; the export root is this server's -------------------------------------------
+
+    def inspect(self, path: str) -> P.Inspected:
+        return self._call(P.Inspect(path, self.root))
+
+    def stage(self, path: str, token: str, known_hosts: str | None = None) -> P.Staged:
+        return self._call(P.Stage(path, self.root, token, known_hosts))
+
+    def discard(self, path: str, staging: str) -> P.Discarded:
+        return self._call(P.Discard(path, self.root, staging))
+
+    def write_manifest(self, path: str, staging: str, manifest: dict[str, Any]) -> P.Written:
+        return self._call(P.WriteManifest(path, self.root, staging, manifest))
+
+    def publish(self, path: str, staging: str, force: bool) -> P.Published:
+        return self._call(P.Publish(path, self.root, staging, force))
+
+    def remove(self, path: str, force: bool) -> P.Removed:
+        return self._call(P.Remove(path, self.root, force))
+
+    def list(self) -> P.Listed:
+        return self._call(P.List(self.root))
+
+    def manifest_update(self, path: str, patch: dict[str, Any]) -> P.ManifestUpdated:
+        return self._call(P.ManifestUpdate(path, self.root, patch))
+
+    def stats(self, path: str, root: str | None = None) -> P.Counts:
+        return self._call(P.Stats(path, self.root, root))
+
+    def pin_host(self, path: str, known_hosts: str) -> P.Pinned:
+        return self._call(P.PinHost(path, self.root, known_hosts))
+
+    def unpin_host(self, path: str) -> P.Unpinned:
+        return self._call(P.UnpinHost(path, self.root))
+
+    def prepare(self, path: str, options: P.Options, root: str | None = None) -> P.Prepared:
+        return self._call(P.Prepare(path, self.root, options, root))
+
+    def check(self, path: str, options: P.Options, root: str | None = None) -> P.Checked:
+        return self._call(P.Check(path, self.root, options, root))
 
     def connect_error(self, e: CommandFailed) -> QrmfsError:
         if e.code == 255 and not self.local:
@@ -132,32 +183,29 @@ class StorageSide:
     def lock(self, path: str, holder: str) -> Iterator[str]:
         """Hold the image's lock for the block: a helper process on the storage side keeps a flock until
         its stdin closes, so a qrmfs that dies cannot leave a stale lock behind."""
+        req = P.Lock(path, self.root, holder)
         p = self.runner.popen(self._agent_argv())
         assert p.stdin is not None and p.stdout is not None
         try:
-            p.stdin.write(self._payload("lock", {"path": path, "export_root": self.storage.export_root,
-                                                 "holder": holder}).encode())
+            p.stdin.write(self._payload(req).encode())
             p.stdin.flush()
             first = p.stdout.readline().decode()
         except BrokenPipeError:
             first = ""
-        if not first:
+        if not first.startswith("{"):
+            p.kill() if first else None
             p.wait()
             err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+            if first:
+                raise StorageError(f"storage server {self.storage.name}: bad lock answer: {first[:200]}")
             raise self.connect_error(CommandFailed(self._agent_argv()[:1], p.returncode, err))
         try:
-            ans = json.loads(first)
-        except ValueError:
-            p.kill()
-            raise StorageError(f"storage server {self.storage.name}: bad lock answer: {first[:200]}") from None
-        if not ans["ok"]:
+            locked = req.decode_answer(self._answer(first, req=req))
+        except QrmfsError:
             p.wait()
-            err = ans["error"]
-            if err["kind"] == "locked":
-                raise LockedError(f"image {path} is locked by another qrmfs operation: {err['message']}")
-            raise ERRORS.get(err["kind"], StorageError)(err["message"])
+            raise
         try:
-            yield ans["result"]["lock"]
+            yield locked.lock
         finally:
             try:
                 p.stdin.close()

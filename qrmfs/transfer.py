@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .agent.fsutil import parse_mountinfo
 from .errors import TransferError
 from .runner import Runner, tail
 
@@ -31,10 +32,6 @@ class Mounts:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
 def mounts_below(mountinfo: str, root: str) -> Mounts:
     """From /proc/self/mountinfo text: whole disk filesystems mounted strictly below root (to copy as well);
     bind mounts (a directory of another filesystem shown elsewhere) and network filesystems are left out
@@ -43,17 +40,12 @@ def mounts_below(mountinfo: str, root: str) -> Mounts:
     out = Mounts()
     base = root.rstrip("/")
     seen: set[str] = set()
-    for line in mountinfo.splitlines():
-        pre, sep, post = line.partition(" - ")
-        f, g = pre.split(), post.split()
-        if not sep or len(f) < 5 or not g:
-            continue
-        fs_root, mp, fstype = _unescape(f[3]), _unescape(f[4]), g[0]
+    for m in parse_mountinfo(mountinfo):
+        mp, fstype, fs_root = m.mountpoint, m.fstype, m.fs_root
         if mp == (base or "/") or not mp.startswith(base + "/") or mp in seen:
             continue
         seen.add(mp)
-        subvol = next((o[len("subvol="):] for o in (g[2] if len(g) > 2 else "").split(",")
-                       if o.startswith("subvol=")), None)
+        subvol = next((o[len("subvol="):] for o in m.super_options.split(",") if o.startswith("subvol=")), None)
         if fstype in NETWORK_FS:
             out.skipped.append({"path": mp, "fstype": fstype, "why": "network filesystem"})
         elif fstype in DISK_FS and fs_root != "/" and not (fstype == "btrfs" and subvol == fs_root):
@@ -100,7 +92,7 @@ def parse_stats(text: str) -> dict[str, int]:
     return out
 
 
-def judge(code: int, stderr: str) -> tuple[bool, str | None]:
+def judge(code: int) -> tuple[bool, str | None]:
     """(ok, warning) for an rsync exit code. 24 (files vanished on a live system) is only a warning."""
     if code == 0:
         return True, None
@@ -116,6 +108,17 @@ def refused_feature(stderr: str) -> str | None:
     return None
 
 
+def check_rsync(code: int, stderr: str, what: str = "") -> str | None:
+    """The one judgement of an rsync run: its warning, or TransferError saying why it failed (the exit code's
+    meaning and the tail of rsync's and ssh's stderr; without any stderr, that there was none)."""
+    ok, warning = judge(code)
+    if ok:
+        return warning
+    why = refused_feature(stderr) or RSYNC_MEANING.get(code, "failed")
+    detail = tail(stderr, 15) or "(rsync and ssh printed nothing on stderr)"
+    raise TransferError(f"{what}rsync exited with {code}: {why}", detail)
+
+
 def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None
               ) -> tuple[dict[str, int], str | None, int]:
     """Run one rsync (already wrapped for where it runs). Returns (stats, warning, exit code)."""
@@ -125,8 +128,5 @@ def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, i
             on_progress(*p)
 
     r = runner.stream(argv, on_line, ok=range(256))  # every exit code is judged here, not by the runner
-    ok, warning = judge(r.code, r.stderr)
-    if not ok:
-        why = refused_feature(r.stderr) or RSYNC_MEANING.get(r.code, "failed")
-        raise TransferError(f"rsync exited with {r.code}: {why}", tail(r.stderr, 15))
+    warning = check_rsync(r.code, r.stderr)
     return parse_stats(r.stdout), warning, r.code

@@ -7,20 +7,22 @@ changes nothing (docs/openqrm.md, "The credentials probe").
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import argv as A
 from .. import openqrm
 from ..config import SEARCH, Config, SshHost, Storage, load
-from ..errors import ConfigError, QrmfsError, UsageError
+from ..errors import CheckFailedError, ConfigError, QrmfsError, UsageError
 from ..model import Location, Target, host, split_host
+from ..results import Result
 from ..runner import CommandFailed, Runner, ToolMissing, tail
 from ..ui import Ui
-from . import copyplan
+from . import hosts
 from .common import Credentials, Env, resolve_credentials
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -122,6 +124,13 @@ finally:
 """
 
 
+# What the storage probe tries on its scratch file: (probe key, what, why create needs it)
+FEATURES = (("hardlink", "hard links", "rsync -H keeps hard links"),
+            ("acl", "ACLs", "rsync -A copies POSIX ACLs"),
+            ("xattr", "xattrs", "rsync -X copies user.* extended attributes"),
+            ("capability", "security.capability", "file capabilities (ping needs cap_net_raw)"))
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -131,6 +140,22 @@ class Check:
 
     def line(self) -> str:
         return f"{self.status:<4} {self.name}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Checked(Result):
+    """qrmfs check's answer: every check in order; "no" (exit 15) when any failed."""
+    checks: list[Check]
+    failed: int
+    warnings: int
+
+    def text(self) -> str:
+        n, w = self.failed, self.warnings
+        return "\n".join([c.line() for c in self.checks]
+                         + [f"{n} failed, {w} warning(s)" if n or w else "all checks passed"])
+
+    def failure(self) -> QrmfsError | None:
+        return CheckFailedError(f"{self.failed} check(s) failed") if self.failed else None
 
 
 @dataclass(frozen=True)
@@ -153,13 +178,9 @@ class Report:
         self.checks.append(c)
         return c
 
-    @property
-    def failed(self) -> int:
-        return sum(c.status == FAIL for c in self.checks)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"checks": [asdict(c) for c in self.checks], "failed": self.failed,
-                "warnings": sum(c.status == WARN for c in self.checks)}
+    def result(self) -> Checked:
+        return Checked(list(self.checks), sum(c.status == FAIL for c in self.checks),
+                       sum(c.status == WARN for c in self.checks))
 
 
 def _size(n: float) -> str:
@@ -218,7 +239,7 @@ class Checker:
     def source(self, loc: Location) -> int | None:
         """Checks one source; returns its estimated size in bytes (None when unknown)."""
         label = f"source {loc}"
-        h = copyplan.source_host(self.cfg, loc)
+        h = hosts.source_host(self.cfg, loc)
         if h is not None and h.is_local:
             h = None
         if h is None:
@@ -251,7 +272,7 @@ class Checker:
 
     def source_size(self, loc: Location, h: SshHost | None, label: str) -> int | None:
         try:
-            mounts = copyplan.discover_mounts(self.env.runner, self.cfg, loc)
+            mounts = hosts.discover_mounts(self.env.runner, self.cfg, h, loc.path)
         except QrmfsError as e:
             self.r.add(f"{label} size", WARN, f"cannot list its filesystems: {e.message}")
             return None
@@ -297,8 +318,6 @@ class Checker:
             side.close()
 
     def probe(self, s: Storage, argv: Sequence[str], directory: str, need: int | None, need_from: str) -> None:
-        import json
-
         label = _storage_label(s, directory)
         code, out, err = self.run(argv, SSH_TIMEOUT)
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
@@ -320,7 +339,11 @@ class Checker:
         else:
             self.r.add(f"{label} export root", OK, f"{s.export_root} exists; {directory} does not yet (create "
                        f"makes it), probed {probed}")
-        free = p["free"]
+        self._space(label, p, need, need_from)
+        self._features(label, p)
+
+    def _space(self, label: str, p: dict[str, Any], need: int | None, need_from: str) -> None:
+        free, probed = p["free"], p["probed"]
         if p["total"] == 0:
             self.r.add(f"{label} free space", WARN, f"the filesystem of {probed} reports no size (ramfs?): free space "
                        "cannot be compared", free=free)
@@ -336,6 +359,9 @@ class Checker:
         else:
             self.r.add(f"{label} free space", OK, f"{_size(free)} free in {probed}; {need_from} needs about "
                        f"{_size(need)}", free=free, need=need)
+
+    def _features(self, label: str, p: dict[str, Any]) -> None:
+        probed = p["probed"]
         if "scratch_error" in p:
             self.r.add(f"{label} writable", FAIL, f"cannot create a scratch directory in {probed}: "
                        f"{p['scratch_error']}")
@@ -343,11 +369,7 @@ class Checker:
         if p["write"] is not None:
             self.r.add(f"{label} writable", FAIL, f"cannot write a scratch file in {probed}: {p['write']}")
         else:
-            features = (("hardlink", "hard links", "rsync -H keeps hard links"),
-                        ("acl", "ACLs", "rsync -A copies POSIX ACLs"),
-                        ("xattr", "xattrs", "rsync -X copies user.* extended attributes"),
-                        ("capability", "security.capability", "file capabilities (ping needs cap_net_raw)"))
-            for key, what, why in features:
+            for key, what, why in FEATURES:
                 if p[key] is None:
                     self.r.add(f"{label} {what}", OK, f"{probed} accepts {what}")
                 else:
@@ -359,21 +381,21 @@ class Checker:
     def hop(self, s: Storage, loc: Location) -> None:
         """The ssh route: the storage server logs in to the source with our forwarded key and the source's
         pinned host key, exactly as its rsync will."""
-        h = copyplan.source_host(self.cfg, loc)
+        h = hosts.source_host(self.cfg, loc)
         if str(loc) in self.unreachable or f"storage {s.name}" in self.unreachable:
             return  # a failed ssh check already says why
         if h is None or h.is_local or s.ssh.is_local or (h.address, h.port) == (s.ssh.address, s.ssh.port):
             return  # no hop: a local source is pushed, a local storage pulls itself, one host copies locally
         label = f"{_storage_label(s, s.export_root)} -> source {loc}"
         try:
-            lines = copyplan.source_known_hosts(self.env.runner, self.cfg, h)
+            lines = hosts.source_known_hosts(self.env.runner, self.cfg, h)
         except QrmfsError as e:
             self.r.add(f"{label} ssh", FAIL, e.message)
             return
         side = self.env.side(s)
         remote = ("python3", "-c", HOP, lines, *A.ssh_argv(h, ("rsync", "--version"), known_hosts=HOP_MARK))
         try:
-            with copyplan.ssh_agent(self.env.runner, self.cfg.identity_file) as agent_env:
+            with hosts.ssh_agent(self.env.runner, self.cfg.identity_file) as agent_env:
                 runner = self.env.runner.with_env(agent_env)
                 try:
                     res = runner.run(side.argv(remote, forward_agent=True), ok=range(256), timeout=SSH_TIMEOUT * 2)
@@ -458,61 +480,70 @@ def _split_target(token: str) -> tuple[str, str | None]:
     return t.storage, t.path
 
 
-def check(req: CheckRequest, runner: Runner, ui: Ui) -> dict[str, Any]:
-    report = Report()
+def _config(req: CheckRequest, report: Report) -> Config | None:
+    """The config check (parses; the files it names are readable); None when it does not parse."""
     try:
         cfg = load(req.config)
     except ConfigError as e:
         report.add("config", FAIL, e.message)
-        return report.as_dict()
-    targets = [_split_target(t) for t in req.targets]
-    locations = [Location.parse(x) for x in req.locations]
+        return None
     if cfg.path:
         report.add("config", OK, f"{cfg.path}: {len(cfg.storage)} storage server(s), {len(cfg.hosts)} host(s)")
     else:
         report.add("config", WARN, f"no config file ({', '.join(('$QRMFS_CONFIG', *SEARCH))}): storage servers can "
                                    "only be named by address, with ssh as root and export root /exports")
-    env = Env(cfg, runner, ui)
     for what, path in (("[ssh] identity_file", cfg.identity_file), ("[ssh] known_hosts", cfg.known_hosts)):
         if path and not os.access(path, os.R_OK):
             report.add("config", FAIL, f"{what} {path} is not a readable file")
-    password_error = None
-    try:
-        creds = resolve_credentials(cfg, req.user, req.password, req.password_file, req.url)
-    except UsageError as e:  # an unreadable or empty password file: a failed check, the rest still runs
-        password_error = e.message
-        creds = Credentials(req.url or cfg.openqrm.url, req.user or cfg.openqrm.user)
-    if not targets:
-        targets = [(name, None) for name in cfg.storage]
-    if not locations:
-        locations = [Location(name, "/") for name in cfg.hosts]
-    if not targets:
+    return cfg
+
+
+def _targets(req: CheckRequest, env: Env) -> list[tuple[Storage, str]]:
+    """Each storage server and the directory where the image would go (bad input raises UsageError)."""
+    out = []
+    for token in req.targets:
+        name, path = _split_target(token)
+        if path is None:
+            s = env.cfg.storage_for(name)
+            out.append((s, s.export_root))
+        else:
+            out.append((env.storage(Target(name, path)), os.path.dirname(path)))  # refuses paths outside the root
+    if not req.targets:
+        out = [(s, s.export_root) for s in env.cfg.storage.values()]
+    if not out:
         raise UsageError("no storage server to check: name one with -t STORAGE[:/path/NAME] or configure "
                          "[storage.NAME]")
+    return out
+
+
+def _credentials(req: CheckRequest, cfg: Config) -> tuple[Credentials, str | None]:
+    """The openQRM credentials, and why the password could not be read (a failed check, not an abort)."""
+    try:
+        return resolve_credentials(cfg, req.user, req.password, req.password_file, req.url), None
+    except UsageError as e:  # an unreadable or empty password file
+        return Credentials(req.url or cfg.openqrm.url, req.user or cfg.openqrm.user), e.message
+
+
+def check(req: CheckRequest, runner: Runner, ui: Ui) -> Checked:
+    report = Report()
+    cfg = _config(req, report)
+    if cfg is None:
+        return report.result()
+    env = Env(cfg, runner, ui)
+    targets = _targets(req, env)
+    locations = [Location.parse(x) for x in req.locations] or [Location(name, "/") for name in cfg.hosts]
+    creds, password_error = _credentials(req, cfg)
     checker = Checker(env, report)
-    sizes = [(str(loc), checker.source(loc)) for loc in locations]
-    known = [(n, what) for what, n in sizes if n is not None]
-    need, need_from = max(known) if known else (None, "")
-    for token, path in targets:
-        s = cfg.storage_for(token)
-        directory = s.export_root
-        if path is not None:
-            env.storage(Target(token, path))  # refuses a path outside the export root (bad input)
-            directory = os.path.dirname(path)
-        checker.storage(s, directory, need, f"source {need_from}")
-    for token in dict.fromkeys(t for t, _ in targets):
+    sizes = [(n, f"source {loc}") for loc in locations if (n := checker.source(loc)) is not None]
+    need, need_from = max(sizes) if sizes else (None, "")
+    for s, directory in targets:
+        checker.storage(s, directory, need, need_from)
+    for s in dict.fromkeys(s for s, _ in targets):
         for loc in locations:
-            checker.hop(cfg.storage_for(token), loc)
+            checker.hop(s, loc)
     if password_error:
         report.add("openqrm", FAIL, password_error)
     else:
         checker.openqrm(creds)
     checker.spool()
-    return report.as_dict()
-
-
-def text(result: dict[str, Any]) -> str:
-    lines = [f"{c['status']:<4} {c['name']}: {c['message']}" for c in result["checks"]]
-    n, w = result["failed"], result["warnings"]
-    lines.append(f"{n} failed, {w} warning(s)" if n or w else "all checks passed")
-    return "\n".join(lines)
+    return report.result()

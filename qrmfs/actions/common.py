@@ -7,9 +7,11 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+import httpx
 
 from .. import openqrm
+from ..agent.protocol import Inspected
 from ..config import Config, Storage
 from ..errors import NotFoundError, UsageError
 from ..model import Target
@@ -67,6 +69,7 @@ class Env:
     cfg: Config
     runner: Runner
     ui: Ui
+    transport: httpx.BaseTransport | None = None  # the openQRM client's (tests give an httpx.MockTransport)
     _sides: dict[Storage, StorageSide] = field(default_factory=dict)
 
     def storage(self, target: Target) -> Storage:
@@ -83,12 +86,12 @@ class Env:
                                                known_hosts=self.cfg.known_hosts)
         return self._sides[storage]
 
-    def existing(self, target: Target) -> tuple[Storage, StorageSide, dict[str, Any]]:
+    def existing(self, target: Target) -> tuple[Storage, StorageSide, Inspected]:
         """The storage server, its agent and what is at target; NotFoundError when nothing is there."""
         storage = self.storage(target)
         side = self.side(storage)
-        info = side.call("inspect", path=target.path, export_root=storage.export_root)
-        if not info["exists"]:
+        info = side.inspect(target.path)
+        if not info.exists:
             raise NotFoundError(f"{target} does not exist")
         return storage, side, info
 
@@ -99,7 +102,7 @@ class Env:
         o = self.cfg.openqrm
         assert creds.url
         return openqrm.Client(creds.url, creds.user, creds.password, timeout=min(o.timeout, 3) if quick else o.timeout,
-                              retries=0 if quick else o.retries, backoff=o.backoff)
+                              retries=0 if quick else o.retries, backoff=o.backoff, transport=self.transport)
 
 
 def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False) -> str | None:

@@ -6,23 +6,23 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import QrmfsError, UsageError
+from ..results import ImageRow, Listing, Registration, RegState, StorageFailure
 from .common import Env
 
 
-def registration_state(manifest: dict[str, Any], pending_targets: dict[str, str]) -> str:
-    reg = manifest.get("registration", {})
-    state = reg.get("state", "unknown")
-    target = manifest.get("target", "")
-    if target in pending_targets:
-        return f"pending (spool job {pending_targets[target]})"
-    if state == "pending":
-        return "registered (delivered from the spool)"
-    if state.startswith("not registered"):
-        return "not registered"
-    return state
+def registration_state(manifest: dict[str, Any], pending_targets: dict[str, str]) -> Registration:
+    reg = Registration.of_manifest(manifest)
+    job = pending_targets.get(manifest.get("target", ""))
+    if job:
+        return Registration(RegState.PENDING, job)
+    if reg.state is RegState.PENDING:
+        # the manifest says pending but this spool holds no job for it: it was delivered by a flush that
+        # could not update the manifest (or from another admin host's spool); say what is known
+        return Registration(RegState.UNKNOWN, reg.spool_job, "pending in the manifest, not in this spool")
+    return reg
 
 
-def list_images(env: Env, storage_name: str | None) -> dict[str, Any]:
+def list_images(env: Env, storage_name: str | None) -> Listing:
     if storage_name:
         storages = [env.cfg.storage_for(storage_name)]
     else:
@@ -31,26 +31,23 @@ def list_images(env: Env, storage_name: str | None) -> dict[str, Any]:
             raise UsageError("no storage servers in the config: name one, e.g. `qrmfs list 192.168.1.20`")
     pending = {j.target: j.id for j in env.spool().jobs()
                if any(r.params.get("image_command") == "new_image" for r in j.requests)}
-    images: list[dict[str, Any]] = []
-    errors: list[dict[str, str]] = []
+    images: list[ImageRow] = []
+    errors: list[StorageFailure] = []
     for s in storages:
         try:
-            found = env.side(s).call("list", export_root=s.export_root)
+            found = env.side(s).list().images
         except QrmfsError as e:
-            errors.append({"storage": s.name, "error": e.message})
+            errors.append(StorageFailure(s.name, e.message))
             env.ui.warn(f"storage server {s.name}: {e.message}")
             continue
         for entry in found:
-            m = entry["manifest"]
+            m = entry.manifest
             o = m.get("options", {})
-            images.append({
-                "storage": s.name, "name": m.get("image"), "path": entry["path"],
-                "target": m.get("target", f"{s.name}:{entry['path']}"),
-                "bytes": m.get("counts", {}).get("bytes"), "files": m.get("counts", {}).get("files"),
-                "created": m.get("created"), "source": m.get("source"),
-                "shared": bool(o.get("shared")), "arch": o.get("arch"), "os": o.get("os"),
-                "validation": m.get("validation", {}).get("state", "unknown"),
-                "registration": registration_state(m, pending),
-                "locked_by": entry.get("locked"),
-            })
-    return {"images": images, "errors": errors}
+            counts = m.get("counts", {})
+            images.append(ImageRow(
+                storage=s.name, name=m.get("image"), path=entry.path, target=m.get("target", f"{s.name}:{entry.path}"),
+                bytes=counts.get("bytes"), files=counts.get("files"), created=m.get("created"), source=m.get("source"),
+                shared=bool(o.get("shared")), arch=o.get("arch"), os=o.get("os"),
+                validation=m.get("validation", {}).get("state", "unknown"), registration=registration_state(m, pending),
+                locked_by=entry.locked))
+    return Listing(images, errors)

@@ -1,5 +1,8 @@
-"""The one way an image comes into being (create and clone): lock, stage, copy, prepare, manifest, publish,
-register. A failure anywhere before publish removes the staging copy: nothing under the image's name, no
+"""The one way an image comes into being (create and clone), as named steps:
+
+    lock -> check the target -> stage -> copy -> prepare -> manifest -> publish -> register
+
+A failure anywhere before publish removes the staging copy: nothing under the image's name, no
 registration. Registration after publish goes through the spool, so it is never lost."""
 
 from __future__ import annotations
@@ -7,129 +10,182 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__, openqrm
 from ..agent import steps
-from ..config import Storage
+from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published
+from ..agent.tree import siblings
+from ..config import SshHost, Storage
 from ..errors import ExistsError, QrmfsError, StorageError
-from ..model import Target
+from ..model import Route, Target
+from ..results import Built, Registration, RegState
 from ..storage import StorageSide, node_init_script
 from ..transfer import run_rsync
-from . import copyplan
+from . import copyplan, hosts
 from .common import Credentials, Env, deliver, holder
 
 
-@dataclass
+@dataclass(frozen=True)
+class Placement:
+    """Where an image lives and how the agent reaches it: on its storage server over ssh, or, for
+    `--route nfs`, through the export mounted here (then the agent runs here, on the mount)."""
+    target: Target       # as the operator named it
+    storage: Storage     # the configured storage server (its name and openQRM id are the image's)
+    agent: Storage       # where the agent works on the tree: the server itself, or the local mount
+    path: str            # the image's path as the agent sees it
+
+    @property
+    def here(self) -> bool:
+        return self.agent.ssh.is_local
+
+
+@contextmanager
+def placement(env: Env, target: Target, route: Route = Route.SSH) -> Iterator[Placement]:
+    storage = env.storage(target)
+    if route is not Route.NFS:
+        yield Placement(target, storage, storage, target.path)
+        return
+    with hosts.nfs_mount(env.runner, storage) as mnt:
+        local = Storage(storage.name, SshHost("local"), mnt, storage.storage_id)
+        yield Placement(target, storage, local, mnt + target.path[len(storage.export_root):])
+
+
+def staging_name(target: Target) -> str:
+    """The staging directory's name as a plan shows it (the real one ends in a random id)."""
+    return siblings(target.path).staging_prefix + "<id>"
+
+
+def exists_error(target: Target) -> ExistsError:
+    return ExistsError(f"{target} exists; use --force to replace it (the old image is kept until the new one is "
+                       "published)")
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """The image's openQRM registration: whose server, with which image_* fields."""
+    creds: Credentials
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True)
 class BuildSpec:
     command: str                      # "create" | "clone"
-    name: str
-    target: Target                    # as the operator named it
-    storage: Storage                  # where the agent works (the NFS mount for --route nfs)
-    path: str                         # the image path as the agent sees it
-    public_storage: Storage
+    place: Placement
+    source: copyplan.Source           # what to copy (its mounts are found at run time for a live source)
+    source_label: str                 # how the manifest and messages name the source
+    options: Options
     force: bool
-    options: steps.Options
-    plan_copy: Callable[[str, str | None], copyplan.CopyPlan]  # (staging, storage-side known_hosts) -> plan
-    creds: Credentials | None         # None: not registered (-o)
-    fields: dict[str, str]            # new_image's image_* parameters
-    manifest: dict[str, Any]          # source, options, ... (the pipeline adds what it measured)
-    known_hosts: str | None = None    # to pin the source's key on the storage side (pull route)
-    also_lock: list[tuple[StorageSide, str]] = field(default_factory=list)
-    after_prepare: Callable[[StorageSide, str], None] | None = None
+    enroll: Enrollment | None         # None: not registered (-o)
+    manifest: dict[str, Any]          # what the action records (options, excludes, ...); the pipeline adds the rest
+    also_lock: tuple[tuple[StorageSide, str], ...] = ()
+    discover_mounts: bool = False     # read the source's mount table (create from a live host)
+
+    @property
+    def name(self) -> str:
+        return self.place.target.name
+
+
+@dataclass
+class Run:
+    """What one build has done so far, step by step."""
+    spec: BuildSpec
+    side: StorageSide
+    started: float = field(default_factory=time.time)
+    job: openqrm.Job | None = None
+    staging: str = ""
+    plan: copyplan.CopyPlan | None = None
+    rsync: list[dict[str, Any]] = field(default_factory=list)
+    prepared: Prepared | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def build(env: Env, spec: BuildSpec) -> Built:
+    run = Run(spec, env.side(spec.place.agent))
+    run.job = _open_job(spec)
+    # the source first: one that cannot be reached, or whose host key is unknown, fails before anything is touched
+    source = _source(env, spec)
+    pin = _pin(env, spec, source)
+    with ExitStack() as held:
+        _lock(env, run, held)
+        _check_target(run.side.inspect(spec.place.path), spec)
+        if run.job and spec.enroll:
+            deliver(env, spec.enroll.creds, run.job, quick=True)  # the "started" event, if openQRM answers now
+        _stage(env, run, source, pin)
+        try:
+            assert run.plan is not None
+            run.rsync = copy(env, run.plan)
+            _prepare(env, run)
+            _write_manifest(run)
+            published = run.side.publish(spec.place.path, run.staging, spec.force)
+        except BaseException as e:
+            _discard(run)
+            _report_failure(env, run, e)
+            raise
+        env.ui.step(f"published {spec.place.target}" + (
+            f" (the image it replaced is kept as {published.previous})" if published.replaced else ""))
+        return _result(env, run, published, _register(env, run, published))
+
+
+def _open_job(spec: BuildSpec) -> openqrm.Job | None:
+    if not spec.enroll:
+        return None
+    assert spec.enroll.creds.url
+    return openqrm.Job(spec.enroll.creds.url, spec.enroll.creds.user, spec.name, str(spec.place.target), [
+        _event(spec, 9, f"Started to {spec.command} image {spec.name} on {spec.place.target}")])
 
 
 def _event(spec: BuildSpec, priority: int, text: str) -> openqrm.Request:
     return openqrm.event(f"{spec.command}_image_{spec.name}", priority, text)
 
 
-def build(env: Env, spec: BuildSpec) -> dict[str, Any]:
-    ui = env.ui
-    side = env.side(spec.storage)
-    started = time.time()
-    job = None
-    if spec.creds:
-        assert spec.creds.url
-        job = openqrm.Job(spec.creds.url, spec.creds.user, spec.name, str(spec.target), [
-            _event(spec, 9, f"Started to {spec.command} image {spec.name} on {spec.target}")])
-    with ExitStack() as locks:
-        locks.enter_context(side.lock(spec.path, holder(spec.command, spec.name)))
-        for other_side, other_path in spec.also_lock:
-            locks.enter_context(other_side.lock(other_path, holder(spec.command, spec.name)))
-        info = side.call("inspect", path=spec.path, export_root=spec.storage.export_root)
-        if info["exists"] and not spec.force:
-            raise ExistsError(f"{spec.target} exists; use --force to replace it (the old image is kept until the "
-                              "new one is published)")
-        if job and spec.creds:
-            deliver(env, spec.creds, job, quick=True)
-        st = side.call("stage", path=spec.path, export_root=spec.storage.export_root, token=uuid.uuid4().hex[:10],
-                       known_hosts=spec.known_hosts)
-        staging = st["staging"]
-        try:
-            cp = spec.plan_copy(staging, st.get("known_hosts"))
-            runs = copy(env, cp)
-            ui.step("preparing the image for an NFS root")
-            opts = spec.options
-            if opts.shared or opts.private_add:
-                opts = dataclasses.replace(opts, node_init=node_init_script())
-            prepared = side.call("prepare", root=staging, options=dataclasses.asdict(opts))
-            if spec.after_prepare:
-                spec.after_prepare(side, staging)
-            unfixed = [f for f in prepared["left"] if f["fixable"]]
-            if unfixed:
-                raise StorageError("preparation left problems: " +
-                                   "; ".join(f"{f['path']}: {f['problem']}" for f in unfixed))
-            for f in prepared["left"]:
-                ui.warn(f"{f['step']}: {f['path']}: {f['problem']}")
-            counts = side.call("stats", root=staging)
-            manifest = {
-                **spec.manifest,
-                "qrmfs_version": __version__, "image": spec.name, "target": str(spec.target),
-                "path": spec.target.path, "storage": spec.public_storage.name,
-                "storage_id": spec.public_storage.storage_id,
-                "created": _iso(started), "finished": _iso(time.time()),
-                "created_by": holder(spec.command, spec.name), "route": cp.route, "rsync": runs,
-                "separate_filesystems": cp.mounts.include, "skipped_mounts": cp.mounts.skipped,
-                "counts": counts,
-                "preparation": {"steps": [s.name for s in steps.STEPS], "fixed": prepared["fixed"]},
-                "registration": {"state": "pending" if job else "not registered (-o)"},
-                "validation": {"state": "clean" if not prepared["left"] else "problems",
-                               "findings": prepared["left"], "time": _iso(time.time())},
-            }
-            side.call("write_manifest", root=staging, manifest=manifest)
-            pub = side.call("publish", path=spec.path, export_root=spec.storage.export_root, staging=staging,
-                            force=spec.force)
-        except BaseException as e:
-            _discard(side, spec, staging)
-            if job and spec.creds:
-                msg = e.message if isinstance(e, QrmfsError) else type(e).__name__
-                job.requests += [_event(spec, 3, f"Failed to {spec.command} image {spec.name}: {msg}"),
-                                 _event(spec, 10, f"Ended {spec.command} image {spec.name}")]
-                deliver(env, spec.creds, job, quick=True)
-            raise
-        ui.step(f"published {spec.target}" +
-                (f" (the image it replaced is kept as {pub['previous']})" if pub["replaced"] else ""))
-        result: dict[str, Any] = {"image": spec.name, "target": str(spec.target), "source": spec.manifest["source"],
-                                  "route": cp.route, "files": counts["files"], "bytes": counts["bytes"],
-                                  "replaced": pub["replaced"], "warnings": ui.warnings,
-                                  "preparation_fixed": len(prepared["fixed"]),
-                                  "validation": manifest["validation"]["state"]}
-        if job and spec.creds:
-            job.requests += ([openqrm.remove_by_name(spec.name)] if pub["replaced"] else []) + [
-                openqrm.new_image(spec.fields),
-                _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.target}")]
-            result["registration"] = _register(env, spec, side, job)
-        else:
-            result["registration"] = {"state": "not registered (-o)"}
-    return result
+def _lock(env: Env, run: Run, held: ExitStack) -> None:
+    who = holder(run.spec.command, run.spec.name)
+    held.enter_context(run.side.lock(run.spec.place.path, who))
+    for other_side, other_path in run.spec.also_lock:
+        held.enter_context(other_side.lock(other_path, who))
+
+
+def _check_target(info: Inspected, spec: BuildSpec) -> None:
+    if info.exists and not spec.force:
+        raise exists_error(spec.place.target)
+
+
+def _source(env: Env, spec: BuildSpec) -> copyplan.Source:
+    """The source with what is mounted below it (a live host's separate filesystems)."""
+    if not spec.discover_mounts:
+        return spec.source
+    mounts = hosts.discover_mounts(env.runner, env.cfg, spec.source.host, spec.source.path)
+    for s in mounts.skipped:
+        env.ui.warn(f"not copied: {s['path']} ({s['fstype']}, {s['why']})")
+    return dataclasses.replace(spec.source, mounts=mounts)
+
+
+def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
+    """The source's known_hosts lines, where the storage server logs in to the source itself: they are pinned
+    there, so its ssh never trusts a host key blindly."""
+    into = copyplan.Into(spec.place.agent, spec.place.path, spec.place.here)
+    host = None if source.host is None or source.host.is_local else source.host
+    if host is None or copyplan.hop(host, into) is not copyplan.Hop.PULL_ON_STORAGE:
+        return None
+    return hosts.source_known_hosts(env.runner, env.cfg, host)
+
+
+def _stage(env: Env, run: Run, source: copyplan.Source, pin: str | None) -> None:
+    spec = run.spec
+    staged = run.side.stage(spec.place.path, uuid.uuid4().hex[:10], pin)
+    run.staging = staged.staging
+    run.plan = copyplan.plan(env.cfg, source, copyplan.Into(spec.place.agent, staged.staging, spec.place.here,
+                                                              staged.known_hosts), progress=env.ui.tty)
 
 
 def copy(env: Env, cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
     runs = []
-    with copyplan.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
+    with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
             env.ui.step(f"copying {c.what} ({c.runs_on})")
@@ -143,36 +199,116 @@ def copy(env: Env, cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
     return runs
 
 
+def prepared_options(options: Options) -> Options:
+    """The options the agent prepares with: with the qrmfs-init script's text where the image needs it."""
+    return dataclasses.replace(options, node_init=node_init_script()) if options.needs_node_init else options
+
+
+def _prepare(env: Env, run: Run) -> None:
+    spec = run.spec
+    env.ui.step("preparing the image for an NFS root")
+    run.prepared = run.side.prepare(spec.place.path, prepared_options(spec.options), root=run.staging)
+    if spec.options.regenerates_host_keys:
+        _fresh_host_keys(env, run)
+    unfixed = [f for f in run.prepared.left if f.fixable]
+    if unfixed:
+        raise StorageError("preparation left problems: " + "; ".join(f"{f.path}: {f.problem}" for f in unfixed))
+    for f in run.prepared.left:
+        env.ui.warn(f"{f.step}: {f.path}: {f.problem}")
+    c = run.side.stats(spec.place.path, run.staging)
+    run.counts = {"files": c.files, "bytes": c.bytes}
+
+
+def _fresh_host_keys(env: Env, run: Run) -> None:
+    """A copy of an image that keeps per-image host keys gets its own, never the original's."""
+    script = 'test ! -d "$1/etc/ssh" || ssh-keygen -q -A -f "$1"'
+    env.runner.run(run.side.argv(("sh", "-c", script, "sh", run.staging)), timeout=120)
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _discard(side: StorageSide, spec: BuildSpec, staging: str) -> None:
+def _findings(records: list[FindingRecord]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(f) for f in records]
+
+
+def _write_manifest(run: Run) -> None:
+    spec, place = run.spec, run.spec.place
+    assert run.plan is not None and run.prepared is not None
+    left = run.prepared.left
+    run.manifest = {
+        **spec.manifest,
+        "qrmfs_version": __version__, "image": spec.name, "target": str(place.target), "path": place.target.path,
+        "storage": place.storage.name, "storage_id": place.storage.storage_id, "source": spec.source_label,
+        "created": _iso(run.started), "finished": _iso(time.time()),
+        "created_by": holder(spec.command, spec.name), "route": spec.manifest.get("route", Route.SSH.value),
+        "copy": run.plan.hop.value, "rsync": run.rsync,
+        "separate_filesystems": run.plan.mounts.include, "skipped_mounts": run.plan.mounts.skipped,
+        "counts": run.counts,
+        "preparation": {"steps": [s.name for s in steps.STEPS], "fixed": _findings(run.prepared.fixed)},
+        "registration": Registration(RegState.PENDING if run.job else RegState.NOT_REGISTERED).record(),
+        "validation": {"state": "clean" if not left else "problems", "findings": _findings(left),
+                       "time": _iso(time.time())},
+    }
+    run.side.write_manifest(place.path, run.staging, run.manifest)
+
+
+def _discard(run: Run) -> None:
+    if not run.staging:
+        return
     try:
-        side.call("discard", path=spec.path, export_root=spec.storage.export_root, staging=staging)
+        run.side.discard(run.spec.place.path, run.staging)
     except QrmfsError:
         pass  # we still hold the lock; the next run for this image removes leftover staging dirs first
 
 
-def _register(env: Env, spec: BuildSpec, side: StorageSide, job: openqrm.Job) -> dict[str, Any]:
+def _report_failure(env: Env, run: Run, e: BaseException) -> None:
+    spec = run.spec
+    if not (run.job and spec.enroll):
+        return
+    msg = e.message if isinstance(e, QrmfsError) else type(e).__name__
+    run.job.requests += [_event(spec, 3, f"Failed to {spec.command} image {spec.name}: {msg}"),
+                         _event(spec, 10, f"Ended {spec.command} image {spec.name}")]
+    deliver(env, spec.enroll.creds, run.job, quick=True)
+
+
+def _register(env: Env, run: Run, published: Published) -> Registration:
     """Deliver the registration with retries; if the server stays away, it waits in the spool."""
-    assert spec.creds
-    root = spec.storage.export_root
+    spec, job = run.spec, run.job
+    if not (job and spec.enroll):
+        return Registration(RegState.NOT_REGISTERED)
+    job.requests += ([openqrm.remove_by_name(spec.name)] if published.replaced else []) + [
+        openqrm.new_image(spec.enroll.fields),
+        _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
     try:
-        why = deliver(env, spec.creds, job)
+        why = deliver(env, spec.enroll.creds, job)
     except QrmfsError as e:
-        side.call("manifest_update", path=spec.path, export_root=root,
-                  patch={"registration": {"state": "pending", "spool_job": job.id, "error": e.message}})
+        _record(run, Registration(RegState.PENDING, job.id, e.message))
         e.message += (f"; the image is created and its registration waits in the spool (job {job.id}): "
                       "fix the cause and run `qrmfs flush`")
         raise
     if why is None:
-        state: dict[str, Any] = {"state": "registered"}
-        env.ui.step(f"registered {spec.name} with openQRM at {spec.creds.url}")
+        reg = Registration(RegState.REGISTERED)
+        env.ui.step(f"registered {spec.name} with openQRM at {spec.enroll.creds.url}")
     else:
-        state = {"state": "pending", "spool_job": job.id}
+        reg = Registration(RegState.PENDING, job.id)
         env.ui.warn(f"openQRM did not answer ({why}): the image is created and its registration waits in the "
                     f"spool ({env.spool().dir / (job.id + '.json')}); it is delivered automatically at the next "
                     "qrmfs run, or now with `qrmfs flush`")
-    side.call("manifest_update", path=spec.path, export_root=root, patch={"registration": state})
-    return state
+    _record(run, reg)
+    return reg
+
+
+def _record(run: Run, reg: Registration) -> None:
+    run.side.manifest_update(run.spec.place.path, {"registration": reg.record()})
+
+
+def _result(env: Env, run: Run, published: Published, reg: Registration) -> Built:
+    spec = run.spec
+    assert run.plan is not None and run.prepared is not None
+    return Built(command=spec.command, image=spec.name, target=str(spec.place.target), source=spec.source_label,
+                 route=run.manifest["route"], files=run.counts["files"], bytes=run.counts["bytes"],
+                 replaced=published.replaced, previous=published.previous,
+                 preparation_fixed=len(run.prepared.fixed), validation=run.manifest["validation"]["state"],
+                 registration=reg, warnings=list(env.ui.warnings))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
+from ..results import Registration, RegState, Removed, RemovePlan
 from .common import Credentials, Env, deliver, flush_spool, holder, require_registration
 
 
@@ -23,45 +23,43 @@ class RemoveRequest:
     creds: Credentials = field(default_factory=lambda: Credentials(None, None))
 
 
-def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> dict[str, Any]:
-    storage, side, info = env.existing(req.target)
-    manifest = info["manifest"]
+def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Removed | RemovePlan:
+    _storage, side, info = env.existing(req.target)
+    manifest = info.manifest
     if manifest is None and not req.force:
         raise RefusedError(f"{req.target} is not a qrmfs image (no .qrmfs/manifest.json); "
                            "use --force to remove it anyway")
-    registered = manifest is None or manifest.get("registration", {}).get("state") != "not registered (-o)"
+    registered = manifest is None or Registration.of_manifest(manifest).state is not RegState.NOT_REGISTERED
     deregister = registered and not req.only_physical
     if deregister:
         require_registration(req.creds)
     what = f"{req.target}" + (f" ({manifest['counts']['files']} files, {manifest['counts']['bytes'] / 2**20:.0f} MiB)"
                               if manifest and "counts" in manifest else " (NOT a qrmfs image)")
     if req.dry_run:
-        return {"dry_run": True, "remove": str(req.target), "deregister": deregister, "is_image": manifest is not None}
+        return RemovePlan(str(req.target), deregister, manifest is not None)
     if not req.yes and not confirm(f"remove {what}" + (" and deregister it from openQRM" if deregister else "")):
         raise AbortedError("nothing removed")
     with side.lock(req.target.path, holder("remove", req.target.name)):
-        side.call("remove", path=req.target.path, export_root=storage.export_root, force=req.force)
+        side.remove(req.target.path, req.force)
     env.ui.step(f"removed {req.target}")
-    result: dict[str, Any] = {"removed": str(req.target), "registration": {"state": "not registered"}}
     # a registration still waiting in the spool for this image must never arrive after its removal
     spool = env.spool()
     for job in spool.jobs():
         if job.target == str(req.target):
             spool.drop(job)
             env.ui.step(f"dropped the spooled registration {job.id} of the removed image")
-    if deregister:
-        assert req.creds.url
-        name = req.target.name
-        job = openqrm.Job(req.creds.url, req.creds.user, name, str(req.target), [
-            openqrm.event(f"remove_image_{name}", 9, f"Started to remove image {name} from {req.target}"),
-            openqrm.remove_by_name(name),
-            openqrm.event(f"remove_image_{name}", 10, f"Finished to remove image {name} from {req.target}")])
-        flush_spool(env, req.creds, quick=True)
-        why = deliver(env, req.creds, job)
-        if why is None:
-            result["registration"] = {"state": "deregistered"}
-        else:
-            result["registration"] = {"state": "pending", "spool_job": job.id}
-            env.ui.warn(f"openQRM did not answer ({why}): the deregistration waits in the spool; it is delivered "
-                        "at the next qrmfs run, or now with `qrmfs flush`")
-    return result
+    if not deregister:
+        return Removed(str(req.target), Registration(RegState.NOT_REGISTERED))
+    assert req.creds.url
+    name = req.target.name
+    job = openqrm.Job(req.creds.url, req.creds.user, name, str(req.target), [
+        openqrm.event(f"remove_image_{name}", 9, f"Started to remove image {name} from {req.target}"),
+        openqrm.remove_by_name(name),
+        openqrm.event(f"remove_image_{name}", 10, f"Finished to remove image {name} from {req.target}")])
+    flush_spool(env, req.creds, quick=True)
+    why = deliver(env, req.creds, job)
+    if why is None:
+        return Removed(str(req.target), Registration(RegState.DEREGISTERED))
+    env.ui.warn(f"openQRM did not answer ({why}): the deregistration waits in the spool; it is delivered "
+                "at the next qrmfs run, or now with `qrmfs flush`")
+    return Removed(str(req.target), Registration(RegState.PENDING, job.id))

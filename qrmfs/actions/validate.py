@@ -10,17 +10,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..agent import steps
-from ..errors import TransferError
+from ..agent.protocol import FindingRecord, Options
+from ..config import Storage
 from ..model import Location, Target
-from ..runner import tail
-from ..storage import node_init_script
-from ..transfer import RSYNC_MEANING, judge
-from . import copyplan
+from ..results import Drift, Validated
+from ..transfer import check_rsync
+from . import copyplan, hosts
 from .common import Env, holder
+from .pipeline import prepared_options
 
 DRIFT_SHOWN = 200
 ITEM = re.compile(r"^(\*deleting|[<>ch.*][fdLDS][^ ]{7,9})\s+(.*)$")
+MANIFEST = "/.qrmfs/manifest.json"
 
 
 @dataclass(frozen=True)
@@ -31,89 +32,97 @@ class ValidateRequest:
     location: Location | None = None
 
 
-def _manifest_findings(req: ValidateRequest, manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _manifest_findings(req: ValidateRequest, manifest: dict[str, Any] | None) -> list[FindingRecord]:
     if manifest is None:
-        return [{"step": "manifest", "path": "/.qrmfs/manifest.json", "fixable": False,
-                 "problem": "missing: not made by qrmfs, or damaged (remove and create again)"}]
+        return [FindingRecord("manifest", MANIFEST, "missing: not made by qrmfs, or damaged (remove and create again)",
+                              False)]
     out = []
     for key, want in (("image", req.target.name), ("path", req.target.path)):
         if manifest.get(key) != want:
-            out.append({"step": "manifest", "path": "/.qrmfs/manifest.json", "fixable": True,
-                        "problem": f"{key} is {manifest.get(key)!r}, the tree is {want!r}"})
+            out.append(FindingRecord("manifest", MANIFEST, f"{key} is {manifest.get(key)!r}, the tree is {want!r}",
+                                     True))
     for key in ("options", "rsync", "counts", "source"):
         if key not in manifest:
-            out.append({"step": "manifest", "path": "/.qrmfs/manifest.json", "fixable": False,
-                        "problem": f"has no {key!r}"})
+            out.append(FindingRecord("manifest", MANIFEST, f"has no {key!r}", False))
     return out
 
 
-def validate(req: ValidateRequest, env: Env) -> dict[str, Any]:
-    storage, side, info = env.existing(req.target)
-    manifest = info["manifest"]
-    # Without a manifest the image's options are unknown: check and fix only what holds for every image
-    # (keep its network configuration and services as they are).
+def options_of(name: str, manifest: dict[str, Any] | None) -> Options:
+    """The options an image was prepared with. Without a manifest they are unknown: check and fix only what holds
+    for every image (keep its network configuration and services as they are)."""
     known = manifest.get("options", {}) if manifest else {"keep_network": True, "keep_services": True}
-    opts = steps.Options.from_dict({**known, "image": req.target.name})
-    if opts.shared or opts.private_add:
-        opts = dataclasses.replace(opts, node_init=node_init_script())
-    args = {"root": req.target.path, "options": dataclasses.asdict(opts)}
-    findings = _manifest_findings(req, manifest) + side.call("check", **args)["findings"]
-    result: dict[str, Any] = {"image": req.target.name, "target": str(req.target), "findings": findings}
-    if req.fix and req.dry_run:
-        result["would_fix"] = [f for f in findings if f["fixable"]]
-    elif req.fix and findings:
-        with side.lock(req.target.path, holder("validate --fix", req.target.name)):
-            fixed = side.call("prepare", **args)["fixed"]
+    return prepared_options(Options.from_dict({**known, "image": name}))
+
+
+def validate(req: ValidateRequest, env: Env) -> Validated:
+    storage, _side, info = env.existing(req.target)
+    result = _validate(req, env, info.manifest)
+    if req.location is None:
+        return result
+    return dataclasses.replace(result, drift=_drift(env, req, storage, info.manifest or {}))
+
+
+def _validate(req: ValidateRequest, env: Env, manifest: dict[str, Any] | None) -> Validated:
+    side = env.side(env.storage(req.target))
+    opts = options_of(req.target.name, manifest)
+    path = req.target.path
+
+    def findings(m: dict[str, Any] | None) -> list[FindingRecord]:
+        return _manifest_findings(req, m) + side.check(path, opts).findings
+
+    before = findings(manifest)
+    if not req.fix:
+        return Validated(req.target.name, str(req.target), before)
+    if req.dry_run:
+        return Validated(req.target.name, str(req.target), before, fix=True, dry_run=True,
+                         would_fix=[f for f in before if f.fixable])
+    fixed: list[FindingRecord] = []
+    after = before
+    with side.lock(path, holder("validate --fix", req.target.name)):
+        if before:
+            fixed = side.prepare(path, opts).fixed + [f for f in before if f.step == "manifest" and f.fixable]
             if manifest is not None:
-                side.call("manifest_update", path=req.target.path, export_root=storage.export_root,
-                          patch={"image": req.target.name, "path": req.target.path})
-                manifest = side.call("inspect", path=req.target.path, export_root=storage.export_root)["manifest"]
-            after = _manifest_findings(req, manifest) + side.call("check", **args)["findings"]
-        result.update(fixed=fixed + [f for f in findings if f["step"] == "manifest" and f["fixable"]],
-                      findings_before_fix=findings, findings=after)
-    result["clean"] = not result["findings"]
-    if req.fix and not req.dry_run and manifest is not None:
-        side.call("manifest_update", path=req.target.path, export_root=storage.export_root, patch={"validation": {
-            "state": "clean" if result["clean"] else "problems", "findings": result["findings"],
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
-    if req.location is not None:
-        result["drift"] = drift(env, req, storage, manifest or {})
-    return result
+                manifest = side.manifest_update(path, {"image": req.target.name, "path": path}).manifest
+            after = findings(manifest)
+        if manifest is not None:
+            side.manifest_update(path, {"validation": {
+                "state": "clean" if not after else "problems", "findings": [dataclasses.asdict(f) for f in after],
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
+    return Validated(req.target.name, str(req.target), after, fix=True, fixed=fixed, findings_before_fix=before)
 
 
-def drift(env: Env, req: ValidateRequest, storage: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+def _drift(env: Env, req: ValidateRequest, storage: Storage, manifest: dict[str, Any]) -> Drift:
     """What differs between the source now and the image (rsync --dry-run --itemize-changes --delete)."""
     assert req.location is not None
     loc = req.location
-    src = copyplan.source_host(env.cfg, loc)
+    src = hosts.source_host(env.cfg, loc)
     # paths the preparation changed on purpose are not drift
     prepared = sorted({f["path"] for f in manifest.get("preparation", {}).get("fixed", [])})
-    excludes = ["/.qrmfs", *manifest.get("excludes", []), *prepared]
+    source = copyplan.Source(src, loc.path, ("/.qrmfs", *manifest.get("excludes", []), *prepared))
     side = env.side(storage)
-    pinned = None
-    if src is not None and not src.is_local and not storage.ssh.is_local:
-        kh = copyplan.source_known_hosts(env.runner, env.cfg, src)
-        pinned = side.call("pin_host", path=req.target.path, export_root=storage.export_root, known_hosts=kh)
-    changes: list[dict[str, str]] = []
+    pulls = src is not None and not src.is_local and not storage.ssh.is_local
+    pinned = side.pin_host(req.target.path, hosts.source_known_hosts(env.runner, env.cfg, src)).known_hosts \
+        if pulls and src is not None else None
     try:
-        cp = copyplan.plan(env.cfg, storage, src, loc.path, req.target.path, excludes, copyplan.Mounts(),
-                           route="ssh", progress=False, storage_known_hosts=(pinned or {}).get("known_hosts"),
-                           drift=True)
-        with copyplan.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
-            runner = env.runner.with_env(agent_env) if agent_env else env.runner
-            for c in cp.copies:
-                r = runner.run(c.run, ok=range(256), timeout=3600)
-                ok, _ = judge(r.code, r.stderr)
-                if not ok:
-                    raise TransferError(f"drift check: rsync exited with {r.code}: "
-                                        f"{RSYNC_MEANING.get(r.code, 'failed')}", tail(r.stderr))
-                for line in r.stdout.splitlines():
-                    m = ITEM.match(line)
-                    # a directory whose only difference is its time is noise left by the preparation
-                    if m and m.group(2) != "./" and not re.fullmatch(r"\.d\.\.t\.*", m.group(1)):
-                        changes.append({"change": m.group(1), "path": "/" + m.group(2).rstrip("/")})
+        into = copyplan.Into(storage, req.target.path, storage.ssh.is_local, pinned)
+        changes = _itemized(env, copyplan.plan(env.cfg, source, into, drift=True))
     finally:
         if pinned:
-            side.call("unpin_host", path=req.target.path, export_root=storage.export_root)
-    return {"source": str(loc), "count": len(changes), "changes": changes[:DRIFT_SHOWN],
-            "truncated": len(changes) > DRIFT_SHOWN}
+            side.unpin_host(req.target.path)
+    return Drift(str(loc), len(changes), changes[:DRIFT_SHOWN], len(changes) > DRIFT_SHOWN)
+
+
+def _itemized(env: Env, cp: copyplan.CopyPlan) -> list[dict[str, str]]:
+    changes: list[dict[str, str]] = []
+    with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
+        runner = env.runner.with_env(agent_env) if agent_env else env.runner
+        for c in cp.copies:
+            r = runner.run(c.run, ok=range(256), timeout=3600)
+            check_rsync(r.code, r.stderr, "drift check: ")
+            for line in r.stdout.splitlines():
+                m = ITEM.match(line)
+                # a directory whose only difference is its time is noise left by the preparation
+                if m and m.group(2) != "./" and not re.fullmatch(r"\.d\.\.t\.*", m.group(1)):
+                    changes.append({"change": m.group(1), "path": "/" + m.group(2).rstrip("/")})
+    return changes
+

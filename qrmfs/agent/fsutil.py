@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
+from dataclasses import dataclass
 
 MAX_LINKS = 40
 
@@ -46,10 +48,6 @@ def resolve(root: str, rel: str, follow_last: bool = True) -> str:
             continue
         done.append(part)
     return os.path.join(root, *done)
-
-
-def lexists(path: str) -> bool:
-    return os.path.lexists(path)
 
 
 def is_real_dir(path: str) -> bool:
@@ -110,3 +108,39 @@ def makedirs(path: str, mode: int = 0o755) -> None:
     if not os.path.lexists(path):
         os.makedirs(path, exist_ok=True)
         os.chmod(path, mode)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/PID/mountinfo: what is mounted where."""
+    fs_root: str      # the directory of the filesystem shown at the mount point ("/" unless a bind mount)
+    mountpoint: str
+    fstype: str
+    super_options: str
+
+
+def _unescape(s: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """The one mountinfo parser: the source's mount table (client side) and the storage server's own
+    (agent side) are both read with it."""
+    out = []
+    for line in text.splitlines():
+        pre, sep, post = line.partition(" - ")
+        f, g = pre.split(), post.split()
+        if not sep or len(f) < 5 or not g:
+            continue
+        out.append(MountEntry(_unescape(f[3]), _unescape(f[4]), g[0], g[2] if len(g) > 2 else ""))
+    return out
+
+
+def mounts_at_or_below(path: str, mountinfo: str | None = None) -> list[str]:
+    """Mount points at or below path on this machine (the storage server, for the agent)."""
+    if mountinfo is None:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+    base = path.rstrip("/")
+    return [m.mountpoint for m in parse_mountinfo(mountinfo)
+            if m.mountpoint == path or m.mountpoint.startswith(base + "/")]

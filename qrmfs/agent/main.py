@@ -1,66 +1,81 @@
-"""Dispatch one agent operation: JSON arguments in, one JSON line out (`{"ok": ..., "result"|"error"}`)."""
+"""Dispatch one agent operation: a validated request in, one answer line out (protocol.py's framing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from . import protocol as P
 from . import steps, tree
-from .tree import AgentError
+from .protocol import AgentError, ErrorKind
 
 
-def _prepare(root: str, options: dict[str, Any]) -> dict[str, Any]:
-    fixed, left = steps.apply(root, steps.Options.from_dict(options))
-    return {"fixed": fixed, "left": left}
+def _prepare(req: P.Prepare) -> P.Prepared:
+    fixed, left = steps.apply(tree._root_of(req.path, req.root), req.options)
+    return P.Prepared(fixed, left)
 
 
-def _check(root: str, options: dict[str, Any], only: list[str] | None = None) -> dict[str, Any]:
-    return {"findings": [f.as_dict() for f in steps.check(root, steps.Options.from_dict(options), only)]}
+def _check(req: P.Check) -> P.Checked:
+    return P.Checked([f.record() for f in steps.check(tree._root_of(req.path, req.root), req.options)])
 
 
-def _write_manifest(root: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    tree.write_manifest(root, manifest)
-    return {"written": root}
+def _fields(fn: Callable[..., Any]) -> Callable[[Any], Any]:
+    """A tree operation called with the request's fields as its arguments."""
+    return lambda req: fn(**{f.name: getattr(req, f.name) for f in dataclasses.fields(req)})
 
 
-OPS: dict[str, Any] = {
-    "inspect": tree.op_inspect,
-    "stage": tree.op_stage,
-    "discard": tree.op_discard,
-    "publish": tree.op_publish,
-    "remove": tree.op_remove,
-    "list": tree.op_list,
-    "manifest_update": tree.op_manifest_update,
-    "write_manifest": _write_manifest,
-    "stats": tree.op_stats,
-    "pin_host": tree.op_pin_host,
-    "unpin_host": tree.op_unpin_host,
-    "prepare": _prepare,
-    "check": _check,
-    "steps": lambda: [{"name": s.name, "what": s.what} for s in steps.STEPS],
+def _under(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An operation on the image or its staging copy: the image's path is checked against the export root."""
+    def run(req: Any) -> Any:
+        tree._check_under(req.path, req.export_root)
+        return fn(req)
+    return run
+
+
+HANDLERS: dict[type[Any], Callable[[Any], Any]] = {
+    P.Inspect: _fields(tree.op_inspect),
+    P.Stage: _fields(tree.op_stage),
+    P.Discard: _fields(tree.op_discard),
+    P.WriteManifest: _fields(tree.op_write_manifest),
+    P.Publish: _fields(tree.op_publish),
+    P.Remove: _fields(tree.op_remove),
+    P.List: _fields(tree.op_list),
+    P.ManifestUpdate: _fields(tree.op_manifest_update),
+    P.Stats: _fields(tree.op_stats),
+    P.PinHost: _fields(tree.op_pin_host),
+    P.UnpinHost: _fields(tree.op_unpin_host),
+    P.Prepare: _under(_prepare),
+    P.Check: _under(_check),
 }
 
 
-def run(op: str, args: dict[str, Any]) -> int:
-    if op == "lock":
-        try:
-            return tree.op_lock(**args)
-        except AgentError as e:
-            print(json.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}}), flush=True)
-            return 3
+def _hold_lock(req: P.Lock) -> int:
+    fd, locked = tree.take_lock(req.path, req.export_root, req.holder)
+    print(P.ok_line(locked), flush=True)
+    sys.stdin.read()  # returns at EOF: our qrmfs is done (or gone); the flock dies with this process
+    tree.release_lock(fd)
+    return 0
+
+
+def run(op: str, args: Any) -> int:
     try:
-        result = OPS[op](**args)
+        req = P.request(op, args)
+        if isinstance(req, P.Lock):
+            return _hold_lock(req)
+        result = HANDLERS[type(req)](req)
     except AgentError as e:
-        print(json.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}}))
-        return 3
+        print(P.error_line(e.kind, str(e)), flush=True)
+        return P.FAILED
     except OSError as e:
-        print(json.dumps({"ok": False, "error": {"kind": "os", "message": f"{e.strerror}: {e.filename}"}}))
-        return 3
-    print(json.dumps({"ok": True, "result": result}))
+        print(P.error_line(ErrorKind.OS, f"{e.strerror}: {e.filename}"), flush=True)
+        return P.FAILED
+    print(P.ok_line(result), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    req = json.loads(sys.stdin.readline())
-    sys.exit(run(req["op"], req["args"]))
+    r = json.loads(sys.stdin.readline())
+    sys.exit(run(r["op"], r["args"]))

@@ -12,10 +12,10 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .fsutil import Escape, is_real_dir, makedirs, read_file, remove, resolve, write_file
+from .protocol import AgentError, ErrorKind, FindingRecord, Options
 
 QRM_RUNLEVEL = "3"
 MTAB_TARGET = "/proc/mounts"
@@ -42,32 +42,14 @@ EMPTY_DIRS = ("/proc", "/sys", "/run")
 
 
 @dataclass
-class Options:
-    image: str
-    shared: bool = False
-    private_add: list[str] = field(default_factory=list)
-    private_exclude: list[str] = field(default_factory=list)
-    excludes: list[str] = field(default_factory=list)
-    keep_services: bool = True
-    keep_network: bool = False
-    hostname: str | None = None
-    fresh_identity: bool = False  # clone: the new image must not keep the old one's host keys
-    node_init: str = ""  # the qrmfs-init script's text, shipped from the qrmfs package
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Options:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
 class Finding:
     step: str
     path: str
     problem: str
     fix: Callable[[], object] | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "path": self.path, "problem": self.problem, "fixable": self.fix is not None}
+    def record(self) -> FindingRecord:
+        return FindingRecord(self.step, self.path, self.problem, self.fix is not None)
 
 
 @dataclass
@@ -260,7 +242,7 @@ def _machine_id(ctx: Ctx) -> Iterator[Finding]:
 
 @step("host-keys", "no ssh host keys when the image is shared or its network is removed")
 def _host_keys(ctx: Ctx) -> Iterator[Finding]:
-    if not (ctx.opts.shared or not ctx.opts.keep_network or ctx.opts.fresh_identity):
+    if not ctx.opts.drops_host_keys:
         return
     d = ctx.host("/etc/ssh")
     if is_real_dir(d):
@@ -290,7 +272,7 @@ WantedBy=multi-user.target
 
 @step("host-keygen", "where host keys were removed: a unit that makes new ones at first boot, before sshd")
 def _host_keygen(ctx: Ctx) -> Iterator[Finding]:
-    if not (ctx.opts.shared or not ctx.opts.keep_network or ctx.opts.fresh_identity):
+    if not ctx.opts.drops_host_keys:
         return
     if not (ctx.uses_systemd() and os.path.lexists(ctx.host("/etc/ssh/sshd_config"))):
         return
@@ -306,7 +288,7 @@ def _host_keygen(ctx: Ctx) -> Iterator[Finding]:
 
 @step("persistent-net", "no persistent NIC naming rules when shared or network removed")
 def _persistent_net(ctx: Ctx) -> Iterator[Finding]:
-    if not (ctx.opts.shared or not ctx.opts.keep_network):
+    if not ctx.opts.per_node_network:
         return
     yield from _absent(ctx, "persistent-net", PERSISTENT_NET, "binds NIC names to the source's MAC addresses")
 
@@ -383,7 +365,7 @@ def _excludes(ctx: Ctx) -> Iterator[Finding]:
 @step("node-init", "per-node private directories and identity: /sbin/qrmfs-init and /etc/qrmfs/node.conf")
 def _node_init(ctx: Ctx) -> Iterator[Finding]:
     o = ctx.opts
-    needed = o.shared or bool(o.private_add)
+    needed = o.needs_node_init
     conf = ctx.host(NODE_CONF)
     script = ctx.host(NODE_INIT)
     want_conf = node_conf(o).encode()
@@ -499,12 +481,10 @@ def _mask(ctx: Ctx, name: str, units: list[str]) -> Iterator[Finding]:
 
 # --- entry points ---------------------------------------------------------------------------------
 
-def check(root: str, opts: Options, only: list[str] | None = None) -> list[Finding]:
+def check(root: str, opts: Options) -> list[Finding]:
     ctx = Ctx(root, opts)
     out: list[Finding] = []
     for s in STEPS:
-        if only and s.name not in only:
-            continue
         try:
             out.extend(s.check(ctx))
         except Escape as e:
@@ -512,18 +492,22 @@ def check(root: str, opts: Options, only: list[str] | None = None) -> list[Findi
     return out
 
 
-def apply(root: str, opts: Options, rounds: int = 3) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def apply(root: str, opts: Options, rounds: int = 3) -> tuple[list[FindingRecord], list[FindingRecord]]:
     """Fix every finding; return (what was fixed, what is left after a last check). A fix can make another
     step apply (node-init creating /etc makes mtab and machine-id relevant), so check again until nothing
-    fixable is left, a bounded number of rounds."""
-    fixed: list[dict[str, Any]] = []
+    fixable is left, a bounded number of rounds. A fix that fails names its step and image path."""
+    fixed: list[FindingRecord] = []
     for _ in range(rounds):
         todo = [f for f in check(root, opts) if f.fix is not None]
         if not todo:
             break
         for f in todo:
             assert f.fix is not None
-            f.fix()
-            fixed.append(f.as_dict())
-    left = [f.as_dict() for f in check(root, opts)]
+            try:
+                f.fix()
+            except OSError as e:
+                raise AgentError(ErrorKind.OS, f"preparation step {f.step} failed at {f.path} in the image: "
+                                 f"{e.strerror or e}") from None
+            fixed.append(f.record())
+    left = [f.record() for f in check(root, opts)]
     return fixed, left

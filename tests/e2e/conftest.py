@@ -89,6 +89,15 @@ def qrmfs(*args: str, config: str | None = None, env: dict[str, str] | None = No
                           env={**os.environ, **(env or {})})
 
 
+def result_of(r: subprocess.CompletedProcess[str], ok: bool = True) -> Any:
+    """The result inside qrmfs's --json envelope (README "JSON output"), after checking the envelope."""
+    import json
+
+    env = json.loads(r.stdout)
+    assert env["schema"] == 1 and env["ok"] is ok, env
+    return env["result"]
+
+
 @pytest.fixture
 def cfg(lab: dict[str, Any], tmp_path: Any) -> str:
     return write_config(lab, tmp_path)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from .conftest import exports_listing, qrmfs, run_on, tree_info
+from .conftest import exports_listing, qrmfs, result_of, run_on, tree_info
 
 pytestmark = pytest.mark.e2e
 FIXTURE = "/srv/fixture"
@@ -33,8 +33,8 @@ def test_create_from_source_is_faithful_prepared_and_registered(lab, mock, cfg, 
               "--password-file", lab["openqrm"]["password_file"], "-a", "x86_64", "--operation-system", "debian12",
               "--json", config=cfg)
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["registration"] == {"state": "registered"}
+    out = result_of(r)
+    assert out["registration"]["state"] == "registered"
 
     # the image equals the source in every hard case of the fixture area (sockets are removed by design)
     src = tree_info(lab, "source", FIXTURE)
@@ -104,7 +104,7 @@ def test_create_from_local_directory(lab, mock, cfg, image_path, on_storage, tmp
 def test_only_physical_creates_without_registering(lab, mock, cfg, image_path, on_storage):
     r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["registration"] == {"state": "not registered (-o)"}
+    assert result_of(r)["registration"]["state"] == "not_registered"
     on_storage(f"test -f {image_path}/fixture/hardlinks/a")
     state = _state(mock)
     assert state["images"] == [] and state["events"] == [] and state["requests"] == []
@@ -215,7 +215,7 @@ def test_openqrm_down_spools_and_delivers_exactly_once(lab, mock, cfg, image_pat
     mock.post("/_mock/fault", json={"mode": "500"}).raise_for_status()
     r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = result_of(r)
     assert out["registration"]["state"] == "pending"
     assert "qrmfs flush" in r.stderr
     spooled = list((tmp_path / "spool").glob("*.json"))
@@ -230,7 +230,7 @@ def test_openqrm_down_spools_and_delivers_exactly_once(lab, mock, cfg, image_pat
     mock.delete("/_mock/fault").raise_for_status()
     r = qrmfs("flush", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["delivered"] == [spooled[0].stem]
+    assert result_of(r)["delivered"] == [spooled[0].stem]
     assert qrmfs("flush", config=cfg).returncode == 0  # nothing left: nothing sent again
     state = _state(mock)
     assert [i["image_name"] for i in state["images"]] == [_name(image_path)]

@@ -13,6 +13,7 @@ import pytest
 
 from qrmfs.agent import main as agent_main
 from qrmfs.agent import tree
+from qrmfs.agent.protocol import encode
 from qrmfs.agent.tree import AgentError
 
 
@@ -31,6 +32,11 @@ def image(path: Path, manifest: dict[str, Any] | None = None) -> Path:
     return path
 
 
+def enc(fn: Any) -> Any:
+    """A tree operation whose typed answer is compared as the JSON data it crosses the wire as."""
+    return lambda *a, **kw: encode(fn(*a, **kw))
+
+
 def refused(kind: str, fn: Any, *args: Any, **kw: Any) -> str:
     with pytest.raises(AgentError) as ei:
         fn(*args, **kw)
@@ -39,18 +45,19 @@ def refused(kind: str, fn: Any, *args: Any, **kw: Any) -> str:
 
 
 def test_siblings() -> None:
-    assert tree.siblings("/exports/lab/img1") == {
+    assert encode(tree.siblings("/exports/lab/img1")) == {
         "lock": "/exports/lab/.img1.qrmfs-lock",
         "staging_prefix": "/exports/lab/.img1.qrmfs-staging-",
         "previous": "/exports/lab/.img1.qrmfs-previous",
         "known_hosts": "/exports/lab/.img1.qrmfs-known_hosts",
+        "removing": "/exports/lab/.img1.qrmfs-removing",
     }
 
 
 # --- inspect ---------------------------------------------------------------------------------------
 
 def test_inspect_absent(root: Path) -> None:
-    info = tree.op_inspect(str(root / "img1"), str(root))
+    info = enc(tree.op_inspect)(str(root / "img1"), str(root))
     st = os.statvfs(root)
     assert {k: v for k, v in info.items() if k != "free_bytes"} == {
         "exists": False, "is_image": False, "parent_exists": True, "previous": False, "manifest": None}
@@ -60,17 +67,17 @@ def test_inspect_absent(root: Path) -> None:
 def test_inspect_image_and_parent_missing(root: Path) -> None:
     image(root / "img1", {"image": "img1"})
     (root / ".img1.qrmfs-previous").mkdir()
-    info = tree.op_inspect(str(root / "img1"), str(root))
+    info = enc(tree.op_inspect)(str(root / "img1"), str(root))
     assert (info["exists"], info["is_image"], info["previous"], info["manifest"]) == (True, True, True,
                                                                                      {"image": "img1"})
-    info = tree.op_inspect(str(root / "lab/img2"), str(root))
+    info = enc(tree.op_inspect)(str(root / "lab/img2"), str(root))
     assert (info["exists"], info["parent_exists"]) == (False, False)
     assert not (root / "lab").exists()  # inspect creates nothing
 
 
 def test_inspect_directory_without_manifest_is_not_an_image(root: Path) -> None:
     image(root / "img1")
-    info = tree.op_inspect(str(root / "img1"), str(root))
+    info = enc(tree.op_inspect)(str(root / "img1"), str(root))
     assert (info["exists"], info["is_image"]) == (True, False)
 
 
@@ -110,7 +117,7 @@ def test_symlinked_parent_or_image_refused(root: Path, tmp_path: Path) -> None:
 def test_stage_creates_staging_and_removes_leftovers(root: Path) -> None:
     (root / ".img1.qrmfs-staging-old1/etc").mkdir(parents=True)
     (root / ".img10.qrmfs-staging-other").mkdir()
-    out = tree.op_stage(str(root / "img1"), str(root), "abc123", known_hosts="src ssh-ed25519 AAAA\n")
+    out = enc(tree.op_stage)(str(root / "img1"), str(root), "abc123", known_hosts="src ssh-ed25519 AAAA\n")
     assert out == {"staging": str(root / ".img1.qrmfs-staging-abc123"),
                    "known_hosts": str(root / ".img1.qrmfs-known_hosts")}
     assert sorted(os.listdir(root)) == [".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-abc123",
@@ -121,20 +128,20 @@ def test_stage_creates_staging_and_removes_leftovers(root: Path) -> None:
 
 
 def test_stage_makes_parent_and_no_known_hosts(root: Path) -> None:
-    out = tree.op_stage(str(root / "lab/img1"), str(root), "t")
-    assert out == {"staging": str(root / "lab/.img1.qrmfs-staging-t")}
+    out = enc(tree.op_stage)(str(root / "lab/img1"), str(root), "t")
+    assert out == {"staging": str(root / "lab/.img1.qrmfs-staging-t"), "known_hosts": None}
     assert os.listdir(root / "lab") == [".img1.qrmfs-staging-t"]
 
 
 def test_publish_refuses_without_manifest(root: Path) -> None:
-    st = tree.op_stage(str(root / "img1"), str(root), "t")["staging"]
+    st = enc(tree.op_stage)(str(root / "img1"), str(root), "t")["staging"]
     msg = refused("refused", tree.op_publish, str(root / "img1"), str(root), st, False)
     assert msg == f"{st} has no manifest: not publishing an unfinished image"
     assert os.path.isdir(st) and not (root / "img1").exists()
 
 
 def test_publish_refuses_foreign_staging(root: Path) -> None:
-    other = tree.op_stage(str(root / "img2"), str(root), "t")["staging"]
+    other = enc(tree.op_stage)(str(root / "img2"), str(root), "t")["staging"]
     tree.write_manifest(other, {"image": "img2"})
     refused("refused", tree.op_publish, str(root / "img1"), str(root), other, False)
     refused("refused", tree.op_publish, str(root / "img1"), str(root), str(root / ".img1.qrmfs-staging-none"), False)
@@ -142,9 +149,9 @@ def test_publish_refuses_foreign_staging(root: Path) -> None:
 
 
 def test_publish_new(root: Path) -> None:
-    st = tree.op_stage(str(root / "img1"), str(root), "t", known_hosts="kh\n")["staging"]
+    st = enc(tree.op_stage)(str(root / "img1"), str(root), "t", known_hosts="kh\n")["staging"]
     image(Path(st), {"image": "img1", "n": 1})
-    out = tree.op_publish(str(root / "img1"), str(root), st, False)
+    out = enc(tree.op_publish)(str(root / "img1"), str(root), st, False)
     assert out == {"path": str(root / "img1"), "replaced": False, "previous": None}
     assert os.listdir(root) == ["img1"]  # staging renamed, known_hosts removed
     assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 1}
@@ -154,11 +161,11 @@ def test_publish_existing_refused_without_force_then_force_keeps_previous(root: 
     image(root / "img1", {"image": "img1", "n": 1})
     (root / ".img1.qrmfs-previous").mkdir()
     (root / ".img1.qrmfs-previous/very-old").write_text("0")
-    st = tree.op_stage(str(root / "img1"), str(root), "t")["staging"]
+    st = enc(tree.op_stage)(str(root / "img1"), str(root), "t")["staging"]
     image(Path(st), {"image": "img1", "n": 2})
     assert refused("exists", tree.op_publish, str(root / "img1"), str(root), st, False) == f"{root / 'img1'} exists"
     assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 1} and os.path.isdir(st)
-    out = tree.op_publish(str(root / "img1"), str(root), st, True)
+    out = enc(tree.op_publish)(str(root / "img1"), str(root), st, True)
     assert out == {"path": str(root / "img1"), "replaced": True, "previous": str(root / ".img1.qrmfs-previous")}
     assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 2}
     assert tree.read_manifest(str(root / ".img1.qrmfs-previous")) == {"image": "img1", "n": 1}
@@ -166,10 +173,10 @@ def test_publish_existing_refused_without_force_then_force_keeps_previous(root: 
 
 
 def test_discard(root: Path) -> None:
-    st = tree.op_stage(str(root / "img1"), str(root), "t", known_hosts="kh\n")["staging"]
+    st = enc(tree.op_stage)(str(root / "img1"), str(root), "t", known_hosts="kh\n")["staging"]
     image(Path(st))
     image(root / "img1", {"image": "img1"})
-    assert tree.op_discard(str(root / "img1"), str(root), st) == {"removed": st}
+    assert enc(tree.op_discard)(str(root / "img1"), str(root), st) == {"removed": st}
     assert os.listdir(root) == ["img1"]
     refused("refused", tree.op_discard, str(root / "img1"), str(root), str(root / "img1"))
 
@@ -177,10 +184,10 @@ def test_discard(root: Path) -> None:
 def test_discard_refuses_dotdot_staging(root: Path, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     (victim / "data").mkdir(parents=True)
-    tree.op_stage(str(root / "img1"), str(root), "x")
+    enc(tree.op_stage)(str(root / "img1"), str(root), "x")
     evil = str(root / ".img1.qrmfs-staging-x") + "/../../victim"
     with pytest.raises(AgentError):
-        tree.op_discard(str(root / "img1"), str(root), evil)
+        enc(tree.op_discard)(str(root / "img1"), str(root), evil)
     assert (victim / "data").is_dir()
 
 
@@ -216,7 +223,7 @@ def test_remove_not_found_not_dir_not_image(root: Path) -> None:
     msg = refused("not_image", tree.op_remove, str(root / "plain"), str(root), False)
     assert msg == f"{root / 'plain'} has no qrmfs manifest: not an image (use --force to remove anyway)"
     assert (root / "plain/etc/hostname").exists()
-    assert tree.op_remove(str(root / "plain"), str(root), True) == {"removed": str(root / "plain")}
+    assert enc(tree.op_remove)(str(root / "plain"), str(root), True) == {"removed": str(root / "plain")}
     assert sorted(os.listdir(root)) == ["afile"]
 
 
@@ -225,21 +232,27 @@ def test_remove_image_and_previous_only(root: Path) -> None:
     image(root / ".img1.qrmfs-previous", {"image": "img1"})
     image(root / "img10", {"image": "img10"})
     (root / ".img10.qrmfs-previous").mkdir()
-    assert tree.op_remove(str(root / "img1"), str(root), False) == {"removed": str(root / "img1")}
+    assert enc(tree.op_remove)(str(root / "img1"), str(root), False) == {"removed": str(root / "img1")}
     assert sorted(os.listdir(root)) == [".img10.qrmfs-previous", "img10"]
 
 
 def test_remove_refuses_image_with_mounts(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     image(root / "img1", {"image": "img1"})
-    monkeypatch.setattr(tree, "mounts_under", lambda p: [p + "/proc"])
+    monkeypatch.setattr(tree, "mounts_at_or_below", lambda p: [p + "/proc"])
     msg = refused("refused", tree.op_remove, str(root / "img1"), str(root), True)
     assert msg == f"{root / 'img1'} has mounts under it: {root / 'img1'}/proc"
     assert (root / "img1/etc/hostname").exists()
 
 
-def test_mounts_under_reads_proc_mounts() -> None:
-    assert "/proc" in tree.mounts_under("/proc")
-    assert tree.mounts_under("/nonexistent-qrmfs-test") == []
+def test_mounts_at_or_below_reads_this_machines_mountinfo() -> None:
+    from qrmfs.agent import fsutil
+
+    assert "/proc" in fsutil.mounts_at_or_below("/proc")
+    assert fsutil.mounts_at_or_below("/nonexistent-qrmfs-test") == []
+    info = ("36 25 0:32 / /exports/img rw - ext4 /dev/sda1 rw\n"
+            "37 36 0:33 / /exports/img/srv/a\\040b rw - tmpfs tmpfs rw\n"
+            "38 25 0:34 / /exports/img2 rw - tmpfs tmpfs rw\n")
+    assert fsutil.mounts_at_or_below("/exports/img", info) == ["/exports/img", "/exports/img/srv/a b"]
 
 
 # --- list / manifest_update / stats ----------------------------------------------------------------
@@ -251,12 +264,12 @@ def test_list(root: Path) -> None:
     image(root / ".img1.qrmfs-previous", {"image": "old"})
     image(root / "plain")
     (root / "afile").write_text("x")
-    got = tree.op_list(str(root))
+    got = enc(tree.op_list)(str(root))["images"]
     assert got == [
         {"path": str(root / "img1"), "manifest": {"image": "img1"}, "locked": None},
         {"path": str(root / "lab/deep/img2"), "manifest": {"image": "img2"}, "locked": None},
     ]
-    assert [g["path"] for g in tree.op_list(str(root), depth=4)] == [
+    assert [g["path"] for g in enc(tree.op_list)(str(root), depth=4)["images"]] == [
         str(root / "a/b/c/too_deep"), str(root / "img1"), str(root / "lab/deep/img2")]
     refused("not_found", tree.op_list, str(root / "missing"))
 
@@ -265,21 +278,23 @@ def test_list_shows_lock_holder(root: Path) -> None:
     image(root / "img1", {"image": "img1"})
     lock = root / ".img1.qrmfs-lock"
     lock.write_text("")
-    assert tree.op_list(str(root))[0]["locked"] is None
+    assert enc(tree.op_list)(str(root))["images"][0]["locked"] is None
     fd = os.open(lock, os.O_RDWR)
     try:
         os.write(fd, b"op@host pid 42 (create img1) since 2024-01-01T00:00:00Z\n")
         # a flock held by another open file description (as by the agent's lock process)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert tree.op_list(str(root))[0]["locked"] == "op@host pid 42 (create img1) since 2024-01-01T00:00:00Z"
+        locked = enc(tree.op_list)(str(root))["images"][0]["locked"]
+        assert locked == "op@host pid 42 (create img1) since 2024-01-01T00:00:00Z"
     finally:
         os.close(fd)
-    assert tree.op_list(str(root))[0]["locked"] is None
+    assert enc(tree.op_list)(str(root))["images"][0]["locked"] is None
 
 
 def test_manifest_update(root: Path) -> None:
     image(root / "img1", {"image": "img1", "registration": {"state": "pending"}, "keep": 1})
-    out = tree.op_manifest_update(str(root / "img1"), str(root), {"registration": {"state": "registered"}})
+    out = enc(tree.op_manifest_update)(str(root / "img1"), str(root), {"registration": {"state": "registered"}})
+    out = out["manifest"]
     assert out == {"image": "img1", "registration": {"state": "registered"}, "keep": 1}
     assert json.loads((root / "img1/.qrmfs/manifest.json").read_text()) == out
     assert (root / "img1/.qrmfs/manifest.json").read_text().endswith("}\n")
@@ -304,7 +319,7 @@ def test_stats_counts_hard_links_once(tmp_path: Path) -> None:
         else:
             (base / "d/b").write_bytes((base / "d/a").read_bytes())
         os.symlink("/etc/passwd", base / "l")  # never followed
-        return tree.op_stats(str(base))
+        return enc(tree.op_stats)(str(base), str(tmp_path))
 
     linked, copied = make(tmp_path / "x", True), make(tmp_path / "y", False)
     assert linked["files"] == copied["files"] == 4  # d, d/a, d/b, l
@@ -323,6 +338,17 @@ def test_agent_main_ok_and_errors(root: Path, capsys: pytest.CaptureFixture[str]
     assert agent_main.run("remove", {"path": "/", "export_root": str(root), "force": True}) == 3
     assert json.loads(capsys.readouterr().out) == {"ok": False, "error": {"kind": "refused",
                                                                           "message": "refusing to remove '/'"}}
-    assert agent_main.run("stats", {"root": str(root / "missing")}) == 3
+    assert agent_main.run("stats", {"path": str(root / "missing"), "export_root": str(root)}) == 3
     err = json.loads(capsys.readouterr().out)["error"]
-    assert err["kind"] == "os" and str(root / "missing") in err["message"]
+    assert err["kind"] == "not_found" and str(root / "missing") in err["message"]
+    # requests are validated before anything is done: unknown ops, unknown, missing and mistyped fields
+    for op, args, why in (("nope", {}, "unknown operation 'nope'"),
+                          ("stats", {"path": str(root / "img1"), "export_root": str(root), "bogus": 1},
+                           "Stats: unknown field(s) bogus"),
+                          ("inspect", {"path": str(root / "img1")}, "Inspect: missing field export_root"),
+                          ("remove", {"path": str(root / "img1"), "export_root": str(root), "force": "yes"},
+                           "Remove.force: expected bool")):
+        assert agent_main.run(op, args) == 3
+        err = json.loads(capsys.readouterr().out)["error"]
+        assert err == {"kind": "bad_request", "message": why}
+    assert (root / "img1/etc/hostname").exists()

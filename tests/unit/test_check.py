@@ -14,7 +14,7 @@ import pytest
 from qrmfs import cli
 from qrmfs.actions import check
 from qrmfs.config import SshHost
-from qrmfs.result import envelope
+from qrmfs.results import envelope
 
 
 @pytest.fixture
@@ -152,8 +152,15 @@ def test_ssh_problem_names_the_cause(stderr, start):
     assert check.ssh_problem(stderr, "storage server nas1", H, "/kh").startswith(start)
 
 
-def test_envelope_shape():
-    assert envelope("check", {"a": 1}, ok=False) == {"schema": 1, "ok": False, "command": "check", "result": {"a": 1}}
+def test_envelope_of_a_failed_check():
+    r = check.Checked([check.Check("x", "fail", "broken")], failed=1, warnings=0)
+    err = r.failure()
+    assert err is not None and err.exit_code == 15
+    assert envelope("check", r, err) == {
+        "schema": 1, "ok": False, "command": "check",
+        "result": {"checks": [{"name": "x", "status": "fail", "message": "broken", "data": {}}], "failed": 1,
+                   "warnings": 0},
+        "error": {"kind": "check_failed", "message": "1 check(s) failed", "exit_code": 15, "detail": ""}}
 
 
 @pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (2 * 2**20, "2.0 MiB"),

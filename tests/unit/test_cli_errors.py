@@ -116,7 +116,7 @@ def test_missing_config_file_exit_3(env: dict[str, Path], capsys: pytest.Capture
 def test_json_error_output(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run([*create_args(env, **{"--hostname": "bad_host"}), "--json"], capsys)
     assert code == 2
-    assert json.loads(out) == {"ok": False, "error": {
+    assert json.loads(out) == {"schema": 1, "ok": False, "command": "create", "error": {
         "kind": "usage", "exit_code": 2, "message": "invalid hostname 'bad_host': letters, digits, '-' and '.', "
                                                     "labels of 1-63", "detail": ""}}
     assert err.splitlines()[0].startswith("qrmfs: error: invalid hostname")
@@ -167,7 +167,9 @@ def test_create_dry_run_json_without_password(env: dict[str, Path], capsys: pyte
     code, out, err = run(args, capsys)
     assert code == 0, err
     assert "Sup3rS3cret" not in out + err
-    plan = json.loads(out)
+    envelope = json.loads(out)
+    assert (envelope["schema"], envelope["ok"], envelope["command"]) == (1, True, "create")
+    plan = envelope["result"]
     assert (plan["dry_run"], plan["image"], plan["target"], plan["route"]) == (
         True, "img1", f"local:{env['root']}/img1", "ssh")
     assert [c["argv"][-2:] for c in plan["copies"]] == [[f"{env['src']}/",

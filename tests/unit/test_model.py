@@ -96,16 +96,16 @@ def test_target_and_location_accept_bracketed_ipv6() -> None:
 
 # --- locations -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("value", "host", "path", "local", "live"), [
-    ("/", None, "/", True, True),
-    ("/srv/rootfs", None, "/srv/rootfs", True, False),
-    ("/srv/my rootfs", None, "/srv/my rootfs", True, False),
-    ("src1:/", "src1", "/", False, True),
-    ("op@src1.example:/srv/root", "op@src1.example", "/srv/root", False, False),
+@pytest.mark.parametrize(("value", "host", "path", "local"), [
+    ("/", None, "/", True),
+    ("/srv/rootfs", None, "/srv/rootfs", True),
+    ("/srv/my rootfs", None, "/srv/my rootfs", True),
+    ("src1:/", "src1", "/", False),
+    ("op@src1.example:/srv/root", "op@src1.example", "/srv/root", False),
 ])
-def test_location_parse_good(value: str, host: str | None, path: str, local: bool, live: bool) -> None:
+def test_location_parse_good(value: str, host: str | None, path: str, local: bool) -> None:
     loc = Location.parse(value)
-    assert (loc.host, loc.path, loc.is_local, loc.is_live_root) == (host, path, local, live)
+    assert (loc.host, loc.path, loc.is_local) == (host, path, local)
     assert str(loc) == value
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qrmfs.agent import fsutil, steps
-from qrmfs.agent.steps import Options
+from qrmfs.agent.protocol import FindingRecord, Options
 
 OUTSIDE = "/etc/real-hostname-outside"  # the image's /etc/hostname points here: must never be written on the host
 NODE_INIT = "#!/bin/sh\n# qrmfs-init (test copy)\nexit 0\n"
@@ -114,8 +114,12 @@ def _host_untouched() -> object:
     assert os.path.lexists(OUTSIDE) == before, "a step wrote through an absolute symlink onto the host"
 
 
+def check_only(root: str, opts: Options, names: list[str]) -> list[steps.Finding]:
+    return [f for f in steps.check(root, opts) if f.step in names]
+
+
 def found(root: Path, opts: Options, only: list[str] | None = None) -> list[tuple[str, str, str]]:
-    return sorted((f.step, f.path, f.problem) for f in steps.check(str(root), opts, only))
+    return sorted((f.step, f.path, f.problem) for f in steps.check(str(root), opts) if not only or f.step in only)
 
 
 DEFAULT_FINDINGS = sorted([
@@ -163,9 +167,9 @@ def test_check_changes_nothing(img: Path, tmp_path: Path) -> None:
 def test_apply_result_and_end_state(img: Path, tmp_path: Path) -> None:
     fixed, left = steps.apply(str(img), Options("img1"))
     assert left == []
-    assert sorted((f["step"], f["path"], f["problem"]) for f in fixed if f["step"] in FIXABLE_STEPS) == (
+    assert sorted((f.step, f.path, f.problem) for f in fixed if f.step in FIXABLE_STEPS) == (
         DEFAULT_FINDINGS)
-    assert all(f["fixable"] for f in fixed)
+    assert all(f.fixable for f in fixed)
     # dirs
     for d, mode in (("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("dev", 0o755), ("tmp", 0o1777),
                     ("mnt/floppy", 0o755), ("mnt/cdrom", 0o755)):
@@ -224,15 +228,15 @@ STEP_OPTS = {
 @pytest.mark.parametrize("name", FIXABLE_STEPS)
 def test_each_step_check_fix_idempotent(name: str, img: Path, tmp_path: Path) -> None:
     opts = STEP_OPTS.get(name, Options("img1"))
-    findings = steps.check(str(img), opts, [name])
+    findings = check_only(str(img), opts, [name])
     assert findings, f"step {name} found nothing in the fake image"
     assert {f.step for f in findings} == {name}
     for f in findings:
         assert f.fix is not None
         f.fix()
-    assert steps.check(str(img), opts, [name]) == []
+    assert check_only(str(img), opts, [name]) == []
     after = snapshot(tmp_path)
-    assert steps.check(str(img), opts, [name]) == []
+    assert check_only(str(img), opts, [name]) == []
     assert snapshot(tmp_path) == after
 
 
@@ -247,17 +251,17 @@ def test_steps_registry() -> None:
 def test_init_step(tmp_path: Path) -> None:
     root = tmp_path / "img"
     (root / "etc").mkdir(parents=True)
-    assert [(f.step, f.path, f.problem, f.fix) for f in steps.check(str(root), Options("i"), ["init"])] == [
+    assert [(f.step, f.path, f.problem, f.fix) for f in check_only(str(root), Options("i"), ["init"])] == [
         ("init", "/sbin/init", "no executable init in the image: it cannot boot", None)]
     _w(root, "sbin/init", "ELF", 0o644)  # not executable: still no init
-    assert len(steps.check(str(root), Options("i"), ["init"])) == 1
+    assert len(check_only(str(root), Options("i"), ["init"])) == 1
     (root / "sbin/init").chmod(0o755)
-    assert steps.check(str(root), Options("i"), ["init"]) == []
+    assert check_only(str(root), Options("i"), ["init"]) == []
     os.unlink(root / "sbin/init")
     os.symlink("/lib/systemd/systemd", root / "sbin/init")  # absolute link: resolved inside the image
     _w(root, "usr/lib/systemd/systemd", "ELF", 0o755)
     os.symlink("usr/lib", root / "lib")
-    assert steps.check(str(root), Options("i"), ["init"]) == []
+    assert check_only(str(root), Options("i"), ["init"]) == []
 
 
 # --- options ---------------------------------------------------------------------------------------
@@ -303,7 +307,7 @@ def test_hostname_sets_hostname_and_hosts_inside_the_image(img: Path, tmp_path: 
     assert os.readlink(img / "etc/hostname") == OUTSIDE
     assert (img / OUTSIDE.lstrip("/")).read_text() == "node7\n"
     assert (img / "etc/hosts").read_text() == "127.0.0.1\tlocalhost\n127.0.1.1\tnode7\n"
-    assert steps.check(str(img), opts, ["hostname"]) == []
+    assert check_only(str(img), opts, ["hostname"]) == []
 
 
 def test_hostname_adds_hosts_line_when_missing(tmp_path: Path) -> None:
@@ -368,11 +372,10 @@ def test_node_init_removed_from_non_shared_image(img: Path) -> None:
 def test_private_path_that_is_a_file_is_reported_not_fixed(img: Path) -> None:
     _w(img, "srv/private", "a file")
     opts = Options("img1", private_add=["/srv/private"], node_init=NODE_INIT)
-    (f,) = [f for f in steps.check(str(img), opts, ["node-init"]) if f.path == "/srv/private"]
+    (f,) = [f for f in check_only(str(img), opts, ["node-init"]) if f.path == "/srv/private"]
     assert (f.problem, f.fix) == ("private directory is not a directory", None)
     _, left = steps.apply(str(img), opts)
-    assert left == [{"step": "node-init", "path": "/srv/private", "problem": "private directory is not a directory",
-                     "fixable": False}]
+    assert left == [FindingRecord("node-init", "/srv/private", "private directory is not a directory", False)]
 
 
 def test_excludes_are_created_empty(img: Path) -> None:
@@ -463,7 +466,7 @@ def test_check_reports_symlink_loop_instead_of_crashing(tmp_path: Path) -> None:
     (root / "etc").mkdir(parents=True)
     os.symlink("fstab", root / "etc/fstab2")
     os.symlink("fstab2", root / "etc/fstab")
-    fs = steps.check(str(root), Options("i"), ["fstab"])
+    fs = check_only(str(root), Options("i"), ["fstab"])
     assert [(f.step, f.path, f.fix) for f in fs] == [("fstab", "/", None)]
     assert "too many symlinks" in fs[0].problem
 

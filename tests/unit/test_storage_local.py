@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from qrmfs import storage as S
+from qrmfs.agent import protocol as P
 from qrmfs.agent import tree
 from qrmfs.config import SshHost, Storage
 from qrmfs.errors import ConnectError, ExistsError, LockedError, NotFoundError, RefusedError, StorageError
@@ -34,56 +36,56 @@ def side(root: Path) -> StorageSide:
     return StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
 
 
-def test_call_inspect_runs_agent_in_subprocess(side: StorageSide, root: Path) -> None:
-    info = side.call("inspect", path=str(root / "img1"), export_root=str(root))
-    assert {k: v for k, v in info.items() if k != "free_bytes"} == {
-        "exists": False, "is_image": False, "parent_exists": True, "previous": False, "manifest": None}
-    assert isinstance(info["free_bytes"], int) and info["free_bytes"] > 0
+def test_inspect_runs_agent_in_subprocess(side: StorageSide, root: Path) -> None:
+    info = side.inspect(str(root / "img1"))
+    assert (info.exists, info.is_image, info.parent_exists, info.previous, info.manifest) == (
+        False, False, True, False, None)
+    assert isinstance(info.free_bytes, int) and info.free_bytes > 0
 
 
-def test_call_full_cycle(side: StorageSide, root: Path) -> None:
-    path, er = str(root / "img1"), str(root)
-    st = side.call("stage", path=path, export_root=er, token="tok")["staging"]
+def test_full_cycle(side: StorageSide, root: Path) -> None:
+    path = str(root / "img1")
+    st = side.stage(path, "tok").staging
     assert st == str(root / ".img1.qrmfs-staging-tok")
     Path(st, "etc").mkdir()
-    assert side.call("write_manifest", root=st, manifest={"image": "img1"}) == {"written": st}
-    assert side.call("publish", path=path, export_root=er, staging=st, force=False) == {
-        "path": path, "replaced": False, "previous": None}
-    assert side.call("list", export_root=er) == [{"path": path, "manifest": {"image": "img1"}, "locked": None}]
-    assert side.call("stats", root=path)["files"] == 3  # etc, .qrmfs, manifest.json
-    assert side.call("remove", path=path, export_root=er, force=False) == {"removed": path}
+    assert side.write_manifest(path, st, {"image": "img1"}) == P.Written(st)
+    assert side.publish(path, st, force=False) == P.Published(path, False, None)
+    assert side.list() == P.Listed([P.ListedImage(path, {"image": "img1"}, None)])
+    assert side.stats(path).files == 3  # etc, .qrmfs, manifest.json
+    assert side.remove(path, force=False) == P.Removed(path)
     assert os.listdir(root) == []
 
 
-def test_call_errors_map_to_exit_codes(side: StorageSide, root: Path) -> None:
+def test_errors_map_to_exit_codes(side: StorageSide, root: Path) -> None:
     with pytest.raises(RefusedError) as ei:
-        side.call("remove", path="/", export_root=str(root), force=True)
+        side.remove("/", force=True)
     assert (ei.value.message, ei.value.exit_code) == ("refusing to remove '/'", 11)
     with pytest.raises(NotFoundError):
-        side.call("remove", path=str(root / "nope"), export_root=str(root), force=True)
+        side.remove(str(root / "nope"), force=True)
     (root / "plain").mkdir()
     with pytest.raises(RefusedError, match="has no qrmfs manifest"):
-        side.call("remove", path=str(root / "plain"), export_root=str(root), force=False)
+        side.remove(str(root / "plain"), force=False)
     (root / "img1/.qrmfs").mkdir(parents=True)
     tree.write_manifest(str(root / "img1"), {})
-    st = side.call("stage", path=str(root / "img1"), export_root=str(root), token="t")["staging"]
+    st = side.stage(str(root / "img1"), "t").staging
     tree.write_manifest(st, {})
     with pytest.raises(ExistsError):
-        side.call("publish", path=str(root / "img1"), export_root=str(root), staging=st, force=False)
-    with pytest.raises(StorageError) as ei2:
-        side.call("stats", root=str(root / "missing"))
-    assert type(ei2.value) is StorageError and str(root / "missing") in ei2.value.message
+        side.publish(str(root / "img1"), st, force=False)
+    with pytest.raises(NotFoundError) as ei2:
+        side.stats(str(root / "missing"))
+    assert str(root / "missing") in ei2.value.message
+    with pytest.raises(RefusedError, match="nor a staging directory"):
+        side.stats(str(root / "img1"), root="/etc")  # the agent works only on the image and its staging copies
 
 
-def test_agent_crash_is_storage_error(side: StorageSide) -> None:
-    with pytest.raises(StorageError) as ei:
-        side.call("no_such_op")
-    assert "KeyError" in ei.value.detail
-
-
-def test_steps_listing(side: StorageSide) -> None:
-    names = [s["name"] for s in side.call("steps")]
-    assert names[:4] == ["dirs", "logs", "container", "easymigration"] and "node-init" in names
+def test_bad_request_is_storage_error(side: StorageSide, root: Path) -> None:
+    """A client of another version: the agent refuses the request before it acts (one framing, one error)."""
+    payload = json.dumps({"loader": S.LOADER, "modules": S._agent_sources(), "op": "inspect",
+                          "args": {"path": str(root / "x")}}) + "\n"
+    r = Runner().run(side._agent_argv(), input=payload, ok=(0, 3))
+    assert r.code == 3
+    with pytest.raises(StorageError, match="Inspect: missing field export_root"):
+        side._answer(r.stdout)
 
 
 def test_argv_local_and_remote(root: Path) -> None:

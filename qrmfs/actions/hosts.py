@@ -1,0 +1,122 @@
+"""What happens on the hosts around a copy: the source's mount table and pinned host key, the ssh-agent the pull
+route forwards, the NFS mount of the manual's route. copyplan.py plans; this module runs (through the runner).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+from .. import argv as A
+from ..config import Config, SshHost, Storage
+from ..errors import ConnectError, RouteError
+from ..model import Location
+from ..runner import CommandFailed, Runner, tail
+from ..transfer import Mounts, mounts_below
+from .copyplan import CopyPlan
+
+
+def kernel_has_nfs(proc_filesystems: str, modules_dir: str | None) -> bool:
+    if any(line.split()[-1:] in (["nfs"], ["nfs4"]) for line in proc_filesystems.splitlines()):
+        return True
+    if modules_dir and os.path.isdir(modules_dir):
+        for _dirpath, _dirs, files in os.walk(modules_dir):
+            if any(f.startswith("nfs.ko") for f in files):
+                return True
+    return False
+
+
+def check_nfs_route() -> None:
+    with open("/proc/filesystems") as f:
+        text = f.read()
+    if not kernel_has_nfs(text, f"/lib/modules/{os.uname().release}/kernel/fs/nfs"):
+        raise RouteError("this machine's kernel cannot mount NFS (no nfs in /proc/filesystems, no nfs module); "
+                         "use the default --route ssh, which writes the image over ssh on the storage server")
+
+
+def source_host(cfg: Config, loc: Location) -> SshHost | None:
+    return None if loc.host is None else cfg.host_for(loc.host)
+
+
+def discover_mounts(runner: Runner, cfg: Config, h: SshHost | None, path: str) -> Mounts:
+    """Separate disk filesystems below the source root (copied too) and network ones (left out)."""
+    if h is not None and h.is_local:
+        h = None
+    argv = A.mounts_argv() if h is None else A.ssh_argv(h, A.mounts_argv(), identity=cfg.identity_file,
+                                                         known_hosts=cfg.known_hosts)
+    try:
+        out = runner.run(argv, timeout=60).stdout
+    except CommandFailed as e:
+        if h is None:
+            return Mounts()
+        raise ConnectError(f"cannot reach source host {h.address} over ssh ({h.dest} port {h.port})",
+                           tail(e.stderr)) from None
+    m = mounts_below(out, path)
+    binds = [s["path"] for s in m.skipped if s["why"].startswith("bind mount")]
+    if binds:
+        # rsync copies a bind-mounted FILE (a container's /etc/hosts) like any file: only directories are left out.
+        check = ("find", *binds, "-maxdepth", "0", "-type", "d")
+        argv = check if h is None else A.ssh_argv(h, check, identity=cfg.identity_file, known_hosts=cfg.known_hosts)
+        dirs = set(runner.run(argv, ok=(0, 1), timeout=60).stdout.splitlines())
+        m.skipped = [s for s in m.skipped if s["path"] in dirs or not s["why"].startswith("bind mount")]
+    return m
+
+
+def source_known_hosts(runner: Runner, cfg: Config, h: SshHost) -> str:
+    """The known_hosts lines for the source, to pin its key when the storage server connects to it."""
+    kh = cfg.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+    r = runner.run(A.keygen_find_argv(kh, h.address, h.port), ok=(0, 1))
+    lines = [ln for ln in r.stdout.splitlines() if ln and not ln.startswith("#")]
+    if not lines:
+        raise ConnectError(f"source host {h.address} is not in {kh}: add its verified host key first "
+                           "(qrmfs never trusts a host key blindly)")
+    return "\n".join(lines) + "\n"
+
+
+def agent_for(runner: Runner, cp: CopyPlan, identity: str | None) -> AbstractContextManager[dict[str, str]]:
+    """The environment the plan's commands need: an agent to forward for the pull route, else nothing."""
+    return ssh_agent(runner, identity) if cp.needs_agent else nullcontext({})
+
+
+@contextmanager
+def ssh_agent(runner: Runner, identity: str | None) -> Iterator[dict[str, str]]:
+    """A private ssh-agent holding our key for the storage server's hop to the source; gone afterwards.
+    Without an identity file, the caller's own agent ($SSH_AUTH_SOCK) is used."""
+    if not identity:
+        sock = os.environ.get("SSH_AUTH_SOCK")
+        if not sock:
+            raise ConnectError("the ssh route needs a key for the source host: set [ssh] identity_file in the "
+                               "config or run an ssh-agent holding it")
+        yield {"SSH_AUTH_SOCK": sock}
+        return
+    with tempfile.TemporaryDirectory(prefix="qrmfs-agent-") as d:
+        sock = os.path.join(d, "agent.sock")
+        agent = runner.popen(A.ssh_agent_argv(sock), stdin=subprocess.DEVNULL)
+        try:
+            assert agent.stdout is not None
+            agent.stdout.readline()  # "SSH_AUTH_SOCK=...; export ..." once it listens
+            env = {"SSH_AUTH_SOCK": sock}
+            Runner(env=env).run(A.ssh_add_argv(identity), timeout=30)
+            yield env
+        finally:
+            agent.terminate()
+            agent.wait(timeout=10)
+
+
+@contextmanager
+def nfs_mount(runner: Runner, storage: Storage) -> Iterator[str]:
+    """The manual's route: the storage export mounted here for the duration."""
+    check_nfs_route()
+    with tempfile.TemporaryDirectory(prefix="qrmfs-nfs-") as mnt:
+        server = storage.nfs_address or storage.ssh.address
+        try:
+            runner.run(A.mount_nfs_argv(server, storage.export_root, mnt), timeout=120)
+        except CommandFailed as e:
+            raise RouteError(f"mount -t nfs {server}:{storage.export_root} failed", tail(e.stderr)) from None
+        try:
+            yield mnt
+        finally:
+            runner.run(A.umount_argv(mnt), ok=range(256), timeout=120)

@@ -1,0 +1,429 @@
+"""The contract between qrmfs and its storage agent: one request and one answer dataclass per operation, one
+enum of error kinds, one framing for every operation (the lock included).
+
+Standard library only: this module travels to the storage server with the rest of the agent, so both ends
+import the same definitions. The wire is JSON lines:
+- the client writes one line `{"loader": ..., "modules": [...], "op": OP, "args": {...}}`;
+- the agent answers with one line, `{"ok": true, "result": {...}}` or
+  `{"ok": false, "error": {"kind": KIND, "message": TEXT}}`, and exits with FAILED after an error.
+- `lock` answers like every other operation, then holds the lock until its stdin closes.
+
+The agent validates the arguments of every request (names and types) before it acts, the way an ansible
+module checks its argument_spec: a client of another version gets `bad_request`, never a half-done action.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+FAILED = 3  # the agent's exit code after an error answer
+
+
+class ErrorKind(str, enum.Enum):  # noqa: UP042 - StrEnum needs python 3.11 on the storage server
+    LOCKED = "locked"
+    EXISTS = "exists"
+    NOT_FOUND = "not_found"
+    REFUSED = "refused"
+    NOT_IMAGE = "not_image"
+    OS = "os"
+    BAD_REQUEST = "bad_request"
+
+
+class AgentError(Exception):
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Options:
+    """What the preparation of an image depends on: recorded in its manifest, sent with prepare and check."""
+    image: str
+    shared: bool = False
+    private_add: list[str] = field(default_factory=list)
+    private_exclude: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    keep_services: bool = True
+    keep_network: bool = False
+    hostname: str | None = None
+    fresh_identity: bool = False  # clone: the new image must not keep the old one's host keys
+    node_init: str = ""  # the qrmfs-init script's text, shipped from the qrmfs package
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Options:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def per_node_network(self) -> bool:
+        """No network identity of the source stays in the image (persistent NIC rules, host keys)."""
+        return self.shared or not self.keep_network
+
+    @property
+    def drops_host_keys(self) -> bool:
+        """The image carries no ssh host keys: each node (shared) or the first boot makes its own."""
+        return self.per_node_network or self.fresh_identity
+
+    @property
+    def regenerates_host_keys(self) -> bool:
+        """A copy of an image that keeps per-image host keys (clone) gets new ones of its own."""
+        return self.fresh_identity and not self.per_node_network
+
+    @property
+    def needs_node_init(self) -> bool:
+        """/sbin/qrmfs-init and its node.conf belong in the image."""
+        return self.shared or bool(self.private_add)
+
+
+# --- answers ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FindingRecord:
+    """A preparation or validation finding as it crosses the wire and is kept in the manifest."""
+    step: str
+    path: str
+    problem: str
+    fixable: bool
+
+
+@dataclass(frozen=True)
+class Inspected:
+    exists: bool
+    is_image: bool
+    parent_exists: bool
+    previous: bool
+    free_bytes: int
+    manifest: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Locked:
+    lock: str
+
+
+@dataclass(frozen=True)
+class Staged:
+    staging: str
+    known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class Discarded:
+    removed: str
+
+
+@dataclass(frozen=True)
+class Written:
+    path: str
+
+
+@dataclass(frozen=True)
+class Published:
+    path: str
+    replaced: bool
+    previous: str | None
+
+
+@dataclass(frozen=True)
+class Removed:
+    removed: str
+
+
+@dataclass(frozen=True)
+class ListedImage:
+    path: str
+    manifest: dict[str, Any]
+    locked: str | None
+
+
+@dataclass(frozen=True)
+class Listed:
+    images: list[ListedImage]
+
+
+@dataclass(frozen=True)
+class ManifestUpdated:
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Counts:
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Pinned:
+    known_hosts: str
+
+
+@dataclass(frozen=True)
+class Unpinned:
+    known_hosts: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    fixed: list[FindingRecord]
+    left: list[FindingRecord]
+
+
+@dataclass(frozen=True)
+class Checked:
+    findings: list[FindingRecord]
+
+
+# --- requests --------------------------------------------------------------------------------------------
+
+A = TypeVar("A")
+
+
+class Request(Generic[A]):
+    """A request dataclass names its operation and the dataclass of its answer."""
+    op: ClassVar[str]
+    answer: ClassVar[type]
+
+    def decode_answer(self, data: Any) -> A:
+        return typing.cast(A, decode(self.answer, data))
+
+
+@dataclass(frozen=True)
+class Inspect(Request[Inspected]):
+    """What is at the target now: exists, is an image, staging leftovers, free space."""
+    op: ClassVar[str] = "inspect"
+    answer: ClassVar[type] = Inspected
+    path: str
+    export_root: str
+
+
+@dataclass(frozen=True)
+class Lock(Request[Locked]):
+    """Take the image's lock and hold it until the client's stdin closes."""
+    op: ClassVar[str] = "lock"
+    answer: ClassVar[type] = Locked
+    path: str
+    export_root: str
+    holder: str
+
+
+@dataclass(frozen=True)
+class Stage(Request[Staged]):
+    """A fresh staging directory beside the image (leftovers of crashed runs removed first)."""
+    op: ClassVar[str] = "stage"
+    answer: ClassVar[type] = Staged
+    path: str
+    export_root: str
+    token: str
+    known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class Discard(Request[Discarded]):
+    op: ClassVar[str] = "discard"
+    answer: ClassVar[type] = Discarded
+    path: str
+    export_root: str
+    staging: str
+
+
+@dataclass(frozen=True)
+class WriteManifest(Request[Written]):
+    """Write the manifest into a staging copy of the image (the last thing before publish)."""
+    op: ClassVar[str] = "write_manifest"
+    answer: ClassVar[type] = Written
+    path: str
+    export_root: str
+    staging: str
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Publish(Request[Published]):
+    op: ClassVar[str] = "publish"
+    answer: ClassVar[type] = Published
+    path: str
+    export_root: str
+    staging: str
+    force: bool
+
+
+@dataclass(frozen=True)
+class Remove(Request[Removed]):
+    op: ClassVar[str] = "remove"
+    answer: ClassVar[type] = Removed
+    path: str
+    export_root: str
+    force: bool
+
+
+@dataclass(frozen=True)
+class List(Request[Listed]):
+    op: ClassVar[str] = "list"
+    answer: ClassVar[type] = Listed
+    export_root: str
+    depth: int = 3
+
+
+@dataclass(frozen=True)
+class ManifestUpdate(Request[ManifestUpdated]):
+    op: ClassVar[str] = "manifest_update"
+    answer: ClassVar[type] = ManifestUpdated
+    path: str
+    export_root: str
+    patch: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stats(Request[Counts]):
+    """Entries and allocated bytes of the image, or of its staging copy `root`."""
+    op: ClassVar[str] = "stats"
+    answer: ClassVar[type] = Counts
+    path: str
+    export_root: str
+    root: str | None = None
+
+
+@dataclass(frozen=True)
+class PinHost(Request[Pinned]):
+    op: ClassVar[str] = "pin_host"
+    answer: ClassVar[type] = Pinned
+    path: str
+    export_root: str
+    known_hosts: str
+
+
+@dataclass(frozen=True)
+class UnpinHost(Request[Unpinned]):
+    op: ClassVar[str] = "unpin_host"
+    answer: ClassVar[type] = Unpinned
+    path: str
+    export_root: str
+
+
+@dataclass(frozen=True)
+class Prepare(Request[Prepared]):
+    """Apply the preparation steps to the image, or to its staging copy `root`."""
+    op: ClassVar[str] = "prepare"
+    answer: ClassVar[type] = Prepared
+    path: str
+    export_root: str
+    options: Options
+    root: str | None = None
+
+
+@dataclass(frozen=True)
+class Check(Request[Checked]):
+    op: ClassVar[str] = "check"
+    answer: ClassVar[type] = Checked
+    path: str
+    export_root: str
+    options: Options
+    root: str | None = None
+
+
+REQUESTS: dict[str, type[Request[Any]]] = {
+    r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
+                      PinHost, UnpinHost, Prepare, Check)}
+
+
+# --- encoding --------------------------------------------------------------------------------------------
+
+def encode(value: Any) -> Any:
+    """A dataclass (nested too) as plain JSON data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):  # noqa: UP038 - the agent may run on an older python3
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: encode(v) for k, v in value.items()}
+    return value
+
+
+def _bad(what: str) -> AgentError:
+    return AgentError(ErrorKind.BAD_REQUEST, what)
+
+
+_SCALARS: dict[str, type] = {"str": str, "int": int, "bool": bool, "float": float}
+
+
+def _decode_value(hint: str, value: Any, where: str) -> Any:
+    """Check and decode one field by its annotation's text (annotations are never evaluated, so the agent
+    runs on the storage server's python3 even where `X | None` is not valid at run time)."""
+    hint = hint.strip()
+    if hint.endswith("| None"):
+        return None if value is None else _decode_value(hint[:-len("| None")], value, where)
+    if hint == "Any":
+        return value
+    if hint.startswith("list["):
+        if not isinstance(value, list):
+            raise _bad(f"{where}: expected a list")
+        return [_decode_value(hint[len("list["):-1], v, where) for v in value]
+    if hint.startswith("dict["):
+        if not isinstance(value, dict):
+            raise _bad(f"{where}: expected an object")
+        return value
+    if hint in _SCALARS:
+        want = _SCALARS[hint]
+        if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
+            raise _bad(f"{where}: expected {hint}")
+        return value
+    return decode(globals()[hint], value)
+
+
+def decode(cls: type[Any], data: Any) -> Any:
+    """Plain JSON data as the dataclass cls: unknown, missing or mistyped fields raise bad_request."""
+    if not isinstance(data, dict):
+        raise _bad(f"{cls.__name__}: expected an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise _bad(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _decode_value(str(f.type), data[name], f"{cls.__name__}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _bad(f"{cls.__name__}: missing field {name}")
+    return cls(**kwargs)
+
+
+def request(op: str, args: Any) -> Request[Any]:
+    """The request an operation name and its arguments make, validated."""
+    if op not in REQUESTS:
+        raise _bad(f"unknown operation {op!r}")
+    return typing.cast(Request[Any], decode(REQUESTS[op], args))
+
+
+def ok_line(result: Any) -> str:
+    return json.dumps({"ok": True, "result": encode(result)})
+
+
+def error_line(kind: ErrorKind, message: str) -> str:
+    return json.dumps({"ok": False, "error": {"kind": kind.value, "message": message}})
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer line, parsed: the result data, or the error's kind and message."""
+    ok: bool
+    result: Any = None
+    kind: ErrorKind | None = None
+    message: str = ""
+
+    @classmethod
+    def parse(cls, line: str) -> Answer:
+        d = json.loads(line)
+        if d.get("ok"):
+            return cls(True, d.get("result"))
+        err = d.get("error") or {}
+        try:
+            kind = ErrorKind(err.get("kind"))
+        except ValueError:
+            kind = ErrorKind.OS
+        return cls(False, kind=kind, message=str(err.get("message", "")))

@@ -1,0 +1,284 @@
+"""What each command returns, typed, and the one renderer for it: plain text for people, or with --json one
+envelope for programs (README "JSON output"):
+
+    {"schema": 1, "ok": true,  "command": "create", "result": {...}}
+    {"schema": 1, "ok": false, "command": "create", "error": {"kind", "message", "exit_code", "detail"}}
+
+A command whose work ran but whose answer is "no" (validate found problems, list could not reach a server,
+flush left jobs pending) prints ok false with its error and its result both.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from .agent.protocol import FindingRecord, encode
+from .errors import ConnectError, InvalidImageError, QrmfsError, RegistrationError
+
+SCHEMA = 1
+
+
+class RegState(enum.Enum):
+    """An image's openQRM registration, as recorded in its manifest and reported."""
+    REGISTERED = "registered"
+    PENDING = "pending"            # waiting in the spool (openQRM did not answer yet)
+    NOT_REGISTERED = "not_registered"  # -o/--only-physical
+    DEREGISTERED = "deregistered"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, value: Any) -> RegState:
+        if isinstance(value, str) and value.startswith("not registered"):
+            return cls.NOT_REGISTERED  # manifests written before schema 1
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+@dataclass(frozen=True)
+class Registration:
+    state: RegState
+    spool_job: str | None = None
+    error: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """As kept in the manifest."""
+        return {k: v for k, v in encode(self).items() if v is not None}
+
+    @classmethod
+    def of_manifest(cls, manifest: dict[str, Any] | None) -> Registration:
+        reg = (manifest or {}).get("registration") or {}
+        return cls(RegState.parse(reg.get("state")), reg.get("spool_job"), reg.get("error"))
+
+    def __str__(self) -> str:
+        text = self.state.value.replace("_", " ")
+        return f"{text} (spool job {self.spool_job})" if self.spool_job and self.state is RegState.PENDING else text
+
+
+class Result:
+    """A command's typed outcome. text() is what a person reads; failure() says when the answer is "no"."""
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+    def failure(self) -> QrmfsError | None:
+        return None
+
+
+@dataclass(frozen=True)
+class Built(Result):
+    """create and clone: a new image (or generation) is published."""
+    command: str
+    image: str
+    target: str
+    source: str
+    route: str
+    files: int
+    bytes: int
+    replaced: bool
+    previous: str | None
+    preparation_fixed: int
+    validation: str
+    registration: Registration
+    warnings: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        verb = {"create": "created", "clone": "cloned"}.get(self.command, self.command)
+        return (f"{verb} {self.target} from {self.source}: {self.files} files, {self.bytes / 2**20:.1f} MiB; "
+                f"registration: {self.registration}")
+
+
+@dataclass(frozen=True)
+class BuildPlan(Result):
+    """create --dry-run and clone --dry-run: what would run, nothing changed."""
+    command: str
+    image: str
+    target: str
+    source: str
+    route: str
+    staging: str
+    copies: list[dict[str, Any]]
+    preparation: list[dict[str, str]]
+    options: dict[str, Any]
+    registration: list[dict[str, Any]]
+    note: str = ""
+    dry_run: bool = True
+
+    def text(self) -> str:
+        lines = [f"dry run: {self.command} {self.image} at {self.target} from {self.source} (route {self.route})",
+                 f"  staging: {self.staging}"]
+        for c in self.copies:
+            lines.append(f"  copy {c['what']} on {c['runs_on']}:")
+            lines.append("    " + shlex.join(c["argv"]))
+        if self.note:
+            lines.append("  " + self.note)
+        lines.append("  preparation:")
+        lines += [f"    {s['step']}: {s['what']}" for s in self.preparation]
+        if self.registration:
+            lines.append("  registration (openQRM):")
+            lines += [f"    GET {r['url']} {r['params'].get('image_command') or r['params'].get('event_name')}"
+                      for r in self.registration]
+        else:
+            lines.append("  registration: none (-o/--only-physical)")
+        lines.append("nothing was changed")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Removed(Result):
+    removed: str
+    registration: Registration
+
+    def text(self) -> str:
+        return f"removed {self.removed}; registration: {self.registration}"
+
+
+@dataclass(frozen=True)
+class RemovePlan(Result):
+    remove: str
+    deregister: bool
+    is_image: bool
+    dry_run: bool = True
+
+    def text(self) -> str:
+        return f"would remove {self.remove}" + (" and deregister it from openQRM" if self.deregister else "")
+
+
+@dataclass(frozen=True)
+class Drift:
+    source: str
+    count: int
+    changes: list[dict[str, str]]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Validated(Result):
+    image: str
+    target: str
+    findings: list[FindingRecord]
+    fix: bool = False
+    dry_run: bool = False
+    fixed: list[FindingRecord] = field(default_factory=list)
+    would_fix: list[FindingRecord] = field(default_factory=list)
+    findings_before_fix: list[FindingRecord] = field(default_factory=list)
+    drift: Drift | None = None
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    def text(self) -> str:
+        lines = [f"fixed    {f.step:<15} {f.path}: {f.problem}" for f in self.fixed]
+        lines += [f"would fix {f.step:<14} {f.path}: {f.problem}" for f in self.would_fix]
+        repairing = self.fix and not self.dry_run
+        for f in self.findings:
+            lines.append(f"LEFT     {f.step:<15} {f.path}: {f.problem}" if repairing else
+                         f"problem  {f.step:<15} {f.path}: {f.problem}" + ("" if f.fixable else
+                                                                          " (not repaired by --fix)"))
+        if self.drift is not None:
+            lines.append(f"drift from {self.drift.source}: {self.drift.count} difference(s)")
+            lines += [f"  {c['change']} {c['path']}" for c in self.drift.changes]
+        lines.append(f"{self.target}: " + ("clean" if self.clean else f"{len(self.findings)} problem(s)"
+                                           + ("" if self.fix else "; `qrmfs validate --fix` repairs the fixable ones")))
+        return "\n".join(lines)
+
+    def failure(self) -> QrmfsError | None:
+        if self.clean:
+            return None
+        return InvalidImageError(f"{self.target}: {len(self.findings)} problem(s)")
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    storage: str
+    name: str | None
+    path: str
+    target: str
+    bytes: int | None
+    files: int | None
+    created: str | None
+    source: str | None
+    shared: bool
+    arch: str | None
+    os: str | None
+    validation: str
+    registration: Registration
+    locked_by: str | None
+
+
+@dataclass(frozen=True)
+class StorageFailure:
+    storage: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Listing(Result):
+    images: list[ImageRow]
+    errors: list[StorageFailure]
+
+    def text(self) -> str:
+        from io import StringIO
+
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(box=None, pad_edge=False, header_style="bold")
+        for col in ("STORAGE", "NAME", "SIZE", "FILES", "CREATED", "SOURCE", "TAGS", "VALID", "OPENQRM"):
+            t.add_column(col, overflow="fold")
+        for i in self.images:
+            tags = " ".join(x for x in ("shared" if i.shared else "", i.arch or "", i.os or "") if x)
+            size = f"{i.bytes / 2**30:.2f}G" if i.bytes is not None else "?"
+            t.add_row(i.storage, (i.name or "?") + (f" (locked: {i.locked_by})" if i.locked_by else ""), size,
+                      str(i.files), i.created or "?", i.source or "?", tags, i.validation, str(i.registration))
+        out = StringIO()
+        Console(file=out, width=200, no_color=True, highlight=False).print(t)
+        return out.getvalue().rstrip("\n") if self.images else "no images"
+
+    def failure(self) -> QrmfsError | None:
+        if not self.errors:
+            return None
+        return ConnectError("; ".join(f"storage server {e.storage}: {e.error}" for e in self.errors))
+
+
+@dataclass(frozen=True)
+class Flushed(Result):
+    delivered: list[str]
+    pending: list[str]
+    spool: str = ""
+
+    def text(self) -> str:
+        return (f"delivered {len(self.delivered)}, still pending {len(self.pending)}"
+                + (f" ({', '.join(self.pending)}; see {self.spool})" if self.pending else ""))
+
+    def failure(self) -> QrmfsError | None:
+        if not self.pending:
+            return None
+        return RegistrationError(f"{len(self.pending)} registration(s) still pending in the spool {self.spool}")
+
+
+def _data(result: Result) -> Any:
+    data = encode(result)
+    if isinstance(result, Validated):
+        data["clean"] = result.clean
+    return data
+
+
+def envelope(command: str, result: Result | None = None, error: QrmfsError | None = None) -> dict[str, Any]:
+    env: dict[str, Any] = {"schema": SCHEMA, "ok": error is None, "command": command}
+    if result is not None:
+        env["result"] = _data(result)
+    if error is not None:
+        env["error"] = {"kind": error.kind, "message": error.message, "exit_code": error.exit_code,
+                        "detail": error.detail}
+    return env
+
+
+def render_json(command: str, result: Result | None = None, error: QrmfsError | None = None) -> str:
+    return json.dumps(envelope(command, result, error), indent=2, default=str)
