@@ -95,3 +95,11 @@ def test_cli_main_does_not_record_read_only_runs(syslog, tmp_path, capsys):
                                           (15, "check_failed"), (130, "interrupted"), (99, "error")])
 def test_kind_of_exit_code(rc, kind):
     assert journal.kind_of(rc) == kind
+
+
+def test_record_cli_reads_target_and_source_in_both_option_forms(syslog):
+    assert journal.record_cli(["clone", "-s", "b", "--target=nas1:/exports/b", "--from", "nas1:/exports/a"], 0)
+    assert journal.record_cli(["validate", "-t", "nas1:/exports/b", "-f"], 12)
+    first, second = lines(syslog)
+    assert "clone target=nas1:/exports/b outcome=ok" in first and first.endswith("exit=0 source=nas1:/exports/a\x00")
+    assert "validate target=nas1:/exports/b outcome=invalid" in second and "exit=12" in second
