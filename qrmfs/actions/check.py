@@ -2,7 +2,7 @@
 
 One Check per line, each ok / warn / fail. Nothing is changed anywhere: the storage probe writes one
 scratch directory beside where the image would go and removes it; the openQRM probe is a request that
-changes nothing (docs/openqrm.md, "The credentials probe").
+changes nothing (docs/openqrm.md: the credentials probe).
 """
 
 from __future__ import annotations
