@@ -8,32 +8,51 @@ from typing import Annotated
 
 import typer
 
-from . import model
+from . import __version__, journal, model
 from .actions.common import Credentials, Env, resolve_credentials
+from .completion import complete_host, complete_storage, complete_storage_name
 from .config import load
 from .errors import AbortedError, Interrupted, QrmfsError, UsageError
 from .results import Flushed, Result, render_json
 from .runner import Runner
 from .ui import Ui
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Build diskless NFS-root filesystem images and register them with openQRM.")
+                  help="Build diskless NFS-root filesystem images and register them with openQRM.",
+                  epilog="\b\nExample:\n  qrmfs check && qrmfs create -t nas1:/exports/web1 -l web1:/")
 
-Config = Annotated[str | None, typer.Option("--config", help="Config file (default: $QRMFS_CONFIG, "
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"qrmfs {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+Config = Annotated[str | None, typer.Option("--config", metavar="FILE", help="Config file (default: $QRMFS_CONFIG, "
                                             "~/.config/qrmfs/config.toml, /etc/qrmfs/config.toml).")]
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Show every command qrmfs runs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch nothing.")]
-TargetOpt = Annotated[str, typer.Option("-t", "--target", help="STORAGE:/full/path/IMAGE_NAME")]
-User = Annotated[str | None, typer.Option("-u", "--username", help="openQRM user (administrator).")]
-Password = Annotated[str | None, typer.Option("-p", "--password", help="openQRM password (shows in the process "
+TargetOpt = Annotated[str, typer.Option("-t", "--target", metavar="STORAGE:/PATH", autocompletion=complete_storage,
+                                        help="The storage server and the image's full path, ending in its name.")]
+User = Annotated[str | None, typer.Option("-u", "--username", metavar="USER", help="openQRM user (administrator).")]
+Password = Annotated[str | None, typer.Option("-p", "--password", metavar="PASSWORD",
+                                              help="openQRM password (shows in the process "
                                               "list: prefer --password-file or $QRMFS_PASSWORD).")]
-PasswordFile = Annotated[str | None, typer.Option("--password-file", help="File whose first line is the "
+PasswordFile = Annotated[str | None, typer.Option("--password-file", metavar="FILE",
+                                                  help="File whose first line is the "
                                                   "openQRM password.")]
 OnlyPhysical = Annotated[bool, typer.Option("-o", "--only-physical", help="Create the image without registering "
                                             "it in openQRM.")]
-Url = Annotated[str | None, typer.Option("--openqrm-url", help="openQRM base URL, e.g. http://host/openqrm "
+Url = Annotated[str | None, typer.Option("--openqrm-url", metavar="URL",
+                                         help="openQRM base URL, e.g. http://host/openqrm "
                                          "(default: config [openqrm] url).")]
 
 
@@ -59,42 +78,55 @@ def _warn_password_argv(password: str | None, ui: Ui) -> None:
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def create(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
-    location: Annotated[str, typer.Option("-l", "--location", help="HOST:/rootfs-location, or a local directory "
-                                          "('/' = this system).")],
-    name: Annotated[str | None, typer.Option("-s", "--filesystem-image", help="Image name (letters, digits, _); "
+    location: Annotated[str, typer.Option("-l", "--location", metavar="HOST:/PATH", autocompletion=complete_host,
+                                          help="The source root filesystem, or a local directory ('/' = this "
+                                          "system).")],
+    name: Annotated[str | None, typer.Option("-s", "--filesystem-image", metavar="NAME",
+                                             help="Image name (letters, digits, _); "
                                              "default: the target's last path component.")] = None,
     username: User = None,
     password: Password = None,
     password_file: PasswordFile = None,
     only_physical: OnlyPhysical = False,
-    exclude: Annotated[list[str] | None, typer.Option("-e", "--exclude", help="Directory of the source not to "
+    exclude: Annotated[list[str] | None, typer.Option("-e", "--exclude", metavar="DIR",
+                                                      help="Directory of the source not to "
                                                       "copy (repeatable).")] = None,
-    private_add: Annotated[list[str] | None, typer.Option("--private-add", help="Directory private to each node "
+    private_add: Annotated[list[str] | None, typer.Option("--private-add", metavar="DIR",
+                                                          help="Directory private to each node "
                                                           "(repeatable).")] = None,
-    private_exclude: Annotated[list[str] | None, typer.Option("--private-exclude", help="Directory inside a "
+    private_exclude: Annotated[list[str] | None, typer.Option("--private-exclude", metavar="DIR",
+                                                              help="Directory inside a "
                                                               "private one that stays common (repeatable).")] = None,
-    arch: Annotated[str | None, typer.Option("-a", "--arch", help="Architecture tag, e.g. i686, Opteron, Xeon, "
+    arch: Annotated[str | None, typer.Option("-a", "--arch", metavar="ARCH",
+                                             help="Architecture tag, e.g. i686, Opteron, Xeon, "
                                              "Any, x86_64.")] = None,
     keep_services: Annotated[bool, typer.Option("--keep-services/--remove-services", help="Keep (default) or mask "
                                                 "services bound to the source machine's hardware.")] = True,
     keep_network: Annotated[bool, typer.Option("--keep-network/--remove-network", help="Keep or remove (default) "
                                                "the source's network configuration.")] = False,
-    hostname: Annotated[str | None, typer.Option("--hostname", help="Hostname of the image.")] = None,
+    hostname: Annotated[str | None, typer.Option("--hostname", metavar="HOSTNAME",
+                                                 help="Hostname of the image.")] = None,
     shared: Annotated[bool, typer.Option("--shared", help="The image is shared by many nodes.")] = False,
     operating_system: Annotated[str | None, typer.Option("--operation-system", "--operating-system",
-                                                         help="Operating system tag in openQRM.")] = None,
+                                                         metavar="OS", help="Operating system tag in openQRM.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing image (kept until the new one is "
                                         "published, then as .NAME.qrmfs-previous).")] = False,
-    route: Annotated[str, typer.Option("--route", help="ssh (default: storage pulls from the source) or nfs "
+    route: Annotated[str, typer.Option("--route", metavar="ssh|nfs",
+                                       help="ssh (default: storage pulls from the source) or nfs "
                                        "(mount the export here, the manual's way).")] = "ssh",
-    comment: Annotated[str | None, typer.Option("--comment", help="image_comment in openQRM.")] = None,
+    comment: Annotated[str | None, typer.Option("--comment", metavar="TEXT", help="image_comment in openQRM.")] = None,
     openqrm_url: Url = None,
     dry_run: DryRun = False,
     as_json: Json = False,
     config: Config = None,
     verbose: Verbose = False,
 ) -> None:
-    """Create a new NFS-root image on a storage server (and register it in openQRM)."""
+    """Create a new NFS-root image on a storage server (and register it in openQRM).
+
+    \b
+    Example:
+      qrmfs create -t nas1:/exports/web1 -l web1:/ -e /srv/cache --password-file /etc/qrmfs/openqrm.password
+    """
     from .actions import create as act
 
     env = _env(config, verbose)
@@ -127,16 +159,23 @@ def _registration(env: Env, only_physical: bool, username: str | None, password:
 
 @app.command()
 def clone(  # noqa: PLR0913 - typer: one parameter per command-line option
-    name: Annotated[str, typer.Option("-s", "--filesystem-image", help="Name of the new image.")],
+    name: Annotated[str, typer.Option("-s", "--filesystem-image", metavar="NAME", help="Name of the new image.")],
     target: TargetOpt,
-    source: Annotated[str, typer.Option("--from", help="The existing image: STORAGE:/path/EXISTING_NAME")],
-    hostname: Annotated[str | None, typer.Option("--hostname", help="Hostname of the new image.")] = None,
+    source: Annotated[str, typer.Option("--from", metavar="STORAGE:/PATH", autocompletion=complete_storage,
+                                          help="The existing image.")],
+    hostname: Annotated[str | None, typer.Option("--hostname", metavar="HOSTNAME",
+                                                 help="Hostname of the new image.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing image at the target.")] = False,
     username: User = None, password: Password = None, password_file: PasswordFile = None,
     only_physical: OnlyPhysical = False, openqrm_url: Url = None, dry_run: DryRun = False, as_json: Json = False,
     config: Config = None, verbose: Verbose = False,
 ) -> None:
-    """Create a new image from an existing one (on the same or another storage server)."""
+    """Create a new image from an existing one (on the same or another storage server).
+
+    \b
+    Example:
+      qrmfs clone -s web2 -t nas1:/exports/web2 --from nas1:/exports/web1 --hostname web2
+    """
     from .actions import clone as act
 
     env = _env(config, verbose)
@@ -160,7 +199,12 @@ def remove(  # noqa: PLR0913 - typer: one parameter per command-line option
     openqrm_url: Url = None, dry_run: DryRun = False, as_json: Json = False, config: Config = None,
     verbose: Verbose = False,
 ) -> None:
-    """Remove an image from its storage server and deregister it from openQRM."""
+    """Remove an image from its storage server and deregister it from openQRM.
+
+    \b
+    Example:
+      qrmfs remove -t nas1:/exports/web1 --yes
+    """
     from .actions import remove as act
 
     env = _env(config, verbose)
@@ -179,15 +223,21 @@ def remove(  # noqa: PLR0913 - typer: one parameter per command-line option
 @app.command()
 def validate(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
-    location: Annotated[str | None, typer.Option("-l", "--location", help="Also report drift from this source "
-                                                 "(HOST:/rootfs or a local directory); changes nothing.")] = None,
+    location: Annotated[str | None, typer.Option("-l", "--location", metavar="HOST:/PATH",
+                                                 autocompletion=complete_host, help="Also report drift from this "
+                                                 "source (or a local directory); changes nothing.")] = None,
     fix: Annotated[bool, typer.Option("-f", "--fix", help="Re-run the preparation: repair what can be repaired.")]
     = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --fix: list what it would repair; change "
                                           "nothing.")] = False,
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
-    """Check an image (and repair it with --fix); exit 0 only when it is clean."""
+    """Check an image (and repair it with --fix); exit 0 only when it is clean.
+
+    \b
+    Example:
+      qrmfs validate -t nas1:/exports/web1 --fix
+    """
     from .actions import validate as act
 
     env = _env(config, verbose)
@@ -198,11 +248,16 @@ def validate(  # noqa: PLR0913 - typer: one parameter per command-line option
 
 @app.command("list")
 def list_(
-    storage: Annotated[str | None, typer.Argument(help="A storage server (name in the config or address); "
-                                                  "default: all configured.")] = None,
+    storage: Annotated[str | None, typer.Argument(metavar="STORAGE", autocompletion=complete_storage_name,
+                                                  hidden=True)] = None,
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
-    """List the images on the storage server(s)."""
+    """List the images on STORAGE (a name in the config or an address), or on every configured storage server.
+
+    \b
+    Example:
+      qrmfs list nas1 --json
+    """
     from .actions.listing import list_images
 
     env = _env(config, verbose)
@@ -213,7 +268,12 @@ def list_(
 def flush(username: User = None,  # noqa: PLR0913 - typer: one parameter per command-line option
           password: Password = None, password_file: PasswordFile = None,
           openqrm_url: Url = None, as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
-    """Deliver the registrations waiting in the spool (openQRM was unreachable when they were made)."""
+    """Deliver the registrations waiting in the spool (openQRM was unreachable when they were made).
+
+    \b
+    Example:
+      qrmfs flush --password-file /etc/qrmfs/openqrm.password
+    """
     from .actions.common import flush_spool
 
     env = _env(config, verbose)
@@ -221,6 +281,33 @@ def flush(username: User = None,  # noqa: PLR0913 - typer: one parameter per com
     creds = resolve_credentials(env.cfg, username, password, password_file, openqrm_url)
     r = flush_spool(env, creds, quick=False)
     _emit("flush", Flushed(r["delivered"], r["pending"], str(env.spool().dir)), as_json)
+
+
+@app.command()
+def check(  # noqa: PLR0913 - typer: one parameter per command-line option
+    target: Annotated[list[str] | None, typer.Option(
+        "-t", "--target", metavar="STORAGE[:/PATH/NAME]", autocompletion=complete_storage,
+        help="A storage server, or where an image would go (repeatable); default: every configured one.")] = None,
+    location: Annotated[list[str] | None, typer.Option(
+        "-l", "--location", metavar="HOST:/PATH", autocompletion=complete_host,
+        help="A source, HOST:/rootfs or a local directory (repeatable); default: / of every configured host.")]
+    = None,
+    username: User = None, password: Password = None, password_file: PasswordFile = None, openqrm_url: Url = None,
+    as_json: Json = False, config: Config = None, verbose: Verbose = False,
+) -> None:
+    """Check that everything create needs is in place, before a long copy; exit 0 only when nothing fails.
+
+    \b
+    Example:
+      qrmfs check -t nas1:/exports/web1 -l web1:/
+    """
+    from .actions import check as act
+
+    ui = Ui(verbose=verbose)
+    _warn_password_argv(password, ui)
+    req = act.CheckRequest(config, tuple(target or ()), tuple(location or ()), username, password, password_file,
+                           openqrm_url)
+    _emit("check", act.check(req, Runner(verbose=verbose, log=ui.debug if verbose else None), ui), as_json)
 
 
 def _command(args: list[str]) -> str | None:
@@ -269,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if argv is None:
         _stop_on_signals()
+    rc = _main(args)
+    journal.record_cli(args, rc)  # the operation's summary in the system log (journalctl -t qrmfs)
+    return rc
+
+
+def _main(args: list[str]) -> int:
     as_json = "--json" in args
     command = _command(args) or ""
     try:

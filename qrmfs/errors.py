@@ -87,3 +87,8 @@ class Interrupted(QrmfsError):
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.exit_code = 128 + signum
+
+
+class CheckFailedError(QrmfsError):
+    """qrmfs check: at least one check failed (each is reported on its own line)."""
+    exit_code, kind = 15, "check_failed"
