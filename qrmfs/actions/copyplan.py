@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .. import argv as A
 from ..config import Config, SshHost, Storage
+from ..errors import RefusedError
 from ..transfer import Mounts, rebase_excludes
 
 
@@ -108,10 +109,17 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
     for i, (sp, dp, exc, what) in enumerate(parts(src, into.path)):
         rsh = None
         s, d = sp, dp
-        if how is Hop.LOCAL and i == 0 and (storage.export_root + "/").startswith(sp.rstrip("/") + "/"):
-            # the export root lies inside the tree being copied: never copy the images into themselves
-            exc = [*exc, storage.export_root[len(sp.rstrip("/")):]]
-        elif how is Hop.PUSH:
+        if how in (Hop.LOCAL, Hop.ON_STORAGE) and (storage.export_root + "/").startswith(sp.rstrip("/") + "/"):
+            # the source is the storage server's own tree, around its export root: never copy the images
+            # (the one being made among them) into themselves
+            inside = storage.export_root[len(sp.rstrip("/")):]
+            if not inside and i == 0:
+                raise RefusedError(f"the source {sp} is the export root of storage server {storage.name}: "
+                                   "an image is never made of the images")
+            if not inside:
+                continue  # a separate filesystem that is the export root itself: nothing of it is copied
+            exc = [*exc, inside]
+        if how is Hop.PUSH:
             rsh, d = A.rsync_rsh(storage.ssh, **ours), A.remote_spec(storage.ssh, dp)
         elif how is Hop.PULL_HERE and host is not None:
             rsh, s = A.rsync_rsh(host, **ours), A.remote_spec(host, sp)

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from . import fsutil, steps, supervise, tree
 from . import protocol as P
-from . import steps, supervise, tree
 from .protocol import AgentError, ErrorKind
 
 
@@ -70,6 +70,9 @@ def run(op: str, args: Any) -> int:
         result = HANDLERS[type(req)](req)
     except AgentError as e:
         print(P.error_line(e.kind, str(e)), flush=True)
+        return P.FAILED
+    except fsutil.Mounted as e:
+        print(P.error_line(ErrorKind.REFUSED, str(e)), flush=True)
         return P.FAILED
     except OSError as e:
         print(P.error_line(ErrorKind.OS, f"{e.strerror}: {e.filename}"), flush=True)

@@ -60,6 +60,45 @@ def _check_under(path: str, export_root: str) -> None:
         raise AgentError(ErrorKind.REFUSED, f"{parent} is reached through a symlink; refusing")
     if os.path.islink(path):
         raise AgentError(ErrorKind.REFUSED, f"{path} is a symlink; refusing to follow it")
+    _not_inside_an_image(path, root)
+
+
+def _not_inside_an_image(path: str, root: str) -> None:
+    """An image never lies inside another image, a generation, a staging copy or any other name qrmfs owns:
+    `list` would not show it, and replacing or removing the outer one would take it along."""
+    rel = path[len(root) + 1:].split("/")
+    d = root
+    for part in rel[:-1]:
+        d = os.path.join(d, part)
+        if part == ".qrmfs" or (part.startswith(".") and ".qrmfs-" in part):
+            raise AgentError(ErrorKind.REFUSED, f"{path} would lie inside {d}, which belongs to qrmfs")
+        if read_manifest(d) is not None:
+            raise AgentError(ErrorKind.REFUSED, f"{path} would lie inside the image {d}")
+    name = rel[-1]
+    if name == ".qrmfs" or (name.startswith(".") and ".qrmfs-" in name):
+        raise AgentError(ErrorKind.REFUSED, f"{path} is a name qrmfs keeps for itself")
+
+
+def images_below(path: str, depth: int = 4) -> list[str]:
+    """Images (directories with a manifest) strictly below path, a few levels deep."""
+    found: list[str] = []
+
+    def walk(d: str, level: int) -> None:
+        try:
+            entries = sorted(os.listdir(d))
+        except OSError:
+            return
+        for e in entries:
+            full = os.path.join(d, e)
+            if not is_real_dir(full):
+                continue
+            if read_manifest(full) is not None:
+                found.append(full)
+            elif level < depth:
+                walk(full, level + 1)
+
+    walk(path, 1)
+    return found
 
 
 def read_manifest(path: str) -> dict[str, Any] | None:
@@ -142,6 +181,10 @@ def release_lock(fd: int) -> None:
 
 def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = None) -> P.Staged:
     _check_under(path, export_root)
+    inner = images_below(path) if is_real_dir(path) else []
+    if inner:
+        raise AgentError(ErrorKind.REFUSED, f"{path} holds images ({', '.join(inner)}): an image is never made "
+                                            "where images lie below it")
     s = siblings(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = s.staging_prefix + token  # leftovers of earlier runs went when the lock was taken
