@@ -265,6 +265,26 @@ def list_(
 
 
 @app.command()
+def gc(
+    storage: Annotated[str | None, typer.Argument(metavar="STORAGE", autocompletion=complete_storage_name,
+                                                  hidden=True)] = None,
+    as_json: Json = False, config: Config = None, verbose: Verbose = False,
+) -> None:
+    """Remove what unfinished operations left beside the images on STORAGE (or every configured server):
+    staging copies, pinned source keys, lock files without an image. Each image's go under its lock; what an
+    operation still holds is kept. `qrmfs list` shows them.
+
+    \b
+    Example:
+      qrmfs gc nas1
+    """
+    from .actions.gc import gc as collect
+
+    env = _env(config, verbose)
+    _emit("gc", collect(env, storage), as_json)
+
+
+@app.command()
 def flush(username: User = None,  # noqa: PLR0913 - typer: one parameter per command-line option
           password: Password = None, password_file: PasswordFile = None,
           openqrm_url: Url = None, as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:

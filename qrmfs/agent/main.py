@@ -56,7 +56,7 @@ def _hold_lock(req: P.Lock) -> int:
     fd, locked = tree.take_lock(req.path, req.export_root, req.holder)
     print(P.ok_line(locked), flush=True)
     sys.stdin.read()  # returns at EOF: our qrmfs is done (or gone); the flock dies with this process
-    tree.release_lock(fd)
+    tree.release_lock(fd, req.path)
     return 0
 
 

@@ -143,8 +143,20 @@ class ListedImage:
 
 
 @dataclass(frozen=True)
+class Leftover:
+    """Something beside an image that no finished operation left: an unfinished copy (staging), a pinned source
+    key, a half-removed tree, a lock file without its image, or an earlier generation."""
+    path: str
+    image: str       # the image path it belongs to
+    kind: str        # staging | known_hosts | removing | lock | previous
+    bytes: int
+    held_by: str | None  # the image's lock holder: then it is in use, not left over
+
+
+@dataclass(frozen=True)
 class Listed:
     images: list[ListedImage]
+    leftovers: list[Leftover] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

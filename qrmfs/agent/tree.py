@@ -9,9 +9,11 @@ and inside the image `.qrmfs/manifest.json` (what was done) and `.qrmfs/nodes/` 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -150,13 +152,17 @@ def take_lock(path: str, export_root: str, holder: str) -> tuple[int, P.Locked]:
     _check_under(path, export_root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lock = siblings(path).lock
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        held_by = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise AgentError(ErrorKind.LOCKED, held_by) from None
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held_by = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AgentError(ErrorKind.LOCKED, held_by) from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the file was removed (by release_lock) between our open and our flock: take the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{holder} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
     return fd, P.Locked(lock, _clean_leftovers(path))
@@ -174,8 +180,25 @@ def _clean_leftovers(path: str) -> list[str]:
     return doomed
 
 
-def release_lock(fd: int) -> None:
-    os.ftruncate(fd, 0)
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def release_lock(fd: int, path: str) -> None:
+    """Give the lock up. When nothing of the image is left (it was removed, or never made), its lock file goes
+    too, still under the lock: lock files do not pile up for every name ever used."""
+    parent, image = os.path.split(path)
+    names = os.listdir(parent) if is_real_dir(parent) else []
+    rest = [n for n in names if (m := SIBLING.match(n)) and m.group(1) == image and m.group(2) != "lock"]
+    if not os.path.lexists(path) and not rest:
+        with contextlib.suppress(OSError):
+            os.unlink(siblings(path).lock)
+    else:
+        os.ftruncate(fd, 0)
     os.close(fd)
 
 
@@ -272,11 +295,15 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     return P.Removed(path)
 
 
+SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+)$")
+
+
 def op_list(export_root: str, depth: int = 3) -> P.Listed:
     root = os.path.realpath(export_root)
     if not is_real_dir(root):
         raise AgentError(ErrorKind.NOT_FOUND, f"export root {export_root} does not exist on the storage server")
     found: list[P.ListedImage] = []
+    leftovers: list[P.Leftover] = []
 
     def walk(d: str, level: int) -> None:
         try:
@@ -285,7 +312,10 @@ def op_list(export_root: str, depth: int = 3) -> P.Listed:
             return
         for e in entries:
             full = os.path.join(d, e)
-            if e.startswith(".") or not is_real_dir(full):
+            if e.startswith("."):
+                leftovers.extend(_leftover(d, e))
+                continue
+            if not is_real_dir(full):
                 continue
             m = read_manifest(full)
             if m is not None:
@@ -294,7 +324,21 @@ def op_list(export_root: str, depth: int = 3) -> P.Listed:
                 walk(full, level + 1)
 
     walk(root, 1)
-    return P.Listed(found)
+    return P.Listed(found, leftovers)
+
+
+def _leftover(parent: str, entry: str) -> list[P.Leftover]:
+    m = SIBLING.match(entry)
+    if not m:
+        return []
+    image = os.path.join(parent, m.group(1))
+    kind = "staging" if m.group(2).startswith("staging-") else m.group(2)
+    path = os.path.join(parent, entry)
+    held = _lock_held(siblings(image).lock)
+    if kind == "lock" and (held or os.path.lexists(image)):
+        return []  # the lock of an image that exists, or one in use: nothing left over
+    size = tree_counts(path)[1] if is_real_dir(path) else os.lstat(path).st_blocks * 512
+    return [P.Leftover(path, image, kind, size, held)]
 
 
 def _lock_held(lock: str) -> str | None:

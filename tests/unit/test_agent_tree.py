@@ -123,7 +123,7 @@ def test_taking_the_lock_removes_leftovers_of_this_image_only(root: Path) -> Non
         assert locked.cleaned == [str(root / ".img1.qrmfs-known_hosts"), str(root / ".img1.qrmfs-staging-old1")]
         assert sorted(os.listdir(root)) == [".img1.qrmfs-lock", ".img10.qrmfs-staging-other"]
     finally:
-        tree.release_lock(fd)
+        tree.release_lock(fd, str(root / "img1"))
 
 
 def test_stage_creates_staging_and_pins_the_source_key(root: Path) -> None:

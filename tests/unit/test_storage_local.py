@@ -144,7 +144,12 @@ def test_lock_second_holder_refused_then_free(side: StorageSide, root: Path) -> 
             pass
     with side.lock(path, "bob@ws2 pid 2 (create img1)"):
         assert Path(root / ".img1.qrmfs-lock").read_text().startswith("bob@ws2 pid 2 (create img1) since ")
-    assert Path(root / ".img1.qrmfs-lock").read_text() == ""
+    # no image of that name exists: its lock file does not outlive the lock
+    assert os.listdir(root) == []
+    (root / "img1").mkdir()
+    with side.lock(path, "dave"):
+        pass
+    assert Path(root / ".img1.qrmfs-lock").read_text() == ""  # an image's own lock file stays, empty
 
 
 def test_lock_outside_export_root_refused(side: StorageSide, tmp_path: Path) -> None:

@@ -227,3 +227,27 @@ def test_validate_fix_repairs_what_create_prepared(env: Env, exports: Path, sour
     fixed = validate_act.validate(validate_act.ValidateRequest(target, fix=True), env)
     assert fixed.clean and len(fixed.fixed) == 2
     assert os.readlink(img / "etc/mtab") == "/proc/mounts"
+
+
+def test_list_shows_leftovers_and_gc_removes_what_no_operation_holds(env: Env, exports: Path, source: Path) -> None:
+    from qrmfs.actions.gc import gc
+    from qrmfs.actions.listing import list_images
+
+    create(env, exports, source, name="img1", only_physical=True)
+    create(env, exports, source, name="img2", only_physical=True)
+    (exports / ".img1.qrmfs-staging-dead/etc").mkdir(parents=True)
+    (exports / ".img1.qrmfs-known_hosts").write_text("stale\n")
+    (exports / ".ghost.qrmfs-lock").write_text("")
+    side = env.side(env.cfg.storage["local"])
+    with side.lock(str(exports / "img2"), "someone pid 9 (create img2)"):  # img2's operation is still running
+        (exports / ".img2.qrmfs-staging-live").mkdir()
+        listed = list_images(env, None)
+        assert sorted((x.kind, Path(x.path).name, x.held_by is not None) for x in listed.leftovers) == [
+            ("known_hosts", ".img1.qrmfs-known_hosts", False), ("lock", ".ghost.qrmfs-lock", False),
+            ("staging", ".img1.qrmfs-staging-dead", False), ("staging", ".img2.qrmfs-staging-live", True)]
+        assert "left over" in listed.text() and "in use by someone pid 9" in listed.text()
+        done = gc(env, "local")
+    assert sorted(Path(p).name for p in done.removed) == [
+        ".ghost.qrmfs-lock", ".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-dead"]
+    assert done.in_use == [str(exports / ".img2.qrmfs-staging-live")]
+    assert (exports / ".img2.qrmfs-staging-live").is_dir() and (exports / "img1/etc/hostname").is_file()
