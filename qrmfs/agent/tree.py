@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as P
-from .fsutil import is_real_dir, mounts_at_or_below, remove
+from .fsutil import holders, is_real_dir, mounts_at_or_below, remove, remove_tree
 from .protocol import AgentError, ErrorKind
 
 MANIFEST = ".qrmfs/manifest.json"
@@ -262,7 +262,7 @@ def op_publish(path: str, export_root: str, staging: str, force: bool) -> P.Publ
     if os.path.lexists(path):
         if not force:
             raise AgentError(ErrorKind.EXISTS, f"{path} exists")
-        remove(s.previous)
+        remove_tree(s.previous)
         os.rename(path, s.previous)
         replaced = True
     os.rename(staging, path)
@@ -288,6 +288,10 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     if busy:
         raise AgentError(ErrorKind.REFUSED, f"{path} has mounts under it: {', '.join(busy)}")
     s = siblings(path)
+    for tree_ in (path, s.previous):
+        busy = holders(tree_) if is_real_dir(tree_) else []
+        if busy:
+            raise AgentError(ErrorKind.REFUSED, f"{tree_} is in use by {', '.join(busy[:5])}: not removing it")
     remove(s.removing)
     os.rename(path, s.removing)  # gone from its name at once; the slow part happens out of sight
     remove(s.removing)
