@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,26 +82,31 @@ def _not_inside_an_image(path: str, root: str) -> None:
         raise AgentError(ErrorKind.REFUSED, f"{path} is a name qrmfs keeps for itself")
 
 
-def images_below(path: str, depth: int = 4) -> list[str]:
-    """Images (directories with a manifest) strictly below path, a few levels deep."""
-    found: list[str] = []
-
-    def walk(d: str, level: int) -> None:
+def scan(top: str, depth: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
+    """Walk top a few levels deep, as images are found: ("image", path, manifest) for a directory with a
+    manifest (not entered), ("hidden", path, None) for each hidden entry (qrmfs's siblings are among them)."""
+    def walk(d: str, level: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
         try:
             entries = sorted(os.listdir(d))
         except OSError:
             return
         for e in entries:
             full = os.path.join(d, e)
-            if not is_real_dir(full):
-                continue
-            if read_manifest(full) is not None:
-                found.append(full)
-            elif level < depth:
-                walk(full, level + 1)
+            if e.startswith("."):
+                yield "hidden", full, None
+            elif is_real_dir(full):
+                m = read_manifest(full)
+                if m is not None:
+                    yield "image", full, m
+                elif level < depth:
+                    yield from walk(full, level + 1)
 
-    walk(path, 1)
-    return found
+    yield from walk(top, 1)
+
+
+def images_below(path: str, depth: int = 4) -> list[str]:
+    """Images (directories with a manifest) strictly below path, a few levels deep."""
+    return [p for kind, p, _m in scan(path, depth) if kind == "image"]
 
 
 def read_manifest(path: str) -> dict[str, Any] | None:
@@ -308,26 +314,12 @@ def op_list(export_root: str, depth: int = 3) -> P.Listed:
         raise AgentError(ErrorKind.NOT_FOUND, f"export root {export_root} does not exist on the storage server")
     found: list[P.ListedImage] = []
     leftovers: list[P.Leftover] = []
-
-    def walk(d: str, level: int) -> None:
-        try:
-            entries = sorted(os.listdir(d))
-        except OSError:
-            return
-        for e in entries:
-            full = os.path.join(d, e)
-            if e.startswith("."):
-                leftovers.extend(_leftover(d, e))
-                continue
-            if not is_real_dir(full):
-                continue
-            m = read_manifest(full)
-            if m is not None:
-                found.append(P.ListedImage(full, m, _lock_held(siblings(full).lock)))
-            elif level < depth:
-                walk(full, level + 1)
-
-    walk(root, 1)
+    for kind, path, m in scan(root, depth):
+        if kind == "hidden":
+            leftovers.extend(_leftover(os.path.dirname(path), os.path.basename(path)))
+        else:
+            assert m is not None
+            found.append(P.ListedImage(path, m, _lock_held(siblings(path).lock)))
     return P.Listed(found, leftovers)
 
 
