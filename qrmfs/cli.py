@@ -105,10 +105,10 @@ def create(
         name=image, target=t, location=model.Location.parse(location), only_physical=only_physical,
         excludes=tuple(model.plain_path(e, "-e/--exclude directory") for e in exclude or []),
         private_add=tuple(adds), private_exclude=tuple(pexcl),
-        arch=model.tag(arch, "architecture") if arch else None,
-        os_name=model.os_name(operating_system) if operating_system else None,
+        arch=model.tag(arch, "architecture") if arch is not None else None,
+        os_name=model.os_name(operating_system) if operating_system is not None else None,
         keep_services=keep_services, keep_network=keep_network,
-        hostname=model.hostname(hostname) if hostname else None, shared=shared, force=force, route=route,
+        hostname=model.hostname(hostname) if hostname is not None else None, shared=shared, force=force, route=route,
         comment=comment, creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
     if dry_run:
         plan = act.dry_run(req, env)
@@ -165,7 +165,7 @@ def clone(
     t = model.named_target(name, target)
     req = act.CloneRequest(name=name, target=t, source=model.Target.parse(source, "--from"),
                            only_physical=only_physical, force=force,
-                           hostname=model.hostname(hostname) if hostname else None,
+                           hostname=model.hostname(hostname) if hostname is not None else None,
                            creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
     if dry_run:
         plan = act.dry_run(req, env)

@@ -382,4 +382,5 @@ def test_job_json_round_trip() -> None:
 def test_public_view() -> None:
     j = job(openqrm.new_image(FIELDS), openqrm.event("e", 10, "done"))
     assert openqrm.public(j) == {"id": j.id, "image": "img1", "target": "nas1:/exports/img1", "url": URL,
+                                 "auth": None, "storage": None,
                                  "pending": ["new_image img1", "event e (priority 10): done"]}
