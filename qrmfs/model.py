@@ -7,7 +7,10 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from .agent.steps import PRIVATE_DIR_CHARS, PRIVATE_DIR_RE, private_dir_problem
 from .errors import UsageError
+
+__all__ = ["PRIVATE_DIR_CHARS", "PRIVATE_DIR_RE"]
 
 NAME_RE = re.compile(r"[A-Za-z0-9_]{1,50}")
 HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}@)?"
@@ -20,11 +23,8 @@ TAG_RE = re.compile(r"[A-Za-z0-9_.+-]{1,32}")
 # names one of qrmfs's own hidden siblings (.NAME.qrmfs-*).
 COMPONENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 COMPONENT_RULE = "ASCII letters, digits, '_', '.' and '-', not starting with '.' or '-'"
-# A directory private to each node (--private-add/--private-exclude): the ONE definition of its characters.
-# qrmfs/data/qrmfs-init holds the same class in its PRIVATE_DIR_CHARS line (a unit test compares them), and
-# skips any node.conf path outside it at boot; the node-init step flags such a path, so validate reports it.
-PRIVATE_DIR_CHARS = "A-Za-z0-9_./+-"
-PRIVATE_DIR_RE = re.compile(f"/[{PRIVATE_DIR_CHARS}]+")
+# A directory private to each node: the one rule lives in qrmfs/agent/steps.py (qrmfs-init and the node-init
+# step use it too); PRIVATE_DIR_CHARS and PRIVATE_DIR_RE are re-exported here.
 # An ssh user name (config ssh_user, user@ of a host): no leading '-', nothing ssh or a shell would split.
 USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 # What ssh itself would misread inside `-o Key=value` or a path it expands: white space (ssh splits
@@ -225,22 +225,22 @@ class Location:
 
 
 def private_dir(value: str, what: str) -> str:
-    """A canonical absolute path of PRIVATE_DIR_CHARS only: exactly what qrmfs-init binds at boot."""
+    """A canonical absolute path that qrmfs-init binds at boot (steps.private_dir_problem says why not)."""
     abs_path(value, what, no_space=True)
-    if not PRIVATE_DIR_RE.fullmatch(value):
-        bad = sorted({c for c in value if not re.fullmatch(f"[{PRIVATE_DIR_CHARS}]", c)})
-        raise UsageError(f"invalid {what} {value!r}: only ASCII letters, digits and '_./+-' are allowed "
-                         f"(not {', '.join(repr(c) for c in bad)}); qrmfs-init would skip it at boot")
+    problem = private_dir_problem(value)
+    if problem:
+        raise UsageError(f"invalid {what} {value!r}: {problem}; qrmfs-init would skip it at boot")
     return value
 
 
 def private_dirs(adds: list[str], excludes: list[str]) -> tuple[list[str], list[str]]:
     """--private-add / --private-exclude: each exclude strictly inside one private directory."""
-    a = [private_dir(p, "--private-add directory") for p in adds]
-    e = [private_dir(p, "--private-exclude directory") for p in excludes]
-    for p in a:
+    for p in adds:
+        abs_path(p, "--private-add directory", no_space=True)
         if any(p == d or p.startswith(d + "/") for d in LIVE):
             raise UsageError(f"invalid --private-add {p!r}: {p.split('/')[1]} is not part of the image")
+    a = [private_dir(p, "--private-add directory") for p in adds]
+    e = [private_dir(p, "--private-exclude directory") for p in excludes]
     if e and not a:
         raise UsageError("--private-exclude needs --private-add: it names directories inside private ones")
     for p in e:

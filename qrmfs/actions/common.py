@@ -149,6 +149,12 @@ class Env:
                               retries=0 if quick else o.retries, backoff=o.backoff, ca_file=o.ca_file)
 
 
+def same_image(cfg: Config, job: openqrm.Job, target: Target) -> bool:
+    """Is the spooled job about the image at target? By storage identity and path, not by spelling."""
+    mine = storage_identity(cfg, str(target))
+    return mine is not None and (job.storage or storage_identity(cfg, job.target)) == mine
+
+
 def _warn_plain_http(env: Env, creds: Credentials) -> None:
     if creds.password and creds.plain_http and not creds.warned:
         creds.warned = True

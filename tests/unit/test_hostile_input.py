@@ -93,8 +93,8 @@ OPTION_RULES = [
     ("--arch", lambda v: not re.fullmatch(r"[A-Za-z0-9_.+-]{1,32}", v)),
     ("--operation-system", lambda v: not re.fullmatch(r"[A-Za-z0-9_.+ -]{1,64}", v)),
     ("--route", lambda v: v not in ("ssh", "nfs")),
-    ("--private-add", lambda v: not re.fullmatch(r"/[A-Za-z0-9_./+-]+", v) or "//" in v or v.endswith("/")
-     or "/./" in v + "/" or "/../" in v + "/" or v.startswith(("/proc", "/sys", "/dev", "/run"))),
+    ("--private-add", lambda v: not re.fullmatch(r"/[A-Za-z0-9_./+@-]+", v) or "//" in v or v.endswith("/")
+     or "/./" in v + "/" or "/../" in v + "/" or v.startswith(("/proc", "/sys", "/dev", "/run", "/.qrmfs"))),
     ("--exclude", lambda v: not v.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in v)
      or any(c in v for c in "*?[]\\") or os.path.normpath(v) != v or v.startswith("//") or v == "/"),
     ("--openqrm-url", lambda v: not re.fullmatch(r"https?://[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?(/[A-Za-z0-9/]*)?",

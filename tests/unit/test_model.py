@@ -282,3 +282,16 @@ def test_openqrm_url(url: str, ok: bool) -> None:
     else:
         with pytest.raises(UsageError, match="invalid openQRM URL"):
             model.openqrm_url(url)
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("/srv/a:b", "has characters other than ASCII letters, digits and '_./+@-' (':'); qrmfs-init would skip it"),
+    ("/var/lib/ünï", "has characters other than"),
+    ("/.qrmfs/nodes", "cannot be per node"),
+    ("/srv/a*", "has characters other than"),
+])
+def test_private_dir_refuses_what_qrmfs_init_would_skip(value: str, why: str) -> None:
+    with pytest.raises(UsageError) as ei:
+        model.private_dirs([value], [])
+    assert why in ei.value.message
+    assert model.private_dirs(["/srv/a+b@c_d.e-f"], []) == (["/srv/a+b@c_d.e-f"], [])
