@@ -197,3 +197,61 @@ def test_the_password_in_no_argv_on_any_host_nor_in_the_image_or_a_url(lab, mock
     assert all(pw not in json.dumps(r["query"]) for r in reqs)  # never in a URL
     assert {(r["path"].rsplit("/", 1)[1], r["authorized_user"]) for r in reqs} == {
         ("resource-monitor.php", None), ("image-action.php", "openqrm")}
+
+
+def test_validate_reports_a_node_conf_path_qrmfs_init_would_skip(lab, cfg, image_path, on_storage):
+    r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", "--private-add", "/var/lib/app",
+              config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert qrmfs("create", "-t", f"storage:{image_path}_x", "-l", "source:/srv", "-o", "--private-add",
+                 "/srv/a:b", config=cfg).returncode == 2  # refused at create
+    on_storage(f"sed -i \"s|^QRMFS_PRIVATE='/var/lib/app'|QRMFS_PRIVATE='/var/lib/app /srv/a:b'|\" "
+               f"{image_path}/etc/qrmfs/node.conf && grep -q a:b {image_path}/etc/qrmfs/node.conf")
+    r = qrmfs("validate", "-t", f"storage:{image_path}", "--json", config=cfg)
+    assert r.returncode == 12, r.stdout + r.stderr
+    found = {(f["path"], f["fixable"]) for f in json.loads(r.stdout)["findings"] if f["step"] == "node-init"}
+    assert ("/srv/a:b", False) in found, found
+    assert any("qrmfs-init skips it at boot" in f["problem"] for f in json.loads(r.stdout)["findings"])
+
+
+# --- a node does not see the other nodes' state (a real diskless boot in QEMU) ---------------------------
+
+HIDDEN_SCRIPT = r"""
+echo "nodes=$(ls -A /.qrmfs/nodes | tr '\n' ' ')"
+cat /.qrmfs/nodes/1/machine-id >/dev/null 2>&1 && echo "leak=yes"
+touch /.qrmfs/nodes/x 2>/dev/null && echo "writable=yes"
+echo "hider=$(findmnt -n -o FSTYPE,OPTIONS /.qrmfs/nodes | cut -d, -f1)"
+echo "self-mid=$(cat /.qrmfs/node/machine-id)"
+echo "mid=$(cat /etc/machine-id)"
+echo "app=$(ls -A /var/lib/app | sort | tr '\n' ' ')"
+echo "node $(hostname)" > /var/lib/app/mine && echo "wrote-mine=yes"
+sync
+"""
+
+
+@pytest.mark.boot
+def test_a_booted_node_sees_none_of_the_other_nodes_state(lab, image_path):
+    from lab import boot as lab_boot
+
+    r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/", "-o", "--shared", "--private-add",
+              "/var/lib/app", config=lab["config"])
+    assert r.returncode == 0, r.stderr
+    timeout = float(os.environ.get("QRMFS_BOOT_TIMEOUT", "480"))
+    first = lab_boot.boot(lab, image_path, node_id=1, timeout=timeout)
+    assert first.reached, first.log_tail
+    on_disk = run_on(lab, "storage", f"ls -A {image_path}/.qrmfs/nodes/1").stdout.decode().split()
+    assert "machine-id" in on_disk  # node 1's state exists in the image: there is something to hide
+    second = lab_boot.boot(lab, image_path, node_id=2, script=HIDDEN_SCRIPT, timeout=timeout)
+    assert second.reached and second.script_rc == 0, (second.state, second.script_output, second.log_tail)
+    f = dict(line.split("=", 1) for line in second.script_output.splitlines() if "=" in line)
+    assert f["nodes"] == "" and "leak" not in f and "writable" not in f, f
+    assert f["hider"] == "tmpfs ro", f
+    assert f["self-mid"] == f["mid"] and len(f["mid"]) == 32, f  # its own state is where it needs it
+    assert f["app"].split() == ["seed.txt"] or "global" in f["app"], f
+    assert f["wrote-mine"] == "yes"
+    assert "the other nodes' state is hidden" in second.log_tail or "hidden" in open(second.log_path).read()
+    # the private write went to node 2's own state, not into the image or node 1's
+    s = run_on(lab, "storage", f"cat {image_path}/.qrmfs/nodes/2/var/lib/app/mine; "
+                               f"test ! -e {image_path}/var/lib/app/mine && test ! -e "
+                               f"{image_path}/.qrmfs/nodes/1/var/lib/app/mine && echo apart").stdout.decode()
+    assert s.split("\n")[-2] == "apart", s

@@ -186,3 +186,16 @@ def _toml(d: dict, prefix: str = "") -> str:
             out += f"[{name}]\n"
         out += _toml(v, name)
     return out
+
+
+HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}@)?(?:[A-Za-z0-9][A-Za-z0-9._-]{0,252}|\[[0-9A-Fa-f:.]+\])")
+
+
+@FAST
+@given(host=TEXT.filter(lambda h: ":" not in h and "/" not in h and not HOST.fullmatch(h)), path=st.sampled_from(
+    ["/", "/srv", "/a b"]))
+def test_a_hostile_source_host_is_refused_before_anything(lab: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                          host: str, path: str) -> None:
+    args = create(lab)
+    args[2] = f"--location={host}:{path}"
+    refused(lab, capsys, args, 2)
