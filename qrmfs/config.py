@@ -136,7 +136,7 @@ def _openqrm(o: dict[str, Any]) -> OpenQrm:
         raise ConfigError(f"config: openqrm.retries must be 0-100, not {retries}")
     ca_file = _expand(_get(o, "ca_file", str, "openqrm"))
     if ca_file is not None and not os.path.isfile(ca_file):
-        raise ConfigError(f"config: openqrm.ca_file {ca_file} is not a readable file")
+        raise ConfigError(f"config: openqrm.ca_file {_shown(ca_file)} is not a readable file")
     return OpenQrm(url, _get(o, "user", str, "openqrm"), _expand(_get(o, "password_file", str, "openqrm")),
                    _number(o, "timeout", 10.0, positive=True), retries, _number(o, "backoff", 0.5, positive=False),
                    ca_file)
@@ -184,6 +184,11 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
                   spool, data.get("defaults") or {})
 
 
+def _shown(p: str) -> str:
+    """A path as it goes into a one-line message: as is when printable, else quoted with escapes."""
+    return p if p.isprintable() else repr(p)
+
+
 def _expand(p: str | None) -> str | None:
     return os.path.expanduser(p) if p else None
 
@@ -199,9 +204,9 @@ def load(explicit: str | None = None) -> Config:
             try:
                 return parse(tomllib.loads(p.read_text()), str(p))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"config {p}: {e}") from None
+                raise ConfigError(f"config {_shown(str(p))}: {e}") from None
             except OSError as e:
-                raise ConfigError(f"config {p}: {e.strerror}") from None
+                raise ConfigError(f"config {_shown(str(p))}: {e.strerror}") from None
         if explicit:
-            raise ConfigError(f"config file {c} not found")
+            raise ConfigError(f"config file {_shown(c)} not found")
     return Config()

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .. import model, openqrm
-from ..config import Config, Storage
+from ..config import Config, Storage, _shown
 from ..errors import NotFoundError, RegistrationError, UsageError
 from ..model import Target
 from ..runner import Runner
@@ -50,9 +50,9 @@ def _read_password(path: str) -> str:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise UsageError(f"cannot read password file {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read password file {_shown(path)}: {e.strerror}") from None
     if not lines or not lines[0].strip():
-        raise UsageError(f"password file {path} is empty")
+        raise UsageError(f"password file {_shown(path)} is empty")
     return lines[0].strip()
 
 

@@ -330,3 +330,9 @@ def test_cli_bad_ssh_user_exits_3_before_anything(tmp_path: Path, monkeypatch: p
                                 "'-oProxyCommand=touch /tmp/pwned': 1-32 of letters, digits, '_', '.', '-', "
                                 "not starting with '-' or '.'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_path_with_a_newline_stays_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(tmp_path / "a\nb.toml"))
+    assert "\n" not in ei.value.message and "\\n" in ei.value.message
