@@ -143,8 +143,8 @@ class Spool:
         """The job as it is on disk now (None: delivered or dropped meanwhile)."""
         try:
             return Job.from_json((self.dir / f"{job_id}.json").read_text())
-        except FileNotFoundError:
-            return None
+        except (FileNotFoundError, ValueError, TypeError, KeyError):
+            return None  # gone, or unreadable (jobs() skips such a file too)
 
     def save(self, job: Job) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)

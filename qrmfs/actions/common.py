@@ -24,12 +24,11 @@ PASSWORD_ENV = "QRMFS_PASSWORD"
 @dataclass
 class Credentials:
     """The openQRM URL and credentials of this run. source: where the password came from (never the password),
-    so a spooled job is bound to it; url_source: "config" or "--openqrm-url"."""
+    so that a spooled job is bound to it."""
     url: str | None
     user: str | None
     password: str | None = field(default=None, repr=False)
     source: str | None = None
-    url_source: str = "config"
     warned: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -73,8 +72,7 @@ def resolve_credentials(cfg: Config, user: str | None, password: str | None, pas
     elif cfg.openqrm.password_file:
         pw = _read_password(cfg.openqrm.password_file)
         source = f"config {cfg.path or '?'} [openqrm] password_file {cfg.openqrm.password_file}"
-    creds = Credentials(url or cfg.openqrm.url, user or cfg.openqrm.user, pw, source,
-                        "--openqrm-url" if url else "config")
+    creds = Credentials(url or cfg.openqrm.url, user or cfg.openqrm.user, pw, source)
     configured = urlsplit(cfg.openqrm.url or "").hostname
     if (pw and url and creds.plain_http and cfg.openqrm.password_file and source and source.startswith("config ")
             and urlsplit(url).hostname != configured):

@@ -323,3 +323,24 @@ def test_password_in_no_argv_output_spool_manifest_or_url_while_create_runs(home
     assert auths == [("event", None), ("new_image", "Basic " + b64), ("event", None)]  # only where needed
     assert all(PASSWORD not in r["raw"] for r in server.requests)  # never in a URL
     assert server.images == ["img1"]
+
+
+# --- jobs matched by storage identity, whatever the spelling ------------------------------------------
+
+def test_same_image_by_storage_identity_and_path() -> None:
+    from qrmfs import config
+    from qrmfs.actions.common import same_image, storage_identity
+    from qrmfs.model import Target
+
+    cfg = config.parse({"storage": {"nas1": {"address": "10.0.0.5"}, "nas2": {"address": "10.0.0.5",
+                                                                                "ssh_port": 2222}}})
+    j = Job("http://q/openqrm", USER, "img", "nas1:/exports/img", [])
+    for spelling, same in [("nas1:/exports/img", True), ("10.0.0.5:/exports/img", True),
+                           ("root@10.0.0.5:/exports/img", True), ("10.0.0.6:/exports/img", False),
+                           ("nas1:/exports/img2", False), ("nas2:/exports/img", False)]:
+        assert same_image(cfg, j, Target.parse(spelling)) is same, spelling
+    # a job records the identity when it is made: a later config change does not move it
+    j.storage = storage_identity(cfg, j.target)
+    moved = config.parse({"storage": {"nas1": {"address": "10.9.9.9"}}})
+    assert same_image(moved, j, Target.parse("10.0.0.5:/exports/img"))
+    assert not same_image(moved, j, Target.parse("nas1:/exports/img"))
