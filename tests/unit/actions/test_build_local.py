@@ -192,6 +192,10 @@ def test_openqrm_down_keeps_the_registration_in_the_spool(env: Env, exports: Pat
     assert (exports / "img1/.qrmfs/manifest.json").is_file()
     (job,) = spool(tmp_path)
     assert PASSWORD not in (tmp_path / "spool" / job).read_text()
+    from qrmfs.actions.listing import list_images
+
+    (row,) = list_images(env, "local").images  # found by storage identity and path, however it was spelled
+    assert (row.registration.state, row.registration.spool_job) == (RegState.PENDING, job[:-len(".json")])
     server.status = 200
     from qrmfs.actions.common import flush_spool
 
