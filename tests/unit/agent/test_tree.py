@@ -17,13 +17,6 @@ from qrmfs.agent.protocol import encode
 from qrmfs.agent.tree import AgentError
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path.resolve() / "exports"
-    r.mkdir()
-    return r
-
-
 def image(path: Path, manifest: dict[str, Any] | None = None) -> Path:
     (path / "etc").mkdir(parents=True, exist_ok=True)
     (path / "etc/hostname").write_text("n\n")
