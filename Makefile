@@ -31,4 +31,4 @@ lab-down: setup
 	@$(PY) -m lab down
 
 bench: setup
-	@$(PY) bench/run.py
+	@$(PY) bench/run.py $(ARGS)
