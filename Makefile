@@ -21,8 +21,8 @@ e2e: setup
 	$(PY) -m pytest tests/e2e
 
 lint: setup
-	$(VENV)/bin/ruff check qrmfs lab tests
-	$(VENV)/bin/mypy qrmfs lab
+	$(VENV)/bin/ruff check qrmfs lab tests bench
+	$(VENV)/bin/mypy qrmfs lab bench/run.py bench/mechanisms.py
 
 lab-up: setup
 	@$(PY) -m lab up

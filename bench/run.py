@@ -4,8 +4,8 @@
   to someone else. `/exports` is the lab's XFS export (reflinks), `/exports-plain` the ext4 volume.
 - Its own trees, built once on the source host under /mnt/bench (kept between runs, rebuilt when their recipe
   changes): 5 files; 1k and 10k files of 1-4 KiB; 100k files of 1-4 KiB plus 5 x 50 MB; 1M behind --huge.
-  And the lab source's root (`/`; qrmfs leaves out the contents of /mnt), with and without /srv/fixture (which holds the 1 GiB
-  sparse file).
+  And the lab source's root (`/`; qrmfs leaves out the contents of /mnt), with and without /srv/fixture
+  (which holds the 1 GiB sparse file).
 - Per job, qrmfs (through its CLI, `--json`) and each anchor alternate, the order rotating each pair:
   create vs a plain `rsync -aHAXS` pull and a `tar --sparse` stream by the same route (run on the storage
   server, pulling from the source over ssh with a forwarded agent, the excludes qrmfs itself uses);
@@ -308,14 +308,22 @@ class Bench:
         return self.on_storage(script)
 
     # -- measuring
+    def xfs_free(self) -> os.statvfs_result | None:
+        """The XFS export's free blocks once its delayed allocations are on disk (syncfs, untimed)."""
+        if not self.xfs_mnt:
+            return None
+        subprocess.run(["sync", "-f", str(self.xfs_mnt)], check=True)
+        return os.statvfs(self.xfs_mnt)
+
     def measure(self, contender: str, argv: list[str], target: str = "", ok: tuple[int, ...] = (0,),
                 allocated: bool = False) -> Run:
-        free0 = os.statvfs(self.xfs_mnt) if self.xfs_mnt and target.startswith("/exports/") else None
+        free0 = self.xfs_free() if target.startswith("/exports/") else None
         s, rc, so, se, wire, rss, hwm = timed(self.lab, argv, ok)
         run = Run(contender, s, wire, rc, rss_kib=rss, storage_hwm_kib=hwm, target=target)
         run.rsync_stats = parse_rsync_stats(so)
         if free0 is not None and self.xfs_mnt:
-            f1 = os.statvfs(self.xfs_mnt)
+            f1 = self.xfs_free()
+            assert f1 is not None
             run.space_delta = (free0.f_bfree - f1.f_bfree) * f1.f_frsize
         if allocated and target:
             out = self.lab.run("storage", f"du -sB1 {shlex.quote(target)}; du -sB1 --apparent-size "
@@ -455,7 +463,9 @@ class Bench:
                           ("cp -al", local(["cp", "-al"], "cpal")),
                           ("rsync local", local(["rsync", "-aHAXS", "--numeric-ids"], "rsl"))]
             if fs in ("xfs", "btrfs"):
+                # coreutils >= 9 defaults to --reflink=auto: plain `cp -a` shares blocks here too
                 contenders.append(("cp -a --reflink=always", local(["cp", "-a", "--reflink=always"], "cpr")))
+                contenders.append(("cp -a --reflink=never", local(["cp", "-a", "--reflink=never"], "cpn")))
             self.pairs("clone (same server)", t, contenders, note=f"{root} on {fs}")
 
     def run(self) -> None:
