@@ -10,19 +10,21 @@
   create vs a plain `rsync -aHAXS` pull and a `tar --sparse` stream by the same route (run on the storage
   server, pulling from the source over ssh with a forwarded agent, the excludes qrmfs itself uses);
   update (`create --force` of an unchanged source) vs an rsync no-change pass; clone (on /exports and on
-  /exports-plain) vs `cp -a`, `cp -al`, `cp -a --reflink=always` (XFS) and a local rsync; `validate -l` vs
-  an rsync dry run; `validate` vs a `find` walk. Every run is timed end to end from this machine.
-- A fresh target for every run, and no delete during the bench: every copy is removed at the end (and
-  leftovers of a crashed bench at the start, before the trees are checked), so ext4's inode-reuse delay
-  after a big delete never lands in a timed run.
+  /exports-plain) vs `cp -a`, `cp -al`, `cp -a --reflink=always|never` (XFS, where coreutils 9's plain
+  `cp -a` already reflinks) and a local rsync; `validate -l` vs an rsync dry run; `validate` vs a `find`
+  walk. Every run is timed end to end from this machine.
+- A fresh target for every run, and no delete during the bench: every copy is removed at the end, so
+  ext4's inode-reuse delay after a big delete never lands in a timed run. (Leftovers of a crashed bench
+  are removed at the start, which says so: on ext4, rerun a minute later for clean numbers.)
 - Per run: wall time; bytes on the wire (the storage container's eth0 counters, read from the host's
   /proc/<pid>/net/dev, plus rsync's own --stats where it prints them); bytes allocated (`du`, first pair);
-  space taken on the XFS export (statvfs, from the host); qrmfs's peak RSS (wait4); the storage-side
+  space taken on the XFS export (statvfs after syncfs, from the host); qrmfs's peak RSS (wait4); the storage-side
   processes' peak RSS (VmHWM, sampled from the storage container's cgroup).
 - Medians, spread (min-max), ratios qrmfs / anchor, into bench/results/YYYY-MM-DD-HHMM-{quick,full}.md
   and .json.
 
-Run: `make bench` (about 15 minutes), `make bench ARGS=--quick` or `.venv/bin/python bench/run.py --quick`.
+Run: `make bench`, `make bench ARGS=--quick` or `.venv/bin/python bench/run.py --quick` (9.5 minutes on a
+2-core machine under a load of 7-9, 2 of them removing the copies).
 """
 
 from __future__ import annotations
