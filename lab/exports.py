@@ -73,15 +73,16 @@ def prepare(state: Path) -> Path:
     """A fresh, empty XFS file system with reflinks, mounted at mount_point(state). Returns the mount point."""
     release(state)
     image, mnt = image_file(state), mount_point(state)
-    image.touch()
-    os.truncate(image, _bytes(XFS_SIZE))
-    _run(["mkfs.xfs", "-q", "-m", "reflink=1", "-L", "qrmfs-lab", str(image)], "lab: making the XFS export")
-    mnt.mkdir()
     try:
+        image.touch()
+        os.truncate(image, _bytes(XFS_SIZE))
+        _run(["mkfs.xfs", "-q", "-m", "reflink=1", "-L", "qrmfs-lab", str(image)], "lab: making the XFS export")
+        mnt.mkdir()
         _run(["mount", "-o", "loop", str(image), str(mnt)], "lab: loop-mounting the XFS export")
-    except LabError:
+    except (LabError, OSError) as e:
         release(state)
-        raise
+        raise LabError(f"{e} (`python -m lab up --export plain` or QRMFS_LAB_EXPORT=plain puts /exports on a "
+                       "docker volume instead)") from e
     mnt.chmod(0o755)
     return mnt
 
