@@ -21,8 +21,8 @@ e2e: setup
 	$(PY) -m pytest tests/e2e
 
 lint: setup
-	$(VENV)/bin/ruff check qrmfs lab tests
-	$(VENV)/bin/mypy qrmfs lab
+	$(VENV)/bin/ruff check qrmfs lab tests bench
+	$(VENV)/bin/mypy qrmfs lab bench/run.py bench/mechanisms.py
 
 lab-up: setup
 	@$(PY) -m lab up
@@ -31,7 +31,7 @@ lab-down: setup
 	@$(PY) -m lab down
 
 bench: setup
-	@$(PY) bench/run.py
+	@$(PY) bench/run.py $(ARGS)
 
 # docs/cli.md from the typer app (tests/unit/test_docs.py fails when it is out of date)
 docs: setup

@@ -9,12 +9,16 @@ from typing import Any
 
 import typer
 
+from . import exports as _exports
 from . import lab as _lab
 from .images import LabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The qrmfs container lab.")
 NAME = typer.Option(_lab.DEFAULT_NAME, "--name", help="Lab name (containers, network and volume carry it).")
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
+EXPORT = typer.Option(_exports.DEFAULT_KIND, "--export",
+                      help="What /exports is: xfs (a loop-mounted XFS with reflinks) or plain (a docker volume). "
+                           "/exports-plain is always a docker volume.")
 
 
 def _print(info: dict[str, Any], as_json: bool) -> None:
@@ -23,7 +27,8 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
         return
     h = info["hosts"]
     print(f"lab {info['name']} on network {info['network']}")
-    print(f"  storage  {h['storage']['address']}  ssh :22, NFS :2049 export {h['storage']['export_root']}")
+    ex = ", ".join(f"{p} ({fs})" for p, fs in h["storage"]["exports"].items())
+    print(f"  storage  {h['storage']['address']}  ssh :22, NFS :2049 exports {ex}")
     print(f"  source   {h['source']['address']}  ssh :22")
     print(f"  openqrm  {info['openqrm']['url']}  ({info['openqrm']['user']}, password in "
           f"{info['openqrm']['password_file']})")
@@ -32,9 +37,9 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
 
 
 @app.command()
-def up(name: str = NAME, as_json: bool = JSON) -> None:
+def up(name: str = NAME, as_json: bool = JSON, export: str = EXPORT) -> None:
     """Start the lab (reuses a running one) and print where everything is."""
-    _print(_lab.up(name), as_json)
+    _print(_lab.up(name, export=export), as_json)
 
 
 @app.command()

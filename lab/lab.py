@@ -24,18 +24,20 @@ from testcontainers.core.container import DockerContainer  # noqa: E402
 from testcontainers.core.network import Network  # noqa: E402
 from testcontainers.core.waiting_utils import WaitStrategy  # noqa: E402
 
-from . import images, keys  # noqa: E402
+from . import exports, images, keys  # noqa: E402
 from .images import ROLES, LabError  # noqa: E402
 from .paths import state_dir  # noqa: E402
 
 LABEL = "io.qrmfs.lab"
 ROLE_LABEL = "io.qrmfs.lab.role"
 STATE_LABEL = "io.qrmfs.lab.state"  # the state dir (keys) the containers were started with
+EXPORT_LABEL = "io.qrmfs.lab.export"  # the kind of /exports the storage was started with: xfs or plain
 # $QRMFS_LAB_NAME lets a second checkout (or a helper, or make bench) run its own lab beside the default one.
 DEFAULT_NAME = os.environ.get("QRMFS_LAB_NAME") or "qrmfs-lab"
 # Not openQRM's default openqrm/openqrm: a password unlike every other string lets tests prove it never leaks.
 OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "lab-Secret-4711"
-EXPORT_ROOT = "/exports"
+EXPORT_ROOT = exports.EXPORT_ROOT
+PLAIN_ROOT = exports.PLAIN_ROOT
 READY_TIMEOUT = 90
 
 # Inside each container: what must hold before the host-side probes start.
@@ -88,6 +90,10 @@ class LabHandle:
     def volume(self) -> str:
         return f"{self.name}-exports"
 
+    @property
+    def plain_volume(self) -> str:
+        return f"{self.name}-exports-plain"
+
     def container_name(self, role: str) -> str:
         return f"{self.name}-{role}"
 
@@ -122,20 +128,26 @@ def _address(container: Any, lab: LabHandle) -> str:
     return str(nets[lab.network]["IPAddress"])
 
 
-def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str]) -> None:
+def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str], export: str) -> None:
     down(lab.name, quiet=True)
     keys.ensure_keys(lab.state, ("storage", "source"))
     net = Network(docker_network_kw={"labels": _labels(lab)})
     net.name = lab.network
     net.create()
-    client.volumes.create(name=lab.volume, labels=_labels(lab))
+    client.volumes.create(name=lab.plain_volume, labels=_labels(lab))
+    if export == "xfs":
+        exports_src = str(exports.prepare(lab.state))  # loop-mounted XFS, bind-mounted into the container
+    else:
+        exports_src = client.volumes.create(name=lab.volume, labels=_labels(lab)).name
     for role in ROLES:
         kwargs: dict[str, Any] = {"labels": _labels(lab, role), "hostname": f"lab-{role}"}
         volumes: dict[str, dict[str, str]] = {}
         if role in ("storage", "source"):
             volumes[str(lab.state / "hosts" / role)] = {"bind": "/lab", "mode": "ro"}
         if role == "storage":
-            volumes[lab.volume] = {"bind": EXPORT_ROOT, "mode": "rw"}
+            volumes[exports_src] = {"bind": EXPORT_ROOT, "mode": "rw"}
+            volumes[lab.plain_volume] = {"bind": PLAIN_ROOT, "mode": "rw"}
+            kwargs["labels"][EXPORT_LABEL] = export
             # ganesha's VFS FSAL uses open_by_handle_at; privileged mode is refused here: grant just these.
             kwargs["cap_add"] = ["DAC_READ_SEARCH", "SYS_ADMIN"]
         c = (DockerContainer(tags[role])
@@ -196,9 +208,12 @@ def _probe_all(info: dict[str, Any]) -> None:
         return p
 
     def nfs_probe() -> tuple[bool, str]:
-        url = f"nfs://{info['hosts']['storage']['address']}{EXPORT_ROOT}?version=4"
-        r = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=15)
-        return r.returncode == 0, r.stderr
+        for root in (EXPORT_ROOT, PLAIN_ROOT):
+            url = f"nfs://{info['hosts']['storage']['address']}{root}?version=4"
+            r = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=15)
+            if r.returncode != 0:
+                return False, f"{root}: {r.stderr}"
+        return True, ""
 
     def http_probe() -> tuple[bool, str]:
         r = httpx.get(info["openqrm"]["base"] + "/_mock/health", timeout=5)
@@ -218,12 +233,16 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
     pw.write_text(OPENQRM_PASSWORD + "\n")
     pw.chmod(0o600)
     base = f"http://{addr['openqrm']}:80"
+    kind = found["storage"].labels.get(EXPORT_LABEL, "plain")
     info: dict[str, Any] = {
         "name": lab.name,
         "network": lab.network,
         "hosts": {
             "storage": {"address": addr["storage"], "ssh_port": 22, "nfs_port": 2049,
-                        "export_root": EXPORT_ROOT, "container_id": found["storage"].id},
+                        "export_root": EXPORT_ROOT, "container_id": found["storage"].id,
+                        # /exports: XFS with reflinks (kind xfs) or the docker volume; /exports-plain: a volume.
+                        "export_kind": kind,
+                        "exports": {EXPORT_ROOT: exports.FS_TYPE[kind], PLAIN_ROOT: exports.FS_TYPE["plain"]}},
             "source": {"address": addr["source"], "ssh_port": 22, "container_id": found["source"].id},
             "openqrm": {"address": addr["openqrm"], "ssh_port": None, "http_port": 80,
                         "container_id": found["openqrm"].id},
@@ -258,6 +277,14 @@ ssh_port = {s['ssh_port']}
 export_root = "{s['export_root']}"
 storage_id = 1
 
+# The same server's plain-directory export ({exports.FS_TYPE['plain']}, no reflinks): -t plain:{PLAIN_ROOT}/NAME
+[storage.plain]
+address = "{s['address']}"
+ssh_user = "root"
+ssh_port = {s['ssh_port']}
+export_root = "{PLAIN_ROOT}"
+storage_id = 1
+
 [hosts.source]
 address = "{src['address']}"
 ssh_user = "root"
@@ -271,15 +298,20 @@ def _ours(lab: LabHandle, found: dict[str, Any]) -> bool:
                                             for c in found.values())
 
 
-def up(name: str = DEFAULT_NAME) -> dict[str, Any]:
-    """Start the lab, or reuse it when every host already runs the current images. Returns its info."""
+def up(name: str = DEFAULT_NAME, export: str = exports.DEFAULT_KIND) -> dict[str, Any]:
+    """Start the lab, or reuse it when every host already runs the current images and the same kind of
+    /exports (`xfs` or `plain`). Returns its info."""
+    if export not in exports.KINDS:
+        raise LabError(f"unknown export kind {export!r}: use one of {', '.join(exports.KINDS)}")
     lab = LabHandle(name)
     client = _client()
     tags = images.build_all(client)
     found = _containers(client, lab)
-    reusable = _ours(lab, found) and all(tags[r] in c.image.tags for r, c in found.items())
+    reusable = (_ours(lab, found) and all(tags[r] in c.image.tags for r, c in found.items())
+                and found["storage"].labels.get(EXPORT_LABEL) == export
+                and (export != "xfs" or exports.is_ready(lab.state)))
     if not reusable:
-        _start(lab, client, tags)
+        _start(lab, client, tags, export)
         found = _containers(client, lab)
     info = _info(lab, found)
     _probe_all(info)
@@ -296,7 +328,8 @@ def status(name: str = DEFAULT_NAME) -> dict[str, Any] | None:
 
 
 def down(name: str = DEFAULT_NAME, quiet: bool = False) -> list[str]:
-    """Remove every container, network and volume of the lab. Returns what it removed."""
+    """Remove every container, network and volume of the lab, and its XFS export (unmounted, loop device
+    detached, file removed). Returns what it removed."""
     lab = LabHandle(name)
     client = _client()
     removed: list[str] = []
@@ -310,4 +343,5 @@ def down(name: str = DEFAULT_NAME, quiet: bool = False) -> list[str]:
     for v in client.volumes.list(filters=flt):
         v.remove(force=True)
         removed.append(f"volume {v.name}")
+    removed += exports.release(lab.state)
     return removed

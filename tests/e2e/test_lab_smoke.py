@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 
 import pytest
 
+from lab import exports
 from lab import lab as _lab
 
 pytestmark = pytest.mark.e2e
@@ -97,3 +99,48 @@ def test_up_is_idempotent_and_down_leaves_nothing(lab):
     assert client.networks.list(filters=flt) == []
     assert client.volumes.list(filters=flt) == []
     assert _lab.status(name) is None
+    state = _lab.LabHandle(name).state
+    assert not os.path.ismount(exports.mount_point(state)) and not exports.image_file(state).exists()
+
+
+def test_xfs_export_serves_reflinks_and_a_crash_leftover_is_cleaned(lab, on_storage):
+    """/exports is XFS with reflinks (shared blocks), /exports-plain ext4; both are served over NFS. A loop
+    mount left by a crash (mounted, no containers) is unmounted and detached by the next `up`."""
+    if lab["hosts"]["storage"]["export_kind"] != "xfs":
+        pytest.skip("this lab's /exports is a plain volume")
+    assert lab["hosts"]["storage"]["exports"] == {"/exports": "xfs", "/exports-plain": "ext4"}
+    fs = on_storage("stat -f -c %T /exports /exports-plain").stdout.decode().split()
+    assert fs == ["xfs", "ext2/ext3"]
+    name = f"reflink_{uuid.uuid4().hex[:8]}"
+    try:
+        # 64 MiB, reflinked: the export loses (almost) no space, and the copy is independent of the original
+        out = on_storage(f"cd /exports && head -c 64M /dev/urandom > {name}.a && sync && "
+                         f"a=$(stat -f -c %f .) && cp --reflink=always {name}.a {name}.b && sync && "
+                         f"b=$(stat -f -c %f .) && echo $(( (a - b) * $(stat -f -c %S .) )) && "
+                         f"echo x >> {name}.b && cmp -s {name}.a {name}.b; echo cmp=$?").stdout.decode().split()
+        assert int(out[0]) < 1 << 20 and out[1] == "cmp=1"
+        plain = on_storage(f"cd /exports-plain && echo x > {name}.c && cp --reflink=always {name}.c {name}.d",
+                           check=False)
+        assert plain.returncode != 0, "ext4 has no reflinks: /exports-plain is the plain kind"
+        for root in ("/exports", "/exports-plain"):
+            r = subprocess.run(["nfs-ls", f"nfs://{lab['hosts']['storage']['address']}{root}?version=4"],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+    finally:
+        on_storage(f"rm -f /exports/{name}.a /exports/{name}.b /exports-plain/{name}.c /exports-plain/{name}.d")
+
+    other = f"qrmfs-labtest-{uuid.uuid4().hex[:6]}"
+    state = _lab.LabHandle(other).state
+    # what a crash between `up` and `down` leaves: a mounted loop device, no lab
+    (exports.prepare(state) / "leftover").write_text("from the crashed lab\n")
+    try:
+        info = _lab.up(other)
+        assert info["hosts"]["storage"]["export_kind"] == "xfs"
+        assert os.path.ismount(exports.mount_point(state))
+        assert not (exports.mount_point(state) / "leftover").exists()  # a new file system, the old released
+        loops = subprocess.run(["losetup", "-j", str(exports.image_file(state))], capture_output=True,
+                               text=True).stdout.splitlines()
+        assert len(loops) == 1, loops
+    finally:
+        _lab.down(other)
+    assert not os.path.ismount(exports.mount_point(state)) and not exports.image_file(state).exists()

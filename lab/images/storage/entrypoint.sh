@@ -1,7 +1,7 @@
 #!/bin/bash
 # storage: dbus and rpcbind first (ganesha registers with them), then ganesha and sshd.
 set -e
-mkdir -p /run/sshd /run/dbus /run/ganesha /exports
+mkdir -p /run/sshd /run/dbus /run/ganesha /exports /exports-plain
 rm -f /run/dbus/pid
 dbus-daemon --system --fork
 rpcbind -w
