@@ -111,7 +111,10 @@ def ssh_user(value: str, what: str = "ssh user") -> str:
 
 def openqrm_url(value: str, what: str = "openQRM URL") -> str:
     """http(s)://host[:port][/path]: no credentials, query or fragment in it (a password never goes in a URL)."""
-    u = urlsplit(value or "")
+    try:
+        u = urlsplit(value or "")
+    except ValueError:  # an unbalanced IPv6 bracket
+        raise UsageError(f"invalid {what} {value!r}: expected http(s)://HOST[:PORT]/PATH") from None
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value or ""):
         raise UsageError(f"invalid {what} {value!r}: contains white space or a control character")
     if u.scheme not in ("http", "https") or not u.hostname:

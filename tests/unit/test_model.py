@@ -295,3 +295,11 @@ def test_private_dir_refuses_what_qrmfs_init_would_skip(value: str, why: str) ->
         model.private_dirs([value], [])
     assert why in ei.value.message
     assert model.private_dirs(["/srv/a+b@c_d.e-f"], []) == (["/srv/a+b@c_d.e-f"], [])
+
+
+@pytest.mark.parametrize("value", ["[", "http://[::1", "http://[zz]/x"])
+def test_openqrm_url_with_a_broken_bracket_is_a_usage_error(value: str) -> None:
+    from qrmfs import model
+
+    with pytest.raises(UsageError):
+        model.openqrm_url(value)
