@@ -288,11 +288,82 @@ WantedBy=multi-user.target
 """
 
 
-@step("host-keygen", "where host keys were removed: a unit that makes new ones at first boot, before sshd")
+HOSTKEY_SYSV = "qrmfs-ssh-hostkeys"
+HOSTKEY_SYSV_TEXT = """#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          qrmfs-ssh-hostkeys
+# Required-Start:    $local_fs
+# Required-Stop:
+# X-Start-Before:    ssh
+# Default-Start:     2 3 4 5
+# Default-Stop:
+# Short-Description: qrmfs: generate ssh host keys on first boot
+### END INIT INFO
+# Written by qrmfs: this image's ssh host keys were removed (shared image or --remove-network); make new
+# ones at the first boot, before sshd starts (Debian's ssh script refuses to start without them). On a
+# shared image qrmfs-init provides per-node keys first, and this does nothing.
+case "$1" in
+    start) [ -e /etc/ssh/ssh_host_ed25519_key ] || /usr/bin/ssh-keygen -A ;;
+esac
+exit 0
+"""
+SYSV_START_LEVELS = ("2", "3", "4", "5")
+
+
+def depend_start_with_hostkeys(text: str) -> str:
+    """insserv's /etc/init.d/.depend.start (which sysv-rc's startpar follows) with our script as a
+    target that ssh depends on, as insserv would write it."""
+    out, has_ssh = [], False
+    for line in text.splitlines():
+        key, sep, deps = line.partition(":") if not line.startswith("TARGETS") else line.partition("=")
+        if line.startswith("TARGETS") and HOSTKEY_SYSV not in deps.split():
+            line = f"{line.rstrip()} {HOSTKEY_SYSV}"
+        elif sep and key.strip() == "ssh":
+            has_ssh = True
+            if HOSTKEY_SYSV not in deps.split():
+                line = f"{line.rstrip()} {HOSTKEY_SYSV}"
+        out.append(line)
+    if not has_ssh:
+        out.append(f"ssh: {HOSTKEY_SYSV}")
+    return "".join(f"{ln}\n" for ln in out)
+
+
+def _host_keygen_sysv(ctx: Ctx) -> Iterator[Finding]:
+    script = ctx.host(f"/etc/init.d/{HOSTKEY_SYSV}", follow_last=False)
+    if read_file(script) != HOSTKEY_SYSV_TEXT.encode():
+        yield Finding("host-keygen", f"/etc/init.d/{HOSTKEY_SYSV}", "missing",
+                      functools.partial(_write_new_exec, script, HOSTKEY_SYSV_TEXT.encode()))
+    for level in SYSV_START_LEVELS:
+        rel = f"/etc/rc{level}.d/S01{HOSTKEY_SYSV}"
+        link = ctx.host(rel, follow_last=False)
+        if not os.path.islink(link) and is_real_dir(os.path.dirname(link)):
+            yield Finding("host-keygen", rel, "not enabled",
+                          functools.partial(_symlink, f"../init.d/{HOSTKEY_SYSV}", link))
+    depend = ctx.host("/etc/init.d/.depend.start", follow_last=False)
+    data = read_file(depend)
+    if data is not None:
+        text = data.decode("utf-8", "surrogateescape")
+        want = depend_start_with_hostkeys(text)
+        if want != text:
+            yield Finding("host-keygen", "/etc/init.d/.depend.start", "ssh may start before its keys exist",
+                          functools.partial(write_file, depend, want.encode("utf-8", "surrogateescape")))
+
+
+def _write_new_exec(host: str, data: bytes) -> None:
+    makedirs(os.path.dirname(host))
+    write_file(host, data, 0o755)
+
+
+@step("host-keygen", "where host keys were removed: a unit (SysV: an init script) that makes new ones at "
+                     "first boot, before sshd")
 def _host_keygen(ctx: Ctx) -> Iterator[Finding]:
     if not (ctx.opts.shared or not ctx.opts.keep_network or ctx.opts.fresh_identity):
         return
-    if not (ctx.uses_systemd() and os.path.lexists(ctx.host("/etc/ssh/sshd_config"))):
+    if not os.path.lexists(ctx.host("/etc/ssh/sshd_config")):
+        return
+    if not ctx.uses_systemd():
+        if ctx.uses_sysv() and is_real_dir(ctx.host("/etc/init.d")):
+            yield from _host_keygen_sysv(ctx)
         return
     unit = ctx.host(f"/etc/systemd/system/{HOSTKEY_UNIT}", follow_last=False)
     if read_file(unit) != HOSTKEY_UNIT_TEXT.encode():

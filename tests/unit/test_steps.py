@@ -597,3 +597,34 @@ def test_host_keygen_unit_where_keys_are_removed(tmp_path: Path, opts: Options, 
         assert "ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key" in unit.read_text()
         assert os.readlink(link) == f"/etc/systemd/system/{steps.HOSTKEY_UNIT}"
         assert found(root, opts, ["host-keygen", "host-keys"]) == []
+
+
+def test_host_keygen_on_sysv_is_an_init_script_that_runs_before_ssh(tmp_path: Path) -> None:
+    """A SysV image (no systemd) whose keys were removed: Debian's ssh script will not start without keys."""
+    root = tmp_path / "img"
+    _w(root, "etc/inittab", "id:2:initdefault:\n")
+    _w(root, "etc/ssh/sshd_config", "PermitRootLogin no\n")
+    _w(root, "etc/ssh/ssh_host_ed25519_key", "secret\n", 0o600)
+    _w(root, "etc/init.d/ssh", "#!/bin/sh\n", 0o755)
+    _w(root, "etc/init.d/.depend.start", "TARGETS = killprocs rsync ssh single rc.local\nINTERACTIVE =\n"
+                                         "single: killprocs\nrc.local: rsync ssh\n")
+    for level in "2345":
+        (root / f"etc/rc{level}.d").mkdir(parents=True)
+        os.symlink("../init.d/ssh", root / f"etc/rc{level}.d/S01ssh")
+    opts = Options("i", keep_network=False)
+    steps.apply(str(root), opts)
+    script = root / "etc/init.d" / steps.HOSTKEY_SYSV
+    assert script.read_text() == steps.HOSTKEY_SYSV_TEXT and os.access(script, os.X_OK)
+    for level in "2345":
+        link = root / f"etc/rc{level}.d/S01{steps.HOSTKEY_SYSV}"
+        assert os.readlink(link) == f"../init.d/{steps.HOSTKEY_SYSV}"
+        # CONCURRENCY=none runs S links in name order: ours before S01ssh
+        assert sorted(os.listdir(root / f"etc/rc{level}.d")) == [link.name, "S01ssh"]
+    depend = (root / "etc/init.d/.depend.start").read_text().splitlines()
+    assert depend[0].split() == ["TARGETS", "=", "killprocs", "rsync", "ssh", "single", "rc.local",
+                                 steps.HOSTKEY_SYSV]
+    assert f"ssh: {steps.HOSTKEY_SYSV}" in depend
+    assert not (root / "etc/ssh/ssh_host_ed25519_key").exists()
+    assert not (root / "etc/systemd/system" / steps.HOSTKEY_UNIT).exists()
+    assert found(root, opts, ["host-keygen", "host-keys"]) == []
+    assert steps.depend_start_with_hostkeys("\n".join(depend) + "\n") == "\n".join(depend) + "\n"
