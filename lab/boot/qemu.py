@@ -16,6 +16,7 @@ import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -145,14 +146,40 @@ def supervise(argv: list[str], log: IO[bytes], stderr: IO[bytes], report: Serial
     when this returns."""
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+    watcher = SshWatcher(ssh_port) if ssh_port is not None else None
     try:
-        timed_out, reached_at, banner, by_host = _watch(proc, log, report, t0, timeout, shutdown_timeout,
-                                                        probe, ssh_port)
+        timed_out, reached_at, by_host = _watch(proc, log, report, t0, timeout, shutdown_timeout, probe, watcher)
     finally:
+        if watcher is not None:
+            watcher.stop()
         _stop(proc)
     end = time.monotonic()
     return Supervised(timed_out, proc.returncode, None if reached_at is None else round(reached_at - t0, 2),
-                      round(end - t0, 2), banner, by_host)
+                      round(end - t0, 2), watcher.banner if watcher else None, by_host)
+
+
+class SshWatcher:
+    """Polls the forwarded sshd port from QEMU's start until a banner comes (or stop()): a guest that
+    powers off right after its probe leaves no other moment to ask."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.banner: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ssh-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            banner = ssh_banner(self.port, timeout=5.0)
+            if banner is not None:
+                self.banner = banner
+                return
+            self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def _reached(report: SerialReport, probe: bool) -> bool:
@@ -160,8 +187,7 @@ def _reached(report: SerialReport, probe: bool) -> bool:
 
 
 def _watch(proc: subprocess.Popen[bytes], log: IO[bytes], report: SerialReport, t0: float, timeout: float,
-           shutdown_timeout: float, probe: bool, ssh_port: int | None
-           ) -> tuple[bool, float | None, str | None, bool]:
+           shutdown_timeout: float, probe: bool, ssh: SshWatcher | None) -> tuple[bool, float | None, bool]:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     sel = selectors.DefaultSelector()
@@ -170,24 +196,18 @@ def _watch(proc: subprocess.Popen[bytes], log: IO[bytes], report: SerialReport, 
     deadline = t0 + timeout
     shutdown_deadline: float | None = None
     reached_at: float | None = None
-    banner: str | None = None
     ssh_until: float | None = None
     try:
         while True:
             now = time.monotonic()
-            if reached_at is not None and ssh_port is not None and banner is None and ssh_until is not None \
-                    and now < ssh_until:
-                banner = ssh_banner(ssh_port, timeout=2.0)
-                now = time.monotonic()
             # No probe: stop once the state, sshd and a getty were seen (or SSH_WAIT after the state).
-            if not probe and reached_at is not None and (
-                    (report.getty and (banner is not None or ssh_port is None))
-                    or ssh_until is None or now >= ssh_until):
-                return False, reached_at, banner, True
+            if not probe and reached_at is not None and ssh_until is not None and (
+                    (report.getty and (ssh is None or ssh.banner is not None)) or now >= ssh_until):
+                return False, reached_at, True
             limit = shutdown_deadline if shutdown_deadline is not None else deadline
             if now >= limit:
-                return True, reached_at, banner, False
-            wait = min(limit - now, 1.0 if (reached_at is not None and banner is None) else 5.0)
+                return True, reached_at, False
+            wait = min(limit - now, 1.0 if reached_at is not None else 5.0)
             if not sel.select(timeout=wait):
                 continue
             data = os.read(fd, 65536)
@@ -195,7 +215,7 @@ def _watch(proc: subprocess.Popen[bytes], log: IO[bytes], report: SerialReport, 
                 if pending:
                     report.feed_line(pending.decode(errors="replace"))
                 proc.wait()
-                return False, reached_at, banner, False
+                return False, reached_at, False
             log.write(data)
             log.flush()
             pending += data
