@@ -340,40 +340,46 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
     }
     for r in extra:
         info["hosts"][r] = {"address": addr[r], "ssh_port": 22, "container_id": found[r].id}
-    (state / "qrmfs.toml").write_text(_config_toml(info))
+    (state / "qrmfs.toml").write_text(config_toml(info))
     (state / "lab.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def _config_toml(info: dict[str, Any]) -> str:
-    s, src = info["hosts"]["storage"], info["hosts"]["source"]
-    return f"""# qrmfs configuration for the lab `{info['name']}` (written by `python -m lab up`).
-[openqrm]
-url = "{info['openqrm']['url']}"
-user = "{info['openqrm']['user']}"
-password_file = "{info['openqrm']['password_file']}"
-
+def config_toml(info: dict[str, Any], *, spool_dir: str | None = None, timeout: float | None = None,
+                retries: int | None = None, backoff: float | None = None) -> str:
+    """The qrmfs configuration for the lab (the one writer: `up` writes it to the state dir, the e2e tests
+    write variants with their own spool and quicker openQRM retries)."""
+    s = info["hosts"]["storage"]
+    head = f"# qrmfs configuration for the lab `{info['name']}` (written by lab/lab.py).\n"
+    if spool_dir is not None:
+        head += f"spool_dir = {json.dumps(spool_dir)}\n"
+    oq = [f"url = {json.dumps(info['openqrm']['url'])}", f"user = {json.dumps(info['openqrm']['user'])}",
+          f"password_file = {json.dumps(info['openqrm']['password_file'])}"]
+    oq += [f"{k} = {v}" for k, v in (("timeout", timeout), ("retries", retries), ("backoff", backoff))
+           if v is not None]
+    out = head + "\n[openqrm]\n" + "".join(f"{ln}\n" for ln in oq)
+    out += f"""
 [ssh]
-identity_file = "{info['ssh']['private_key']}"
-known_hosts = "{info['ssh']['known_hosts']}"
+identity_file = {json.dumps(info['ssh']['private_key'])}
+known_hosts = {json.dumps(info['ssh']['known_hosts'])}
 
 [storage.storage]
-address = "{s['address']}"
+address = {json.dumps(s['address'])}
 ssh_user = "root"
 ssh_port = {s['ssh_port']}
-export_root = "{s['export_root']}"
+export_root = {json.dumps(s['export_root'])}
 storage_id = 1
-
-[hosts.source]
-address = "{src['address']}"
-ssh_user = "root"
-ssh_port = {src['ssh_port']}
-""" + "".join(f"""
+"""
+    for role, h in sorted(info["hosts"].items()):
+        if role in ("storage", "openqrm"):
+            continue
+        out += f"""
 [hosts.{role}]
-address = "{h['address']}"
+address = {json.dumps(h['address'])}
 ssh_user = "root"
 ssh_port = {h['ssh_port']}
-""" for role, h in sorted(info["hosts"].items()) if role not in ROLES)
+"""
+    return out
 
 
 def _source_facts(role: str) -> dict[str, Any]:
