@@ -107,9 +107,9 @@ def boot(target: str = BOOT_TARGET,
 def _print_boot(path: str, r: Any) -> None:
     who = f"{path}" + (f" as node {r.node_id}" if r.node_id else "")
     if r.reached:
-        print(f"{who}: reached {r.state} after {r.seconds:.1f}s (guest uptime {r.guest_uptime}s; kernel "
-              f"{r.kernel}, {'cold' if r.cold else 'warm'} preparation {r.prepare_seconds:.1f}s, "
-              f"{r.wall_seconds:.1f}s in all)")
+        up = f"guest uptime {r.guest_uptime}s; " if r.guest_uptime is not None else ""
+        print(f"{who}: reached {r.state} after {r.seconds:.1f}s ({up}kernel {r.kernel}, "
+              f"{'cold' if r.cold else 'warm'} preparation {r.prepare_seconds:.1f}s, {r.wall_seconds:.1f}s in all)")
     else:
         print(f"{who}: FAILED: {r.error}")
     rc = "" if r.rc_done is None else f", rc scripts {'done' if r.rc_done else 'NOT done'}"
