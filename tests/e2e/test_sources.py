@@ -167,6 +167,7 @@ def _rsync_runs(manifest: dict[str, Any]) -> list[Any]:
     raise AssertionError(f"no rsync runs in the manifest: {sorted(manifest)}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["trixie", "bullseye"])
 def test_other_debian_releases_with_systemd_boot_to_multi_user(srclab, made, role):
     path = _create(srclab, f"{role}:/", f"src_{role}")
