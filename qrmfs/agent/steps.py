@@ -494,6 +494,44 @@ def node_conf(o: Options) -> str:
             f"QRMFS_PRIVATE_EXCLUDE={q(' '.join(o.private_exclude))}\n")
 
 
+# The storage server's own NFS settings (not the image's): where they say how NFSv4 owners go out.
+NFS_SERVER_FILES = {"ganesha": "/etc/ganesha/ganesha.conf",
+                    "nfsd": "/sys/module/nfsd/parameters/nfs4_disable_idmapping"}
+TRUE_WORDS = ("true", "yes", "on", "1")
+
+
+def owner_names_sent(ganesha_conf: str | None, nfsd_disable_idmapping: str | None) -> str | None:
+    """Why this storage server sends NFSv4 owners as names (`root@domain`) rather than numbers, or None.
+    A client without an ID mapper (a diskless node early in its boot) maps such names to nobody."""
+    if ganesha_conf is not None:
+        text = re.sub(r"#[^\n]*", "", ganesha_conf)
+        m = re.search(r"\bOnly_Numeric_Owners\s*=\s*([A-Za-z0-9]+)", text, re.I)
+        if not (m and m.group(1).lower() in TRUE_WORDS):
+            return "nfs-ganesha sends NFSv4 owners as names (set NFSV4 { Only_Numeric_Owners = true; })"
+    if nfsd_disable_idmapping is not None and nfsd_disable_idmapping.strip().upper() in ("N", "0"):
+        return ("kernel nfsd sends NFSv4 owners as names (nfsd's nfs4_disable_idmapping is N; "
+                "its default Y sends numbers to AUTH_SYS clients)")
+    return None
+
+
+def _server_text(key: str) -> str | None:
+    data = read_file(NFS_SERVER_FILES[key])
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+@step("owners", "the storage server sends NFSv4 owners as numbers, so nodes see the image's real owners "
+                "(checked, not repaired)")
+def _owners(ctx: Ctx) -> Iterator[Finding]:
+    why = owner_names_sent(_server_text("ganesha"), _server_text("nfsd"))
+    if why is None:
+        return
+    mapper = os.path.lexists(ctx.host("/usr/sbin/nfsidmap")) or os.path.lexists(ctx.host("/sbin/nfsidmap"))
+    yield Finding("owners", "/", f"nodes will see files owned by nobody (uid 4294967294), and the setuid-root "
+                  f"mount run unprivileged: {why}" + ("; the image's nfsidmap helps only once it runs, with "
+                                                      "the server's ID domain" if mapper else
+                                                      "; the image has no NFSv4 ID mapper"), None)
+
+
 @step("init", "an init to boot: /sbin/init or systemd (checked, not repaired)")
 def _init(ctx: Ctx) -> Iterator[Finding]:
     for path in ("/sbin/init", "/lib/systemd/systemd"):

@@ -628,3 +628,30 @@ def test_host_keygen_on_sysv_is_an_init_script_that_runs_before_ssh(tmp_path: Pa
     assert not (root / "etc/systemd/system" / steps.HOSTKEY_UNIT).exists()
     assert found(root, opts, ["host-keygen", "host-keys"]) == []
     assert steps.depend_start_with_hostkeys("\n".join(depend) + "\n") == "\n".join(depend) + "\n"
+
+
+@pytest.mark.parametrize(("ganesha", "nfsd", "names"), [
+    (None, None, False),                                                    # neither server here
+    ("NFSV4 {\n    Graceless = true;\n}\n", None, True),                     # ganesha's default: names
+    ("NFSV4 { Only_Numeric_Owners = true; }\n", None, False),
+    ("NFSV4 {\n  # Only_Numeric_Owners = true;\n}\n", None, True),          # a comment does not count
+    ("NFSV4 { only_numeric_owners = FALSE; }\n", None, True),
+    (None, "Y\n", False),                                                   # kernel nfsd's default
+    (None, "N\n", True),
+])
+def test_owner_names_from_the_storage_servers_settings(ganesha, nfsd, names) -> None:
+    assert (steps.owner_names_sent(ganesha, nfsd) is not None) is names
+
+
+def test_owners_step_warns_when_the_server_maps_owners_away(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "img"
+    _w(root, "etc/hostname", "h\n")
+    conf = tmp_path / "ganesha.conf"
+    monkeypatch.setitem(steps.NFS_SERVER_FILES, "ganesha", str(conf))
+    monkeypatch.setitem(steps.NFS_SERVER_FILES, "nfsd", str(tmp_path / "no-nfsd"))
+    conf.write_text("NFSV4 { Graceless = true; }\n")
+    got = steps.check(str(root), Options("i"), ["owners"])
+    assert len(got) == 1 and got[0].fix is None and "Only_Numeric_Owners" in got[0].problem
+    assert "no NFSv4 ID mapper" in got[0].problem
+    conf.write_text("NFSV4 { Graceless = true; Only_Numeric_Owners = true; }\n")
+    assert steps.check(str(root), Options("i"), ["owners"]) == []
