@@ -87,8 +87,9 @@ def test_prepared_kernel_and_initramfs_are_reused():
 def test_image_made_by_create_boots_to_multi_user(lab, plain_image):
     r = lab_boot.boot(lab, lab_boot.BootSpec(plain_image, script=PREPARED_SCRIPT, timeout=BOOT_TIMEOUT))
     assert r.reached, _explain(r)
-    assert r.ok and r.state == "multi-user.target"
+    assert r.ok and r.state == "multi-user.target" and r.init == "systemd"
     assert r.script_rc == 0, _explain(r)
+    assert r.sshd is not None and r.sshd.startswith("SSH-2.0-OpenSSH"), "sshd answers through the forward"
     f = _facts(r)
     # what qrmfs's preparation is for, seen from inside the running node
     assert f["root"].split() == ["nfs4", f"{lab_boot.NFS_GUEST_ADDR}:{plain_image}"], f
