@@ -30,3 +30,28 @@ def test_test_variant_has_its_own_spool_and_quick_retries():
     assert data["spool_dir"] == '/tmp/a "b"'
     assert (data["openqrm"]["timeout"], data["openqrm"]["retries"], data["openqrm"]["backoff"]) == (3.0, 1, 0.05)
     assert "timeout" not in tomllib.loads(_lab.config_toml(INFO))["openqrm"]
+
+
+def test_sources_on_demand_are_named_or_all():
+    import pytest
+
+    from lab.images import LabError
+
+    assert _lab.parse_sources(None) == [] and _lab.parse_sources("") == []
+    assert _lab.parse_sources("all") == ["bullseye", "sysv", "trixie", "mounts"] == _lab.extra_sources()
+    assert _lab.parse_sources("sysv, mounts") == ["sysv", "mounts"]
+    with pytest.raises(LabError, match="unknown lab source"):
+        _lab.parse_sources("sysv,gentoo")
+
+
+def test_each_debootstrap_source_recipe_names_its_suite_and_init():
+    from lab import images
+
+    for name in images.source_names():
+        r = images.source_recipe(name)
+        assert r["suite"] in ("bookworm", "trixie", "bullseye") and r["init"] in ("systemd", "sysv")
+        argv = images.debootstrap_argv(r, images.IMAGES / "x")
+        assert argv[0] == "debootstrap" and argv[-2] == r["suite"]
+        assert images.source_tag(name).startswith(f"qrmfs-lab-src-{name}:")
+    sysv = images.debootstrap_argv(images.source_recipe("sysv"), images.IMAGES / "x")
+    assert "--exclude=systemd-sysv" in sysv and any(a.startswith("--include=sysvinit-core,") for a in sysv)
