@@ -230,7 +230,7 @@ def test_a_missing_image_is_reported_without_booting(lab):
 
 def test_an_image_without_init_fails_fast_with_the_initramfs_reason(lab):
     path = f"/exports/boot_noinit_{uuid.uuid4().hex[:8]}"
-    _on(lab, "storage", f"mkdir -p {path}/sbin {path}/run && echo not-an-init > {path}/sbin/README")
+    _on(lab, "storage", f"mkdir -p {path}/sbin {path}/run {path}/etc && echo not-an-init > {path}/sbin/README")
     try:
         r = lab_boot.boot(lab, lab_boot.BootSpec(path, timeout=120))
     finally:
