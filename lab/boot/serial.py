@@ -2,8 +2,8 @@
 
 Markers come from the initramfs (`QRMFS-BOOT`), the image's /sbin/qrmfs-init (`qrmfs-init: `) and the
 probes (`QRMFS-PROBE`, `QRMFS-OUT`). Without a probe (kernel `qrmfs.probe=0`) the init's own messages
-tell the state: SysV init's `INIT: Entering runlevel: N`, systemd's `Reached target ... Multi-User System`,
-and a getty's `login:` prompt.
+tell the state: SysV init's `INIT: Entering runlevel: N`, systemd's `Reached target ... Multi-User System`
+or (systemd goes quiet on a console a getty took) a getty's `login:` prompt.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ class SerialReport:
         starts those only after the runlevel's `wait` rc entry)."""
         if self.init == "sysv":
             return self.runlevel == SYSV_RUNLEVEL
-        return self.multi_user
+        # systemd stops printing its status on the serial console once a getty runs there, so its
+        # `Reached target multi-user.target` often never shows: a getty's prompt (getty.target is part of
+        # multi-user.target) stands for it.
+        return self.init == "systemd" and (self.multi_user or self.getty)
 
     def feed_line(self, raw: str) -> None:
         line = ANSI.sub("", raw.replace("\r", "").rstrip("\n"))

@@ -663,6 +663,12 @@ def test_systemd_without_the_probe_is_reached_at_multi_user():
     assert boot.judge(r, timed_out=False, returncode=None, timeout=300, probe=False) == ("multi-user.target", None)
     old = boot.parse_serial("Welcome to Debian GNU/Linux 11 (bullseye)!\n[  OK  ] Reached target Multi-User System.\n")
     assert old.init == "systemd" and old.reached_without_probe()
+    # quiet once the serial getty runs: its prompt stands for multi-user
+    quiet = boot.parse_serial("Welcome to Debian GNU/Linux 12 (bookworm)!\n"
+                              "[  OK  ] Reached target getty.target - Login Prompts.\n")
+    assert not quiet.reached_without_probe()
+    quiet.feed_partial("lab-source login: ")
+    assert quiet.reached_without_probe()
 
 
 def test_boot_spec_is_frozen_and_checks_its_node_id():
