@@ -231,13 +231,20 @@ def boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
         reached=reached, state=state,
         seconds=run.reached_after if (reached and run.reached_after is not None) else run.ended_after,
         log_path=str(log_path), init=report.init, runlevel=report.runlevel,
-        rc_done=(report.rc_done if spec.probe else (report.getty if report.runlevel else None))
-        if report.init == "sysv" else None,
+        rc_done=_rc_done(report, spec.probe),
         getty=report.getty, sshd=run.sshd_banner, node_setup=report.node_setup,
         script_output="".join(f"{ln}\n" for ln in report.script_lines), script_rc=report.script_rc,
         failed_units=report.failed_units, system_state=report.system_state, guest_uptime=report.uptime,
         wall_seconds=round(time.monotonic() - t_call, 2), clean_shutdown=clean,
         nfs_wait_seconds=round(waited, 2), error=error, log_tail=_tail(log_path) if error else "", **common)
+
+
+def _rc_done(report: SerialReport, probe: bool) -> bool | None:
+    """SysV: the runlevel's rc scripts finished. The probe runs after them; without it, init starts the
+    inittab's gettys only after the `wait` rc entry, so a getty's prompt tells."""
+    if report.init != "sysv":
+        return None
+    return report.rc_done if probe else report.getty
 
 
 def parse_target(target: str, info: dict[str, Any]) -> str:
