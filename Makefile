@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: setup demo test unit e2e lint lab-up lab-down bench docs
+.PHONY: setup demo test test-fast unit e2e lint lab-up lab-down bench docs
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests/unit tests/e2e
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" tests/unit tests/e2e
 
 unit: setup
 	$(PY) -m pytest tests/unit

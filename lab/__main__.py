@@ -30,6 +30,8 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
     ex = ", ".join(f"{p} ({fs})" for p, fs in h["storage"]["exports"].items())
     print(f"  storage  {h['storage']['address']}  ssh :22, NFS :2049 exports {ex}")
     print(f"  source   {h['source']['address']}  ssh :22")
+    for role, facts in sorted(info.get("sources", {}).items()):
+        print(f"  {role:<8} {h[role]['address']}  ssh :22  ({facts['description']})")
     print(f"  openqrm  {info['openqrm']['url']}  ({info['openqrm']['user']}, password in "
           f"{info['openqrm']['password_file']})")
     print(f"  ssh key  {info['ssh']['private_key']}   known_hosts {info['ssh']['known_hosts']}")
@@ -37,9 +39,12 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
 
 
 @app.command()
-def up(name: str = NAME, as_json: bool = JSON, export: str = EXPORT) -> None:
+def up(name: str = NAME, as_json: bool = JSON, export: str = EXPORT,
+       sources: str | None = typer.Option(None, "--sources",
+                                          help="Also start more source hosts: `all`, or a comma list of "
+                                               "sysv, trixie, bullseye, mounts.")) -> None:
     """Start the lab (reuses a running one) and print where everything is."""
-    _print(_lab.up(name, export=export), as_json)
+    _print(_lab.up(name, _lab.parse_sources(sources), export=export), as_json)
 
 
 @app.command()
@@ -74,15 +79,19 @@ BOOT_SCRIPT = typer.Option(None, "--script", exists=True, dir_okay=False,
 
 
 @app.command()
-def boot(target: str = BOOT_TARGET,
+def boot(target: str = BOOT_TARGET,  # noqa: PLR0913 - typer: one parameter per command-line option
          node_id: str | None = typer.Option(None, "--node-id", help="Node id, passed as qrmfs.node=ID."),
          hostname: str | None = typer.Option(None, "--hostname", help="Passed as qrmfs.hostname=NAME."),
          script: Path | None = BOOT_SCRIPT,
          timeout: float = typer.Option(300.0, "--timeout", help="Seconds until the boot counts as failed."),
          clean_poweroff: bool = typer.Option(False, "--clean-poweroff",
                                              help="End with an orderly shutdown instead of a forced one."),
+         probe: bool = typer.Option(True, "--probe/--no-probe",
+                                    help="--no-probe: add nothing to the boot (qrmfs.probe=0); the state is "
+                                         "read from the console, and QEMU is stopped once it is known."),
          name: str = NAME, as_json: bool = JSON) -> None:
-    """Boot an image from the lab's NFS storage in QEMU; exit 0 only when it reached multi-user."""
+    """Boot an image from the lab's NFS storage in QEMU; exit 0 only when it reached its running state
+    (systemd: multi-user.target; SysV init: runlevel 3 with its rc scripts done)."""
     from . import boot as _boot
 
     info = _lab.status(name)
@@ -90,30 +99,40 @@ def boot(target: str = BOOT_TARGET,
         print(f"lab {name} is not running (start it with `python -m lab up`)", file=sys.stderr)
         raise typer.Exit(1)
     path = _boot.parse_target(target, info)
-    r = _boot.boot(info, path, node_id=node_id, script=script.read_text() if script else None, timeout=timeout,
-                   hostname=hostname, clean_poweroff=clean_poweroff)
+    spec = _boot.BootSpec(path, node_id=node_id, script=script.read_text() if script else None, timeout=timeout,
+                          hostname=hostname, clean_poweroff=clean_poweroff, probe=probe)
+    r = _boot.boot(info, spec)
     if as_json:
         print(json.dumps(r.to_dict(), indent=2))
     else:
-        who = f"{path}" + (f" as node {r.node_id}" if r.node_id else "")
-        if r.reached:
-            print(f"{who}: reached {r.state} after {r.seconds:.1f}s (guest uptime {r.guest_uptime}s, "
-                  f"system {r.system_state or '?'}; kernel {r.kernel}, {'cold' if r.cold else 'warm'} "
-                  f"preparation {r.prepare_seconds:.1f}s, {r.wall_seconds:.1f}s in all)")
-        else:
-            print(f"{who}: FAILED: {r.error}")
-        if r.failed_units:
-            print(f"  failed units: {', '.join(r.failed_units)}")
-        if r.script_rc is not None:
-            print(f"  script exited {r.script_rc}:")
-            print("".join(f"    {ln}\n" for ln in r.script_output.splitlines()), end="")
-        if r.error and r.reached:
-            print(f"  but: {r.error}")
-        if r.log_tail:
-            print("  --- end of the console log ---")
-            print("".join(f"  {ln}\n" for ln in r.log_tail.splitlines()), end="")
-        print(f"  console log {r.log_path}")
+        _print_boot(path, r)
     raise typer.Exit(0 if r.ok else 1)
+
+
+def _print_boot(path: str, r: Any) -> None:
+    who = f"{path}" + (f" as node {r.node_id}" if r.node_id else "")
+    if r.reached:
+        up = f"guest uptime {r.guest_uptime}s; " if r.guest_uptime is not None else ""
+        print(f"{who}: reached {r.state} after {r.seconds:.1f}s ({up}kernel {r.kernel}, "
+              f"{'cold' if r.cold else 'warm'} preparation {r.prepare_seconds:.1f}s, {r.wall_seconds:.1f}s in all)")
+    else:
+        print(f"{who}: FAILED: {r.error}")
+    rc = "" if r.rc_done is None else f", rc scripts {'done' if r.rc_done else 'NOT done'}"
+    print(f"  init {r.init or '?'}" + (f", runlevel {r.runlevel}" if r.runlevel else "") + rc
+          + f", system {r.system_state or '?'}, getty on the console: {'yes' if r.getty else 'no'}")
+    print(f"  sshd: {r.sshd or 'no answer'}")
+    print(f"  qrmfs-init set-up: {r.node_setup or 'did not run'}")
+    if r.failed_units:
+        print(f"  failed: {', '.join(r.failed_units)}")
+    if r.script_rc is not None:
+        print(f"  script exited {r.script_rc}:")
+        print("".join(f"    {ln}\n" for ln in r.script_output.splitlines()), end="")
+    if r.error and r.reached:
+        print(f"  but: {r.error}")
+    if r.log_tail:
+        print("  --- end of the console log ---")
+        print("".join(f"  {ln}\n" for ln in r.log_tail.splitlines()), end="")
+    print(f"  console log {r.log_path}")
 
 
 def main() -> None:

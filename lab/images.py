@@ -5,17 +5,20 @@ Each tag carries a hash of its recipe, so an image is rebuilt only when what it 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
 
-from .paths import IMAGES
+from .paths import IMAGES, state_dir
 
 ROLES = ("storage", "source", "openqrm")
 BASE_REPO = "qrmfs-lab-base"
@@ -54,6 +57,36 @@ def _log(msg: str) -> None:
     print(f"lab: {msg}", file=sys.stderr, flush=True)
 
 
+def debootstrap_argv(recipe: dict[str, Any], root: Path) -> list[str]:
+    """debootstrap's argv for a recipe (suite, variant, include, optional exclude); no mirror argument:
+    its default is the Debian archive this machine reaches."""
+    argv = ["debootstrap", f"--variant={recipe['variant']}", "--include=" + ",".join(recipe["include"])]
+    if recipe.get("exclude"):
+        argv.append("--exclude=" + ",".join(recipe["exclude"]))
+    return [*argv, recipe["suite"], str(root)]
+
+
+def debootstrap(recipe: dict[str, Any], root: Path) -> None:
+    """A Debian tree at `root` (which must not exist), without apt's package cache and lists."""
+    r = subprocess.run(debootstrap_argv(recipe, root), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        tail = "\n".join((r.stdout + r.stderr).splitlines()[-15:])
+        raise LabError(f"debootstrap of {recipe['suite']} failed (exit {r.returncode}):\n{tail}")
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for p in (root / junk).glob("*"):
+            if p.is_file():
+                p.unlink()
+
+
+def docker_import(root: Path, tag: str) -> None:
+    tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
+    imp = subprocess.run(["docker", "import", "-", tag], stdin=tar.stdout, capture_output=True, text=True)
+    assert tar.stdout is not None
+    tar.stdout.close()
+    if tar.wait() != 0 or imp.returncode != 0:
+        raise LabError(f"docker import of {tag} failed: {imp.stderr.strip()}")
+
+
 def build_base(client: docker.DockerClient) -> str:
     tag = base_tag()
     if _exists(client, tag):
@@ -62,22 +95,8 @@ def build_base(client: docker.DockerClient) -> str:
     _log(f"building base image {tag} with debootstrap (about a minute, once)")
     with tempfile.TemporaryDirectory(prefix="qrmfs-lab-base-") as tmp:
         root = Path(tmp) / "root"
-        cmd = ["debootstrap", f"--variant={recipe['variant']}", "--include=" + ",".join(recipe["include"]),
-               recipe["suite"], str(root)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            tail = "\n".join((r.stdout + r.stderr).splitlines()[-15:])
-            raise LabError(f"debootstrap failed (exit {r.returncode}):\n{tail}")
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for p in (root / junk).glob("*"):
-                if p.is_file():
-                    p.unlink()
-        tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
-        imp = subprocess.run(["docker", "import", "-", tag], stdin=tar.stdout, capture_output=True, text=True)
-        assert tar.stdout is not None
-        tar.stdout.close()
-        if tar.wait() != 0 or imp.returncode != 0:
-            raise LabError(f"docker import of the base image failed: {imp.stderr.strip()}")
+        debootstrap(recipe, root)
+        docker_import(root, tag)
     return tag
 
 
@@ -98,3 +117,74 @@ def build_host(client: docker.DockerClient, role: str) -> str:
 
 def build_all(client: docker.DockerClient) -> dict[str, str]:
     return {role: build_host(client, role) for role in ROLES}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# More sources, on demand: each a debootstrap tree (lab/images/sources/NAME/recipe.json), kept under
+# state_dir()/trees/ (the directory source of the tests is such a tree), imported as a docker image and
+# finished by lab/images/sources/Dockerfile.
+
+SOURCES = IMAGES / "sources"
+
+
+def source_names() -> list[str]:
+    return sorted(p.parent.name for p in SOURCES.glob("*/recipe.json"))
+
+
+def source_recipe(name: str) -> dict[str, Any]:
+    path = SOURCES / name / "recipe.json"
+    if name not in source_names():
+        raise LabError(f"no lab source {name!r} (known: {', '.join(source_names())})")
+    recipe: dict[str, Any] = json.loads(path.read_text())
+    return recipe
+
+
+def tree_hash(name: str) -> str:
+    return _hash_files([SOURCES / name / "recipe.json"], "tree-v1")
+
+
+def ensure_tree(name: str) -> Path:
+    """The debootstrap tree of source `name`, built once per recipe (about 45 s) and kept: an operator's
+    chroot directory. Built under a temporary name and renamed, so a half-built tree is never used."""
+    recipe = source_recipe(name)
+    trees = state_dir() / "trees"
+    trees.mkdir(parents=True, exist_ok=True)
+    final = trees / f"{name}-{tree_hash(name)}"
+    with open(trees / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "etc" / "os-release").exists() or (final / "usr" / "lib" / "os-release").exists():
+            return final
+        _log(f"debootstrap of source {name} ({recipe['suite']}, about a minute, once)")
+        with tempfile.TemporaryDirectory(dir=trees, prefix=f".{name}-") as tmp:
+            root = Path(tmp) / "root"
+            debootstrap(recipe, root)
+            if final.exists():
+                shutil.rmtree(final)
+            root.rename(final)
+        for old in trees.glob(f"{name}-*"):
+            if old != final and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def source_tag(name: str) -> str:
+    files = [SOURCES / "Dockerfile", SOURCES / "setup.sh", SOURCES / "entrypoint.sh",
+             IMAGES / "common" / "sshd_lab.conf"]
+    return f"qrmfs-lab-src-{name}:{_hash_files(files, tree_hash(name))}"
+
+
+def build_source(client: docker.DockerClient, name: str) -> str:
+    tag = source_tag(name)
+    if _exists(client, tag):
+        return tag
+    base = f"qrmfs-lab-tree-{name}:{tree_hash(name)}"
+    if not _exists(client, base):
+        docker_import(ensure_tree(name), base)
+    _log(f"building image {tag}")
+    try:
+        client.images.build(path=str(IMAGES), dockerfile="sources/Dockerfile", tag=tag,
+                            buildargs={"BASE": base}, rm=True, forcerm=True, pull=False)
+    except docker.errors.BuildError as e:
+        tail = "".join(str(x.get("stream", x.get("error", ""))) for x in list(e.build_log)[-15:])
+        raise LabError(f"building {tag} failed: {e.msg}\n{tail}") from e
+    return tag

@@ -39,6 +39,13 @@ OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "lab-Secret-4711"
 EXPORT_ROOT = exports.EXPORT_ROOT
 PLAIN_ROOT = exports.PLAIN_ROOT
 READY_TIMEOUT = 90
+# On demand (`up --sources ...`): more source hosts. Each debootstrap source (lab/images/sources/NAME) runs
+# its own image; `mounts` runs the default source's image with separate filesystems below its root.
+MOUNTS = "mounts"
+
+
+def extra_sources() -> list[str]:
+    return [*images.source_names(), MOUNTS]
 
 # Inside each container: what must hold before the host-side probes start.
 _INNER_READY = {
@@ -46,6 +53,14 @@ _INNER_READY = {
     "source": "test -e /srv/fixture/.complete && test -e /run/sshd.pid",
     "openqrm": "python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1/_mock/health')\"",
 }
+
+
+def _inner_ready(role: str) -> str:
+    if role in _INNER_READY:
+        return _INNER_READY[role]
+    if role == MOUNTS:
+        return _INNER_READY["source"]
+    return "test -e /run/sshd.pid"
 
 
 class InnerReady(WaitStrategy):
@@ -168,6 +183,91 @@ def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str], ex
                            ) from e
 
 
+# The `mounts` host's separate filesystems: real ext4 filesystems (loop devices mounted on this machine,
+# then bound into the container), so the container's mount table shows them as real hosts do, plus a bind
+# mount of a directory (which qrmfs must skip with a warning).
+MOUNTS_FS = {
+    "boot": ("/boot", {"config-6.1.0-lab-amd64": "# a separate /boot\n", "grub/grub.cfg": "# lab\n"}),
+    "varlog": ("/var/log", {"separate-fs.log": "written on the separate /var/log\n",
+                            "lab-mounts/app.log": "an application's log directory\n"}),
+}
+MOUNTS_BIND = ("data", "/srv/data")
+
+
+def _mounts_dir(lab: LabHandle) -> Path:
+    return lab.state / "mounts"
+
+
+def _is_mountpoint(path: Path) -> bool:
+    return subprocess.run(["mountpoint", "-q", str(path)], stdin=subprocess.DEVNULL).returncode == 0
+
+
+def _mounts_volumes(lab: LabHandle) -> dict[str, dict[str, str]]:
+    """Make (once) and mount the separate filesystems of the `mounts` host; the container's volume spec."""
+    base = _mounts_dir(lab)
+    vols: dict[str, dict[str, str]] = {}
+    for key, (target, files) in MOUNTS_FS.items():
+        img, mnt, content = base / f"{key}.ext4", base / key, base / f"{key}.content"
+        mnt.mkdir(parents=True, exist_ok=True)
+        if not _is_mountpoint(mnt):
+            if not img.exists():
+                for rel, text in files.items():
+                    (content / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (content / rel).write_text(text)
+                r = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", f"lab-{key}", "-d", str(content), str(img), "32M"],
+                                   capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                if r.returncode != 0:
+                    raise LabError(f"mkfs.ext4 for the mounts host's {target} failed: {r.stderr.strip()}")
+            r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True,
+                               stdin=subprocess.DEVNULL)
+            if r.returncode != 0:
+                raise LabError(f"cannot loop-mount {img} for the mounts host's {target}: {r.stderr.strip()}")
+        vols[str(mnt)] = {"bind": target, "mode": "rw"}
+    data = base / MOUNTS_BIND[0]
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "bound.txt").write_text("a bind mount of a directory: not copied\n")
+    vols[str(data)] = {"bind": MOUNTS_BIND[1], "mode": "rw"}
+    return vols
+
+
+def _unmount_mounts(lab: LabHandle) -> list[str]:
+    done = []
+    for key in MOUNTS_FS:
+        mnt = _mounts_dir(lab) / key
+        if mnt.is_dir() and _is_mountpoint(mnt):
+            subprocess.run(["umount", str(mnt)], capture_output=True, stdin=subprocess.DEVNULL)
+            done.append(f"mount {mnt}")
+    return done
+
+
+def _start_sources(lab: LabHandle, client: docker.DockerClient, names: list[str], tags: dict[str, str]) -> None:
+    """Start (or replace) the extra source hosts `names` on the running lab's network."""
+    keys.ensure_keys(lab.state, tuple(names))
+    net = Network()
+    net.name = lab.network
+    for role in names:
+        try:
+            client.containers.get(lab.container_name(role)).remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        volumes: dict[str, dict[str, str]] = {str(lab.state / "hosts" / role): {"bind": "/lab", "mode": "ro"}}
+        if role == MOUNTS:
+            volumes.update(_mounts_volumes(lab))
+        c = (DockerContainer(tags[role])
+             .with_name(lab.container_name(role))
+             .with_network(net)
+             .with_network_aliases(role)
+             .with_kwargs(labels=_labels(lab, role), hostname=f"lab-{role}")
+             .waiting_for(InnerReady(_inner_ready(role))
+                          .with_startup_timeout(READY_TIMEOUT).with_poll_interval(0.2)))
+        for src, spec in volumes.items():
+            c.with_volume_mapping(src, spec["bind"], spec["mode"])
+        try:
+            c.start()
+        except Exception as e:
+            raise LabError(f"the lab's {role} host did not become ready: {e}\n{_logs(client, lab, role)}") from e
+
+
 def _logs(client: docker.DockerClient, lab: LabHandle, role: str) -> str:
     try:
         out = client.containers.get(lab.container_name(role)).logs(tail=20).decode(errors="replace")
@@ -221,14 +321,17 @@ def _probe_all(info: dict[str, Any]) -> None:
 
     _wait("ssh to storage", ssh_probe("storage"))
     _wait("ssh to source", ssh_probe("source"))
+    for role in sorted(set(info["hosts"]) - set(ROLES)):
+        _wait(f"ssh to {role}", ssh_probe(role))
     _wait("NFS on storage", nfs_probe)
     _wait("openQRM mock", http_probe)
 
 
 def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
-    addr = {role: _address(found[role], lab) for role in ROLES}
+    extra = sorted(r for r in found if r in extra_sources())
+    addr = {role: _address(found[role], lab) for role in (*ROLES, *extra)}
     state = lab.state
-    known_hosts = keys.write_known_hosts(state, {r: addr[r] for r in ("storage", "source")})
+    known_hosts = keys.write_known_hosts(state, {r: addr[r] for r in ("storage", "source", *extra)})
     pw = state / "openqrm.password"
     pw.write_text(OPENQRM_PASSWORD + "\n")
     pw.chmod(0o600)
@@ -250,69 +353,115 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
         "openqrm": {"url": f"{base}/openqrm", "base": base, "user": OPENQRM_USER,
                     "password": OPENQRM_PASSWORD, "password_file": str(pw)},
         "ssh": {"user": "root", "private_key": str(state / "id_ed25519"), "known_hosts": str(known_hosts)},
+        "sources": {r: _source_facts(r) for r in extra},
         "config": str(state / "qrmfs.toml"),
         "state_dir": str(state),
     }
-    (state / "qrmfs.toml").write_text(_config_toml(info))
+    for r in extra:
+        info["hosts"][r] = {"address": addr[r], "ssh_port": 22, "container_id": found[r].id}
+    (state / "qrmfs.toml").write_text(config_toml(info))
     (state / "lab.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def _config_toml(info: dict[str, Any]) -> str:
-    s, src = info["hosts"]["storage"], info["hosts"]["source"]
-    return f"""# qrmfs configuration for the lab `{info['name']}` (written by `python -m lab up`).
-[openqrm]
-url = "{info['openqrm']['url']}"
-user = "{info['openqrm']['user']}"
-password_file = "{info['openqrm']['password_file']}"
-
+def config_toml(info: dict[str, Any], *, spool_dir: str | None = None, timeout: float | None = None,
+                retries: int | None = None, backoff: float | None = None) -> str:
+    """The qrmfs configuration for the lab (the one writer: `up` writes it to the state dir, the e2e tests
+    write variants with their own spool and quicker openQRM retries)."""
+    s = info["hosts"]["storage"]
+    head = f"# qrmfs configuration for the lab `{info['name']}` (written by lab/lab.py).\n"
+    if spool_dir is not None:
+        head += f"spool_dir = {json.dumps(spool_dir)}\n"
+    oq = [f"url = {json.dumps(info['openqrm']['url'])}", f"user = {json.dumps(info['openqrm']['user'])}",
+          f"password_file = {json.dumps(info['openqrm']['password_file'])}"]
+    oq += [f"{k} = {v}" for k, v in (("timeout", timeout), ("retries", retries), ("backoff", backoff))
+           if v is not None]
+    out = head + "\n[openqrm]\n" + "".join(f"{ln}\n" for ln in oq)
+    out += f"""
 [ssh]
-identity_file = "{info['ssh']['private_key']}"
-known_hosts = "{info['ssh']['known_hosts']}"
+identity_file = {json.dumps(info['ssh']['private_key'])}
+known_hosts = {json.dumps(info['ssh']['known_hosts'])}
 
 [storage.storage]
-address = "{s['address']}"
+address = {json.dumps(s['address'])}
 ssh_user = "root"
 ssh_port = {s['ssh_port']}
-export_root = "{s['export_root']}"
+export_root = {json.dumps(s['export_root'])}
 storage_id = 1
 
 # The same server's plain-directory export ({exports.FS_TYPE['plain']}, no reflinks): -t plain:{PLAIN_ROOT}/NAME
 [storage.plain]
-address = "{s['address']}"
+address = {json.dumps(s['address'])}
 ssh_user = "root"
 ssh_port = {s['ssh_port']}
 export_root = "{PLAIN_ROOT}"
 storage_id = 1
-
-[hosts.source]
-address = "{src['address']}"
-ssh_user = "root"
-ssh_port = {src['ssh_port']}
 """
+    for role, h in sorted(info["hosts"].items()):
+        if role in ("storage", "openqrm"):
+            continue
+        out += f"""
+[hosts.{role}]
+address = {json.dumps(h['address'])}
+ssh_user = "root"
+ssh_port = {h['ssh_port']}
+"""
+    return out
+
+
+def _source_facts(role: str) -> dict[str, Any]:
+    if role == MOUNTS:
+        return {"description": "the default source (Debian 12, systemd) with a separate /boot and /var/log "
+                               "(ext4) and a bind mount at /srv/data", "init": "systemd", "suite": "bookworm",
+                "separate": sorted(t for t, _ in MOUNTS_FS.values()), "bind": MOUNTS_BIND[1]}
+    r = images.source_recipe(role)
+    return {"description": r["description"], "init": r["init"], "suite": r["suite"]}
 
 
 def _ours(lab: LabHandle, found: dict[str, Any]) -> bool:
     """Every host runs, started with this checkout's keys (another checkout's lab has other keys)."""
-    return set(found) == set(ROLES) and all(c.status == "running" and c.labels.get(STATE_LABEL) == str(lab.state)
+    return set(ROLES) <= set(found) and all(c.status == "running" and c.labels.get(STATE_LABEL) == str(lab.state)
                                             for c in found.values())
 
 
-def up(name: str = DEFAULT_NAME, export: str = exports.DEFAULT_KIND) -> dict[str, Any]:
+def parse_sources(spec: str | None) -> list[str]:
+    """`--sources all` or a comma list of extra source hosts; empty for none."""
+    if not spec:
+        return []
+    known = extra_sources()
+    names = known if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise LabError(f"unknown lab source(s) {', '.join(bad)} (known: {', '.join(known)}, or all)")
+    return names
+
+
+def up(name: str = DEFAULT_NAME, sources: list[str] | tuple[str, ...] = (),
+       export: str = exports.DEFAULT_KIND) -> dict[str, Any]:
     """Start the lab, or reuse it when every host already runs the current images and the same kind of
-    /exports (`xfs` or `plain`). Returns its info."""
+    /exports (`xfs` or `plain`); start the extra `sources` (see extra_sources()) when they do not run yet.
+    Returns its info."""
     if export not in exports.KINDS:
         raise LabError(f"unknown export kind {export!r}: use one of {', '.join(exports.KINDS)}")
     lab = LabHandle(name)
     client = _client()
     tags = images.build_all(client)
     found = _containers(client, lab)
-    reusable = (_ours(lab, found) and all(tags[r] in c.image.tags for r, c in found.items())
+    base = {r: c for r, c in found.items() if r in ROLES}
+    reusable = (_ours(lab, found) and all(tags[r] in c.image.tags for r, c in base.items())
                 and found["storage"].labels.get(EXPORT_LABEL) == export
                 and (export != "xfs" or exports.is_ready(lab.state)))
     if not reusable:
         _start(lab, client, tags, export)
         found = _containers(client, lab)
+    if sources:
+        for role in sources:
+            tags[role] = tags["source"] if role == MOUNTS else images.build_source(client, role)
+        stale = [r for r in sources if r not in found or tags[r] not in found[r].image.tags
+                 or found[r].status != "running"]
+        if stale:
+            _start_sources(lab, client, stale, tags)
+            found = _containers(client, lab)
     info = _info(lab, found)
     _probe_all(info)
     return info
@@ -343,5 +492,6 @@ def down(name: str = DEFAULT_NAME, quiet: bool = False) -> list[str]:
     for v in client.volumes.list(filters=flt):
         v.remove(force=True)
         removed.append(f"volume {v.name}")
+    removed += _unmount_mounts(lab)
     removed += exports.release(lab.state)
     return removed

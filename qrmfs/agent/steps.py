@@ -294,11 +294,82 @@ WantedBy=multi-user.target
 """
 
 
-@step("host-keygen", "where host keys were removed: a unit that makes new ones at first boot, before sshd")
+HOSTKEY_SYSV = "qrmfs-ssh-hostkeys"
+HOSTKEY_SYSV_TEXT = """#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          qrmfs-ssh-hostkeys
+# Required-Start:    $local_fs
+# Required-Stop:
+# X-Start-Before:    ssh
+# Default-Start:     2 3 4 5
+# Default-Stop:
+# Short-Description: qrmfs: generate ssh host keys on first boot
+### END INIT INFO
+# Written by qrmfs: this image's ssh host keys were removed (shared image or --remove-network); make new
+# ones at the first boot, before sshd starts (Debian's ssh script refuses to start without them). On a
+# shared image qrmfs-init provides per-node keys first, and this does nothing.
+case "$1" in
+    start) [ -e /etc/ssh/ssh_host_ed25519_key ] || /usr/bin/ssh-keygen -A ;;
+esac
+exit 0
+"""
+SYSV_START_LEVELS = ("2", "3", "4", "5")
+
+
+def depend_start_with_hostkeys(text: str) -> str:
+    """insserv's /etc/init.d/.depend.start (which sysv-rc's startpar follows) with our script as a
+    target that ssh depends on, as insserv would write it."""
+    out, has_ssh = [], False
+    for line in text.splitlines():
+        key, sep, deps = line.partition(":") if not line.startswith("TARGETS") else line.partition("=")
+        if line.startswith("TARGETS") and HOSTKEY_SYSV not in deps.split():
+            line = f"{line.rstrip()} {HOSTKEY_SYSV}"
+        elif sep and key.strip() == "ssh":
+            has_ssh = True
+            if HOSTKEY_SYSV not in deps.split():
+                line = f"{line.rstrip()} {HOSTKEY_SYSV}"
+        out.append(line)
+    if not has_ssh:
+        out.append(f"ssh: {HOSTKEY_SYSV}")
+    return "".join(f"{ln}\n" for ln in out)
+
+
+def _host_keygen_sysv(ctx: Ctx) -> Iterator[Finding]:
+    script = ctx.host(f"/etc/init.d/{HOSTKEY_SYSV}", follow_last=False)
+    if read_file(script) != HOSTKEY_SYSV_TEXT.encode():
+        yield Finding("host-keygen", f"/etc/init.d/{HOSTKEY_SYSV}", "missing",
+                      functools.partial(_write_new_exec, script, HOSTKEY_SYSV_TEXT.encode()))
+    for level in SYSV_START_LEVELS:
+        rel = f"/etc/rc{level}.d/S01{HOSTKEY_SYSV}"
+        link = ctx.host(rel, follow_last=False)
+        if not os.path.islink(link) and is_real_dir(os.path.dirname(link)):
+            yield Finding("host-keygen", rel, "not enabled",
+                          functools.partial(_symlink, f"../init.d/{HOSTKEY_SYSV}", link))
+    depend = ctx.host("/etc/init.d/.depend.start", follow_last=False)
+    data = read_file(depend)
+    if data is not None:
+        text = data.decode("utf-8", "surrogateescape")
+        want = depend_start_with_hostkeys(text)
+        if want != text:
+            yield Finding("host-keygen", "/etc/init.d/.depend.start", "ssh may start before its keys exist",
+                          functools.partial(write_file, depend, want.encode("utf-8", "surrogateescape")))
+
+
+def _write_new_exec(host: str, data: bytes) -> None:
+    makedirs(os.path.dirname(host))
+    write_file(host, data, 0o755)
+
+
+@step("host-keygen", "where host keys were removed: a unit (SysV: an init script) that makes new ones at "
+                     "first boot, before sshd")
 def _host_keygen(ctx: Ctx) -> Iterator[Finding]:
     if not ctx.opts.drops_host_keys:
         return
-    if not (ctx.uses_systemd() and os.path.lexists(ctx.host("/etc/ssh/sshd_config"))):
+    if not os.path.lexists(ctx.host("/etc/ssh/sshd_config")):
+        return
+    if not ctx.uses_systemd():
+        if ctx.uses_sysv() and is_real_dir(ctx.host("/etc/init.d")):
+            yield from _host_keygen_sysv(ctx)
         return
     unit = ctx.host(f"/etc/systemd/system/{HOSTKEY_UNIT}", follow_last=False)
     if read_file(unit) != HOSTKEY_UNIT_TEXT.encode():
@@ -461,6 +532,44 @@ def node_conf(o: Options) -> str:
             f"QRMFS_HOSTNAME={q(o.hostname or '')}\n"
             f"QRMFS_PRIVATE={q(' '.join(o.private_add))}\n"
             f"QRMFS_PRIVATE_EXCLUDE={q(' '.join(o.private_exclude))}\n")
+
+
+# The storage server's own NFS settings (not the image's): where they say how NFSv4 owners go out.
+NFS_SERVER_FILES = {"ganesha": "/etc/ganesha/ganesha.conf",
+                    "nfsd": "/sys/module/nfsd/parameters/nfs4_disable_idmapping"}
+TRUE_WORDS = ("true", "yes", "on", "1")
+
+
+def owner_names_sent(ganesha_conf: str | None, nfsd_disable_idmapping: str | None) -> str | None:
+    """Why this storage server sends NFSv4 owners as names (`root@domain`) rather than numbers, or None.
+    A client without an ID mapper (a diskless node early in its boot) maps such names to nobody."""
+    if ganesha_conf is not None:
+        text = re.sub(r"#[^\n]*", "", ganesha_conf)
+        m = re.search(r"\bOnly_Numeric_Owners\s*=\s*([A-Za-z0-9]+)", text, re.I)
+        if not (m and m.group(1).lower() in TRUE_WORDS):
+            return "nfs-ganesha sends NFSv4 owners as names (set NFSV4 { Only_Numeric_Owners = true; })"
+    if nfsd_disable_idmapping is not None and nfsd_disable_idmapping.strip().upper() in ("N", "0"):
+        return ("kernel nfsd sends NFSv4 owners as names (nfsd's nfs4_disable_idmapping is N; "
+                "its default Y sends numbers to AUTH_SYS clients)")
+    return None
+
+
+def _server_text(key: str) -> str | None:
+    data = read_file(NFS_SERVER_FILES[key])
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+@step("owners", "the storage server sends NFSv4 owners as numbers, so nodes see the image's real owners "
+                "(checked, not repaired)")
+def _owners(ctx: Ctx) -> Iterator[Finding]:
+    why = owner_names_sent(_server_text("ganesha"), _server_text("nfsd"))
+    if why is None:
+        return
+    mapper = os.path.lexists(ctx.host("/usr/sbin/nfsidmap")) or os.path.lexists(ctx.host("/sbin/nfsidmap"))
+    yield Finding("owners", "/", f"nodes will see files owned by nobody (uid 4294967294), and the setuid-root "
+                  f"mount run unprivileged: {why}" + ("; the image's nfsidmap helps only once it runs, with "
+                                                      "the server's ID domain" if mapper else
+                                                      "; the image has no NFSv4 ID mapper"), None)
 
 
 @step("init", "an init to boot: /sbin/init or systemd (checked, not repaired)")

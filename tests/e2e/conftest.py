@@ -52,30 +52,9 @@ def mock(lab: dict[str, Any]) -> Iterator[httpx.Client]:
 
 def write_config(lab: dict[str, Any], directory: Any, *, retries: int = 1, timeout: float = 3.0) -> str:
     """A qrmfs config for the lab with its own spool dir and quick openQRM retries (tests stay fast)."""
-    s, src = lab["hosts"]["storage"], lab["hosts"]["source"]
     path = directory / "qrmfs.toml"
-    path.write_text(f"""spool_dir = "{directory / 'spool'}"
-
-[openqrm]
-url = "{lab['openqrm']['url']}"
-user = "{lab['openqrm']['user']}"
-password_file = "{lab['openqrm']['password_file']}"
-timeout = {timeout}
-retries = {retries}
-backoff = 0.05
-
-[ssh]
-identity_file = "{lab['ssh']['private_key']}"
-known_hosts = "{lab['ssh']['known_hosts']}"
-
-[storage.storage]
-address = "{s['address']}"
-export_root = "{s['export_root']}"
-storage_id = 1
-
-[hosts.source]
-address = "{src['address']}"
-""")
+    path.write_text(_lab.config_toml(lab, spool_dir=str(directory / "spool"), timeout=timeout, retries=retries,
+                                     backoff=0.05))
     return str(path)
 
 

@@ -30,7 +30,8 @@ BOOT_TIMEOUT = float(os.environ.get("QRMFS_BOOT_TIMEOUT", "480"))
 QRMFS_INIT = Path(__file__).resolve().parents[2] / "qrmfs" / "data" / "qrmfs-init"
 
 
-def _on(lab: dict[str, Any], role: str, script: str, input: bytes | None = None, env: dict[str, str] | None = None,
+def _on(  # noqa: PLR0913 - keyword options of one ssh call in tests
+        lab: dict[str, Any], role: str, script: str, input: bytes | None = None, env: dict[str, str] | None = None,
         ssh_options: tuple[str, ...] = (), ok: tuple[int, ...] = (0,)) -> str:
     argv = _lab.ssh_argv(lab, role)
     argv[-1:-1] = list(ssh_options)
@@ -85,10 +86,11 @@ def test_prepared_kernel_and_initramfs_are_reused():
 
 
 def test_image_made_by_create_boots_to_multi_user(lab, plain_image):
-    r = lab_boot.boot(lab, plain_image, script=PREPARED_SCRIPT, timeout=BOOT_TIMEOUT)
+    r = lab_boot.boot(lab, lab_boot.BootSpec(plain_image, script=PREPARED_SCRIPT, timeout=BOOT_TIMEOUT))
     assert r.reached, _explain(r)
-    assert r.ok and r.state == "multi-user.target"
+    assert r.ok and r.state == "multi-user.target" and r.init == "systemd"
     assert r.script_rc == 0, _explain(r)
+    assert r.sshd is not None and r.sshd.startswith("SSH-2.0-OpenSSH"), "sshd answers through the forward"
     f = _facts(r)
     # what qrmfs's preparation is for, seen from inside the running node
     assert f["root"].split() == ["nfs4", f"{lab_boot.NFS_GUEST_ADDR}:{plain_image}"], f
@@ -138,6 +140,9 @@ echo "machine-id=$(cat /etc/machine-id)"
 echo "hostname=$(cat /etc/hostname)"
 echo "kernel-hostname=$(hostname)"
 echo "ssh-key=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2)"
+echo "mount-owner=$(stat -c '%u:%g %A' "$(readlink -f /bin/mount)")"
+echo "passwd-owner=$(stat -c '%u:%g' /etc/passwd)"
+echo "app-mount=$(findmnt -n -o SOURCE /var/lib/app)"
 sync
 """
 
@@ -147,13 +152,20 @@ def _facts(r: lab_boot.BootResult) -> dict[str, str]:
 
 
 def test_two_nodes_share_an_image_but_not_their_private_dirs_or_identity(lab, shared_image):
-    r1 = lab_boot.boot(lab, shared_image, node_id=1, script=NODE_SCRIPT, timeout=BOOT_TIMEOUT)
+    r1 = lab_boot.boot(lab, lab_boot.BootSpec(shared_image, node_id="1", script=NODE_SCRIPT, timeout=BOOT_TIMEOUT))
     assert r1.reached and r1.script_rc == 0, _explain(r1)
-    r2 = lab_boot.boot(lab, shared_image, node_id=2, script=NODE_SCRIPT, timeout=BOOT_TIMEOUT)
+    r2 = lab_boot.boot(lab, lab_boot.BootSpec(shared_image, node_id="2", script=NODE_SCRIPT, timeout=BOOT_TIMEOUT))
     assert r2.reached and r2.script_rc == 0, _explain(r2)
     n1, n2 = _facts(r1), _facts(r2)
     print(f"\nnode 1: {r1.seconds}s to multi-user, {r1.wall_seconds}s in all; "
           f"node 2: {r2.seconds}s, {r2.wall_seconds}s")
+
+    # Owners as the storage server has them (NFSv4 numeric owners): the setuid-root mount stays root's,
+    # so qrmfs-init could bind the private directory, and said so.
+    for r, facts in ((r1, n1), (r2, n2)):
+        assert facts["mount-owner"] == "0:0 -rwsr-xr-x" and facts["passwd-owner"] == "0:0", facts
+        assert facts["app-mount"].endswith(f"{shared_image}/.qrmfs/nodes/{facts['node']}/var/lib/app"), facts
+        assert r.node_setup == "complete", _explain(r)
 
     # Private: each node starts from the image's content, and does not see the other's files.
     assert n1["node"] == "1" and n2["node"] == "2"
@@ -195,8 +207,23 @@ def test_two_nodes_share_an_image_but_not_their_private_dirs_or_identity(lab, sh
     assert s["root-bind"].split() == []
 
 
+def test_a_node_whose_private_dir_set_up_failed_is_not_reported_healthy(lab):
+    """A real fault: the image's private directory is replaced by a file, so qrmfs-init cannot bind it."""
+    path = make_image(lab, f"boot_broken_{uuid.uuid4().hex[:8]}", "--private-add", "/var/lib/app")
+    try:
+        _on(lab, "storage", f"rm -rf {path}/var/lib/app && echo not-a-dir > {path}/var/lib/app")
+        r = lab_boot.boot(lab, lab_boot.BootSpec(path, node_id="5", timeout=BOOT_TIMEOUT))
+    finally:
+        _remove(lab, path)
+    assert r.reached, _explain(r)
+    assert r.node_setup == "incomplete" and not r.ok, _explain(r)
+    assert "qrmfs-init could not set up the node" in (r.error or "")
+    assert "/var/lib/app is not a directory" in (r.error or "")
+
+
 def test_a_missing_image_is_reported_without_booting(lab):
-    r = lab_boot.boot(lab, f"/exports/boot_missing_{uuid.uuid4().hex[:8]}", timeout=60, visible_timeout=3)
+    r = lab_boot.boot(lab, lab_boot.BootSpec(f"/exports/boot_missing_{uuid.uuid4().hex[:8]}", timeout=60,
+                                               visible_timeout=3))
     assert not r.reached and not r.ok
     assert r.state == "image not visible over NFS"
     assert "does the image exist" in (r.error or "")
@@ -204,9 +231,9 @@ def test_a_missing_image_is_reported_without_booting(lab):
 
 def test_an_image_without_init_fails_fast_with_the_initramfs_reason(lab):
     path = f"/exports/boot_noinit_{uuid.uuid4().hex[:8]}"
-    _on(lab, "storage", f"mkdir -p {path}/sbin {path}/run && echo not-an-init > {path}/sbin/README")
+    _on(lab, "storage", f"mkdir -p {path}/sbin {path}/run {path}/etc && echo not-an-init > {path}/sbin/README")
     try:
-        r = lab_boot.boot(lab, path, timeout=120)
+        r = lab_boot.boot(lab, lab_boot.BootSpec(path, timeout=120))
     finally:
         _on(lab, "storage", f"rm -rf {path}")
     assert not r.reached

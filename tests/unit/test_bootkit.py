@@ -22,7 +22,7 @@ from lab.images import LabError
 REPO = Path(__file__).resolve().parents[2]
 QRMFS_INIT = REPO / "qrmfs" / "data" / "qrmfs-init"
 BOOTKIT = REPO / "lab" / "bootkit"
-SHELL_SCRIPTS = [QRMFS_INIT, BOOTKIT / "init", BOOTKIT / "probe.sh"]
+SHELL_SCRIPTS = [QRMFS_INIT, BOOTKIT / "init", BOOTKIT / "probe.sh", BOOTKIT / "probe-sysv.sh"]
 
 INFO = {"hosts": {"storage": {"address": "172.30.0.2", "export_root": "/exports"}}}
 
@@ -624,3 +624,163 @@ def test_hide_nodes_covers_every_nodes_state_and_keeps_the_own_reachable(fake):
     assert "the other nodes' state is hidden" in fake.said
     # outside the namespace nothing changed: the host still sees both nodes' state
     assert (st / "nodes/2/etc/ssh/ssh_host_ed25519_key").read_text() == "secret-of-2"
+
+
+# --- qrmfs-init's verdict and owners ------------------------------------------------------------------------
+
+NODE_OK = ("QRMFS-BOOT switch_root /sbin/qrmfs-init\nqrmfs-init: node 1 (image x)\nqrmfs-init: set-up complete\n"
+           "QRMFS-PROBE reached multi-user.target uptime=9\nQRMFS-PROBE done\n")
+NODE_BAD = ("QRMFS-BOOT switch_root /sbin/qrmfs-init\n"
+            "qrmfs-init: ERROR: cannot bind / at /.qrmfs/root: no private directories (uid 0; ...)\n"
+            "qrmfs-init: set-up incomplete (see the messages above); booting on\n"
+            "QRMFS-PROBE reached multi-user.target uptime=9\nQRMFS-PROBE done\n")
+
+
+def test_a_node_whose_qrmfs_init_set_up_failed_is_not_healthy():
+    good, bad = boot.parse_serial(NODE_OK), boot.parse_serial(NODE_BAD)
+    assert good.node_setup == "complete" and good.node_errors == []
+    assert bad.node_setup == "incomplete" and bad.node_errors[0].startswith("ERROR: cannot bind /")
+    assert boot.judge(good, timed_out=False, returncode=0, timeout=300) == ("multi-user.target", None)
+    state, error = boot.judge(bad, timed_out=False, returncode=0, timeout=300)
+    assert state == "multi-user.target" and error is not None
+    assert "qrmfs-init could not set up the node" in error and "cannot bind /" in error
+    assert boot.parse_serial("QRMFS-PROBE reached multi-user.target uptime=9\n").node_setup is None
+
+
+def test_the_probe_counts_as_reached_even_when_a_getty_swallowed_its_first_line():
+    r = boot.parse_serial("own1-1 login: QRMFS-PROBE state=running uptime=113.24\nQRMFS-PROBE done\n")
+    assert r.reached and r.system_state == "running" and r.uptime == 113.24 and r.done
+
+
+def test_main_says_when_the_set_up_is_complete(fake):
+    fake.conf(image="img")
+    env = {**fake.env(), "QRMFS_INIT_SOURCED": "", "QRMFS_INIT_EXEC": "1", "QRMFS_CMDLINE_FILE": str(fake.cmdline)}
+    fake.set_cmdline("qrmfs.init=/bin/true")
+    r = subprocess.run(["sh", str(QRMFS_INIT)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "qrmfs-init: set-up complete" in fake.said
+
+
+def _fake_tool(path: Path, owner: int) -> None:
+    path.write_text(f'#!/bin/sh\necho "{path.name} $*"\n')
+    os.chown(path, owner, owner)
+    path.chmod(0o4755)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown and a setuid file")
+def test_a_setuid_mount_the_node_sees_owned_by_nobody_runs_through_the_loader(fake, tmp_path):
+    bindir, loader = tmp_path / "bin", tmp_path / "ld.so"
+    bindir.mkdir()
+    _fake_tool(bindir / "mount", 4294967294)
+    _fake_tool(bindir / "umount", 0)
+    loader.write_text('#!/bin/sh\necho "loader $*"\n')
+    loader.chmod(0o755)
+    r = fake.run(f'PATH="{bindir}:$PATH"; QRMFS_LDSO="{tmp_path}/missing {loader}"; '
+                 'mount --bind /a /b; umount /b')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"loader {bindir}/mount --bind /a /b", "umount /b"]
+    assert f"{bindir}/mount is setuid and owned by uid 4294967294" in fake.said
+
+
+def test_mount_runs_as_itself_when_it_is_not_setuid(fake, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "mount").write_text('#!/bin/sh\necho "plain $*"\n')
+    (bindir / "mount").chmod(0o755)
+    r = fake.run(f'PATH="{bindir}:$PATH"; QRMFS_LDSO=/nonexistent; mount -t proc proc /proc')
+    assert r.stdout.strip() == "plain -t proc proc /proc" and fake.said == ""
+
+
+# --- SysV init, and boots without the probe ---------------------------------------------------------------
+
+SYSV_CONSOLE = """QRMFS-BOOT init sysv\r
+QRMFS-BOOT switch_root /sbin/init\r
+INIT: version 3.06 booting\r
+[\x1b[32m ok \x1b[39;49m] Starting hostname.\r
+[\x1b[31mFAIL\x1b[39;49m] Starting kudzu ... failed!\r
+INIT: Entering runlevel: 3\r
+[ ok ] Starting OpenBSD Secure Shell server: sshd.\r
+\r
+Debian GNU/Linux 12 lab-sysv ttyS0\r
+\r
+lab-sysv login: """
+
+
+def test_a_sysv_boot_without_the_probe_is_read_from_the_console():
+    head, _, prompt = SYSV_CONSOLE.rpartition("\n")
+    r = boot.parse_serial(head)
+    assert r.init == "sysv" and r.runlevel == "3" and r.state == "runlevel 3"
+    assert not r.getty and r.reached_without_probe()
+    r.feed_partial(prompt)  # a getty's prompt ends without a newline
+    assert r.getty and not r.reached
+    assert r.failed_units == ["Starting kudzu ... failed!"]
+    assert boot.judge(r, timed_out=False, returncode=None, timeout=300, probe=False) == ("runlevel 3", None)
+
+
+def test_a_sysv_boot_is_not_reached_before_runlevel_3():
+    r = boot.parse_serial("INIT: version 3.06 booting\nINIT: Entering runlevel: 2\nlab login: \n")
+    assert r.getty and r.runlevel == "2" and not r.reached_without_probe()
+    state, error = boot.judge(r, timed_out=True, returncode=None, timeout=60, probe=False)
+    assert state == "timeout" and "no runlevel 3 within 60s" in (error or "") and "runlevel 2, a getty" in error
+
+
+def test_the_sysv_probe_reports_runlevel_and_rc_done():
+    r = boot.parse_serial("INIT: version 3.06 booting\nINIT: Entering runlevel: 3\n"
+                          "QRMFS-PROBE reached runlevel 3 init=sysv uptime=21.5\n"
+                          "QRMFS-PROBE state=rc-done uptime=21.5\nQRMFS-PROBE done\n")
+    assert r.reached and r.rc_done and r.init == "sysv" and r.uptime == 21.5 and r.system_state == "rc-done"
+    assert boot.judge(r, timed_out=False, returncode=0, timeout=300) == ("runlevel 3", None)
+
+
+def test_systemd_without_the_probe_is_reached_at_multi_user():
+    r = boot.parse_serial("[    2.1] systemd[1]: systemd 252.36-1~deb12u1 running in system mode (+PAM)\n"
+                          "[  OK  ] Reached target \x1b[0;1;39mmulti-user.target\x1b[0m - Multi-User System.\n")
+    assert r.init == "systemd" and r.multi_user and r.reached_without_probe()
+    assert boot.judge(r, timed_out=False, returncode=None, timeout=300, probe=False) == ("multi-user.target", None)
+    old = boot.parse_serial("Welcome to Debian GNU/Linux 11 (bullseye)!\n[  OK  ] Reached target Multi-User System.\n")
+    assert old.init == "systemd" and old.reached_without_probe()
+    # quiet once the serial getty runs: its prompt stands for multi-user
+    quiet = boot.parse_serial("Welcome to Debian GNU/Linux 12 (bookworm)!\n"
+                              "[  OK  ] Reached target getty.target - Login Prompts.\n")
+    assert not quiet.reached_without_probe()
+    quiet.feed_partial("lab-source login: ")
+    assert quiet.reached_without_probe()
+
+
+def test_boot_spec_is_frozen_and_checks_its_node_id():
+    spec = boot.BootSpec("/exports/x", node_id="7")
+    with pytest.raises(AttributeError):
+        spec.timeout = 1  # type: ignore[misc]
+    with pytest.raises(LabError):
+        boot.BootSpec("/exports/x", node_id="a b")
+    with pytest.raises(LabError):
+        boot.BootSpec("/exports/x", script="true", probe=False)
+
+
+def test_qemu_argv_forwards_only_the_ssh_port_into_the_guest():
+    argv = boot.qemu_argv("/k", "/i", "c", "172.30.0.2", ssh_port=40022)
+    netdev = argv[argv.index("-netdev") + 1]
+    assert "hostfwd=tcp:127.0.0.1:40022-:22" in netdev.split(",") and "restrict=on" in netdev.split(",")
+    assert "hostfwd" not in boot.qemu_argv("/k", "/i", "c", "172.30.0.2")[argv.index("-netdev") + 1]
+
+
+def test_ssh_banner_needs_a_real_ssh_identification():
+    def serve(payload: bytes) -> int:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            conn.sendall(payload)
+            conn.close()
+            srv.close()
+        threading.Thread(target=answer, daemon=True).start()
+        return int(srv.getsockname()[1])
+
+    assert boot.ssh_banner(serve(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")) == "SSH-2.0-OpenSSH_9.2p1 Debian-2"
+    assert boot.ssh_banner(serve(b"")) is None  # QEMU accepts and closes when nothing listens in the guest
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert boot.ssh_banner(closed, timeout=1) is None

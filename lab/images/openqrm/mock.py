@@ -400,7 +400,7 @@ class Handler(BaseHTTPRequestHandler):
         state.events.append(event)
         return html_page(200, f"event {event['event_id']} stored")
 
-    def _image_action(self, q: dict[str, str]) -> Response:
+    def _image_action(self, q: dict[str, str]) -> Response:  # noqa: C901 - one dispatch over openQRM's image commands
         state = self.server.state
         command = q.get("image_command", "")
         fields = {
@@ -447,7 +447,7 @@ class Handler(BaseHTTPRequestHandler):
         return html_page(400, "unknown image_command")
 
     # --- /_mock/ control ----------------------------------------------------------------------
-    def _control(self, path: str) -> Response:
+    def _control(self, path: str) -> Response:  # noqa: C901 - one dispatch over the mock's control paths
         state = self.server.state
         method = self.command
         if path == "/_mock/health":

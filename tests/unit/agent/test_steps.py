@@ -639,3 +639,61 @@ def test_validate_flags_what_node_conf_says_even_when_the_manifest_differs(img: 
 def test_private_dir_problem(path: str, problem: str | None) -> None:
     got = steps.private_dir_problem(path)
     assert (got is None) if problem is None else (got is not None and got.startswith(problem)), got
+
+
+def test_host_keygen_on_sysv_is_an_init_script_that_runs_before_ssh(tmp_path: Path) -> None:
+    """A SysV image (no systemd) whose keys were removed: Debian's ssh script will not start without keys."""
+    root = tmp_path / "img"
+    _w(root, "etc/inittab", "id:2:initdefault:\n")
+    _w(root, "etc/ssh/sshd_config", "PermitRootLogin no\n")
+    _w(root, "etc/ssh/ssh_host_ed25519_key", "secret\n", 0o600)
+    _w(root, "etc/init.d/ssh", "#!/bin/sh\n", 0o755)
+    _w(root, "etc/init.d/.depend.start", "TARGETS = killprocs rsync ssh single rc.local\nINTERACTIVE =\n"
+                                         "single: killprocs\nrc.local: rsync ssh\n")
+    for level in "2345":
+        (root / f"etc/rc{level}.d").mkdir(parents=True)
+        os.symlink("../init.d/ssh", root / f"etc/rc{level}.d/S01ssh")
+    opts = Options("i", keep_network=False)
+    steps.apply(str(root), opts)
+    script = root / "etc/init.d" / steps.HOSTKEY_SYSV
+    assert script.read_text() == steps.HOSTKEY_SYSV_TEXT and os.access(script, os.X_OK)
+    for level in "2345":
+        link = root / f"etc/rc{level}.d/S01{steps.HOSTKEY_SYSV}"
+        assert os.readlink(link) == f"../init.d/{steps.HOSTKEY_SYSV}"
+        # CONCURRENCY=none runs S links in name order: ours before S01ssh
+        assert sorted(os.listdir(root / f"etc/rc{level}.d")) == [link.name, "S01ssh"]
+    depend = (root / "etc/init.d/.depend.start").read_text().splitlines()
+    assert depend[0].split() == ["TARGETS", "=", "killprocs", "rsync", "ssh", "single", "rc.local",
+                                 steps.HOSTKEY_SYSV]
+    assert f"ssh: {steps.HOSTKEY_SYSV}" in depend
+    assert not (root / "etc/ssh/ssh_host_ed25519_key").exists()
+    assert not (root / "etc/systemd/system" / steps.HOSTKEY_UNIT).exists()
+    assert found(root, opts, ["host-keygen", "host-keys"]) == []
+    assert steps.depend_start_with_hostkeys("\n".join(depend) + "\n") == "\n".join(depend) + "\n"
+
+
+@pytest.mark.parametrize(("ganesha", "nfsd", "names"), [
+    (None, None, False),                                                    # neither server here
+    ("NFSV4 {\n    Graceless = true;\n}\n", None, True),                     # ganesha's default: names
+    ("NFSV4 { Only_Numeric_Owners = true; }\n", None, False),
+    ("NFSV4 {\n  # Only_Numeric_Owners = true;\n}\n", None, True),          # a comment does not count
+    ("NFSV4 { only_numeric_owners = FALSE; }\n", None, True),
+    (None, "Y\n", False),                                                   # kernel nfsd's default
+    (None, "N\n", True),
+])
+def test_owner_names_from_the_storage_servers_settings(ganesha, nfsd, names) -> None:
+    assert (steps.owner_names_sent(ganesha, nfsd) is not None) is names
+
+
+def test_owners_step_warns_when_the_server_maps_owners_away(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "img"
+    _w(root, "etc/hostname", "h\n")
+    conf = tmp_path / "ganesha.conf"
+    monkeypatch.setitem(steps.NFS_SERVER_FILES, "ganesha", str(conf))
+    monkeypatch.setitem(steps.NFS_SERVER_FILES, "nfsd", str(tmp_path / "no-nfsd"))
+    conf.write_text("NFSV4 { Graceless = true; }\n")
+    got = check_only(str(root), Options("i"), ["owners"])
+    assert len(got) == 1 and got[0].fix is None and "Only_Numeric_Owners" in got[0].problem
+    assert "no NFSv4 ID mapper" in got[0].problem
+    conf.write_text("NFSV4 { Graceless = true; Only_Numeric_Owners = true; }\n")
+    assert check_only(str(root), Options("i"), ["owners"]) == []
