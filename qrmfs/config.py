@@ -65,6 +65,7 @@ class Config:
     known_hosts: str | None = None
     spool_dir: str = "~/.local/state/qrmfs/spool"
     defaults: dict[str, Any] = field(default_factory=dict)
+    keep_generations: int = 1  # earlier generations of an image kept by update (and create --force)
 
     def storage_for(self, token: str) -> Storage:
         """A storage server by its config name, else by address with the defaults."""
@@ -131,9 +132,12 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
                  _get(o, "retries", int, "openqrm", 4),
                  float(_get(o, "backoff", (int, float), "openqrm", 0.5)))
     ssh = _table(data, "ssh")
+    keep = _get(data, "keep_generations", int, "", 1)
+    if keep < 0:
+        raise ConfigError("config: keep_generations must be 0 or more")
     return Config(path, storage, hosts, oq, _expand(_get(ssh, "identity_file", str, "ssh")),
                   _expand(_get(ssh, "known_hosts", str, "ssh")),
-                  _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool"), data.get("defaults") or {})
+                  _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool"), data.get("defaults") or {}, keep)
 
 
 def _expand(p: str | None) -> str | None:

@@ -3,7 +3,9 @@
 Layout beside an image `<parent>/<name>` (all hidden, all on the same filesystem so rename is atomic):
   .<name>.qrmfs-lock            flock held by the one qrmfs operation on this image; names its holder
   .<name>.qrmfs-staging-<id>    a copy being made; never looks like an image (no manifest until ready)
-  .<name>.qrmfs-previous        the image replaced by `create --force`, kept for rollback
+  .<name>.qrmfs-gen-<seq>       an earlier generation of the image (update, rollback), with its own manifest
+  .<name>.qrmfs-previous        an image replaced by `create --force` before generations existed (generation 0)
+  .<name>.qrmfs-journal         the intent of a publish in progress (gens.py): finished under the next lock
 and inside the image `.qrmfs/manifest.json` (what was done) and `.qrmfs/nodes/` (per-node state).
 """
 
@@ -31,6 +33,8 @@ class Siblings:
     previous: str
     known_hosts: str
     removing: str
+    gen_prefix: str
+    journal: str
 
 
 def siblings(path: str) -> Siblings:
@@ -39,7 +43,9 @@ def siblings(path: str) -> Siblings:
                     staging_prefix=os.path.join(parent, f".{name}.qrmfs-staging-"),
                     previous=os.path.join(parent, f".{name}.qrmfs-previous"),
                     known_hosts=os.path.join(parent, f".{name}.qrmfs-known_hosts"),
-                    removing=os.path.join(parent, f".{name}.qrmfs-removing"))
+                    removing=os.path.join(parent, f".{name}.qrmfs-removing"),
+                    gen_prefix=os.path.join(parent, f".{name}.qrmfs-gen-"),
+                    journal=os.path.join(parent, f".{name}.qrmfs-journal"))
 
 
 def _is_staging(path: str, staging: str) -> bool:
@@ -219,7 +225,12 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     remove(s.removing)
     os.rename(path, s.removing)  # gone from its name at once; the slow part happens out of sight
     remove(s.removing)
+    parent, gen = os.path.dirname(path), os.path.basename(s.gen_prefix)
+    for e in sorted(os.listdir(parent)):  # every earlier generation goes with the image
+        if e.startswith(gen) and e[len(gen):].isdigit():
+            remove(os.path.join(parent, e))
     remove(s.previous)
+    remove(s.journal)
     return P.Removed(path)
 
 
