@@ -229,7 +229,12 @@ def _publish(run: Run) -> Published:
     spec = run.spec
     if not run.incremental:
         return run.side.publish(spec.place.path, run.staging, spec.force)
-    swapped = run.side.publish_update(spec.place.path, run.staging, spec.keep_generations)
+    try:
+        swapped = run.side.publish_update(spec.place.path, run.staging, spec.keep_generations)
+    except QrmfsError as e:
+        e.message += ("; if the publish had begun, the next qrmfs operation on the image finishes it (its node "
+                      "state is never left behind)")
+        raise
     return Published(swapped.path, True, swapped.generation)
 
 

@@ -92,17 +92,24 @@ def _exchange(a: str, b: str) -> bool:
 
 def _move_nodes(image: str, incoming: str) -> bool:
     """The image's node state moves into the incoming tree (a rename: same inodes, so running nodes' bind
-    mounts keep working). Node state an old generation still carries is kept aside, never mixed in."""
+    mounts keep working). Once the incoming tree holds node state, it is the one that was moved there (see
+    _set_aside): a node that booted in between and seeded a new one in the image leaves that with the image."""
     src, dst = os.path.join(image, NODES), os.path.join(incoming, NODES)
-    if not os.path.lexists(src):
+    if not os.path.lexists(src) or os.path.lexists(dst):
         return False
-    if os.path.lexists(dst):
-        os.rename(dst, dst + time.strftime(".superseded-%Y%m%dT%H%M%S", time.gmtime()))
     d = os.path.dirname(dst)
     if not is_real_dir(d):
         os.makedirs(d, 0o755)
     os.rename(src, dst)
     return True
+
+
+def _set_aside(incoming: str) -> None:
+    """Node state an old generation still carries (an image replaced by create --force before generations
+    existed kept its nodes) is renamed aside before the journal is written, never mixed with the current."""
+    dst = os.path.join(incoming, NODES)
+    if os.path.lexists(dst):
+        os.rename(dst, dst + time.strftime(".superseded-%Y%m%dT%H%M%S", time.gmtime()))
 
 
 def _read_journal(path: str) -> dict[str, Any] | None:
@@ -153,6 +160,7 @@ def _swap(path: str, incoming: str, keep: int) -> P.Swapped:
         new_id = os.urandom(8).hex()
         m["generation"] = {"id": new_id}
         write_manifest(incoming, m)
+    _set_aside(incoming)
     j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep}
     write_file(siblings(path).journal, (json.dumps(j) + "\n").encode(), 0o600)
     _crash_point("journal")

@@ -143,7 +143,7 @@ def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = 
     parent = os.path.dirname(path)
     for e in os.listdir(parent):
         full = os.path.join(parent, e)
-        if full.startswith(s.staging_prefix):
+        if full.startswith(s.staging_prefix) and not _journaled(path, full):
             remove(full)
     os.mkdir(staging, 0o755)
     pinned = op_pin_host(path, export_root, known_hosts).known_hosts if known_hosts is not None else None
@@ -173,9 +173,20 @@ def op_discard(path: str, export_root: str, staging: str) -> P.Discarded:
     _check_under(path, export_root)
     if not _is_staging(path, staging):
         raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    if _journaled(path, staging):
+        # its publish began (gens.py): it is finished, never undone, under the image's next lock
+        return P.Discarded("")
     remove(staging)
     remove(siblings(path).known_hosts)
     return P.Discarded(staging)
+
+
+def _journaled(path: str, staging: str) -> bool:
+    try:
+        with open(siblings(path).journal) as f:
+            return bool(json.load(f).get("incoming") == staging)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def op_write_manifest(path: str, export_root: str, staging: str, manifest: dict[str, Any]) -> P.Written:
