@@ -291,3 +291,56 @@ def test_reflink_generations_cost_only_what_changed(tmp_path: Path, xfs: Path, e
     with open(env["img"] / "big", "r+b") as f:
         f.write(b"node write")
     assert (Path(previous["path"]) / "big").read_bytes()[:10] != b"node write"
+
+
+def _image(d: Path, tag: str, gen_id: str | None = None) -> None:
+    (d / "etc").mkdir(parents=True)
+    (d / "etc/tag").write_text(tag)
+    tree.write_manifest(str(d), {"image": "img1", **({"generation": {"id": gen_id}} if gen_id else {})})
+
+
+def test_recovery_keeps_moved_node_state_over_one_a_booting_node_seeded(tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    img, staging = root / "img1", root / ".img1.qrmfs-staging-x"
+    _image(img, "old", "a")
+    _image(staging, "new", "b")
+    (img / NODE_FILE).parent.mkdir(parents=True)
+    (img / NODE_FILE).write_text("real")
+    # the publish died right after moving the node state; a node booted and seeded fresh state in the image
+    j = {"incoming": str(staging), "outgoing": str(root / ".img1.qrmfs-gen-1"), "new_id": "b", "keep": 1}
+    (root / ".img1.qrmfs-journal").write_text(json.dumps(j))
+    gens._move_nodes(str(img), str(staging))
+    (img / NODE_FILE).parent.mkdir(parents=True)
+    (img / NODE_FILE).write_text("seeded meanwhile")
+    swapped = gens.recover(str(img))
+    assert swapped is not None and swapped.generation == str(root / ".img1.qrmfs-gen-1")
+    assert (img / "etc/tag").read_text() == "new" and (img / NODE_FILE).read_text() == "real"
+    assert (root / ".img1.qrmfs-gen-1" / NODE_FILE).read_text() == "seeded meanwhile"  # kept, never mixed in
+    assert not (root / ".img1.qrmfs-journal").exists()
+
+
+def test_rollback_to_an_old_style_previous_sets_its_stale_node_state_aside(tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    img, prev = root / "img1", root / ".img1.qrmfs-previous"
+    _image(img, "current", "a")
+    _image(prev, "previous")  # made by create --force before generations: no id, and node state of its time
+    (prev / NODE_FILE).parent.mkdir(parents=True)
+    (prev / NODE_FILE).write_text("stale")
+    (img / NODE_FILE).parent.mkdir(parents=True)
+    (img / NODE_FILE).write_text("current")
+    assert gens.generations(str(img)) == [(0, str(prev))]
+    swapped = gens.op_rollback(str(img), str(root), keep=1)
+    assert (img / "etc/tag").read_text() == "previous" and (img / NODE_FILE).read_text() == "current"
+    assert [p.name for p in (img / ".qrmfs").iterdir() if p.name.startswith("nodes.superseded-")]
+    assert swapped.generation == str(root / ".img1.qrmfs-gen-1") and not prev.exists()
+    assert (root / ".img1.qrmfs-gen-1/etc/tag").read_text() == "current"
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    ("*deleting", "deleted"), (">f+++++++++", "new"), ("cd+++++++++", "new"), (">f.st......", "changed"),
+    (">f..t......", "changed"), (".f...p.....", "metadata"), (".d..t......", "metadata"), ("cL.st......", "changed"),
+    (".f......x..", "metadata")])
+def test_change_kind(code: str, kind: str) -> None:
+    from qrmfs.actions.update import change_kind
+
+    assert change_kind(code) == kind
