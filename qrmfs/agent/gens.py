@@ -147,6 +147,7 @@ def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
     _crash_point("retire")
     pruned = prune(path, int(j.get("keep", 1)))
     _crash_point("prune")
+    remove(siblings(path).known_hosts)  # the source's pinned host key served the copy only
     remove(siblings(path).journal)
     return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved)
 
