@@ -138,3 +138,104 @@ def test_sigkill_of_qrmfs_mid_update_leaves_image_and_node_data(lab, cfg, scratc
     assert r.returncode == 0, r.stderr
     on_storage(f"test \"$(cat {image_path}/usr/bin/tool)\" = v2 && test \"$(cat {image_path}/{NODE_FILE})\" = node-one")
     assert not [e for e in exports_listing(lab) if name in e and ("staging" in e or "journal" in e)]
+
+
+# --- a running node across an update and a rollback (QEMU/TCG boots) ------------------------------------
+
+BOOT_TIMEOUT = float(os.environ.get("QRMFS_BOOT_TIMEOUT", "480"))
+MARKER = "/etc/qrmfs-update-marker"
+
+# Runs inside the node: start a reader before the update, say "ready" in the node's private dir, wait for the
+# test's "go" (written there after the update or rollback), then check that the node still works.
+RUNNING_SCRIPT = r"""
+exec 3</usr/bin/env
+( while :; do cat /etc/os-release /usr/bin/env >/dev/null || echo "read failed" >> /var/lib/app/errors;
+  sleep 0.5; done ) &
+reader=$!
+echo "marker-before=$(cat MARKER 2>/dev/null || echo none)"
+echo up > /var/lib/app/ready && sync
+i=0
+while [ ! -e /var/lib/app/go ] && [ $i -lt 600 ]; do sleep 0.5; i=$((i+1)); done
+echo "go=$(test -e /var/lib/app/go && echo seen || echo timeout)"
+sleep 2
+kill -0 $reader && echo "reader=alive"
+echo "errors=$(cat /var/lib/app/errors 2>/dev/null | wc -l)"
+ls /usr/bin /etc /var/lib >/dev/null && echo "root=readable"
+echo "env-fd=$(head -c 4 <&3 | od -An -c | tr -d ' ')"
+echo "os-release=$(grep -c ID= /etc/os-release)"
+echo "marker-after=$(cat MARKER 2>/dev/null || echo none)"
+echo "write=$(echo still > /var/lib/app/after && cat /var/lib/app/after)"
+kill $reader
+""".replace("MARKER", MARKER)
+
+REBOOT_SCRIPT = r"""
+echo "marker=$(cat MARKER 2>/dev/null || echo none)"
+echo "after=$(cat /var/lib/app/after 2>/dev/null || echo none)"
+""".replace("MARKER", MARKER)
+
+
+def _facts(r: Any) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in r.script_output.splitlines() if "=" in line)
+
+
+def _while_running(lab: dict[str, Any], image: str, change: Any) -> dict[str, str]:
+    """Boot node 1, and while it runs (after it said ready) call change(); then let it check itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lab import boot as lab_boot
+
+    private = f"{image}/.qrmfs/nodes/1/var/lib/app"
+    run_on(lab, "storage", f"rm -f {private}/ready {private}/go {private}/errors {private}/after", check=False)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(lab_boot.boot, lab, image, 1, RUNNING_SCRIPT, BOOT_TIMEOUT)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while run_on(lab, "storage", f"test -e {private}/ready", check=False).returncode != 0:
+            assert not fut.done(), fut.result()
+            assert time.monotonic() < deadline, "the node never said ready"
+            time.sleep(1)
+        change()
+        run_on(lab, "storage", f"touch {private}/go")  # the node state moved along: same directory, same inode
+        r = fut.result()
+    assert r.reached and r.script_rc == 0, (r.state, r.error, r.script_output, r.log_tail)
+    return _facts(r)
+
+
+@pytest.mark.boot
+def test_a_running_node_survives_an_update_and_a_rollback(lab, on_source):
+    from lab import boot as lab_boot
+
+    cfg = lab["config"]
+    name = f"upd_boot_{uuid.uuid4().hex[:8]}"
+    image = f"{lab['hosts']['storage']['export_root']}/{name}"
+    t = f"storage:{image}"
+    on_source(f"rm -f {MARKER}")
+    r = qrmfs("create", "-t", t, "-l", "source:/", "-o", "--shared", "--private-add", "/var/lib/app", config=cfg)
+    assert r.returncode == 0, r.stderr
+    try:
+        def update() -> None:
+            on_source(f"echo generation-two > {MARKER}")
+            u = qrmfs("update", "-t", t, config=cfg)
+            assert u.returncode == 0, u.stderr
+
+        f = _while_running(lab, image, update)
+        assert f == {"marker-before": "none", "go": "seen", "reader": "alive", "errors": "0", "root": "readable",
+                     "env-fd": "177ELF", "os-release": f["os-release"], "marker-after": "none",
+                     "write": "still"}, f  # it runs on the generation it booted, until it reboots
+        r2 = lab_boot.boot(lab, image, node_id=1, script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT)
+        assert r2.reached and r2.script_rc == 0, r2.log_tail
+        assert _facts(r2) == {"marker": "generation-two", "after": "still"}  # new tree, the node's own data
+
+        def rollback() -> None:
+            u = qrmfs("rollback", "-t", t, config=cfg)
+            assert u.returncode == 0, u.stderr
+
+        f = _while_running(lab, image, rollback)
+        assert f["marker-before"] == "generation-two" and f["marker-after"] == "generation-two", f
+        assert (f["go"], f["reader"], f["errors"], f["root"], f["write"]) == ("seen", "alive", "0", "readable",
+                                                                              "still"), f
+        r3 = lab_boot.boot(lab, image, node_id=1, script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT)
+        assert r3.reached and r3.script_rc == 0, r3.log_tail
+        assert _facts(r3) == {"marker": "none", "after": "still"}
+    finally:
+        on_source(f"rm -f {MARKER}", check=False)
+        qrmfs("remove", "-t", t, "--yes", "-o", config=cfg)
