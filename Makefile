@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 export TESTCONTAINERS_RYUK_DISABLED := true
 
-.PHONY: setup demo test unit e2e lint lab-up lab-down bench
+.PHONY: setup demo test unit e2e lint lab-up lab-down bench docs
 
 setup:
 	@bash scripts/setup.sh
@@ -32,3 +32,7 @@ lab-down: setup
 
 bench: setup
 	@$(PY) bench/run.py
+
+# docs/cli.md from the typer app (tests/unit/test_docs.py fails when it is out of date)
+docs: setup
+	@$(PY) scripts/cli_docs.py

@@ -52,7 +52,8 @@ def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | Non
     return shlex.join(["ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts)])
 
 
-def rsync_argv(src: str, dest: str, *, excludes: Sequence[str] = (), rsh: str | None = None,
+def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of one command line
+               excludes: Sequence[str] = (), rsh: str | None = None,
                progress: bool = False, live_root: bool = True, drift: bool = False,
                delete: bool = False) -> tuple[str, ...]:
     """rsync with full fidelity: hard links, ACLs, xattrs, sparse files, numeric ids, devices and specials,
@@ -105,11 +106,17 @@ def agent_argv(python: str, bootstrap: str) -> tuple[str, ...]:
 
 
 def ssh_agent_argv(socket: str) -> tuple[str, ...]:
-    return ("ssh-agent", "-D", "-a", socket)
+    """An agent that lives as long as its command, `cat` reading our pipe: when qrmfs ends, however it ends, the
+    pipe closes, cat exits, and the agent (which checks on its command every 10 s) exits with our key."""
+    return ("ssh-agent", "-a", socket, "cat")
 
 
 def ssh_add_argv(identity: str) -> tuple[str, ...]:
     return ("ssh-add", "-q", identity)
+
+
+def ssh_add_forget_argv() -> tuple[str, ...]:
+    return ("ssh-add", "-q", "-D")
 
 
 def keygen_find_argv(known_hosts: str, host: str, port: int) -> tuple[str, ...]:

@@ -2,37 +2,57 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
 import typer
 
-from . import model
+from . import __version__, journal, model
 from .actions.common import Credentials, Env, resolve_credentials
+from .completion import complete_host, complete_storage, complete_storage_name
 from .config import load
-from .errors import AbortedError, QrmfsError, UsageError
+from .errors import AbortedError, Interrupted, QrmfsError, UsageError
 from .results import Flushed, Result, render_json
 from .runner import Runner
 from .ui import Ui
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Build diskless NFS-root filesystem images and register them with openQRM.")
+                  help="Build diskless NFS-root filesystem images and register them with openQRM.",
+                  epilog="\b\nExample:\n  qrmfs check && qrmfs create -t nas1:/exports/web1 -l web1:/")
 
-Config = Annotated[str | None, typer.Option("--config", help="Config file (default: $QRMFS_CONFIG, "
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"qrmfs {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+Config = Annotated[str | None, typer.Option("--config", metavar="FILE", help="Config file (default: $QRMFS_CONFIG, "
                                             "~/.config/qrmfs/config.toml, /etc/qrmfs/config.toml).")]
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Show every command qrmfs runs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch nothing.")]
-TargetOpt = Annotated[str, typer.Option("-t", "--target", help="STORAGE:/full/path/IMAGE_NAME")]
-User = Annotated[str | None, typer.Option("-u", "--username", help="openQRM user (administrator).")]
-Password = Annotated[str | None, typer.Option("-p", "--password", help="openQRM password (shows in the process "
+TargetOpt = Annotated[str, typer.Option("-t", "--target", metavar="STORAGE:/PATH", autocompletion=complete_storage,
+                                        help="The storage server and the image's full path, ending in its name.")]
+User = Annotated[str | None, typer.Option("-u", "--username", metavar="USER", help="openQRM user (administrator).")]
+Password = Annotated[str | None, typer.Option("-p", "--password", metavar="PASSWORD",
+                                              help="openQRM password (shows in the process "
                                               "list: prefer --password-file or $QRMFS_PASSWORD).")]
-PasswordFile = Annotated[str | None, typer.Option("--password-file", help="File whose first line is the "
+PasswordFile = Annotated[str | None, typer.Option("--password-file", metavar="FILE",
+                                                  help="File whose first line is the "
                                                   "openQRM password.")]
 OnlyPhysical = Annotated[bool, typer.Option("-o", "--only-physical", help="Create the image without registering "
                                             "it in openQRM.")]
-Url = Annotated[str | None, typer.Option("--openqrm-url", help="openQRM base URL, e.g. http://host/openqrm "
+Url = Annotated[str | None, typer.Option("--openqrm-url", metavar="URL",
+                                         help="openQRM base URL, e.g. http://host/openqrm "
                                          "(default: config [openqrm] url).")]
 
 
@@ -56,44 +76,57 @@ def _warn_password_argv(password: str | None, ui: Ui) -> None:
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
-def create(
+def create(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
-    location: Annotated[str, typer.Option("-l", "--location", help="HOST:/rootfs-location, or a local directory "
-                                          "('/' = this system).")],
-    name: Annotated[str | None, typer.Option("-s", "--filesystem-image", help="Image name (letters, digits, _); "
+    location: Annotated[str, typer.Option("-l", "--location", metavar="HOST:/PATH", autocompletion=complete_host,
+                                          help="The source root filesystem, or a local directory ('/' = this "
+                                          "system).")],
+    name: Annotated[str | None, typer.Option("-s", "--filesystem-image", metavar="NAME",
+                                             help="Image name (letters, digits, _); "
                                              "default: the target's last path component.")] = None,
     username: User = None,
     password: Password = None,
     password_file: PasswordFile = None,
     only_physical: OnlyPhysical = False,
-    exclude: Annotated[list[str] | None, typer.Option("-e", "--exclude", help="Directory of the source not to "
+    exclude: Annotated[list[str] | None, typer.Option("-e", "--exclude", metavar="DIR",
+                                                      help="Directory of the source not to "
                                                       "copy (repeatable).")] = None,
-    private_add: Annotated[list[str] | None, typer.Option("--private-add", help="Directory private to each node "
+    private_add: Annotated[list[str] | None, typer.Option("--private-add", metavar="DIR",
+                                                          help="Directory private to each node "
                                                           "(repeatable).")] = None,
-    private_exclude: Annotated[list[str] | None, typer.Option("--private-exclude", help="Directory inside a "
+    private_exclude: Annotated[list[str] | None, typer.Option("--private-exclude", metavar="DIR",
+                                                              help="Directory inside a "
                                                               "private one that stays common (repeatable).")] = None,
-    arch: Annotated[str | None, typer.Option("-a", "--arch", help="Architecture tag, e.g. i686, Opteron, Xeon, "
+    arch: Annotated[str | None, typer.Option("-a", "--arch", metavar="ARCH",
+                                             help="Architecture tag, e.g. i686, Opteron, Xeon, "
                                              "Any, x86_64.")] = None,
     keep_services: Annotated[bool, typer.Option("--keep-services/--remove-services", help="Keep (default) or mask "
                                                 "services bound to the source machine's hardware.")] = True,
     keep_network: Annotated[bool, typer.Option("--keep-network/--remove-network", help="Keep or remove (default) "
                                                "the source's network configuration.")] = False,
-    hostname: Annotated[str | None, typer.Option("--hostname", help="Hostname of the image.")] = None,
+    hostname: Annotated[str | None, typer.Option("--hostname", metavar="HOSTNAME",
+                                                 help="Hostname of the image.")] = None,
     shared: Annotated[bool, typer.Option("--shared", help="The image is shared by many nodes.")] = False,
     operating_system: Annotated[str | None, typer.Option("--operation-system", "--operating-system",
-                                                         help="Operating system tag in openQRM.")] = None,
+                                                         metavar="OS", help="Operating system tag in openQRM.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing image (kept until the new one is "
                                         "published, then as .NAME.qrmfs-previous).")] = False,
-    route: Annotated[str, typer.Option("--route", help="ssh (default: storage pulls from the source) or nfs "
+    route: Annotated[str, typer.Option("--route", metavar="ssh|nfs",
+                                       help="ssh (default: storage pulls from the source) or nfs "
                                        "(mount the export here, the manual's way).")] = "ssh",
-    comment: Annotated[str | None, typer.Option("--comment", help="image_comment in openQRM.")] = None,
+    comment: Annotated[str | None, typer.Option("--comment", metavar="TEXT", help="image_comment in openQRM.")] = None,
     openqrm_url: Url = None,
     dry_run: DryRun = False,
     as_json: Json = False,
     config: Config = None,
     verbose: Verbose = False,
 ) -> None:
-    """Create a new NFS-root image on a storage server (and register it in openQRM)."""
+    """Create a new NFS-root image on a storage server (and register it in openQRM).
+
+    \b
+    Example:
+      qrmfs create -t nas1:/exports/web1 -l web1:/ -e /srv/cache --password-file /etc/qrmfs/openqrm.password
+    """
     from .actions import create as act
 
     env = _env(config, verbose)
@@ -125,17 +158,24 @@ def _registration(env: Env, only_physical: bool, username: str | None, password:
 
 
 @app.command()
-def clone(
-    name: Annotated[str, typer.Option("-s", "--filesystem-image", help="Name of the new image.")],
+def clone(  # noqa: PLR0913 - typer: one parameter per command-line option
+    name: Annotated[str, typer.Option("-s", "--filesystem-image", metavar="NAME", help="Name of the new image.")],
     target: TargetOpt,
-    source: Annotated[str, typer.Option("--from", help="The existing image: STORAGE:/path/EXISTING_NAME")],
-    hostname: Annotated[str | None, typer.Option("--hostname", help="Hostname of the new image.")] = None,
+    source: Annotated[str, typer.Option("--from", metavar="STORAGE:/PATH", autocompletion=complete_storage,
+                                          help="The existing image.")],
+    hostname: Annotated[str | None, typer.Option("--hostname", metavar="HOSTNAME",
+                                                 help="Hostname of the new image.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing image at the target.")] = False,
     username: User = None, password: Password = None, password_file: PasswordFile = None,
     only_physical: OnlyPhysical = False, openqrm_url: Url = None, dry_run: DryRun = False, as_json: Json = False,
     config: Config = None, verbose: Verbose = False,
 ) -> None:
-    """Create a new image from an existing one (on the same or another storage server)."""
+    """Create a new image from an existing one (on the same or another storage server).
+
+    \b
+    Example:
+      qrmfs clone -s web2 -t nas1:/exports/web2 --from nas1:/exports/web1 --hostname web2
+    """
     from .actions import clone as act
 
     env = _env(config, verbose)
@@ -148,7 +188,7 @@ def clone(
 
 
 @app.command()
-def remove(
+def remove(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Remove a directory that is not a qrmfs image "
@@ -159,7 +199,12 @@ def remove(
     openqrm_url: Url = None, dry_run: DryRun = False, as_json: Json = False, config: Config = None,
     verbose: Verbose = False,
 ) -> None:
-    """Remove an image from its storage server and deregister it from openQRM."""
+    """Remove an image from its storage server and deregister it from openQRM.
+
+    \b
+    Example:
+      qrmfs remove -t nas1:/exports/web1 --yes
+    """
     from .actions import remove as act
 
     env = _env(config, verbose)
@@ -176,17 +221,23 @@ def remove(
 
 
 @app.command()
-def validate(
+def validate(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
-    location: Annotated[str | None, typer.Option("-l", "--location", help="Also report drift from this source "
-                                                 "(HOST:/rootfs or a local directory); changes nothing.")] = None,
+    location: Annotated[str | None, typer.Option("-l", "--location", metavar="HOST:/PATH",
+                                                 autocompletion=complete_host, help="Also report drift from this "
+                                                 "source (or a local directory); changes nothing.")] = None,
     fix: Annotated[bool, typer.Option("-f", "--fix", help="Re-run the preparation: repair what can be repaired.")]
     = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --fix: list what it would repair; change "
                                           "nothing.")] = False,
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
-    """Check an image (and repair it with --fix); exit 0 only when it is clean."""
+    """Check an image (and repair it with --fix); exit 0 only when it is clean.
+
+    \b
+    Example:
+      qrmfs validate -t nas1:/exports/web1 --fix
+    """
     from .actions import validate as act
 
     env = _env(config, verbose)
@@ -197,15 +248,20 @@ def validate(
 
 @app.command("list")
 def list_(
-    storage: Annotated[str | None, typer.Argument(help="A storage server (name in the config or address); "
-                                                  "default: all configured.")] = None,
+    storage: Annotated[str | None, typer.Argument(metavar="STORAGE", autocompletion=complete_storage_name,
+                                                  hidden=True)] = None,
     generations: Annotated[bool, typer.Option("--generations", help="Show each image's generations: when, from "
                                               "which source, what changed, what each costs.")] = False,
-    target: Annotated[str | None, typer.Option("-t", "--target", help="With --generations: only this image "
-                                               "(STORAGE:/path/NAME).")] = None,
+    target: Annotated[str | None, typer.Option("-t", "--target", metavar="STORAGE:/PATH",
+                                               help="With --generations: only this image.")] = None,
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
-    """List the images on the storage server(s)."""
+    """List the images on STORAGE (a name in the config or an address), or on every configured storage server.
+
+    \b
+    Example:
+      qrmfs list nas1 --json
+    """
     from .actions.listing import list_images
 
     env = _env(config, verbose)
@@ -225,27 +281,32 @@ def _flag(value: bool | None, key: str, into: dict[str, object]) -> None:
 
 
 @app.command()
-def update(
+def update(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
-    location: Annotated[str | None, typer.Option("-l", "--location", help="The source (default: the one in the "
-                                                 "image's manifest).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option("-e", "--exclude", help="Directory of the source not to "
-                                                      "copy (repeatable; replaces the recorded list).")] = None,
-    private_add: Annotated[list[str] | None, typer.Option("--private-add", help="Directory private to each node "
-                                                          "(repeatable; replaces the recorded list).")] = None,
-    private_exclude: Annotated[list[str] | None, typer.Option("--private-exclude", help="Directory inside a "
-                                                              "private one that stays common.")] = None,
-    arch: Annotated[str | None, typer.Option("-a", "--arch", help="Architecture tag.")] = None,
-    operating_system: Annotated[str | None, typer.Option("--operation-system", "--operating-system",
+    location: Annotated[str | None, typer.Option("-l", "--location", metavar="HOST:/PATH",
+                                                 help="The source (default: the one in the image's manifest).")]
+    = None,
+    exclude: Annotated[list[str] | None, typer.Option("-e", "--exclude", metavar="DIR", help="Directory of the "
+                                                      "source not to copy (repeatable; replaces the recorded list).")]
+    = None,
+    private_add: Annotated[list[str] | None, typer.Option("--private-add", metavar="DIR", help="Directory private "
+                                                          "to each node (repeatable; replaces the recorded list).")]
+    = None,
+    private_exclude: Annotated[list[str] | None, typer.Option("--private-exclude", metavar="DIR", help="Directory "
+                                                              "inside a private one that stays common.")] = None,
+    arch: Annotated[str | None, typer.Option("-a", "--arch", metavar="TAG", help="Architecture tag.")] = None,
+    operating_system: Annotated[str | None, typer.Option("--operation-system", "--operating-system", metavar="TAG",
                                                          help="Operating system tag.")] = None,
     keep_services: Annotated[bool | None, typer.Option("--keep-services/--remove-services",
                                                        help="Override the recorded choice.")] = None,
     keep_network: Annotated[bool | None, typer.Option("--keep-network/--remove-network",
                                                       help="Override the recorded choice.")] = None,
-    hostname: Annotated[str | None, typer.Option("--hostname", help="Hostname of the image.")] = None,
+    hostname: Annotated[str | None, typer.Option("--hostname", metavar="NAME", help="Hostname of the image.")]
+    = None,
     shared: Annotated[bool | None, typer.Option("--shared/--not-shared", help="Override the recorded choice.")]
     = None,
-    route: Annotated[str | None, typer.Option("--route", help="ssh or nfs (default: the recorded one).")] = None,
+    route: Annotated[str | None, typer.Option("--route", metavar="ssh|nfs", help="Default: the recorded one.")]
+    = None,
     username: User = None, password: Password = None, password_file: PasswordFile = None,
     only_physical: Annotated[bool, typer.Option("-o", "--only-physical", help="Send openQRM nothing.")] = False,
     openqrm_url: Url = None, dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would change "
@@ -253,7 +314,12 @@ def update(
     = False,
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
-    """Re-pull an image from its source into a new generation (incremental, atomic, node state kept)."""
+    """Re-pull an image from its source into a new generation (incremental, atomic, node state kept).
+
+    \b
+    Example:
+      qrmfs update -t nas1:/exports/web1 --dry-run
+    """
     from .actions import update as act
 
     env = _env(config, verbose)
@@ -287,14 +353,19 @@ def update(
 
 
 @app.command()
-def rollback(
+def rollback(  # noqa: PLR0913 - typer: one parameter per command-line option
     target: TargetOpt,
     username: User = None, password: Password = None, password_file: PasswordFile = None,
     only_physical: Annotated[bool, typer.Option("-o", "--only-physical", help="Send openQRM nothing.")] = False,
     openqrm_url: Url = None, dry_run: DryRun = False, as_json: Json = False, config: Config = None,
     verbose: Verbose = False,
 ) -> None:
-    """Make the newest earlier generation of an image current again (node state kept)."""
+    """Make the newest earlier generation of an image current again (node state kept).
+
+    \b
+    Example:
+      qrmfs rollback -t nas1:/exports/web1
+    """
     from .actions import update as act
 
     env = _env(config, verbose)
@@ -305,9 +376,35 @@ def rollback(
 
 
 @app.command()
-def flush(username: User = None, password: Password = None, password_file: PasswordFile = None,
+def gc(
+    storage: Annotated[str | None, typer.Argument(metavar="STORAGE", autocompletion=complete_storage_name,
+                                                  hidden=True)] = None,
+    as_json: Json = False, config: Config = None, verbose: Verbose = False,
+) -> None:
+    """Remove what unfinished operations left beside the images on STORAGE (or every configured server):
+    staging copies, pinned source keys, lock files without an image. Each image's go under its lock; what an
+    operation still holds is kept. `qrmfs list` shows them.
+
+    \b
+    Example:
+      qrmfs gc nas1
+    """
+    from .actions.gc import gc as collect
+
+    env = _env(config, verbose)
+    _emit("gc", collect(env, storage), as_json)
+
+
+@app.command()
+def flush(username: User = None,  # noqa: PLR0913 - typer: one parameter per command-line option
+          password: Password = None, password_file: PasswordFile = None,
           openqrm_url: Url = None, as_json: Json = False, config: Config = None, verbose: Verbose = False) -> None:
-    """Deliver the registrations waiting in the spool (openQRM was unreachable when they were made)."""
+    """Deliver the registrations waiting in the spool (openQRM was unreachable when they were made).
+
+    \b
+    Example:
+      qrmfs flush --password-file /etc/qrmfs/openqrm.password
+    """
     from .actions.common import flush_spool
 
     env = _env(config, verbose)
@@ -317,42 +414,98 @@ def flush(username: User = None, password: Password = None, password_file: Passw
     _emit("flush", Flushed(r["delivered"], r["pending"], str(env.spool().dir)), as_json)
 
 
+@app.command()
+def check(  # noqa: PLR0913 - typer: one parameter per command-line option
+    target: Annotated[list[str] | None, typer.Option(
+        "-t", "--target", metavar="STORAGE[:/PATH/NAME]", autocompletion=complete_storage,
+        help="A storage server, or where an image would go (repeatable); default: every configured one.")] = None,
+    location: Annotated[list[str] | None, typer.Option(
+        "-l", "--location", metavar="HOST:/PATH", autocompletion=complete_host,
+        help="A source, HOST:/rootfs or a local directory (repeatable); default: / of every configured host.")]
+    = None,
+    username: User = None, password: Password = None, password_file: PasswordFile = None, openqrm_url: Url = None,
+    as_json: Json = False, config: Config = None, verbose: Verbose = False,
+) -> None:
+    """Check that everything create needs is in place, before a long copy; exit 0 only when nothing fails.
+
+    \b
+    Example:
+      qrmfs check -t nas1:/exports/web1 -l web1:/
+    """
+    from .actions import check as act
+
+    ui = Ui(verbose=verbose)
+    _warn_password_argv(password, ui)
+    req = act.CheckRequest(config, tuple(target or ()), tuple(location or ()), username, password, password_file,
+                           openqrm_url)
+    _emit("check", act.check(req, Runner(verbose=verbose, log=ui.debug if verbose else None), ui), as_json)
+
+
 def _command(args: list[str]) -> str | None:
     names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
     return next((a for a in args if a in names), None)
 
 
+def _fail(e: QrmfsError, command: str, as_json: bool) -> int:
+    """The one place an error is shown: one line (and the failing tool's stderr tail) on stderr, and the
+    envelope on stdout with --json."""
+    print(f"qrmfs: error: {e.message}", file=sys.stderr)
+    if e.detail:
+        print("\n".join("  | " + ln for ln in e.detail.splitlines()), file=sys.stderr)
+    if as_json:
+        print(render_json(command, error=e))
+    return e.exit_code
+
+
+def _usage(e: typer.TyperException, command: str, as_json: bool) -> int:
+    """click's own usage errors (a missing or unknown option, a bad value), shown click's way."""
+    show = getattr(e, "show", None)
+    if show:
+        show()
+    else:
+        print(f"qrmfs: error: {e.format_message()}", file=sys.stderr)
+    if as_json:
+        print(render_json(command, error=UsageError(e.format_message())))
+    return e.exit_code
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM (Ctrl-C, systemd, `timeout`, CI) raise Interrupted where qrmfs is: every step then
+    stops what it runs (a storage-side copy first) and removes what it left half-done before qrmfs exits.
+    A second signal while that happens is not obeyed: SIGKILL is the way to stop qrmfs at once (its children
+    die with it, and the storage side stops the copy when the connection goes)."""
+    def handler(signum: int, _frame: object) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda n, _f: print("qrmfs: still cleaning up; SIGKILL stops at once", file=sys.stderr))
+        raise Interrupted(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        _stop_on_signals()
+    rc = _main(args)
+    journal.record_cli(args, rc)  # the operation's summary in the system log (journalctl -t qrmfs)
+    return rc
+
+
+def _main(args: list[str]) -> int:
     as_json = "--json" in args
-    command = _command(args)
-
-    def fail(e: QrmfsError) -> int:
-        print(f"qrmfs: error: {e.message}", file=sys.stderr)
-        if e.detail:
-            print("\n".join("  | " + ln for ln in e.detail.splitlines()), file=sys.stderr)
-        if as_json:
-            print(render_json(command or "", error=e))
-        return e.exit_code
-
+    command = _command(args) or ""
     try:
         rc = app(args=args, prog_name="qrmfs", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
     except typer.Exit as e:
         return e.exit_code
-    except typer.TyperException as e:  # click's usage errors (missing or unknown option, bad value)
-        show = getattr(e, "show", None)
-        if show:
-            show()
-        else:
-            print(f"qrmfs: error: {e.format_message()}", file=sys.stderr)
-        if as_json:
-            print(render_json(command or "", error=UsageError(e.format_message())))
-        return e.exit_code
+    except typer.TyperException as e:
+        return _usage(e, command, as_json)
     except typer.Abort:
-        return fail(AbortedError("aborted"))
+        return _fail(AbortedError("aborted"), command, as_json)
     except QrmfsError as e:
-        return fail(e)
+        return _fail(e, command, as_json)
     except KeyboardInterrupt:
         print("qrmfs: interrupted", file=sys.stderr)
         return 130

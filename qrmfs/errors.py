@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class QrmfsError(Exception):
     exit_code = 1
@@ -78,9 +80,15 @@ class AbortedError(QrmfsError):
     exit_code, kind = 14, "aborted"
 
 
-class NotImplementedYet(QrmfsError):
-    exit_code, kind = 69, "not_implemented"
+class Interrupted(QrmfsError):
+    """SIGINT or SIGTERM: qrmfs stopped what it ran, cleaned up, and exits with 128 + the signal's number."""
+    kind = "interrupted"
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
 
 
-ALL = [UsageError, ConfigError, NotFoundError, ExistsError, LockedError, ConnectError, TransferError,
-       StorageError, RouteError, RefusedError, InvalidImageError, RegistrationError, AbortedError]
+class CheckFailedError(QrmfsError):
+    """qrmfs check: at least one check failed (each is reported on its own line)."""
+    exit_code, kind = 15, "check_failed"

@@ -141,6 +141,25 @@ class Client:
         raise RegistrationError(f"openQRM {what.get(r.status_code, f'answered {r.status_code}')} for "
                                 f"{req.describe()}")
 
+    def probe_credentials(self) -> int:
+        """A request that changes nothing: the image interface without an image_command, authenticated.
+        openQRM checks the login and the administrator role before it looks at the command, and does
+        nothing without one (docs/openqrm.md). Returns the HTTP status (200, or 400 for "no command");
+        raises Transient or RegistrationError like send_once."""
+        try:
+            r = self.http.get(self.url + IMAGE_PATH, auth=(self.user or "", self.password or ""))
+        except httpx.TransportError as e:
+            raise Transient(f"cannot connect to {self.url}: {type(e).__name__} {e}") from None
+        if r.status_code in (200, 400):
+            return r.status_code
+        if r.status_code >= 500 or r.status_code in (408, 429):
+            raise Transient(f"{self.url} answered {r.status_code}")
+        what = {401: "refused the credentials of user {u!r} (401)",
+                403: "accepted user {u!r}, who is not an administrator (403): registering images needs one",
+                404: "has no image interface at {p} (404): is the URL the openQRM base, e.g. http://host/openqrm?"}
+        raise RegistrationError(f"openQRM at {self.url} " + what.get(r.status_code, f"answered {r.status_code}")
+                                .format(u=self.user, p=IMAGE_PATH))
+
     def send(self, req: Request) -> None:
         """With retries and exponential backoff; the last Transient propagates. A new_image that may
         have arrived already is preceded by remove_by_name, so the server never holds it twice."""

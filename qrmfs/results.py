@@ -315,9 +315,29 @@ class StorageFailure:
 
 
 @dataclass(frozen=True)
+class LeftoverRow:
+    storage: str
+    path: str
+    image: str
+    kind: str
+    bytes: int
+    held_by: str | None
+
+
+@dataclass(frozen=True)
 class Listing(Result):
     images: list[ImageRow]
     errors: list[StorageFailure]
+    leftovers: list[LeftoverRow] = field(default_factory=list)
+
+    def _leftover_text(self) -> list[str]:
+        if not self.leftovers:
+            return []
+        lines = ["", "left beside images (`qrmfs gc` removes what no operation holds; earlier generations stay):"]
+        for x in self.leftovers:
+            state = f"in use by {x.held_by}" if x.held_by else "left over"
+            lines.append(f"  {x.storage}:{x.path}  {x.kind}, {x.bytes / 2**20:.1f} MiB, {state}")
+        return lines
 
     def text(self) -> str:
         from io import StringIO
@@ -335,12 +355,23 @@ class Listing(Result):
                       str(i.files), i.created or "?", i.source or "?", tags, i.validation, str(i.registration))
         out = StringIO()
         Console(file=out, width=200, no_color=True, highlight=False).print(t)
-        return out.getvalue().rstrip("\n") if self.images else "no images"
+        return "\n".join([out.getvalue().rstrip("\n") if self.images else "no images", *self._leftover_text()])
 
     def failure(self) -> QrmfsError | None:
         if not self.errors:
             return None
         return ConnectError("; ".join(f"storage server {e.storage}: {e.error}" for e in self.errors))
+
+
+@dataclass(frozen=True)
+class Collected(Result):
+    """qrmfs gc: what unfinished operations had left beside images, removed under each image's lock."""
+    removed: list[str]
+    in_use: list[str]
+
+    def text(self) -> str:
+        lines = [f"removed {p}" for p in self.removed] + [f"in use, kept: {p}" for p in self.in_use]
+        return "\n".join(lines + [f"gc: removed {len(self.removed)}, in use {len(self.in_use)}"])
 
 
 @dataclass(frozen=True)

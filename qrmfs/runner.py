@@ -6,7 +6,9 @@ sees why. Callers that must interpret exit codes themselves (rsync's 24) pass `o
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from plumbum import local
-from plumbum.commands.processes import CommandNotFound
+from plumbum.commands.processes import CommandNotFound, ProcessTimedOut
 
 from .errors import QrmfsError
 
@@ -66,32 +68,57 @@ class Runner:
 
     def popen(self, argv: Sequence[str], stdin: int | IO[Any] | None = subprocess.PIPE,
               output: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
-        return self._cmd(argv).popen(stdin=stdin, stdout=output, stderr=output)
+        return self._cmd(argv).popen(stdin=stdin, stdout=output, stderr=output, **CHILD)
 
     def run(self, argv: Sequence[str], *, input: str | bytes | None = None, ok: Sequence[int] = (0,),
             timeout: float | None = None) -> Result:
-        """Run to completion; raise CommandFailed unless the exit code is in `ok`."""
-        p = self.popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
-        data = input.encode() if isinstance(input, str) else input
+        """Run to completion (plumbum's run, its timeout); raise CommandFailed unless the exit code is in `ok`.
+        Without input, the command's stdin is at end of file at once."""
+        cmd = self._cmd(argv) << (input if input is not None else "")
         try:
-            out, err = p.communicate(data, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-            raise CommandFailed(argv, -9, err.decode(errors="replace") + f"\n(timed out after {timeout}s)") from None
-        r = Result(tuple(argv), p.returncode, out.decode(errors="surrogateescape"),
-                   err.decode(errors="replace"))
+            code, out, err = cmd.run(retcode=None, timeout=timeout, **CHILD)
+        except ProcessTimedOut:
+            raise CommandFailed(argv, -9, f"(timed out after {timeout}s)") from None
+        if code not in ok:
+            raise CommandFailed(argv, code, err)
+        return Result(tuple(argv), code, out, err)
+
+    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,),
+               input: bytes | None = None) -> Result:
+        """Run, calling on_line for each stdout line, split on \\r too: rsync's progress rewrites one line with
+        \\r, which plumbum's iter_lines (it reads up to \\n) would deliver only at the end of the copy.
+
+        With input, it is written to the command's stdin, which then stays open until the command ends: a
+        storage-side supervisor (agent `run`) takes its end of file as "qrmfs is gone" and stops the command.
+        If we are interrupted (Ctrl-C, SIGTERM), stdin is closed first and the command given time to end, so
+        whatever it ran on a remote host has stopped before the caller cleans up after it."""
+        p = self.popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+        assert p.stderr is not None and p.stdout is not None
+        err_chunks: list[bytes] = []
+        t = threading.Thread(target=lambda: err_chunks.append(p.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        t.start()
+        try:
+            if input is not None:
+                assert p.stdin is not None
+                p.stdin.write(input)
+                p.stdin.flush()
+            out = self._read_lines(p, on_line)
+            p.wait()
+        except BaseException:
+            stop(p)
+            raise
+        finally:
+            if p.stdin is not None and not p.stdin.closed:
+                p.stdin.close()
+        t.join()
+        r = Result(tuple(argv), p.returncode, "\n".join(out), b"".join(err_chunks).decode(errors="replace"))
         if r.code not in ok:
             raise CommandFailed(argv, r.code, r.stderr)
         return r
 
-    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,)) -> Result:
-        """Run, calling on_line for each stdout line (split on \\r too, for progress output)."""
-        p = self.popen(argv, stdin=subprocess.DEVNULL)
-        err_chunks: list[bytes] = []
-        assert p.stderr is not None and p.stdout is not None
-        t = threading.Thread(target=lambda: err_chunks.append(p.stderr.read()), daemon=True)  # type: ignore[union-attr]
-        t.start()
+    @staticmethod
+    def _read_lines(p: subprocess.Popen[bytes], on_line: Callable[[str], None]) -> list[str]:
+        assert p.stdout is not None
         out_lines: list[str] = []
         buf = b""
         while True:
@@ -107,9 +134,37 @@ class Runner:
         if buf:
             out_lines.append(buf.decode(errors="replace"))
             on_line(out_lines[-1])
-        p.wait()
-        t.join()
-        r = Result(tuple(argv), p.returncode, "\n".join(out_lines), b"".join(err_chunks).decode(errors="replace"))
-        if r.code not in ok:
-            raise CommandFailed(argv, r.code, r.stderr)
-        return r
+        return out_lines
+
+
+def stop(p: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """End a child we are abandoning: close its stdin (a remote supervisor then stops what it runs, and ssh
+    exits once that has ended), wait a little, then terminate, then kill."""
+    if p.stdin is not None and not p.stdin.closed:
+        try:
+            p.stdin.close()
+        except OSError:
+            pass
+    for sig, wait in ((None, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if sig is not None:
+            p.send_signal(sig)
+        try:
+            p.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _die_with_qrmfs() -> None:
+    """In the child before exec: its own session (a Ctrl-C at the terminal reaches qrmfs alone, which stops
+    the children in order), and SIGKILL when qrmfs dies, however it dies (Linux's PR_SET_PDEATHSIG)."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+PR_SET_PDEATHSIG = 1
+CHILD: dict[str, Any] = {"preexec_fn": _die_with_qrmfs}

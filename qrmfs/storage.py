@@ -25,7 +25,7 @@ from .config import Storage
 from .errors import ConnectError, ExistsError, LockedError, NotFoundError, QrmfsError, RefusedError, StorageError
 from .runner import CommandFailed, Runner, tail
 
-AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "gens", "main")
+AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "gens", "supervise", "main")
 # The -c program is tiny and fixed; the loader and the agent modules come on stdin (first JSON line).
 BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'
 LOADER = """
@@ -183,6 +183,15 @@ class StorageSide:
     def generations(self, path: str, costs: bool = False) -> P.GenerationList:
         return self._call(P.Generations(path, self.root, costs))
 
+    def supervised(self, path: str, argv: Sequence[str], holder: str | None,
+                   forward_agent: bool = False) -> tuple[tuple[str, ...], bytes]:
+        """argv and stdin that run `argv` on the storage server under the agent's `run`: it stops the command
+        when our stdin to it closes (we ended, or died), and, with a holder, when the image's lock is lost.
+        Keep stdin open for as long as the command should run (Runner.stream does)."""
+        agent = self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP),
+                          forward_agent=forward_agent)
+        return agent, self._payload(P.Run(path, self.root, list(argv), holder)).encode()
+
     def connect_error(self, e: CommandFailed) -> QrmfsError:
         if e.code == 255 and not self.local:
             return ConnectError(f"cannot reach storage server {self.storage.name} "
@@ -192,7 +201,7 @@ class StorageSide:
         return StorageError(f"storage server {self.storage.name}: {e.message}", e.detail)
 
     @contextmanager
-    def lock(self, path: str, holder: str) -> Iterator[str]:
+    def lock(self, path: str, holder: str) -> Iterator[P.Locked]:
         """Hold the image's lock for the block: a helper process on the storage side keeps a flock until
         its stdin closes, so a qrmfs that dies cannot leave a stale lock behind."""
         req = P.Lock(path, self.root, holder)
@@ -217,7 +226,7 @@ class StorageSide:
             p.wait()
             raise
         try:
-            yield locked.lock
+            yield locked
         finally:
             try:
                 p.stdin.close()

@@ -22,7 +22,8 @@ RSYNC_MEANING = {1: "syntax or usage error", 2: "protocol incompatibility", 3: "
                  12: "error in rsync protocol data stream (often: rsync missing or failing on the other side)",
                  14: "error in IPC code", 20: "interrupted", 23: "partial transfer due to error",
                  30: "timeout in data send/receive", 35: "timeout waiting for daemon connection",
-                 127: "rsync not found on the other side", 255: "ssh failed (connection or authentication)"}
+                 125: "stopped by qrmfs's storage-side supervisor", 127: "rsync not found on the other side",
+                 255: "ssh failed (connection or authentication)"}
 
 
 @dataclass
@@ -119,14 +120,15 @@ def check_rsync(code: int, stderr: str, what: str = "") -> str | None:
     raise TransferError(f"{what}rsync exited with {code}: {why}", detail)
 
 
-def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None
-              ) -> tuple[dict[str, int], str | None, int]:
-    """Run one rsync (already wrapped for where it runs). Returns (stats, warning, exit code)."""
+def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None,
+              input: bytes | None = None) -> tuple[dict[str, int], str | None, int]:
+    """Run one rsync (already wrapped for where it runs; input: what its supervisor reads on stdin).
+    Returns (stats, warning, exit code)."""
     def on_line(line: str) -> None:
         p = parse_progress(line)
         if p and on_progress:
             on_progress(*p)
 
-    r = runner.stream(argv, on_line, ok=range(256))  # every exit code is judged here, not by the runner
+    r = runner.stream(argv, on_line, ok=range(256), input=input)  # every exit code is judged here
     warning = check_rsync(r.code, r.stderr)
     return parse_stats(r.stdout), warning, r.code

@@ -13,9 +13,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 class Ui:
-    def __init__(self, verbose: bool = False, quiet: bool = False) -> None:
+    def __init__(self, verbose: bool = False) -> None:
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.verbose, self.quiet = verbose, quiet
+        self.verbose = verbose
         self.warnings: list[str] = []
 
     @property
@@ -23,8 +23,7 @@ class Ui:
         return sys.stderr.isatty()
 
     def step(self, msg: str) -> None:
-        if not self.quiet:
-            self.err.print(f"qrmfs: {msg}", markup=False)
+        self.err.print(f"qrmfs: {msg}", markup=False)
 
     def debug(self, msg: str) -> None:
         if self.verbose:
@@ -37,7 +36,7 @@ class Ui:
     @contextmanager
     def transfer(self, label: str) -> Iterator[Any]:
         """A progress callback (bytes, percent, rate) for rsync; a bar only on a terminal."""
-        if not self.tty or self.quiet:
+        if not self.tty:
             yield None
             return
         # rsync's progress2 gives percent of the whole transfer, bytes so far and its own rate.

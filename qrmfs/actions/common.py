@@ -5,11 +5,15 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from .. import openqrm
-from ..agent.protocol import Inspected
+from ..agent.protocol import Inspected, Locked
 from ..config import Config, Storage
 from ..errors import NotFoundError, UsageError
 from ..model import Target
@@ -67,6 +71,7 @@ class Env:
     cfg: Config
     runner: Runner
     ui: Ui
+    transport: httpx.BaseTransport | None = None  # the openQRM client's (tests give an httpx.MockTransport)
     _sides: dict[Storage, StorageSide] = field(default_factory=dict)
 
     def storage(self, target: Target) -> Storage:
@@ -92,6 +97,15 @@ class Env:
             raise NotFoundError(f"{target} does not exist")
         return storage, side, info
 
+    @contextmanager
+    def locked(self, side: StorageSide, path: str, command: str, name: str) -> Iterator[Locked]:
+        """The image's lock for the block; what unfinished earlier runs left beside the image is removed as the
+        lock is taken, and the operator told."""
+        with side.lock(path, holder(command, name)) as lock:
+            for p in lock.cleaned:
+                self.ui.warn(f"removed {p}, left by an earlier qrmfs run on this image that did not finish")
+            yield lock
+
     def spool(self) -> openqrm.Spool:
         return openqrm.Spool(self.cfg.spool_dir)
 
@@ -99,7 +113,7 @@ class Env:
         o = self.cfg.openqrm
         assert creds.url
         return openqrm.Client(creds.url, creds.user, creds.password, timeout=min(o.timeout, 3) if quick else o.timeout,
-                              retries=0 if quick else o.retries, backoff=o.backoff)
+                              retries=0 if quick else o.retries, backoff=o.backoff, transport=self.transport)
 
 
 def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False) -> str | None:

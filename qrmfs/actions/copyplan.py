@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .. import argv as A
 from ..config import Config, SshHost, Storage
+from ..errors import RefusedError
 from ..transfer import Mounts, rebase_excludes
 
 
@@ -51,11 +52,13 @@ class Into:
 
 @dataclass(frozen=True)
 class Copy:
-    """One rsync: its own argv (recorded in the manifest) and the argv that runs it where it must run."""
+    """One rsync: its argv (recorded in the manifest), run here, or on the storage server under the agent's
+    supervision (then with our ssh-agent forwarded when it pulls from the source)."""
     rsync: tuple[str, ...]
-    run: tuple[str, ...]
     runs_on: str
     what: str
+    on_storage: bool = False
+    forward_agent: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,10 +111,17 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
     for i, (sp, dp, exc, what) in enumerate(parts(src, into.path)):
         rsh = None
         s, d = sp, dp
-        if how is Hop.LOCAL and i == 0 and (storage.export_root + "/").startswith(sp.rstrip("/") + "/"):
-            # the export root lies inside the tree being copied: never copy the images into themselves
-            exc = [*exc, storage.export_root[len(sp.rstrip("/")):]]
-        elif how is Hop.PUSH:
+        if how in (Hop.LOCAL, Hop.ON_STORAGE) and (storage.export_root + "/").startswith(sp.rstrip("/") + "/"):
+            # the source is the storage server's own tree, around its export root: never copy the images
+            # (the one being made among them) into themselves
+            inside = storage.export_root[len(sp.rstrip("/")):]
+            if not inside and i == 0:
+                raise RefusedError(f"the source {sp} is the export root of storage server {storage.name}: "
+                                   "an image is never made of the images")
+            if not inside:
+                continue  # a separate filesystem that is the export root itself: nothing of it is copied
+            exc = [*exc, inside]
+        if how is Hop.PUSH:
             rsh, d = A.rsync_rsh(storage.ssh, **ours), A.remote_spec(storage.ssh, dp)
         elif how is Hop.PULL_HERE and host is not None:
             rsh, s = A.rsync_rsh(host, **ours), A.remote_spec(host, sp)
@@ -119,9 +129,9 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
             rsh, s = A.rsync_rsh(host, known_hosts=into.known_hosts), A.remote_spec(host, sp)
         rs = A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress, live_root=src.live_root and i == 0,
                           drift=drift, delete=delete)
-        on_storage = how in (Hop.ON_STORAGE, Hop.PULL_ON_STORAGE)
-        run = A.ssh_argv(storage.ssh, rs, **ours, forward_agent=how is Hop.PULL_ON_STORAGE) if on_storage else rs
-        copies.append(Copy(rs, run, _where(how, storage, host), what))
+        copies.append(Copy(rs, _where(how, storage, host), what,
+                           on_storage=how in (Hop.ON_STORAGE, Hop.PULL_ON_STORAGE),
+                           forward_agent=how is Hop.PULL_ON_STORAGE))
     return CopyPlan(how, tuple(copies), src.mounts)
 
 

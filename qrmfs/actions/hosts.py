@@ -4,9 +4,12 @@ route forwards, the NFS mount of the manual's route. copyplan.py plans; this mod
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
@@ -14,7 +17,7 @@ from .. import argv as A
 from ..config import Config, SshHost, Storage
 from ..errors import ConnectError, RouteError
 from ..model import Location
-from ..runner import CommandFailed, Runner, tail
+from ..runner import CommandFailed, Runner, stop, tail
 from ..transfer import Mounts, mounts_below
 from .copyplan import CopyPlan
 
@@ -94,16 +97,39 @@ def ssh_agent(runner: Runner, identity: str | None) -> Iterator[dict[str, str]]:
         return
     with tempfile.TemporaryDirectory(prefix="qrmfs-agent-") as d:
         sock = os.path.join(d, "agent.sock")
-        agent = runner.popen(A.ssh_agent_argv(sock), stdin=subprocess.DEVNULL)
+        agent = runner.popen(A.ssh_agent_argv(sock), output=subprocess.DEVNULL)  # its stdin: our pipe to `cat`
+        env = {"SSH_AUTH_SOCK": sock}
+        keys = Runner(env=env)
+        daemon = None
         try:
-            assert agent.stdout is not None
-            agent.stdout.readline()  # "SSH_AUTH_SOCK=...; export ..." once it listens
-            env = {"SSH_AUTH_SOCK": sock}
-            Runner(env=env).run(A.ssh_add_argv(identity), timeout=30)
+            _listening(agent, sock)
+            daemon = _agent_pid(agent.pid)
+            keys.run(A.ssh_add_argv(identity), timeout=30)
             yield env
         finally:
-            agent.terminate()
-            agent.wait(timeout=10)
+            keys.run(A.ssh_add_forget_argv(), ok=range(256), timeout=30)  # the key goes first
+            stop(agent, grace=0)
+            if daemon:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(daemon, signal.SIGTERM)
+
+
+def _agent_pid(command_pid: int) -> int | None:
+    """The agent's own pid, which ssh-agent gives its command as $SSH_AGENT_PID (our child's environment)."""
+    try:
+        env = open(f"/proc/{command_pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"SSH_AGENT_PID=")), None)
+
+
+def _listening(agent: subprocess.Popen[bytes], sock: str, timeout: float = 10.0) -> None:
+    """ssh-agent creates its socket before it starts its command: wait for it (or for the agent's failure)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(sock):
+        if agent.poll() is not None or time.monotonic() > deadline:
+            raise ConnectError(f"ssh-agent did not start (exit {agent.poll()})")
+        time.sleep(0.02)
 
 
 @contextmanager

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import Storage
 from ..errors import QrmfsError, UsageError
-from ..results import ImageRow, Listing, Registration, RegState, StorageFailure
+from ..results import ImageRow, LeftoverRow, Listing, Registration, RegState, StorageFailure
 from .common import Env
 
 
@@ -22,25 +23,31 @@ def registration_state(manifest: dict[str, Any], pending_targets: dict[str, str]
     return reg
 
 
-def list_images(env: Env, storage_name: str | None) -> Listing:
+def storages(env: Env, storage_name: str | None) -> list[Storage]:
+    """The one storage server named, or every one in the config."""
     if storage_name:
-        storages = [env.cfg.storage_for(storage_name)]
-    else:
-        storages = list(env.cfg.storage.values())
-        if not storages:
-            raise UsageError("no storage servers in the config: name one, e.g. `qrmfs list 192.168.1.20`")
+        return [env.cfg.storage_for(storage_name)]
+    found = list(env.cfg.storage.values())
+    if not found:
+        raise UsageError("no storage servers in the config: name one, e.g. `qrmfs list 192.168.1.20`")
+    return found
+
+
+def list_images(env: Env, storage_name: str | None) -> Listing:
     pending = {j.target: j.id for j in env.spool().jobs()
                if any(r.params.get("image_command") == "new_image" for r in j.requests)}
     images: list[ImageRow] = []
     errors: list[StorageFailure] = []
-    for s in storages:
+    leftovers: list[LeftoverRow] = []
+    for s in storages(env, storage_name):
         try:
-            found = env.side(s).list().images
+            listed = env.side(s).list()
         except QrmfsError as e:
             errors.append(StorageFailure(s.name, e.message))
             env.ui.warn(f"storage server {s.name}: {e.message}")
             continue
-        for entry in found:
+        leftovers += [LeftoverRow(s.name, x.path, x.image, x.kind, x.bytes, x.held_by) for x in listed.leftovers]
+        for entry in listed.images:
             m = entry.manifest
             o = m.get("options", {})
             counts = m.get("counts", {})
@@ -50,4 +57,4 @@ def list_images(env: Env, storage_name: str | None) -> Listing:
                 shared=bool(o.get("shared")), arch=o.get("arch"), os=o.get("os"),
                 validation=m.get("validation", {}).get("state", "unknown"), registration=registration_state(m, pending),
                 locked_by=entry.locked))
-    return Listing(images, errors)
+    return Listing(images, errors, leftovers)

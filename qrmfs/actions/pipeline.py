@@ -32,7 +32,7 @@ from ..config import SshHost, Storage
 from ..errors import ExistsError, QrmfsError, StorageError
 from ..model import Route, Target
 from ..results import Built, Registration, RegState
-from ..runner import CommandFailed, tail
+from ..runner import tail
 from ..storage import StorageSide, node_init_script
 from ..transfer import run_rsync
 from . import copyplan, hosts
@@ -137,12 +137,12 @@ def build(env: Env, spec: BuildSpec) -> Built:
         try:
             _stage(env, run, source, pin)
             assert run.plan is not None
-            run.rsync = copy(env, run.plan)
+            run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name))
             _prepare(env, run)
             _write_manifest(run)
-            published = _publish(run)
+            published = _publish(env, run)
         except BaseException as e:
-            _discard(run)
+            _discard(env, run)
             _report_failure(env, run, e)
             raise
         env.ui.step(f"published {spec.place.target}" + (
@@ -163,10 +163,10 @@ def _event(spec: BuildSpec, priority: int, text: str) -> openqrm.Request:
 
 
 def _lock(env: Env, run: Run, held: ExitStack) -> None:
-    who = holder(run.spec.command, run.spec.name)
-    held.enter_context(run.side.lock(run.spec.place.path, who))
-    for other_side, other_path in run.spec.also_lock:
-        held.enter_context(other_side.lock(other_path, who))
+    spec = run.spec
+    held.enter_context(env.locked(run.side, spec.place.path, spec.command, spec.name))
+    for other_side, other_path in spec.also_lock:
+        held.enter_context(env.locked(other_side, other_path, spec.command, spec.name))
 
 
 def _check_target(info: Inspected, spec: BuildSpec) -> None:
@@ -217,15 +217,19 @@ def _copy_image(env: Env, run: Run, up: StagedUpdate) -> None:
     env.ui.step(f"copying the current image into staging ({method})")
     t0 = time.monotonic()
     if up.entries:
-        argv = A.copy_tree_argv(run.spec.place.path, up.entries, up.staging, reflink=up.reflink)
-        try:
-            env.runner.run(run.side.argv(argv), timeout=24 * 3600)
-        except CommandFailed as e:
-            raise StorageError(f"copying the current image into staging failed ({method})", tail(e.stderr)) from None
+        spec = run.spec
+        cp = A.copy_tree_argv(spec.place.path, up.entries, up.staging, reflink=up.reflink)
+        # on a storage server, under the agent's supervision like rsync: it stops when we go or lose the lock
+        argv, stdin = (cp, None) if run.side.local else run.side.supervised(spec.place.path, cp,
+                                                                             holder(spec.command, spec.name))
+        r = env.runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
+        if r.code != 0:
+            raise StorageError(f"copying the current image into staging failed ({method}, exit {r.code})",
+                               tail(r.stderr))
     run.base_copy = {"method": method, "seconds": round(time.monotonic() - t0, 3), "entries": len(up.entries)}
 
 
-def _publish(run: Run) -> Published:
+def _publish(env: Env, run: Run) -> Published:
     spec = run.spec
     if not run.incremental:
         return run.side.publish(spec.place.path, run.staging, spec.force)
@@ -235,18 +239,23 @@ def _publish(run: Run) -> Published:
         e.message += ("; if the publish had begun, the next qrmfs operation on the image finishes it (its node "
                       "state is never left behind)")
         raise
+    for f in swapped.prune_failed:
+        env.ui.warn(f"an earlier generation could not be deleted (the next operation on the image tries again): {f}")
     return Published(swapped.path, True, swapped.generation)
 
 
-def copy(env: Env, cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
+def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None
+         ) -> list[dict[str, Any]]:
+    """Run the plan's rsyncs; those on the storage server under the agent's supervision, tied to our lock."""
     runs = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
             env.ui.step(f"copying {c.what} ({c.runs_on})")
             env.ui.debug("  rsync argv: " + " ".join(c.rsync))
+            argv, stdin = side.supervised(path, c.rsync, holder, c.forward_agent) if c.on_storage else (c.rsync, None)
             with env.ui.transfer(c.what) as progress:
-                stats, warning, code = run_rsync(runner, c.run, progress)
+                stats, warning, code = run_rsync(runner, argv, progress, stdin)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "argv": list(c.rsync), "exit_code": code,
@@ -329,13 +338,16 @@ def _generation(run: Run) -> dict[str, Any]:
             "changes": changes}
 
 
-def _discard(run: Run) -> None:
+def _discard(env: Env, run: Run) -> None:
+    """Remove the unfinished copy (its rsync has stopped by now: Runner.stream waits for it)."""
     if not run.staging:
         return
     try:
         run.side.discard(run.spec.place.path, run.staging)
-    except QrmfsError:
-        pass  # we still hold the lock; the next run for this image removes leftover staging dirs first
+        env.ui.step(f"removed the unfinished copy {run.staging}")
+    except QrmfsError as e:
+        env.ui.warn(f"could not remove the unfinished copy {run.staging} ({e.message}); the next qrmfs run on "
+                    "this image removes it, under the image's lock")
 
 
 def _report_failure(env: Env, run: Run, e: BaseException) -> None:

@@ -10,7 +10,7 @@ from .. import openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
-from .common import Credentials, Env, deliver, flush_spool, holder, require_registration
+from .common import Credentials, Env, deliver, flush_spool, require_registration
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
         return RemovePlan(str(req.target), deregister, manifest is not None)
     if not req.yes and not confirm(f"remove {what}" + (" and deregister it from openQRM" if deregister else "")):
         raise AbortedError("nothing removed")
-    with side.lock(req.target.path, holder("remove", req.target.name)):
+    with env.locked(side, req.target.path, "remove", req.target.name):
         side.remove(req.target.path, req.force)
     env.ui.step(f"removed {req.target}")
     # a registration still waiting in the spool for this image must never arrive after its removal

@@ -148,7 +148,7 @@ def _dry_run(req: UpdateRequest, env: Env, manifest: dict[str, Any], creq: Creat
         if pulls and src is not None else None
     try:
         into = copyplan.Into(storage, req.target.path, storage.ssh.is_local, pinned)
-        changes = _itemized(env, copyplan.plan(env.cfg, source, into, drift=True))
+        changes = _itemized(env, side, req.target.path, copyplan.plan(env.cfg, source, into, drift=True))
     finally:
         if pinned:
             side.unpin_host(req.target.path)

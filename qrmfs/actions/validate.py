@@ -14,9 +14,10 @@ from ..agent.protocol import FindingRecord, Options
 from ..config import Storage
 from ..model import Location, Target
 from ..results import Drift, Validated
+from ..storage import StorageSide
 from ..transfer import check_rsync
 from . import copyplan, hosts
-from .common import Env, holder
+from .common import Env
 from .pipeline import prepared_options
 
 DRIFT_SHOWN = 200
@@ -78,7 +79,7 @@ def _validate(req: ValidateRequest, env: Env, manifest: dict[str, Any] | None) -
                          would_fix=[f for f in before if f.fixable])
     fixed: list[FindingRecord] = []
     after = before
-    with side.lock(path, holder("validate --fix", req.target.name)):
+    with env.locked(side, path, "validate --fix", req.target.name):
         if before:
             fixed = side.prepare(path, opts).fixed + [f for f in before if f.step == "manifest" and f.fixable]
             if manifest is not None:
@@ -105,19 +106,20 @@ def _drift(env: Env, req: ValidateRequest, storage: Storage, manifest: dict[str,
         if pulls and src is not None else None
     try:
         into = copyplan.Into(storage, req.target.path, storage.ssh.is_local, pinned)
-        changes = _itemized(env, copyplan.plan(env.cfg, source, into, drift=True))
+        changes = _itemized(env, side, req.target.path, copyplan.plan(env.cfg, source, into, drift=True))
     finally:
         if pinned:
             side.unpin_host(req.target.path)
     return Drift(str(loc), len(changes), changes[:DRIFT_SHOWN], len(changes) > DRIFT_SHOWN)
 
 
-def _itemized(env: Env, cp: copyplan.CopyPlan) -> list[dict[str, str]]:
+def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> list[dict[str, str]]:
     changes: list[dict[str, str]] = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
-            r = runner.run(c.run, ok=range(256), timeout=3600)
+            argv, stdin = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else (c.rsync, None)
+            r = runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
             check_rsync(r.code, r.stderr, "drift check: ")
             for line in r.stdout.splitlines():
                 m = ITEM.match(line)

@@ -91,13 +91,21 @@ def read_file(path: str) -> bytes | None:
         os.close(fd)
 
 
+class Mounted(Exception):
+    """A directory to delete has a filesystem mounted at or below it: deleting would reach into that one."""
+
+
 def remove(path: str) -> None:
-    """Remove a file, symlink or whole directory tree without following symlinks."""
+    """Remove a file, symlink or whole directory tree without following symlinks, and never into another
+    filesystem: a tree with anything mounted at or below it is refused whole (Mounted), before anything goes."""
     import shutil
 
     if not os.path.lexists(path):
         return
     if is_real_dir(path):
+        busy = mounts_at_or_below(path)
+        if busy:
+            raise Mounted(f"refusing to delete {path}: {', '.join(busy)} mounted there")
         shutil.rmtree(path)
     else:
         os.unlink(path)

@@ -20,6 +20,7 @@ The next operation on the image takes its lock and calls recover(), which finish
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -145,11 +146,11 @@ def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
     if os.path.lexists(incoming) and os.path.lexists(path) and not os.path.lexists(outgoing):
         os.rename(incoming, outgoing)  # after an exchange, incoming's name holds the old image
     _crash_point("retire")
-    pruned = prune(path, int(j.get("keep", 1)))
+    pruned, failed = prune(path, int(j.get("keep", 1)))
     _crash_point("prune")
     remove(siblings(path).known_hosts)  # the source's pinned host key served the copy only
     remove(siblings(path).journal)
-    return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved)
+    return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed)
 
 
 def _swap(path: str, incoming: str, keep: int) -> P.Swapped:
@@ -176,7 +177,8 @@ def recover(path: str) -> P.Swapped | None:
     if is_real_dir(parent):
         for e in os.listdir(parent):
             if os.path.join(parent, e).startswith(s.removing + "-gen-"):
-                remove(os.path.join(parent, e))
+                with contextlib.suppress(OSError):  # what cannot be deleted now is tried again next time
+                    remove(os.path.join(parent, e))
     j = _read_journal(path)
     if j is None:
         if os.path.lexists(s.journal):
@@ -185,21 +187,25 @@ def recover(path: str) -> P.Swapped | None:
     try:
         return _finish(path, j)
     except AgentError:
-        return None
+        return None  # a stale journal (its tree is gone): removed
 
 
-def prune(path: str, keep: int) -> list[str]:
+def prune(path: str, keep: int) -> tuple[list[str], list[str]]:
     """Delete the oldest generations beyond `keep` (each renamed out of sight first, so a crash never leaves
-    a half-deleted tree that looks like a generation)."""
-    gone = []
+    a half-deleted tree that looks like a generation). (deleted, could not delete): a generation that cannot
+    be deleted never undoes the publish; what is left of it is tried again at the next lock."""
+    gone, failed = [], []
     gens = generations(path)
     for seq, d in gens[:max(0, len(gens) - keep)]:
         hidden = f"{siblings(path).removing}-gen-{seq}"
-        remove(hidden)
-        os.rename(d, hidden)
-        remove(hidden)
-        gone.append(d)
-    return gone
+        try:
+            remove(hidden)
+            os.rename(d, hidden)
+            remove(hidden)
+            gone.append(d)
+        except OSError as e:
+            failed.append(f"{d}: {e.strerror}: {e.filename}")
+    return gone, failed
 
 
 def op_publish_update(path: str, export_root: str, staging: str, keep: int) -> P.Swapped:

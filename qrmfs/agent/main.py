@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import gens, steps, tree
+from . import fsutil, gens, steps, supervise, tree
 from . import protocol as P
 from .protocol import AgentError, ErrorKind
 
@@ -61,7 +61,7 @@ def _hold_lock(req: P.Lock) -> int:
     gens.recover(req.path)  # a publish a crash interrupted is finished before anything else happens
     print(P.ok_line(locked), flush=True)
     sys.stdin.read()  # returns at EOF: our qrmfs is done (or gone); the flock dies with this process
-    tree.release_lock(fd)
+    tree.release_lock(fd, req.path)
     return 0
 
 
@@ -70,9 +70,14 @@ def run(op: str, args: Any) -> int:
         req = P.request(op, args)
         if isinstance(req, P.Lock):
             return _hold_lock(req)
+        if isinstance(req, P.Run):
+            return supervise.run(req)
         result = HANDLERS[type(req)](req)
     except AgentError as e:
         print(P.error_line(e.kind, str(e)), flush=True)
+        return P.FAILED
+    except fsutil.Mounted as e:
+        print(P.error_line(ErrorKind.REFUSED, str(e)), flush=True)
         return P.FAILED
     except OSError as e:
         print(P.error_line(ErrorKind.OS, f"{e.strerror}: {e.filename}"), flush=True)

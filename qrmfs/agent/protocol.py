@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 FAILED = 3  # the agent's exit code after an error answer
+STOPPED = 125  # `run`: the agent did not start the command, or stopped it (the reason is on stderr)
 
 
 class ErrorKind(str, enum.Enum):  # noqa: UP042 - StrEnum needs python 3.11 on the storage server
@@ -103,6 +104,7 @@ class Inspected:
 @dataclass(frozen=True)
 class Locked:
     lock: str
+    cleaned: list[str]  # what earlier runs that did not finish had left beside the image, now removed
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class Swapped:
     generation: str | None
     pruned: list[str]
     nodes_moved: bool
+    prune_failed: list[str] = field(default_factory=list)  # generations that could not be deleted (yet)
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,20 @@ class ListedImage:
 
 
 @dataclass(frozen=True)
+class Leftover:
+    """Something beside an image that no finished operation left: an unfinished copy (staging), a pinned source
+    key, a half-removed tree, a lock file without its image, or an earlier generation."""
+    path: str
+    image: str       # the image path it belongs to
+    kind: str        # staging | known_hosts | removing | lock | previous
+    bytes: int
+    held_by: str | None  # the image's lock holder: then it is in use, not left over
+
+
+@dataclass(frozen=True)
 class Listed:
     images: list[ListedImage]
+    leftovers: list[Leftover] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -398,9 +413,29 @@ class Check(Request[Checked]):
     root: str | None = None
 
 
+@dataclass(frozen=True)
+class Ran:
+    code: int
+
+
+@dataclass(frozen=True)
+class Run(Request[Ran]):
+    """Run a command on the storage server (its rsync) as the agent's child, with the agent's stdout and stderr:
+    no answer line, the agent exits with the command's exit code. The agent stops the command when its own
+    stdin ends (qrmfs is gone, or its connection) or, with a holder, as soon as the image's lock is no longer
+    held by that holder; it then exits with STOPPED and says why on stderr."""
+    op: ClassVar[str] = "run"
+    answer: ClassVar[type] = Ran
+    path: str
+    export_root: str
+    argv: list[str]
+    holder: str | None = None
+
+
 REQUESTS: dict[str, type[Request[Any]]] = {
     r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
-                      PinHost, UnpinHost, Prepare, Check, StageUpdate, PublishUpdate, Rollback, Generations)}
+                      PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, PublishUpdate, Rollback,
+                      Generations)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------

@@ -11,9 +11,11 @@ and inside the image `.qrmfs/manifest.json` (what was done) and `.qrmfs/nodes/` 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +68,45 @@ def _check_under(path: str, export_root: str) -> None:
         raise AgentError(ErrorKind.REFUSED, f"{parent} is reached through a symlink; refusing")
     if os.path.islink(path):
         raise AgentError(ErrorKind.REFUSED, f"{path} is a symlink; refusing to follow it")
+    _not_inside_an_image(path, root)
+
+
+def _not_inside_an_image(path: str, root: str) -> None:
+    """An image never lies inside another image, a generation, a staging copy or any other name qrmfs owns:
+    `list` would not show it, and replacing or removing the outer one would take it along."""
+    rel = path[len(root) + 1:].split("/")
+    d = root
+    for part in rel[:-1]:
+        d = os.path.join(d, part)
+        if part == ".qrmfs" or (part.startswith(".") and ".qrmfs-" in part):
+            raise AgentError(ErrorKind.REFUSED, f"{path} would lie inside {d}, which belongs to qrmfs")
+        if read_manifest(d) is not None:
+            raise AgentError(ErrorKind.REFUSED, f"{path} would lie inside the image {d}")
+    name = rel[-1]
+    if name == ".qrmfs" or (name.startswith(".") and ".qrmfs-" in name):
+        raise AgentError(ErrorKind.REFUSED, f"{path} is a name qrmfs keeps for itself")
+
+
+def images_below(path: str, depth: int = 4) -> list[str]:
+    """Images (directories with a manifest) strictly below path, a few levels deep."""
+    found: list[str] = []
+
+    def walk(d: str, level: int) -> None:
+        try:
+            entries = sorted(os.listdir(d))
+        except OSError:
+            return
+        for e in entries:
+            full = os.path.join(d, e)
+            if not is_real_dir(full):
+                continue
+            if read_manifest(full) is not None:
+                found.append(full)
+            elif level < depth:
+                walk(full, level + 1)
+
+    walk(path, 1)
+    return found
 
 
 def read_manifest(path: str) -> dict[str, Any] | None:
@@ -117,34 +158,67 @@ def take_lock(path: str, export_root: str, holder: str) -> tuple[int, P.Locked]:
     _check_under(path, export_root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lock = siblings(path).lock
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        held_by = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise AgentError(ErrorKind.LOCKED, held_by) from None
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held_by = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AgentError(ErrorKind.LOCKED, held_by) from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the file was removed (by release_lock) between our open and our flock: take the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{holder} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
-    return fd, P.Locked(lock)
+    return fd, P.Locked(lock, _clean_leftovers(path))
 
 
-def release_lock(fd: int) -> None:
-    os.ftruncate(fd, 0)
+def _clean_leftovers(path: str) -> list[str]:
+    """With the image's lock just taken, nothing else works beside the image: a staging copy, a pinned source
+    key or a half-removed tree found there was left by a qrmfs run that did not finish. Remove them, and say so."""
+    s = siblings(path)
+    parent = os.path.dirname(path)
+    found = [os.path.join(parent, e) for e in sorted(os.listdir(parent))]
+    # a staging copy named by the journal is an update's publish under way: gens.recover() finishes it
+    doomed = [p for p in found if (p.startswith(s.staging_prefix) and not _journaled(path, p))
+              or p in (s.known_hosts, s.removing)]
+    for p in doomed:
+        remove(p)
+    return doomed
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def release_lock(fd: int, path: str) -> None:
+    """Give the lock up. When nothing of the image is left (it was removed, or never made), its lock file goes
+    too, still under the lock: lock files do not pile up for every name ever used."""
+    parent, image = os.path.split(path)
+    names = os.listdir(parent) if is_real_dir(parent) else []
+    rest = [n for n in names if (m := SIBLING.match(n)) and m.group(1) == image and m.group(2) != "lock"]
+    if not os.path.lexists(path) and not rest:
+        with contextlib.suppress(OSError):
+            os.unlink(siblings(path).lock)
+    else:
+        os.ftruncate(fd, 0)
     os.close(fd)
 
 
 def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = None) -> P.Staged:
     _check_under(path, export_root)
+    inner = images_below(path) if is_real_dir(path) else []
+    if inner:
+        raise AgentError(ErrorKind.REFUSED, f"{path} holds images ({', '.join(inner)}): an image is never made "
+                                            "where images lie below it")
     s = siblings(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = s.staging_prefix + token
-    # Leftovers of crashed runs of this image (we hold its lock, so nobody else is writing them).
-    parent = os.path.dirname(path)
-    for e in os.listdir(parent):
-        full = os.path.join(parent, e)
-        if full.startswith(s.staging_prefix) and not _journaled(path, full):
-            remove(full)
+    staging = s.staging_prefix + token  # leftovers of earlier runs went when the lock was taken
     os.mkdir(staging, 0o755)
     pinned = op_pin_host(path, export_root, known_hosts).known_hosts if known_hosts is not None else None
     return P.Staged(staging, pinned)
@@ -245,11 +319,16 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     return P.Removed(path)
 
 
+SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+|gen-[0-9]+|"
+                     r"journal|removing-gen-[0-9]+)$")
+
+
 def op_list(export_root: str, depth: int = 3) -> P.Listed:
     root = os.path.realpath(export_root)
     if not is_real_dir(root):
         raise AgentError(ErrorKind.NOT_FOUND, f"export root {export_root} does not exist on the storage server")
     found: list[P.ListedImage] = []
+    leftovers: list[P.Leftover] = []
 
     def walk(d: str, level: int) -> None:
         try:
@@ -258,7 +337,10 @@ def op_list(export_root: str, depth: int = 3) -> P.Listed:
             return
         for e in entries:
             full = os.path.join(d, e)
-            if e.startswith(".") or not is_real_dir(full):
+            if e.startswith("."):
+                leftovers.extend(_leftover(d, e))
+                continue
+            if not is_real_dir(full):
                 continue
             m = read_manifest(full)
             if m is not None:
@@ -267,7 +349,22 @@ def op_list(export_root: str, depth: int = 3) -> P.Listed:
                 walk(full, level + 1)
 
     walk(root, 1)
-    return P.Listed(found)
+    return P.Listed(found, leftovers)
+
+
+def _leftover(parent: str, entry: str) -> list[P.Leftover]:
+    m = SIBLING.match(entry)
+    if not m:
+        return []
+    image = os.path.join(parent, m.group(1))
+    kind = ("staging" if m.group(2).startswith("staging-") else "generation" if m.group(2).startswith("gen-")
+            else "removing" if m.group(2).startswith("removing-") else m.group(2))
+    path = os.path.join(parent, entry)
+    held = _lock_held(siblings(image).lock)
+    if kind == "lock" and (held or os.path.lexists(image)):
+        return []  # the lock of an image that exists, or one in use: nothing left over
+    size = tree_counts(path)[1] if is_real_dir(path) else os.lstat(path).st_blocks * 512
+    return [P.Leftover(path, image, kind, size, held)]
 
 
 def _lock_held(lock: str) -> str | None:

@@ -42,7 +42,7 @@ def _manifest(on_storage: Any, path: str) -> dict[str, Any]:
     return json.loads(on_storage(f"cat {path}/.qrmfs/manifest.json").stdout)
 
 
-def test_node_data_kept_across_two_updates_and_a_rollback_one_openqrm_record(
+def test_node_data_kept_across_two_updates_and_a_rollback_one_openqrm_record(  # noqa: PLR0913 - fixtures
         lab, cfg, mock, scratch, image_path, on_source, on_storage):
     t = f"storage:{image_path}"
     name = os.path.basename(image_path)

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from qrmfs.agent import fsutil, tree
 from qrmfs.agent import main as agent_main
-from qrmfs.agent import tree
 from qrmfs.agent.protocol import encode
 from qrmfs.agent.tree import AgentError
 
@@ -116,8 +116,19 @@ def test_symlinked_parent_or_image_refused(root: Path, tmp_path: Path) -> None:
 
 # --- stage / discard / publish ---------------------------------------------------------------------
 
-def test_stage_creates_staging_and_removes_leftovers(root: Path) -> None:
+def test_taking_the_lock_removes_leftovers_of_this_image_only(root: Path) -> None:
     (root / ".img1.qrmfs-staging-old1/etc").mkdir(parents=True)
+    (root / ".img1.qrmfs-known_hosts").write_text("stale\n")
+    (root / ".img10.qrmfs-staging-other").mkdir()
+    fd, locked = tree.take_lock(str(root / "img1"), str(root), "me")
+    try:
+        assert locked.cleaned == [str(root / ".img1.qrmfs-known_hosts"), str(root / ".img1.qrmfs-staging-old1")]
+        assert sorted(os.listdir(root)) == [".img1.qrmfs-lock", ".img10.qrmfs-staging-other"]
+    finally:
+        tree.release_lock(fd, str(root / "img1"))
+
+
+def test_stage_creates_staging_and_pins_the_source_key(root: Path) -> None:
     (root / ".img10.qrmfs-staging-other").mkdir()
     out = enc(tree.op_stage)(str(root / "img1"), str(root), "abc123", known_hosts="src ssh-ed25519 AAAA\n")
     assert out == {"staging": str(root / ".img1.qrmfs-staging-abc123"),
@@ -354,3 +365,73 @@ def test_agent_main_ok_and_errors(root: Path, capsys: pytest.CaptureFixture[str]
         err = json.loads(capsys.readouterr().out)["error"]
         assert err == {"kind": "bad_request", "message": why}
     assert (root / "img1/etc/hostname").exists()
+
+
+# --- deletes never cross into another filesystem (issue 10, class 1) --------------------------------------
+
+@pytest.fixture
+def tmpfs_in(root: Path) -> Any:
+    """Mount a real tmpfs at a directory below the export root (root only); unmounted afterwards."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(at: Path) -> Path:
+        at.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "qrmfs-test", str(at)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(at)
+        (at / "precious").write_text("keep me\n")
+        return at
+
+    yield mount
+    for at in reversed(mounted):
+        subprocess.run(["umount", str(at)], check=False)
+
+
+def test_no_delete_crosses_a_mount_point(root: Path, tmpfs_in: Any) -> None:
+    image(root / "img1", {"image": "img1"})
+    prev = image(root / ".img1.qrmfs-previous", {"image": "img1"})
+    shared = tmpfs_in(prev / "srv/shared")
+    # publish with force deletes the previous generation: refused, the mounted files survive
+    st = enc(tree.op_stage)(str(root / "img1"), str(root), "t")["staging"]
+    tree.write_manifest(st, {"image": "img1"})
+    with pytest.raises(fsutil.Mounted):
+        tree.op_publish(str(root / "img1"), str(root), st, True)
+    assert (shared / "precious").read_text() == "keep me\n"
+    assert (root / "img1/.qrmfs/manifest.json").exists()  # the current image was not moved
+    # a leftover staging copy with a mount in it is not deleted either when the lock is taken
+    leftover = tmpfs_in(root / ".img1.qrmfs-staging-old/mnt")
+    with pytest.raises(fsutil.Mounted):
+        tree.take_lock(str(root / "img1"), str(root), "me")
+    assert (leftover / "precious").exists()
+
+
+def test_agent_reports_a_mounted_tree_as_refused(root: Path, tmpfs_in: Any,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    image(root / "img1", {"image": "img1"})
+    tmpfs_in(root / ".img1.qrmfs-staging-x/srv")
+    assert agent_main.run("discard", {"path": str(root / "img1"), "export_root": str(root),
+                                      "staging": str(root / ".img1.qrmfs-staging-x")}) == 3
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert err["kind"] == "refused" and "mounted there" in err["message"]
+
+
+# --- images inside images (issue 10, class 3) ------------------------------------------------------------
+
+@pytest.mark.parametrize("rel", ["base/etc/img", ".base.qrmfs-previous/img", ".base.qrmfs-staging-1/img",
+                                 "base/.qrmfs/img", "x/.qrmfs"])
+def test_no_image_inside_an_image_or_a_qrmfs_name(root: Path, rel: str) -> None:
+    image(root / "base", {"image": "base"})
+    (root / ".base.qrmfs-previous").mkdir()
+    (root / ".base.qrmfs-staging-1").mkdir()
+    refused("refused", tree.op_inspect, str(root / rel), str(root))
+    refused("refused", tree.take_lock, str(root / rel), str(root), "me")
+
+
+def test_no_image_made_where_images_lie_below(root: Path) -> None:
+    image(root / "lab/deep/img1", {"image": "img1"})
+    msg = refused("refused", tree.op_stage, str(root / "lab"), str(root), "t")
+    assert str(root / "lab/deep/img1") in msg
+    assert sorted(os.listdir(root)) == ["lab"]

@@ -168,7 +168,8 @@ def test_keygen_find_argv_port_22_and_other() -> None:
 
 def test_agent_helpers() -> None:
     assert A.agent_argv("python3", "print(1)") == ("python3", "-c", "print(1)")
-    assert A.ssh_agent_argv("/tmp/a/agent.sock") == ("ssh-agent", "-D", "-a", "/tmp/a/agent.sock")
+    assert A.ssh_agent_argv("/tmp/a/agent.sock") == ("ssh-agent", "-a", "/tmp/a/agent.sock", "cat")
+    assert A.ssh_add_forget_argv() == ("ssh-add", "-q", "-D")
     assert A.ssh_add_argv("/k/id") == ("ssh-add", "-q", "/k/id")
 
 

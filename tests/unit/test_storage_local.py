@@ -127,8 +127,9 @@ def test_node_init_script_is_shipped() -> None:
 
 def test_lock_second_holder_refused_then_free(side: StorageSide, root: Path) -> None:
     path = str(root / "img1")
-    with side.lock(path, "alice@ws1 pid 1 (create img1)") as lock:
-        assert lock == str(root / ".img1.qrmfs-lock")
+    with side.lock(path, "alice@ws1 pid 1 (create img1)") as locked:
+        lock = locked.lock
+        assert (lock, locked.cleaned) == (str(root / ".img1.qrmfs-lock"), [])
         assert Path(lock).read_text().startswith("alice@ws1 pid 1 (create img1) since ")
         t0 = time.monotonic()
         with pytest.raises(LockedError) as ei:
@@ -143,7 +144,12 @@ def test_lock_second_holder_refused_then_free(side: StorageSide, root: Path) -> 
             pass
     with side.lock(path, "bob@ws2 pid 2 (create img1)"):
         assert Path(root / ".img1.qrmfs-lock").read_text().startswith("bob@ws2 pid 2 (create img1) since ")
-    assert Path(root / ".img1.qrmfs-lock").read_text() == ""
+    # no image of that name exists: its lock file does not outlive the lock
+    assert os.listdir(root) == []
+    (root / "img1").mkdir()
+    with side.lock(path, "dave"):
+        pass
+    assert Path(root / ".img1.qrmfs-lock").read_text() == ""  # an image's own lock file stays, empty
 
 
 def test_lock_outside_export_root_refused(side: StorageSide, tmp_path: Path) -> None:

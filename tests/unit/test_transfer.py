@@ -281,7 +281,8 @@ class FakeRunner:
         self.code, self.stdout, self.stderr = code, stdout, stderr
         self.calls: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
 
-    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,)) -> Result:
+    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,),
+               input: bytes | None = None) -> Result:
         self.calls.append((tuple(argv), tuple(ok)))
         for ln in self.stdout.splitlines():
             on_line(ln)

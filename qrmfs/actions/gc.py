@@ -1,0 +1,32 @@
+"""qrmfs gc: remove what unfinished operations left beside images (staging copies, pinned source keys,
+half-removed trees, lock files without an image), each under its image's lock: taking the lock removes them
+(tree.take_lock), and a lock file whose image is gone goes when the lock is given back. Earlier generations
+are not left-overs: `remove` (or generation pruning) deletes them."""
+
+from __future__ import annotations
+
+import posixpath
+
+from ..errors import LockedError
+from ..results import Collected
+from .common import Env, holder
+from .listing import storages
+
+
+def gc(env: Env, storage_name: str | None) -> Collected:
+    removed: list[str] = []
+    in_use: list[str] = []
+    for s in storages(env, storage_name):
+        side = env.side(s)
+        doomed = [x for x in side.list().leftovers if x.kind not in ("previous", "generation")]
+        for image in sorted({x.image for x in doomed}):
+            try:
+                with side.lock(image, holder("gc", posixpath.basename(image))):
+                    pass
+            except LockedError:
+                in_use += [x.path for x in doomed if x.image == image]
+        left = {x.path for x in side.list().leftovers}
+        removed += [x.path for x in doomed if x.path not in left]
+    for p in removed:
+        env.ui.step(f"removed {p}")
+    return Collected(removed, in_use)

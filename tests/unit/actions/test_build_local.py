@@ -1,0 +1,259 @@
+"""The build path without docker: create, clone, validate --fix and remove through a `local` storage server (the
+real agent in a subprocess, real rsync into a temp dir), openQRM through httpx's MockTransport. The copy, the
+preparation and the publish fail in turn, for real, and nothing may look like an image afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from qrmfs.actions import clone as clone_act
+from qrmfs.actions import create as create_act
+from qrmfs.actions import remove as remove_act
+from qrmfs.actions import validate as validate_act
+from qrmfs.actions.common import Credentials, Env
+from qrmfs.config import load
+from qrmfs.errors import ExistsError, QrmfsError, StorageError, TransferError
+from qrmfs.model import Location, Target
+from qrmfs.results import RegState
+from qrmfs.runner import Runner
+from qrmfs.ui import Ui
+
+pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
+URL = "http://openqrm.test/openqrm"
+PASSWORD = "unit-Secret-0815"
+
+
+class OpenQrm:
+    """What the openQRM server received (httpx.MockTransport), answering 200 or a chosen status."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.status = 200
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        q = {k: v[0] for k, v in parse_qs(urlsplit(str(request.url)).query).items()}
+        self.requests.append(q)
+        return httpx.Response(self.status, text="<html></html>")
+
+    def commands(self) -> list[str]:
+        return [q.get("image_command") or f"event {q.get('event_priority')}" for q in self.requests]
+
+
+@pytest.fixture
+def server() -> OpenQrm:
+    return OpenQrm()
+
+
+@pytest.fixture
+def exports(tmp_path: Path) -> Path:
+    d = tmp_path / "exports"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def env(tmp_path: Path, exports: Path, server: OpenQrm) -> Env:
+    cfg = tmp_path / "qrmfs.toml"
+    cfg.write_text(f'spool_dir = "{tmp_path}/spool"\n\n[openqrm]\nurl = "{URL}"\nuser = "openqrm"\nretries = 0\n\n'
+                   f'[storage.local]\naddress = "local"\nexport_root = "{exports}"\nstorage_id = 7\n')
+    return Env(load(str(cfg)), Runner(), Ui(), transport=httpx.MockTransport(server.handle))
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A small root filesystem: enough for every preparation step to find its files."""
+    root = tmp_path / "src"
+    for d in ("etc/ssh", "sbin", "var/log/apt", "proc", "sys", "dev", "run", "tmp"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/hostname").write_text("golden\n")
+    (root / "etc/fstab").write_text("UUID=0a1b / ext4 defaults 0 1\n")
+    (root / "etc/ssh/ssh_host_ed25519_key").write_text("secret key\n")
+    (root / "var/log/apt/history.log").write_text("log\n")
+    init = root / "sbin/init"
+    init.write_text("#!/bin/sh\n")
+    init.chmod(0o755)
+    return root
+
+
+def creds() -> Credentials:
+    return Credentials(URL, "openqrm", PASSWORD)
+
+
+def create(env: Env, exports: Path, source: Path, name: str = "img1", **kw: object) -> object:
+    req = create_act.CreateRequest(name=name, target=Target("local", f"{exports}/{name}"),
+                                   location=Location(None, str(source)), creds=creds(), **kw)  # type: ignore[arg-type]
+    return create_act.create(req, env)
+
+
+def names(exports: Path) -> list[str]:
+    return sorted(os.listdir(exports))
+
+
+def spool(tmp_path: Path) -> list[str]:
+    d = tmp_path / "spool"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def test_create_copies_prepares_publishes_and_registers(env: Env, exports: Path, source: Path, server: OpenQrm,
+                                                          tmp_path: Path) -> None:
+    r = create(env, exports, source)
+    img = exports / "img1"
+    assert r.registration.state is RegState.REGISTERED  # type: ignore[attr-defined]
+    assert (img / "etc/hostname").read_text() == "golden\n"
+    assert not (img / "etc/ssh/ssh_host_ed25519_key").exists()  # network removed: no host keys
+    assert os.readlink(img / "etc/mtab") == "/proc/mounts"
+    assert (img / ".qrmfs/manifest.json").is_file()
+    assert names(exports) == [".img1.qrmfs-lock", "img1"]  # no staging left
+    assert server.commands() == ["event 9", "new_image", "event 10"]
+    new_image = server.requests[1]
+    assert (new_image["image_rootdevice"], new_image["image_storageid"]) == (str(img), "7")
+    assert spool(tmp_path) == []
+    # validate agrees, and a second create without --force is refused before anything is touched
+    assert validate_act.validate(validate_act.ValidateRequest(Target("local", str(img))), env).clean
+    with pytest.raises(ExistsError):
+        create(env, exports, source)
+
+
+def _assert_nothing_published(exports: Path, server: OpenQrm, tmp_path: Path) -> None:
+    assert [n for n in names(exports) if not n.endswith(".qrmfs-lock")] == []  # no image, no staging
+    assert "new_image" not in server.commands()  # nothing registered
+    assert server.commands()[-2:] == ["event 3", "event 10"]  # the failure is reported, and the job ends
+    assert spool(tmp_path) == []  # ... and delivered, so nothing waits
+
+
+def test_failed_copy_leaves_nothing(env: Env, exports: Path, source: Path, server: OpenQrm, tmp_path: Path) -> None:
+    with pytest.raises(TransferError):
+        create(env, exports, source / "missing")  # rsync exits 23: the source is not there
+    _assert_nothing_published(exports, server, tmp_path)
+
+
+def test_failed_preparation_leaves_nothing(env: Env, exports: Path, source: Path, server: OpenQrm,
+                                           tmp_path: Path) -> None:
+    # /etc/hostname is a non-empty directory in the source: the hostname step cannot replace it
+    (source / "etc/hostname").unlink()
+    (source / "etc/hostname/x").mkdir(parents=True)
+    with pytest.raises(QrmfsError) as ei:
+        create(env, exports, source, hostname="n1")
+    assert "hostname" in ei.value.message and "/etc/hostname" in ei.value.message
+    _assert_nothing_published(exports, server, tmp_path)
+
+
+def _immutable(path: Path) -> Callable[[], None] | None:
+    """chattr +i: even root cannot delete it (a real EPERM from the kernel); None where unsupported."""
+    if shutil.which("chattr") is None:
+        return None
+    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if r.returncode != 0:
+        return None
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Callable[[], None]]]:
+    todo: list[Callable[[], None]] = []
+    yield todo
+    for fn in todo:
+        fn()
+
+
+def test_an_undeletable_old_generation_never_fails_the_publish(env: Env, exports: Path, source: Path,
+                                                                server: OpenQrm, tmp_path: Path,
+                                                                cleanup: list[Callable[[], None]]) -> None:
+    create(env, exports, source)
+    server.requests.clear()
+    # the oldest generation cannot be deleted (an immutable file in it): the new generation is published all
+    # the same (create --force of an image makes a new generation), the old one is left and tried again later
+    prev = exports / ".img1.qrmfs-previous"
+    (prev / "etc").mkdir(parents=True)
+    (prev / "etc/pinned").write_text("x")
+    undo = _immutable(prev / "etc/pinned")
+    if undo is None:
+        pytest.skip("chattr +i is not supported here")
+    moved = exports / ".img1.qrmfs-removing-gen-0/etc/pinned"
+    cleanup.append(lambda: subprocess.run(["chattr", "-i", str(moved if moved.exists() else prev / "etc/pinned")],
+                                          check=True))
+    r = create(env, exports, source, force=True)
+    assert r.replaced and r.previous == str(exports / ".img1.qrmfs-gen-1")  # type: ignore[attr-defined]
+    assert any("could not be deleted" in w for w in env.ui.warnings)
+    assert sorted(n for n in names(exports) if "staging" in n or "journal" in n) == []
+    assert (exports / "img1/.qrmfs/manifest.json").is_file()
+    assert (exports / ".img1.qrmfs-removing-gen-0/etc/pinned").is_file()  # left, out of the generations' way
+    assert server.commands().count("new_image") == 1
+
+
+def test_openqrm_down_keeps_the_registration_in_the_spool(env: Env, exports: Path, source: Path, server: OpenQrm,
+                                                          tmp_path: Path) -> None:
+    server.status = 503
+    r = create(env, exports, source)
+    assert r.registration.state is RegState.PENDING  # type: ignore[attr-defined]
+    assert (exports / "img1/.qrmfs/manifest.json").is_file()
+    (job,) = spool(tmp_path)
+    assert PASSWORD not in (tmp_path / "spool" / job).read_text()
+    server.status = 200
+    from qrmfs.actions.common import flush_spool
+
+    flush_spool(env, creds(), quick=False)
+    assert spool(tmp_path) == [] and server.commands().count("new_image") == 1
+
+
+def test_clone_and_remove(env: Env, exports: Path, source: Path, server: OpenQrm) -> None:
+    create(env, exports, source, keep_network=True)
+    server.requests.clear()
+    req = clone_act.CloneRequest(name="img2", target=Target("local", f"{exports}/img2"),
+                                 source=Target("local", f"{exports}/img1"), hostname="copy1", creds=creds())
+    r = clone_act.clone(req, env)
+    assert r.registration.state is RegState.REGISTERED
+    assert (exports / "img2/etc/hostname").read_text() == "copy1\n"
+    assert (exports / "img1/etc/hostname").read_text() == "golden\n"  # the original is untouched
+    assert server.commands() == ["event 9", "new_image", "event 10"]
+    server.requests.clear()
+    removed = remove_act.remove(remove_act.RemoveRequest(Target("local", f"{exports}/img2"), yes=True,
+                                                         creds=creds()), env, confirm=lambda q: False)
+    assert removed.registration.state is RegState.DEREGISTERED  # type: ignore[union-attr]
+    assert not (exports / "img2").exists()
+    assert "remove_by_name" in server.commands()
+
+
+def test_validate_fix_repairs_what_create_prepared(env: Env, exports: Path, source: Path) -> None:
+    create(env, exports, source)
+    img = exports / "img1"
+    (img / "etc/mtab").unlink()
+    (img / "var/log/new.log").write_text("x")
+    target = Target("local", str(img))
+    found = validate_act.validate(validate_act.ValidateRequest(target), env)
+    assert {(f.step, f.path) for f in found.findings} == {("mtab", "/etc/mtab"), ("logs", "/var/log/new.log")}
+    fixed = validate_act.validate(validate_act.ValidateRequest(target, fix=True), env)
+    assert fixed.clean and len(fixed.fixed) == 2
+    assert os.readlink(img / "etc/mtab") == "/proc/mounts"
+
+
+def test_list_shows_leftovers_and_gc_removes_what_no_operation_holds(env: Env, exports: Path, source: Path) -> None:
+    from qrmfs.actions.gc import gc
+    from qrmfs.actions.listing import list_images
+
+    create(env, exports, source, name="img1", only_physical=True)
+    create(env, exports, source, name="img2", only_physical=True)
+    (exports / ".img1.qrmfs-staging-dead/etc").mkdir(parents=True)
+    (exports / ".img1.qrmfs-known_hosts").write_text("stale\n")
+    (exports / ".ghost.qrmfs-lock").write_text("")
+    side = env.side(env.cfg.storage["local"])
+    with side.lock(str(exports / "img2"), "someone pid 9 (create img2)"):  # img2's operation is still running
+        (exports / ".img2.qrmfs-staging-live").mkdir()
+        listed = list_images(env, None)
+        assert sorted((x.kind, Path(x.path).name, x.held_by is not None) for x in listed.leftovers) == [
+            ("known_hosts", ".img1.qrmfs-known_hosts", False), ("lock", ".ghost.qrmfs-lock", False),
+            ("staging", ".img1.qrmfs-staging-dead", False), ("staging", ".img2.qrmfs-staging-live", True)]
+        assert "left over" in listed.text() and "in use by someone pid 9" in listed.text()
+        done = gc(env, "local")
+    assert sorted(Path(p).name for p in done.removed) == [
+        ".ghost.qrmfs-lock", ".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-dead"]
+    assert done.in_use == [str(exports / ".img2.qrmfs-staging-live")]
+    assert (exports / ".img2.qrmfs-staging-live").is_dir() and (exports / "img1/etc/hostname").is_file()

@@ -1,0 +1,62 @@
+"""qrmfs/actions/copyplan.py: the hop is chosen once; each hop's rsync line, exactly where it matters."""
+
+from __future__ import annotations
+
+import pytest
+
+from qrmfs.actions.copyplan import Hop, Into, Source, hop, plan
+from qrmfs.config import Config, SshHost, Storage
+from qrmfs.errors import RefusedError
+from qrmfs.transfer import Mounts
+
+NAS = Storage("nas", SshHost("10.9.0.5", "root", 22), "/exports")
+LOCAL = Storage("local", SshHost("local"), "/exports")
+SRC = SshHost("10.9.0.7", "root", 22)
+CFG = Config(identity_file="/k/id", known_hosts="/k/kh")
+
+
+@pytest.mark.parametrize(("src", "into", "want"), [
+    (None, Into(LOCAL, "/exports/.i.qrmfs-staging-1", here=True), Hop.LOCAL),
+    (None, Into(NAS, "/exports/.i.qrmfs-staging-1", here=False), Hop.PUSH),
+    (SRC, Into(LOCAL, "/exports/.i.qrmfs-staging-1", here=True), Hop.PULL_HERE),
+    (SRC, Into(NAS, "/exports/.i.qrmfs-staging-1", here=False), Hop.PULL_ON_STORAGE),
+    (SshHost("10.9.0.5", "root", 22), Into(NAS, "/exports/.i.qrmfs-staging-1", here=False), Hop.ON_STORAGE),
+])
+def test_hop(src: SshHost | None, into: Into, want: Hop) -> None:
+    assert hop(src, into) is want
+
+
+def test_pull_on_storage_uses_the_pinned_key_and_a_forwarded_agent() -> None:
+    p = plan(CFG, Source(SRC, "/"), Into(NAS, "/exports/.i.qrmfs-staging-1", False, "/exports/.i.qrmfs-known_hosts"))
+    (c,) = p.copies
+    assert p.needs_agent and c.on_storage and c.forward_agent
+    rsh = c.rsync[c.rsync.index("-e") + 1]
+    assert "UserKnownHostsFile=/exports/.i.qrmfs-known_hosts" in rsh and "-i /k/id" not in rsh
+    assert c.rsync[-2:] == ("10.9.0.7:/", "/exports/.i.qrmfs-staging-1/")
+
+
+def test_push_runs_here_with_our_key() -> None:
+    (c,) = plan(CFG, Source(None, "/srv/root"), Into(NAS, "/exports/.i.qrmfs-staging-1", False)).copies
+    assert not c.on_storage and c.rsync[-2:] == ("/srv/root/", "10.9.0.5:/exports/.i.qrmfs-staging-1/")
+    assert "-i /k/id" in c.rsync[c.rsync.index("-e") + 1]
+
+
+@pytest.mark.parametrize("into", [Into(LOCAL, "/exports/.i.qrmfs-staging-1", True),
+                                  Into(NAS, "/exports/.i.qrmfs-staging-1", False)])
+def test_a_source_around_the_export_root_never_copies_the_images(into: Into) -> None:
+    """The storage server's own / (or /exports' parent) as the source: the export root is left out, on the
+    storage server as here, also inside a separately mounted filesystem that holds it."""
+    src_host = None if into.here else SshHost("10.9.0.5", "root", 22)
+    p = plan(CFG, Source(src_host, "/", mounts=Mounts(["/exports", "/srv"], [])), into)
+    assert [c.what for c in p.copies] == ["root filesystem", "separate filesystem /srv"]  # /exports: not at all
+    assert "--exclude=/exports" in p.copies[0].rsync
+    # an export root inside a separate filesystem: left out of that filesystem's copy
+    deep = Storage(into.storage.name, into.storage.ssh, "/srv/exports")
+    _, srv = plan(CFG, Source(src_host, "/", mounts=Mounts(["/srv"], [])),
+                  Into(deep, "/srv/exports/.i.qrmfs-staging-1", into.here)).copies
+    assert "--exclude=/exports" in srv.rsync and srv.rsync[-2] == "/srv/"
+
+
+def test_the_export_root_itself_as_source_is_refused() -> None:
+    with pytest.raises(RefusedError, match="is the export root"):
+        plan(CFG, Source(None, "/exports"), Into(LOCAL, "/exports/.i.qrmfs-staging-1", True))

@@ -1,0 +1,93 @@
+"""qrmfs/agent/supervise.py through a local storage side: a storage-side command never outlives qrmfs (its
+stdin) or the image's lock. Real processes, real flocks, real signals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from qrmfs.agent import protocol as P
+from qrmfs.config import SshHost, Storage
+from qrmfs.runner import Runner
+from qrmfs.storage import StorageSide
+
+HOLDER = "tester@host pid 1 (create img1)"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path.resolve() / "exports"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def side(root: Path) -> StorageSide:
+    return StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def _start(side: StorageSide, root: Path, holder: str | None, pidfile: Path) -> subprocess.Popen[bytes]:
+    """The agent running `sh -c 'echo $$ > pidfile; exec sleep 60'`, its stdin kept open by us."""
+    argv, payload = side.supervised(str(root / "img1"), ["sh", "-c", f'echo $$ > {pidfile}; exec sleep 60'], holder)
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None
+    p.stdin.write(payload)
+    p.stdin.flush()
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "the supervised command did not start"
+        time.sleep(0.05)
+    return p
+
+
+def test_exit_code_and_output_pass_through(side: StorageSide, root: Path) -> None:
+    argv, payload = side.supervised(str(root / "img1"), ["sh", "-c", "echo out; echo err >&2; exit 23"], None)
+    r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
+    assert (r.code, r.stdout.strip(), r.stderr.strip()) == (23, "out", "err")
+
+
+def test_command_stops_when_qrmfs_is_gone(side: StorageSide, root: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    p = _start(side, root, None, pidfile)
+    child = int(pidfile.read_text())
+    assert _alive(child)
+    assert p.stdin is not None
+    p.stdin.close()  # what the OS does when qrmfs dies, however it dies
+    assert p.wait(timeout=20) == P.STOPPED
+    assert not _alive(child)
+    assert b"stopped sh: qrmfs is gone" in p.stderr.read()  # type: ignore[union-attr]
+
+
+def test_command_stops_when_the_lock_is_lost(side: StorageSide, root: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    with side.lock(str(root / "img1"), HOLDER):
+        p = _start(side, root, HOLDER, pidfile)
+        child = int(pidfile.read_text())
+        assert p.poll() is None and _alive(child)
+    # the lock's session ended while the command still ran: it must not go on without the lock
+    assert p.wait(timeout=20) == P.STOPPED
+    assert not _alive(child)
+    assert b"was lost" in p.stderr.read()  # type: ignore[union-attr]
+
+
+def test_command_is_not_started_without_the_lock(side: StorageSide, root: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    argv, payload = side.supervised(str(root / "img1"), ["touch", str(marker)], HOLDER)
+    with side.lock(str(root / "img1"), "someone else pid 2 (create img1)"):
+        r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
+    assert r.code == P.STOPPED and "not held by this operation" in r.stderr
+    assert not marker.exists()

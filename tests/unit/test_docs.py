@@ -1,0 +1,39 @@
+"""docs/cli.md is generated from the typer app (scripts/cli_docs.py, `make docs`): it must match the CLI as it
+is now; and the README points to the project's own docs, never to files users do not have."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("cli_docs", REPO / "scripts" / "cli_docs.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_reference_is_in_sync_with_the_cli():
+    expected = _generator().render()
+    assert (REPO / "docs" / "cli.md").read_text() == expected, "docs/cli.md is out of date: run `make docs`"
+
+
+def test_cli_reference_covers_every_command_with_an_example():
+    text = (REPO / "docs" / "cli.md").read_text()
+    for command in ("create", "clone", "remove", "validate", "list", "flush", "check"):
+        section = text.split(f"## `qrmfs {command}`", 1)[1].split("\n## ", 1)[0]
+        assert re.search(rf"```console\n\$ qrmfs {command} ", section), command
+    assert "\x08" not in text and "<str>" not in text
+
+
+def test_readme_links_resolve_inside_the_project():
+    readme = (REPO / "README.md").read_text()
+    assert "../shared" not in readme
+    for link in re.findall(r"\]\(((?:docs|\.)/[^)#]+)", readme):
+        assert (REPO / link).exists(), link
+    assert "docs/openqrm.md" in readme and "docs/cli.md" in readme
