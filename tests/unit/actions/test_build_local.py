@@ -20,7 +20,7 @@ from qrmfs.actions import remove as remove_act
 from qrmfs.actions import validate as validate_act
 from qrmfs.actions.common import Credentials, Env
 from qrmfs.config import load
-from qrmfs.errors import ExistsError, QrmfsError, StorageError, TransferError
+from qrmfs.errors import ExistsError, QrmfsError, TransferError
 from qrmfs.model import Location, Target
 from qrmfs.results import RegState
 from qrmfs.runner import Runner
