@@ -344,3 +344,16 @@ def test_change_kind(code: str, kind: str) -> None:
     from qrmfs.actions.update import change_kind
 
     assert change_kind(code) == kind
+
+
+def test_generations_are_listed_beside_images_and_gc_keeps_them(env: dict[str, Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    assert update(env, capsys)[0] == 0
+    code, out = qrmfs(env, "list", capsys=capsys)
+    assert code == 0
+    assert [(x["path"], x["kind"]) for x in out["result"]["leftovers"]] == [
+        (str(env["root"] / ".img1.qrmfs-gen-1"), "generation")]
+    code, out = qrmfs(env, "gc", capsys=capsys)
+    assert code == 0 and out["result"]["removed"] == []
+    assert (env["root"] / ".img1.qrmfs-gen-1/.qrmfs/manifest.json").is_file()
