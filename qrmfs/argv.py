@@ -9,6 +9,7 @@ import shlex
 from collections.abc import Sequence
 
 from .config import SshHost
+from .model import ssh_user, ssh_value
 
 # Contents not copied from a live root (the directories themselves are kept, then prepared).
 LIVE_EXCLUDES = ("/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*",
@@ -20,14 +21,16 @@ SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "
 def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,
                 forward_agent: bool = False, control: str | None = None) -> tuple[str, ...]:
     """control: the socket of a master connection (ssh_master_argv) to reuse; without a master there,
-    ssh connects on its own (ControlMaster=no never starts one)."""
-    opts: list[str] = [*SSH_OPTIONS, "-p", str(h.port), "-l", h.user]
+    ssh connects on its own (ControlMaster=no never starts one).
+    Every value that can hold a path or a name is checked by model.ssh_value: ssh splits `-o` values such
+    as UserKnownHostsFile on white space and expands '%' in them, so an unsafe one raises UsageError."""
+    opts: list[str] = [*SSH_OPTIONS, "-p", str(h.port), "-l", ssh_user(h.user)]
     if control:
-        opts += ["-o", "ControlMaster=no", "-o", f"ControlPath={control}"]
+        opts += ["-o", "ControlMaster=no", "-o", f"ControlPath={ssh_value(control, 'ssh ControlPath')}"]
     if identity:
-        opts += ["-i", identity]
+        opts += ["-i", ssh_value(identity, "ssh identity file", own_word=True)]
     if known_hosts:
-        opts += ["-o", f"UserKnownHostsFile={known_hosts}"]
+        opts += ["-o", f"UserKnownHostsFile={ssh_value(known_hosts, 'ssh known_hosts file')}"]
     if forward_agent:
         opts += ["-A"]
     return tuple(opts)
@@ -44,7 +47,8 @@ def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,
                     known_hosts: str | None = None) -> tuple[str, ...]:
     """A master connection that later ssh calls with the same control socket share (no new handshake)."""
     return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts), "-o", "ControlMaster=yes",
-            "-o", f"ControlPath={control}", "-o", "ControlPersist=no", "-N", "--", h.address)
+            "-o", f"ControlPath={ssh_value(control, 'ssh ControlPath')}", "-o", "ControlPersist=no", "-N", "--",
+            h.address)
 
 
 def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None) -> str:

@@ -141,10 +141,11 @@ def create(  # noqa: PLR0913 - typer: one parameter per command-line option
         name=image, target=t, location=model.Location.parse(location), only_physical=only_physical,
         excludes=tuple(model.plain_path(e, "-e/--exclude directory") for e in exclude or []),
         private_add=tuple(adds), private_exclude=tuple(pexcl),
-        arch=model.tag(arch, "architecture") if arch else None,
-        os_name=model.os_name(operating_system) if operating_system else None,
+        arch=model.tag(arch, "architecture") if arch is not None else None,
+        os_name=model.os_name(operating_system) if operating_system is not None else None,
         keep_services=keep_services, keep_network=keep_network,
-        hostname=model.hostname(hostname) if hostname else None, shared=shared, force=force, route=how,
+        hostname=model.hostname(hostname) if hostname is not None else None, shared=shared, force=force,
+        route=how,
         comment=comment, creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
     _emit("create", act.dry_run(req, env) if dry_run else act.create(req, env), as_json)
 
@@ -182,7 +183,7 @@ def clone(  # noqa: PLR0913 - typer: one parameter per command-line option
     t = model.named_target(name, target)
     req = act.CloneRequest(name=name, target=t, source=model.Target.parse(source, "--from"),
                            only_physical=only_physical, force=force,
-                           hostname=model.hostname(hostname) if hostname else None,
+                           hostname=model.hostname(hostname) if hostname is not None else None,
                            creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
     _emit("clone", act.dry_run(req, env) if dry_run else act.clone(req, env), as_json)
 

@@ -6,12 +6,14 @@ Without any, a storage server can still be named by address (ssh as root, export
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import model
 from .errors import ConfigError, UsageError
 from .model import bare_address
 from .model import host as check_host
@@ -53,6 +55,7 @@ class OpenQrm:
     timeout: float = 10.0
     retries: int = 4
     backoff: float = 0.5
+    ca_file: str | None = None   # CA bundle for an https URL; TLS is always verified
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,10 @@ class Config:
     identity_file: str | None = None
     known_hosts: str | None = None
     spool_dir: str = "~/.local/state/qrmfs/spool"
-    defaults: dict[str, Any] = field(default_factory=dict)
     keep_generations: int = 1  # earlier generations of an image kept by update (and create --force)
 
     def storage_for(self, token: str) -> Storage:
-        """A storage server by its config name, else by address with the defaults."""
+        """A storage server by its config name, else by address (ssh as root, port 22, export root /exports)."""
         if token in self.storage:
             return self.storage[token]
         check_host(token, "storage server")
@@ -98,15 +100,57 @@ def _table(d: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
     return v
 
 
+def _check(rule: Any, value: Any, what: str) -> Any:
+    """A model rule applied to a config value: its UsageError becomes a ConfigError (exit 3)."""
+    try:
+        return rule(value, what)
+    except UsageError as e:
+        raise ConfigError(f"config: {e.message}") from None
+
+
 def _ssh_host(d: dict[str, Any], where: str) -> SshHost:
     addr = _get(d, "address", str, where)
     if not addr:
         raise ConfigError(f"config: {where} needs an address")
+    _check(check_host, addr, f"{where}.address")
+    user = _check(model.ssh_user, _get(d, "ssh_user", str, where, "root"), f"{where}.ssh_user")
+    port = _get(d, "ssh_port", int, where, 22)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"config: {where}.ssh_port must be 1-65535, not {port}")
+    return SshHost(bare_address(addr)[1], user, port)
+
+
+def _number(o: dict[str, Any], key: str, default: float, *, positive: bool) -> float:
+    v = float(_get(o, key, (int, float), "openqrm", default))
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ConfigError(f"config: openqrm.{key} must be a number {'>' if positive else '>='} 0, not {v:g}")
+    return v
+
+
+def _openqrm(o: dict[str, Any]) -> OpenQrm:
+    url = _get(o, "url", str, "openqrm")
+    if url is not None:
+        _check(model.openqrm_url, url, "openqrm.url")
+    retries = _get(o, "retries", int, "openqrm", 4)
+    if not 0 <= retries <= 100:
+        raise ConfigError(f"config: openqrm.retries must be 0-100, not {retries}")
+    ca_file = _expand(_get(o, "ca_file", str, "openqrm"))
+    if ca_file is not None and not os.path.isfile(ca_file):
+        raise ConfigError(f"config: openqrm.ca_file {_shown(ca_file)} is not a readable file")
+    return OpenQrm(url, _get(o, "user", str, "openqrm"), _expand(_get(o, "password_file", str, "openqrm")),
+                   _number(o, "timeout", 10.0, positive=True), retries, _number(o, "backoff", 0.5, positive=False),
+                   ca_file)
+
+
+def _ssh_path(d: dict[str, Any], key: str) -> str | None:
+    """[ssh] identity_file / known_hosts: ssh gets them as -i PATH and -o UserKnownHostsFile=PATH."""
+    p = _expand(_get(d, key, str, "ssh"))
+    if p is None:
+        return None
     try:
-        check_host(addr, f"{where}.address")
+        return model.ssh_value(p, f"ssh.{key}", own_word=key == "identity_file")
     except UsageError as e:
         raise ConfigError(f"config: {e.message}") from None
-    return SshHost(bare_address(addr)[1], _get(d, "ssh_user", str, where, "root"), _get(d, "ssh_port", int, where, 22))
 
 
 def parse(data: dict[str, Any], path: str | None = None) -> Config:
@@ -118,26 +162,34 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
         root = _get(s, "export_root", str, where, "/exports")
         if not root.startswith("/") or root == "/" or os.path.normpath(root) != root or root.startswith("//"):
             raise ConfigError(f"config: {where}.export_root must be a canonical absolute path other than /")
-        storage[name] = Storage(name, _ssh_host(s, where), root, _get(s, "storage_id", int, where),
-                                _get(s, "nfs_address", str, where))
+        _check(model.safe_path, root, f"{where}.export_root")
+        nfs = _get(s, "nfs_address", str, where)
+        if nfs is not None:
+            _check(check_host, nfs, f"{where}.nfs_address")
+        sid = _get(s, "storage_id", int, where)
+        if sid is not None and sid < 0:
+            raise ConfigError(f"config: {where}.storage_id must be >= 0, not {sid}")
+        storage[name] = Storage(name, _ssh_host(s, where), root, sid, nfs)
     hosts = {}
     for name, h in _table(data, "hosts").items():
         if not isinstance(h, dict):
             raise ConfigError(f"config: [hosts.{name}] must be a table")
         hosts[name] = _ssh_host(h, f"hosts.{name}")
-    o = _table(data, "openqrm")
-    oq = OpenQrm(_get(o, "url", str, "openqrm"), _get(o, "user", str, "openqrm"),
-                 _expand(_get(o, "password_file", str, "openqrm")),
-                 float(_get(o, "timeout", (int, float), "openqrm", 10.0)),
-                 _get(o, "retries", int, "openqrm", 4),
-                 float(_get(o, "backoff", (int, float), "openqrm", 0.5)))
+    oq = _openqrm(_table(data, "openqrm"))
     ssh = _table(data, "ssh")
+    spool = _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool")
+    if not spool or any(ord(c) < 32 or ord(c) == 127 for c in spool):
+        raise ConfigError(f"config: spool_dir {spool!r} must be a path without control characters")
     keep = _get(data, "keep_generations", int, "", 1)
     if keep < 0:
         raise ConfigError("config: keep_generations must be 0 or more")
-    return Config(path, storage, hosts, oq, _expand(_get(ssh, "identity_file", str, "ssh")),
-                  _expand(_get(ssh, "known_hosts", str, "ssh")),
-                  _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool"), data.get("defaults") or {}, keep)
+    return Config(path, storage, hosts, oq, _ssh_path(ssh, "identity_file"), _ssh_path(ssh, "known_hosts"),
+                  spool, keep)
+
+
+def _shown(p: str) -> str:
+    """A path as it goes into a one-line message: as is when printable, else quoted with escapes."""
+    return p if p.isprintable() else repr(p)
 
 
 def _expand(p: str | None) -> str | None:
@@ -155,9 +207,9 @@ def load(explicit: str | None = None) -> Config:
             try:
                 return parse(tomllib.loads(p.read_text()), str(p))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"config {p}: {e}") from None
+                raise ConfigError(f"config {_shown(str(p))}: {e}") from None
             except OSError as e:
-                raise ConfigError(f"config {p}: {e.strerror}") from None
+                raise ConfigError(f"config {_shown(str(p))}: {e.strerror}") from None
         if explicit:
-            raise ConfigError(f"config file {c} not found")
+            raise ConfigError(f"config file {_shown(c)} not found")
     return Config()

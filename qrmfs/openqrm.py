@@ -1,15 +1,23 @@
 """The openQRM server's HTTP interface (events, image records) and the spool of undelivered requests.
 
 A registration is never lost: every request is written to the spool before it is sent and removed when
-the server has answered 200. Never sent twice: a request whose fate is unknown (the connection died after
-it was sent) is marked `maybe_delivered`; a new_image in that state is preceded by remove_by_name on
-retry, so the server ends with exactly one record. Passwords are never written to the spool.
+the server has answered 200. Never sent twice:
+- a new_image is marked `maybe_delivered` in the spool *before* it is sent, and the mark stays on disk
+  until the request is removed from the job; a new_image in that state is preceded by remove_by_name on
+  retry, so the server ends with exactly one record even when qrmfs dies mid-request;
+- a job is delivered only by the process that holds its claim (an fcntl lock on `<id>.lock` in the spool
+  directory), so two qrmfs processes never send the same job.
+Never sent elsewhere: a job is bound to its URL and to where its credentials came from (`auth`: user and
+source, never the password); it is never sent to another URL or with credentials from elsewhere.
+Passwords are never written to the spool.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -59,7 +67,9 @@ def remove_by_name(name: str) -> Request:
 
 @dataclass
 class Job:
-    """An ordered list of requests for one image operation, persisted in the spool until all are sent."""
+    """An ordered list of requests for one image operation, persisted in the spool until all are sent.
+    auth: "USER via SOURCE", the credentials it may be sent with (None: only events, no credentials).
+    storage: the image's storage identity {"address", "port", "path"}, whatever spelling the target had."""
     url: str
     user: str | None
     image: str
@@ -67,6 +77,8 @@ class Job:
     requests: list[Request]
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     created: float = field(default_factory=time.time)
+    auth: str | None = None
+    storage: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -82,9 +94,57 @@ class Transient(Exception):
     """The server did not take the request this time (down, 5xx, timeout): try again later."""
 
 
+class Claim:
+    """The exclusive right to deliver (or drop) one spooled job: an flock on `<id>.lock` in the spool."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd: int | None = fd
+        self.path = path
+
+    def release(self, unlink: bool = False) -> None:
+        """unlink: the job is gone; the lock file goes while still held (claim() retries on a stale inode)."""
+        if self.fd is None:
+            return
+        if unlink:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
 class Spool:
     def __init__(self, directory: str) -> None:
         self.dir = Path(os.path.expanduser(directory))
+
+    def claim(self, job_id: str, wait: float = 0.0) -> Claim | None:
+        """Lock the job against every other qrmfs process; None when another one holds it (after waiting up
+        to `wait` seconds, polling). A lock file unlinked by its holder is never trusted: retry on a new one."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.dir / f"{job_id}.lock"
+        deadline = time.monotonic() + wait
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.05)
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return Claim(fd, path)
+            os.close(fd)
+
+    def load(self, job_id: str) -> Job | None:
+        """The job as it is on disk now (None: delivered or dropped meanwhile)."""
+        try:
+            return Job.from_json((self.dir / f"{job_id}.json").read_text())
+        except (FileNotFoundError, ValueError, TypeError, KeyError):
+            return None  # gone, or unreadable (jobs() skips such a file too)
 
     def save(self, job: Job) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -108,13 +168,16 @@ class Spool:
 
 
 class Client:
-    def __init__(self, url: str, user: str | None, password: str | None, *, timeout: float = 10.0,
+    def __init__(self, url: str, user: str | None, password: str | None, *,  # noqa: PLR0913 - keyword-only settings
+                 timeout: float = 10.0,
                  retries: int = 4, backoff: float = 0.5, transport: httpx.BaseTransport | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.user, self.password = user, password
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
-        self.http = httpx.Client(timeout=timeout, transport=transport)
+        # TLS is always verified: against the system's CAs, or [openqrm] ca_file
+        verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self.http = httpx.Client(timeout=timeout, transport=transport, verify=verify)
 
     def send_once(self, req: Request) -> None:
         """One attempt. Raises Transient (try later) or RegistrationError (will not work as is)."""
@@ -180,21 +243,26 @@ class Client:
 
     def deliver(self, job: Job, spool: Spool) -> None:
         """Send the job's requests in order, keeping the spool file current. Raises Transient or
-        RegistrationError with the unsent rest still in the spool."""
+        RegistrationError with the unsent rest still in the spool. The caller holds the job's claim."""
+        if job.url.rstrip("/") != self.url:
+            raise RegistrationError(f"spool job {job.id} belongs to {job.url}, not {self.url}: not sent")
         spool.save(job)
         while job.requests:
             req = job.requests[0]
             if _is_new_image(req):
-                # Write-ahead: should this process die mid-request, the next run treats it as in doubt.
+                # Write-ahead: on disk it is in doubt from before it is sent until it leaves the job, so a
+                # process that dies anywhere in between (mid-request, or after the answer) leaves the mark.
                 doubt, req.maybe_delivered = req.maybe_delivered, True
                 spool.save(job)
                 req.maybe_delivered = doubt
             try:
                 self.send(req)
-            finally:
-                spool.save(job)  # records maybe_delivered when the attempt ended in doubt
+            except (Transient, RegistrationError):
+                spool.save(job)  # a definite outcome: records whether the last attempt ended in doubt
+                raise
             job.requests.pop(0)
-            spool.save(job)
+            if job.requests:
+                spool.save(job)
         spool.drop(job)
 
 
@@ -202,11 +270,12 @@ def _is_new_image(req: Request) -> bool:
     return req.kind == "image" and req.params.get("image_command") == "new_image"
 
 
-def image_fields(*, name: str, rootdevice: str, storage_id: int | None, shared: bool, comment: str,
-                 arch: str | None, os_name: str | None, mount_options: str = "") -> dict[str, str]:
+def image_fields(*, name: str,  # noqa: PLR0913 - keyword-only: the columns of one openQRM record
+                 rootdevice: str, storage_id: int | None, shared: bool, comment: str,
+                 arch: str | None, os_name: str | None) -> dict[str, str]:
     """new_image's image_* parameters for an NFS-root image (openqrm-api.md)."""
     caps = " ".join(f"{k}={v}" for k, v in (("arch", arch), ("os", os_name)) if v)
-    fields = {
+    return {
         "image_name": name,
         "image_type": "nfs-deployment",
         "image_rootdevice": rootdevice,
@@ -216,12 +285,9 @@ def image_fields(*, name: str, rootdevice: str, storage_id: int | None, shared: 
         "image_comment": comment,
         "image_capabilities": caps,
     }
-    if mount_options:
-        fields["image_deployment_parameter"] = f'IMAGE_NFS_MOUNT_OPTIONS="{mount_options}"'
-    return fields
 
 
 def public(job: Job) -> dict[str, Any]:
     """A job as shown to the user (never a password: jobs do not hold one)."""
-    return {"id": job.id, "image": job.image, "target": job.target, "url": job.url,
-            "pending": [r.describe() for r in job.requests]}
+    return {"id": job.id, "image": job.image, "target": job.target, "url": job.url, "auth": job.auth,
+            "storage": job.storage, "pending": [r.describe() for r in job.requests]}

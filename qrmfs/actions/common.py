@@ -9,13 +9,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from .. import openqrm
+from .. import model, openqrm
 from ..agent.protocol import Inspected, Locked
-from ..config import Config, Storage
-from ..errors import NotFoundError, UsageError
+from ..config import Config, Storage, _shown
+from ..errors import NotFoundError, RegistrationError, UsageError
 from ..model import Target
 from ..runner import Runner
 from ..storage import StorageSide
@@ -26,31 +28,63 @@ PASSWORD_ENV = "QRMFS_PASSWORD"
 
 @dataclass
 class Credentials:
+    """The openQRM URL and credentials of this run. source: where the password came from (never the password),
+    so that a spooled job is bound to it."""
     url: str | None
     user: str | None
     password: str | None = field(default=None, repr=False)
+    source: str | None = None
+    warned: bool = field(default=False, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
         return bool(self.url and self.user and self.password)
+
+    @property
+    def auth(self) -> str | None:
+        """What a job is bound to: "USER via SOURCE" (None without a password)."""
+        return f"{self.user} via {self.source}" if self.password else None
+
+    @property
+    def plain_http(self) -> bool:
+        return bool(self.url and self.url.startswith("http://"))
 
 
 def _read_password(path: str) -> str:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise UsageError(f"cannot read password file {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read password file {_shown(path)}: {e.strerror}") from None
     if not lines or not lines[0].strip():
-        raise UsageError(f"password file {path} is empty")
+        raise UsageError(f"password file {_shown(path)} is empty")
     return lines[0].strip()
 
 
 def resolve_credentials(cfg: Config, user: str | None, password: str | None, password_file: str | None,
                         url: str | None) -> Credentials:
-    """-p, then --password-file, then $QRMFS_PASSWORD, then the config's password_file."""
-    pw = (password or (password_file and _read_password(password_file)) or os.environ.get(PASSWORD_ENV)
-          or (cfg.openqrm.password_file and _read_password(cfg.openqrm.password_file)) or None)
-    return Credentials(url or cfg.openqrm.url, user or cfg.openqrm.user, pw)
+    """-p, then --password-file, then $QRMFS_PASSWORD, then the config's password_file.
+    A bad --openqrm-url is bad input (exit 2). The config's password goes over plain http only to the host
+    the config names for it: never to another host given by --openqrm-url."""
+    if url is not None:
+        model.openqrm_url(url, "--openqrm-url")
+    pw, source = None, None
+    if password:
+        pw, source = password, "-p/--password"
+    elif password_file:
+        pw, source = _read_password(password_file), f"--password-file {os.path.abspath(password_file)}"
+    elif os.environ.get(PASSWORD_ENV):
+        pw, source = os.environ[PASSWORD_ENV], f"${PASSWORD_ENV}"
+    elif cfg.openqrm.password_file:
+        pw = _read_password(cfg.openqrm.password_file)
+        source = f"config {cfg.path or '?'} [openqrm] password_file {cfg.openqrm.password_file}"
+    creds = Credentials(url or cfg.openqrm.url, user or cfg.openqrm.user, pw, source)
+    configured = urlsplit(cfg.openqrm.url or "").hostname
+    if (pw and url and creds.plain_http and cfg.openqrm.password_file and source and source.startswith("config ")
+            and urlsplit(url).hostname != configured):
+        raise UsageError(f"refusing to send the password of the config's [openqrm] password_file in clear "
+                         f"(http) to {urlsplit(url).hostname}, which the config does not name: use https, or give "
+                         "the password for that server with --password-file")
+    return creds
 
 
 def require_registration(creds: Credentials) -> None:
@@ -60,6 +94,17 @@ def require_registration(creds: Credentials) -> None:
     if missing:
         raise UsageError(f"registering with openQRM needs {', '.join(missing)} (or -o/--only-physical to "
                          "create without registering)")
+
+
+def storage_identity(cfg: Config, target: str) -> dict[str, Any] | None:
+    """Where an image really is: its storage server's address and ssh port, and its path, whatever name or
+    address the operator wrote (`nas1:/exports/img` and `10.0.0.5:/exports/img` are the same image)."""
+    try:
+        t = Target.parse(target)
+        s = cfg.storage_for(t.storage)
+    except UsageError:
+        return None
+    return {"address": s.ssh.address, "port": s.ssh.port, "path": t.path}
 
 
 def holder(command: str, name: str) -> str:
@@ -73,6 +118,7 @@ class Env:
     ui: Ui
     transport: httpx.BaseTransport | None = None  # the openQRM client's (tests give an httpx.MockTransport)
     _sides: dict[Storage, StorageSide] = field(default_factory=dict)
+    _claims: dict[str, openqrm.Claim] = field(default_factory=dict)  # spool jobs this process delivers
 
     def storage(self, target: Target) -> Storage:
         s = self.cfg.storage_for(target.storage)
@@ -113,35 +159,100 @@ class Env:
         o = self.cfg.openqrm
         assert creds.url
         return openqrm.Client(creds.url, creds.user, creds.password, timeout=min(o.timeout, 3) if quick else o.timeout,
-                              retries=0 if quick else o.retries, backoff=o.backoff, transport=self.transport)
+                              retries=0 if quick else o.retries, backoff=o.backoff, ca_file=o.ca_file,
+                              transport=self.transport)
+
+
+def same_image(cfg: Config, job: openqrm.Job, target: Target) -> bool:
+    """Is the spooled job about the image at target? By storage identity and path, not by spelling."""
+    mine = storage_identity(cfg, str(target))
+    return mine is not None and (job.storage or storage_identity(cfg, job.target)) == mine
+
+
+def _warn_plain_http(env: Env, creds: Credentials) -> None:
+    if creds.password and creds.plain_http and not creds.warned:
+        creds.warned = True
+        env.ui.warn(f"the openQRM URL {creds.url} is plain http: the password crosses the network in clear "
+                    "(use https; [openqrm] ca_file names a private CA)")
 
 
 def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False) -> str | None:
     """Send the job (it is in the spool until answered). None when delivered; else why it still waits.
-    A refusal (bad credentials, ...) raises RegistrationError with the job still spooled."""
+    A refusal (bad credentials, ...) raises RegistrationError with the job still spooled.
+    The job is bound to this run's URL and credentials' source, and carries its image's storage identity.
+    This process claims it for as long as it lives (or until it is delivered): no other qrmfs sends it."""
+    if job.url != creds.url:
+        raise RegistrationError(f"job {job.id} is for {job.url}, not {creds.url}")
+    job.auth = job.auth or creds.auth
+    job.storage = job.storage or storage_identity(env.cfg, job.target)
+    spool = env.spool()
+    claim = env._claims.get(job.id)
+    if claim is None:
+        claim = spool.claim(job.id, wait=10.0)
+        if claim is None:
+            raise RegistrationError(f"spool job {job.id} is being delivered by another qrmfs process")
+        env._claims[job.id] = claim
+    _warn_plain_http(env, creds)
     try:
-        env.client(creds, quick=quick).deliver(job, env.spool())
-        return None
+        env.client(creds, quick=quick).deliver(job, spool)
     except openqrm.Transient as e:
         env.ui.debug(f"openQRM not reachable now ({e}); kept in the spool")
         return str(e)
+    env._claims.pop(job.id).release(unlink=True)
+    return None
+
+
+def _bound_elsewhere(job: openqrm.Job, creds: Credentials) -> str | None:
+    """Why this run may not send the job: it goes only to its own URL, with credentials from its own source."""
+    if job.url.rstrip("/") != (creds.url or "").rstrip("/"):
+        return f"it is bound to {job.url} (this run uses {creds.url or 'no URL'}; flush with --openqrm-url to send it)"
+    if any(r.kind == "image" for r in job.requests):
+        if not creds.password:
+            return "it needs openQRM credentials"
+        if job.auth is not None and job.auth != creds.auth:
+            return f"it is bound to the credentials of {job.auth}"
+        if job.auth is None and job.user and job.user != creds.user:
+            return f"it is bound to user {job.user}"
+    return None
 
 
 def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str]]:
-    """Deliver what earlier runs left in the spool (oldest first). Quick: one attempt each, short timeout."""
+    """Deliver what earlier runs left in the spool (oldest first). Quick: one attempt each, short timeout.
+    A job goes only to its own URL with credentials from its own source; one held by another qrmfs
+    process (delivering it now, or the run that made it) is left to that process."""
     done: list[str] = []
     left: list[str] = []
-    for job in env.spool().jobs():
-        if not creds.password and any(r.kind == "image" for r in job.requests):
-            left.append(job.id)
+    spool = env.spool()
+    for listed in spool.jobs():
+        if listed.id in env._claims:
+            continue  # this run's own job: its own deliver() sends it
+        why = _bound_elsewhere(listed, creds)
+        if why:
+            left.append(listed.id)
+            (env.ui.debug if quick else env.ui.warn)(f"spooled registration {listed.id} ({listed.image}) not sent: "
+                                                     f"{why}")
             continue
-        c = env.client(Credentials(job.url, job.user or creds.user, creds.password), quick=quick)
+        claim = spool.claim(listed.id)
+        if claim is None:
+            left.append(listed.id)
+            env.ui.debug(f"spooled registration {listed.id} ({listed.image}) is being delivered by another qrmfs")
+            continue
         try:
-            c.deliver(job, env.spool())
-            done.append(job.id)
-            env.ui.step(f"delivered spooled registration {job.id} ({job.image}) to {job.url}")
-        except Exception as e:  # noqa: BLE001 - a failed delivery stays in the spool; never fails the command
-            left.append(job.id)
-            (env.ui.debug if quick else env.ui.warn)(f"spooled registration {job.id} ({job.image}) still pending: "
-                                                     f"{getattr(e, 'message', e)}")
+            job = spool.load(listed.id)  # as it is now that it is ours: another process may have sent it
+            if job is None:
+                claim.release(unlink=True)
+                continue
+            _warn_plain_http(env, creds)
+            c = env.client(Credentials(job.url, creds.user, creds.password), quick=quick)
+            try:
+                c.deliver(job, spool)
+                claim.release(unlink=True)
+                done.append(job.id)
+                env.ui.step(f"delivered spooled registration {job.id} ({job.image}) to {job.url}")
+            except Exception as e:  # noqa: BLE001 - a failed delivery stays in the spool; never fails the command
+                left.append(job.id)
+                (env.ui.debug if quick else env.ui.warn)(f"spooled registration {job.id} ({job.image}) still "
+                                                         f"pending: {getattr(e, 'message', e)}")
+        finally:
+            claim.release()
     return {"delivered": done, "pending": left}

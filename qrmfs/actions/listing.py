@@ -7,15 +7,16 @@ from typing import Any
 
 from ..config import Storage
 from ..errors import QrmfsError, UsageError
+from ..model import Target
 from ..results import ImageRow, LeftoverRow, Listing, Registration, RegState, StorageFailure
-from .common import Env
+from .common import Env, same_image
 
 
-def registration_state(manifest: dict[str, Any], pending_targets: dict[str, str]) -> Registration:
+def registration_state(manifest: dict[str, Any], pending: str | None) -> Registration:
+    """What is known of an image's registration: its manifest's record, and a new_image of it in the spool."""
     reg = Registration.of_manifest(manifest)
-    job = pending_targets.get(manifest.get("target", ""))
-    if job:
-        return Registration(RegState.PENDING, job)
+    if pending:
+        return Registration(RegState.PENDING, pending)
     if reg.state is RegState.PENDING:
         # the manifest says pending but this spool holds no job for it: it was delivered by a flush that
         # could not update the manifest (or from another admin host's spool); say what is known
@@ -34,8 +35,7 @@ def storages(env: Env, storage_name: str | None) -> list[Storage]:
 
 
 def list_images(env: Env, storage_name: str | None) -> Listing:
-    pending = {j.target: j.id for j in env.spool().jobs()
-               if any(r.params.get("image_command") == "new_image" for r in j.requests)}
+    waiting = [j for j in env.spool().jobs() if any(r.params.get("image_command") == "new_image" for r in j.requests)]
     images: list[ImageRow] = []
     errors: list[StorageFailure] = []
     leftovers: list[LeftoverRow] = []
@@ -49,6 +49,8 @@ def list_images(env: Env, storage_name: str | None) -> Listing:
         leftovers += [LeftoverRow(s.name, x.path, x.image, x.kind, x.bytes, x.held_by) for x in listed.leftovers]
         for entry in listed.images:
             m = entry.manifest
+            here = Target(s.name, entry.path)
+            pending = next((j.id for j in waiting if same_image(env.cfg, j, here)), None)
             o = m.get("options", {})
             counts = m.get("counts", {})
             images.append(ImageRow(

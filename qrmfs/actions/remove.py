@@ -10,7 +10,7 @@ from .. import openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
-from .common import Credentials, Env, deliver, flush_spool, require_registration
+from .common import Credentials, Env, deliver, flush_spool, require_registration, same_image
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,19 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
         side.remove(req.target.path, req.force)
     env.ui.step(f"removed {req.target}")
     # a registration still waiting in the spool for this image must never arrive after its removal
+    # matched by storage identity and path, whatever spelling (name or address) either run used
     spool = env.spool()
     for job in spool.jobs():
-        if job.target == str(req.target):
-            spool.drop(job)
-            env.ui.step(f"dropped the spooled registration {job.id} of the removed image")
+        if not same_image(env.cfg, job, req.target):
+            continue
+        claim = spool.claim(job.id, wait=30.0)  # a flush delivering it right now finishes first
+        if claim is None:
+            env.ui.warn(f"the spooled registration {job.id} of the removed image is held by another qrmfs "
+                        f"process; drop it with `rm {spool.dir}/{job.id}.json` once that process ended")
+            continue
+        spool.drop(job)
+        claim.release(unlink=True)
+        env.ui.step(f"dropped the spooled registration {job.id} of the removed image")
     if not deregister:
         return Removed(str(req.target), Registration(RegState.NOT_REGISTERED))
     assert req.creds.url

@@ -95,6 +95,47 @@ class Mounted(Exception):
     """A directory to delete has a filesystem mounted at or below it: deleting would reach into that one."""
 
 
+class InUse(Exception):
+    """A tree to delete is held open by a process on this machine (the NFS server serving it, a shell in it)."""
+
+
+def holders(path: str, proc: str = "/proc") -> list[str]:
+    """Processes on this machine with a file, working directory or root at or below path ("pid N (name)")."""
+    base = path.rstrip("/") + "/"
+    out = []
+    for pid in sorted((p for p in os.listdir(proc) if p.isdigit()), key=int):
+        if int(pid) == os.getpid():
+            continue
+        links = [os.path.join(proc, pid, n) for n in ("cwd", "root")]
+        try:
+            links += [os.path.join(proc, pid, "fd", f) for f in os.listdir(os.path.join(proc, pid, "fd"))]
+        except OSError:
+            pass
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == path or target.startswith(base):
+                try:
+                    with open(os.path.join(proc, pid, "comm")) as f:
+                        name = f.read().strip()
+                except OSError:
+                    name = "?"
+                out.append(f"pid {pid} ({name})")
+                break
+    return out
+
+
+def remove_tree(path: str) -> None:
+    """Delete a whole image or generation: never one that something on this machine still holds open."""
+    busy = holders(path) if is_real_dir(path) else []
+    if busy:
+        raise InUse(f"refusing to delete {path}: in use by {', '.join(busy[:5])}"
+                    + (f" and {len(busy) - 5} more" if len(busy) > 5 else ""))
+    remove(path)
+
+
 def remove(path: str) -> None:
     """Remove a file, symlink or whole directory tree without following symlinks, and never into another
     filesystem: a tree with anything mounted at or below it is refused whole (Mounted), before anything goes."""

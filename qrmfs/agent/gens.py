@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from . import protocol as P
-from .fsutil import is_real_dir, remove, write_file
+from .fsutil import Mounted, holders, is_real_dir, remove, write_file
 from .protocol import AgentError, ErrorKind
 from .tree import _check_under, _is_staging, read_manifest, siblings, write_manifest
 
@@ -177,7 +177,7 @@ def recover(path: str) -> P.Swapped | None:
     if is_real_dir(parent):
         for e in os.listdir(parent):
             if os.path.join(parent, e).startswith(s.removing + "-gen-"):
-                with contextlib.suppress(OSError):  # what cannot be deleted now is tried again next time
+                with contextlib.suppress(OSError, Mounted):  # what cannot be deleted now is tried again later
                     remove(os.path.join(parent, e))
     j = _read_journal(path)
     if j is None:
@@ -198,13 +198,17 @@ def prune(path: str, keep: int) -> tuple[list[str], list[str]]:
     gens = generations(path)
     for seq, d in gens[:max(0, len(gens) - keep)]:
         hidden = f"{siblings(path).removing}-gen-{seq}"
+        busy = holders(d)
+        if busy:  # a node still runs on it (the NFS server holds its files), or a shell is in it: kept
+            failed.append(f"{d}: in use by {', '.join(busy[:5])}")
+            continue
         try:
             remove(hidden)
             os.rename(d, hidden)
             remove(hidden)
             gone.append(d)
-        except OSError as e:
-            failed.append(f"{d}: {e.strerror}: {e.filename}")
+        except (OSError, Mounted) as e:
+            failed.append(f"{d}: {e.strerror}: {e.filename}" if isinstance(e, OSError) else f"{d}: {e}")
     return gone, failed
 
 

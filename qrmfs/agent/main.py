@@ -76,7 +76,7 @@ def run(op: str, args: Any) -> int:
     except AgentError as e:
         print(P.error_line(e.kind, str(e)), flush=True)
         return P.FAILED
-    except fsutil.Mounted as e:
+    except (fsutil.Mounted, fsutil.InUse) as e:
         print(P.error_line(ErrorKind.REFUSED, str(e)), flush=True)
         return P.FAILED
     except OSError as e:

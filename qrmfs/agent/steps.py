@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,29 @@ PERSISTENT_NET = ("/etc/udev/rules.d/70-persistent-net.rules",
 LIVE_DIRS = {"/proc": 0o555, "/sys": 0o555, "/dev": 0o755, "/run": 0o755, "/tmp": 0o1777,
              "/mnt/floppy": 0o755, "/mnt/cdrom": 0o755}
 EMPTY_DIRS = ("/proc", "/sys", "/run")
+# The ONE definition of a private directory's characters (--private-add/--private-exclude). qrmfs/model.py
+# uses it for the options, the node-init step for what an image's node.conf holds, and qrmfs-init carries the
+# identical class in its PRIVATE_DIR_CHARS line (a unit test compares them): it skips any other path at boot,
+# and that directory would then be shared by all nodes.
+PRIVATE_DIR_CHARS = "A-Za-z0-9_./+@-"
+PRIVATE_DIR_RE = re.compile(f"/[{PRIVATE_DIR_CHARS}]*")
+NOT_PRIVATE = ("/.qrmfs", "/proc", "/sys", "/dev", "/run")
+
+
+def private_dir_problem(path: str) -> str | None:
+    """Why qrmfs-init would skip this private directory at boot (None: it binds it). The same checks, in the
+    same order, as check_private_path in qrmfs-init, on the path without one trailing '/' (as it strips it)."""
+    p = path[:-1] if path.endswith("/") else path
+    if not p.startswith("/"):
+        return "is not an absolute path"
+    if not PRIVATE_DIR_RE.fullmatch(p):
+        bad = sorted({c for c in p if not re.fullmatch(f"[{PRIVATE_DIR_CHARS}]", c)})
+        return f"has characters other than ASCII letters, digits and '_./+@-' ({', '.join(map(repr, bad))})"
+    if p == "/" or any(p == d or p.startswith(d + "/") for d in NOT_PRIVATE):
+        return "cannot be per node"
+    if "/../" in p + "/" or "/./" in p + "/":
+        return "has a '.' or '..' component"
+    return None
 
 
 @dataclass
@@ -364,17 +388,25 @@ def _excludes(ctx: Ctx) -> Iterator[Finding]:
 
 @step("node-init", "per-node private directories and identity: /sbin/qrmfs-init and /etc/qrmfs/node.conf")
 def _node_init(ctx: Ctx) -> Iterator[Finding]:
-    o = ctx.opts
-    needed = o.needs_node_init
-    conf = ctx.host(NODE_CONF)
-    script = ctx.host(NODE_INIT)
-    want_conf = node_conf(o).encode()
-    if not needed:
-        for path, host in ((NODE_CONF, conf), (NODE_INIT, script)):
-            if os.path.lexists(host):
-                yield Finding("node-init", path, "present on an image that is neither shared nor has private "
-                            "directories", functools.partial(remove, host))
+    if not ctx.opts.needs_node_init:
+        yield from _no_node_init(ctx)
         return
+    yield from _node_init_files(ctx)
+    yield from _private_dirs(ctx)
+
+
+def _no_node_init(ctx: Ctx) -> Iterator[Finding]:
+    for path in (NODE_CONF, NODE_INIT):
+        host = ctx.host(path)
+        if os.path.lexists(host):
+            yield Finding("node-init", path, "present on an image that is neither shared nor has private "
+                          "directories", functools.partial(remove, host))
+
+
+def _node_init_files(ctx: Ctx) -> Iterator[Finding]:
+    o = ctx.opts
+    conf, script = ctx.host(NODE_CONF), ctx.host(NODE_INIT)
+    want_conf = node_conf(o).encode()
     if read_file(conf) != want_conf:
         def fix_conf() -> None:
             makedirs(os.path.dirname(conf))
@@ -385,12 +417,38 @@ def _node_init(ctx: Ctx) -> Iterator[Finding]:
             makedirs(os.path.dirname(script))
             write_file(script, o.node_init.encode(), 0o755)
         yield Finding("node-init", NODE_INIT, "missing or not the current qrmfs-init", fix_script)
+
+
+def _private_dirs(ctx: Ctx) -> Iterator[Finding]:
+    o = ctx.opts
+    conf = ctx.host(NODE_CONF)
+    in_conf = _conf_words(read_file(conf)) if os.path.lexists(conf) else []
+    for path in dict.fromkeys([*o.private_add, *o.private_exclude, *in_conf]):
+        problem = private_dir_problem(path)
+        if problem:
+            yield Finding("node-init", path, f"private directory {problem}: qrmfs-init skips it at boot, so all "
+                          "nodes would share it (recreate the image with a valid --private-add)", None)
     for path in [*o.private_add, *o.private_exclude]:
+        if private_dir_problem(path):
+            continue
         host = ctx.host(path, follow_last=False)
         if not is_real_dir(host):
             problem = "missing" if not os.path.lexists(host) else "is not a directory"
             yield Finding("node-init", path, f"private directory {problem}",
-                        functools.partial(makedirs, host) if not os.path.lexists(host) else None)
+                          functools.partial(makedirs, host) if not os.path.lexists(host) else None)
+
+
+def _conf_words(text: bytes | None) -> list[str]:
+    """The words of node.conf's QRMFS_PRIVATE and QRMFS_PRIVATE_EXCLUDE, split as qrmfs-init splits them."""
+    words: list[str] = []
+    for line in (text or b"").decode("utf-8", "surrogateescape").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in ("QRMFS_PRIVATE", "QRMFS_PRIVATE_EXCLUDE"):
+            try:
+                words += " ".join(shlex.split(value)).split()
+            except ValueError:
+                words.append(value)
+    return words
 
 
 def node_conf(o: Options) -> str:

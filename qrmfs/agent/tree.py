@@ -17,11 +17,12 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as P
-from .fsutil import is_real_dir, mounts_at_or_below, remove
+from .fsutil import holders, is_real_dir, mounts_at_or_below, remove, remove_tree
 from .protocol import AgentError, ErrorKind
 
 MANIFEST = ".qrmfs/manifest.json"
@@ -87,26 +88,31 @@ def _not_inside_an_image(path: str, root: str) -> None:
         raise AgentError(ErrorKind.REFUSED, f"{path} is a name qrmfs keeps for itself")
 
 
-def images_below(path: str, depth: int = 4) -> list[str]:
-    """Images (directories with a manifest) strictly below path, a few levels deep."""
-    found: list[str] = []
-
-    def walk(d: str, level: int) -> None:
+def scan(top: str, depth: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
+    """Walk top a few levels deep, as images are found: ("image", path, manifest) for a directory with a
+    manifest (not entered), ("hidden", path, None) for each hidden entry (qrmfs's siblings are among them)."""
+    def walk(d: str, level: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
         try:
             entries = sorted(os.listdir(d))
         except OSError:
             return
         for e in entries:
             full = os.path.join(d, e)
-            if not is_real_dir(full):
-                continue
-            if read_manifest(full) is not None:
-                found.append(full)
-            elif level < depth:
-                walk(full, level + 1)
+            if e.startswith("."):
+                yield "hidden", full, None
+            elif is_real_dir(full):
+                m = read_manifest(full)
+                if m is not None:
+                    yield "image", full, m
+                elif level < depth:
+                    yield from walk(full, level + 1)
 
-    walk(path, 1)
-    return found
+    yield from walk(top, 1)
+
+
+def images_below(path: str, depth: int = 4) -> list[str]:
+    """Images (directories with a manifest) strictly below path, a few levels deep."""
+    return [p for kind, p, _m in scan(path, depth) if kind == "image"]
 
 
 def read_manifest(path: str) -> dict[str, Any] | None:
@@ -281,7 +287,7 @@ def op_publish(path: str, export_root: str, staging: str, force: bool) -> P.Publ
     if os.path.lexists(path):
         if not force:
             raise AgentError(ErrorKind.EXISTS, f"{path} exists")
-        remove(s.previous)
+        remove_tree(s.previous)
         os.rename(path, s.previous)
         replaced = True
     os.rename(staging, path)
@@ -307,16 +313,27 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     if busy:
         raise AgentError(ErrorKind.REFUSED, f"{path} has mounts under it: {', '.join(busy)}")
     s = siblings(path)
+    earlier = _earlier_generations(path)  # every earlier generation goes with the image
+    for tree_ in (path, *earlier):
+        busy = holders(tree_) if is_real_dir(tree_) else []
+        if busy:
+            raise AgentError(ErrorKind.REFUSED, f"{tree_} is in use by {', '.join(busy[:5])}: not removing it")
     remove(s.removing)
     os.rename(path, s.removing)  # gone from its name at once; the slow part happens out of sight
     remove(s.removing)
-    parent, gen = os.path.dirname(path), os.path.basename(s.gen_prefix)
-    for e in sorted(os.listdir(parent)):  # every earlier generation goes with the image
-        if e.startswith(gen) and e[len(gen):].isdigit():
-            remove(os.path.join(parent, e))
-    remove(s.previous)
+    for g in earlier:
+        remove(g)
     remove(s.journal)
     return P.Removed(path)
+
+
+def _earlier_generations(path: str) -> list[str]:
+    """`.NAME.qrmfs-gen-<seq>` and an old-style `.NAME.qrmfs-previous` (gens.generations orders them)."""
+    s = siblings(path)
+    parent, gen = os.path.dirname(path), os.path.basename(s.gen_prefix)
+    found = [os.path.join(parent, e) for e in sorted(os.listdir(parent))
+             if e.startswith(gen) and e[len(gen):].isdigit()]
+    return [*found, s.previous] if os.path.lexists(s.previous) else found
 
 
 SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+|gen-[0-9]+|"
@@ -329,26 +346,12 @@ def op_list(export_root: str, depth: int = 3) -> P.Listed:
         raise AgentError(ErrorKind.NOT_FOUND, f"export root {export_root} does not exist on the storage server")
     found: list[P.ListedImage] = []
     leftovers: list[P.Leftover] = []
-
-    def walk(d: str, level: int) -> None:
-        try:
-            entries = sorted(os.listdir(d))
-        except OSError:
-            return
-        for e in entries:
-            full = os.path.join(d, e)
-            if e.startswith("."):
-                leftovers.extend(_leftover(d, e))
-                continue
-            if not is_real_dir(full):
-                continue
-            m = read_manifest(full)
-            if m is not None:
-                found.append(P.ListedImage(full, m, _lock_held(siblings(full).lock)))
-            elif level < depth:
-                walk(full, level + 1)
-
-    walk(root, 1)
+    for kind, path, m in scan(root, depth):
+        if kind == "hidden":
+            leftovers.extend(_leftover(os.path.dirname(path), os.path.basename(path)))
+        else:
+            assert m is not None
+            found.append(P.ListedImage(path, m, _lock_held(siblings(path).lock)))
     return P.Listed(found, leftovers)
 
 

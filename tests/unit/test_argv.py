@@ -173,6 +173,57 @@ def test_agent_helpers() -> None:
     assert A.ssh_add_argv("/k/id") == ("ssh-add", "-q", "/k/id")
 
 
+# --- ssh's own word splitting: every value that can hold a path (issue 10, item 4) -----------------------
+
+@pytest.mark.parametrize("kh", ["/exports/x;touch /tmp/p/.img.qrmfs-known_hosts", "/a b", "/a\tb", "/a%hb",
+                                "/a'b", '/a"b', "/a\\b", "-oProxyCommand=x", "/a\nb", ""])
+def test_known_hosts_unsafe_for_ssh_is_refused(kh: str) -> None:
+    from qrmfs.errors import UsageError
+
+    for build in (lambda: A.ssh_argv(SshHost("nas"), ["true"], known_hosts=kh or None),
+                  lambda: A.rsync_rsh(SshHost("nas"), known_hosts=kh or None),
+                  lambda: A.ssh_master_argv(SshHost("nas"), "/tmp/m", known_hosts=kh or None)):
+        if not kh:
+            assert "UserKnownHostsFile" not in " ".join(build())  # none given: no option at all
+            continue
+        with pytest.raises(UsageError, match="invalid ssh known_hosts file"):
+            build()
+
+
+@given(st.text(max_size=30))
+def test_every_ssh_o_value_is_one_word_for_ssh(value: str) -> None:
+    """Whatever value comes in, what reaches `-o Key=value` has nothing ssh would split or expand."""
+    from qrmfs.errors import UsageError
+
+    try:
+        argv = A.ssh_argv(SshHost("nas"), ["true"], known_hosts=value or None, control=value or None)
+    except UsageError as e:
+        assert "\n" not in e.message
+        return
+    for a in argv:
+        if a.startswith(("UserKnownHostsFile=", "ControlPath=")):
+            v = a.split("=", 1)[1]
+            assert v and not v.startswith("-")
+            assert not any(c.isspace() or c in "'\"\\%" or ord(c) < 32 for c in v)
+
+
+@pytest.mark.parametrize("user", ["-oProxyCommand=x", "a b", ".x", ""])
+def test_ssh_user_unsafe_is_refused(user: str) -> None:
+    from qrmfs.errors import UsageError
+
+    with pytest.raises(UsageError, match="invalid ssh user"):
+        A.ssh_argv(SshHost("nas", user), ["true"])
+
+
+@pytest.mark.parametrize("identity", ["-oProxyCommand=x", "/k%h", "/k\ney"])
+def test_identity_unsafe_is_refused_but_spaces_are_fine(identity: str) -> None:
+    from qrmfs.errors import UsageError
+
+    with pytest.raises(UsageError, match="invalid ssh identity file"):
+        A.ssh_argv(SshHost("nas"), ["true"], identity=identity)
+    assert "/my keys/id" in A.ssh_argv(SshHost("nas"), ["true"], identity="/my keys/id")
+
+
 # --- update: the staging copy of the image, rsync --delete ------------------------------------------------
 
 def test_rsync_argv_delete_for_an_update() -> None:

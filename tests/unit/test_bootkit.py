@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lab import boot
 from lab.images import LabError
@@ -548,3 +550,77 @@ def test_visibility_probe_lists_the_image_root_and_wants_etc_as_a_directory() ->
     assert not boot.visible_in_listing("lrwxrwxrwx  1     0     0            8 etc\n")
     assert not boot.visible_in_listing("drwxr-xr-x  2     0     0         4096 etcetera\n")
     assert not boot.visible_in_listing("")
+
+
+# --- one private-dir rule for qrmfs and qrmfs-init (issue 10, item 10) ---------------------------------------
+
+def test_qrmfs_init_carries_the_one_private_dir_rule():
+    from qrmfs.agent import steps
+
+    text = QRMFS_INIT.read_text()
+    assert re.findall(r"^PRIVATE_DIR_CHARS='([^']*)'$", text, re.M) == [steps.PRIVATE_DIR_CHARS]
+    # every character class about private paths uses it: no second copy of the rule in the script
+    assert text.count("[!$PRIVATE_DIR_CHARS]") == 3
+    assert "A-Za-z0-9._+@/-" not in text and "A-Za-z0-9_./+@-]" not in text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.sampled_from("/ab.:_-+@ü*\\'\"$`;~%!#Z9q"), max_size=14).map(lambda s: "/" + s)
+       | st.text(max_size=10))
+def test_qrmfs_init_skips_exactly_what_qrmfs_refuses(path):
+    """check_private_path in the real script, run by sh, against steps.private_dir_problem."""
+    from qrmfs.agent import steps
+
+    if "\x00" in path or any(c.isspace() for c in path):
+        return  # qrmfs-init never sees these: it splits node.conf's list on white space first
+    r = subprocess.run(["sh", "-c", '. "$1"; p="$2"; check_private_path "${p%/}"', "sh", str(QRMFS_INIT), path],
+                       env={**os.environ, "LC_ALL": "C", "QRMFS_INIT_SOURCED": "1", "QRMFS_CONSOLE": "/dev/null",
+                            "QRMFS_KMSG": "/dev/null"}, capture_output=True, timeout=30)
+    assert (r.returncode == 0) == (steps.private_dir_problem(path) is None), (path, r.returncode)
+
+
+# --- hiding the other nodes' state (issue 10, item 11) ------------------------------------------------------
+
+def _can_unshare() -> bool:
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -m (a private mount namespace)")
+def test_hide_nodes_covers_every_nodes_state_and_keeps_the_own_reachable(fake):
+    """Real mounts, in a private mount namespace: the node's private dir bound from its state, then
+    hide_nodes. Other nodes' keys vanish, the tmpfs is read-only, the node's own files stay where they are
+    bound and at /.qrmfs/node; a second run changes nothing."""
+    st = fake.base / "img" / ".qrmfs"
+    for n in ("1", "2"):
+        (st / "nodes" / n / "etc/ssh").mkdir(parents=True)
+        (st / "nodes" / n / "etc/ssh/ssh_host_ed25519_key").write_text(f"secret-of-{n}")
+        (st / "nodes" / n / "var/lib/app").mkdir(parents=True)
+        (st / "nodes" / n / "var/lib/app/mine").write_text(f"app-of-{n}")
+    app = fake.base / "img/var/lib/app"
+    app.mkdir(parents=True)
+    script = f"""
+        mount --make-rprivate /
+        STATE="{st}"; SELF="{st}/node"; NODE="{st}/nodes/1"; ID=1
+        mount --bind "$NODE/var/lib/app" "{app}"
+        hide_nodes; echo "rc=$?"
+        hide_nodes; echo "again=$?"
+        echo "listing=$(ls -A "$STATE/nodes" | tr '\\n' ' ')"
+        cat "$STATE/nodes/2/etc/ssh/ssh_host_ed25519_key" 2>/dev/null && echo LEAK
+        touch "$STATE/nodes/x" 2>/dev/null && echo WRITABLE
+        echo "app=$(cat "{app}/mine")"
+        echo "self=$(cat "$SELF/etc/ssh/ssh_host_ed25519_key")"
+        echo "tmpfs=$(grep -c " $STATE/nodes ro," /proc/self/mountinfo)"
+    """
+    r = subprocess.run(["unshare", "-m", "sh", "-c", f'. "$1"; {script}', "sh", str(QRMFS_INIT)],
+                       env=fake.env(), capture_output=True, text=True, timeout=60)
+    out = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    assert "LEAK" not in r.stdout and "WRITABLE" not in r.stdout, r.stdout + r.stderr
+    assert out == {"rc": "0", "again": "0", "listing": "", "app": "app-of-1", "self": "secret-of-1",
+                   "tmpfs": "1"}, r.stdout + r.stderr
+    assert "the other nodes' state is hidden" in fake.said
+    # outside the namespace nothing changed: the host still sees both nodes' state
+    assert (st / "nodes/2/etc/ssh/ssh_host_ed25519_key").read_text() == "secret-of-2"

@@ -41,9 +41,6 @@ backoff = 0.25
 [ssh]
 identity_file = "~/.ssh/qrmfs_ed25519"
 known_hosts = "/etc/qrmfs/known_hosts"
-
-[defaults]
-arch = "x86_64"
 """
 
 
@@ -67,7 +64,6 @@ def test_parse_full(tmp_path: Path) -> None:
         identity_file=f"{home}/.ssh/qrmfs_ed25519",
         known_hosts="/etc/qrmfs/known_hosts",
         spool_dir="/var/spool/qrmfs",
-        defaults={"arch": "x86_64"},
     )
     assert isinstance(c.openqrm.timeout, float)
 
@@ -250,3 +246,89 @@ def test_load_env_var_missing_file_is_config_error(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("QRMFS_CONFIG", str(tmp_path / "typo.toml"))
     with pytest.raises(ConfigError, match="typo.toml"):
         config.load()
+
+
+# --- every setting validated at load time (issue 10: bad openQRM and ssh settings) --------------------------
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"openqrm": {"url": "notaurl"}}, "config: invalid openqrm.url 'notaurl': expected http(s)://HOST[:PORT]/PATH"),
+    ({"openqrm": {"url": "ftp://q/openqrm"}}, "expected http(s)://HOST[:PORT]/PATH"),
+    ({"openqrm": {"url": "http:///openqrm"}}, "expected http(s)://HOST[:PORT]/PATH"),
+    ({"openqrm": {"url": "http://u:pw@q/openqrm"}}, "credentials do not belong in the URL"),
+    ({"openqrm": {"url": "http://q/openqrm?x=1"}}, "no query or fragment"),
+    ({"openqrm": {"url": "http://q:99999/openqrm"}}, "bad port"),
+    ({"openqrm": {"url": "http://q /openqrm"}}, "white space or a control character"),
+    ({"openqrm": {"url": "http://-oProxy/openqrm"}}, "invalid host in openqrm.url"),
+    ({"openqrm": {"retries": -1}}, "config: openqrm.retries must be 0-100, not -1"),
+    ({"openqrm": {"retries": 1000}}, "config: openqrm.retries must be 0-100, not 1000"),
+    ({"openqrm": {"backoff": -1}}, "config: openqrm.backoff must be a number >= 0, not -1"),
+    ({"openqrm": {"backoff": float("nan")}}, "config: openqrm.backoff must be a number >= 0, not nan"),
+    ({"openqrm": {"timeout": 0}}, "config: openqrm.timeout must be a number > 0, not 0"),
+    ({"openqrm": {"timeout": -3.5}}, "config: openqrm.timeout must be a number > 0, not -3.5"),
+    ({"openqrm": {"timeout": float("inf")}}, "config: openqrm.timeout must be a number > 0, not inf"),
+    ({"openqrm": {"ca_file": "/nonexistent/ca.pem"}}, "config: openqrm.ca_file /nonexistent/ca.pem is not a "
+                                                       "readable file"),
+    ({"storage": {"s": {"address": "h", "ssh_user": "-oProxyCommand=x"}}},
+     "config: invalid storage.s.ssh_user '-oProxyCommand=x': 1-32 of letters"),
+    ({"hosts": {"w": {"address": "h", "ssh_user": "a b"}}}, "config: invalid hosts.w.ssh_user 'a b'"),
+    ({"hosts": {"w": {"address": "h", "ssh_user": ""}}}, "config: invalid hosts.w.ssh_user ''"),
+    ({"storage": {"s": {"address": "h", "ssh_port": 0}}}, "config: storage.s.ssh_port must be 1-65535, not 0"),
+    ({"storage": {"s": {"address": "h", "ssh_port": 65536}}}, "ssh_port must be 1-65535, not 65536"),
+    ({"storage": {"s": {"address": "h", "nfs_address": "a;b"}}}, "config: invalid storage.s.nfs_address 'a;b'"),
+    ({"storage": {"s": {"address": "h", "storage_id": -1}}}, "config: storage.s.storage_id must be >= 0, not -1"),
+    ({"storage": {"s": {"address": "h", "export_root": "/srv/my exports"}}},
+     "config: invalid storage.s.export_root '/srv/my exports': component 'my exports' must be 1-255 ASCII"),
+    ({"storage": {"s": {"address": "h", "export_root": "/srv/.hidden"}}}, "component '.hidden'"),
+    ({"ssh": {"known_hosts": "/etc/qrmfs/known hosts"}},
+     "config: invalid ssh.known_hosts '/etc/qrmfs/known hosts': must not contain ' '"),
+    ({"ssh": {"known_hosts": "/etc/%h_hosts"}}, "must not contain '%'"),
+    ({"ssh": {"known_hosts": "-oProxyCommand=x"}}, "config: invalid ssh.known_hosts '-oProxyCommand=x': must not "
+                                                   "start with '-'"),
+    ({"ssh": {"identity_file": "-i/x"}}, "config: invalid ssh.identity_file '-i/x': must not start with '-'"),
+    ({"ssh": {"identity_file": "/k\ney"}}, "must not contain '\\n'"),
+    ({"spool_dir": "/sp\x00ool"}, "config: spool_dir '/sp\\x00ool' must be a path without control characters"),
+    ({"spool_dir": ""}, "config: spool_dir '' must be a path"),
+])
+def test_bad_settings_are_config_errors(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.parse(data)
+    assert message in ei.value.message
+    assert ei.value.message.startswith("config: ")
+    assert "\n" not in ei.value.message
+    assert ei.value.exit_code == 3
+
+
+def test_good_openqrm_and_ssh_settings(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    c = config.parse({"openqrm": {"url": "https://[fd00::5]:8443/openqrm", "retries": 0, "backoff": 0,
+                                  "timeout": 0.5, "ca_file": str(ca)},
+                      "ssh": {"identity_file": "/my keys/id_ed25519", "known_hosts": "~/.ssh/known_hosts"},
+                      "storage": {"s": {"address": "h", "ssh_user": "svc.qrmfs-1", "ssh_port": 65535}}})
+    assert c.openqrm == OpenQrm("https://[fd00::5]:8443/openqrm", None, None, 0.5, 0, 0.0, str(ca))
+    assert c.identity_file == "/my keys/id_ed25519"  # -i PATH is one argv word: ssh does not split it
+    assert c.storage["s"].ssh.user == "svc.qrmfs-1"
+
+
+def test_cli_bad_ssh_user_exits_3_before_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from qrmfs import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'spool_dir = "{tmp_path}/spool"\n[storage.nas]\naddress = "127.0.0.1"\n'
+                   'ssh_user = "-oProxyCommand=touch /tmp/pwned"\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = cli.main(["create", "-t", "nas:/exports/img", "-l", str(tmp_path), "-o", "--config", str(cfg)])
+    _, err = capsys.readouterr()
+    assert code == 3
+    assert err.splitlines() == ["qrmfs: error: config: invalid storage.nas.ssh_user "
+                                "'-oProxyCommand=touch /tmp/pwned': 1-32 of letters, digits, '_', '.', '-', "
+                                "not starting with '-' or '.'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_path_with_a_newline_stays_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(tmp_path / "a\nb.toml"))
+    assert "\n" not in ei.value.message and "\\n" in ei.value.message

@@ -67,7 +67,7 @@ def test_target_parse_good(value: str, storage: str, path: str, name: str, paren
     ("nas1:/exports/../etc", "not canonical"),
     ("nas1:/exports/./img", "not canonical"),
     ("nas1:/exports//img", "not canonical"),
-    ("nas1://exports/img", "not canonical"),
+    ("nas1://exports/img", "not a URL (did you mean 'nas1:/exports/img'?)"),
     ("nas1:/exports/img/", "not canonical"),
     ("nas1:/exports/im\tg", "control character"),
     ("nas1:/exports/img\n", "control character"),
@@ -211,3 +211,87 @@ def test_private_dirs_bad(adds: list[str], excludes: list[str], why: str) -> Non
 def test_private_add_similar_names_to_live_dirs_are_fine() -> None:
     assert model.private_dirs(["/procedures", "/system", "/devel", "/running"], []) == (
         ["/procedures", "/system", "/devel", "/running"], [])
+
+
+# --- every component of a target path (issue 10, item 4) ---------------------------------------------
+
+COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("storage:/exports/x;touch /tmp/p/img", "component 'x;touch ' must be 1-255 ASCII letters"),
+    ("nas1:/exports/my dir/img", "component 'my dir'"),
+    ("nas1:/exports/-rf/img", "component '-rf'"),
+    ("nas1:/exports/.img.qrmfs-staging-1/img", "component '.img.qrmfs-staging-1'"),
+    ("nas1:/exports/$(id)/img", "component '$(id)'"),
+    ("nas1:/exports/ünï/img", "component 'ünï'"),
+    ("nas1:/exports/a%h/img", "component 'a%h'"),
+    ("nas1:/ex ports/img", "component 'ex ports'"),
+])
+def test_target_every_component_obeys_the_rule(value: str, why: str) -> None:
+    with pytest.raises(UsageError) as ei:
+        Target.parse(value)
+    assert why in ei.value.message
+    assert ei.value.message.startswith(f"invalid path in target {value.split(':', 1)[1]!r}: ")
+
+
+def test_target_url_spelling_suggests_the_path() -> None:
+    with pytest.raises(UsageError) as ei:
+        Target.parse("storage://exports/img")
+    assert ei.value.message == ("invalid target 'storage://exports/img': STORAGE:/path, not a URL "
+                                "(did you mean 'storage:/exports/img'?)")
+
+
+def test_non_canonical_suggestion_is_a_single_slash_path() -> None:
+    with pytest.raises(UsageError, match=r"not canonical \(write '/exports/img'\)"):
+        model.abs_path("//exports//img/", "path")
+
+
+@given(st.lists(st.from_regex(COMPONENT, fullmatch=True), min_size=1, max_size=4),
+       st.from_regex(r"[A-Za-z0-9_]{1,50}", fullmatch=True))
+def test_target_accepts_every_path_of_good_components(parents: list[str], name: str) -> None:
+    path = "/" + "/".join([*parents, name])
+    if any(c in (".", "..") for c in parents):
+        return
+    assert Target.parse(f"nas1:{path}").path == path
+
+
+@given(st.lists(st.from_regex(COMPONENT, fullmatch=True), max_size=3),
+       st.text(alphabet=st.characters(blacklist_characters="/"), max_size=12).filter(
+           lambda c: not COMPONENT.fullmatch(c)),
+       st.integers(0, 3))
+def test_target_refuses_any_bad_component_anywhere(good: list[str], bad: str, at: int) -> None:
+    parts = [*good]
+    parts.insert(min(at, len(parts)), bad)
+    value = "nas1:/" + "/".join([*parts, "img1"])
+    with pytest.raises(UsageError) as ei:
+        Target.parse(value)
+    assert ei.value.exit_code == 2
+    assert "\n" not in ei.value.message
+
+
+@pytest.mark.parametrize(("url", "ok"), [
+    ("http://qrm/openqrm", True), ("https://10.0.0.1:8443/openqrm", True), ("https://[fd00::1]/o", True),
+    ("notaurl", False), ("qrm/openqrm", False), ("http://", False), ("file:///etc/passwd", False),
+    ("http://u@qrm/openqrm", False), ("http://qrm/openqrm#x", False), ("http://qrm/o?", False),
+    ("http://qrm:0x/o", False), ("http://q rm/o", False),
+])
+def test_openqrm_url(url: str, ok: bool) -> None:
+    if ok:
+        assert model.openqrm_url(url) == url
+    else:
+        with pytest.raises(UsageError, match="invalid openQRM URL"):
+            model.openqrm_url(url)
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("/srv/a:b", "has characters other than ASCII letters, digits and '_./+@-' (':'); qrmfs-init would skip it"),
+    ("/var/lib/ünï", "has characters other than"),
+    ("/.qrmfs/nodes", "cannot be per node"),
+    ("/srv/a*", "has characters other than"),
+])
+def test_private_dir_refuses_what_qrmfs_init_would_skip(value: str, why: str) -> None:
+    with pytest.raises(UsageError) as ei:
+        model.private_dirs([value], [])
+    assert why in ei.value.message
+    assert model.private_dirs(["/srv/a+b@c_d.e-f"], []) == (["/srv/a+b@c_d.e-f"], [])

@@ -357,3 +357,17 @@ def test_generations_are_listed_beside_images_and_gc_keeps_them(env: dict[str, P
     code, out = qrmfs(env, "gc", capsys=capsys)
     assert code == 0 and out["result"]["removed"] == []
     assert (env["root"] / ".img1.qrmfs-gen-1/.qrmfs/manifest.json").is_file()
+
+
+def test_a_generation_in_use_is_not_pruned(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    assert update(env, capsys)[0] == 0
+    gen1 = env["root"] / ".img1.qrmfs-gen-1"
+    with open(gen1 / "usr/bin/tool") as held:  # as the NFS server holds the files of a node still running on it
+        code = cli.main(["update", "-t", f"local:{env['img']}", "--config", str(env["cfg"])])
+        err = capsys.readouterr().err
+        assert code == 0 and "could not be deleted" in err and "in use by" in err, err
+        assert [s for s, _ in gens.generations(str(env["img"]))] == [1, 2]
+        assert held.read() == "version 1\n"
+    assert update(env, capsys)[0] == 0  # no longer held: pruned down to keep_generations
+    assert [s for s, _ in gens.generations(str(env["img"]))] == [3]

@@ -98,8 +98,9 @@ def names(exports: Path) -> list[str]:
 
 
 def spool(tmp_path: Path) -> list[str]:
+    """The jobs waiting in the spool (their lock files aside)."""
     d = tmp_path / "spool"
-    return sorted(os.listdir(d)) if d.is_dir() else []
+    return sorted(n for n in os.listdir(d) if n.endswith(".json")) if d.is_dir() else []
 
 
 def test_create_copies_prepares_publishes_and_registers(env: Env, exports: Path, source: Path, server: OpenQrm,
@@ -197,10 +198,17 @@ def test_openqrm_down_keeps_the_registration_in_the_spool(env: Env, exports: Pat
     assert (exports / "img1/.qrmfs/manifest.json").is_file()
     (job,) = spool(tmp_path)
     assert PASSWORD not in (tmp_path / "spool" / job).read_text()
+    from qrmfs.actions.listing import list_images
+
+    (row,) = list_images(env, "local").images  # found by storage identity and path, however it was spelled
+    assert (row.registration.state, row.registration.spool_job) == (RegState.PENDING, job[:-len(".json")])
     server.status = 200
     from qrmfs.actions.common import flush_spool
 
-    flush_spool(env, creds(), quick=False)
+    for claim in env._claims.values():  # the create's process ends: it gives its job up
+        claim.release()
+    later = Env(env.cfg, Runner(), Ui(), transport=env.transport)  # a later `qrmfs flush`
+    flush_spool(later, creds(), quick=False)
     assert spool(tmp_path) == [] and server.commands().count("new_image") == 1
 
 

@@ -8,26 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from qrmfs.agent import protocol as P
-from qrmfs.config import SshHost, Storage
 from qrmfs.runner import Runner
 from qrmfs.storage import StorageSide
 
 HOLDER = "tester@host pid 1 (create img1)"
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path.resolve() / "exports"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
-def side(root: Path) -> StorageSide:
-    return StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
 
 
 def _alive(pid: int) -> bool:

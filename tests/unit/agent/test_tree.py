@@ -17,13 +17,6 @@ from qrmfs.agent.protocol import encode
 from qrmfs.agent.tree import AgentError
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path.resolve() / "exports"
-    r.mkdir()
-    return r
-
-
 def image(path: Path, manifest: dict[str, Any] | None = None) -> Path:
     (path / "etc").mkdir(parents=True, exist_ok=True)
     (path / "etc/hostname").write_text("n\n")
@@ -435,3 +428,25 @@ def test_no_image_made_where_images_lie_below(root: Path) -> None:
     msg = refused("refused", tree.op_stage, str(root / "lab"), str(root), "t")
     assert str(root / "lab/deep/img1") in msg
     assert sorted(os.listdir(root)) == ["lab"]
+
+
+# --- a tree in use is never deleted (issue 10, class 2) ---------------------------------------------------
+
+def test_a_generation_in_use_is_not_deleted(root: Path) -> None:
+    import subprocess
+
+    image(root / "img1", {"image": "img1"})
+    prev = image(root / ".img1.qrmfs-previous", {"image": "img1"})
+    user = subprocess.Popen(["sleep", "60"], cwd=prev / "etc")  # like a process (or the NFS server) using it
+    try:
+        st = enc(tree.op_stage)(str(root / "img1"), str(root), "t")["staging"]
+        tree.write_manifest(st, {"image": "img1"})
+        with pytest.raises(fsutil.InUse, match=rf"in use by pid {user.pid} \(sleep\)"):
+            tree.op_publish(str(root / "img1"), str(root), st, True)
+        assert (prev / "etc/hostname").exists() and (root / "img1/etc/hostname").exists()
+        msg = refused("refused", tree.op_remove, str(root / "img1"), str(root), False)
+        assert f"pid {user.pid} (sleep)" in msg and (root / "img1/etc/hostname").exists()
+    finally:
+        user.kill()
+        user.wait()
+    assert enc(tree.op_remove)(str(root / "img1"), str(root), False) == {"removed": str(root / "img1")}

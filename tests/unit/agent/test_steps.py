@@ -600,3 +600,42 @@ def test_host_keygen_unit_where_keys_are_removed(tmp_path: Path, opts: Options, 
         assert "ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key" in unit.read_text()
         assert os.readlink(link) == f"/etc/systemd/system/{steps.HOSTKEY_UNIT}"
         assert found(root, opts, ["host-keygen", "host-keys"]) == []
+
+
+# --- private directories qrmfs-init would skip (issue 10, item 10) -----------------------------------------
+
+def test_validate_flags_a_node_conf_path_qrmfs_init_would_skip(img: Path) -> None:
+    """An image made before the rule (or a hand-edited node.conf): the options come from its manifest."""
+    opts = Options("img1", private_add=["/srv/a:b", "/var/lib/ünï"], node_init=NODE_INIT)
+    steps.apply(str(img), opts)  # what an older qrmfs did
+    got = [(f.path, f.problem, f.fix) for f in check_only(str(img), opts, ["node-init"])]
+    why = ": qrmfs-init skips it at boot, so all nodes would share it (recreate the image with a valid --private-add)"
+    assert got == [
+        ("/srv/a:b", "private directory has characters other than ASCII letters, digits and '_./+@-' (':')" + why,
+         None),
+        ("/var/lib/ünï", "private directory has characters other than ASCII letters, digits and '_./+@-' "
+                         "('ï', 'ü')" + why, None)]
+
+
+def test_validate_flags_what_node_conf_says_even_when_the_manifest_differs(img: Path) -> None:
+    opts = Options("img1", private_add=["/var/lib/app"], node_init=NODE_INIT)
+    steps.apply(str(img), opts)
+    conf = img / "etc/qrmfs/node.conf"
+    conf.write_text(conf.read_text().replace("QRMFS_PRIVATE='/var/lib/app'",
+                                             "QRMFS_PRIVATE='/var/lib/app /srv/x y /.qrmfs/nodes'"))
+    flagged = {f.path for f in check_only(str(img), opts, ["node-init"]) if f.fix is None}
+    assert flagged == {"y", "/.qrmfs/nodes"}  # split on white space as qrmfs-init splits it; /srv/x is bound
+
+
+@pytest.mark.parametrize(("path", "problem"), [
+    ("/var/lib/app", None), ("/var/lib/app/", None), ("/srv/a+b@c_d.e-f", None), ("/srv//x", None),
+    ("var/lib", "is not an absolute path"), ("", "is not an absolute path"), ("/", "is not an absolute path"),
+    ("/srv/a:b", "has characters other than"), ("/srv/a b", "has characters other than"),
+    ("/srv/*", "has characters other than"), ("/.qrmfs", "cannot be per node"),
+    ("/.qrmfs/nodes/1", "cannot be per node"), ("/proc/x", "cannot be per node"), ("//", "cannot be per node"),
+    ("/srv/../etc", "has a '.' or '..' component"), ("/srv/.", "has a '.' or '..' component"),
+    ("/srv/.hidden", None),
+])
+def test_private_dir_problem(path: str, problem: str | None) -> None:
+    got = steps.private_dir_problem(path)
+    assert (got is None) if problem is None else (got is not None and got.startswith(problem)), got

@@ -24,18 +24,6 @@ from qrmfs.storage import StorageSide
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path.resolve() / "exports"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
-def side(root: Path) -> StorageSide:
-    return StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
-
-
 def test_inspect_runs_agent_in_subprocess(side: StorageSide, root: Path) -> None:
     info = side.inspect(str(root / "img1"))
     assert (info.exists, info.is_image, info.parent_exists, info.previous, info.manifest) == (

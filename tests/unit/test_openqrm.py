@@ -109,13 +109,12 @@ def test_image_fields_exact() -> None:
     }
 
 
-def test_image_fields_shared_no_storage_id_mount_options() -> None:
+def test_image_fields_shared_no_storage_id() -> None:
     f = openqrm.image_fields(name="n", rootdevice="/e/n", storage_id=None, shared=True, comment="",
-                             arch="i686", os_name="Debian 12", mount_options="ro,nolock")
+                             arch="i686", os_name="Debian 12")
     assert f == {"image_name": "n", "image_type": "nfs-deployment", "image_rootdevice": "/e/n",
                  "image_rootfstype": "nfs", "image_storageid": "", "image_isshared": "1", "image_comment": "",
-                 "image_capabilities": "arch=i686 os=Debian 12",
-                 "image_deployment_parameter": 'IMAGE_NFS_MOUNT_OPTIONS="ro,nolock"'}
+                 "image_capabilities": "arch=i686 os=Debian 12"}
 
 
 def test_request_builders() -> None:
@@ -382,4 +381,73 @@ def test_job_json_round_trip() -> None:
 def test_public_view() -> None:
     j = job(openqrm.new_image(FIELDS), openqrm.event("e", 10, "done"))
     assert openqrm.public(j) == {"id": j.id, "image": "img1", "target": "nas1:/exports/img1", "url": URL,
+                                 "auth": None, "storage": None,
                                  "pending": ["new_image img1", "event e (priority 10): done"]}
+
+
+# --- claims: one qrmfs process at a time per job ------------------------------------------------------
+
+def test_claim_is_exclusive_and_released(tmp_path: Path) -> None:
+    s = Spool(str(tmp_path / "sp"))
+    c = s.claim("j1")
+    assert c is not None
+    assert s.claim("j1") is None  # a second open file description cannot take it (as another process)
+    assert s.claim("j2") is not None
+    c.release()
+    c2 = s.claim("j1")
+    assert c2 is not None
+    c2.release(unlink=True)
+    assert not (tmp_path / "sp" / "j1.lock").exists()
+
+
+def test_claim_waits_with_a_deadline(tmp_path: Path) -> None:
+    import time
+
+    s = Spool(str(tmp_path / "sp"))
+    held = s.claim("j1")
+    t0 = time.monotonic()
+    assert s.claim("j1", wait=0.3) is None
+    assert 0.3 <= time.monotonic() - t0 < 3
+    assert held is not None
+    held.release()
+
+
+def test_claim_never_trusts_an_unlinked_lock_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder that unlinks the lock file while holding it: a waiter that had opened the old file must not
+    believe it holds the job; it retries on the path's current file."""
+    import os as _os
+
+    s = Spool(str(tmp_path / "sp"))
+    s.dir.mkdir(parents=True)
+    path = s.dir / "j1.lock"
+    real_open = _os.open
+    calls = {"n": 0}
+
+    def open_then_replace(p: Any, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(p, flags, mode)
+        calls["n"] += 1
+        if calls["n"] == 1:  # between our open and our flock, the file at the path is replaced
+            path.unlink()
+            path.write_text("")
+        return fd
+
+    monkeypatch.setattr(openqrm.os, "open", open_then_replace)
+    c = s.claim("j1")
+    assert c is not None and calls["n"] == 2
+    assert c.fd is not None and _os.fstat(c.fd).st_ino == path.stat().st_ino
+
+
+def test_deliver_refuses_a_job_of_another_url(tmp_path: Path) -> None:
+    srv = FakeQrm()
+    j = Job("http://elsewhere/openqrm", USER, "img1", "nas1:/exports/img1", [openqrm.new_image(FIELDS)])
+    with pytest.raises(RegistrationError, match="belongs to http://elsewhere/openqrm"):
+        client(srv, []).deliver(j, Spool(str(tmp_path / "sp")))
+    assert srv.log == []
+
+
+def test_job_loads_without_the_new_fields(tmp_path: Path) -> None:
+    """Spool files written before jobs were bound (no auth, no storage) still load."""
+    d = json.loads(job(openqrm.new_image(FIELDS)).to_json())
+    del d["auth"], d["storage"]
+    j = Job.from_json(json.dumps(d))
+    assert (j.auth, j.storage) == (None, None)
