@@ -58,12 +58,17 @@ def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | Non
 
 def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of one command line
                excludes: Sequence[str] = (), rsh: str | None = None,
-               progress: bool = False, live_root: bool = True, drift: bool = False) -> tuple[str, ...]:
+               progress: bool = False, live_root: bool = True, drift: bool = False,
+               delete: bool = False) -> tuple[str, ...]:
     """rsync with full fidelity: hard links, ACLs, xattrs, sparse files, numeric ids, devices and specials,
     one filesystem, the live-root excludes, then the operator's -e excludes (anchored at the source root).
-    drift: the same comparison as a dry run that lists each difference and changes nothing."""
+    drift: the same comparison as a dry run that lists each difference and changes nothing.
+    delete: the destination already holds a tree (an update's copy of the image): what the source no longer
+    has, or what is excluded now, is deleted, so the result equals a fresh copy."""
     argv = ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system"]
     argv += ["--dry-run", "--itemize-changes", "--delete"] if drift else ["--stats"]
+    if delete and not drift:
+        argv += ["--delete", "--delete-excluded"]
     if progress and not drift:
         argv += ["--info=progress2"]
     for e in (*(LIVE_EXCLUDES if live_root else ()), *excludes):
@@ -72,6 +77,14 @@ def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of 
         argv += ["-e", rsh]
     argv += [src.rstrip("/") + "/", dest.rstrip("/") + "/"]
     return tuple(argv)
+
+
+def copy_tree_argv(src: str, entries: Sequence[str], dest: str, *, reflink: bool) -> tuple[str, ...]:
+    """cp of the named entries of src into dest, keeping everything cp -a keeps (hard links within the copy,
+    modes, owners, times, ACLs, xattrs). reflink: share extents (XFS, btrfs), else a plain copy. Never hard
+    links: each generation must stay independent of the others."""
+    return ("cp", "-a", f"--reflink={'always' if reflink else 'never'}", "--no-dereference",
+            "-t", dest, "--", *(src.rstrip("/") + "/" + e for e in entries))
 
 
 def remote_spec(h: SshHost, path: str) -> str:

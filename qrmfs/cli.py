@@ -251,6 +251,10 @@ def validate(  # noqa: PLR0913 - typer: one parameter per command-line option
 def list_(
     storage: Annotated[str | None, typer.Argument(metavar="STORAGE", autocompletion=complete_storage_name,
                                                   hidden=True)] = None,
+    generations: Annotated[bool, typer.Option("--generations", help="Show each image's generations: when, from "
+                                              "which source, what changed, what each costs.")] = False,
+    target: Annotated[str | None, typer.Option("-t", "--target", metavar="STORAGE:/PATH",
+                                               help="With --generations: only this image.")] = None,
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
     """List the images on STORAGE (a name in the config or an address), or on every configured storage server.
@@ -262,7 +266,114 @@ def list_(
     from .actions.listing import list_images
 
     env = _env(config, verbose)
+    if target is not None and not generations:
+        raise UsageError("-t/--target goes with --generations")
+    if generations:
+        from .actions.update import generations_listing
+
+        _emit("list", generations_listing(env, storage, model.Target.parse(target) if target else None), as_json)
+        return
     _emit("list", list_images(env, storage), as_json)
+
+
+def _flag(value: bool | None, key: str, into: dict[str, object]) -> None:
+    if value is not None:
+        into[key] = value
+
+
+@app.command()
+def update(  # noqa: PLR0913 - typer: one parameter per command-line option
+    target: TargetOpt,
+    location: Annotated[str | None, typer.Option("-l", "--location", metavar="HOST:/PATH",
+                                                 help="The source (default: the one in the image's manifest).")]
+    = None,
+    exclude: Annotated[list[str] | None, typer.Option("-e", "--exclude", metavar="DIR", help="Directory of the "
+                                                      "source not to copy (repeatable; replaces the recorded list).")]
+    = None,
+    private_add: Annotated[list[str] | None, typer.Option("--private-add", metavar="DIR", help="Directory private "
+                                                          "to each node (repeatable; replaces the recorded list).")]
+    = None,
+    private_exclude: Annotated[list[str] | None, typer.Option("--private-exclude", metavar="DIR", help="Directory "
+                                                              "inside a private one that stays common.")] = None,
+    arch: Annotated[str | None, typer.Option("-a", "--arch", metavar="TAG", help="Architecture tag.")] = None,
+    operating_system: Annotated[str | None, typer.Option("--operation-system", "--operating-system", metavar="TAG",
+                                                         help="Operating system tag.")] = None,
+    keep_services: Annotated[bool | None, typer.Option("--keep-services/--remove-services",
+                                                       help="Override the recorded choice.")] = None,
+    keep_network: Annotated[bool | None, typer.Option("--keep-network/--remove-network",
+                                                      help="Override the recorded choice.")] = None,
+    hostname: Annotated[str | None, typer.Option("--hostname", metavar="NAME", help="Hostname of the image.")]
+    = None,
+    shared: Annotated[bool | None, typer.Option("--shared/--not-shared", help="Override the recorded choice.")]
+    = None,
+    route: Annotated[str | None, typer.Option("--route", metavar="ssh|nfs", help="Default: the recorded one.")]
+    = None,
+    username: User = None, password: Password = None, password_file: PasswordFile = None,
+    only_physical: Annotated[bool, typer.Option("-o", "--only-physical", help="Send openQRM nothing.")] = False,
+    openqrm_url: Url = None, dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would change "
+                                                                   "(rsync's itemized changes); touch nothing.")]
+    = False,
+    as_json: Json = False, config: Config = None, verbose: Verbose = False,
+) -> None:
+    """Re-pull an image from its source into a new generation (incremental, atomic, node state kept).
+
+    \b
+    Example:
+      qrmfs update -t nas1:/exports/web1 --dry-run
+    """
+    from .actions import update as act
+
+    env = _env(config, verbose)
+    t = model.Target.parse(target)
+    over: dict[str, object] = {}
+    if exclude is not None:
+        over["excludes"] = [model.plain_path(e, "-e/--exclude directory") for e in exclude]
+    if private_add is not None or private_exclude is not None:
+        adds, pexcl = model.private_dirs(private_add or [], private_exclude or [])
+        if private_add is not None:
+            over["private_add"] = adds
+        if private_exclude is not None:
+            over["private_exclude"] = pexcl
+    if arch is not None:
+        over["arch"] = model.tag(arch, "architecture")
+    if operating_system is not None:
+        over["os"] = model.os_name(operating_system)
+    if hostname is not None:
+        over["hostname"] = model.hostname(hostname)
+    _flag(keep_services, "keep_services", over)
+    _flag(keep_network, "keep_network", over)
+    _flag(shared, "shared", over)
+    try:
+        how = model.Route(route) if route else None
+    except ValueError:
+        raise UsageError(f"invalid --route {route!r}: use ssh or nfs") from None
+    req = act.UpdateRequest(target=t, location=model.Location.parse(location) if location else None, overrides=over,
+                            only_physical=only_physical, route=how, dry_run=dry_run,
+                            creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
+    _emit("update", act.update(req, env), as_json)
+
+
+@app.command()
+def rollback(  # noqa: PLR0913 - typer: one parameter per command-line option
+    target: TargetOpt,
+    username: User = None, password: Password = None, password_file: PasswordFile = None,
+    only_physical: Annotated[bool, typer.Option("-o", "--only-physical", help="Send openQRM nothing.")] = False,
+    openqrm_url: Url = None, dry_run: DryRun = False, as_json: Json = False, config: Config = None,
+    verbose: Verbose = False,
+) -> None:
+    """Make the newest earlier generation of an image current again (node state kept).
+
+    \b
+    Example:
+      qrmfs rollback -t nas1:/exports/web1
+    """
+    from .actions import update as act
+
+    env = _env(config, verbose)
+    req = act.RollbackRequest(target=model.Target.parse(target), only_physical=only_physical, dry_run=dry_run,
+                              creds=_registration(env, only_physical, username, password, password_file,
+                                                  openqrm_url))
+    _emit("rollback", act.rollback(req, env), as_json)
 
 
 @app.command()

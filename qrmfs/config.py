@@ -67,6 +67,7 @@ class Config:
     identity_file: str | None = None
     known_hosts: str | None = None
     spool_dir: str = "~/.local/state/qrmfs/spool"
+    keep_generations: int = 1  # earlier generations of an image kept by update (and create --force)
 
     def storage_for(self, token: str) -> Storage:
         """A storage server by its config name, else by address (ssh as root, port 22, export root /exports)."""
@@ -179,8 +180,11 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
     spool = _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool")
     if not spool or any(ord(c) < 32 or ord(c) == 127 for c in spool):
         raise ConfigError(f"config: spool_dir {spool!r} must be a path without control characters")
+    keep = _get(data, "keep_generations", int, "", 1)
+    if keep < 0:
+        raise ConfigError("config: keep_generations must be 0 or more")
     return Config(path, storage, hosts, oq, _ssh_path(ssh, "identity_file"), _ssh_path(ssh, "known_hosts"),
-                  spool)
+                  spool, keep)
 
 
 def _shown(p: str) -> str:

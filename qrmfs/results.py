@@ -88,7 +88,7 @@ class Built(Result):
     warnings: list[str] = field(default_factory=list)
 
     def text(self) -> str:
-        verb = {"create": "created", "clone": "cloned"}.get(self.command, self.command)
+        verb = {"create": "created", "clone": "cloned", "update": "updated"}.get(self.command, self.command)
         return (f"{verb} {self.target} from {self.source}: {self.files} files, {self.bytes / 2**20:.1f} MiB; "
                 f"registration: {self.registration}")
 
@@ -127,6 +127,102 @@ class BuildPlan(Result):
             lines.append("  registration: none (-o/--only-physical)")
         lines.append("nothing was changed")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class UpdatePlan(Result):
+    """update --dry-run: what would change (rsync's itemized dry run, counted by kind); nothing changed."""
+    image: str
+    target: str
+    source: str
+    counts: dict[str, int]
+    changes: list[dict[str, str]]
+    truncated: bool
+    options: dict[str, Any]
+    keep_generations: int
+    registration: list[str]
+    unsent_fields: list[str]
+    dry_run: bool = True
+
+    def text(self) -> str:
+        total = sum(self.counts.values())
+        lines = [f"dry run: update {self.target} from {self.source}: {total} change(s)"
+                 + (" (" + ", ".join(f"{k} {v}" for k, v in self.counts.items()) + ")" if total else "")]
+        lines += [f"  {c['change']} {c['path']}" for c in self.changes]
+        if self.truncated:
+            lines.append(f"  ... ({total - len(self.changes)} more)")
+        lines.append(f"  the current image would become the newest earlier generation (keep_generations = "
+                     f"{self.keep_generations})")
+        lines.append("  openQRM: " + (", ".join(self.registration) if self.registration else "nothing sent")
+                     + (f"; the record keeps its {', '.join(self.unsent_fields)}" if self.unsent_fields else ""))
+        lines.append("nothing was changed")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RolledBack(Result):
+    target: str
+    to: str                 # the generation that became current (its directory before the swap)
+    made: str               # when that generation was made
+    kept_as: str | None     # where the replaced image went
+    registration: Registration
+    dry_run: bool = False
+
+    def text(self) -> str:
+        if self.dry_run:
+            return f"would roll {self.target} back to {self.to} (made {self.made}); nothing was changed"
+        return (f"rolled back {self.target} to the generation made {self.made}; the replaced image is kept as "
+                f"{self.kept_as}; openQRM: {self.registration}")
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    path: str
+    role: str
+    seq: int | None
+    made: str
+    made_by: str | None
+    source: str | None
+    changes: dict[str, int] | None
+    base_copy: str | None
+    files: int | None
+    bytes: int | None
+    cost: int | None
+    id: str | None
+
+
+@dataclass(frozen=True)
+class Generations(Result):
+    target: str
+    generations: list[GenerationRow]
+    interrupted: bool = False   # a publish was interrupted; the next operation on the image finishes it
+
+    def text(self) -> str:
+        lines = [f"{self.target}:" + (" (an interrupted publish is finished by the next operation)"
+                                      if self.interrupted else "")]
+        for g in self.generations:
+            ch = g.changes or {}
+            what = (f"+{ch.get('created', 0)} -{ch.get('deleted', 0)} ~{ch.get('transferred', 0)}"
+                    if g.changes is not None else "-")
+            cost = f"{g.cost / 2**20:.1f} MiB" if g.cost is not None else "?"
+            name = "current" if g.role == "current" else f"gen {g.seq}"
+            lines.append(f"  {name:<8} {g.made:<21} {what:<18} cost {cost:<12} copy {g.base_copy or '?':<20} "
+                         f"from {g.source or '?'}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GenerationListing(Result):
+    images: list[Generations]
+    errors: list[StorageFailure] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join(g.text() for g in self.images) if self.images else "no images"
+
+    def failure(self) -> QrmfsError | None:
+        if not self.errors:
+            return None
+        return ConnectError("; ".join(f"storage server {e.storage}: {e.error}" for e in self.errors))
 
 
 @dataclass(frozen=True)

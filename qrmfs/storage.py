@@ -25,7 +25,7 @@ from .config import Storage
 from .errors import ConnectError, ExistsError, LockedError, NotFoundError, QrmfsError, RefusedError, StorageError
 from .runner import CommandFailed, Runner, tail
 
-AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "supervise", "main")
+AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "gens", "supervise", "main")
 # The -c program is tiny and fixed; the loader and the agent modules come on stdin (first JSON line).
 BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'
 LOADER = """
@@ -170,6 +170,18 @@ class StorageSide:
 
     def check(self, path: str, options: P.Options, root: str | None = None) -> P.Checked:
         return self._call(P.Check(path, self.root, options, root))
+
+    def stage_update(self, path: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
+        return self._call(P.StageUpdate(path, self.root, token, known_hosts))
+
+    def publish_update(self, path: str, staging: str, keep: int) -> P.Swapped:
+        return self._call(P.PublishUpdate(path, self.root, staging, keep))
+
+    def rollback(self, path: str, keep: int) -> P.Swapped:
+        return self._call(P.Rollback(path, self.root, keep))
+
+    def generations(self, path: str, costs: bool = False) -> P.GenerationList:
+        return self._call(P.Generations(path, self.root, costs))
 
     def supervised(self, path: str, argv: Sequence[str], holder: str | None,
                    forward_agent: bool = False) -> tuple[tuple[str, ...], bytes]:

@@ -82,7 +82,7 @@ def parse_stats(text: str) -> dict[str, int]:
     """The numbers of rsync --stats we keep in the manifest."""
     keys = {"Number of files": "files", "Number of regular files transferred": "regular_transferred",
             "Total file size": "bytes", "Total transferred file size": "bytes_transferred",
-            "Number of created files": "created"}
+            "Number of created files": "created", "Number of deleted files": "deleted"}
     out: dict[str, int] = {}
     for line in text.splitlines():
         k, sep, v = line.partition(":")

@@ -99,8 +99,10 @@ def parts(src: Source, dest: str) -> list[tuple[str, str, list[str], str]]:
     return out
 
 
-def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift: bool = False) -> CopyPlan:
-    """The rsync command lines copying src into `into`: one for the root and one per separate filesystem."""
+def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift: bool = False,
+         delete: bool = False) -> CopyPlan:
+    """The rsync command lines copying src into `into`: one for the root and one per separate filesystem.
+    delete: `into` already holds a copy of the image (an update): rsync deletes what the source lacks."""
     host = None if src.host is None or src.host.is_local else src.host
     how = hop(host, into)
     storage = into.storage
@@ -126,7 +128,7 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
         elif how is Hop.PULL_ON_STORAGE and host is not None:
             rsh, s = A.rsync_rsh(host, known_hosts=into.known_hosts), A.remote_spec(host, sp)
         rs = A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress, live_root=src.live_root and i == 0,
-                          drift=drift)
+                          drift=drift, delete=delete)
         copies.append(Copy(rs, _where(how, storage, host), what,
                            on_storage=how in (Hop.ON_STORAGE, Hop.PULL_ON_STORAGE),
                            forward_agent=how is Hop.PULL_ON_STORAGE))

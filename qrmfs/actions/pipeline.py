@@ -1,9 +1,16 @@
-"""The one way an image comes into being (create and clone), as named steps:
+"""The one way an image comes into being (create and clone) or gets a new generation (update, create
+--force of an existing image), as named steps:
 
     lock -> check the target -> stage -> copy -> prepare -> manifest -> publish -> register
 
 A failure anywhere before publish removes the staging copy: nothing under the image's name, no
-registration. Registration after publish goes through the spool, so it is never lost."""
+registration. Registration after publish goes through the spool, so it is never lost.
+
+A new generation of an existing image is incremental: the staging copy starts as a copy of the current
+image (`cp -a --reflink=always` where the file system shares extents, a plain copy otherwise; never hard
+links, so each generation stays independent of the others and of what nodes write), then rsync --delete
+brings it to the source's state and the preparation runs again. The publish is the agent's journaled swap
+(agent/gens.py): node state moves in, the old image becomes the newest generation."""
 
 from __future__ import annotations
 
@@ -16,13 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__, openqrm
+from .. import argv as A
 from ..agent import steps
-from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published
+from ..agent.gens import generation_id
+from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, StagedUpdate
 from ..agent.tree import siblings
 from ..config import SshHost, Storage
 from ..errors import ExistsError, QrmfsError, StorageError
 from ..model import Route, Target
 from ..results import Built, Registration, RegState
+from ..runner import tail
 from ..storage import StorageSide, node_init_script
 from ..transfer import run_rsync
 from . import copyplan, hosts
@@ -83,6 +93,9 @@ class BuildSpec:
     manifest: dict[str, Any]          # what the action records (options, excludes, ...); the pipeline adds the rest
     also_lock: tuple[tuple[StorageSide, str], ...] = ()
     discover_mounts: bool = False     # read the source's mount table (create from a live host)
+    new_record: bool = True           # register with new_image; False (update): the record stays, events only
+    keep_generations: int = 1         # earlier generations kept beside the image after a new one is published
+    parent: dict[str, Any] | None = None  # the current image's manifest, when a new generation is made
 
     @property
     def name(self) -> str:
@@ -102,6 +115,8 @@ class Run:
     prepared: Prepared | None = None
     counts: dict[str, int] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    incremental: bool = False         # a new generation of the image at the target
+    base_copy: dict[str, Any] = field(default_factory=dict)  # how the staging copy of the image was made
 
 
 def build(env: Env, spec: BuildSpec) -> Built:
@@ -112,16 +127,20 @@ def build(env: Env, spec: BuildSpec) -> Built:
     pin = _pin(env, spec, source)
     with ExitStack() as held:
         _lock(env, run, held)
-        _check_target(run.side.inspect(spec.place.path), spec)
+        info = run.side.inspect(spec.place.path)
+        _check_target(info, spec)
+        run.incremental = spec.force and info.is_image
+        if run.incremental and spec.parent is None:
+            spec = run.spec = dataclasses.replace(spec, parent=info.manifest)
         if run.job and spec.enroll:
             deliver(env, spec.enroll.creds, run.job, quick=True)  # the "started" event, if openQRM answers now
-        _stage(env, run, source, pin)
         try:
+            _stage(env, run, source, pin)
             assert run.plan is not None
             run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name))
             _prepare(env, run)
             _write_manifest(run)
-            published = run.side.publish(spec.place.path, run.staging, spec.force)
+            published = _publish(env, run)
         except BaseException as e:
             _discard(env, run)
             _report_failure(env, run, e)
@@ -177,10 +196,52 @@ def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
 
 def _stage(env: Env, run: Run, source: copyplan.Source, pin: str | None) -> None:
     spec = run.spec
-    staged = run.side.stage(spec.place.path, uuid.uuid4().hex[:10], pin)
-    run.staging = staged.staging
-    run.plan = copyplan.plan(env.cfg, source, copyplan.Into(spec.place.agent, staged.staging, spec.place.here,
-                                                              staged.known_hosts), progress=env.ui.tty)
+    token = uuid.uuid4().hex[:10]
+    if run.incremental:
+        up = run.side.stage_update(spec.place.path, token, pin)
+        run.staging = up.staging
+        _copy_image(env, run, up)
+        known_hosts = up.known_hosts
+    else:
+        staged = run.side.stage(spec.place.path, token, pin)
+        run.staging, known_hosts = staged.staging, staged.known_hosts
+    run.plan = copyplan.plan(env.cfg, source, copyplan.Into(spec.place.agent, run.staging, spec.place.here,
+                                                              known_hosts), progress=env.ui.tty,
+                             delete=run.incremental)
+
+
+def _copy_image(env: Env, run: Run, up: StagedUpdate) -> None:
+    """The staging copy starts as a copy of the current image (without /.qrmfs): reflinks where the file
+    system shares extents, else a plain copy. Its time and method go into the manifest."""
+    method = "reflink" if up.reflink else "copy"
+    env.ui.step(f"copying the current image into staging ({method})")
+    t0 = time.monotonic()
+    if up.entries:
+        spec = run.spec
+        cp = A.copy_tree_argv(spec.place.path, up.entries, up.staging, reflink=up.reflink)
+        # on a storage server, under the agent's supervision like rsync: it stops when we go or lose the lock
+        argv, stdin = (cp, None) if run.side.local else run.side.supervised(spec.place.path, cp,
+                                                                             holder(spec.command, spec.name))
+        r = env.runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
+        if r.code != 0:
+            raise StorageError(f"copying the current image into staging failed ({method}, exit {r.code})",
+                               tail(r.stderr))
+    run.base_copy = {"method": method, "seconds": round(time.monotonic() - t0, 3), "entries": len(up.entries)}
+
+
+def _publish(env: Env, run: Run) -> Published:
+    spec = run.spec
+    if not run.incremental:
+        return run.side.publish(spec.place.path, run.staging, spec.force)
+    try:
+        swapped = run.side.publish_update(spec.place.path, run.staging, spec.keep_generations)
+    except QrmfsError as e:
+        e.message += ("; if the publish had begun, the next qrmfs operation on the image finishes it (its node "
+                      "state is never left behind)")
+        raise
+    for f in swapped.prune_failed:
+        env.ui.warn(f"an earlier generation could not be deleted (the next operation on the image tries again): {f}")
+    return Published(swapped.path, True, swapped.generation)
 
 
 def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None
@@ -249,12 +310,32 @@ def _write_manifest(run: Run) -> None:
         "copy": run.plan.hop.value, "rsync": run.rsync,
         "separate_filesystems": run.plan.mounts.include, "skipped_mounts": run.plan.mounts.skipped,
         "counts": run.counts,
+        "generation": _generation(run),
         "preparation": {"steps": [s.name for s in steps.STEPS], "fixed": _findings(run.prepared.fixed)},
-        "registration": Registration(RegState.PENDING if run.job else RegState.NOT_REGISTERED).record(),
+        "registration": _registration_record(run),
         "validation": {"state": "clean" if not left else "problems", "findings": _findings(left),
                        "time": _iso(time.time())},
     }
     run.side.write_manifest(place.path, run.staging, run.manifest)
+
+
+def _registration_record(run: Run) -> dict[str, Any]:
+    if run.job:
+        return Registration(RegState.PENDING).record()
+    if run.incremental and not run.spec.new_record:  # a new generation, not sent (-o): the record is as it was
+        return Registration.of_manifest(run.spec.parent).record()
+    return Registration(RegState.NOT_REGISTERED).record()
+
+
+def _generation(run: Run) -> dict[str, Any]:
+    """This generation: its id, the one it replaced, how its tree was made, what changed (rsync's counts)."""
+    parent = generation_id(run.spec.parent) if run.incremental else None
+    changes = {k: sum(r["stats"].get(src, 0) for r in run.rsync)
+               for k, src in (("created", "created"), ("deleted", "deleted"), ("transferred", "regular_transferred"),
+                              ("bytes_transferred", "bytes_transferred"))}
+    return {"id": uuid.uuid4().hex, "made_by": run.spec.command, "parent": parent,
+            "base_copy": run.base_copy if run.incremental else {"method": "none (a fresh copy)"},
+            "changes": changes}
 
 
 def _discard(env: Env, run: Run) -> None:
@@ -280,12 +361,15 @@ def _report_failure(env: Env, run: Run, e: BaseException) -> None:
 
 
 def _register(env: Env, run: Run, published: Published) -> Registration:
-    """Deliver the registration with retries; if the server stays away, it waits in the spool."""
+    """Deliver the registration with retries; if the server stays away, it waits in the spool. An update
+    keeps the image's openQRM record as it is (same name, same path: its fields do not change), so it sends
+    only the events: openQRM's update_image needs an image_id, which qrmfs cannot learn."""
     spec, job = run.spec, run.job
     if not (job and spec.enroll):
         return Registration(RegState.NOT_REGISTERED)
-    job.requests += ([openqrm.remove_by_name(spec.name)] if published.replaced else []) + [
-        openqrm.new_image(spec.enroll.fields),
+    record = ([openqrm.remove_by_name(spec.name)] if published.replaced else []) + [
+        openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
+    job.requests += record + [
         _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
     try:
         why = deliver(env, spec.enroll.creds, job)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import fsutil, steps, supervise, tree
+from . import fsutil, gens, steps, supervise, tree
 from . import protocol as P
 from .protocol import AgentError, ErrorKind
 
@@ -49,11 +49,16 @@ HANDLERS: dict[type[Any], Callable[[Any], Any]] = {
     P.UnpinHost: _fields(tree.op_unpin_host),
     P.Prepare: _under(_prepare),
     P.Check: _under(_check),
+    P.StageUpdate: _fields(gens.op_stage_update),
+    P.PublishUpdate: _fields(gens.op_publish_update),
+    P.Rollback: _fields(gens.op_rollback),
+    P.Generations: _fields(gens.op_generations),
 }
 
 
 def _hold_lock(req: P.Lock) -> int:
     fd, locked = tree.take_lock(req.path, req.export_root, req.holder)
+    gens.recover(req.path)  # a publish a crash interrupted is finished before anything else happens
     print(P.ok_line(locked), flush=True)
     sys.stdin.read()  # returns at EOF: our qrmfs is done (or gone); the flock dies with this process
     tree.release_lock(fd, req.path)

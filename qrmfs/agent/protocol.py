@@ -136,6 +136,41 @@ class Removed:
 
 
 @dataclass(frozen=True)
+class StagedUpdate:
+    """A staging directory for an update, the image's top-level entries to copy into it, and whether the
+    file system shares extents (reflinks) so the copy can be cheap."""
+    staging: str
+    known_hosts: str | None
+    entries: list[str]
+    reflink: bool
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """A journaled publish (update or rollback) done: where the replaced image went, what was pruned."""
+    path: str
+    generation: str | None
+    pruned: list[str]
+    nodes_moved: bool
+    prune_failed: list[str] = field(default_factory=list)  # generations that could not be deleted (yet)
+
+
+@dataclass(frozen=True)
+class Generation:
+    path: str
+    role: str              # "current" | "generation"
+    seq: int | None        # generations: higher is newer; 0 is an old-style .NAME.qrmfs-previous
+    manifest: dict[str, Any] | None
+    cost: int | None       # bytes shared with no other tree (reflinks); None when not asked for
+
+
+@dataclass(frozen=True)
+class GenerationList:
+    generations: list[Generation]
+    journal: bool          # a publish was interrupted and is finished under the next lock
+
+
+@dataclass(frozen=True)
 class ListedImage:
     path: str
     manifest: dict[str, Any]
@@ -266,6 +301,45 @@ class Publish(Request[Published]):
 
 
 @dataclass(frozen=True)
+class StageUpdate(Request[StagedUpdate]):
+    op: ClassVar[str] = "stage_update"
+    answer: ClassVar[type] = StagedUpdate
+    path: str
+    export_root: str
+    token: str
+    known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class PublishUpdate(Request[Swapped]):
+    """The journaled publish of an update: node state moves in, the image becomes the newest generation."""
+    op: ClassVar[str] = "publish_update"
+    answer: ClassVar[type] = Swapped
+    path: str
+    export_root: str
+    staging: str
+    keep: int
+
+
+@dataclass(frozen=True)
+class Rollback(Request[Swapped]):
+    op: ClassVar[str] = "rollback"
+    answer: ClassVar[type] = Swapped
+    path: str
+    export_root: str
+    keep: int
+
+
+@dataclass(frozen=True)
+class Generations(Request[GenerationList]):
+    op: ClassVar[str] = "generations"
+    answer: ClassVar[type] = GenerationList
+    path: str
+    export_root: str
+    costs: bool = False
+
+
+@dataclass(frozen=True)
 class Remove(Request[Removed]):
     op: ClassVar[str] = "remove"
     answer: ClassVar[type] = Removed
@@ -360,7 +434,8 @@ class Run(Request[Ran]):
 
 REQUESTS: dict[str, type[Request[Any]]] = {
     r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
-                      PinHost, UnpinHost, Prepare, Check, Run)}
+                      PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, PublishUpdate, Rollback,
+                      Generations)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------

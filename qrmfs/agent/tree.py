@@ -3,7 +3,9 @@
 Layout beside an image `<parent>/<name>` (all hidden, all on the same filesystem so rename is atomic):
   .<name>.qrmfs-lock            flock held by the one qrmfs operation on this image; names its holder
   .<name>.qrmfs-staging-<id>    a copy being made; never looks like an image (no manifest until ready)
-  .<name>.qrmfs-previous        the image replaced by `create --force`, kept for rollback
+  .<name>.qrmfs-gen-<seq>       an earlier generation of the image (update, rollback), with its own manifest
+  .<name>.qrmfs-previous        an image replaced by `create --force` before generations existed (generation 0)
+  .<name>.qrmfs-journal         the intent of a publish in progress (gens.py): finished under the next lock
 and inside the image `.qrmfs/manifest.json` (what was done) and `.qrmfs/nodes/` (per-node state).
 """
 
@@ -34,6 +36,8 @@ class Siblings:
     previous: str
     known_hosts: str
     removing: str
+    gen_prefix: str
+    journal: str
 
 
 def siblings(path: str) -> Siblings:
@@ -42,7 +46,9 @@ def siblings(path: str) -> Siblings:
                     staging_prefix=os.path.join(parent, f".{name}.qrmfs-staging-"),
                     previous=os.path.join(parent, f".{name}.qrmfs-previous"),
                     known_hosts=os.path.join(parent, f".{name}.qrmfs-known_hosts"),
-                    removing=os.path.join(parent, f".{name}.qrmfs-removing"))
+                    removing=os.path.join(parent, f".{name}.qrmfs-removing"),
+                    gen_prefix=os.path.join(parent, f".{name}.qrmfs-gen-"),
+                    journal=os.path.join(parent, f".{name}.qrmfs-journal"))
 
 
 def _is_staging(path: str, staging: str) -> bool:
@@ -180,7 +186,9 @@ def _clean_leftovers(path: str) -> list[str]:
     s = siblings(path)
     parent = os.path.dirname(path)
     found = [os.path.join(parent, e) for e in sorted(os.listdir(parent))]
-    doomed = [p for p in found if p.startswith(s.staging_prefix) or p in (s.known_hosts, s.removing)]
+    # a staging copy named by the journal is an update's publish under way: gens.recover() finishes it
+    doomed = [p for p in found if (p.startswith(s.staging_prefix) and not _journaled(path, p))
+              or p in (s.known_hosts, s.removing)]
     for p in doomed:
         remove(p)
     return doomed
@@ -245,9 +253,20 @@ def op_discard(path: str, export_root: str, staging: str) -> P.Discarded:
     _check_under(path, export_root)
     if not _is_staging(path, staging):
         raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    if _journaled(path, staging):
+        # its publish began (gens.py): it is finished, never undone, under the image's next lock
+        return P.Discarded("")
     remove(staging)
     remove(siblings(path).known_hosts)
     return P.Discarded(staging)
+
+
+def _journaled(path: str, staging: str) -> bool:
+    try:
+        with open(siblings(path).journal) as f:
+            return bool(json.load(f).get("incoming") == staging)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def op_write_manifest(path: str, export_root: str, staging: str, manifest: dict[str, Any]) -> P.Written:
@@ -294,18 +313,31 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     if busy:
         raise AgentError(ErrorKind.REFUSED, f"{path} has mounts under it: {', '.join(busy)}")
     s = siblings(path)
-    for tree_ in (path, s.previous):
+    earlier = _earlier_generations(path)  # every earlier generation goes with the image
+    for tree_ in (path, *earlier):
         busy = holders(tree_) if is_real_dir(tree_) else []
         if busy:
             raise AgentError(ErrorKind.REFUSED, f"{tree_} is in use by {', '.join(busy[:5])}: not removing it")
     remove(s.removing)
     os.rename(path, s.removing)  # gone from its name at once; the slow part happens out of sight
     remove(s.removing)
-    remove(s.previous)
+    for g in earlier:
+        remove(g)
+    remove(s.journal)
     return P.Removed(path)
 
 
-SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+)$")
+def _earlier_generations(path: str) -> list[str]:
+    """`.NAME.qrmfs-gen-<seq>` and an old-style `.NAME.qrmfs-previous` (gens.generations orders them)."""
+    s = siblings(path)
+    parent, gen = os.path.dirname(path), os.path.basename(s.gen_prefix)
+    found = [os.path.join(parent, e) for e in sorted(os.listdir(parent))
+             if e.startswith(gen) and e[len(gen):].isdigit()]
+    return [*found, s.previous] if os.path.lexists(s.previous) else found
+
+
+SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+|gen-[0-9]+|"
+                     r"journal|removing-gen-[0-9]+)$")
 
 
 def op_list(export_root: str, depth: int = 3) -> P.Listed:
@@ -328,7 +360,8 @@ def _leftover(parent: str, entry: str) -> list[P.Leftover]:
     if not m:
         return []
     image = os.path.join(parent, m.group(1))
-    kind = "staging" if m.group(2).startswith("staging-") else m.group(2)
+    kind = ("staging" if m.group(2).startswith("staging-") else "generation" if m.group(2).startswith("gen-")
+            else "removing" if m.group(2).startswith("removing-") else m.group(2))
     path = os.path.join(parent, entry)
     held = _lock_held(siblings(image).lock)
     if kind == "lock" and (held or os.path.lexists(image)):

@@ -161,8 +161,9 @@ def test_existing_image_is_not_overwritten_without_force(lab, cfg, image_path, o
     on_storage(f"test -f {image_path}/marker")
     r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", "--force", config=cfg)
     assert r.returncode == 0, r.stderr
+    # an existing image gets a new generation: the one it replaced is kept as the newest earlier generation
     on_storage(f"test ! -e {image_path}/marker && test -f {posixpath.dirname(image_path)}/."
-               f"{_name(image_path)}.qrmfs-previous/marker")
+               f"{_name(image_path)}.qrmfs-gen-1/marker")
 
 
 def test_locked_image_is_refused_at_once_naming_the_holder(lab, cfg, image_path):

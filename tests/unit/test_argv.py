@@ -222,3 +222,21 @@ def test_identity_unsafe_is_refused_but_spaces_are_fine(identity: str) -> None:
     with pytest.raises(UsageError, match="invalid ssh identity file"):
         A.ssh_argv(SshHost("nas"), ["true"], identity=identity)
     assert "/my keys/id" in A.ssh_argv(SshHost("nas"), ["true"], identity="/my keys/id")
+
+
+# --- update: the staging copy of the image, rsync --delete ------------------------------------------------
+
+def test_rsync_argv_delete_for_an_update() -> None:
+    assert A.rsync_argv("/", "/d", delete=True) == (
+        "rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats", "--delete", "--delete-excluded",
+        *LIVE, "/", "/d/")
+    # the drift check already lists deletions; delete adds nothing to a dry run
+    assert A.rsync_argv("/", "/d", drift=True, delete=True) == A.rsync_argv("/", "/d", drift=True)
+
+
+def test_copy_tree_argv_reflink_or_plain_never_hard_links() -> None:
+    argv = A.copy_tree_argv("/exports/img/", ["etc", "-odd name"], "/exports/.img.qrmfs-staging-1", reflink=True)
+    assert argv == ("cp", "-a", "--reflink=always", "--no-dereference", "-t", "/exports/.img.qrmfs-staging-1",
+                    "--", "/exports/img/etc", "/exports/img/-odd name")
+    plain = A.copy_tree_argv("/exports/img", ["etc"], "/s", reflink=False)
+    assert plain[2] == "--reflink=never" and "-l" not in plain and "--link" not in plain

@@ -193,7 +193,8 @@ total size is 5,368,709,120  speedup is 1.07
 
 def test_parse_stats_large_numbers() -> None:
     assert parse_stats(STATS_327) == {"files": 123456, "created": 123455, "regular_transferred": 99999,
-                                      "bytes": 5368709120, "bytes_transferred": 5000000000}
+                                      "bytes": 5368709120, "bytes_transferred": 5000000000,
+                                      "deleted": 0}
 
 
 def test_parse_stats_ignores_other_text() -> None:
@@ -225,7 +226,7 @@ def test_run_rsync_real_local_copy(tmp_path: Path) -> None:
     assert (warning, code) == (None, 0)
     # a is transferred once (-H), h is its hard link; the symlink's size is the length of its target
     assert stats == {"files": 6, "created": 5, "regular_transferred": 2, "bytes": 200_004,
-                     "bytes_transferred": 100_003}
+                     "bytes_transferred": 100_003, "deleted": 0}
     assert seen and seen[-1][0] == 100_003
     assert os.stat(dst / "a").st_ino == os.stat(dst / "h").st_ino
     assert os.readlink(dst / "l") == "a"

@@ -20,7 +20,7 @@ from qrmfs.actions import remove as remove_act
 from qrmfs.actions import validate as validate_act
 from qrmfs.actions.common import Credentials, Env
 from qrmfs.config import load
-from qrmfs.errors import ExistsError, QrmfsError, StorageError, TransferError
+from qrmfs.errors import ExistsError, QrmfsError, TransferError
 from qrmfs.model import Location, Target
 from qrmfs.results import RegState
 from qrmfs.runner import Runner
@@ -165,23 +165,29 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
         fn()
 
 
-def test_failed_publish_keeps_the_old_image(env: Env, exports: Path, source: Path, server: OpenQrm,
-                                            tmp_path: Path, cleanup: list[Callable[[], None]]) -> None:
+def test_an_undeletable_old_generation_never_fails_the_publish(env: Env, exports: Path, source: Path,
+                                                                server: OpenQrm, tmp_path: Path,
+                                                                cleanup: list[Callable[[], None]]) -> None:
     create(env, exports, source)
     server.requests.clear()
-    # the previous generation cannot be deleted (an immutable file in it): publish of the replacement fails
+    # the oldest generation cannot be deleted (an immutable file in it): the new generation is published all
+    # the same (create --force of an image makes a new generation), the old one is left and tried again later
     prev = exports / ".img1.qrmfs-previous"
     (prev / "etc").mkdir(parents=True)
     (prev / "etc/pinned").write_text("x")
     undo = _immutable(prev / "etc/pinned")
     if undo is None:
         pytest.skip("chattr +i is not supported here")
-    cleanup.append(undo)
-    with pytest.raises(StorageError):
-        create(env, exports, source, force=True)
-    assert sorted(n for n in names(exports) if "staging" in n) == []
-    assert (exports / "img1/.qrmfs/manifest.json").is_file()  # the old image is still there, whole
-    assert "new_image" not in server.commands() and "remove_by_name" not in server.commands()
+    moved = exports / ".img1.qrmfs-removing-gen-0/etc/pinned"
+    cleanup.append(lambda: subprocess.run(["chattr", "-i", str(moved if moved.exists() else prev / "etc/pinned")],
+                                          check=True))
+    r = create(env, exports, source, force=True)
+    assert r.replaced and r.previous == str(exports / ".img1.qrmfs-gen-1")  # type: ignore[attr-defined]
+    assert any("could not be deleted" in w for w in env.ui.warnings)
+    assert sorted(n for n in names(exports) if "staging" in n or "journal" in n) == []
+    assert (exports / "img1/.qrmfs/manifest.json").is_file()
+    assert (exports / ".img1.qrmfs-removing-gen-0/etc/pinned").is_file()  # left, out of the generations' way
+    assert server.commands().count("new_image") == 1
 
 
 def test_openqrm_down_keeps_the_registration_in_the_spool(env: Env, exports: Path, source: Path, server: OpenQrm,

@@ -44,6 +44,8 @@ def test_siblings() -> None:
         "previous": "/exports/lab/.img1.qrmfs-previous",
         "known_hosts": "/exports/lab/.img1.qrmfs-known_hosts",
         "removing": "/exports/lab/.img1.qrmfs-removing",
+        "gen_prefix": "/exports/lab/.img1.qrmfs-gen-",
+        "journal": "/exports/lab/.img1.qrmfs-journal",
     }
 
 

@@ -1,0 +1,354 @@
+"""Generations of an image: the journaled publish of an update or a rollback, recovery, pruning, and what
+each generation costs.
+
+An image `<parent>/<name>` keeps its earlier generations beside it as `.<name>.qrmfs-gen-<seq>` (a higher
+seq is newer; an old-style `.<name>.qrmfs-previous` counts as seq 0). Each is a complete tree with its own
+manifest. Node state (`/.qrmfs/nodes`) lives only in the current image: it moves with every publish.
+
+A publish (`swap`) brings an `incoming` tree (a finished staging copy, or a generation for rollback) in as the
+image. Steps, each one recoverable:
+    journal  write `.<name>.qrmfs-journal`: {incoming, outgoing, new_id, keep}
+    nodes    rename <image>/.qrmfs/nodes -> <incoming>/.qrmfs/nodes
+    swap     exchange <incoming> and <image> (renameat2 RENAME_EXCHANGE: the image's name never disappears;
+             two renames where the file system cannot exchange)
+    retire   rename <incoming> (now the old image) -> <outgoing>, the newest generation
+    prune    generations beyond `keep` are renamed out of sight, then deleted
+    done     the journal is removed
+The next operation on the image takes its lock and calls recover(), which finishes a journaled publish
+(it only ever moves forward: the incoming tree was complete before the journal was written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import struct
+import time
+from typing import Any
+
+from . import protocol as P
+from .fsutil import Mounted, holders, is_real_dir, remove, write_file
+from .protocol import AgentError, ErrorKind
+from .tree import _check_under, _is_staging, read_manifest, siblings, write_manifest
+
+NODES = ".qrmfs/nodes"
+CRASH_ENV = "QRMFS_TEST_CRASH_AT"  # tests: the agent dies (os._exit) right after the named step
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os._exit(137)
+
+
+def generations(path: str) -> list[tuple[int, str]]:
+    """(seq, dir) of every earlier generation, oldest first."""
+    s = siblings(path)
+    parent, prefix = os.path.dirname(path), os.path.basename(s.gen_prefix)
+    out = []
+    for e in os.listdir(parent) if is_real_dir(parent) else []:
+        full = os.path.join(parent, e)
+        if e.startswith(prefix) and e[len(prefix):].isdigit() and is_real_dir(full):
+            out.append((int(e[len(prefix):]), full))
+    if is_real_dir(s.previous):
+        out.append((0, s.previous))
+    return sorted(out)
+
+
+def _next_generation(path: str) -> str:
+    gens = generations(path)
+    return siblings(path).gen_prefix + str((gens[-1][0] if gens else 0) + 1)
+
+
+def generation_id(manifest: dict[str, Any] | None) -> str | None:
+    g = (manifest or {}).get("generation") or {}
+    return g.get("id") if isinstance(g, dict) else None
+
+
+def _is_generation(path: str, d: str) -> bool:
+    return any(g == d for _, g in generations(path))
+
+
+# --- the journaled publish -------------------------------------------------------------------------------
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two directory entries atomically. False when this system cannot (then nothing was changed)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    e = ctypes.get_errno()
+    if e in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(e, os.strerror(e), a)
+
+
+def _move_nodes(image: str, incoming: str) -> bool:
+    """The image's node state moves into the incoming tree (a rename: same inodes, so running nodes' bind
+    mounts keep working). Once the incoming tree holds node state, it is the one that was moved there (see
+    _set_aside): a node that booted in between and seeded a new one in the image leaves that with the image."""
+    src, dst = os.path.join(image, NODES), os.path.join(incoming, NODES)
+    if not os.path.lexists(src) or os.path.lexists(dst):
+        return False
+    d = os.path.dirname(dst)
+    if not is_real_dir(d):
+        os.makedirs(d, 0o755)
+    os.rename(src, dst)
+    return True
+
+
+def _set_aside(incoming: str) -> None:
+    """Node state an old generation still carries (an image replaced by create --force before generations
+    existed kept its nodes) is renamed aside before the journal is written, never mixed with the current."""
+    dst = os.path.join(incoming, NODES)
+    if os.path.lexists(dst):
+        os.rename(dst, dst + time.strftime(".superseded-%Y%m%dT%H%M%S", time.gmtime()))
+
+
+def _read_journal(path: str) -> dict[str, Any] | None:
+    j = siblings(path).journal
+    if not os.path.isfile(j) or os.path.islink(j):
+        return None
+    try:
+        with open(j) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
+    """Carry a journaled publish through to its end, from whatever step it reached."""
+    incoming, outgoing, new_id = j["incoming"], j["outgoing"], j["new_id"]
+    nodes_moved = False
+    if generation_id(read_manifest(path)) != new_id:  # the swap has not happened yet
+        if not is_real_dir(incoming):
+            remove(siblings(path).journal)  # nothing to bring in: the journal is stale
+            raise AgentError(ErrorKind.REFUSED, f"{incoming} is gone; the publish it journaled cannot finish")
+        if os.path.lexists(path):
+            nodes_moved = _move_nodes(path, incoming)
+            _crash_point("nodes")
+            if not _exchange(incoming, path):
+                os.rename(path, outgoing)
+                _crash_point("retire-first")
+                os.rename(incoming, path)
+        else:  # two-rename fallback interrupted between its renames
+            os.rename(incoming, path)
+        _crash_point("swap")
+    if os.path.lexists(incoming) and os.path.lexists(path) and not os.path.lexists(outgoing):
+        os.rename(incoming, outgoing)  # after an exchange, incoming's name holds the old image
+    _crash_point("retire")
+    pruned, failed = prune(path, int(j.get("keep", 1)))
+    _crash_point("prune")
+    remove(siblings(path).known_hosts)  # the source's pinned host key served the copy only
+    remove(siblings(path).journal)
+    return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed)
+
+
+def _swap(path: str, incoming: str, keep: int) -> P.Swapped:
+    m = read_manifest(incoming)
+    if m is None:
+        raise AgentError(ErrorKind.REFUSED, f"{incoming} has no manifest: not publishing an unfinished image")
+    new_id = generation_id(m)
+    if new_id is None:  # a generation made before generation ids: give it one (its manifest, by replace)
+        new_id = os.urandom(8).hex()
+        m["generation"] = {"id": new_id}
+        write_manifest(incoming, m)
+    _set_aside(incoming)
+    j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep}
+    write_file(siblings(path).journal, (json.dumps(j) + "\n").encode(), 0o600)
+    _crash_point("journal")
+    return _finish(path, j)
+
+
+def recover(path: str) -> P.Swapped | None:
+    """Finish a publish that a crash interrupted, and drop generations half-deleted by a crashed prune.
+    Call only while holding the image's lock."""
+    s = siblings(path)
+    parent = os.path.dirname(path)
+    if is_real_dir(parent):
+        for e in os.listdir(parent):
+            if os.path.join(parent, e).startswith(s.removing + "-gen-"):
+                with contextlib.suppress(OSError, Mounted):  # what cannot be deleted now is tried again later
+                    remove(os.path.join(parent, e))
+    j = _read_journal(path)
+    if j is None:
+        if os.path.lexists(s.journal):
+            remove(s.journal)
+        return None
+    try:
+        return _finish(path, j)
+    except AgentError:
+        return None  # a stale journal (its tree is gone): removed
+
+
+def prune(path: str, keep: int) -> tuple[list[str], list[str]]:
+    """Delete the oldest generations beyond `keep` (each renamed out of sight first, so a crash never leaves
+    a half-deleted tree that looks like a generation). (deleted, could not delete): a generation that cannot
+    be deleted never undoes the publish; what is left of it is tried again at the next lock."""
+    gone, failed = [], []
+    gens = generations(path)
+    for seq, d in gens[:max(0, len(gens) - keep)]:
+        hidden = f"{siblings(path).removing}-gen-{seq}"
+        busy = holders(d)
+        if busy:  # a node still runs on it (the NFS server holds its files), or a shell is in it: kept
+            failed.append(f"{d}: in use by {', '.join(busy[:5])}")
+            continue
+        try:
+            remove(hidden)
+            os.rename(d, hidden)
+            remove(hidden)
+            gone.append(d)
+        except (OSError, Mounted) as e:
+            failed.append(f"{d}: {e.strerror}: {e.filename}" if isinstance(e, OSError) else f"{d}: {e}")
+    return gone, failed
+
+
+def op_publish_update(path: str, export_root: str, staging: str, keep: int) -> P.Swapped:
+    """A finished staging copy becomes the image; the image becomes the newest generation."""
+    _check_under(path, export_root)
+    if not _is_staging(path, staging) or not is_real_dir(staging):
+        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    if read_manifest(path) is None:
+        raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
+    return _swap(path, staging, keep)
+
+
+def op_rollback(path: str, export_root: str, keep: int) -> P.Swapped:
+    """The newest generation becomes the image again; the image becomes the newest generation."""
+    _check_under(path, export_root)
+    if read_manifest(path) is None:
+        raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest")
+    gens = [(seq, d) for seq, d in generations(path) if read_manifest(d) is not None]
+    if not gens:
+        raise AgentError(ErrorKind.NOT_FOUND, f"{path} has no earlier generation to roll back to")
+    return _swap(path, gens[-1][1], max(keep, len(generations(path))))
+
+
+def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
+    """A fresh staging directory for an update, the image's top-level entries to copy into it (all but
+    /.qrmfs: the manifest is written anew and node state moves at publish), and whether the file system
+    can share extents (reflinks)."""
+    from .tree import op_stage
+
+    _check_under(path, export_root)
+    if read_manifest(path) is None:
+        raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
+    staged = op_stage(path, export_root, token, known_hosts)
+    entries = sorted(e for e in os.listdir(path) if e != ".qrmfs")
+    return P.StagedUpdate(staged.staging, staged.known_hosts, entries, can_reflink(staged.staging))
+
+
+FICLONE = 0x40049409
+
+
+def can_reflink(directory: str) -> bool:
+    """Whether files in this directory can share extents (FICLONE on two scratch files)."""
+    import fcntl
+
+    a, b = os.path.join(directory, ".qrmfs-reflink-a"), os.path.join(directory, ".qrmfs-reflink-b")
+    try:
+        with open(a, "wb") as fa:
+            fa.write(b"x" * 4096)
+        with open(a, "rb") as fa, open(b, "wb") as fb:
+            fcntl.ioctl(fb.fileno(), FICLONE, fa.fileno())
+        return True
+    except OSError:
+        return False
+    finally:
+        for p in (a, b):
+            if os.path.lexists(p):
+                os.unlink(p)
+
+
+# --- listing and cost ------------------------------------------------------------------------------------
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_SHARED = 0x2000
+_HEAD = struct.Struct("=QQLLLL")
+_EXTENT = struct.Struct("=QQQQQLLLL")
+
+
+def _unshared(fd: int, size: int, blocks: int) -> int:
+    """Bytes of a file's extents that no other file shares (FIEMAP); all its blocks where FIEMAP is missing."""
+    import fcntl
+
+    total, start, n = 0, 0, 64
+    while True:
+        buf = bytearray(_HEAD.pack(start, 2**64 - 1 - start, 0, 0, n, 0) + b"\0" * (_EXTENT.size * n))
+        try:
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+        except OSError:
+            return blocks * 512
+        mapped = _HEAD.unpack_from(buf)[3]
+        if mapped == 0:
+            return total
+        last = None
+        for i in range(mapped):
+            ext = _EXTENT.unpack_from(buf, _HEAD.size + i * _EXTENT.size)
+            logical, length, flags = ext[0], ext[2], ext[5]
+            if not flags & FIEMAP_EXTENT_SHARED:
+                total += length
+            last = (logical, length, flags)
+        assert last is not None
+        if last[2] & FIEMAP_EXTENT_LAST or last[0] + last[1] >= size:
+            return total
+        start = last[0] + last[1]
+
+
+def cost(top: str, skip: str | None = None) -> int:
+    """What a tree costs on its own: the bytes of its extents shared with no other file (with reflinks, a
+    generation costs only what changed), plus its directories' blocks. `skip`: a subtree left out."""
+    size = 0
+    seen: set[int] = set()
+    dev = os.lstat(top).st_dev
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if skip and e.path == skip:
+                    continue
+                st = e.stat(follow_symlinks=False)
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                if stat.S_ISDIR(st.st_mode):
+                    size += st.st_blocks * 512
+                    if st.st_dev == dev:
+                        stack.append(e.path)
+                elif stat.S_ISREG(st.st_mode) and st.st_blocks:
+                    try:
+                        fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                    except OSError:
+                        size += st.st_blocks * 512
+                        continue
+                    try:
+                        size += _unshared(fd, st.st_size, st.st_blocks)
+                    finally:
+                        os.close(fd)
+                else:
+                    size += st.st_blocks * 512
+    return size
+
+
+def op_generations(path: str, export_root: str, costs: bool = False) -> P.GenerationList:
+    """The image and its earlier generations (newest first), each with its manifest and, asked for, its cost."""
+    _check_under(path, export_root)
+    if not is_real_dir(path):
+        raise AgentError(ErrorKind.NOT_FOUND, f"{path} does not exist")
+    items = [P.Generation(path, "current", None, read_manifest(path),
+                          cost(path, os.path.join(path, NODES)) if costs else None)]
+    for seq, d in reversed(generations(path)):
+        items.append(P.Generation(d, "generation", seq, read_manifest(d), cost(d) if costs else None))
+    return P.GenerationList(items, _read_journal(path) is not None)

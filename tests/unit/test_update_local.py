@@ -1,0 +1,373 @@
+"""update, rollback and generations against a `local` storage server: the real CLI, the real agent in a
+subprocess, real rsync and cp, on temp directories (and on a loop-mounted XFS for reflinks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from plumbum import local
+
+from qrmfs import cli
+from qrmfs.agent import gens, tree
+
+NODE_FILE = ".qrmfs/nodes/1/var/lib/app/state"
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("QRMFS_CONFIG", raising=False)
+    monkeypatch.delenv("QRMFS_PASSWORD", raising=False)
+    monkeypatch.delenv(gens.CRASH_ENV, raising=False)
+    return _env(tmp_path, tmp_path / "exports", keep=1)
+
+
+def _env(tmp_path: Path, root: Path, keep: int) -> dict[str, Path]:
+    src = tmp_path / "src"
+    for d in ("etc", "usr/bin", "var/lib/app", "var/log", "sbin"):
+        (src / d).mkdir(parents=True, exist_ok=True)
+    (src / "etc/motd").write_text("hello\n")
+    (src / "etc/fstab").write_text("UUID=1234 / ext4 defaults 0 1\n")
+    (src / "usr/bin/tool").write_text("version 1\n")
+    (src / "usr/bin/same").write_bytes(os.urandom(70000))
+    (src / "var/log/syslog").write_text("log\n")
+    (src / "sbin/init").write_text("#!/bin/sh\n")
+    (src / "sbin/init").chmod(0o755)
+    root.mkdir(exist_ok=True)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'spool_dir = "{tmp_path}/spool"\nkeep_generations = {keep}\n\n[storage.local]\n'
+                   f'address = "local"\nexport_root = "{root}"\n')
+    return {"tmp": tmp_path, "root": root, "src": src, "cfg": cfg, "img": root / "img1"}
+
+
+def qrmfs(env: dict[str, Path], *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, Any]:
+    code = cli.main([*args, "--json", "--config", str(env["cfg"])])
+    out, _err = capsys.readouterr()
+    return code, json.loads(out)
+
+
+def create(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = qrmfs(env, "create", "-t", f"local:{env['img']}", "-l", str(env["src"]), "-o", "--shared",
+                      "--private-add", "/var/lib/app", capsys=capsys)
+    assert code == 0, out
+    node = env["img"] / NODE_FILE
+    node.parent.mkdir(parents=True)
+    node.write_text("node 1 state\n")
+
+
+def update(env: dict[str, Path], capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, Any]:
+    return qrmfs(env, "update", "-t", f"local:{env['img']}", *extra, capsys=capsys)
+
+
+def snapshot(top: Path, skip: tuple[str, ...] = (".qrmfs",)) -> dict[str, tuple[Any, ...]]:
+    """Every entry's bytes and metadata, ctime and inode included: any write, chmod, chown, xattr or link
+    change on an inode shows."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel_dir = os.path.relpath(dirpath, top)
+        if rel_dir.split("/")[0] in skip:
+            dirnames[:] = []
+            continue
+        for n in [*dirnames, *filenames]:
+            p = os.path.join(dirpath, n)
+            rel = os.path.normpath(os.path.join(rel_dir, n))
+            if rel in skip:
+                continue
+            st = os.lstat(p)
+            xattrs = tuple(sorted((k, os.getxattr(p, k, follow_symlinks=False))
+                                  for k in os.listxattr(p, follow_symlinks=False)))
+            data = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) and not os.path.islink(p) \
+                else (os.readlink(p) if os.path.islink(p) else None)
+            out[rel] = (st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                        st.st_nlink, xattrs, data)
+    return out
+
+
+def test_node_state_kept_across_two_updates_and_a_rollback(env: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    img = env["img"]
+    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    code, out = update(env, capsys)
+    assert code == 0, out
+    assert out["result"]["command"] == "update" and out["result"]["replaced"] is True
+    assert (img / "usr/bin/tool").read_text() == "version 2\n"
+    assert (img / NODE_FILE).read_text() == "node 1 state\n"
+    (img / NODE_FILE).write_text("node 1 state, later\n")  # a node writes between updates
+    (env["src"] / "usr/bin/tool").write_text("version 3\n")
+    (env["src"] / "etc/motd").unlink()
+    code, out = update(env, capsys)
+    assert code == 0, out
+    assert (img / "usr/bin/tool").read_text() == "version 3\n" and not (img / "etc/motd").exists()
+    assert (img / NODE_FILE).read_text() == "node 1 state, later\n"
+    # keep_generations = 1: only the generation before this one is kept, and it has no node state of its own
+    assert [g for _, g in gens.generations(str(img))] == [str(env["root"] / ".img1.qrmfs-gen-2")]
+    assert not (env["root"] / ".img1.qrmfs-gen-2" / ".qrmfs/nodes").exists()
+    code, out = qrmfs(env, "rollback", "-t", f"local:{img}", "-o", capsys=capsys)
+    assert code == 0, out
+    assert (img / "usr/bin/tool").read_text() == "version 2\n" and (img / "etc/motd").exists()
+    assert (img / NODE_FILE).read_text() == "node 1 state, later\n"
+    m = tree.read_manifest(str(img))
+    assert m is not None and m["generation"]["made_by"] == "update"
+    # rollback again goes forward again: the generation it replaced is the newest one
+    code, out = qrmfs(env, "rollback", "-t", f"local:{img}", "-o", capsys=capsys)
+    assert code == 0 and (img / "usr/bin/tool").read_text() == "version 3\n"
+    assert (img / NODE_FILE).read_text() == "node 1 state, later\n"
+
+
+def test_update_leaves_the_previous_generation_untouched(env: dict[str, Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    img = env["img"]
+    os.link(img / "usr/bin/same", img / "usr/bin/same-link")  # a hard link inside the image
+    (env["src"] / "usr/bin/same-link").hardlink_to(env["src"] / "usr/bin/same")
+    code, _ = update(env, capsys)
+    assert code == 0
+    before = snapshot(img)
+    # changes of content, mode, owner, xattr and time at the source; prepared files are prepared again
+    src = env["src"]
+    (src / "usr/bin/tool").write_text("version 2, longer\n")
+    (src / "usr/bin/same").chmod(0o700)
+    os.chown(src / "etc/motd", 1234, 5678)
+    os.setxattr(src / "usr/bin/same", "user.qrmfs-test", b"1")
+    os.utime(src / "sbin/init", ns=(1, 1))
+    (src / "var/log/syslog").write_text("more log\n")
+    code, out = update(env, capsys)
+    assert code == 0, out
+    prev = Path(out["result"]["previous"])
+    assert snapshot(prev) == before
+    assert (img / "usr/bin/tool").read_text() == "version 2, longer\n"
+    assert os.stat(img / "etc/motd").st_uid == 1234 and os.stat(img / "usr/bin/same").st_mode & 0o777 == 0o700
+    assert os.getxattr(img / "usr/bin/same", "user.qrmfs-test") == b"1"
+    assert os.stat(img / "usr/bin/same").st_ino != os.stat(prev / "usr/bin/same").st_ino  # never shared
+    assert os.stat(img / "usr/bin/same").st_ino == os.stat(img / "usr/bin/same-link").st_ino
+    assert not (img / "var/log/syslog").exists()  # prepared again
+    m = tree.read_manifest(str(img))
+    assert m is not None
+    assert m["generation"]["base_copy"]["method"] in ("copy", "reflink")
+    assert m["generation"]["parent"] == tree.read_manifest(str(prev))["generation"]["id"]  # type: ignore[index]
+
+
+def test_crash_at_each_step_keeps_image_and_node_state(env: dict[str, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    img = env["img"]
+    for i, step in enumerate(("journal", "nodes", "swap", "retire", "prune")):
+        (env["src"] / "usr/bin/tool").write_text(f"crash {step}\n")
+        with local.env(**{gens.CRASH_ENV: step}):  # the runner's processes take plumbum's environment
+            code, out = update(env, capsys)
+        assert code != 0, (step, out)
+        # the agent died mid-publish: the journal is left, the node state is in the image or in the new tree
+        assert (env["root"] / ".img1.qrmfs-journal").exists(), step
+        listed = qrmfs(env, "list", "--generations", "-t", f"local:{img}", capsys=capsys)[1]
+        assert listed["result"]["images"][0]["interrupted"] is True
+        # the next operation under the image's lock finishes the publish
+        code, out = qrmfs(env, "validate", "--fix", "-t", f"local:{img}", capsys=capsys)
+        assert not (env["root"] / ".img1.qrmfs-journal").exists(), step
+        assert (img / "usr/bin/tool").read_text() == f"crash {step}\n", step
+        assert (img / NODE_FILE).read_text() == "node 1 state\n", step
+        assert tree.read_manifest(str(img)) is not None
+        assert len(gens.generations(str(img))) == 1, (step, os.listdir(env["root"]))
+        assert not [e for e in os.listdir(env["root"]) if "staging" in e or "removing" in e], step
+        assert i >= 0
+
+
+def test_crash_during_copy_leaves_the_image_as_it_was(env: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    before = snapshot(env["img"], skip=())
+    (env["src"] / "unreadable").mkdir()
+    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    with local.env(PATH=f"{env['tmp']}/nobin"):  # no cp, no rsync here: the copy step fails for real
+        code, out = update(env, capsys)
+    assert code != 0 and out["ok"] is False
+    assert snapshot(env["img"], skip=()) == before
+    assert not [e for e in os.listdir(env["root"]) if "staging" in e or "gen" in e]
+
+
+def test_update_dry_run_counts_changes_and_touches_nothing(env: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    (env["src"] / "etc/new").write_text("new\n")
+    (env["src"] / "etc/motd").unlink()
+    os.chmod(env["src"] / "usr/bin/same", 0o600)
+    before = snapshot(env["root"], skip=())
+    code, out = update(env, capsys, "--dry-run")
+    assert code == 0, out
+    assert out["result"]["counts"] == {"changed": 1, "deleted": 1, "metadata": 1, "new": 1}
+    assert {c["path"] for c in out["result"]["changes"]} == {"/usr/bin/tool", "/etc/new", "/etc/motd",
+                                                             "/usr/bin/same"}
+    assert snapshot(env["root"], skip=()) == before
+
+
+def test_update_overrides_options_and_records_them(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    code, out = update(env, capsys, "-e", "/usr/bin", "--hostname", "web1")
+    assert code == 0, out
+    m = tree.read_manifest(str(env["img"]))
+    assert m is not None and m["options"]["excludes"] == ["/usr/bin"] and m["options"]["hostname"] == "web1"
+    assert m["options"]["shared"] is True and m["options"]["private_add"] == ["/var/lib/app"]  # kept
+    assert os.listdir(env["img"] / "usr/bin") == []  # excluded now: deleted from the new generation
+    assert (env["img"] / "etc/hostname").read_text().strip() == "web1"
+    code, out = update(env, capsys)  # the overrides are recorded: the next update keeps them
+    assert code == 0 and os.listdir(env["img"] / "usr/bin") == []
+
+
+def test_refusals(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert update(env, capsys)[0] == 4  # no image
+    (env["img"]).mkdir()
+    assert update(env, capsys)[0] == 11  # not an image
+    shutil.rmtree(env["img"])
+    create(env, capsys)
+    code, out = qrmfs(env, "rollback", "-t", f"local:{env['img']}", "-o", capsys=capsys)
+    assert code == 4 and "no earlier generation" in out["error"]["message"]
+
+
+def test_create_force_keeps_node_state_and_remove_removes_every_generation(
+        tmp_path: Path, env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    env = _env(tmp_path, env["root"], keep=3)
+    create(env, capsys)
+    for i in range(4):
+        (env["src"] / "usr/bin/tool").write_text(f"v{i}\n")
+        code, out = qrmfs(env, "create", "--force", "-t", f"local:{env['img']}", "-l", str(env["src"]), "-o",
+                          "--shared", "--private-add", "/var/lib/app", capsys=capsys)
+        assert code == 0, out
+        assert (env["img"] / NODE_FILE).read_text() == "node 1 state\n"
+    assert [s for s, _ in gens.generations(str(env["img"]))] == [2, 3, 4]  # keep_generations = 3
+    code, out = qrmfs(env, "list", "--generations", capsys=capsys)
+    rows = out["result"]["images"][0]["generations"]
+    assert [r["role"] for r in rows] == ["current", "generation", "generation", "generation"]
+    assert all(r["cost"] > 0 and r["source"] == str(env["src"]) for r in rows)
+    code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", "-o", capsys=capsys)
+    assert code == 0
+    assert [e for e in os.listdir(env["root"]) if not e.endswith("qrmfs-lock")] == []
+
+
+@pytest.fixture
+def xfs(tmp_path: Path) -> Iterator[Path]:
+    """A loop-mounted XFS (reflinks): skipped where this machine cannot mount one."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
+        pytest.skip("needs root and mkfs.xfs")
+    img, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(400 * 2**20)
+    subprocess.run(["mkfs.xfs", "-q", str(img)], check=True)
+    r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot loop-mount XFS here: {r.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_reflink_generations_cost_only_what_changed(tmp_path: Path, xfs: Path, env: dict[str, Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    env = _env(tmp_path, xfs / "exports", keep=1)
+    (env["src"] / "big").write_bytes(os.urandom(20 * 2**20))
+    create(env, capsys)
+    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    code, out = update(env, capsys)
+    assert code == 0, out
+    m = tree.read_manifest(str(env["img"]))
+    assert m is not None and m["generation"]["base_copy"]["method"] == "reflink"
+    code, out = qrmfs(env, "list", "--generations", capsys=capsys)
+    current, previous = out["result"]["images"][0]["generations"]
+    assert current["bytes"] > 20 * 2**20  # the tree holds the 20 MiB file ...
+    assert current["cost"] < 2 * 2**20 and previous["cost"] < 2 * 2**20  # ... shared by both generations
+    # a node writing into a shared file changes only its generation (reflinks are copy-on-write)
+    with open(env["img"] / "big", "r+b") as f:
+        f.write(b"node write")
+    assert (Path(previous["path"]) / "big").read_bytes()[:10] != b"node write"
+
+
+def _image(d: Path, tag: str, gen_id: str | None = None) -> None:
+    (d / "etc").mkdir(parents=True)
+    (d / "etc/tag").write_text(tag)
+    tree.write_manifest(str(d), {"image": "img1", **({"generation": {"id": gen_id}} if gen_id else {})})
+
+
+def test_recovery_keeps_moved_node_state_over_one_a_booting_node_seeded(tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    img, staging = root / "img1", root / ".img1.qrmfs-staging-x"
+    _image(img, "old", "a")
+    _image(staging, "new", "b")
+    (img / NODE_FILE).parent.mkdir(parents=True)
+    (img / NODE_FILE).write_text("real")
+    # the publish died right after moving the node state; a node booted and seeded fresh state in the image
+    j = {"incoming": str(staging), "outgoing": str(root / ".img1.qrmfs-gen-1"), "new_id": "b", "keep": 1}
+    (root / ".img1.qrmfs-journal").write_text(json.dumps(j))
+    gens._move_nodes(str(img), str(staging))
+    (img / NODE_FILE).parent.mkdir(parents=True)
+    (img / NODE_FILE).write_text("seeded meanwhile")
+    swapped = gens.recover(str(img))
+    assert swapped is not None and swapped.generation == str(root / ".img1.qrmfs-gen-1")
+    assert (img / "etc/tag").read_text() == "new" and (img / NODE_FILE).read_text() == "real"
+    assert (root / ".img1.qrmfs-gen-1" / NODE_FILE).read_text() == "seeded meanwhile"  # kept, never mixed in
+    assert not (root / ".img1.qrmfs-journal").exists()
+
+
+def test_rollback_to_an_old_style_previous_sets_its_stale_node_state_aside(tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    img, prev = root / "img1", root / ".img1.qrmfs-previous"
+    _image(img, "current", "a")
+    _image(prev, "previous")  # made by create --force before generations: no id, and node state of its time
+    (prev / NODE_FILE).parent.mkdir(parents=True)
+    (prev / NODE_FILE).write_text("stale")
+    (img / NODE_FILE).parent.mkdir(parents=True)
+    (img / NODE_FILE).write_text("current")
+    assert gens.generations(str(img)) == [(0, str(prev))]
+    swapped = gens.op_rollback(str(img), str(root), keep=1)
+    assert (img / "etc/tag").read_text() == "previous" and (img / NODE_FILE).read_text() == "current"
+    assert [p.name for p in (img / ".qrmfs").iterdir() if p.name.startswith("nodes.superseded-")]
+    assert swapped.generation == str(root / ".img1.qrmfs-gen-1") and not prev.exists()
+    assert (root / ".img1.qrmfs-gen-1/etc/tag").read_text() == "current"
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    ("*deleting", "deleted"), (">f+++++++++", "new"), ("cd+++++++++", "new"), (">f.st......", "changed"),
+    (">f..t......", "changed"), (".f...p.....", "metadata"), (".d..t......", "metadata"), ("cL.st......", "changed"),
+    (".f......x..", "metadata")])
+def test_change_kind(code: str, kind: str) -> None:
+    from qrmfs.actions.update import change_kind
+
+    assert change_kind(code) == kind
+
+
+def test_generations_are_listed_beside_images_and_gc_keeps_them(env: dict[str, Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    assert update(env, capsys)[0] == 0
+    code, out = qrmfs(env, "list", capsys=capsys)
+    assert code == 0
+    assert [(x["path"], x["kind"]) for x in out["result"]["leftovers"]] == [
+        (str(env["root"] / ".img1.qrmfs-gen-1"), "generation")]
+    code, out = qrmfs(env, "gc", capsys=capsys)
+    assert code == 0 and out["result"]["removed"] == []
+    assert (env["root"] / ".img1.qrmfs-gen-1/.qrmfs/manifest.json").is_file()
+
+
+def test_a_generation_in_use_is_not_pruned(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    assert update(env, capsys)[0] == 0
+    gen1 = env["root"] / ".img1.qrmfs-gen-1"
+    with open(gen1 / "usr/bin/tool") as held:  # as the NFS server holds the files of a node still running on it
+        code = cli.main(["update", "-t", f"local:{env['img']}", "--config", str(env["cfg"])])
+        err = capsys.readouterr().err
+        assert code == 0 and "could not be deleted" in err and "in use by" in err, err
+        assert [s for s, _ in gens.generations(str(env["img"]))] == [1, 2]
+        assert held.read() == "version 1\n"
+    assert update(env, capsys)[0] == 0  # no longer held: pruned down to keep_generations
+    assert [s for s, _ in gens.generations(str(env["img"]))] == [3]
