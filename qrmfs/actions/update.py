@@ -31,11 +31,11 @@ from ..results import (
     RolledBack,
     UpdatePlan,
 )
-from . import copyplan, hosts, pipeline
+from . import pipeline
 from .common import Credentials, Env, deliver, flush_spool, holder, require_registration
 from .create import CreateRequest
 from .listing import list_images
-from .validate import _itemized
+from .validate import changes_from_source
 
 # options of the manifest an update may override: (manifest key, UpdateRequest field)
 OPTION_KEYS = ("excludes", "private_add", "private_exclude", "keep_services", "keep_network", "hostname",
@@ -138,20 +138,7 @@ def change_kind(code: str) -> str:
 def _dry_run(req: UpdateRequest, env: Env, manifest: dict[str, Any], creq: CreateRequest) -> UpdatePlan:
     """What the update would change: rsync's itemized dry run from the source into the current image, with the
     update's excludes; the paths the preparation changes on purpose are left out. Nothing is written."""
-    storage = env.storage(req.target)
-    side = env.side(storage)
-    prepared = sorted({f["path"] for f in manifest.get("preparation", {}).get("fixed", [])})
-    src = hosts.source_host(env.cfg, creq.location)
-    source = copyplan.Source(src, creq.location.path, ("/.qrmfs", *creq.excludes, *prepared))
-    pulls = src is not None and not src.is_local and not storage.ssh.is_local
-    pinned = side.pin_host(req.target.path, hosts.source_known_hosts(env.runner, env.cfg, src)).known_hosts \
-        if pulls and src is not None else None
-    try:
-        into = copyplan.Into(storage, req.target.path, storage.ssh.is_local, pinned)
-        changes = _itemized(env, side, req.target.path, copyplan.plan(env.cfg, source, into, drift=True))
-    finally:
-        if pinned:
-            side.unpin_host(req.target.path)
+    changes = changes_from_source(env, env.storage(req.target), req.target, creq.location, creq.excludes, manifest)
     counts = Counter(change_kind(c["change"]) for c in changes)
     return UpdatePlan(image=req.target.name, target=str(req.target), source=str(creq.location),
                       counts=dict(sorted(counts.items())), changes=changes[:200], truncated=len(changes) > 200,

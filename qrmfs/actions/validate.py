@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,24 +94,30 @@ def _validate(req: ValidateRequest, env: Env, manifest: dict[str, Any] | None) -
 
 
 def _drift(env: Env, req: ValidateRequest, storage: Storage, manifest: dict[str, Any]) -> Drift:
-    """What differs between the source now and the image (rsync --dry-run --itemize-changes --delete)."""
+    """What differs between the source now and the image."""
     assert req.location is not None
-    loc = req.location
-    src = hosts.source_host(env.cfg, loc)
-    # paths the preparation changed on purpose are not drift
+    changes = changes_from_source(env, storage, req.target, req.location, manifest.get("excludes", []), manifest)
+    return Drift(str(req.location), len(changes), changes[:DRIFT_SHOWN], len(changes) > DRIFT_SHOWN)
+
+
+def changes_from_source(env: Env, storage: Storage, target: Target, location: Location, excludes: Sequence[str],
+                        manifest: dict[str, Any]) -> list[dict[str, str]]:
+    """What rsync would change in the image to make it the source now (--dry-run --itemize-changes --delete;
+    drift for validate -l, the plan of update --dry-run), without the image's own /.qrmfs and the paths the
+    preparation changed on purpose. Changes nothing."""
+    src = hosts.source_host(env.cfg, location)
     prepared = sorted({f["path"] for f in manifest.get("preparation", {}).get("fixed", [])})
-    source = copyplan.Source(src, loc.path, ("/.qrmfs", *manifest.get("excludes", []), *prepared))
+    source = copyplan.Source(src, location.path, ("/.qrmfs", *excludes, *prepared))
     side = env.side(storage)
     pulls = src is not None and not src.is_local and not storage.ssh.is_local
-    pinned = side.pin_host(req.target.path, hosts.source_known_hosts(env.runner, env.cfg, src)).known_hosts \
+    pinned = side.pin_host(target.path, hosts.source_known_hosts(env.runner, env.cfg, src)).known_hosts \
         if pulls and src is not None else None
     try:
-        into = copyplan.Into(storage, req.target.path, storage.ssh.is_local, pinned)
-        changes = _itemized(env, side, req.target.path, copyplan.plan(env.cfg, source, into, drift=True))
+        into = copyplan.Into(storage, target.path, storage.ssh.is_local, pinned)
+        return _itemized(env, side, target.path, copyplan.plan(env.cfg, source, into, drift=True))
     finally:
         if pinned:
-            side.unpin_host(req.target.path)
-    return Drift(str(loc), len(changes), changes[:DRIFT_SHOWN], len(changes) > DRIFT_SHOWN)
+            side.unpin_host(target.path)
 
 
 def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> list[dict[str, str]]:
