@@ -22,7 +22,7 @@ from lab import boot as lab_boot
 from lab import lab as _lab
 from qrmfs.agent.steps import MTAB_OK
 
-from .conftest import qrmfs
+from .helpers import qrmfs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.boot]
 

@@ -19,7 +19,7 @@ import pytest
 from lab import lab as _lab
 from qrmfs import openqrm
 
-from .conftest import qrmfs, run_on, write_config
+from .helpers import qrmfs, run_on, write_config
 
 pytestmark = pytest.mark.e2e
 

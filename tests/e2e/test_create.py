@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from .conftest import exports_listing, qrmfs, result_of, run_on, tree_info
+from .helpers import exports_listing, qrmfs, result_of, run_on, tree_info
 
 pytestmark = pytest.mark.e2e
 FIXTURE = "/srv/fixture"
@@ -138,7 +138,7 @@ def test_dry_run_changes_nothing(lab, mock, cfg, image_path):
     (["-t", "storage:/exports/ok_name", "-l", "source:/", "-o", "--route", "nfs"], 10, "use the default --route ssh"),
 ])
 def test_rejected_input_touches_nothing(lab, mock, tmp_path, args, code, words):
-    from .conftest import write_config
+    from .helpers import write_config
 
     cfg = write_config(lab, tmp_path)
     # without a password anywhere: the config's password_file is dropped for the credentials case

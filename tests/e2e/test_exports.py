@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from .conftest import qrmfs, tree_info
+from .helpers import qrmfs, tree_info
 
 pytestmark = pytest.mark.e2e
 

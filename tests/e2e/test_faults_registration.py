@@ -17,7 +17,7 @@ import pytest
 
 from lab import lab as _lab
 
-from .conftest import exports_listing, qrmfs, run_on, write_config
+from .helpers import exports_listing, qrmfs, run_on, write_config
 
 pytestmark = pytest.mark.e2e
 

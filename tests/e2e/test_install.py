@@ -15,7 +15,7 @@ import pytest
 
 import qrmfs
 
-from .conftest import write_config
+from .helpers import write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.install]
 REPO = Path(__file__).resolve().parents[2]

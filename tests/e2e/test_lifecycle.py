@@ -10,7 +10,7 @@ import pytest
 
 from lab import lab as _lab
 
-from .conftest import exports_listing, qrmfs, result_of, run_on, tree_info, write_config
+from .helpers import exports_listing, qrmfs, result_of, run_on, tree_info, write_config
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import exports_listing, qrmfs, run_on
+from .helpers import exports_listing, qrmfs, run_on
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ from lab import images
 from lab import lab as _lab
 from qrmfs.agent.steps import MTAB_OK
 
-from .conftest import qrmfs, run_on
+from .helpers import qrmfs, run_on
 from .test_boot import BOOT_TIMEOUT, FLAKY_API_MOUNTS, NODE_SCRIPT, PREPARED_SCRIPT, _explain, _facts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.boot]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import exports_listing, qrmfs, result_of, run_on
+from .helpers import exports_listing, qrmfs, result_of, run_on
 
 pytestmark = pytest.mark.e2e
 
