@@ -97,31 +97,31 @@ def test_node_state_kept_across_two_updates_and_a_rollback(env: dict[str, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     create(env, capsys)
     img = env["img"]
-    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    (env["src"] / "usr/bin/tool").write_text("version 2 (second)\n")
     code, out = update(env, capsys)
     assert code == 0, out
     assert out["result"]["command"] == "update" and out["result"]["replaced"] is True
-    assert (img / "usr/bin/tool").read_text() == "version 2\n"
+    assert (img / "usr/bin/tool").read_text() == "version 2 (second)\n"
     assert (img / NODE_FILE).read_text() == "node 1 state\n"
     (img / NODE_FILE).write_text("node 1 state, later\n")  # a node writes between updates
-    (env["src"] / "usr/bin/tool").write_text("version 3\n")
+    (env["src"] / "usr/bin/tool").write_text("version 3 (the third)\n")
     (env["src"] / "etc/motd").unlink()
     code, out = update(env, capsys)
     assert code == 0, out
-    assert (img / "usr/bin/tool").read_text() == "version 3\n" and not (img / "etc/motd").exists()
+    assert (img / "usr/bin/tool").read_text() == "version 3 (the third)\n" and not (img / "etc/motd").exists()
     assert (img / NODE_FILE).read_text() == "node 1 state, later\n"
     # keep_generations = 1: only the generation before this one is kept, and it has no node state of its own
     assert [g for _, g in gens.generations(str(img))] == [str(env["root"] / ".img1.qrmfs-gen-2")]
     assert not (env["root"] / ".img1.qrmfs-gen-2" / ".qrmfs/nodes").exists()
     code, out = qrmfs(env, "rollback", "-t", f"local:{img}", "-o", capsys=capsys)
     assert code == 0, out
-    assert (img / "usr/bin/tool").read_text() == "version 2\n" and (img / "etc/motd").exists()
+    assert (img / "usr/bin/tool").read_text() == "version 2 (second)\n" and (img / "etc/motd").exists()
     assert (img / NODE_FILE).read_text() == "node 1 state, later\n"
     m = tree.read_manifest(str(img))
     assert m is not None and m["generation"]["made_by"] == "update"
     # rollback again goes forward again: the generation it replaced is the newest one
     code, out = qrmfs(env, "rollback", "-t", f"local:{img}", "-o", capsys=capsys)
-    assert code == 0 and (img / "usr/bin/tool").read_text() == "version 3\n"
+    assert code == 0 and (img / "usr/bin/tool").read_text() == "version 3 (the third)\n"
     assert (img / NODE_FILE).read_text() == "node 1 state, later\n"
 
 
@@ -187,7 +187,7 @@ def test_crash_during_copy_leaves_the_image_as_it_was(env: dict[str, Path],
     create(env, capsys)
     before = snapshot(env["img"], skip=())
     (env["src"] / "unreadable").mkdir()
-    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    (env["src"] / "usr/bin/tool").write_text("version 2 (second)\n")
     with local.env(PATH=f"{env['tmp']}/nobin"):  # no cp, no rsync here: the copy step fails for real
         code, out = update(env, capsys)
     assert code != 0 and out["ok"] is False
@@ -198,7 +198,7 @@ def test_crash_during_copy_leaves_the_image_as_it_was(env: dict[str, Path],
 def test_update_dry_run_counts_changes_and_touches_nothing(env: dict[str, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     create(env, capsys)
-    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    (env["src"] / "usr/bin/tool").write_text("version 2 (second)\n")
     (env["src"] / "etc/new").write_text("new\n")
     (env["src"] / "etc/motd").unlink()
     os.chmod(env["src"] / "usr/bin/same", 0o600)
@@ -278,7 +278,7 @@ def test_reflink_generations_cost_only_what_changed(tmp_path: Path, xfs: Path, e
     env = _env(tmp_path, xfs / "exports", keep=1)
     (env["src"] / "big").write_bytes(os.urandom(20 * 2**20))
     create(env, capsys)
-    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    (env["src"] / "usr/bin/tool").write_text("version 2 (second)\n")
     code, out = update(env, capsys)
     assert code == 0, out
     m = tree.read_manifest(str(env["img"]))
