@@ -450,3 +450,17 @@ def test_a_generation_in_use_is_not_deleted(root: Path) -> None:
         user.kill()
         user.wait()
     assert enc(tree.op_remove)(str(root / "img1"), str(root), False) == {"removed": str(root / "img1")}
+
+
+def test_the_nfs_servers_cached_files_are_not_a_use(tmp_path: Path) -> None:
+    """nfs-ganesha keeps files of an image open long after its nodes powered off: that cache is no use."""
+    proc = tmp_path / "proc"
+    for pid, comm in (("101", "ganesha.nfsd"), ("202", "bash")):
+        (proc / pid / "fd").mkdir(parents=True)
+        (proc / pid / "comm").write_text(comm + "\n")
+        os.symlink("/", proc / pid / "cwd")
+        os.symlink("/", proc / pid / "root")
+    os.symlink("/exports/img1/usr/lib/systemd/systemd", proc / "101/fd/32")
+    assert fsutil.holders("/exports/img1", str(proc)) == []
+    os.symlink("/exports/img1/etc", proc / "202/fd/3")
+    assert fsutil.holders("/exports/img1", str(proc)) == ["pid 202 (bash)"]
