@@ -57,7 +57,7 @@ def test_top_level_help_lists_check_and_completion():
 @pytest.fixture
 def config(tmp_path: Path) -> dict[str, str]:
     cfg = tmp_path / "config.toml"
-    cfg.write_text('[storage.nas1]\naddress = "192.0.2.10"\nexport_root = "/srv/images"\n\n'
+    cfg.write_text('[storage.nas1]\naddress = "nas1.lan"\nexport_root = "/srv/images"\n\n'
                    '[storage.nas2]\naddress = "192.0.2.11"\n\n[hosts.web1]\naddress = "192.0.2.31"\n\n'
                    '[hosts.db1]\naddress = "192.0.2.32"\nssh_user = "admin"\n')
     return {"QRMFS_CONFIG": str(cfg)}
@@ -110,7 +110,7 @@ def test_zsh_completion(config, monkeypatch, capsys):
 def test_fish_completion(config, monkeypatch, capsys):
     f = complete({**config, "_QRMFS_COMPLETE": "complete_fish", "_TYPER_COMPLETE_ARGS": "qrmfs remove -t ",
                   "_TYPER_COMPLETE_FISH_ACTION": "get-args"}, monkeypatch, capsys)
-    assert f.splitlines() == ["nas1:/srv/images/\troot@192.0.2.10", "nas2:/exports/\troot@192.0.2.11"]
+    assert f.splitlines() == ["nas1:/srv/images/\troot@nas1.lan", "nas2:/exports/\troot@192.0.2.11"]
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
@@ -149,7 +149,7 @@ def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> str:
 def test_no_color_gives_plain_text_on_a_terminal(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    args = ["create", "-t", "192.0.2.10:/exports/img", "-l", str(src), "-u", "u", "-p", "pw",
+    args = ["create", "-t", "nas1.lan:/exports/img", "-l", str(src), "-u", "u", "-p", "pw",
             "--openqrm-url", "http://127.0.0.1:9/openqrm", "--dry-run"]
     base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
     base["HOME"] = str(tmp_path)

@@ -134,19 +134,19 @@ def test_bad_input_exit_2_nothing_checked(env, capsys):
     assert err.startswith("qrmfs: error: invalid path in target")
 
 
-H = SshHost("192.0.2.7", "root", 2222)
+H = SshHost("nas1.lan", "root", 2222)
 
 
 @pytest.mark.parametrize(("stderr", "start"), [
     ("@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nHost key verification failed.",
-     "the host key of storage server nas1 (192.0.2.7) differs from the one pinned in /kh"),
-    ("No ED25519 host key is known for [192.0.2.7]:2222 and you have requested strict checking.\n"
-     "Host key verification failed.", "no host key of storage server nas1 (192.0.2.7) is pinned in /kh"),
-    ("root@192.0.2.7: Permission denied (publickey).", "root@192.0.2.7 refused our ssh key"),
-    ("ssh: connect to host 192.0.2.7 port 2222: Connection refused", "nothing accepts ssh at 192.0.2.7 port 2222"),
-    ("ssh: connect to host 192.0.2.7 port 2222: No route to host",
-     "storage server nas1 is unreachable at 192.0.2.7 port 2222 (No route to host)"),
-    ("ssh: connect to host 192.0.2.7 port 2222: Connection timed out", "storage server nas1 is unreachable"),
+     "the host key of storage server nas1 (nas1.lan) differs from the one pinned in /kh"),
+    ("No ED25519 host key is known for [nas1.lan]:2222 and you have requested strict checking.\n"
+     "Host key verification failed.", "no host key of storage server nas1 (nas1.lan) is pinned in /kh"),
+    ("root@nas1.lan: Permission denied (publickey).", "root@nas1.lan refused our ssh key"),
+    ("ssh: connect to host nas1.lan port 2222: Connection refused", "nothing accepts ssh at nas1.lan port 2222"),
+    ("ssh: connect to host nas1.lan port 2222: No route to host",
+     "storage server nas1 is unreachable at nas1.lan port 2222 (No route to host)"),
+    ("ssh: connect to host nas1.lan port 2222: Connection timed out", "storage server nas1 is unreachable"),
 ])
 def test_ssh_problem_names_the_cause(stderr, start):
     assert check.ssh_problem(stderr, "storage server nas1", H, "/kh").startswith(start)

@@ -9,9 +9,9 @@ from qrmfs.config import Config, SshHost, Storage
 from qrmfs.errors import RefusedError
 from qrmfs.transfer import Mounts
 
-NAS = Storage("nas", SshHost("10.9.0.5", "root", 22), "/exports")
+NAS = Storage("nas", SshHost("nas.lan", "root", 22), "/exports")
 LOCAL = Storage("local", SshHost("local"), "/exports")
-SRC = SshHost("10.9.0.7", "root", 22)
+SRC = SshHost("src.lan", "root", 22)
 CFG = Config(identity_file="/k/id", known_hosts="/k/kh")
 
 
@@ -20,7 +20,7 @@ CFG = Config(identity_file="/k/id", known_hosts="/k/kh")
     (None, Into(NAS, "/exports/.i.qrmfs-staging-1", here=False), Hop.PUSH),
     (SRC, Into(LOCAL, "/exports/.i.qrmfs-staging-1", here=True), Hop.PULL_HERE),
     (SRC, Into(NAS, "/exports/.i.qrmfs-staging-1", here=False), Hop.PULL_ON_STORAGE),
-    (SshHost("10.9.0.5", "root", 22), Into(NAS, "/exports/.i.qrmfs-staging-1", here=False), Hop.ON_STORAGE),
+    (SshHost("nas.lan", "root", 22), Into(NAS, "/exports/.i.qrmfs-staging-1", here=False), Hop.ON_STORAGE),
 ])
 def test_hop(src: SshHost | None, into: Into, want: Hop) -> None:
     assert hop(src, into) is want
@@ -32,12 +32,12 @@ def test_pull_on_storage_uses_the_pinned_key_and_a_forwarded_agent() -> None:
     assert p.needs_agent and c.on_storage and c.forward_agent
     rsh = c.rsync[c.rsync.index("-e") + 1]
     assert "UserKnownHostsFile=/exports/.i.qrmfs-known_hosts" in rsh and "-i /k/id" not in rsh
-    assert c.rsync[-2:] == ("10.9.0.7:/", "/exports/.i.qrmfs-staging-1/")
+    assert c.rsync[-2:] == ("src.lan:/", "/exports/.i.qrmfs-staging-1/")
 
 
 def test_push_runs_here_with_our_key() -> None:
     (c,) = plan(CFG, Source(None, "/srv/root"), Into(NAS, "/exports/.i.qrmfs-staging-1", False)).copies
-    assert not c.on_storage and c.rsync[-2:] == ("/srv/root/", "10.9.0.5:/exports/.i.qrmfs-staging-1/")
+    assert not c.on_storage and c.rsync[-2:] == ("/srv/root/", "nas.lan:/exports/.i.qrmfs-staging-1/")
     assert "-i /k/id" in c.rsync[c.rsync.index("-e") + 1]
 
 
@@ -46,7 +46,7 @@ def test_push_runs_here_with_our_key() -> None:
 def test_a_source_around_the_export_root_never_copies_the_images(into: Into) -> None:
     """The storage server's own / (or /exports' parent) as the source: the export root is left out, on the
     storage server as here, also inside a separately mounted filesystem that holds it."""
-    src_host = None if into.here else SshHost("10.9.0.5", "root", 22)
+    src_host = None if into.here else SshHost("nas.lan", "root", 22)
     p = plan(CFG, Source(src_host, "/", mounts=Mounts(["/exports", "/srv"], [])), into)
     assert [c.what for c in p.copies] == ["root filesystem", "separate filesystem /srv"]  # /exports: not at all
     assert "--exclude=/exports" in p.copies[0].rsync
