@@ -184,7 +184,10 @@ def test_wrong_password_fails_the_openqrm_check(lab, cfg, mock, tmp_path):
 
 
 def test_unreachable_openqrm_fails(lab, cfg):
-    r = qrmfs("check", "-t", "storage", "--openqrm-url", "http://127.0.0.1:9/openqrm", "--json", config=cfg)
+    # the config's own URL (its password is never sent to an http host the config does not name)
+    text = open(cfg).read()
+    open(cfg, "w").write(text.replace(f'url = "{lab["openqrm"]["url"]}"', 'url = "http://127.0.0.1:9/openqrm"'))
+    r = qrmfs("check", "-t", "storage", "--json", config=cfg)
     assert r.returncode == 15
     c = checks(r)["openqrm"]
     assert c["status"] == "fail" and c["message"].startswith("http://127.0.0.1:9/openqrm does not answer")
@@ -237,8 +240,9 @@ def test_storage_that_cannot_log_in_to_the_source_fails_the_hop(lab, cfg):
 
 def test_storage_refusing_connections_fails_and_skips_the_hop(lab, tmp_path):
     cfg = Path(write_config(lab, tmp_path))
-    cfg.write_text(cfg.read_text().replace(f'address = "{lab["hosts"]["storage"]["address"]}"',
-                                           'address = "127.0.0.1"\nssh_port = 9'))
+    addr = lab["hosts"]["storage"]["address"]
+    cfg.write_text(cfg.read_text().replace(f'[storage.storage]\naddress = "{addr}"\nssh_user = "root"\nssh_port = 22',
+                                           '[storage.storage]\naddress = "127.0.0.1"\nssh_user = "root"\nssh_port = 9'))
     r = qrmfs("check", "-l", "source:/", "--json", config=str(cfg))
     assert r.returncode == 15
     got = checks(r)
