@@ -17,7 +17,7 @@ import pytest
 
 from lab import lab as _lab
 
-from .helpers import exports_listing, qrmfs, run_on, write_config
+from .helpers import exports_listing, qrmfs, result_of, run_on, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +73,7 @@ def test_killed_while_new_image_is_in_flight_then_flush_leaves_one_record(lab, m
     assert [i["image_name"] for i in _state(mock)["images"]] == [_name(image_path)]
     r = qrmfs("flush", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["delivered"] == [job["id"]]
+    assert result_of(r)["delivered"] == [job["id"]]
     image_cmds = [q["query"].get("image_command") for q in _state(mock)["requests"] if "image_command" in q["query"]]
     assert image_cmds[-2:] == ["remove_by_name", "new_image"]
     assert [i["image_name"] for i in _state(mock)["images"]] == [_name(image_path)]  # exactly one
@@ -84,7 +84,7 @@ def test_remove_by_address_drops_what_was_spooled_under_the_config_name(lab, moc
     mock.post("/_mock/fault", json={"mode": "500", "path": "image-action"}).raise_for_status()
     r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["registration"]["state"] == "pending"
+    assert result_of(r)["registration"]["state"] == "pending"
     (job,) = _spool(tmp_path)
     addr = lab["hosts"]["storage"]["address"]
     assert job["target"] == f"storage:{image_path}"
@@ -95,7 +95,8 @@ def test_remove_by_address_drops_what_was_spooled_under_the_config_name(lab, moc
     assert _spool(tmp_path) == [] and not list((tmp_path / "spool").glob("*.lock"))
     mock.delete("/_mock/fault").raise_for_status()
     r = qrmfs("flush", "--json", config=cfg)
-    assert r.returncode == 0 and json.loads(r.stdout) == {"delivered": [], "pending": []}
+    out = result_of(r)
+    assert r.returncode == 0 and (out["delivered"], out["pending"]) == ([], [])
     assert _state(mock)["images"] == []  # the removed image never reaches openQRM
 
 
@@ -209,9 +210,10 @@ def test_validate_reports_a_node_conf_path_qrmfs_init_would_skip(lab, cfg, image
                f"{image_path}/etc/qrmfs/node.conf && grep -q a:b {image_path}/etc/qrmfs/node.conf")
     r = qrmfs("validate", "-t", f"storage:{image_path}", "--json", config=cfg)
     assert r.returncode == 12, r.stdout + r.stderr
-    found = {(f["path"], f["fixable"]) for f in json.loads(r.stdout)["findings"] if f["step"] == "node-init"}
+    findings = result_of(r, ok=False)["findings"]
+    found = {(f["path"], f["fixable"]) for f in findings if f["step"] == "node-init"}
     assert ("/srv/a:b", False) in found, found
-    assert any("qrmfs-init skips it at boot" in f["problem"] for f in json.loads(r.stdout)["findings"])
+    assert any("qrmfs-init skips it at boot" in f["problem"] for f in findings)
 
 
 # --- a node does not see the other nodes' state (a real diskless boot in QEMU) ---------------------------
