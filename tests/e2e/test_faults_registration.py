@@ -239,11 +239,11 @@ def test_a_booted_node_sees_none_of_the_other_nodes_state(lab, image_path):
               "/var/lib/app", config=lab["config"])
     assert r.returncode == 0, r.stderr
     timeout = float(os.environ.get("QRMFS_BOOT_TIMEOUT", "480"))
-    first = lab_boot.boot(lab, image_path, node_id=1, timeout=timeout)
+    first = lab_boot.boot(lab, lab_boot.BootSpec(image_path, node_id="1", timeout=timeout))
     assert first.reached, first.log_tail
     on_disk = run_on(lab, "storage", f"ls -A {image_path}/.qrmfs/nodes/1").stdout.decode().split()
     assert "machine-id" in on_disk  # node 1's state exists in the image: there is something to hide
-    second = lab_boot.boot(lab, image_path, node_id=2, script=HIDDEN_SCRIPT, timeout=timeout)
+    second = lab_boot.boot(lab, lab_boot.BootSpec(image_path, node_id="2", script=HIDDEN_SCRIPT, timeout=timeout))
     assert second.reached and second.script_rc == 0, (second.state, second.script_output, second.log_tail)
     f = dict(line.split("=", 1) for line in second.script_output.splitlines() if "=" in line)
     assert f["nodes"] == "" and "leak" not in f and "writable" not in f, f
