@@ -193,7 +193,8 @@ def _while_running(lab: dict[str, Any], image: str, change: Any) -> tuple[dict[s
     for d in (private, shared):
         run_on(lab, "storage", f"rm -f {d}/ready {d}/go {d}/errors {d}/after", check=False)
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(lab_boot.boot, lab, image, 1, RUNNING_SCRIPT, BOOT_TIMEOUT)
+        fut = pool.submit(lab_boot.boot, lab, lab_boot.BootSpec(image, node_id="1", script=RUNNING_SCRIPT,
+                                                                timeout=BOOT_TIMEOUT))
         deadline = time.monotonic() + BOOT_TIMEOUT
         while True:
             found = [d for d in (private, shared) if run_on(lab, "storage", f"test -e {d}/ready",
@@ -236,7 +237,7 @@ def test_a_running_node_survives_an_update_and_a_rollback(lab, on_source):
         assert f == {"marker-before": "none", "go": "seen", "reader": "alive", "errors": "0", "root": "readable",
                      "env-fd": "177ELF", "os-release": f["os-release"], "marker-after": "none",
                      "write": "still"}, f
-        r2 = lab_boot.boot(lab, image, node_id=1, script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT)
+        r2 = lab_boot.boot(lab, lab_boot.BootSpec(image, node_id="1", script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT))
         assert r2.reached and r2.script_rc == 0, r2.log_tail
         assert _facts(r2) == {"marker": "generation-two", "after": "still" if private else "none"}
 
@@ -249,7 +250,7 @@ def test_a_running_node_survives_an_update_and_a_rollback(lab, on_source):
         assert f["marker-before"] == "generation-two" and f["marker-after"] == "generation-two", f
         assert (f["go"], f["reader"], f["errors"], f["root"], f["write"]) == ("seen", "alive", "0", "readable",
                                                                               "still"), f
-        r3 = lab_boot.boot(lab, image, node_id=1, script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT)
+        r3 = lab_boot.boot(lab, lab_boot.BootSpec(image, node_id="1", script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT))
         assert r3.reached and r3.script_rc == 0, r3.log_tail
         assert _facts(r3) == {"marker": "none", "after": "still"}  # private, or written into this very tree
         print(f"\nrunning node across update and rollback: private dirs {'bound' if private else 'NOT bound'}")
