@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import run as R  # noqa: E402
 
-from tests.e2e.conftest import tree_info  # noqa: E402
+from tests.e2e.helpers import tree_info  # noqa: E402
 
 FIXTURE = "/srv/fixture"
 
