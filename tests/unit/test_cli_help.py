@@ -58,8 +58,8 @@ def test_top_level_help_lists_check_and_completion():
 def config(tmp_path: Path) -> dict[str, str]:
     cfg = tmp_path / "config.toml"
     cfg.write_text('[storage.nas1]\naddress = "nas1.lan"\nexport_root = "/srv/images"\n\n'
-                   '[storage.nas2]\naddress = "192.0.2.11"\n\n[hosts.web1]\naddress = "192.0.2.31"\n\n'
-                   '[hosts.db1]\naddress = "192.0.2.32"\nssh_user = "admin"\n')
+                   '[storage.nas2]\naddress = "nas2.lan"\n\n[hosts.web1]\naddress = "web1.lan"\n\n'
+                   '[hosts.db1]\naddress = "db1.lan"\nssh_user = "admin"\n')
     return {"QRMFS_CONFIG": str(cfg)}
 
 
@@ -104,13 +104,13 @@ def test_completion_without_a_usable_config_suggests_nothing(tmp_path, monkeypat
 def test_zsh_completion(config, monkeypatch, capsys):
     z = complete({**config, "_QRMFS_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "qrmfs create -l "},
                  monkeypatch, capsys)
-    assert '"web1\\\\:/":"root@192.0.2.31"' in z and '"db1\\\\:/":"admin@192.0.2.32"' in z
+    assert '"web1\\\\:/":"root@web1.lan"' in z and '"db1\\\\:/":"admin@db1.lan"' in z
 
 
 def test_fish_completion(config, monkeypatch, capsys):
     f = complete({**config, "_QRMFS_COMPLETE": "complete_fish", "_TYPER_COMPLETE_ARGS": "qrmfs remove -t ",
                   "_TYPER_COMPLETE_FISH_ACTION": "get-args"}, monkeypatch, capsys)
-    assert f.splitlines() == ["nas1:/srv/images/\troot@nas1.lan", "nas2:/exports/\troot@192.0.2.11"]
+    assert f.splitlines() == ["nas1:/srv/images/\troot@nas1.lan", "nas2:/exports/\troot@nas2.lan"]
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
