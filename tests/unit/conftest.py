@@ -13,6 +13,17 @@ from qrmfs.storage import StorageSide
 
 
 @pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A HOME of its own, and none of the operator's qrmfs settings or ssh agent in the environment."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("QRMFS_CONFIG", "QRMFS_PASSWORD", "SSH_AUTH_SOCK"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture
 def root(tmp_path: Path) -> Path:
     r = tmp_path.resolve() / "exports"
     r.mkdir()

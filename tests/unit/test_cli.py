@@ -13,14 +13,8 @@ from qrmfs import cli
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+def env(tmp_path: Path, isolated_home: Path) -> dict[str, Path]:
     """An isolated HOME, no $QRMFS_CONFIG, and a config with a `local` storage server below tmp_path."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("QRMFS_CONFIG", raising=False)
-    monkeypatch.delenv("QRMFS_PASSWORD", raising=False)
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     root = tmp_path / "exports"
     src = tmp_path / "src"
     (src / "etc").mkdir(parents=True)

@@ -22,12 +22,7 @@ NODE_FILE = ".qrmfs/nodes/1/var/lib/app/state"
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("QRMFS_CONFIG", raising=False)
-    monkeypatch.delenv("QRMFS_PASSWORD", raising=False)
+def env(tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     monkeypatch.delenv(gens.CRASH_ENV, raising=False)
     return _env(tmp_path, tmp_path / "exports", keep=1)
 

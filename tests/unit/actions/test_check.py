@@ -18,12 +18,7 @@ from qrmfs.results import envelope
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("QRMFS_CONFIG", raising=False)
-    monkeypatch.delenv("QRMFS_PASSWORD", raising=False)
+def env(tmp_path: Path, isolated_home: Path) -> dict[str, Path]:
     root = tmp_path / "exports"
     root.mkdir()
     src = tmp_path / "src"
