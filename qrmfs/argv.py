@@ -64,11 +64,16 @@ def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of 
     one filesystem, the live-root excludes, then the operator's -e excludes (anchored at the source root).
     drift: the same comparison as a dry run that lists each difference and changes nothing.
     delete: the destination already holds a tree (an update's copy of the image): what the source no longer
-    has, or what is excluded now, is deleted, so the result equals a fresh copy."""
+    has, or what is excluded now, is deleted, so the result equals a fresh copy; each change is itemized so
+    the generation can say what changed.
+    Comparing a tree with a tree (drift, delete), times are compared to the nanosecond (--modify-window=-1):
+    rsync's quick check otherwise misses a file rewritten in the same second with the same size."""
     argv = ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system"]
     argv += ["--dry-run", "--itemize-changes", "--delete"] if drift else ["--stats"]
     if delete and not drift:
-        argv += ["--delete", "--delete-excluded"]
+        argv += ["--delete", "--delete-excluded", "--itemize-changes"]
+    if drift or delete:
+        argv += ["--modify-window=-1"]
     if progress and not drift:
         argv += ["--info=progress2"]
     for e in (*(LIVE_EXCLUDES if live_root else ()), *excludes):

@@ -55,6 +55,11 @@ class Registration:
         reg = (manifest or {}).get("registration") or {}
         return cls(RegState.parse(reg.get("state")), reg.get("spool_job"), reg.get("error"))
 
+    @property
+    def has_record(self) -> bool:
+        """openQRM has a record of the image, or is being sent one (the spool), or may have one."""
+        return self.state in (RegState.REGISTERED, RegState.PENDING, RegState.UNKNOWN)
+
     def __str__(self) -> str:
         text = self.state.value.replace("_", " ")
         return f"{text} (spool job {self.spool_job})" if self.spool_job and self.state is RegState.PENDING else text
@@ -202,8 +207,8 @@ class Generations(Result):
                                       if self.interrupted else "")]
         for g in self.generations:
             ch = g.changes or {}
-            what = (f"+{ch.get('created', 0)} -{ch.get('deleted', 0)} ~{ch.get('transferred', 0)}"
-                    if g.changes is not None else "-")
+            what = (f"+{ch.get('new', ch.get('created', 0))} ~{ch.get('changed', ch.get('transferred', 0))} "
+                    f"m{ch.get('metadata', 0)} -{ch.get('deleted', 0)}" if g.changes is not None else "-")
             cost = f"{g.cost / 2**20:.1f} MiB" if g.cost is not None else "?"
             name = "current" if g.role == "current" else f"gen {g.seq}"
             lines.append(f"  {name:<8} {g.made:<21} {what:<18} cost {cost:<12} copy {g.base_copy or '?':<20} "

@@ -93,6 +93,44 @@ def parse_stats(text: str) -> dict[str, int]:
     return out
 
 
+# rsync --itemize-changes: "YXcstpoguax path" (or "*deleting path")
+ITEM = re.compile(r"^(\*deleting|[<>ch.*][fdLDS][^ ]{7,9})\s+(.*)$")
+ITEM_KIND = re.compile(r"^(?P<op>[<>ch.*])(?P<type>[fdLDS])(?P<flags>.*)$")
+CHANGE_KINDS = ("new", "changed", "metadata", "deleted")
+
+
+def parse_item(line: str) -> tuple[str, str] | None:
+    """One itemized line as (code, absolute path in the tree), or None: not an item, the root itself, or a
+    directory whose only difference is its time (noise the preparation leaves when it writes inside)."""
+    m = ITEM.match(line)
+    if not m or m.group(2) == "./" or re.fullmatch(r"\.d\.\.t\.*", m.group(1)):
+        return None
+    return m.group(1), "/" + m.group(2).rstrip("/")
+
+
+def change_kind(code: str) -> str:
+    """One rsync itemize code as a kind: new, changed (content), metadata, deleted."""
+    if code.startswith("*deleting"):
+        return "deleted"
+    m = ITEM_KIND.match(code)
+    if not m:
+        return "other"
+    if "+++" in m.group("flags"):
+        return "new"
+    if m.group("op") in "<>" or (m.group("op") == "c" and m.group("type") != "d"):
+        return "changed"
+    return "metadata"
+
+
+def prepared_change(kind: str, path: str, prepared: frozenset[str]) -> bool:
+    """A change the preparation makes on purpose, not a change of the source: a path it fixed (or inside one),
+    or a directory it made to hold one (/etc/qrmfs for node.conf, /mnt for /mnt/floppy), deleted by the copy
+    from the source and made again."""
+    if path in prepared or any(path.startswith(p + "/") for p in prepared if p != "/"):
+        return True
+    return kind in ("new", "deleted") and any(p.startswith(path + "/") for p in prepared)
+
+
 def judge(code: int) -> tuple[bool, str | None]:
     """(ok, warning) for an rsync exit code. 24 (files vanished on a live system) is only a warning."""
     if code == 0:
@@ -121,13 +159,19 @@ def check_rsync(code: int, stderr: str, what: str = "") -> str | None:
 
 
 def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None,
-              input: bytes | None = None) -> tuple[dict[str, int], str | None, int]:
-    """Run one rsync (already wrapped for where it runs; input: what its supervisor reads on stdin).
+              input: bytes | None = None, changes: Callable[[str, str], None] | None = None,
+              ) -> tuple[dict[str, int], str | None, int]:
+    """Run one rsync (already wrapped for where it runs; input: what its supervisor reads on stdin;
+    changes: called with (kind, path) for each itemized change, when rsync itemizes).
     Returns (stats, warning, exit code)."""
     def on_line(line: str) -> None:
         p = parse_progress(line)
         if p and on_progress:
             on_progress(*p)
+            return
+        item = parse_item(line) if changes else None
+        if item and changes:
+            changes(change_kind(item[0]), item[1])
 
     r = runner.stream(argv, on_line, ok=range(256), input=input)  # every exit code is judged here
     warning = check_rsync(r.code, r.stderr)

@@ -59,6 +59,7 @@ class Copy:
     what: str
     on_storage: bool = False
     forward_agent: bool = False
+    within: str = ""        # where in the image this copy lands ("" for the root, "/boot" for a separate /boot)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
                           drift=drift, delete=delete)
         copies.append(Copy(rs, _where(how, storage, host), what,
                            on_storage=how in (Hop.ON_STORAGE, Hop.PULL_ON_STORAGE),
-                           forward_agent=how is Hop.PULL_ON_STORAGE))
+                           forward_agent=how is Hop.PULL_ON_STORAGE, within=dp[len(into.path):]))
     return CopyPlan(how, tuple(copies), src.mounts)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ..model import Route, Target
 from ..results import Built, Registration, RegState
 from ..runner import tail
 from ..storage import StorageSide, node_init_script
-from ..transfer import run_rsync
+from ..transfer import CHANGE_KINDS, prepared_change, run_rsync
 from . import copyplan, hosts
 from .common import Credentials, Env, deliver, holder
 
@@ -130,14 +131,15 @@ def build(env: Env, spec: BuildSpec) -> Built:
         info = run.side.inspect(spec.place.path)
         _check_target(info, spec)
         run.incremental = spec.force and info.is_image
-        if run.incremental and spec.parent is None:
-            spec = run.spec = dataclasses.replace(spec, parent=info.manifest)
+        if run.incremental:
+            spec = run.spec = _as_new_generation(env, spec, info.manifest)
         if run.job and spec.enroll:
             deliver(env, spec.enroll.creds, run.job, quick=True)  # the "started" event, if openQRM answers now
         try:
             _stage(env, run, source, pin)
             assert run.plan is not None
-            run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name))
+            run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name),
+                             prepared_paths(spec.parent) if run.incremental else frozenset())
             _prepare(env, run)
             _write_manifest(run)
             published = _publish(env, run)
@@ -147,7 +149,29 @@ def build(env: Env, spec: BuildSpec) -> Built:
             raise
         env.ui.step(f"published {spec.place.target}" + (
             f" (the image it replaced is kept as {published.previous})" if published.replaced else ""))
-        return _result(env, run, published, _register(env, run, published))
+        return _result(env, run, published, _register(env, run))
+
+
+# new_image fields that follow from an image's options: a new generation leaves its openQRM record as it is
+RECORD_FIELDS = {"shared": "image_isshared", "arch": "image_capabilities", "os": "image_capabilities"}
+
+
+def record_fields_changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """openQRM fields that differ between two images' options (manifest "options"), which the record keeps."""
+    return sorted({f for k, f in RECORD_FIELDS.items() if k in new and old.get(k) != new.get(k)})
+
+
+def _as_new_generation(env: Env, spec: BuildSpec, current: dict[str, Any] | None) -> BuildSpec:
+    """An image that exists (update, create --force) gets a new generation, and keeps its openQRM record when it
+    has one: the same name and root device, so only the events are sent; openQRM's update_image would need the
+    record's image_id, which qrmfs cannot learn. A field that would change is named, never sent elsewhere."""
+    keeps = Registration.of_manifest(current).has_record
+    spec = dataclasses.replace(spec, parent=spec.parent or current, new_record=spec.new_record and not keeps)
+    if spec.enroll and keeps:
+        for f in record_fields_changed((current or {}).get("options", {}), spec.manifest.get("options", {})):
+            env.ui.warn(f"openQRM's record keeps its {f}: qrmfs cannot send update_image without the record's "
+                        "image_id")
+    return spec
 
 
 def _open_job(spec: BuildSpec) -> openqrm.Job | None:
@@ -244,9 +268,11 @@ def _publish(env: Env, run: Run) -> Published:
     return Published(swapped.path, True, swapped.generation)
 
 
-def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None
-         ) -> list[dict[str, Any]]:
-    """Run the plan's rsyncs; those on the storage server under the agent's supervision, tied to our lock."""
+def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None,  # noqa: PLR0913 - one copy's inputs
+         prepared: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Run the plan's rsyncs; those on the storage server under the agent's supervision, tied to our lock.
+    Where rsync itemizes (an update), each run counts its changes by kind, leaving out the paths the
+    preparation changes on purpose (`prepared`): they differ from the source in every generation."""
     runs = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
@@ -254,12 +280,18 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
             env.ui.step(f"copying {c.what} ({c.runs_on})")
             env.ui.debug("  rsync argv: " + " ".join(c.rsync))
             argv, stdin = side.supervised(path, c.rsync, holder, c.forward_agent) if c.on_storage else (c.rsync, None)
+            changes: Counter[str] = Counter()
+
+            def count(kind: str, p: str, within: str = c.within, tally: Counter[str] = changes) -> None:
+                if not prepared_change(kind, within + p, prepared):
+                    tally[kind] += 1
+
             with env.ui.transfer(c.what) as progress:
-                stats, warning, code = run_rsync(runner, argv, progress, stdin)
+                stats, warning, code = run_rsync(runner, argv, progress, stdin, count)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "argv": list(c.rsync), "exit_code": code,
-                         "warning": warning, "stats": stats})
+                         "warning": warning, "stats": stats, "changes": {k: changes[k] for k in CHANGE_KINDS}})
     return runs
 
 
@@ -287,6 +319,12 @@ def _fresh_host_keys(env: Env, run: Run) -> None:
     """A copy of an image that keeps per-image host keys gets its own, never the original's."""
     script = 'test ! -d "$1/etc/ssh" || ssh-keygen -q -A -f "$1"'
     env.runner.run(run.side.argv(("sh", "-c", script, "sh", run.staging)), timeout=120)
+
+
+def prepared_paths(manifest: dict[str, Any] | None) -> frozenset[str]:
+    """The paths an image's preparation changed on purpose (its manifest's fixes): they differ from the source
+    in every generation, so they are no change of the source (update counts, drift)."""
+    return frozenset(f["path"] for f in (manifest or {}).get("preparation", {}).get("fixed", []) if f.get("path"))
 
 
 def _iso(t: float) -> str:
@@ -330,9 +368,11 @@ def _registration_record(run: Run) -> dict[str, Any]:
 def _generation(run: Run) -> dict[str, Any]:
     """This generation: its id, the one it replaced, how its tree was made, what changed (rsync's counts)."""
     parent = generation_id(run.spec.parent) if run.incremental else None
-    changes = {k: sum(r["stats"].get(src, 0) for r in run.rsync)
-               for k, src in (("created", "created"), ("deleted", "deleted"), ("transferred", "regular_transferred"),
-                              ("bytes_transferred", "bytes_transferred"))}
+    if run.incremental:
+        changes = {k: sum(r.get("changes", {}).get(k, 0) for r in run.rsync) for k in CHANGE_KINDS}
+    else:
+        changes = {"new": sum(r.get("stats", {}).get("created", 0) for r in run.rsync)}
+    changes["bytes_transferred"] = sum(r.get("stats", {}).get("bytes_transferred", 0) for r in run.rsync)
     return {"id": uuid.uuid4().hex, "made_by": run.spec.command, "parent": parent,
             "base_copy": run.base_copy if run.incremental else {"method": "none (a fresh copy)"},
             "changes": changes}
@@ -360,15 +400,16 @@ def _report_failure(env: Env, run: Run, e: BaseException) -> None:
     deliver(env, spec.enroll.creds, run.job, quick=True)
 
 
-def _register(env: Env, run: Run, published: Published) -> Registration:
+def _register(env: Env, run: Run) -> Registration:
     """Deliver the registration with retries; if the server stays away, it waits in the spool. An update
     keeps the image's openQRM record as it is (same name, same path: its fields do not change), so it sends
     only the events: openQRM's update_image needs an image_id, which qrmfs cannot learn."""
     spec, job = run.spec, run.job
     if not (job and spec.enroll):
         return Registration(RegState.NOT_REGISTERED)
-    record = ([openqrm.remove_by_name(spec.name)] if published.replaced else []) + [
-        openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
+    # a new record only for an image that had none (a generation of a registered image keeps its record; an
+    # earlier generation without one leaves nothing to remove: remove_by_name would hit another path's record)
+    record = [openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
     job.requests += record + [
         _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
     try:

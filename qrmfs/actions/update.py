@@ -13,7 +13,6 @@ update or rollback sends only its events (priority 9 and 10), through the spool,
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from ..results import (
     RolledBack,
     UpdatePlan,
 )
+from ..transfer import change_kind
 from . import pipeline
 from .common import Credentials, Env, deliver, flush_spool, holder, require_registration
 from .create import CreateRequest
@@ -40,7 +40,6 @@ from .validate import changes_from_source
 # options of the manifest an update may override: (manifest key, UpdateRequest field)
 OPTION_KEYS = ("excludes", "private_add", "private_exclude", "keep_services", "keep_network", "hostname",
                "shared", "arch", "os")
-RECORD_FIELDS = {"shared": "image_isshared", "arch": "image_capabilities", "os": "image_capabilities"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def _current(env: Env, target: Target) -> dict[str, Any]:
 
 
 def _registered(manifest: dict[str, Any]) -> bool:
-    return Registration.of_manifest(manifest).state in (RegState.REGISTERED, RegState.PENDING, RegState.UNKNOWN)
+    return Registration.of_manifest(manifest).has_record
 
 
 def create_request(req: UpdateRequest, manifest: dict[str, Any]) -> CreateRequest:
@@ -87,8 +86,7 @@ def create_request(req: UpdateRequest, manifest: dict[str, Any]) -> CreateReques
 
 def _unsent_fields(req: UpdateRequest, manifest: dict[str, Any]) -> list[str]:
     """openQRM fields an override changes, which the record keeps (no image_id to send update_image with)."""
-    old = manifest.get("options", {})
-    return sorted({RECORD_FIELDS[k] for k, v in req.overrides.items() if k in RECORD_FIELDS and old.get(k) != v})
+    return pipeline.record_fields_changed(manifest.get("options", {}), req.overrides)
 
 
 def _events_only(req: UpdateRequest, manifest: dict[str, Any], env: Env) -> pipeline.Enrollment | None:
@@ -106,8 +104,6 @@ def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
     enroll = _events_only(req, manifest, env)
     if enroll:
         flush_spool(env, req.creds, quick=True)
-    for f in _unsent_fields(req, manifest):
-        env.ui.warn(f"openQRM's record keeps its {f}: qrmfs cannot send update_image without the record's image_id")
     with pipeline.placement(env, req.target, creq.route) as place:
         spec = pipeline.BuildSpec(
             command="update", place=place, source=creq.source(env), source_label=str(creq.location),
@@ -116,23 +112,6 @@ def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
                 "only_physical", False)}, "excludes": list(creq.excludes), "route": creq.route.value},
             discover_mounts=True, new_record=False, keep_generations=env.cfg.keep_generations, parent=manifest)
         return pipeline.build(env, spec)
-
-
-ITEM_KIND = re.compile(r"^(?P<op>[<>ch.*])(?P<type>[fdLDS])(?P<flags>.*)$")
-
-
-def change_kind(code: str) -> str:
-    """One rsync itemize code as a kind: new, changed (content), metadata, deleted."""
-    if code.startswith("*deleting"):
-        return "deleted"
-    m = ITEM_KIND.match(code)
-    if not m:
-        return "other"
-    if "+++" in m.group("flags"):
-        return "new"
-    if m.group("op") in "<>" or (m.group("op") == "c" and m.group("type") != "d"):
-        return "changed"
-    return "metadata"
 
 
 def _dry_run(req: UpdateRequest, env: Env, manifest: dict[str, Any], creq: CreateRequest) -> UpdatePlan:

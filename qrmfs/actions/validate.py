@@ -5,7 +5,6 @@ With -l, the drift between image and source (rsync's dry-run itemized list), cha
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,13 +15,12 @@ from ..config import Storage
 from ..model import Location, Target
 from ..results import Drift, Validated
 from ..storage import StorageSide
-from ..transfer import check_rsync
+from ..transfer import check_rsync, parse_item
 from . import copyplan, hosts
 from .common import Env
-from .pipeline import prepared_options
+from .pipeline import prepared_options, prepared_paths
 
 DRIFT_SHOWN = 200
-ITEM = re.compile(r"^(\*deleting|[<>ch.*][fdLDS][^ ]{7,9})\s+(.*)$")
 MANIFEST = "/.qrmfs/manifest.json"
 
 
@@ -106,7 +104,7 @@ def changes_from_source(env: Env, storage: Storage, target: Target, location: Lo
     drift for validate -l, the plan of update --dry-run), without the image's own /.qrmfs and the paths the
     preparation changed on purpose. Changes nothing."""
     src = hosts.source_host(env.cfg, location)
-    prepared = sorted({f["path"] for f in manifest.get("preparation", {}).get("fixed", [])})
+    prepared = sorted(prepared_paths(manifest))
     source = copyplan.Source(src, location.path, ("/.qrmfs", *excludes, *prepared))
     side = env.side(storage)
     pulls = src is not None and not src.is_local and not storage.ssh.is_local
@@ -129,9 +127,8 @@ def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> 
             r = runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
             check_rsync(r.code, r.stderr, "drift check: ")
             for line in r.stdout.splitlines():
-                m = ITEM.match(line)
-                # a directory whose only difference is its time is noise left by the preparation
-                if m and m.group(2) != "./" and not re.fullmatch(r"\.d\.\.t\.*", m.group(1)):
-                    changes.append({"change": m.group(1), "path": "/" + m.group(2).rstrip("/")})
+                item = parse_item(line)
+                if item:
+                    changes.append({"change": item[0], "path": item[1]})
     return changes
 

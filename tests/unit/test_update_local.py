@@ -190,6 +190,29 @@ def test_crash_during_copy_leaves_the_image_as_it_was(env: dict[str, Path],
     assert not [e for e in os.listdir(env["root"]) if "staging" in e or "gen" in e]
 
 
+def test_update_counts_what_changed_at_the_source_only(env: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """An unchanged source is a generation with no changes (what the preparation redoes is not counted); a file
+    rewritten within the same second at the same size is still seen (times compared to the nanosecond)."""
+    create(env, capsys)
+    code, out = update(env, capsys)
+    assert code == 0, out
+    gen = json.loads((env["img"] / ".qrmfs/manifest.json").read_text())["generation"]
+    assert {k: gen["changes"][k] for k in ("new", "changed", "metadata", "deleted")} == {
+        "new": 0, "changed": 0, "metadata": 0, "deleted": 0}
+    tool = env["src"] / "usr/bin/tool"
+    st = tool.stat()
+    tool.write_text("version 2\n")  # same size
+    os.utime(tool, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # the same second
+    (env["src"] / "etc/new").write_text("new\n")
+    (env["src"] / "etc/motd").unlink()
+    code, out = update(env, capsys)
+    assert code == 0, out
+    assert (env["img"] / "usr/bin/tool").read_text() == "version 2\n"
+    gen = json.loads((env["img"] / ".qrmfs/manifest.json").read_text())["generation"]
+    assert {k: gen["changes"][k] for k in ("new", "changed", "deleted")} == {"new": 1, "changed": 1, "deleted": 1}
+
+
 def test_update_dry_run_counts_changes_and_touches_nothing(env: dict[str, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     create(env, capsys)
@@ -336,7 +359,7 @@ def test_rollback_to_an_old_style_previous_sets_its_stale_node_state_aside(tmp_p
     (">f..t......", "changed"), (".f...p.....", "metadata"), (".d..t......", "metadata"), ("cL.st......", "changed"),
     (".f......x..", "metadata")])
 def test_change_kind(code: str, kind: str) -> None:
-    from qrmfs.actions.update import change_kind
+    from qrmfs.transfer import change_kind
 
     assert change_kind(code) == kind
 

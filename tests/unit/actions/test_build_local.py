@@ -187,7 +187,28 @@ def test_an_undeletable_old_generation_never_fails_the_publish(env: Env, exports
     assert sorted(n for n in names(exports) if "staging" in n or "journal" in n) == []
     assert (exports / "img1/.qrmfs/manifest.json").is_file()
     assert (exports / ".img1.qrmfs-removing-gen-0/etc/pinned").is_file()  # left, out of the generations' way
+    assert server.commands() == ["event 9", "event 10"]  # a new generation: the openQRM record stays
+
+
+def test_create_force_keeps_the_openqrm_record_of_a_registered_image(env: Env, exports: Path, source: Path,
+                                                                     server: OpenQrm) -> None:
+    create(env, exports, source)
     assert server.commands().count("new_image") == 1
+    server.requests.clear()
+    r = create(env, exports, source, force=True, shared=True)
+    assert r.registration.state is RegState.REGISTERED  # type: ignore[attr-defined]
+    # no second record, no remove_by_name: the same name and root device, only the events
+    assert server.commands() == ["event 9", "event 10"]
+    assert any("keeps its image_isshared" in w for w in env.ui.warnings)
+
+
+def test_create_force_registers_an_image_that_had_no_record(env: Env, exports: Path, source: Path,
+                                                            server: OpenQrm) -> None:
+    create(env, exports, source, only_physical=True)
+    assert server.commands() == []
+    r = create(env, exports, source, force=True)
+    assert r.registration.state is RegState.REGISTERED  # type: ignore[attr-defined]
+    assert server.commands() == ["event 9", "new_image", "event 10"]
 
 
 def test_openqrm_down_keeps_the_registration_in_the_spool(env: Env, exports: Path, source: Path, server: OpenQrm,
