@@ -86,7 +86,7 @@ def test_node_data_kept_across_two_updates_and_a_rollback_one_openqrm_record(  #
     assert [g["role"] for g in rows] == ["current", "generation"]
     reflinks = lab["hosts"]["storage"]["export_kind"] == "xfs"  # the lab's /exports: XFS (default) or ext4
     assert rows[0]["made_by"] == "update" and rows[0]["base_copy"] == ("reflink" if reflinks else "copy")
-    assert rows[0]["source"] == f"source:{scratch}" and rows[0]["changes"]["transferred"] >= 1
+    assert rows[0]["source"] == f"source:{scratch}" and rows[0]["changes"]["changed"] >= 1
     if not reflinks:
         assert all(g["cost"] > 3_000_000 for g in rows)  # plain copies: each generation holds its own blob
 
