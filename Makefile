@@ -2,6 +2,11 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 export TESTCONTAINERS_RYUK_DISABLED := true
+# Tests run in JOBS parallel workers (pytest-xdist), each test file whole on one worker, each worker with a lab
+# of its own (qrmfs-lab-gw0, -gw1, ...): the QEMU boots, which are CPU-bound, then run side by side.
+# `make test JOBS=0` runs them in one process against the default lab.
+JOBS    ?= 2
+PAR     := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: setup demo test test-fast unit e2e lint lab-up lab-down bench docs
 
@@ -12,16 +17,16 @@ demo: setup
 	@$(PY) -m lab demo
 
 test: setup
-	$(PY) -m pytest tests/unit tests/e2e
+	$(PY) -m pytest $(PAR) tests/unit tests/e2e
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" tests/unit tests/e2e
+	$(PY) -m pytest $(PAR) -m "not slow" tests/unit tests/e2e
 
 unit: setup
 	$(PY) -m pytest tests/unit
 
 e2e: setup
-	$(PY) -m pytest tests/e2e
+	$(PY) -m pytest $(PAR) tests/e2e
 
 lint: setup
 	$(VENV)/bin/ruff check qrmfs lab tests bench

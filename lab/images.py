@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +117,20 @@ def build_host(client: docker.DockerClient, role: str) -> str:
     return tag
 
 
+@contextmanager
+def building() -> Iterator[None]:
+    """One image builder at a time on this machine (parallel test workers start their labs together): the
+    second waits, then finds the images the first built."""
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".images.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_all(client: docker.DockerClient) -> dict[str, str]:
-    return {role: build_host(client, role) for role in ROLES}
+    with building():
+        return {role: build_host(client, role) for role in ROLES}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,6 +189,13 @@ def source_tag(name: str) -> str:
 
 def build_source(client: docker.DockerClient, name: str) -> str:
     tag = source_tag(name)
+    if _exists(client, tag):
+        return tag
+    with building():
+        return _build_source(client, name, tag)
+
+
+def _build_source(client: docker.DockerClient, name: str, tag: str) -> str:
     if _exists(client, tag):
         return tag
     base = f"qrmfs-lab-tree-{name}:{tree_hash(name)}"
