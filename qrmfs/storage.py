@@ -1,7 +1,9 @@
 """The storage server as qrmfs sees it: agent operations on the image tree, run where the image lives.
 
 The agent modules (qrmfs/agent, standard library only) travel on stdin to `python3 -c BOOTSTRAP` over
-ssh, or run locally with this interpreter for a `local` storage server. Their answer is one JSON line.
+ssh, or run locally with this interpreter for a `local` storage server. They travel once per run: one agent
+session (`serve`) answers every call of the run, one JSON line each, over the run's one ssh master
+connection. Only a supervised command (`run`, which streams) gets an agent of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -42,6 +46,7 @@ ERRORS: dict[ErrorKind, type[QrmfsError]] = {
     ErrorKind.REFUSED: RefusedError, ErrorKind.NOT_IMAGE: RefusedError, ErrorKind.OS: StorageError,
     ErrorKind.BAD_REQUEST: StorageError}
 T = TypeVar("T")
+MASTER_WAIT = 15.0  # seconds to wait for the ssh master (ssh's ConnectTimeout is 10)
 
 
 def _agent_sources() -> list[tuple[str, str]]:
@@ -61,21 +66,57 @@ class StorageSide:
         self._sources: list[tuple[str, str]] | None = None
         self._control: str | None = None
         self._master: subprocess.Popen[bytes] | None = None
+        self._session: subprocess.Popen[bytes] | None = None
+        self._session_err: list[bytes] = []
+        self._session_reader: threading.Thread | None = None
+        self._io = threading.Lock()
+        self._at_exit = False
 
-    def _mux(self) -> str:
-        """One ssh master connection per storage server for this run: every agent call after the first
-        skips the ssh handshake. Calls made before the master is up simply connect on their own."""
-        if self._control is None:
-            d = tempfile.mkdtemp(prefix="qrmfs-ssh-")
-            self._control = os.path.join(d, "m")
-            self._master = self.runner.popen(
-                A.ssh_master_argv(self.storage.ssh, self._control, identity=self.identity,
-                                  known_hosts=self.known_hosts),
-                stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
+    def connect(self) -> None:
+        """Start the master connection now, without waiting for it: its handshake overlaps whatever the caller
+        does next (reading the source's mounts). The first agent call waits for it."""
+        if self.local or self._control is not None:
+            return
+        d = tempfile.mkdtemp(prefix="qrmfs-ssh-")
+        self._control = os.path.join(d, "m")
+        self._master = self.runner.popen(
+            A.ssh_master_argv(self.storage.ssh, self._control, identity=self.identity, known_hosts=self.known_hosts),
+            stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
+        self._close_at_exit()
+
+    def _close_at_exit(self) -> None:
+        if not self._at_exit:
             atexit.register(self.close)
+            self._at_exit = True
+
+    def _mux(self) -> str | None:
+        """One ssh master connection per storage server for this run: every ssh after it skips the handshake.
+        Waits until the master is up (its socket exists), so no call pays a handshake of its own; when the
+        master cannot connect, None: the call then connects itself and fails with ssh's own message."""
+        self.connect()
+        assert self._control is not None and self._master is not None
+        deadline = time.monotonic() + MASTER_WAIT
+        while not os.path.exists(self._control):
+            if self._master.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)  # polling the socket's appearance: ssh has no readiness signal we can wait on
         return self._control
 
     def close(self) -> None:
+        if self._session is not None:
+            p, self._session = self._session, None
+            if p.stdin is not None:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if self._session_reader is not None:
+                self._session_reader.join(timeout=5)
         if self._master is not None:
             self._master.terminate()
             try:
@@ -111,12 +152,50 @@ class StorageSide:
     def _agent_argv(self) -> tuple[str, ...]:
         return self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP))
 
-    def _call(self, req: P.Request[T]) -> T:
+    def _start_session(self) -> subprocess.Popen[bytes]:
+        """The agent for this run: shipped and started once, then one request line and one answer line per
+        call (protocol `serve`). Its stderr is collected for the message if it ends early."""
+        argv = self._agent_argv()
+        p = self.runner.popen(argv)
+        assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+        err: list[bytes] = []
+        reader = threading.Thread(target=lambda f=p.stderr: err.append(f.read()), daemon=True)
+        reader.start()
+        self._session, self._session_err, self._session_reader = p, err, reader
+        self._close_at_exit()
+        self._exchange(p, self._payload(P.Serve()), P.Serve())
+        return p
+
+    def _exchange(self, p: subprocess.Popen[bytes], line: str, req: P.Request[Any]) -> str:
+        assert p.stdin is not None and p.stdout is not None
         try:
-            r = self.runner.run(self._agent_argv(), input=self._payload(req), ok=(0, P.FAILED))
-        except CommandFailed as e:
-            raise self.connect_error(e) from None
-        return req.decode_answer(self._answer(r.stdout, r.stderr, req))
+            p.stdin.write(line.encode())
+            p.stdin.flush()
+            answer = p.stdout.readline().decode(errors="replace")
+        except (BrokenPipeError, ValueError):
+            answer = ""
+        if answer.startswith("{"):
+            return answer
+        self._session = None  # it ended: the next call starts another (a lock it held is gone with it)
+        try:
+            code = p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = p.wait()
+        if self._session_reader is not None:
+            self._session_reader.join(timeout=5)
+        stderr = b"".join(self._session_err).decode(errors="replace")
+        failed = CommandFailed(self._agent_argv()[:1], code, stderr)
+        if code == 255 or "python3" in stderr:
+            raise self.connect_error(failed)
+        raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} (the agent exited "
+                           f"with {code})", tail(stderr or answer))
+
+    def _call(self, req: P.Request[T]) -> T:
+        with self._io:
+            p = self._session or self._start_session()
+            answer = self._exchange(p, json.dumps({"op": req.op, "args": P.encode(req)}) + "\n", req)
+        return req.decode_answer(self._answer(answer, "", req))
 
     def _answer(self, stdout: str, stderr: str = "", req: P.Request[Any] | None = None) -> Any:
         lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
@@ -202,37 +281,14 @@ class StorageSide:
 
     @contextmanager
     def lock(self, path: str, holder: str) -> Iterator[P.Locked]:
-        """Hold the image's lock for the block: a helper process on the storage side keeps a flock until
-        its stdin closes, so a qrmfs that dies cannot leave a stale lock behind."""
-        req = P.Lock(path, self.root, holder)
-        p = self.runner.popen(self._agent_argv())
-        assert p.stdin is not None and p.stdout is not None
-        try:
-            p.stdin.write(self._payload(req).encode())
-            p.stdin.flush()
-            first = p.stdout.readline().decode()
-        except BrokenPipeError:
-            first = ""
-        if not first.startswith("{"):
-            p.kill() if first else None
-            p.wait()
-            err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-            if first:
-                raise StorageError(f"storage server {self.storage.name}: bad lock answer: {first[:200]}")
-            raise self.connect_error(CommandFailed(self._agent_argv()[:1], p.returncode, err))
-        try:
-            locked = req.decode_answer(self._answer(first, req=req))
-        except QrmfsError:
-            p.wait()
-            raise
+        """Hold the image's lock for the block: this run's agent session keeps a flock until `unlock`, or until
+        the session ends (its stdin closes when qrmfs ends, however it ends), so a qrmfs that dies cannot leave
+        a stale lock behind."""
+        locked = self._call(P.Lock(path, self.root, holder))
         try:
             yield locked
         finally:
             try:
-                p.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+                self._call(P.Unlock(path, self.root))
+            except QrmfsError:
+                pass  # the session is gone, and the lock with it
