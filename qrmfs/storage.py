@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -46,12 +45,21 @@ ERRORS: dict[ErrorKind, type[QrmfsError]] = {
     ErrorKind.REFUSED: RefusedError, ErrorKind.NOT_IMAGE: RefusedError, ErrorKind.OS: StorageError,
     ErrorKind.BAD_REQUEST: StorageError}
 T = TypeVar("T")
-MASTER_WAIT = 15.0  # seconds to wait for the ssh master (ssh's ConnectTimeout is 10)
 
 
 def _agent_sources() -> list[tuple[str, str]]:
     pkg = resources.files("qrmfs.agent")
     return [(f"qrmfs.agent.{m}", (pkg / f"{m}.py").read_text()) for m in AGENT_MODULES]
+
+
+def _write(p: subprocess.Popen[bytes], data: bytes) -> None:
+    """Write to the agent's stdin; a closed pipe shows as the missing answer that follows."""
+    assert p.stdin is not None
+    try:
+        p.stdin.write(data)
+        p.stdin.flush()
+    except (BrokenPipeError, ValueError):
+        pass
 
 
 def node_init_script() -> str:
@@ -65,46 +73,97 @@ class StorageSide:
         self.identity, self.known_hosts = identity, known_hosts
         self._sources: list[tuple[str, str]] | None = None
         self._control: str | None = None
-        self._master: subprocess.Popen[bytes] | None = None
         self._session: subprocess.Popen[bytes] | None = None
+        self._ready = False
         self._session_err: list[bytes] = []
-        self._session_reader: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []  # the session's stderr reader and first writer
         self._io = threading.Lock()
         self._at_exit = False
 
-    def connect(self) -> None:
-        """Start the master connection now, without waiting for it: its handshake overlaps whatever the caller
-        does next (reading the source's mounts). The first agent call waits for it."""
-        if self.local or self._control is not None:
-            return
-        d = tempfile.mkdtemp(prefix="qrmfs-ssh-")
-        self._control = os.path.join(d, "m")
-        self._master = self.runner.popen(
-            A.ssh_master_argv(self.storage.ssh, self._control, identity=self.identity, known_hosts=self.known_hosts),
-            stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
-        self._close_at_exit()
+    # --- this run's agent session (and, over ssh, its one connection) --------------------------------------
 
-    def _close_at_exit(self) -> None:
+    def connect(self) -> None:
+        """Start this run's agent session now, without waiting for it: its ssh handshake and start overlap
+        whatever the caller does next (reading the source's mounts). The first call waits for its answer."""
+        with self._io:
+            if self._session is None:
+                self._spawn()
+
+    def _spawn(self) -> None:
+        """Over ssh, the session's own ssh is the run's master connection: every later ssh to this server (a
+        supervised rsync, a shell command) shares it, and none pays a handshake of its own. Its stdin gets the
+        agent's modules once, from a thread (the pipe may fill before ssh has connected)."""
+        remote = A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP)
+        if self.local:
+            argv = remote
+        else:
+            self._drop_control()
+            self._control = os.path.join(tempfile.mkdtemp(prefix="qrmfs-ssh-"), "m")
+            argv = A.ssh_master_argv(self.storage.ssh, self._control, identity=self.identity,
+                                     known_hosts=self.known_hosts, remote=remote)
+        p = self.runner.popen(argv)  # from this thread: its PR_SET_PDEATHSIG follows the thread that forks
+        assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+        err: list[bytes] = []
+        payload = self._payload(P.Serve()).encode()
+        self._threads = [threading.Thread(target=lambda f=p.stderr: err.append(f.read()), daemon=True),
+                         threading.Thread(target=_write, args=(p, payload), daemon=True)]
+        for t in self._threads:
+            t.start()
+        self._session, self._session_err, self._ready = p, err, False
         if not self._at_exit:
             atexit.register(self.close)
             self._at_exit = True
 
+    def _live(self) -> subprocess.Popen[bytes]:
+        """The session, started and ready (its first answer read). Call with self._io held."""
+        if self._session is None:
+            self._spawn()
+        p = self._session
+        assert p is not None
+        if not self._ready:
+            self._threads[1].join()
+            self._read(p, P.Serve())
+            self._ready = True
+        return p
+
+    def _read(self, p: subprocess.Popen[bytes], req: P.Request[Any]) -> str:
+        assert p.stdout is not None
+        answer = p.stdout.readline().decode(errors="replace")
+        if answer.startswith("{"):
+            return answer
+        self._session = None  # it ended: the next call starts another (a lock it held is gone with it)
+        try:
+            code = p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = p.wait()
+        self._threads[0].join(timeout=5)
+        stderr = b"".join(self._session_err).decode(errors="replace")
+        failed = CommandFailed(("ssh",) if not self.local else ("python3",), code, stderr)
+        if (code == 255 and not self.local) or "python3" in stderr:
+            raise self.connect_error(failed)
+        raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} (the agent exited "
+                           f"with {code})", tail(stderr or answer))
+
     def _mux(self) -> str | None:
-        """One ssh master connection per storage server for this run: every ssh after it skips the handshake.
-        Waits until the master is up (its socket exists), so no call pays a handshake of its own; when the
-        master cannot connect, None: the call then connects itself and fails with ssh's own message."""
-        self.connect()
-        assert self._control is not None and self._master is not None
-        deadline = time.monotonic() + MASTER_WAIT
-        while not os.path.exists(self._control):
-            if self._master.poll() is not None or time.monotonic() > deadline:
+        """The run's connection to share (the session's ssh): None when it is not up, and the caller's ssh then
+        connects itself and fails with ssh's own message."""
+        with self._io:
+            try:
+                self._live()
+            except QrmfsError:
                 return None
-            time.sleep(0.005)  # polling the socket's appearance: ssh has no readiness signal we can wait on
-        return self._control
+        return self._control if self._control and os.path.exists(self._control) else None
+
+    def _drop_control(self) -> None:
+        if self._control is not None:
+            shutil.rmtree(os.path.dirname(self._control), ignore_errors=True)
+            self._control = None
 
     def close(self) -> None:
-        if self._session is not None:
-            p, self._session = self._session, None
+        """End the session: its stdin closes, the agent exits (giving up what it held), then its ssh."""
+        p, self._session = self._session, None
+        if p is not None:
             if p.stdin is not None:
                 try:
                     p.stdin.close()
@@ -115,18 +174,9 @@ class StorageSide:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-            if self._session_reader is not None:
-                self._session_reader.join(timeout=5)
-        if self._master is not None:
-            self._master.terminate()
-            try:
-                self._master.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._master.kill()
-            self._master = None
-        if self._control is not None:
-            shutil.rmtree(os.path.dirname(self._control), ignore_errors=True)
-            self._control = None
+            for t in self._threads:
+                t.join(timeout=5)
+        self._drop_control()
 
     @property
     def root(self) -> str:
@@ -152,49 +202,11 @@ class StorageSide:
     def _agent_argv(self) -> tuple[str, ...]:
         return self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP))
 
-    def _start_session(self) -> subprocess.Popen[bytes]:
-        """The agent for this run: shipped and started once, then one request line and one answer line per
-        call (protocol `serve`). Its stderr is collected for the message if it ends early."""
-        argv = self._agent_argv()
-        p = self.runner.popen(argv)
-        assert p.stdin is not None and p.stdout is not None and p.stderr is not None
-        err: list[bytes] = []
-        reader = threading.Thread(target=lambda f=p.stderr: err.append(f.read()), daemon=True)
-        reader.start()
-        self._session, self._session_err, self._session_reader = p, err, reader
-        self._close_at_exit()
-        self._exchange(p, self._payload(P.Serve()), P.Serve())
-        return p
-
-    def _exchange(self, p: subprocess.Popen[bytes], line: str, req: P.Request[Any]) -> str:
-        assert p.stdin is not None and p.stdout is not None
-        try:
-            p.stdin.write(line.encode())
-            p.stdin.flush()
-            answer = p.stdout.readline().decode(errors="replace")
-        except (BrokenPipeError, ValueError):
-            answer = ""
-        if answer.startswith("{"):
-            return answer
-        self._session = None  # it ended: the next call starts another (a lock it held is gone with it)
-        try:
-            code = p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            code = p.wait()
-        if self._session_reader is not None:
-            self._session_reader.join(timeout=5)
-        stderr = b"".join(self._session_err).decode(errors="replace")
-        failed = CommandFailed(self._agent_argv()[:1], code, stderr)
-        if code == 255 or "python3" in stderr:
-            raise self.connect_error(failed)
-        raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} (the agent exited "
-                           f"with {code})", tail(stderr or answer))
-
     def _call(self, req: P.Request[T]) -> T:
         with self._io:
-            p = self._session or self._start_session()
-            answer = self._exchange(p, json.dumps({"op": req.op, "args": P.encode(req)}) + "\n", req)
+            p = self._live()
+            _write(p, (json.dumps({"op": req.op, "args": P.encode(req)}) + "\n").encode())
+            answer = self._read(p, req)
         return req.decode_answer(self._answer(answer, "", req))
 
     def _answer(self, stdout: str, stderr: str = "", req: P.Request[Any] | None = None) -> Any:
