@@ -228,23 +228,15 @@ def walk_tree(top: str, count: bool = True) -> Walk:
     skip = {os.path.join(top, d) for d in NOT_SEARCHED}
     stack = [top]
     while stack:
-        d = stack.pop()
         try:
-            it = os.scandir(d)
+            it = os.scandir(stack.pop())
         except FileNotFoundError:
             continue
         with it:
             for e in it:
                 is_dir = e.is_dir(follow_symlinks=False)
-                if count:
-                    st = e.stat(follow_symlinks=False)
-                    out.files += 1
-                    if is_dir or st.st_nlink == 1 or st.st_ino not in seen:
-                        if not is_dir and st.st_nlink > 1:
-                            seen.add(st.st_ino)
-                        out.bytes += st.st_blocks * 512
-                    if is_dir and st.st_dev != dev:
-                        continue  # another file system: counted, not entered
+                if count and not _count(e, is_dir, dev, seen, out):
+                    continue  # a directory of another file system: counted, not entered
                 if is_dir:
                     if count or e.path not in skip:
                         stack.append(e.path)
@@ -252,6 +244,17 @@ def walk_tree(top: str, count: bool = True) -> Walk:
                         and not _under_any(e.path, skip):  # only a special file costs a stat here
                     out.sockets.append(e.path)
     return out
+
+
+def _count(e: os.DirEntry[str], is_dir: bool, dev: int, seen: set[int], out: Walk) -> bool:
+    """Count one entry (its blocks once per inode); False for a directory on another file system."""
+    st = e.stat(follow_symlinks=False)
+    out.files += 1
+    if is_dir or st.st_nlink == 1 or st.st_ino not in seen:
+        if not is_dir and st.st_nlink > 1:
+            seen.add(st.st_ino)
+        out.bytes += st.st_blocks * 512
+    return not (is_dir and st.st_dev != dev)
 
 
 def _is_socket(e: os.DirEntry[str]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -97,27 +98,35 @@ class Session:
             self.locks[req.path] = fd
             return locked
         if isinstance(req, P.Unlock):
-            fd = self.locks.pop(req.path, None)
-            if fd is None:
+            if req.path not in self.locks:
                 raise AgentError(ErrorKind.NOT_FOUND, f"this session holds no lock on {req.path}")
-            tree.release_lock(fd, req.path)
+            tree.release_lock(self.locks.pop(req.path), req.path)
             return P.Unlocked(tree.siblings(req.path).lock)
         if isinstance(req, (P.Run, P.Serve)):
             raise AgentError(ErrorKind.BAD_REQUEST, f"{req.op} cannot run inside a session")
         return HANDLERS[type(req)](req)
 
+    def handle_line(self, line: str) -> Any:
+        return self.handle(_request(line))
+
     def serve(self) -> int:
         print(P.ok_line(P.Serving(os.getpid(), sys.version.split()[0])), flush=True)
         for line in sys.stdin:
-            try:
-                r = json.loads(line)
-                op, args = (r.get("op"), r.get("args")) if isinstance(r, dict) else (None, None)
-            except ValueError:
-                op, args = None, None
-            print(_answer(lambda op=op, args=args: self.handle(P.request(str(op), args))), flush=True)
+            print(_answer(functools.partial(self.handle_line, line)), flush=True)
         for path, fd in list(self.locks.items()):
             tree.release_lock(fd, path)
         return 0
+
+
+def _request(line: str) -> Any:
+    """One request line of a session, validated."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        r = None
+    if not isinstance(r, dict):
+        raise AgentError(ErrorKind.BAD_REQUEST, "a request line must be a JSON object")
+    return P.request(str(r.get("op")), r.get("args"))
 
 
 def _answer(fn: Callable[[], Any]) -> str:

@@ -247,7 +247,8 @@ def _sockets(ctx: Ctx) -> Iterator[Finding]:
     root = ctx.root
     for host in ctx.sockets():
         if os.path.lexists(host):  # not removed yet
-            yield Finding("sockets", host[len(root):] or "/", "socket left in the tree", functools.partial(remove, host))
+            yield Finding("sockets", host[len(root):] or "/", "socket left in the tree",
+                          functools.partial(remove, host))
 
 
 @step("machine-id", "empty /etc/machine-id; no copied /var/lib/dbus/machine-id")
