@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -176,9 +175,13 @@ class Client:
         self.url = url.rstrip("/")
         self.user, self.password = user, password
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
+        # imported here: ssl and httpx are a tenth of qrmfs's start-up, paid only by runs that talk to openQRM
+        import ssl  # noqa: PLC0415
+
+        import httpx  # noqa: PLC0415
+
         # TLS is always verified: against the system's CAs, or [openqrm] ca_file
         verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
-        import httpx  # noqa: PLC0415 - a tenth of qrmfs's start-up, paid only by runs that talk to openQRM
         self.httpx = httpx
         self.http = httpx.Client(timeout=timeout, transport=transport, verify=verify)
 
