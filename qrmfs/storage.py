@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any, TypeVar
@@ -77,6 +77,7 @@ class StorageSide:
         self._ready = False
         self._session_err: list[bytes] = []
         self._threads: list[threading.Thread] = []  # the session's stderr reader and first writer
+        self._pending: list[tuple[P.Request[Any], list[str]]] = []  # sent, answer not read yet (in order)
         self._io = threading.Lock()
         self._at_exit = False
 
@@ -109,7 +110,7 @@ class StorageSide:
                          threading.Thread(target=_write, args=(p, payload), daemon=True)]
         for t in self._threads:
             t.start()
-        self._session, self._session_err, self._ready = p, err, False
+        self._session, self._session_err, self._ready, self._pending = p, err, False, []
         if not self._at_exit:
             atexit.register(self.close)
             self._at_exit = True
@@ -203,11 +204,29 @@ class StorageSide:
         return self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP))
 
     def _call(self, req: P.Request[T]) -> T:
+        return self._begin(req)()
+
+    def _begin(self, req: P.Request[T]) -> Callable[[], T]:
+        """Send a request now and read its answer when the returned function is called: the agent works on it
+        while we do something else. Answers come in the order of the requests; a call in between reads the
+        earlier answers first and keeps them for their callers."""
         with self._io:
             p = self._live()
             _write(p, (json.dumps({"op": req.op, "args": P.encode(req)}) + "\n").encode())
-            answer = self._read(p, req)
-        return req.decode_answer(self._answer(answer, "", req))
+            slot: list[str] = []
+            self._pending.append((req, slot))
+
+        def answer() -> T:
+            with self._io:
+                while not slot:
+                    if self._session is not p:
+                        raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} "
+                                           "(its agent session ended)")
+                    first, first_slot = self._pending[0]
+                    first_slot.append(self._read(p, first))
+                    self._pending.pop(0)
+            return req.decode_answer(self._answer(slot[0], "", req))
+        return answer
 
     def _answer(self, stdout: str, stderr: str = "", req: P.Request[Any] | None = None) -> Any:
         lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
@@ -261,6 +280,10 @@ class StorageSide:
 
     def check(self, path: str, options: P.Options, root: str | None = None) -> P.Checked:
         return self._call(P.Check(path, self.root, options, root))
+
+    def check_later(self, path: str, options: P.Options) -> Callable[[], P.Checked]:
+        """check, started now, its findings read when the returned function is called."""
+        return self._begin(P.Check(path, self.root, options))
 
     def stage_update(self, path: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
         return self._call(P.StageUpdate(path, self.root, token, known_hosts))

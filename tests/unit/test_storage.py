@@ -228,3 +228,13 @@ def test_remote_session_is_the_master_connection() -> None:
     argv = S.A.ssh_master_argv(remote.storage.ssh, "/tmp/c/m", remote=S.A.agent_argv("python3", S.BOOTSTRAP))
     assert "ControlMaster=yes" in argv and "-N" not in argv
     assert argv[-2:] == ("nas", "python3 -c " + "'" + S.BOOTSTRAP + "'")
+
+
+def test_a_request_begun_early_is_answered_in_order(side: StorageSide, root: Path) -> None:
+    """check_later: the agent checks while we do something else; a call in between gets its own answer."""
+    img = root / "img1"
+    (img / "etc").mkdir(parents=True)
+    later = side.check_later(str(img), P.Options("img1"))
+    assert side.inspect(str(img)).exists is True  # answered after the check's answer, which is kept
+    findings = later().findings
+    assert "init" in {f.step for f in findings}
