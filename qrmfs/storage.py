@@ -147,9 +147,12 @@ class StorageSide:
                            f"with {code})", tail(stderr or answer))
 
     def _mux(self) -> str | None:
-        """The run's connection to share (the session's ssh): None when it is not up, and the caller's ssh then
-        connects itself and fails with ssh's own message."""
+        """The run's connection to share (the session's ssh, waited for if it is starting): None when there is
+        no session (a command that needs no agent, as `check` runs them) or it could not connect; the caller's
+        ssh then connects itself (and fails with ssh's own message)."""
         with self._io:
+            if self._session is None:
+                return None
             try:
                 self._live()
             except QrmfsError:
