@@ -89,6 +89,22 @@ with open(marker, "w") as f:
     f.write(version)
 '''
 
+# Rewrites every 100th small file (those whose number is k modulo 100) with new bytes of the same size.
+CHANGE_TREE = r'''
+import os, sys
+root, k = sys.argv[1], int(sys.argv[2])
+for d in sorted(os.listdir(root)):
+    if not d.startswith("d"):
+        continue
+    for f in os.listdir(os.path.join(root, d)):
+        if f.startswith("f") and int(f[1:]) % 100 == k:
+            p = os.path.join(root, d, f)
+            data = os.urandom(os.path.getsize(p))
+            with open(p + ".new", "wb") as out:
+                out.write(data)
+            os.rename(p + ".new", p)
+'''
+
 
 # ---------------------------------------------------------------- the lab ---------------------------------
 @dataclass
@@ -275,6 +291,7 @@ class Bench:
         self.rsh = shlex.join(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o",
                                f"UserKnownHostsFile={self.kh}", "-l", "root"])
         self.excludes: list[str] = []
+        self.changes = 0
         self.export_fs = lab.info["hosts"]["storage"].get("exports", {"/exports": "?"})
         self.xfs_mnt = _lab.exports.mount_point(_lab.LabHandle(lab.info["name"]).state) \
             if self.export_fs.get("/exports") == "xfs" else None
@@ -408,19 +425,46 @@ class Bench:
             target = self.fresh("/exports", "tar")
             return self.tar_pull(path, target, excl), target, (0,)
 
+        def registered(i: int) -> tuple[list[str], str, tuple[int, ...]]:
+            target = self.fresh("/exports", f"qr{t}")
+            return self.qrmfs("create", "-t", f"storage:{target}", "-l", f"source:{path}", *e_opts), target, (0,)
+
         contenders = [("qrmfs create", q), ("rsync pull", r), ("tar --sparse stream", tar)]
-        if t == "t5":
-            contenders.append(("ssh storage true", lambda i: (self.on_storage("true"), "", (0,))))
+        if t == "t5":  # the fixed overhead: end to end with openQRM registration too, against one ssh round trip
+            contenders += [("qrmfs create, registered", registered),
+                           ("ssh storage true", lambda i: (self.on_storage("true"), "", (0,)))]
         self.pairs("create", t, contenders)
         return made
 
     def update_jobs(self, t: str, made: dict[str, str]) -> None:
-        path, e_opts, excl = self.tree_source(t)
-        self.pairs("update (unchanged source)", t, [
-            ("qrmfs create --force", lambda i: (self.qrmfs("create", "-t", f"storage:{made['qrmfs']}", "-l",
-                                                           f"source:{path}", "-o", "--force", *e_opts), "", (0,))),
-            ("rsync no-change pass", lambda i: (self.rsync_pull(path, made["rsync"], excl), "", (0, 24))),
-        ])
+        """`qrmfs update` (a new generation: the image reflinked into staging, rsync --delete, preparation,
+        journaled swap) against rsync's pass over the anchor's copy, of an unchanged source and, for the
+        generated trees, after 1% of the files changed (changed before each run, untimed: each contender
+        pulls its own fresh 1%). The space column is what the XFS export lost per generation."""
+        path, _e_opts, excl = self.tree_source(t)
+
+        def q(i: int) -> tuple[list[str], str, tuple[int, ...]]:
+            return self.qrmfs("update", "-t", f"storage:{made['qrmfs']}", "-o"), made["qrmfs"], (0,)
+
+        def r(i: int) -> tuple[list[str], str, tuple[int, ...]]:
+            return self.rsync_pull(path, made["rsync"], excl, "--delete"), made["rsync"], (0, 24)
+
+        self.pairs("update (unchanged source)", t, [("qrmfs update", q), ("rsync no-change pass", r)])
+        if t not in GENERATED:
+            return
+
+        def changed(make: Maker) -> Maker:
+            def run(i: int) -> tuple[list[str], str, tuple[int, ...]]:
+                self.change_one_percent(t)
+                return make(i)
+            return run
+        self.pairs("update (1% of files changed)", t, [("qrmfs update", changed(q)),
+                                                       ("rsync pass copying them", changed(r))])
+
+    def change_one_percent(self, t: str) -> None:
+        """Rewrite every 100th small file of a generated tree (a new offset each time), untimed."""
+        self.changes += 1
+        self.lab.run("source", shlex.join(["python3", "-c", CHANGE_TREE, f"{TREE_ROOT}/{t}", str(self.changes % 100)]))
 
     def validate_jobs(self, t: str, made: dict[str, str]) -> None:
         path, e_opts, excl = self.tree_source(t)

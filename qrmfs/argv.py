@@ -44,11 +44,12 @@ def ssh_argv(h: SshHost, remote: Sequence[str], *, identity: str | None = None, 
 
 
 def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,
-                    known_hosts: str | None = None) -> tuple[str, ...]:
-    """A master connection that later ssh calls with the same control socket share (no new handshake)."""
+                    known_hosts: str | None = None, remote: Sequence[str] = ()) -> tuple[str, ...]:
+    """A master connection that later ssh calls with the same control socket share (no new handshake);
+    with `remote`, it runs that command too (the agent session), else none (-N)."""
     return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts), "-o", "ControlMaster=yes",
-            "-o", f"ControlPath={ssh_value(control, 'ssh ControlPath')}", "-o", "ControlPersist=no", "-N", "--",
-            h.address)
+            "-o", f"ControlPath={ssh_value(control, 'ssh ControlPath')}", "-o", "ControlPersist=no",
+            *(() if remote else ("-N",)), "--", h.address, *((shlex.join(remote),) if remote else ()))
 
 
 def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None) -> str:

@@ -17,17 +17,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import ssl
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from .errors import RegistrationError
+
+if TYPE_CHECKING:
+    import httpx  # imported when a client is made: most runs never talk to openQRM
 
 EVENT_PATH = "/action/resource-monitor.php"
 IMAGE_PATH = "/base/server/image/image-action.php"
@@ -175,8 +175,14 @@ class Client:
         self.url = url.rstrip("/")
         self.user, self.password = user, password
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
+        # imported here: ssl and httpx are a tenth of qrmfs's start-up, paid only by runs that talk to openQRM
+        import ssl  # noqa: PLC0415
+
+        import httpx  # noqa: PLC0415
+
         # TLS is always verified: against the system's CAs, or [openqrm] ca_file
         verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self.httpx = httpx
         self.http = httpx.Client(timeout=timeout, transport=transport, verify=verify)
 
     def send_once(self, req: Request) -> None:
@@ -189,9 +195,9 @@ class Client:
             auth = (self.user, self.password)
         try:
             r = self.http.get(self.url + req.path, params=req.params, auth=auth)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        except (self.httpx.ConnectError, self.httpx.ConnectTimeout) as e:
             raise Transient(f"cannot connect to {self.url}: {e}") from None
-        except httpx.TransportError as e:
+        except self.httpx.TransportError as e:
             req.maybe_delivered = True  # it may have arrived before the connection died
             raise Transient(f"no answer from {self.url}: {type(e).__name__} {e}") from None
         if r.status_code == 200:
@@ -211,7 +217,7 @@ class Client:
         raises Transient or RegistrationError like send_once."""
         try:
             r = self.http.get(self.url + IMAGE_PATH, auth=(self.user or "", self.password or ""))
-        except httpx.TransportError as e:
+        except self.httpx.TransportError as e:
             raise Transient(f"cannot connect to {self.url}: {type(e).__name__} {e}") from None
         if r.status_code in (200, 400):
             return r.status_code

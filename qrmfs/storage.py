@@ -1,7 +1,9 @@
 """The storage server as qrmfs sees it: agent operations on the image tree, run where the image lives.
 
 The agent modules (qrmfs/agent, standard library only) travel on stdin to `python3 -c BOOTSTRAP` over
-ssh, or run locally with this interpreter for a `local` storage server. Their answer is one JSON line.
+ssh, or run locally with this interpreter for a `local` storage server. They travel once per run: one agent
+session (`serve`) answers every call of the run, one JSON line each, over the run's one ssh master
+connection. Only a supervised command (`run`, which streams) gets an agent of its own.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any, TypeVar
@@ -49,6 +52,16 @@ def _agent_sources() -> list[tuple[str, str]]:
     return [(f"qrmfs.agent.{m}", (pkg / f"{m}.py").read_text()) for m in AGENT_MODULES]
 
 
+def _write(p: subprocess.Popen[bytes], data: bytes) -> None:
+    """Write to the agent's stdin; a closed pipe shows as the missing answer that follows."""
+    assert p.stdin is not None
+    try:
+        p.stdin.write(data)
+        p.stdin.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+
+
 def node_init_script() -> str:
     return (resources.files("qrmfs") / "data" / "qrmfs-init").read_text()
 
@@ -60,32 +73,114 @@ class StorageSide:
         self.identity, self.known_hosts = identity, known_hosts
         self._sources: list[tuple[str, str]] | None = None
         self._control: str | None = None
-        self._master: subprocess.Popen[bytes] | None = None
+        self._session: subprocess.Popen[bytes] | None = None
+        self._ready = False
+        self._session_err: list[bytes] = []
+        self._threads: list[threading.Thread] = []  # the session's stderr reader and first writer
+        self._pending: list[tuple[P.Request[Any], list[str]]] = []  # sent, answer not read yet (in order)
+        self._io = threading.Lock()
+        self._at_exit = False
 
-    def _mux(self) -> str:
-        """One ssh master connection per storage server for this run: every agent call after the first
-        skips the ssh handshake. Calls made before the master is up simply connect on their own."""
-        if self._control is None:
-            d = tempfile.mkdtemp(prefix="qrmfs-ssh-")
-            self._control = os.path.join(d, "m")
-            self._master = self.runner.popen(
-                A.ssh_master_argv(self.storage.ssh, self._control, identity=self.identity,
-                                  known_hosts=self.known_hosts),
-                stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
+    # --- this run's agent session (and, over ssh, its one connection) --------------------------------------
+
+    def connect(self) -> None:
+        """Start this run's agent session now, without waiting for it: its ssh handshake and start overlap
+        whatever the caller does next (reading the source's mounts). The first call waits for its answer."""
+        with self._io:
+            if self._session is None:
+                self._spawn()
+
+    def _spawn(self) -> None:
+        """Over ssh, the session's own ssh is the run's master connection: every later ssh to this server (a
+        supervised rsync, a shell command) shares it, and none pays a handshake of its own. Its stdin gets the
+        agent's modules once, from a thread (the pipe may fill before ssh has connected)."""
+        remote = A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP)
+        if self.local:
+            argv = remote
+        else:
+            self._drop_control()
+            self._control = os.path.join(tempfile.mkdtemp(prefix="qrmfs-ssh-"), "m")
+            argv = A.ssh_master_argv(self.storage.ssh, self._control, identity=self.identity,
+                                     known_hosts=self.known_hosts, remote=remote)
+        p = self.runner.popen(argv)  # from this thread: its PR_SET_PDEATHSIG follows the thread that forks
+        assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+        err: list[bytes] = []
+        payload = self._payload(P.Serve()).encode()
+        self._threads = [threading.Thread(target=lambda f=p.stderr: err.append(f.read()), daemon=True),
+                         threading.Thread(target=_write, args=(p, payload), daemon=True)]
+        for t in self._threads:
+            t.start()
+        self._session, self._session_err, self._ready, self._pending = p, err, False, []
+        if not self._at_exit:
             atexit.register(self.close)
-        return self._control
+            self._at_exit = True
 
-    def close(self) -> None:
-        if self._master is not None:
-            self._master.terminate()
+    def _live(self) -> subprocess.Popen[bytes]:
+        """The session, started and ready (its first answer read). Call with self._io held."""
+        if self._session is None:
+            self._spawn()
+        p = self._session
+        assert p is not None
+        if not self._ready:
+            self._threads[1].join()
+            self._read(p, P.Serve())
+            self._ready = True
+        return p
+
+    def _read(self, p: subprocess.Popen[bytes], req: P.Request[Any]) -> str:
+        assert p.stdout is not None
+        answer = p.stdout.readline().decode(errors="replace")
+        if answer.startswith("{"):
+            return answer
+        self._session = None  # it ended: the next call starts another (a lock it held is gone with it)
+        try:
+            code = p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = p.wait()
+        self._threads[0].join(timeout=5)
+        stderr = b"".join(self._session_err).decode(errors="replace")
+        failed = CommandFailed(("ssh",) if not self.local else ("python3",), code, stderr)
+        if (code == 255 and not self.local) or "python3" in stderr:
+            raise self.connect_error(failed)
+        raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} (the agent exited "
+                           f"with {code})", tail(stderr or answer))
+
+    def _mux(self) -> str | None:
+        """The run's connection to share (the session's ssh, waited for if it is starting): None when there is
+        no session (a command that needs no agent, as `check` runs them) or it could not connect; the caller's
+        ssh then connects itself (and fails with ssh's own message)."""
+        with self._io:
+            if self._session is None:
+                return None
             try:
-                self._master.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._master.kill()
-            self._master = None
+                self._live()
+            except QrmfsError:
+                return None
+        return self._control if self._control and os.path.exists(self._control) else None
+
+    def _drop_control(self) -> None:
         if self._control is not None:
             shutil.rmtree(os.path.dirname(self._control), ignore_errors=True)
             self._control = None
+
+    def close(self) -> None:
+        """End the session: its stdin closes, the agent exits (giving up what it held), then its ssh."""
+        p, self._session = self._session, None
+        if p is not None:
+            if p.stdin is not None:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            for t in self._threads:
+                t.join(timeout=5)
+        self._drop_control()
 
     @property
     def root(self) -> str:
@@ -112,11 +207,29 @@ class StorageSide:
         return self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP))
 
     def _call(self, req: P.Request[T]) -> T:
-        try:
-            r = self.runner.run(self._agent_argv(), input=self._payload(req), ok=(0, P.FAILED))
-        except CommandFailed as e:
-            raise self.connect_error(e) from None
-        return req.decode_answer(self._answer(r.stdout, r.stderr, req))
+        return self._begin(req)()
+
+    def _begin(self, req: P.Request[T]) -> Callable[[], T]:
+        """Send a request now and read its answer when the returned function is called: the agent works on it
+        while we do something else. Answers come in the order of the requests; a call in between reads the
+        earlier answers first and keeps them for their callers."""
+        with self._io:
+            p = self._live()
+            _write(p, (json.dumps({"op": req.op, "args": P.encode(req)}) + "\n").encode())
+            slot: list[str] = []
+            self._pending.append((req, slot))
+
+        def answer() -> T:
+            with self._io:
+                while not slot:
+                    if self._session is not p:
+                        raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} "
+                                           "(its agent session ended)")
+                    first, first_slot = self._pending[0]
+                    first_slot.append(self._read(p, first))
+                    self._pending.pop(0)
+            return req.decode_answer(self._answer(slot[0], "", req))
+        return answer
 
     def _answer(self, stdout: str, stderr: str = "", req: P.Request[Any] | None = None) -> Any:
         lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
@@ -171,6 +284,10 @@ class StorageSide:
     def check(self, path: str, options: P.Options, root: str | None = None) -> P.Checked:
         return self._call(P.Check(path, self.root, options, root))
 
+    def check_later(self, path: str, options: P.Options) -> Callable[[], P.Checked]:
+        """check, started now, its findings read when the returned function is called."""
+        return self._begin(P.Check(path, self.root, options))
+
     def stage_update(self, path: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
         return self._call(P.StageUpdate(path, self.root, token, known_hosts))
 
@@ -202,37 +319,14 @@ class StorageSide:
 
     @contextmanager
     def lock(self, path: str, holder: str) -> Iterator[P.Locked]:
-        """Hold the image's lock for the block: a helper process on the storage side keeps a flock until
-        its stdin closes, so a qrmfs that dies cannot leave a stale lock behind."""
-        req = P.Lock(path, self.root, holder)
-        p = self.runner.popen(self._agent_argv())
-        assert p.stdin is not None and p.stdout is not None
-        try:
-            p.stdin.write(self._payload(req).encode())
-            p.stdin.flush()
-            first = p.stdout.readline().decode()
-        except BrokenPipeError:
-            first = ""
-        if not first.startswith("{"):
-            p.kill() if first else None
-            p.wait()
-            err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-            if first:
-                raise StorageError(f"storage server {self.storage.name}: bad lock answer: {first[:200]}")
-            raise self.connect_error(CommandFailed(self._agent_argv()[:1], p.returncode, err))
-        try:
-            locked = req.decode_answer(self._answer(first, req=req))
-        except QrmfsError:
-            p.wait()
-            raise
+        """Hold the image's lock for the block: this run's agent session keeps a flock until `unlock`, or until
+        the session ends (its stdin closes when qrmfs ends, however it ends), so a qrmfs that dies cannot leave
+        a stale lock behind."""
+        locked = self._call(P.Lock(path, self.root, holder))
         try:
             yield locked
         finally:
             try:
-                p.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+                self._call(P.Unlock(path, self.root))
+            except QrmfsError:
+                pass  # the session is gone, and the lock with it

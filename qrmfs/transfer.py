@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -147,13 +148,25 @@ def refused_feature(stderr: str) -> str | None:
     return None
 
 
+def _meaning(code: int, stderr: str) -> str:
+    if code == 255 and not stderr.strip():
+        return ("the ssh session ended without an exit status and without a message: the remote side was killed "
+                "by a signal (the OOM killer, a crash) or the connection was cut")
+    if 128 < code < 255 and code not in RSYNC_MEANING:
+        try:
+            return f"killed by signal {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    return RSYNC_MEANING.get(code, "failed")
+
+
 def check_rsync(code: int, stderr: str, what: str = "") -> str | None:
     """The one judgement of an rsync run: its warning, or TransferError saying why it failed (the exit code's
     meaning and the tail of rsync's and ssh's stderr; without any stderr, that there was none)."""
     ok, warning = judge(code)
     if ok:
         return warning
-    why = refused_feature(stderr) or RSYNC_MEANING.get(code, "failed")
+    why = refused_feature(stderr) or _meaning(code, stderr)
     detail = tail(stderr, 15) or "(rsync and ssh printed nothing on stderr)"
     raise TransferError(f"{what}rsync exited with {code}: {why}", detail)
 

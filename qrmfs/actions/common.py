@@ -9,10 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from .. import model, openqrm
 from ..agent.protocol import Inspected, Locked
@@ -22,6 +20,9 @@ from ..model import Target
 from ..runner import Runner
 from ..storage import StorageSide
 from ..ui import Ui
+
+if TYPE_CHECKING:
+    import httpx
 
 PASSWORD_ENV = "QRMFS_PASSWORD"
 

@@ -123,6 +123,7 @@ class Run:
 def build(env: Env, spec: BuildSpec) -> Built:
     run = Run(spec, env.side(spec.place.agent))
     run.job = _open_job(spec)
+    run.side.connect()  # the storage server's ssh handshake overlaps the source's (its mount table)
     # the source first: one that cannot be reached, or whose host key is unknown, fails before anything is touched
     source = _source(env, spec)
     pin = _pin(env, spec, source)
@@ -311,7 +312,7 @@ def _prepare(env: Env, run: Run) -> None:
         raise StorageError("preparation left problems: " + "; ".join(f"{f.path}: {f.problem}" for f in unfixed))
     for f in run.prepared.left:
         env.ui.warn(f"{f.step}: {f.path}: {f.problem}")
-    c = run.side.stats(spec.place.path, run.staging)
+    c = run.prepared.counts or run.side.stats(spec.place.path, run.staging)  # counted in the preparation's walk
     run.counts = {"files": c.files, "bytes": c.bytes}
 
 

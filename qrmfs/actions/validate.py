@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..agent.protocol import FindingRecord, Options
+from ..agent.protocol import Checked, FindingRecord, Options
 from ..config import Storage
 from ..model import Location, Target
 from ..results import Drift, Validated
@@ -55,11 +55,19 @@ def options_of(name: str, manifest: dict[str, Any] | None) -> Options:
 
 
 def validate(req: ValidateRequest, env: Env) -> Validated:
-    storage, _side, info = env.existing(req.target)
-    result = _validate(req, env, info.manifest)
+    storage, side, info = env.existing(req.target)
     if req.location is None:
-        return result
-    return dataclasses.replace(result, drift=_drift(env, req, storage, info.manifest or {}))
+        return _validate(req, env, info.manifest)
+    if req.fix:
+        result = _validate(req, env, info.manifest)
+        return dataclasses.replace(result, drift=_drift(env, req, storage, info.manifest or {}))
+    # read-only: the agent checks the image while rsync's dry run compares it with the source
+    checks: list[Callable[[], Checked]] = []
+    opts = options_of(req.target.name, info.manifest)
+    drift = _drift(env, req, storage, info.manifest or {},
+                   alongside=lambda: checks.append(side.check_later(req.target.path, opts)))
+    findings = _manifest_findings(req, info.manifest) + checks[0]().findings
+    return Validated(req.target.name, str(req.target), findings, drift=drift)
 
 
 def _validate(req: ValidateRequest, env: Env, manifest: dict[str, Any] | None) -> Validated:
@@ -91,18 +99,22 @@ def _validate(req: ValidateRequest, env: Env, manifest: dict[str, Any] | None) -
     return Validated(req.target.name, str(req.target), after, fix=True, fixed=fixed, findings_before_fix=before)
 
 
-def _drift(env: Env, req: ValidateRequest, storage: Storage, manifest: dict[str, Any]) -> Drift:
+def _drift(env: Env, req: ValidateRequest, storage: Storage, manifest: dict[str, Any],
+           alongside: Callable[[], object] | None = None) -> Drift:
     """What differs between the source now and the image."""
     assert req.location is not None
-    changes = changes_from_source(env, storage, req.target, req.location, manifest.get("excludes", []), manifest)
+    changes = changes_from_source(env, storage, req.target, req.location, manifest.get("excludes", []), manifest,
+                                  alongside)
     return Drift(str(req.location), len(changes), changes[:DRIFT_SHOWN], len(changes) > DRIFT_SHOWN)
 
 
-def changes_from_source(env: Env, storage: Storage, target: Target, location: Location, excludes: Sequence[str],
-                        manifest: dict[str, Any]) -> list[dict[str, str]]:
+def changes_from_source(env: Env, storage: Storage, target: Target, location: Location,  # noqa: PLR0913
+                        excludes: Sequence[str], manifest: dict[str, Any],
+                        alongside: Callable[[], object] | None = None) -> list[dict[str, str]]:
     """What rsync would change in the image to make it the source now (--dry-run --itemize-changes --delete;
     drift for validate -l, the plan of update --dry-run), without the image's own /.qrmfs and the paths the
-    preparation changed on purpose. Changes nothing."""
+    preparation changed on purpose. Changes nothing. alongside: called just before the dry run starts (to
+    start agent work that runs during it)."""
     src = hosts.source_host(env.cfg, location)
     prepared = sorted(prepared_paths(manifest))
     source = copyplan.Source(src, location.path, ("/.qrmfs", *excludes, *prepared))
@@ -111,11 +123,16 @@ def changes_from_source(env: Env, storage: Storage, target: Target, location: Lo
     pinned = side.pin_host(target.path, hosts.source_known_hosts(env.runner, env.cfg, src)).known_hosts \
         if pulls and src is not None else None
     try:
+        if alongside is not None:
+            alongside()
         into = copyplan.Into(storage, target.path, storage.ssh.is_local, pinned)
         return _itemized(env, side, target.path, copyplan.plan(env.cfg, source, into, drift=True))
     finally:
         if pinned:
             side.unpin_host(target.path)
+
+
+SILENT_SSH_END = 255
 
 
 def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> list[dict[str, str]]:
@@ -125,6 +142,13 @@ def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> 
         for c in cp.copies:
             argv, stdin = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else (c.rsync, None)
             r = runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
+            if r.code == SILENT_SSH_END and not r.stderr.strip():
+                # the remote side died without a word (bench/results/drift-255.md): a dry run changes nothing,
+                # so it is run once more
+                env.ui.warn("drift check: the ssh session ended without an exit status or a message (exit 255); "
+                            "running the dry run once more")
+                argv, stdin = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else (c.rsync, None)
+                r = runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
             check_rsync(r.code, r.stderr, "drift check: ")
             for line in r.stdout.splitlines():
                 item = parse_item(line)

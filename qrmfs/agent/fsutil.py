@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_LINKS = 40
 
@@ -202,3 +202,67 @@ def mounts_at_or_below(path: str, mountinfo: str | None = None) -> list[str]:
     base = path.rstrip("/")
     return [m.mountpoint for m in parse_mountinfo(mountinfo)
             if m.mountpoint == path or m.mountpoint.startswith(base + "/")]
+
+
+# The live-system directories at an image's root whose contents are not the image's (the preparation empties
+# proc, sys and run; dev holds device nodes): the socket search leaves them out.
+NOT_SEARCHED = ("proc", "sys", "dev", "run")
+
+
+@dataclass
+class Walk:
+    """What one walk of a tree found: its entries and allocated bytes (counted only when asked: that needs a
+    stat per entry), and its sockets (from the directory entries' types, no stat needed)."""
+    files: int = 0
+    bytes: int = 0
+    sockets: list[str] = field(default_factory=list)
+
+
+def walk_tree(top: str, count: bool = True) -> Walk:
+    """One walk of the tree below top, without following symlinks or crossing file systems. Memory stays flat
+    in the file count: a stack of directories, and only the inodes with more than one link (to count their
+    blocks once)."""
+    out = Walk()
+    dev = os.lstat(top).st_dev
+    seen: set[int] = set()
+    skip = {os.path.join(top, d) for d in NOT_SEARCHED}
+    stack = [top]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except FileNotFoundError:
+            continue
+        with it:
+            for e in it:
+                is_dir = e.is_dir(follow_symlinks=False)
+                if count and not _count(e, is_dir, dev, seen, out):
+                    continue  # a directory of another file system: counted, not entered
+                if is_dir:
+                    if count or e.path not in skip:
+                        stack.append(e.path)
+                elif not e.is_file(follow_symlinks=False) and not e.is_symlink() and _is_socket(e) \
+                        and not _under_any(e.path, skip):  # only a special file costs a stat here
+                    out.sockets.append(e.path)
+    return out
+
+
+def _count(e: os.DirEntry[str], is_dir: bool, dev: int, seen: set[int], out: Walk) -> bool:
+    """Count one entry (its blocks once per inode); False for a directory on another file system."""
+    st = e.stat(follow_symlinks=False)
+    out.files += 1
+    if is_dir or st.st_nlink == 1 or st.st_ino not in seen:
+        if not is_dir and st.st_nlink > 1:
+            seen.add(st.st_ino)
+        out.bytes += st.st_blocks * 512
+    return not (is_dir and st.st_dev != dev)
+
+
+def _is_socket(e: os.DirEntry[str]) -> bool:
+    try:
+        return stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _under_any(path: str, dirs: set[str]) -> bool:
+    return any(path.startswith(d + "/") for d in dirs)

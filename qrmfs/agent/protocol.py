@@ -7,6 +7,10 @@ import the same definitions. The wire is JSON lines:
 - the agent answers with one line, `{"ok": true, "result": {...}}` or
   `{"ok": false, "error": {"kind": KIND, "message": TEXT}}`, and exits with FAILED after an error.
 - `lock` answers like every other operation, then holds the lock until its stdin closes.
+- `serve` is a session: the agent is shipped and started once per qrmfs run, answers `serve` with one line,
+  then reads one `{"op": OP, "args": {...}}` line per call and answers each with one line, as above, until
+  its stdin closes. In a session `lock` answers and holds the lock until `unlock` (or the end of the
+  session, which ends with qrmfs however qrmfs ends); `run` needs its own agent (it streams).
 
 The agent validates the arguments of every request (names and types) before it acts, the way an ansible
 module checks its argument_spec: a client of another version gets `bad_request`, never a half-done action.
@@ -105,6 +109,17 @@ class Inspected:
 class Locked:
     lock: str
     cleaned: list[str]  # what earlier runs that did not finish had left beside the image, now removed
+
+
+@dataclass(frozen=True)
+class Unlocked:
+    lock: str
+
+
+@dataclass(frozen=True)
+class Serving:
+    pid: int
+    python: str
 
 
 @dataclass(frozen=True)
@@ -219,6 +234,7 @@ class Unpinned:
 class Prepared:
     fixed: list[FindingRecord]
     left: list[FindingRecord]
+    counts: Counts | None = None  # entries and bytes of the prepared tree, from the preparation's one walk
 
 
 @dataclass(frozen=True)
@@ -257,6 +273,22 @@ class Lock(Request[Locked]):
     path: str
     export_root: str
     holder: str
+
+
+@dataclass(frozen=True)
+class Unlock(Request[Unlocked]):
+    """In a session: give up the image's lock that this session took."""
+    op: ClassVar[str] = "unlock"
+    answer: ClassVar[type] = Unlocked
+    path: str
+    export_root: str
+
+
+@dataclass(frozen=True)
+class Serve(Request[Serving]):
+    """Start a session: answer, then answer one request line after another until stdin closes."""
+    op: ClassVar[str] = "serve"
+    answer: ClassVar[type] = Serving
 
 
 @dataclass(frozen=True)
@@ -435,7 +467,7 @@ class Run(Request[Ran]):
 REQUESTS: dict[str, type[Request[Any]]] = {
     r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
                       PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, PublishUpdate, Rollback,
-                      Generations)}
+                      Generations, Unlock, Serve)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .fsutil import Escape, is_real_dir, makedirs, read_file, remove, resolve, write_file
+from .fsutil import Escape, Walk, is_real_dir, makedirs, read_file, remove, resolve, walk_tree, write_file
 from .protocol import AgentError, ErrorKind, FindingRecord, Options
 
 QRM_RUNLEVEL = "3"
@@ -80,6 +80,16 @@ class Finding:
 class Ctx:
     root: str
     opts: Options
+    walk: Walk | None = None  # the one whole-tree walk (sockets; entries and bytes when preparing)
+    defer_walk: bool = False  # preparing: the walk comes after the other steps' fixes (see prepare)
+
+    def sockets(self) -> list[str]:
+        """The sockets in the tree (host paths), from the one walk; none yet while the walk is deferred."""
+        if self.walk is None:
+            if self.defer_walk:
+                return []
+            self.walk = walk_tree(self.root, count=False)
+        return self.walk.sockets
 
     def host(self, path: str, follow_last: bool = True) -> str:
         return resolve(self.root, path, follow_last)
@@ -235,17 +245,10 @@ def _fstab(ctx: Ctx) -> Iterator[Finding]:
 @step("sockets", "no sockets in the tree (they belong to processes of the source machine)")
 def _sockets(ctx: Ctx) -> Iterator[Finding]:
     root = ctx.root
-    skip = {os.path.join(root, d) for d in ("proc", "sys", "dev", "run")}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip]
-        for f in filenames:
-            host = os.path.join(dirpath, f)
-            try:
-                if stat.S_ISSOCK(os.lstat(host).st_mode):
-                    yield Finding("sockets", host[len(root):] or "/", "socket left in the tree",
-                                functools.partial(remove, host))
-            except FileNotFoundError:
-                continue
+    for host in ctx.sockets():
+        if os.path.lexists(host):  # not removed yet
+            yield Finding("sockets", host[len(root):] or "/", "socket left in the tree",
+                          functools.partial(remove, host))
 
 
 @step("machine-id", "empty /etc/machine-id; no copied /var/lib/dbus/machine-id")
@@ -649,7 +652,10 @@ def _mask(ctx: Ctx, name: str, units: list[str]) -> Iterator[Finding]:
 # --- entry points ---------------------------------------------------------------------------------
 
 def check(root: str, opts: Options) -> list[Finding]:
-    ctx = Ctx(root, opts)
+    return _check(Ctx(root, opts))
+
+
+def _check(ctx: Ctx) -> list[Finding]:
     out: list[Finding] = []
     for s in STEPS:
         try:
@@ -659,22 +665,41 @@ def check(root: str, opts: Options) -> list[Finding]:
     return out
 
 
-def apply(root: str, opts: Options, rounds: int = 3) -> tuple[list[FindingRecord], list[FindingRecord]]:
-    """Fix every finding; return (what was fixed, what is left after a last check). A fix can make another
-    step apply (node-init creating /etc makes mtab and machine-id relevant), so check again until nothing
-    fixable is left, a bounded number of rounds. A fix that fails names its step and image path."""
+def _fix(f: Finding, fixed: list[FindingRecord]) -> None:
+    assert f.fix is not None
+    try:
+        f.fix()
+    except OSError as e:
+        raise AgentError(ErrorKind.OS, f"preparation step {f.step} failed at {f.path} in the image: "
+                         f"{e.strerror or e}") from None
+    fixed.append(f.record())
+
+
+def prepare(root: str, opts: Options, rounds: int = 3, count: bool = True
+            ) -> tuple[list[FindingRecord], list[FindingRecord], tuple[int, int]]:
+    """Fix every finding; return (what was fixed, what is left after a last check, (entries, bytes) of the
+    prepared tree). A fix can make another step apply (node-init creating /etc makes mtab and machine-id
+    relevant), so check again until nothing fixable is left, a bounded number of rounds. Those checks look
+    only at the paths each step names; the tree is walked once, after them: that walk finds the sockets and
+    counts the tree, and removing a socket (no other step makes or needs one) takes one entry and no blocks
+    off the count. A fix that fails names its step and image path."""
+    ctx = Ctx(root, opts, defer_walk=True)
     fixed: list[FindingRecord] = []
     for _ in range(rounds):
-        todo = [f for f in check(root, opts) if f.fix is not None]
+        todo = [f for f in _check(ctx) if f.fix is not None]
         if not todo:
             break
         for f in todo:
-            assert f.fix is not None
-            try:
-                f.fix()
-            except OSError as e:
-                raise AgentError(ErrorKind.OS, f"preparation step {f.step} failed at {f.path} in the image: "
-                                 f"{e.strerror or e}") from None
-            fixed.append(f.record())
-    left = [f.record() for f in check(root, opts)]
+            _fix(f, fixed)
+    ctx.walk = walk_tree(root, count=count)
+    for f in list(_sockets(ctx)):
+        _fix(f, fixed)
+        ctx.walk.files -= 1
+    left = [f.record() for f in _check(ctx)]
+    return fixed, left, (ctx.walk.files, ctx.walk.bytes)
+
+
+def apply(root: str, opts: Options, rounds: int = 3) -> tuple[list[FindingRecord], list[FindingRecord]]:
+    """prepare without the counts."""
+    fixed, left, _ = prepare(root, opts, rounds, count=False)
     return fixed, left

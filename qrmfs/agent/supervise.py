@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +58,21 @@ def _stop(child: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def _ended(name: str, code: int) -> int:
+    """The command's exit code as a shell gives it (128 + N for a death by signal N), and a line that says so:
+    without it, a command killed at once (the OOM killer, a crash) ends its ssh session silently."""
+    if code >= 0:
+        return code
+    sig = -code
+    try:
+        what = signal.Signals(sig).name
+    except ValueError:
+        what = str(sig)
+    _say(f"{name} on {socket.gethostname()} was killed by signal {what}"
+         + (" (the kernel's OOM killer sends this when memory runs out)" if sig == signal.SIGKILL else ""))
+    return 128 + sig
+
+
 def run(req: P.Run) -> int:
     tree._check_under(req.path, req.export_root)
     lock = tree.siblings(req.path).lock
@@ -73,7 +89,7 @@ def run(req: P.Run) -> int:
     child = subprocess.Popen(req.argv, stdin=subprocess.DEVNULL, start_new_session=True)
     while True:
         try:
-            return child.wait(timeout=POLL)
+            return _ended(req.argv[0], child.wait(timeout=POLL))
         except subprocess.TimeoutExpired:
             pass
         why = ("qrmfs is gone (its connection closed)" if gone.is_set() else

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as P
-from .fsutil import holders, is_real_dir, mounts_at_or_below, remove, remove_tree
+from .fsutil import holders, is_real_dir, mounts_at_or_below, remove, remove_tree, walk_tree
 from .protocol import AgentError, ErrorKind
 
 MANIFEST = ".qrmfs/manifest.json"
@@ -404,22 +404,5 @@ def op_stats(path: str, export_root: str, root: str | None = None) -> P.Counts:
 
 
 def tree_counts(top: str) -> tuple[int, int]:
-    files = 0
-    size = 0
-    dev = os.lstat(top).st_dev
-    seen: set[int] = set()
-    stack = [top]
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                files += 1
-                if st.st_nlink > 1 and not e.is_dir(follow_symlinks=False):
-                    if st.st_ino in seen:
-                        continue
-                    seen.add(st.st_ino)
-                size += st.st_blocks * 512
-                if e.is_dir(follow_symlinks=False) and st.st_dev == dev:
-                    stack.append(e.path)
-    return files, size
+    w = walk_tree(top)
+    return w.files, w.bytes

@@ -3,6 +3,7 @@ agent, run in a subprocess with this interpreter)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,5 +32,7 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def side(root: Path) -> StorageSide:
-    return StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
+def side(root: Path) -> Iterator[StorageSide]:
+    s = StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
+    yield s
+    s.close()  # its agent session ends with the test

@@ -181,3 +181,60 @@ def test_lock_of_killed_holder_is_free_again(side: StorageSide, root: Path) -> N
         except LockedError:
             assert time.monotonic() < deadline, "lock still held after its holder was killed"
             time.sleep(0.1)
+
+
+# --- the session: the agent shipped and started once per run ---------------------------------------------
+
+def test_one_agent_process_answers_every_call(side: StorageSide, root: Path) -> None:
+    side.inspect(str(root / "img1"))
+    assert side._session is not None
+    pid = side._session.pid
+    path = str(root / "img1")
+    with side.lock(path, "me") as locked:
+        side.stage(path, "t1")
+        assert Path(locked.lock).read_text().startswith("me since ")
+    side.list()
+    assert side._session.pid == pid  # one agent for all of it
+    # the lock was given up at the end of the block, with the session still running
+    with side.lock(path, "you"):
+        pass
+
+
+def test_a_session_that_ends_gives_up_its_lock_and_the_next_call_starts_another(side: StorageSide, root: Path
+                                                                                ) -> None:
+    path = str(root / "img1")
+    other = StorageSide(side.storage, Runner())
+    with side.lock(path, "first"):
+        assert side._session is not None
+        side._session.kill()
+        side._session.wait()
+        with pytest.raises(StorageError, match="gave no answer to inspect"):
+            side.inspect(path)
+        with other.lock(path, "second"):  # the killed session's flock died with it
+            pass
+    assert side.inspect(path).exists is False  # a new session
+    other.close()
+
+
+def test_session_refuses_run_and_serve(side: StorageSide, root: Path) -> None:
+    with pytest.raises(StorageError, match="cannot run inside a session"):
+        side._call(P.Serve())
+    with pytest.raises(NotFoundError, match="holds no lock"):
+        side._call(P.Unlock(str(root / "img1"), str(root)))
+
+
+def test_remote_session_is_the_master_connection() -> None:
+    remote = StorageSide(Storage("nas", SshHost("nas", "admin", 2222), "/exports"), Runner())
+    argv = S.A.ssh_master_argv(remote.storage.ssh, "/tmp/c/m", remote=S.A.agent_argv("python3", S.BOOTSTRAP))
+    assert "ControlMaster=yes" in argv and "-N" not in argv
+    assert argv[-2:] == ("nas", "python3 -c " + "'" + S.BOOTSTRAP + "'")
+
+
+def test_a_request_begun_early_is_answered_in_order(side: StorageSide, root: Path) -> None:
+    """check_later: the agent checks while we do something else; a call in between gets its own answer."""
+    img = root / "img1"
+    (img / "etc").mkdir(parents=True)
+    later = side.check_later(str(img), P.Options("img1"))
+    assert side.inspect(str(img)).exists is True  # answered after the check's answer, which is kept
+    findings = later().findings
+    assert "init" in {f.step for f in findings}

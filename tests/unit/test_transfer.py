@@ -259,8 +259,13 @@ def test_check_rsync_says_why_even_without_stderr() -> None:
     assert transfer.check_rsync(24, "vanished") == "some files vanished during the copy (normal on a live system)"
     with pytest.raises(TransferError) as ei:
         transfer.check_rsync(255, "", "drift check: ")
-    assert ei.value.message == "drift check: rsync exited with 255: ssh failed (connection or authentication)"
+    assert ei.value.message == ("drift check: rsync exited with 255: the ssh session ended without an exit status "
+                                "and without a message: the remote side was killed by a signal (the OOM killer, a "
+                                "crash) or the connection was cut")
     assert ei.value.detail == "(rsync and ssh printed nothing on stderr)"
+    with pytest.raises(TransferError) as ei:  # the storage-side supervisor's report of a death by signal
+        transfer.check_rsync(137, "qrmfs agent: rsync on nas was killed by signal SIGKILL")
+    assert ei.value.message == "rsync exited with 137: killed by signal SIGKILL"
 
 
 @pytest.mark.parametrize(("stderr", "want"), [

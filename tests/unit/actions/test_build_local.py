@@ -286,3 +286,31 @@ def test_list_shows_leftovers_and_gc_removes_what_no_operation_holds(env: Env, e
         ".ghost.qrmfs-lock", ".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-dead"]
     assert done.in_use == [str(exports / ".img2.qrmfs-staging-live")]
     assert (exports / ".img2.qrmfs-staging-live").is_dir() and (exports / "img1/etc/hostname").is_file()
+
+
+def test_validate_l_runs_a_silently_failed_dry_run_once_more(env: Env, exports: Path, source: Path,
+                                                              tmp_path: Path) -> None:
+    """A dry run that ends with 255 and nothing on stderr (what ssh does when the remote side is killed at once,
+    bench/results/drift-255.md) is run once more, with a warning; a second such end fails and says why."""
+    from plumbum import local
+
+    create(env, exports, source, only_physical=True)
+    (source / "etc/new.conf").write_text("new\n")
+    bin_dir, marks = tmp_path / "bin", tmp_path / "marks"
+    bin_dir.mkdir()
+    marks.mkdir()
+    rsync = shutil.which("rsync")
+    (bin_dir / "rsync").write_text(f'#!/bin/sh\n# dies silently with 255 while a mark is left in {marks}\n'
+                                   f'for m in {marks}/*; do [ -e "$m" ] && rm "$m" && exit 255; done\n'
+                                   f'exec {rsync} "$@"\n')
+    (bin_dir / "rsync").chmod(0o755)
+    req = validate_act.ValidateRequest(Target("local", str(exports / "img1")), location=Location(None, str(source)))
+    with local.env(PATH=f"{bin_dir}:{os.environ['PATH']}"):
+        (marks / "1").touch()
+        result = validate_act.validate(req, env)
+        assert result.drift is not None and "/etc/new.conf" in [c["path"] for c in result.drift.changes]
+        assert any("running the dry run once more" in w for w in env.ui.warnings)
+        (marks / "1").touch()
+        (marks / "2").touch()
+        with pytest.raises(TransferError, match="exited with 255: the ssh session ended without an exit status"):
+            validate_act.validate(req, env)

@@ -697,3 +697,42 @@ def test_owners_step_warns_when_the_server_maps_owners_away(tmp_path: Path, monk
     assert "no NFSv4 ID mapper" in got[0].problem
     conf.write_text("NFSV4 { Graceless = true; Only_Numeric_Owners = true; }\n")
     assert check_only(str(root), Options("i"), ["owners"]) == []
+
+
+def test_prepare_walks_once_and_counts_the_prepared_tree(img: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One whole-tree walk for the preparation (sockets and counts), after the path checks: its counts are
+    those of a separate walk of the prepared tree."""
+    walks: list[str] = []
+    real = steps.walk_tree
+
+    def counting(top: str, count: bool = True) -> fsutil.Walk:
+        walks.append(top)
+        return real(top, count)
+    monkeypatch.setattr(steps, "walk_tree", counting)
+    fixed, left, counts = steps.prepare(str(img), Options("img1"))
+    assert walks == [str(img)]
+    assert ("sockets", "/var/lib/app/agent.sock") in [(f.step, f.path) for f in fixed]
+    assert not [f for f in left if f.fixable]
+    w = real(str(img))
+    assert counts == (w.files, w.bytes) and w.sockets == []
+    walks.clear()
+    steps.check(str(img), Options("img1"))
+    assert walks == [str(img)]
+
+
+def test_walk_tree_counts_and_finds_sockets(tmp_path: Path) -> None:
+    (tmp_path / "a/b").mkdir(parents=True)
+    (tmp_path / "a/f").write_bytes(b"x" * 10000)
+    os.link(tmp_path / "a/f", tmp_path / "a/b/hard")
+    (tmp_path / "a/l").symlink_to("f")
+    (tmp_path / "run").mkdir()
+    for p in ("a/b/s.sock", "run/ignored.sock"):
+        sk = socket.socket(socket.AF_UNIX)
+        sk.bind(str(tmp_path / p))
+        sk.close()
+    w = fsutil.walk_tree(str(tmp_path))
+    assert w.files == 8 and w.sockets == [str(tmp_path / "a/b/s.sock")]
+    assert w.bytes == sum(os.lstat(tmp_path / p).st_blocks * 512 for p in ("a", "a/b", "a/f", "a/l", "run",
+                                                                           "a/b/s.sock", "run/ignored.sock"))
+    quick = fsutil.walk_tree(str(tmp_path), count=False)
+    assert (quick.files, quick.bytes, quick.sockets) == (0, 0, w.sockets)

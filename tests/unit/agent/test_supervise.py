@@ -45,6 +45,15 @@ def test_exit_code_and_output_pass_through(side: StorageSide, root: Path) -> Non
     assert (r.code, r.stdout.strip(), r.stderr.strip()) == (23, "out", "err")
 
 
+def test_a_death_by_signal_is_reported_not_silent(side: StorageSide, root: Path) -> None:
+    """A command killed at once (the OOM killer, a crash) ends with 128 + N and a line that names the signal,
+    where its ssh session would otherwise end with 255 and nothing on stderr (bench/results/drift-255.md)."""
+    argv, payload = side.supervised(str(root / "img1"), ["sh", "-c", "kill -KILL $$"], None)
+    r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
+    assert r.code == 128 + 9
+    assert "sh on " in r.stderr and "was killed by signal SIGKILL" in r.stderr
+
+
 def test_command_stops_when_qrmfs_is_gone(side: StorageSide, root: Path, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     p = _start(side, root, None, pidfile)
