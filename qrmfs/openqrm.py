@@ -229,7 +229,7 @@ class Client:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                if req.maybe_delivered and _is_new_image(req):
+                if req.maybe_delivered and is_new_image(req):
                     self.send_once(remove_by_name(req.params["image_name"]))
                     req.maybe_delivered = False
                 self.send_once(req)
@@ -249,7 +249,7 @@ class Client:
         spool.save(job)
         while job.requests:
             req = job.requests[0]
-            if _is_new_image(req):
+            if is_new_image(req):
                 # Write-ahead: on disk it is in doubt from before it is sent until it leaves the job, so a
                 # process that dies anywhere in between (mid-request, or after the answer) leaves the mark.
                 doubt, req.maybe_delivered = req.maybe_delivered, True
@@ -266,7 +266,7 @@ class Client:
         spool.drop(job)
 
 
-def _is_new_image(req: Request) -> bool:
+def is_new_image(req: Request) -> bool:
     return req.kind == "image" and req.params.get("image_command") == "new_image"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ import httpx
 from .. import model, openqrm
 from ..agent.protocol import Inspected, Locked
 from ..config import Config, Storage, _shown
-from ..errors import NotFoundError, RegistrationError, UsageError
+from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
 from ..model import Target
+from ..results import Registration, RegState
 from ..runner import Runner
 from ..storage import StorageSide
 from ..ui import Ui
@@ -104,7 +106,12 @@ def storage_identity(cfg: Config, target: str) -> dict[str, Any] | None:
         s = cfg.storage_for(t.storage)
     except UsageError:
         return None
-    return {"address": s.ssh.address, "port": s.ssh.port, "path": t.path}
+    return identity_of(s, t.path)
+
+
+def identity_of(storage: Storage, path: str) -> dict[str, Any]:
+    """The one spelling of an image's identity: its storage server's address and ssh port, and its path."""
+    return {"address": storage.ssh.address, "port": storage.ssh.port, "path": path}
 
 
 def holder(command: str, name: str) -> str:
@@ -202,6 +209,31 @@ def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False)
     return None
 
 
+def iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def record_delivery(env: Env, job: openqrm.Job, when: str) -> None:
+    """openQRM accepted the job's new_image: write that into the image's manifest, under the image's lock, so
+    `list` shows what is known. Only a manifest that still waits for this very job is changed (a newer image
+    under the same path has its own registration); when that cannot be done, say so: `list` then shows
+    "unknown"."""
+    try:
+        target = Target.parse(job.target)
+        side = env.side(env.storage(target))
+        with env.locked(side, target.path, "flush", target.name):
+            manifest = side.inspect(target.path).manifest
+            if manifest is None or Registration.of_manifest(manifest).spool_job != job.id:
+                env.ui.debug(f"{job.target}'s manifest does not wait for spool job {job.id}: left as it is")
+                return
+            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}")
+            side.manifest_update(target.path, {"registration": reg.record()})
+        env.ui.step(f"recorded the registration in the manifest of {job.target}")
+    except QrmfsError as e:
+        env.ui.warn(f"delivered spooled registration {job.id}, but could not record it in the manifest of "
+                    f"{job.target} ({e.message}); `qrmfs list` shows its registration as unknown")
+
+
 def _bound_elsewhere(job: openqrm.Job, creds: Credentials) -> str | None:
     """Why this run may not send the job: it goes only to its own URL, with credentials from its own source."""
     if job.url.rstrip("/") != (creds.url or "").rstrip("/"):
@@ -244,11 +276,14 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
                 continue
             _warn_plain_http(env, creds)
             c = env.client(Credentials(job.url, creds.user, creds.password), quick=quick)
+            registers = any(openqrm.is_new_image(r) for r in job.requests)
             try:
                 c.deliver(job, spool)
                 claim.release(unlink=True)
                 done.append(job.id)
                 env.ui.step(f"delivered spooled registration {job.id} ({job.image}) to {job.url}")
+                if registers:
+                    record_delivery(env, job, iso_now())
             except Exception as e:  # noqa: BLE001 - a failed delivery stays in the spool; never fails the command
                 left.append(job.id)
                 (env.ui.debug if quick else env.ui.warn)(f"spooled registration {job.id} ({job.image}) still "

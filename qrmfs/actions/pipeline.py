@@ -35,8 +35,8 @@ from ..results import Built, Registration, RegState
 from ..runner import tail
 from ..storage import StorageSide, node_init_script
 from ..transfer import run_rsync
-from . import copyplan, hosts
-from .common import Credentials, Env, deliver, holder
+from . import copyplan, hosts, names
+from .common import Credentials, Env, deliver, holder, iso_now
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,8 @@ class Run:
 
 
 def build(env: Env, spec: BuildSpec) -> Built:
+    if spec.enroll and spec.new_record:  # a name openQRM holds for another path: refused before anything is done
+        names.check_name_free(env, spec.name, spec.place.target)
     run = Run(spec, env.side(spec.place.agent))
     run.job = _open_job(spec)
     # the source first: one that cannot be reached, or whose host key is unknown, fails before anything is touched
@@ -320,8 +322,8 @@ def _write_manifest(run: Run) -> None:
 
 
 def _registration_record(run: Run) -> dict[str, Any]:
-    if run.job:
-        return Registration(RegState.PENDING).record()
+    if run.job:  # until openQRM accepts it: the spool job that carries it is named (flush records the delivery)
+        return Registration(RegState.PENDING, run.job.id).record()
     if run.incremental and not run.spec.new_record:  # a new generation, not sent (-o): the record is as it was
         return Registration.of_manifest(run.spec.parent).record()
     return Registration(RegState.NOT_REGISTERED).record()
@@ -379,7 +381,9 @@ def _register(env: Env, run: Run, published: Published) -> Registration:
                       "fix the cause and run `qrmfs flush`")
         raise
     if why is None:
-        reg = Registration(RegState.REGISTERED)
+        earlier = Registration.of_manifest(spec.parent)
+        reg = (Registration(RegState.REGISTERED, time=iso_now(), via=spec.command) if spec.new_record
+               or earlier.state is not RegState.REGISTERED else earlier)  # an update: the record stays as it was
         env.ui.step(f"registered {spec.name} with openQRM at {spec.enroll.creds.url}")
     else:
         reg = Registration(RegState.PENDING, job.id)

@@ -265,3 +265,67 @@ def test_list_shows_leftovers_and_gc_removes_what_no_operation_holds(env: Env, e
         ".ghost.qrmfs-lock", ".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-dead"]
     assert done.in_use == [str(exports / ".img2.qrmfs-staging-live")]
     assert (exports / ".img2.qrmfs-staging-live").is_dir() and (exports / "img1/etc/hostname").is_file()
+
+
+def _create_at(env: Env, path: Path, source: Path, **kw: object) -> object:
+    req = create_act.CreateRequest(name=path.name, target=Target("local", str(path)),
+                                   location=Location(None, str(source)), creds=creds(), **kw)  # type: ignore[arg-type]
+    return create_act.create(req, env)
+
+
+def test_a_name_registered_for_another_path_is_refused(env: Env, exports: Path, source: Path, server: OpenQrm,
+                                                        tmp_path: Path) -> None:
+    """openQRM image names are unique: a second image named img1 elsewhere is refused before anything is done,
+    whether the first one is registered or its registration still waits in the spool."""
+    _create_at(env, exports / "a/img1", source)
+    _create_at(env, exports / "a/img1", source, force=True)  # the same image again: its own name
+    server.requests.clear()
+    with pytest.raises(ExistsError) as e:
+        _create_at(env, exports / "b/img1", source)
+    assert e.value.message.startswith("the openQRM image name img1 is already taken by local:")
+    assert f"local:{exports}/a/img1 (registered)" in e.value.message and "\n" not in e.value.message
+    assert not (exports / "b").exists() and server.requests == []  # nothing copied, locked or sent
+    # clone under that name elsewhere: refused the same way
+    with pytest.raises(ExistsError):
+        clone_act.clone(clone_act.CloneRequest(name="img1", target=Target("local", f"{exports}/c/img1"),
+                                               source=Target("local", f"{exports}/a/img1"), creds=creds()), env)
+    assert not (exports / "c").exists() and server.requests == []
+    # not registered (-o): no openQRM record, so no conflict
+    _create_at(env, exports / "d/img1", source, only_physical=True)
+    # a registration of img2 waiting in the spool holds the name too
+    server.status = 503
+    _create_at(env, exports / "a/img2", source)
+    (job,) = spool(tmp_path)
+    with pytest.raises(ExistsError) as e:
+        _create_at(env, exports / "b/img2", source)
+    assert f"spool job {job[:-len('.json')]} (for local:{exports}/a/img2)" in e.value.message
+    assert not (exports / "b").exists()
+
+
+def test_a_flush_records_the_delivery_in_the_manifest(env: Env, exports: Path, source: Path, server: OpenQrm,
+                                                      tmp_path: Path) -> None:
+    """openQRM down at create: the manifest names the spool job. A later flush delivers it and writes the
+    delivery (when, how) into the manifest under the image's lock; list shows that, not a guess."""
+    import json
+
+    from qrmfs.actions.common import flush_spool
+    from qrmfs.actions.listing import list_images
+
+    server.status = 503
+    create(env, exports, source)
+    (job,) = spool(tmp_path)
+    job_id = job[:-len(".json")]
+    manifest = exports / "img1/.qrmfs/manifest.json"
+    assert json.loads(manifest.read_text())["registration"] == {"state": "pending", "spool_job": job_id}
+    for claim in env._claims.values():  # the create's process ends
+        claim.release()
+    server.status = 200
+    later = Env(env.cfg, Runner(), Ui(), transport=env.transport)  # a later `qrmfs flush`
+    assert flush_spool(later, creds(), quick=False)["delivered"] == [job_id]
+    reg = json.loads(manifest.read_text())["registration"]
+    assert (reg["state"], reg["spool_job"], reg["via"]) == ("registered", job_id, f"flush of spool job {job_id}")
+    assert reg["time"].endswith("Z")
+    assert names(exports) == [".img1.qrmfs-lock", "img1"]  # the lock was taken and given back
+    (row,) = list_images(later, "local").images
+    assert row.registration.state is RegState.REGISTERED
+    assert str(row.registration) == f"registered ({reg['time']} by flush of spool job {job_id})"
