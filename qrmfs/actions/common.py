@@ -193,12 +193,7 @@ def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False)
     job.auth = job.auth or creds.auth
     job.storage = job.storage or storage_identity(env.cfg, job.target)
     spool = env.spool()
-    claim = env._claims.get(job.id)
-    if claim is None:
-        claim = spool.claim(job.id, wait=10.0)
-        if claim is None:
-            raise RegistrationError(f"spool job {job.id} is being delivered by another qrmfs process")
-        env._claims[job.id] = claim
+    claim_job(env, job)
     _warn_plain_http(env, creds)
     try:
         env.client(creds, quick=quick).deliver(job, spool)
@@ -207,6 +202,47 @@ def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False)
         return str(e)
     env._claims.pop(job.id).release(unlink=True)
     return None
+
+
+def claim_job(env: Env, job: openqrm.Job) -> None:
+    """This process claims the job for as long as it lives (or until it is delivered): no other qrmfs sends it."""
+    if job.id not in env._claims:
+        claim = env.spool().claim(job.id, wait=10.0)
+        if claim is None:
+            raise RegistrationError(f"spool job {job.id} is being delivered by another qrmfs process")
+        env._claims[job.id] = claim
+
+
+def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
+    """A job armed before a publish by a run that is gone (its claim is ours now): is the image at its target
+    the generation it was armed for? Decided under the image's lock (which finishes an interrupted publish
+    first). True: published, send it. False: never published: its registration is dropped and the failure
+    reported instead. None: cannot tell now (storage unreachable, image locked): it waits."""
+    assert job.publish is not None
+    try:
+        target = Target.parse(job.target)
+        side = env.side(env.storage(target))
+        with env.locked(side, target.path, "flush", target.name):
+            manifest = side.inspect(target.path).manifest
+    except QrmfsError as e:
+        env.ui.warn(f"spooled registration {job.id} ({job.image}) waits: cannot tell whether {job.target} was "
+                    f"published ({e.message})")
+        return None
+    gen = (manifest or {}).get("generation") or {}
+    published = isinstance(gen, dict) and gen.get("id") == job.publish.get("generation")
+    if not published:
+        name = job.image
+        ev = next((r.params["event_name"] for r in job.requests if r.kind == "event"), f"create_image_{name}")
+        verb = ev.split("_", 1)[0]
+        job.requests = [r for r in job.requests if r.kind == "event" and r.params.get("event_priority") == "9"]
+        job.requests += [openqrm.event(ev, 3, f"Failed to {verb} image {name}: qrmfs stopped before publishing "
+                                              f"{job.target}"),
+                         openqrm.event(ev, 10, f"Ended {verb} image {name}")]
+        env.ui.warn(f"spooled registration {job.id}: {job.target} was never published (the run that armed it "
+                    "stopped first); not registering it, reporting the failure instead")
+    job.publish = None
+    env.spool().save(job)
+    return published
 
 
 def iso_now() -> str:
@@ -273,6 +309,9 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
             job = spool.load(listed.id)  # as it is now that it is ours: another process may have sent it
             if job is None:
                 claim.release(unlink=True)
+                continue
+            if job.publish is not None and settle_publish(env, job) is None:
+                left.append(job.id)
                 continue
             _warn_plain_http(env, creds)
             c = env.client(Credentials(job.url, creds.user, creds.password), quick=quick)

@@ -15,6 +15,8 @@ brings it to the source's state and the preparation runs again. The publish is t
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from typing import Any
 from .. import __version__, openqrm
 from .. import argv as A
 from ..agent import steps
-from ..agent.gens import generation_id
+from ..agent.gens import CRASH_ENV, generation_id
 from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, StagedUpdate
 from ..agent.tree import siblings
 from ..config import SshHost, Storage
@@ -36,7 +38,7 @@ from ..runner import tail
 from ..storage import StorageSide, node_init_script
 from ..transfer import run_rsync
 from . import copyplan, hosts, names
-from .common import Credentials, Env, deliver, holder, iso_now
+from .common import Credentials, Env, claim_job, deliver, holder, iso_now
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,10 @@ def build(env: Env, spec: BuildSpec) -> Built:
             run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name))
             _prepare(env, run)
             _write_manifest(run)
+            _arm(env, run)
+            crash_point("before-publish")
             published = _publish(env, run)
+            crash_point("after-publish")
         except BaseException as e:
             _discard(env, run)
             _report_failure(env, run, e)
@@ -150,6 +155,12 @@ def build(env: Env, spec: BuildSpec) -> Built:
         env.ui.step(f"published {spec.place.target}" + (
             f" (the image it replaced is kept as {published.previous})" if published.replaced else ""))
         return _result(env, run, published, _register(env, run, published))
+
+
+def crash_point(step: str) -> None:
+    """Tests: qrmfs is SIGKILLed at the named point, for real (its children go with it, as after any SIGKILL)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _open_job(spec: BuildSpec) -> openqrm.Job | None:
@@ -352,10 +363,35 @@ def _discard(env: Env, run: Run) -> None:
                     "this image removes it, under the image's lock")
 
 
+def _records(run: Run, replaced: bool) -> list[openqrm.Request]:
+    """What registers the image (none for an update: its record stays), and the "finished" event."""
+    spec = run.spec
+    assert spec.enroll
+    record = ([openqrm.remove_by_name(spec.name)] if replaced else []) + [
+        openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
+    return [*record, _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
+
+
+def _arm(env: Env, run: Run) -> None:
+    """Write-ahead, before the publish: the registration goes into the spool, bound to the generation being
+    published and claimed by this process. Killed at the publish or after it, the next flush sends it once the
+    image is there, or drops it (reporting the failure) when the publish never happened."""
+    spec, job = run.spec, run.job
+    if not (job and spec.enroll):
+        return
+    job.requests += _records(run, replaced=run.spec.force)
+    job.publish = {"generation": run.manifest["generation"]["id"]}
+    claim_job(env, job)
+    env.spool().save(job)
+
+
 def _report_failure(env: Env, run: Run, e: BaseException) -> None:
     spec = run.spec
     if not (run.job and spec.enroll):
         return
+    if run.job.publish is not None:  # armed, but not published: nothing of it may be sent
+        run.job.requests = [r for r in run.job.requests if r.kind == "event" and r.params["event_priority"] == "9"]
+        run.job.publish = None
     msg = e.message if isinstance(e, QrmfsError) else type(e).__name__
     run.job.requests += [_event(spec, 3, f"Failed to {spec.command} image {spec.name}: {msg}"),
                          _event(spec, 10, f"Ended {spec.command} image {spec.name}")]
@@ -369,10 +405,11 @@ def _register(env: Env, run: Run, published: Published) -> Registration:
     spec, job = run.spec, run.job
     if not (job and spec.enroll):
         return Registration(RegState.NOT_REGISTERED)
-    record = ([openqrm.remove_by_name(spec.name)] if published.replaced else []) + [
-        openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
-    job.requests += record + [
-        _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
+    if job.publish is None:
+        job.requests += _records(run, published.replaced)
+    elif not published.replaced:  # armed as a replacement (--force), but nothing was there to replace
+        job.requests = [r for r in job.requests if r.params.get("image_command") != "remove_by_name"]
+    job.publish = None  # published: from now on it may be sent
     try:
         why = deliver(env, spec.enroll.creds, job)
     except QrmfsError as e:

@@ -3,9 +3,11 @@ agent, run in a subprocess with this interpreter)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from plumbum import local
 
 from qrmfs.config import SshHost, Storage
 from qrmfs.runner import Runner
@@ -33,3 +35,13 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def side(root: Path) -> StorageSide:
     return StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
+
+
+@pytest.fixture(autouse=True)
+def pin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The agent's directory of pinned source keys (outside every export): a fresh one per test, never the
+    machine's own. The local agent inherits it through the environment (plumbum keeps a copy of its own)."""
+    d = tmp_path / "pins"
+    monkeypatch.setenv("QRMFS_PIN_DIR", str(d))
+    with local.env(QRMFS_PIN_DIR=str(d)):
+        yield d

@@ -250,21 +250,31 @@ def test_list_shows_leftovers_and_gc_removes_what_no_operation_holds(env: Env, e
     create(env, exports, source, name="img1", only_physical=True)
     create(env, exports, source, name="img2", only_physical=True)
     (exports / ".img1.qrmfs-staging-dead/etc").mkdir(parents=True)
-    (exports / ".img1.qrmfs-known_hosts").write_text("stale\n")
+    from qrmfs.agent import tree
+
+    pin1, pin2 = (tree.op_pin_host(str(exports / n), str(exports), "src ssh-ed25519 AAAA\n").known_hosts
+                  for n in ("img1", "img2"))  # pins outside the export, left by runs that stopped
+    (exports / ".img1.qrmfs-known_hosts").write_text("stale\n")  # an earlier version's pin, in the export
     (exports / ".ghost.qrmfs-lock").write_text("")
     side = env.side(env.cfg.storage["local"])
     with side.lock(str(exports / "img2"), "someone pid 9 (create img2)"):  # img2's operation is still running
         (exports / ".img2.qrmfs-staging-live").mkdir()
+        pin2 = tree.op_pin_host(str(exports / "img2"), str(exports), "src ssh-ed25519 AAAA\n").known_hosts
         listed = list_images(env, None)
-        assert sorted((x.kind, Path(x.path).name, x.held_by is not None) for x in listed.leftovers) == [
-            ("known_hosts", ".img1.qrmfs-known_hosts", False), ("lock", ".ghost.qrmfs-lock", False),
-            ("staging", ".img1.qrmfs-staging-dead", False), ("staging", ".img2.qrmfs-staging-live", True)]
+        assert sorted((x.kind, Path(x.path).name, Path(x.image).name, x.held_by is not None)
+                      for x in listed.leftovers) == sorted([
+            ("known_hosts", ".img1.qrmfs-known_hosts", "img1", False), ("lock", ".ghost.qrmfs-lock", "ghost", False),
+            ("known_hosts", Path(pin1).name, "img1", False), ("known_hosts", Path(pin2).name, "img2", True),
+            ("staging", ".img1.qrmfs-staging-dead", "img1", False),
+            ("staging", ".img2.qrmfs-staging-live", "img2", True)])
         assert "left over" in listed.text() and "in use by someone pid 9" in listed.text()
         done = gc(env, "local")
-    assert sorted(Path(p).name for p in done.removed) == [
-        ".ghost.qrmfs-lock", ".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-dead"]
-    assert done.in_use == [str(exports / ".img2.qrmfs-staging-live")]
+    assert sorted(done.removed) == sorted([
+        str(exports / ".ghost.qrmfs-lock"), str(exports / ".img1.qrmfs-known_hosts"), pin1,
+        str(exports / ".img1.qrmfs-staging-dead")])
+    assert sorted(done.in_use) == sorted([str(exports / ".img2.qrmfs-staging-live"), pin2])
     assert (exports / ".img2.qrmfs-staging-live").is_dir() and (exports / "img1/etc/hostname").is_file()
+    assert os.path.exists(pin2) and not os.path.exists(pin1)
 
 
 def _create_at(env: Env, path: Path, source: Path, **kw: object) -> object:
