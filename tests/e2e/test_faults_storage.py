@@ -313,7 +313,6 @@ def test_remove_while_create_runs_is_refused_and_nothing_is_lost(lab, cfg, image
 
 # --- a remove of the image a clone copies from ------------------------------------------------------------
 
-@pytest.mark.slow
 def test_remove_of_the_origin_while_a_clone_copies_is_refused(lab, cfg, image_path):
     """The clone's copy on the storage server is paused (SIGSTOP) while it reads the origin, so the remove
     surely meets it mid-copy; then it goes on. Nothing is lost: both images end complete."""
@@ -322,7 +321,7 @@ def test_remove_of_the_origin_while_a_clone_copies_is_refused(lab, cfg, image_pa
     copy_name = posixpath.basename(copy_path)
     assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/usr", "-o", config=cfg).returncode == 0
     files = _manifest(lab, image_path)["counts"]["files"]
-    p = _start(cfg, "clone", "--from", f"storage:{image_path}", "-t", f"storage:{copy_path}", "-o")
+    p = _start(cfg, "clone", "-s", copy_name, "--from", f"storage:{image_path}", "-t", f"storage:{copy_path}", "-o")
     stopped: list[str] = []
     try:
         def pause() -> bool:
