@@ -389,13 +389,31 @@ def _report_failure(env: Env, run: Run, e: BaseException) -> None:
     spec = run.spec
     if not (run.job and spec.enroll):
         return
-    if run.job.publish is not None:  # armed, but not published: nothing of it may be sent
+    if run.job.publish is not None:
+        if _maybe_published(run):  # the publish failed late, or we cannot tell: the next flush decides
+            env.spool().save(run.job)
+            env.ui.warn(f"{spec.place.target} may have been published all the same: its registration waits in the "
+                        f"spool (job {run.job.id}); `qrmfs flush` sends it once the image is confirmed there, or "
+                        "reports the failure if it is not")
+            return
+        # armed, but surely not published: nothing of the registration may be sent
         run.job.requests = [r for r in run.job.requests if r.kind == "event" and r.params["event_priority"] == "9"]
         run.job.publish = None
     msg = e.message if isinstance(e, QrmfsError) else type(e).__name__
     run.job.requests += [_event(spec, 3, f"Failed to {spec.command} image {spec.name}: {msg}"),
                          _event(spec, 10, f"Ended {spec.command} image {spec.name}")]
     deliver(env, spec.enroll.creds, run.job, quick=True)
+
+
+def _maybe_published(run: Run) -> bool:
+    """After a failure with the registration armed: is the image at the target the generation being
+    published (or can we not tell, the storage server gone)?"""
+    assert run.job is not None and run.job.publish is not None
+    try:
+        manifest = run.side.inspect(run.spec.place.path).manifest
+    except QrmfsError:
+        return True
+    return generation_id(manifest) == run.job.publish["generation"]
 
 
 def _register(env: Env, run: Run, published: Published) -> Registration:

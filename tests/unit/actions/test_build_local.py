@@ -339,3 +339,46 @@ def test_a_flush_records_the_delivery_in_the_manifest(env: Env, exports: Path, s
     (row,) = list_images(later, "local").images
     assert row.registration.state is RegState.REGISTERED
     assert str(row.registration) == f"registered ({reg['time']} by flush of spool job {job_id})"
+
+
+def test_a_publish_that_fails_keeps_or_drops_the_armed_registration_by_what_happened(
+        env: Env, exports: Path, source: Path, server: OpenQrm, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registration is armed before the publish. A publish that fails before anything happened drops it
+    (the failure is reported). One whose answer is lost after the agent published keeps it armed: the next
+    flush finds the image there and registers it once."""
+    import json
+
+    from qrmfs.actions.common import flush_spool
+    from qrmfs.errors import StorageError
+    from qrmfs.storage import StorageSide
+
+    real = StorageSide.publish
+
+    def refused(self: StorageSide, *a: object, **kw: object) -> object:
+        raise StorageError("the storage server refused the publish")
+
+    monkeypatch.setattr(StorageSide, "publish", refused)
+    with pytest.raises(StorageError):
+        create(env, exports, source)
+    assert names(exports) == [] and spool(tmp_path) == []  # nothing published, nothing waits
+    assert "new_image" not in server.commands() and server.commands()[-2:] == ["event 3", "event 10"]
+
+    def answer_lost(self: StorageSide, *a: object, **kw: object) -> object:
+        real(self, *a, **kw)  # type: ignore[arg-type]
+        raise StorageError("the storage server gave no answer")
+
+    monkeypatch.setattr(StorageSide, "publish", answer_lost)
+    server.requests.clear()
+    with pytest.raises(StorageError):
+        create(env, exports, source)
+    assert (exports / "img1/.qrmfs/manifest.json").is_file()  # it was published after all
+    (job,) = spool(tmp_path)
+    armed = json.loads((tmp_path / "spool" / job).read_text())
+    assert armed["publish"] is not None and "new_image" not in server.commands()
+    for claim in env._claims.values():  # that run ends
+        claim.release()
+    later = Env(env.cfg, Runner(), Ui(), transport=env.transport)
+    assert flush_spool(later, creds(), quick=False)["delivered"] == [armed["id"]]
+    assert server.commands().count("new_image") == 1 and spool(tmp_path) == []
+    assert json.loads((exports / "img1/.qrmfs/manifest.json").read_text())["registration"]["state"] == "registered"
