@@ -18,10 +18,13 @@ SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "
                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
 
 
-def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,
-                forward_agent: bool = False, control: str | None = None) -> tuple[str, ...]:
+def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,  # noqa: PLR0913
+                forward_agent: bool = False, control: str | None = None,
+                known_hosts_only: bool = False) -> tuple[str, ...]:
     """control: the socket of a master connection (ssh_master_argv) to reuse; without a master there,
     ssh connects on its own (ControlMaster=no never starts one).
+    known_hosts_only: trust the keys of known_hosts and nothing else (not the host's global known_hosts): a
+    pinned source key.
     Every value that can hold a path or a name is checked by model.ssh_value: ssh splits `-o` values such
     as UserKnownHostsFile on white space and expands '%' in them, so an unsafe one raises UsageError."""
     opts: list[str] = [*SSH_OPTIONS, "-p", str(h.port), "-l", ssh_user(h.user)]
@@ -31,6 +34,8 @@ def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | N
         opts += ["-i", ssh_value(identity, "ssh identity file", own_word=True)]
     if known_hosts:
         opts += ["-o", f"UserKnownHostsFile={ssh_value(known_hosts, 'ssh known_hosts file')}"]
+        if known_hosts_only:
+            opts += ["-o", "GlobalKnownHostsFile=/dev/null"]
     if forward_agent:
         opts += ["-A"]
     return tuple(opts)
@@ -52,9 +57,11 @@ def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,
             *(() if remote else ("-N",)), "--", h.address, *((shlex.join(remote),) if remote else ()))
 
 
-def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None) -> str:
+def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,
+              known_hosts_only: bool = False) -> str:
     """The -e value for rsync: rsync splits it itself and honours the quotes."""
-    return shlex.join(["ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts)])
+    return shlex.join(["ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts,
+                                           known_hosts_only=known_hosts_only)])
 
 
 def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of one command line

@@ -9,6 +9,10 @@ the server has answered 200. Never sent twice:
   directory), so two qrmfs processes never send the same job.
 Never sent elsewhere: a job is bound to its URL and to where its credentials came from (`auth`: user and
 source, never the password); it is never sent to another URL or with credentials from elsewhere.
+Never sent for an image that is not there: a build writes its registration into the spool before it
+publishes (so a qrmfs killed at the publish or right after it loses nothing), marked `publish` with the
+generation it publishes; a job so marked is sent only once the image at its target is that generation, and its
+registration is dropped (the failure reported) when the run died before publishing.
 Passwords are never written to the spool.
 """
 
@@ -69,7 +73,8 @@ def remove_by_name(name: str) -> Request:
 class Job:
     """An ordered list of requests for one image operation, persisted in the spool until all are sent.
     auth: "USER via SOURCE", the credentials it may be sent with (None: only events, no credentials).
-    storage: the image's storage identity {"address", "port", "path"}, whatever spelling the target had."""
+    storage: the image's storage identity {"address", "port", "path"}, whatever spelling the target had.
+    publish: see below; the process that armed the job holds its claim until the publish is done."""
     url: str
     user: str | None
     image: str
@@ -79,6 +84,8 @@ class Job:
     created: float = field(default_factory=time.time)
     auth: str | None = None
     storage: dict[str, Any] | None = None
+    publish: dict[str, Any] | None = None  # {"generation": ID}: armed before a publish; sent only once the image
+    #                                        at target is that generation (a run that died before it: never)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -235,7 +242,7 @@ class Client:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                if req.maybe_delivered and _is_new_image(req):
+                if req.maybe_delivered and is_new_image(req):
                     self.send_once(remove_by_name(req.params["image_name"]))
                     req.maybe_delivered = False
                 self.send_once(req)
@@ -252,10 +259,12 @@ class Client:
         RegistrationError with the unsent rest still in the spool. The caller holds the job's claim."""
         if job.url.rstrip("/") != self.url:
             raise RegistrationError(f"spool job {job.id} belongs to {job.url}, not {self.url}: not sent")
+        if job.publish is not None:
+            raise RegistrationError(f"spool job {job.id} waits for the publish of {job.target}: not sent")
         spool.save(job)
         while job.requests:
             req = job.requests[0]
-            if _is_new_image(req):
+            if is_new_image(req):
                 # Write-ahead: on disk it is in doubt from before it is sent until it leaves the job, so a
                 # process that dies anywhere in between (mid-request, or after the answer) leaves the mark.
                 doubt, req.maybe_delivered = req.maybe_delivered, True
@@ -272,7 +281,7 @@ class Client:
         spool.drop(job)
 
 
-def _is_new_image(req: Request) -> bool:
+def is_new_image(req: Request) -> bool:
     return req.kind == "image" and req.params.get("image_command") == "new_image"
 
 

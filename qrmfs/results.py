@@ -45,6 +45,8 @@ class Registration:
     state: RegState
     spool_job: str | None = None
     error: str | None = None
+    time: str | None = None          # when openQRM accepted it (UTC, ISO 8601), as recorded at that moment
+    via: str | None = None           # how: "create", "clone", "flush of spool job ID", ...
 
     def record(self) -> dict[str, Any]:
         """As kept in the manifest."""
@@ -53,7 +55,8 @@ class Registration:
     @classmethod
     def of_manifest(cls, manifest: dict[str, Any] | None) -> Registration:
         reg = (manifest or {}).get("registration") or {}
-        return cls(RegState.parse(reg.get("state")), reg.get("spool_job"), reg.get("error"))
+        return cls(RegState.parse(reg.get("state")), reg.get("spool_job"), reg.get("error"), reg.get("time"),
+                   reg.get("via"))
 
     @property
     def has_record(self) -> bool:
@@ -62,7 +65,10 @@ class Registration:
 
     def __str__(self) -> str:
         text = self.state.value.replace("_", " ")
-        return f"{text} (spool job {self.spool_job})" if self.spool_job and self.state is RegState.PENDING else text
+        if self.spool_job and self.state is RegState.PENDING:
+            return f"{text} (spool job {self.spool_job})"
+        known = " by ".join(x for x in (self.time, self.via) if x)
+        return f"{text} ({known})" if known and self.state is RegState.REGISTERED else text
 
 
 class Result:

@@ -142,9 +142,14 @@ def judge(code: int) -> tuple[bool, str | None]:
 
 
 def refused_feature(stderr: str) -> str | None:
+    """What the receiving filesystem refused, said plainly (the exit code alone says only "file I/O")."""
     low = stderr.lower()
     if "operation not supported" in low and ("xattr" in low or "acl" in low):
         return "the target filesystem refused extended attributes or ACLs"
+    if "no space left on device" in low:
+        return "the target filesystem is full (No space left on device)"
+    if "disk quota exceeded" in low:
+        return "the target's disk quota is exceeded"
     return None
 
 

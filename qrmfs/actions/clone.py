@@ -10,7 +10,7 @@ from typing import Any
 from .. import openqrm
 from ..agent import steps
 from ..agent.protocol import Options
-from ..agent.tree import siblings
+from ..agent.tree import PIN_DIR, pin_file
 from ..config import Storage
 from ..errors import NotFoundError, UsageError
 from ..model import Target
@@ -69,7 +69,7 @@ def dry_run(req: CloneRequest, env: Env) -> BuildPlan:
     origin = _origin(req, env)
     storage = env.storage(req.target)
     into = copyplan.Into(storage, pipeline.staging_name(req.target), storage.ssh.is_local,
-                         siblings(req.target.path).known_hosts)
+                         pin_file(req.target.path, PIN_DIR))
     cp = copyplan.plan(env.cfg, origin.source(req.source.path), into)
     opts = _options(req, origin)
     return BuildPlan(

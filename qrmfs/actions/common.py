@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from urllib.parse import urlsplit
 from .. import model, openqrm
 from ..agent.protocol import Inspected, Locked
 from ..config import Config, Storage, _shown
-from ..errors import NotFoundError, RegistrationError, UsageError
+from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
 from ..model import Target
+from ..results import Registration, RegState
 from ..runner import Runner
 from ..storage import StorageSide
 from ..ui import Ui
@@ -105,7 +107,12 @@ def storage_identity(cfg: Config, target: str) -> dict[str, Any] | None:
         s = cfg.storage_for(t.storage)
     except UsageError:
         return None
-    return {"address": s.ssh.address, "port": s.ssh.port, "path": t.path}
+    return identity_of(s, t.path)
+
+
+def identity_of(storage: Storage, path: str) -> dict[str, Any]:
+    """The one spelling of an image's identity: its storage server's address and ssh port, and its path."""
+    return {"address": storage.ssh.address, "port": storage.ssh.port, "path": path}
 
 
 def holder(command: str, name: str) -> str:
@@ -187,12 +194,7 @@ def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False)
     job.auth = job.auth or creds.auth
     job.storage = job.storage or storage_identity(env.cfg, job.target)
     spool = env.spool()
-    claim = env._claims.get(job.id)
-    if claim is None:
-        claim = spool.claim(job.id, wait=10.0)
-        if claim is None:
-            raise RegistrationError(f"spool job {job.id} is being delivered by another qrmfs process")
-        env._claims[job.id] = claim
+    claim_job(env, job)
     _warn_plain_http(env, creds)
     try:
         env.client(creds, quick=quick).deliver(job, spool)
@@ -201,6 +203,72 @@ def deliver(env: Env, creds: Credentials, job: openqrm.Job, quick: bool = False)
         return str(e)
     env._claims.pop(job.id).release(unlink=True)
     return None
+
+
+def claim_job(env: Env, job: openqrm.Job) -> None:
+    """This process claims the job for as long as it lives (or until it is delivered): no other qrmfs sends it."""
+    if job.id not in env._claims:
+        claim = env.spool().claim(job.id, wait=10.0)
+        if claim is None:
+            raise RegistrationError(f"spool job {job.id} is being delivered by another qrmfs process")
+        env._claims[job.id] = claim
+
+
+def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
+    """A job armed before a publish by a run that is gone (its claim is ours now): is the image at its target
+    the generation it was armed for? Decided under the image's lock (which finishes an interrupted publish
+    first). True: published, send it. False: never published: its registration is dropped and the failure
+    reported instead. None: cannot tell now (storage unreachable, image locked): it waits."""
+    assert job.publish is not None
+    try:
+        target = Target.parse(job.target)
+        side = env.side(env.storage(target))
+        with env.locked(side, target.path, "flush", target.name):
+            manifest = side.inspect(target.path).manifest
+    except QrmfsError as e:
+        env.ui.warn(f"spooled registration {job.id} ({job.image}) waits: cannot tell whether {job.target} was "
+                    f"published ({e.message})")
+        return None
+    gen = (manifest or {}).get("generation") or {}
+    published = isinstance(gen, dict) and gen.get("id") == job.publish.get("generation")
+    if not published:
+        name = job.image
+        ev = next((r.params["event_name"] for r in job.requests if r.kind == "event"), f"create_image_{name}")
+        verb = ev.split("_", 1)[0]
+        job.requests = [r for r in job.requests if r.kind == "event" and r.params.get("event_priority") == "9"]
+        job.requests += [openqrm.event(ev, 3, f"Failed to {verb} image {name}: qrmfs stopped before publishing "
+                                              f"{job.target}"),
+                         openqrm.event(ev, 10, f"Ended {verb} image {name}")]
+        env.ui.warn(f"spooled registration {job.id}: {job.target} was never published (the run that armed it "
+                    "stopped first); not registering it, reporting the failure instead")
+    job.publish = None
+    env.spool().save(job)
+    return published
+
+
+def iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def record_delivery(env: Env, job: openqrm.Job, when: str) -> None:
+    """openQRM accepted the job's new_image: write that into the image's manifest, under the image's lock, so
+    `list` shows what is known. Only a manifest that still waits for this very job is changed (a newer image
+    under the same path has its own registration); when that cannot be done, say so: `list` then shows
+    "unknown"."""
+    try:
+        target = Target.parse(job.target)
+        side = env.side(env.storage(target))
+        with env.locked(side, target.path, "flush", target.name):
+            manifest = side.inspect(target.path).manifest
+            if manifest is None or Registration.of_manifest(manifest).spool_job != job.id:
+                env.ui.debug(f"{job.target}'s manifest does not wait for spool job {job.id}: left as it is")
+                return
+            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}")
+            side.manifest_update(target.path, {"registration": reg.record()})
+        env.ui.step(f"recorded the registration in the manifest of {job.target}")
+    except QrmfsError as e:
+        env.ui.warn(f"delivered spooled registration {job.id}, but could not record it in the manifest of "
+                    f"{job.target} ({e.message}); `qrmfs list` shows its registration as unknown")
 
 
 def _bound_elsewhere(job: openqrm.Job, creds: Credentials) -> str | None:
@@ -243,13 +311,19 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
             if job is None:
                 claim.release(unlink=True)
                 continue
+            if job.publish is not None and settle_publish(env, job) is None:
+                left.append(job.id)
+                continue
             _warn_plain_http(env, creds)
             c = env.client(Credentials(job.url, creds.user, creds.password), quick=quick)
+            registers = any(openqrm.is_new_image(r) for r in job.requests)
             try:
                 c.deliver(job, spool)
                 claim.release(unlink=True)
                 done.append(job.id)
                 env.ui.step(f"delivered spooled registration {job.id} ({job.image}) to {job.url}")
+                if registers:
+                    record_delivery(env, job, iso_now())
             except Exception as e:  # noqa: BLE001 - a failed delivery stays in the spool; never fails the command
                 left.append(job.id)
                 (env.ui.debug if quick else env.ui.warn)(f"spooled registration {job.id} ({job.image}) still "

@@ -107,7 +107,6 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
     host = None if src.host is None or src.host.is_local else src.host
     how = hop(host, into)
     storage = into.storage
-    ours = {"identity": cfg.identity_file, "known_hosts": cfg.known_hosts}
     copies = []
     for i, (sp, dp, exc, what) in enumerate(parts(src, into.path)):
         rsh = None
@@ -123,11 +122,13 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
                 continue  # a separate filesystem that is the export root itself: nothing of it is copied
             exc = [*exc, inside]
         if how is Hop.PUSH:
-            rsh, d = A.rsync_rsh(storage.ssh, **ours), A.remote_spec(storage.ssh, dp)
+            rsh, d = A.rsync_rsh(storage.ssh, identity=cfg.identity_file, known_hosts=cfg.known_hosts), \
+                A.remote_spec(storage.ssh, dp)
         elif how is Hop.PULL_HERE and host is not None:
-            rsh, s = A.rsync_rsh(host, **ours), A.remote_spec(host, sp)
+            rsh, s = A.rsync_rsh(host, identity=cfg.identity_file, known_hosts=cfg.known_hosts), \
+                A.remote_spec(host, sp)
         elif how is Hop.PULL_ON_STORAGE and host is not None:
-            rsh, s = A.rsync_rsh(host, known_hosts=into.known_hosts), A.remote_spec(host, sp)
+            rsh, s = A.rsync_rsh(host, known_hosts=into.known_hosts, known_hosts_only=True), A.remote_spec(host, sp)
         rs = A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress, live_root=src.live_root and i == 0,
                           drift=drift, delete=delete)
         copies.append(Copy(rs, _where(how, storage, host), what,

@@ -9,7 +9,7 @@ from typing import Any
 from .. import openqrm
 from ..agent import steps
 from ..agent.protocol import Options
-from ..agent.tree import siblings
+from ..agent.tree import PIN_DIR, pin_file
 from ..model import Location, Route, Target
 from ..results import BuildPlan, Built
 from . import copyplan, hosts, pipeline
@@ -62,7 +62,7 @@ def dry_run(req: CreateRequest, env: Env) -> BuildPlan:
     """The plan, computed without contacting any host."""
     storage = env.storage(req.target)
     into = copyplan.Into(storage, pipeline.staging_name(req.target), storage.ssh.is_local or req.route is Route.NFS,
-                         siblings(req.target.path).known_hosts)
+                         pin_file(req.target.path, PIN_DIR))
     cp = copyplan.plan(env.cfg, req.source(env), into)
     ev = f"create_image_{req.name}"
     regs = [] if req.only_physical else [

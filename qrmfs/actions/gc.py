@@ -1,5 +1,6 @@
-"""qrmfs gc: remove what unfinished operations left beside images (staging copies, pinned source keys,
-half-removed trees, lock files without an image), each under its image's lock: taking the lock removes them
+"""qrmfs gc: remove what unfinished operations left beside images (staging copies, half-removed trees, lock
+files without an image) and the pinned source keys they left in the agent's pin directory (outside the
+export), each under its image's lock: taking the lock removes them
 (tree.take_lock), and a lock file whose image is gone goes when the lock is given back. Earlier generations
 are not left-overs: `remove` (or generation pruning) deletes them."""
 

@@ -15,6 +15,8 @@ brings it to the source's state and the preparation runs again. The publish is t
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -26,7 +28,7 @@ from typing import Any
 from .. import __version__, openqrm
 from .. import argv as A
 from ..agent import steps
-from ..agent.gens import generation_id
+from ..agent.gens import CRASH_ENV, generation_id
 from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, StagedUpdate
 from ..agent.tree import siblings
 from ..config import SshHost, Storage
@@ -36,8 +38,8 @@ from ..results import Built, Registration, RegState
 from ..runner import tail
 from ..storage import StorageSide, node_init_script
 from ..transfer import CHANGE_KINDS, prepared_change, run_rsync
-from . import copyplan, hosts
-from .common import Credentials, Env, deliver, holder
+from . import copyplan, hosts, names
+from .common import Credentials, Env, claim_job, deliver, holder, iso_now
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class Run:
 
 
 def build(env: Env, spec: BuildSpec) -> Built:
+    if spec.enroll and spec.new_record:  # a name openQRM holds for another path: refused before anything is done
+        names.check_name_free(env, spec.name, spec.place.target)
     run = Run(spec, env.side(spec.place.agent))
     run.job = _open_job(spec)
     run.side.connect()  # the storage server's ssh handshake overlaps the source's (its mount table)
@@ -143,7 +147,10 @@ def build(env: Env, spec: BuildSpec) -> Built:
                              prepared_paths(spec.parent) if run.incremental else frozenset())
             _prepare(env, run)
             _write_manifest(run)
+            _arm(env, run)
+            crash_point("before-publish")
             published = _publish(env, run)
+            crash_point("after-publish")
         except BaseException as e:
             _discard(env, run)
             _report_failure(env, run, e)
@@ -173,6 +180,12 @@ def _as_new_generation(env: Env, spec: BuildSpec, current: dict[str, Any] | None
             env.ui.warn(f"openQRM's record keeps its {f}: qrmfs cannot send update_image without the record's "
                         "image_id")
     return spec
+
+
+def crash_point(step: str) -> None:
+    """Tests: qrmfs is SIGKILLed at the named point, for real (its children go with it, as after any SIGKILL)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _open_job(spec: BuildSpec) -> openqrm.Job | None:
@@ -359,8 +372,8 @@ def _write_manifest(run: Run) -> None:
 
 
 def _registration_record(run: Run) -> dict[str, Any]:
-    if run.job:
-        return Registration(RegState.PENDING).record()
+    if run.job:  # until openQRM accepts it: the spool job that carries it is named (flush records the delivery)
+        return Registration(RegState.PENDING, run.job.id).record()
     if run.incremental and not run.spec.new_record:  # a new generation, not sent (-o): the record is as it was
         return Registration.of_manifest(run.spec.parent).record()
     return Registration(RegState.NOT_REGISTERED).record()
@@ -391,14 +404,58 @@ def _discard(env: Env, run: Run) -> None:
                     "this image removes it, under the image's lock")
 
 
+def _records(run: Run) -> list[openqrm.Request]:
+    """What registers the image, and the "finished" event. A new record only for an image that had none: a
+    generation of a registered image keeps its record, and an earlier generation without one leaves nothing to
+    remove (remove_by_name would hit the record of another path's image of that name)."""
+    spec = run.spec
+    assert spec.enroll
+    record = [openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
+    return [*record, _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
+
+
+def _arm(env: Env, run: Run) -> None:
+    """Write-ahead, before the publish: the registration goes into the spool, bound to the generation being
+    published and claimed by this process. Killed at the publish or after it, the next flush sends it once the
+    image is there, or drops it (reporting the failure) when the publish never happened."""
+    spec, job = run.spec, run.job
+    if not (job and spec.enroll):
+        return
+    job.requests += _records(run)
+    job.publish = {"generation": run.manifest["generation"]["id"]}
+    claim_job(env, job)
+    env.spool().save(job)
+
+
 def _report_failure(env: Env, run: Run, e: BaseException) -> None:
     spec = run.spec
     if not (run.job and spec.enroll):
         return
+    if run.job.publish is not None:
+        if _maybe_published(run):  # the publish failed late, or we cannot tell: the next flush decides
+            env.spool().save(run.job)
+            env.ui.warn(f"{spec.place.target} may have been published all the same: its registration waits in the "
+                        f"spool (job {run.job.id}); `qrmfs flush` sends it once the image is confirmed there, or "
+                        "reports the failure if it is not")
+            return
+        # armed, but surely not published: nothing of the registration may be sent
+        run.job.requests = [r for r in run.job.requests if r.kind == "event" and r.params["event_priority"] == "9"]
+        run.job.publish = None
     msg = e.message if isinstance(e, QrmfsError) else type(e).__name__
     run.job.requests += [_event(spec, 3, f"Failed to {spec.command} image {spec.name}: {msg}"),
                          _event(spec, 10, f"Ended {spec.command} image {spec.name}")]
     deliver(env, spec.enroll.creds, run.job, quick=True)
+
+
+def _maybe_published(run: Run) -> bool:
+    """After a failure with the registration armed: is the image at the target the generation being
+    published (or can we not tell, the storage server gone)?"""
+    assert run.job is not None and run.job.publish is not None
+    try:
+        manifest = run.side.inspect(run.spec.place.path).manifest
+    except QrmfsError:
+        return True
+    return generation_id(manifest) == run.job.publish["generation"]
 
 
 def _register(env: Env, run: Run) -> Registration:
@@ -408,11 +465,9 @@ def _register(env: Env, run: Run) -> Registration:
     spec, job = run.spec, run.job
     if not (job and spec.enroll):
         return Registration(RegState.NOT_REGISTERED)
-    # a new record only for an image that had none (a generation of a registered image keeps its record; an
-    # earlier generation without one leaves nothing to remove: remove_by_name would hit another path's record)
-    record = [openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
-    job.requests += record + [
-        _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
+    if job.publish is None:
+        job.requests += _records(run)
+    job.publish = None  # published: from now on it may be sent
     try:
         why = deliver(env, spec.enroll.creds, job)
     except QrmfsError as e:
@@ -421,7 +476,9 @@ def _register(env: Env, run: Run) -> Registration:
                       "fix the cause and run `qrmfs flush`")
         raise
     if why is None:
-        reg = Registration(RegState.REGISTERED)
+        earlier = Registration.of_manifest(spec.parent)
+        reg = (Registration(RegState.REGISTERED, time=iso_now(), via=spec.command) if spec.new_record
+               or earlier.state is not RegState.REGISTERED else earlier)  # an update: the record stays as it was
         env.ui.step(f"registered {spec.name} with openQRM at {spec.enroll.creds.url}")
     else:
         reg = Registration(RegState.PENDING, job.id)

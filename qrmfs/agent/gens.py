@@ -32,7 +32,7 @@ from typing import Any
 from . import protocol as P
 from .fsutil import Mounted, holders, is_real_dir, remove, write_file
 from .protocol import AgentError, ErrorKind
-from .tree import _check_under, _is_staging, read_manifest, siblings, write_manifest
+from .tree import _check_under, _is_staging, read_manifest, remove_pins, siblings, write_manifest
 
 NODES = ".qrmfs/nodes"
 CRASH_ENV = "QRMFS_TEST_CRASH_AT"  # tests: the agent dies (os._exit) right after the named step
@@ -148,7 +148,7 @@ def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
     _crash_point("retire")
     pruned, failed = prune(path, int(j.get("keep", 1)))
     _crash_point("prune")
-    remove(siblings(path).known_hosts)  # the source's pinned host key served the copy only
+    remove_pins(path)  # the source's pinned host key served the copy only
     remove(siblings(path).journal)
     return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed)
 

@@ -7,15 +7,22 @@ Layout beside an image `<parent>/<name>` (all hidden, all on the same filesystem
   .<name>.qrmfs-previous        an image replaced by `create --force` before generations existed (generation 0)
   .<name>.qrmfs-journal         the intent of a publish in progress (gens.py): finished under the next lock
 and inside the image `.qrmfs/manifest.json` (what was done) and `.qrmfs/nodes/` (per-node state).
+
+Outside the export, where no node can write: the source's host key, pinned for the storage server's own ssh
+to the source while a copy runs, in `PIN_DIR/<hash of the image path>.known_hosts` (0600, in a 0700
+directory owned by the agent's user; see pin_dir()). Its first line names the image, so `list` can show a
+stale one. Earlier versions kept it beside the image as `.<name>.qrmfs-known_hosts`: cleaned as a leftover.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +41,7 @@ class Siblings:
     lock: str
     staging_prefix: str
     previous: str
-    known_hosts: str
+    old_pin: str          # the in-export pin file of earlier versions (now outside the export: pin_file)
     removing: str
     gen_prefix: str
     journal: str
@@ -45,10 +52,74 @@ def siblings(path: str) -> Siblings:
     return Siblings(lock=os.path.join(parent, f".{name}.qrmfs-lock"),
                     staging_prefix=os.path.join(parent, f".{name}.qrmfs-staging-"),
                     previous=os.path.join(parent, f".{name}.qrmfs-previous"),
-                    known_hosts=os.path.join(parent, f".{name}.qrmfs-known_hosts"),
+                    old_pin=os.path.join(parent, f".{name}.qrmfs-known_hosts"),
                     removing=os.path.join(parent, f".{name}.qrmfs-removing"),
                     gen_prefix=os.path.join(parent, f".{name}.qrmfs-gen-"),
                     journal=os.path.join(parent, f".{name}.qrmfs-journal"))
+
+
+PIN_DIR = "/var/lib/qrmfs/pins"
+PIN_DIR_ENV = "QRMFS_PIN_DIR"
+PIN_HEADER = "# qrmfs: the source's host key, pinned for "
+
+
+def pin_dir() -> str:
+    """Where this agent keeps pin files: $QRMFS_PIN_DIR if set (tests, an agent run by hand), else PIN_DIR as
+    root, else ~/.local/state/qrmfs/pins."""
+    if os.environ.get(PIN_DIR_ENV):
+        return os.environ[PIN_DIR_ENV]
+    if os.geteuid() == 0:
+        return PIN_DIR
+    return os.path.join(os.path.expanduser("~"), ".local/state/qrmfs/pins")
+
+
+def pin_file(path: str, directory: str | None = None) -> str:
+    """The pin file of the image at path (a hash: a name safe for ssh's word splitting, whatever the path)."""
+    digest = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:32]
+    return os.path.join(directory or pin_dir(), f"{digest}.known_hosts")
+
+
+def _own_pin_dir(export_root: str) -> str:
+    """The pin directory, made 0700 and checked: a real directory of ours, no one else's, outside the export."""
+    d = pin_dir()
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or os.path.realpath(d) != os.path.abspath(d):
+        raise AgentError(ErrorKind.REFUSED, f"the pin directory {d} is not a plain directory owned by the agent's "
+                                            "user; refusing to keep a host key there")
+    if os.path.realpath(d).startswith(os.path.realpath(export_root).rstrip("/") + "/"):
+        raise AgentError(ErrorKind.REFUSED, f"the pin directory {d} lies inside the export {export_root}, which "
+                                            "nodes can write; set it elsewhere")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(d, 0o700)
+    return d
+
+
+def remove_pins(path: str) -> list[str]:
+    """The image's pin file (and an earlier version's in-export one), if any: what was removed."""
+    gone = [p for p in (pin_file(path), siblings(path).old_pin) if os.path.lexists(p)]
+    for p in gone:
+        remove(p)
+    return gone
+
+
+def _pins(export_root: str) -> Iterator[tuple[str, str]]:
+    """(pin file, image path) of every pin file kept for an image below export_root."""
+    d = pin_dir()
+    root = os.path.realpath(export_root).rstrip("/") + "/"
+    try:
+        names = sorted(os.listdir(d)) if is_real_dir(d) else []
+    except OSError:
+        return
+    for n in names:
+        p = os.path.join(d, n)
+        try:
+            with open(p, errors="replace") as f:
+                first = f.readline().rstrip("\n")
+        except OSError:
+            continue
+        if first.startswith(PIN_HEADER) and first[len(PIN_HEADER):].startswith(root):
+            yield p, first[len(PIN_HEADER):]
 
 
 def _is_staging(path: str, staging: str) -> bool:
@@ -188,10 +259,10 @@ def _clean_leftovers(path: str) -> list[str]:
     found = [os.path.join(parent, e) for e in sorted(os.listdir(parent))]
     # a staging copy named by the journal is an update's publish under way: gens.recover() finishes it
     doomed = [p for p in found if (p.startswith(s.staging_prefix) and not _journaled(path, p))
-              or p in (s.known_hosts, s.removing)]
+              or p == s.removing]
     for p in doomed:
         remove(p)
-    return doomed
+    return doomed + remove_pins(path)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -231,21 +302,22 @@ def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = 
 
 
 def op_pin_host(path: str, export_root: str, known_hosts: str) -> P.Pinned:
-    """Write the source's known_hosts lines beside the image, for the storage server's ssh to the source."""
+    """Write the source's known_hosts lines into the image's pin file, outside the export (nodes cannot touch
+    it), for the storage server's ssh to the source; that ssh reads this file only."""
     _check_under(path, export_root)
-    kh = siblings(path).known_hosts
-    remove(kh)
+    _own_pin_dir(export_root)
+    kh = pin_file(path)
+    remove_pins(path)
     fd = os.open(kh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(known_hosts)
+        f.write(f"{PIN_HEADER}{path}\n{known_hosts}")
     return P.Pinned(kh)
 
 
 def op_unpin_host(path: str, export_root: str) -> P.Unpinned:
     _check_under(path, export_root)
-    kh = siblings(path).known_hosts
-    remove(kh)
-    return P.Unpinned(kh)
+    remove_pins(path)
+    return P.Unpinned(pin_file(path))
 
 
 def op_discard(path: str, export_root: str, staging: str) -> P.Discarded:
@@ -257,7 +329,7 @@ def op_discard(path: str, export_root: str, staging: str) -> P.Discarded:
         # its publish began (gens.py): it is finished, never undone, under the image's next lock
         return P.Discarded("")
     remove(staging)
-    remove(siblings(path).known_hosts)
+    remove_pins(path)
     return P.Discarded(staging)
 
 
@@ -291,7 +363,7 @@ def op_publish(path: str, export_root: str, staging: str, force: bool) -> P.Publ
         os.rename(path, s.previous)
         replaced = True
     os.rename(staging, path)
-    remove(s.known_hosts)
+    remove_pins(path)
     return P.Published(path, replaced, s.previous if replaced else None)
 
 
@@ -352,6 +424,9 @@ def op_list(export_root: str, depth: int = 3) -> P.Listed:
         else:
             assert m is not None
             found.append(P.ListedImage(path, m, _lock_held(siblings(path).lock)))
+    for pin, image in _pins(root):
+        leftovers.append(P.Leftover(pin, image, "known_hosts", os.lstat(pin).st_blocks * 512,
+                                    _lock_held(siblings(image).lock)))
     return P.Listed(found, leftovers)
 
 

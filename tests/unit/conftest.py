@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from plumbum import local
 
 from qrmfs.config import SshHost, Storage
 from qrmfs.runner import Runner
@@ -36,3 +37,13 @@ def side(root: Path) -> Iterator[StorageSide]:
     s = StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
     yield s
     s.close()  # its agent session ends with the test
+
+
+@pytest.fixture(autouse=True)
+def pin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The agent's directory of pinned source keys (outside every export): a fresh one per test, never the
+    machine's own. The local agent inherits it through the environment (plumbum keeps a copy of its own)."""
+    d = tmp_path / "pins"
+    monkeypatch.setenv("QRMFS_PIN_DIR", str(d))
+    with local.env(QRMFS_PIN_DIR=str(d)):
+        yield d

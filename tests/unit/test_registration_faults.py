@@ -344,3 +344,58 @@ def test_same_image_by_storage_identity_and_path() -> None:
     moved = config.parse({"storage": {"nas1": {"address": "10.9.9.9"}}})
     assert same_image(moved, j, Target.parse("10.0.0.5:/exports/img"))
     assert not same_image(moved, j, Target.parse("nas1:/exports/img"))
+
+
+# --- SIGKILL at the publish: the registration is written ahead, never lost, never sent for nothing ----------
+
+def _local_create(home: dict[str, Any], server: Server, crash_at: str) -> tuple[Path, str, subprocess.Popen[str]]:
+    tmp = home["tmp"]
+    root, src = tmp / "exports", tmp / "src"
+    root.mkdir()
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "hostname").write_text("src\n")
+    cfg = config(home, server.url, extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\n')
+    p = subprocess.Popen([sys.executable, "-m", "qrmfs", "create", "-t", f"local:{root}/img1", "-l", str(src),
+                          "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**home["env"], "QRMFS_TEST_CRASH_AT": crash_at})
+    p.communicate(timeout=300)
+    return root, cfg, p
+
+
+def test_killed_right_after_the_publish_the_next_flush_registers_once(home: dict[str, Any], server: Server) -> None:
+    root, cfg, p = _local_create(home, server, "after-publish")
+    assert p.returncode == -signal.SIGKILL
+    assert (root / "img1/.qrmfs/manifest.json").is_file()  # published, complete
+    assert "new_image" not in server.commands()
+    (job,) = spool_jobs(home)  # written ahead: the registration survived the kill
+    assert job["publish"] is not None and [r["params"].get("image_command") for r in job["requests"]
+                                           if r["kind"] == "image"] == ["new_image"]
+    manifest = json.loads((root / "img1/.qrmfs/manifest.json").read_text())
+    assert manifest["registration"] == {"state": "pending", "spool_job": job["id"]}
+    f = qrmfs(home, "flush", "--json", "--config", cfg)
+    out, err = f.communicate(timeout=120)
+    assert f.returncode == 0, err
+    assert json.loads(out)["result"]["delivered"] == [job["id"]]
+    assert server.images == ["img1"] and server.commands().count("new_image") == 1
+    assert spool_jobs(home) == []
+    reg = json.loads((root / "img1/.qrmfs/manifest.json").read_text())["registration"]
+    assert (reg["state"], reg["via"]) == ("registered", f"flush of spool job {job['id']}")
+
+
+def test_killed_right_before_the_publish_nothing_is_registered(home: dict[str, Any], server: Server) -> None:
+    root, cfg, p = _local_create(home, server, "before-publish")
+    assert p.returncode == -signal.SIGKILL
+    assert not (root / "img1").exists()  # no image under the name
+    (staging,) = [n for n in os.listdir(root) if ".qrmfs-staging-" in n]  # the unfinished copy: a leftover
+    (job,) = spool_jobs(home)
+    assert job["publish"] is not None
+    f = qrmfs(home, "flush", "--json", "--config", cfg)
+    out, err = f.communicate(timeout=120)
+    assert f.returncode == 0, err
+    assert json.loads(out)["result"]["delivered"] == [job["id"]]
+    assert f"removed {root}/{staging}, left by an earlier qrmfs run" in err  # named, under the image's lock
+    assert "was never published" in err
+    assert "new_image" not in server.commands() and server.images == []  # never registered
+    assert server.commands()[-2:] == ["create_image_img1", "create_image_img1"]
+    assert [r["query"]["event_priority"] for r in server.requests][-2:] == ["3", "10"]  # the failure, reported
+    assert spool_jobs(home) == [] and os.listdir(root) == []  # nothing left, not even the lock file

@@ -274,7 +274,9 @@ def test_check_rsync_says_why_even_without_stderr() -> None:
     ("rsync: [generator] set_acl: sys_acl_set_file(etc, ACL_TYPE_ACCESS): Operation not supported (95)",
      "the target filesystem refused extended attributes or ACLs"),
     ("rsync: mkstemp failed: Operation not supported (95)", None),
-    ("rsync: write failed on \"/exports/x\": No space left on device (28)", None),
+    ("rsync: [receiver] write failed on \"/exports/x\": No space left on device (28)",
+     "the target filesystem is full (No space left on device)"),
+    ("rsync: write failed on \"/exports/x\": Disk quota exceeded (122)", "the target's disk quota is exceeded"),
     ("", None),
 ])
 def test_refused_feature(stderr: str, want: str | None) -> None:

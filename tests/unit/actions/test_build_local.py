@@ -271,21 +271,138 @@ def test_list_shows_leftovers_and_gc_removes_what_no_operation_holds(env: Env, e
     create(env, exports, source, name="img1", only_physical=True)
     create(env, exports, source, name="img2", only_physical=True)
     (exports / ".img1.qrmfs-staging-dead/etc").mkdir(parents=True)
-    (exports / ".img1.qrmfs-known_hosts").write_text("stale\n")
+    from qrmfs.agent import tree
+
+    pin1, pin2 = (tree.op_pin_host(str(exports / n), str(exports), "src ssh-ed25519 AAAA\n").known_hosts
+                  for n in ("img1", "img2"))  # pins outside the export, left by runs that stopped
+    (exports / ".img1.qrmfs-known_hosts").write_text("stale\n")  # an earlier version's pin, in the export
     (exports / ".ghost.qrmfs-lock").write_text("")
     side = env.side(env.cfg.storage["local"])
     with side.lock(str(exports / "img2"), "someone pid 9 (create img2)"):  # img2's operation is still running
         (exports / ".img2.qrmfs-staging-live").mkdir()
+        pin2 = tree.op_pin_host(str(exports / "img2"), str(exports), "src ssh-ed25519 AAAA\n").known_hosts
         listed = list_images(env, None)
-        assert sorted((x.kind, Path(x.path).name, x.held_by is not None) for x in listed.leftovers) == [
-            ("known_hosts", ".img1.qrmfs-known_hosts", False), ("lock", ".ghost.qrmfs-lock", False),
-            ("staging", ".img1.qrmfs-staging-dead", False), ("staging", ".img2.qrmfs-staging-live", True)]
+        assert sorted((x.kind, Path(x.path).name, Path(x.image).name, x.held_by is not None)
+                      for x in listed.leftovers) == sorted([
+            ("known_hosts", ".img1.qrmfs-known_hosts", "img1", False), ("lock", ".ghost.qrmfs-lock", "ghost", False),
+            ("known_hosts", Path(pin1).name, "img1", False), ("known_hosts", Path(pin2).name, "img2", True),
+            ("staging", ".img1.qrmfs-staging-dead", "img1", False),
+            ("staging", ".img2.qrmfs-staging-live", "img2", True)])
         assert "left over" in listed.text() and "in use by someone pid 9" in listed.text()
         done = gc(env, "local")
-    assert sorted(Path(p).name for p in done.removed) == [
-        ".ghost.qrmfs-lock", ".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-dead"]
-    assert done.in_use == [str(exports / ".img2.qrmfs-staging-live")]
+    assert sorted(done.removed) == sorted([
+        str(exports / ".ghost.qrmfs-lock"), str(exports / ".img1.qrmfs-known_hosts"), pin1,
+        str(exports / ".img1.qrmfs-staging-dead")])
+    assert sorted(done.in_use) == sorted([str(exports / ".img2.qrmfs-staging-live"), pin2])
     assert (exports / ".img2.qrmfs-staging-live").is_dir() and (exports / "img1/etc/hostname").is_file()
+    assert os.path.exists(pin2) and not os.path.exists(pin1)
+
+
+def _create_at(env: Env, path: Path, source: Path, **kw: object) -> object:
+    req = create_act.CreateRequest(name=path.name, target=Target("local", str(path)),
+                                   location=Location(None, str(source)), creds=creds(), **kw)  # type: ignore[arg-type]
+    return create_act.create(req, env)
+
+
+def test_a_name_registered_for_another_path_is_refused(env: Env, exports: Path, source: Path, server: OpenQrm,
+                                                        tmp_path: Path) -> None:
+    """openQRM image names are unique: a second image named img1 elsewhere is refused before anything is done,
+    whether the first one is registered or its registration still waits in the spool."""
+    _create_at(env, exports / "a/img1", source)
+    _create_at(env, exports / "a/img1", source, force=True)  # the same image again: its own name
+    server.requests.clear()
+    with pytest.raises(ExistsError) as e:
+        _create_at(env, exports / "b/img1", source)
+    assert e.value.message.startswith("the openQRM image name img1 is already taken by local:")
+    assert f"local:{exports}/a/img1 (registered)" in e.value.message and "\n" not in e.value.message
+    assert not (exports / "b").exists() and server.requests == []  # nothing copied, locked or sent
+    # clone under that name elsewhere: refused the same way
+    with pytest.raises(ExistsError):
+        clone_act.clone(clone_act.CloneRequest(name="img1", target=Target("local", f"{exports}/c/img1"),
+                                               source=Target("local", f"{exports}/a/img1"), creds=creds()), env)
+    assert not (exports / "c").exists() and server.requests == []
+    # not registered (-o): no openQRM record, so no conflict
+    _create_at(env, exports / "d/img1", source, only_physical=True)
+    # a registration of img2 waiting in the spool holds the name too
+    server.status = 503
+    _create_at(env, exports / "a/img2", source)
+    (job,) = spool(tmp_path)
+    with pytest.raises(ExistsError) as e:
+        _create_at(env, exports / "b/img2", source)
+    assert f"spool job {job[:-len('.json')]} (for local:{exports}/a/img2)" in e.value.message
+    assert not (exports / "b").exists()
+
+
+def test_a_flush_records_the_delivery_in_the_manifest(env: Env, exports: Path, source: Path, server: OpenQrm,
+                                                      tmp_path: Path) -> None:
+    """openQRM down at create: the manifest names the spool job. A later flush delivers it and writes the
+    delivery (when, how) into the manifest under the image's lock; list shows that, not a guess."""
+    import json
+
+    from qrmfs.actions.common import flush_spool
+    from qrmfs.actions.listing import list_images
+
+    server.status = 503
+    create(env, exports, source)
+    (job,) = spool(tmp_path)
+    job_id = job[:-len(".json")]
+    manifest = exports / "img1/.qrmfs/manifest.json"
+    assert json.loads(manifest.read_text())["registration"] == {"state": "pending", "spool_job": job_id}
+    for claim in env._claims.values():  # the create's process ends
+        claim.release()
+    server.status = 200
+    later = Env(env.cfg, Runner(), Ui(), transport=env.transport)  # a later `qrmfs flush`
+    assert flush_spool(later, creds(), quick=False)["delivered"] == [job_id]
+    reg = json.loads(manifest.read_text())["registration"]
+    assert (reg["state"], reg["spool_job"], reg["via"]) == ("registered", job_id, f"flush of spool job {job_id}")
+    assert reg["time"].endswith("Z")
+    assert names(exports) == [".img1.qrmfs-lock", "img1"]  # the lock was taken and given back
+    (row,) = list_images(later, "local").images
+    assert row.registration.state is RegState.REGISTERED
+    assert str(row.registration) == f"registered ({reg['time']} by flush of spool job {job_id})"
+
+
+def test_a_publish_that_fails_keeps_or_drops_the_armed_registration_by_what_happened(
+        env: Env, exports: Path, source: Path, server: OpenQrm, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registration is armed before the publish. A publish that fails before anything happened drops it
+    (the failure is reported). One whose answer is lost after the agent published keeps it armed: the next
+    flush finds the image there and registers it once."""
+    import json
+
+    from qrmfs.actions.common import flush_spool
+    from qrmfs.errors import StorageError
+    from qrmfs.storage import StorageSide
+
+    real = StorageSide.publish
+
+    def refused(self: StorageSide, *a: object, **kw: object) -> object:
+        raise StorageError("the storage server refused the publish")
+
+    monkeypatch.setattr(StorageSide, "publish", refused)
+    with pytest.raises(StorageError):
+        create(env, exports, source)
+    assert names(exports) == [] and spool(tmp_path) == []  # nothing published, nothing waits
+    assert "new_image" not in server.commands() and server.commands()[-2:] == ["event 3", "event 10"]
+
+    def answer_lost(self: StorageSide, *a: object, **kw: object) -> object:
+        real(self, *a, **kw)  # type: ignore[arg-type]
+        raise StorageError("the storage server gave no answer")
+
+    monkeypatch.setattr(StorageSide, "publish", answer_lost)
+    server.requests.clear()
+    with pytest.raises(StorageError):
+        create(env, exports, source)
+    assert (exports / "img1/.qrmfs/manifest.json").is_file()  # it was published after all
+    (job,) = spool(tmp_path)
+    armed = json.loads((tmp_path / "spool" / job).read_text())
+    assert armed["publish"] is not None and "new_image" not in server.commands()
+    for claim in env._claims.values():  # that run ends
+        claim.release()
+    later = Env(env.cfg, Runner(), Ui(), transport=env.transport)
+    assert flush_spool(later, creds(), quick=False)["delivered"] == [armed["id"]]
+    assert server.commands().count("new_image") == 1 and spool(tmp_path) == []
+    assert json.loads((exports / "img1/.qrmfs/manifest.json").read_text())["registration"]["state"] == "registered"
 
 
 def test_validate_l_runs_a_silently_failed_dry_run_once_more(env: Env, exports: Path, source: Path,

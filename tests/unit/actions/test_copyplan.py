@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from qrmfs.actions.copyplan import Hop, Into, Source, hop, plan
@@ -27,11 +29,14 @@ def test_hop(src: SshHost | None, into: Into, want: Hop) -> None:
 
 
 def test_pull_on_storage_uses_the_pinned_key_and_a_forwarded_agent() -> None:
-    p = plan(CFG, Source(SRC, "/"), Into(NAS, "/exports/.i.qrmfs-staging-1", False, "/exports/.i.qrmfs-known_hosts"))
+    pin = "/var/lib/qrmfs/pins/0a1b.known_hosts"
+    p = plan(CFG, Source(SRC, "/"), Into(NAS, "/exports/.i.qrmfs-staging-1", False, pin))
     (c,) = p.copies
     assert p.needs_agent and c.on_storage and c.forward_agent
-    rsh = c.rsync[c.rsync.index("-e") + 1]
-    assert "UserKnownHostsFile=/exports/.i.qrmfs-known_hosts" in rsh and "-i /k/id" not in rsh
+    rsh = shlex.split(c.rsync[c.rsync.index("-e") + 1])
+    # the storage server's ssh trusts the pinned key only: not its own global known_hosts
+    assert rsh[rsh.index(f"UserKnownHostsFile={pin}") + 1:][:2] == ["-o", "GlobalKnownHostsFile=/dev/null"]
+    assert "-i" not in rsh
     assert c.rsync[-2:] == ("src.lan:/", "/exports/.i.qrmfs-staging-1/")
 
 

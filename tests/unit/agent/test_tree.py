@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from qrmfs import model
 from qrmfs.agent import fsutil, tree
 from qrmfs.agent import main as agent_main
 from qrmfs.agent.protocol import encode
@@ -42,7 +43,7 @@ def test_siblings() -> None:
         "lock": "/exports/lab/.img1.qrmfs-lock",
         "staging_prefix": "/exports/lab/.img1.qrmfs-staging-",
         "previous": "/exports/lab/.img1.qrmfs-previous",
-        "known_hosts": "/exports/lab/.img1.qrmfs-known_hosts",
+        "old_pin": "/exports/lab/.img1.qrmfs-known_hosts",
         "removing": "/exports/lab/.img1.qrmfs-removing",
         "gen_prefix": "/exports/lab/.img1.qrmfs-gen-",
         "journal": "/exports/lab/.img1.qrmfs-journal",
@@ -109,28 +110,54 @@ def test_symlinked_parent_or_image_refused(root: Path, tmp_path: Path) -> None:
 
 # --- stage / discard / publish ---------------------------------------------------------------------
 
-def test_taking_the_lock_removes_leftovers_of_this_image_only(root: Path) -> None:
+def test_taking_the_lock_removes_leftovers_of_this_image_only(root: Path, pin_dir: Path) -> None:
     (root / ".img1.qrmfs-staging-old1/etc").mkdir(parents=True)
-    (root / ".img1.qrmfs-known_hosts").write_text("stale\n")
+    (root / ".img1.qrmfs-known_hosts").write_text("stale\n")  # an earlier version's pin, in the export
+    tree.op_pin_host(str(root / "img1"), str(root), "src ssh-ed25519 AAAA\n")
+    tree.op_pin_host(str(root / "img10"), str(root), "src ssh-ed25519 AAAA\n")
+    pin1, pin10 = tree.pin_file(str(root / "img1")), tree.pin_file(str(root / "img10"))
     (root / ".img10.qrmfs-staging-other").mkdir()
     fd, locked = tree.take_lock(str(root / "img1"), str(root), "me")
     try:
-        assert locked.cleaned == [str(root / ".img1.qrmfs-known_hosts"), str(root / ".img1.qrmfs-staging-old1")]
+        assert locked.cleaned == [str(root / ".img1.qrmfs-staging-old1"), pin1]
         assert sorted(os.listdir(root)) == [".img1.qrmfs-lock", ".img10.qrmfs-staging-other"]
+        assert [str(p) for p in pin_dir.iterdir()] == [pin10]
     finally:
         tree.release_lock(fd, str(root / "img1"))
 
 
-def test_stage_creates_staging_and_pins_the_source_key(root: Path) -> None:
+def test_stage_creates_staging_and_pins_the_source_key_outside_the_export(root: Path, pin_dir: Path) -> None:
     (root / ".img10.qrmfs-staging-other").mkdir()
     out = enc(tree.op_stage)(str(root / "img1"), str(root), "abc123", known_hosts="src ssh-ed25519 AAAA\n")
-    assert out == {"staging": str(root / ".img1.qrmfs-staging-abc123"),
-                   "known_hosts": str(root / ".img1.qrmfs-known_hosts")}
-    assert sorted(os.listdir(root)) == [".img1.qrmfs-known_hosts", ".img1.qrmfs-staging-abc123",
-                                        ".img10.qrmfs-staging-other"]
+    pin = tree.pin_file(str(root / "img1"))
+    assert out == {"staging": str(root / ".img1.qrmfs-staging-abc123"), "known_hosts": pin}
+    assert os.path.dirname(pin) == str(pin_dir) and not pin.startswith(str(root))
+    assert sorted(os.listdir(root)) == [".img1.qrmfs-staging-abc123", ".img10.qrmfs-staging-other"]
     assert os.listdir(root / ".img1.qrmfs-staging-abc123") == []
-    assert (root / ".img1.qrmfs-known_hosts").read_text() == "src ssh-ed25519 AAAA\n"
-    assert stat.S_IMODE(os.lstat(root / ".img1.qrmfs-known_hosts").st_mode) == 0o600
+    assert Path(pin).read_text() == f"# qrmfs: the source's host key, pinned for {root}/img1\nsrc ssh-ed25519 AAAA\n"
+    assert stat.S_IMODE(os.lstat(pin).st_mode) == 0o600 and stat.S_IMODE(os.lstat(pin_dir).st_mode) == 0o700
+    assert model.ssh_value(pin, "pin") == pin  # safe for ssh's word splitting, whatever the image's path
+    # a stale pin shows in the listing as a leftover of its image, and goes with the image's next lock
+    (left,) = [x for x in tree.op_list(str(root)).leftovers if x.kind == "known_hosts"]
+    assert (left.path, left.image, left.kind, left.held_by) == (pin, str(root / "img1"), "known_hosts", None)
+    tree.op_discard(str(root / "img1"), str(root), str(root / ".img1.qrmfs-staging-abc123"))
+    assert list(pin_dir.iterdir()) == [] and [x.kind for x in tree.op_list(str(root)).leftovers] == ["staging"]
+
+
+def test_a_pin_directory_inside_the_export_or_open_to_others_is_refused(root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("QRMFS_PIN_DIR", str(root / "pins"))
+    assert "lies inside the export" in refused("refused", tree.op_pin_host, str(root / "img1"), str(root), "k\n")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    monkeypatch.setenv("QRMFS_PIN_DIR", str(tmp_path / "link"))
+    assert "not a plain directory" in refused("refused", tree.op_pin_host, str(root / "img1"), str(root), "k\n")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o777)
+    open_dir.chmod(0o777)
+    monkeypatch.setenv("QRMFS_PIN_DIR", str(open_dir))
+    tree.op_pin_host(str(root / "img1"), str(root), "k\n")
+    assert stat.S_IMODE(open_dir.stat().st_mode) == 0o700  # made private before the key goes in
 
 
 def test_stage_makes_parent_and_no_known_hosts(root: Path) -> None:
