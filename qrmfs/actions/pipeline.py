@@ -32,7 +32,7 @@ from ..agent.gens import CRASH_ENV, generation_id
 from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, StagedUpdate
 from ..agent.tree import siblings
 from ..config import SshHost, Storage
-from ..errors import ExistsError, QrmfsError, StorageError
+from ..errors import ConnectError, ExistsError, QrmfsError, StorageError
 from ..model import Route, Target
 from ..results import Built, Registration, RegState
 from ..runner import tail
@@ -397,7 +397,10 @@ def _discard(env: Env, run: Run) -> None:
     if not run.staging:
         return
     try:
-        run.side.discard(run.spec.place.path, run.staging)
+        try:
+            run.side.discard(run.spec.place.path, run.staging)
+        except ConnectError:  # the connection that failed the copy was still in use: once more, on a new one
+            run.side.discard(run.spec.place.path, run.staging)
         env.ui.step(f"removed the unfinished copy {run.staging}")
     except QrmfsError as e:
         env.ui.warn(f"could not remove the unfinished copy {run.staging} ({e.message}); the next qrmfs run on "
