@@ -1,0 +1,94 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# GNU General Public License v2.0+ (see https://www.gnu.org/licenses/old-licenses/gpl-2.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+---
+module: qrmfs_images
+short_description: The images on qrmfs storage servers (qrmfs list)
+description:
+  - Runs C(qrmfs list --json) on the host the task runs on and returns the images, also keyed by storage
+    server and name, so a play can loop over them or look one up. Changes nothing.
+  - Fails (with qrmfs's exit code) when a storage server could not be reached; the images of the servers that
+    answered are returned either way.
+version_added: "0.1.0"
+author: qrmfs developers
+options:
+  storage:
+    description: Only this storage server (a name from the qrmfs config); default every one.
+    type: str
+  generations:
+    description: Also return each image's generations (C(qrmfs list --generations)).
+    type: bool
+    default: false
+  qrmfs_bin:
+    description: The qrmfs executable.
+    type: str
+    default: qrmfs
+  config:
+    description: The qrmfs config file.
+    type: path
+notes:
+  - Supports check mode (it changes nothing in either mode).
+'''
+
+EXAMPLES = r'''
+- name: What each storage server holds
+  qrmfs.qrmfs.qrmfs_images:
+    storage: "{{ inventory_hostname }}"
+  delegate_to: localhost
+  register: held
+
+- name: Every image that does not validate clean
+  ansible.builtin.debug:
+    msg: "{{ held.images | rejectattr('validation', 'equalto', 'clean') | map(attribute='target') | list }}"
+'''
+
+RETURN = r'''
+images:
+  description: One dict per image (storage, name, path, target, bytes, files, created, source, shared, arch, os,
+    validation, registration, locked_by).
+  returned: always
+  type: list
+  elements: dict
+by_storage:
+  description: The images keyed by storage server, then by image name.
+  returned: always
+  type: dict
+generations:
+  description: Each image's generations (target and generations), with I(generations=true).
+  returned: when generations is true
+  type: list
+  elements: dict
+errors:
+  description: The storage servers that could not be listed, with the error.
+  returned: always
+  type: list
+  elements: dict
+'''
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.qrmfs.qrmfs.plugins.module_utils import qrmfs as q
+
+
+def main():
+    spec = dict(storage=dict(type='str'), generations=dict(type='bool', default=False))
+    spec.update(q.COMMON_ARGS)
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    p = module.params
+    try:
+        out = q.images_facts(q.run(module, q.list_argv(p, p.get('storage'))))
+        if p['generations']:
+            gens = q.run(module, q.list_argv(p, p.get('storage'), generations=True))
+            out['generations'] = gens.get('images') or []
+    except q.QrmfsFailure as e:
+        q.fail(module, e, **q.images_facts(e.result or {}))
+    module.exit_json(changed=False, **out)
+
+
+if __name__ == '__main__':
+    main()
