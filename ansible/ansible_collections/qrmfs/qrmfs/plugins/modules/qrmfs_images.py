@@ -25,6 +25,12 @@ options:
     description: Also return each image's generations (C(qrmfs list --generations)).
     type: bool
     default: false
+  validate:
+    description:
+      - Also run C(qrmfs validate) on every image listed (read-only) and add C(clean) and C(findings) to each.
+      - The task then fails when an image has problems (qrmfs's exit code 12); every image is returned either way.
+    type: bool
+    default: false
   qrmfs_bin:
     description: The qrmfs executable.
     type: str
@@ -64,6 +70,11 @@ generations:
   returned: when generations is true
   type: list
   elements: dict
+invalid:
+  description: The targets of the images that did not validate clean, with I(validate=true).
+  returned: when validate is true
+  type: list
+  elements: str
 errors:
   description: The storage servers that could not be listed, with the error.
   returned: always
@@ -76,7 +87,8 @@ from ansible_collections.qrmfs.qrmfs.plugins.module_utils import qrmfs as q
 
 
 def main():
-    spec = dict(storage=dict(type='str'), generations=dict(type='bool', default=False))
+    spec = dict(storage=dict(type='str'), generations=dict(type='bool', default=False),
+                validate=dict(type='bool', default=False))
     spec.update(q.COMMON_ARGS)
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     p = module.params
@@ -87,7 +99,27 @@ def main():
             out['generations'] = gens.get('images') or []
     except q.QrmfsFailure as e:
         q.fail(module, e, **q.images_facts(e.result or {}))
+    if p['validate']:
+        _validate(module, out)
     module.exit_json(changed=False, **out)
+
+
+def _validate(module, out):
+    """validate each image (read-only); fail with the first problem's exit code when any is not clean."""
+    worst = None
+    for row in out['images']:
+        try:
+            res = q.run(module, q.validate_argv(dict(module.params, target=row['target'])))
+        except q.QrmfsFailure as e:
+            if e.kind != 'invalid':
+                q.fail(module, e, **out)
+            res, worst = e.result or {}, worst or e
+        row['clean'] = bool(res.get('clean'))
+        row['findings'] = res.get('findings') or []
+    out['invalid'] = [row['target'] for row in out['images'] if not row['clean']]
+    if worst is not None:
+        module.fail_json(msg='%d image(s) with problems: %s' % (len(out['invalid']), ', '.join(out['invalid'])),
+                         rc=worst.rc, kind=worst.kind, **out)
 
 
 if __name__ == '__main__':
