@@ -242,8 +242,8 @@ def check_summary(result):
                 warnings_count=sum(1 for c in checks if c.get('status') == 'warn'))
 
 
-def images_facts(listing):
-    images = listing.get('images') or []
+def images_facts(listing, names=None):
+    images = [row for row in listing.get('images') or [] if not names or row.get('name') in names]
     by_storage = {}
     for row in images:
         by_storage.setdefault(row.get('storage'), {})[row.get('name') or row.get('path')] = row

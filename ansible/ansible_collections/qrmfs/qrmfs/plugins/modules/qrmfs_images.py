@@ -21,6 +21,10 @@ options:
   storage:
     description: Only this storage server (a name from the qrmfs config); default every one.
     type: str
+  names:
+    description: Only the images with these names.
+    type: list
+    elements: str
   generations:
     description: Also return each image's generations (C(qrmfs list --generations)).
     type: bool
@@ -87,16 +91,17 @@ from ansible_collections.qrmfs.qrmfs.plugins.module_utils import qrmfs as q
 
 
 def main():
-    spec = dict(storage=dict(type='str'), generations=dict(type='bool', default=False),
+    spec = dict(storage=dict(type='str'), names=dict(type='list', elements='str'), generations=dict(type='bool', default=False),
                 validate=dict(type='bool', default=False))
     spec.update(q.COMMON_ARGS)
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     p = module.params
     try:
-        out = q.images_facts(q.run(module, q.list_argv(p, p.get('storage'))))
+        out = q.images_facts(q.run(module, q.list_argv(p, p.get('storage'))), p.get('names'))
         if p['generations']:
             gens = q.run(module, q.list_argv(p, p.get('storage'), generations=True))
-            out['generations'] = gens.get('images') or []
+            out['generations'] = [g for g in gens.get('images') or []
+                                  if not p.get('names') or g.get('target') in [i['target'] for i in out['images']]]
     except q.QrmfsFailure as e:
         q.fail(module, e, **q.images_facts(e.result or {}))
     if p['validate']:
