@@ -77,11 +77,15 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.qrmfs.qrmfs.plugins.module_utils import qrmfs as q
 
 
-def main():
+def argument_spec():
     spec = dict(targets=dict(type='list', elements='str'), locations=dict(type='list', elements='str'))
     spec.update(q.COMMON_ARGS)
     spec.update(q.OPENQRM_ARGS)
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    return spec
+
+
+def main():
+    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
     try:
         res = q.run(module, q.check_argv(module.params))
     except q.QrmfsFailure as e:

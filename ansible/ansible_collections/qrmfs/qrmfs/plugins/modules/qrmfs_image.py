@@ -11,8 +11,9 @@ DOCUMENTATION = r'''
 module: qrmfs_image
 short_description: Create, update or remove a diskless NFS-root image with qrmfs
 description:
-  - Drives the C(qrmfs) CLI with C(--json) on the host the task runs on (where qrmfs and its config are, usually
-    the controller with C(delegate_to: localhost) or C(connection: local)).
+  - Drives the C(qrmfs) CLI with C(--json) on the host the task runs on, where qrmfs and its config are; usually
+    the controller (C(delegate_to=localhost), or a play with C(connection=local) whose inventory hosts name the
+    storage servers).
   - C(present) creates the image when it does not exist; an existing image that validates clean is left alone
     (C(changed=false)); an existing image with problems is repaired with C(qrmfs validate --fix).
   - C(updated) runs C(qrmfs update) when C(qrmfs update --dry-run) reports changes, and reports C(changed) from
@@ -211,7 +212,14 @@ def _present(module, out):
         if e.kind != 'invalid':
             raise
     out['operation'] = 'fix'
-    res = q.run(module, q.validate_argv(p, fix=True, check_mode=module.check_mode))
+    try:
+        res = q.run(module, q.validate_argv(p, fix=True, check_mode=module.check_mode))
+    except q.QrmfsFailure as e:
+        # --fix --dry-run answers "no" (the findings are still there) with what it would fix; a real --fix that
+        # leaves problems fails the task
+        if not (module.check_mode and e.kind == 'invalid' and e.result):
+            raise
+        res = e.result
     fixed = res.get('would_fix') if module.check_mode else res.get('fixed')
     out.update(changed=bool(fixed), result=res, diff=q.findings_diff(p['target'], fixed or []))
     return None

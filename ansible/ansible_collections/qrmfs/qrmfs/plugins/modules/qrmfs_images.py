@@ -90,11 +90,15 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.qrmfs.qrmfs.plugins.module_utils import qrmfs as q
 
 
-def main():
-    spec = dict(storage=dict(type='str'), names=dict(type='list', elements='str'), generations=dict(type='bool', default=False),
-                validate=dict(type='bool', default=False))
+def argument_spec():
+    spec = dict(storage=dict(type='str'), names=dict(type='list', elements='str'),
+                generations=dict(type='bool', default=False), validate=dict(type='bool', default=False))
     spec.update(q.COMMON_ARGS)
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    return spec
+
+
+def main():
+    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
     p = module.params
     try:
         out = q.images_facts(q.run(module, q.list_argv(p, p.get('storage'))), p.get('names'))
