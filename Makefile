@@ -24,7 +24,7 @@ e2e: setup
 	$(PY) -m pytest tests/e2e
 
 lint: setup
-	$(VENV)/bin/ruff check qrmfs lab tests bench
+	$(VENV)/bin/ruff check qrmfs lab tests bench ansible
 	$(VENV)/bin/mypy qrmfs lab bench/run.py bench/mechanisms.py
 
 lab-up: setup
