@@ -25,7 +25,7 @@ e2e: setup
 
 lint: setup
 	$(VENV)/bin/ruff check qrmfs lab tests bench ansible
-	$(VENV)/bin/mypy qrmfs lab bench/run.py bench/mechanisms.py
+	$(VENV)/bin/mypy qrmfs lab bench/run.py bench/mechanisms.py bench/ansible_fanout.py
 
 lab-up: setup
 	@$(PY) -m lab up
