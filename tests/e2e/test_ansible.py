@@ -37,8 +37,9 @@ RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    info = _lab.up(storages=2)
+def fleet(lab: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    # the session's lab (removed by its fixture if it started it), plus storage2
+    info = _lab.up(lab["name"], storages=2)
     d = tmp_path_factory.mktemp("ansible")
     cfg = Path(write_config(info, d))
     # a storage server that does not answer (loopback, closed port): the failing host
