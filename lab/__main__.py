@@ -21,6 +21,9 @@ EXPORT = typer.Option(_exports.DEFAULT_KIND, "--export",
                            "/exports-plain is always a docker volume.")
 
 
+EXPORTS_PLAIN = f"{_lab.EXPORT_ROOT}, {_lab.PLAIN_ROOT} (plain)"
+
+
 def _print(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(info, indent=2))
@@ -30,6 +33,8 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
     ex = ", ".join(f"{p} ({fs})" for p, fs in h["storage"]["exports"].items())
     print(f"  storage  {h['storage']['address']}  ssh :22, NFS :2049 exports {ex}")
     print(f"  source   {h['source']['address']}  ssh :22")
+    for role in info.get("storages", []):
+        print(f"  {role:<8} {h[role]['address']}  ssh :22, NFS :2049 exports {EXPORTS_PLAIN}")
     for role, facts in sorted(info.get("sources", {}).items()):
         print(f"  {role:<8} {h[role]['address']}  ssh :22  ({facts['description']})")
     print(f"  openqrm  {info['openqrm']['url']}  ({info['openqrm']['user']}, password in "
@@ -42,9 +47,12 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
 def up(name: str = NAME, as_json: bool = JSON, export: str = EXPORT,
        sources: str | None = typer.Option(None, "--sources",
                                           help="Also start more source hosts: `all`, or a comma list of "
-                                               "sysv, trixie, bullseye, mounts.")) -> None:
+                                               "sysv, trixie, bullseye, mounts."),
+       storages: int = typer.Option(1, "--storages", help="How many storage servers: 2 or more adds storage2 "
+                                                           "... (each with its own plain /exports and a "
+                                                           "[storage.storageN] block in the config).")) -> None:
     """Start the lab (reuses a running one) and print where everything is."""
-    _print(_lab.up(name, _lab.parse_sources(sources), export=export), as_json)
+    _print(_lab.up(name, _lab.parse_sources(sources), export=export, storages=storages), as_json)
 
 
 @app.command()

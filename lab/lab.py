@@ -47,6 +47,21 @@ MOUNTS = "mounts"
 def extra_sources() -> list[str]:
     return [*images.source_names(), MOUNTS]
 
+
+# On demand (`up --storages N`): more storage servers, `storage2` ... `storageN`, each the storage image with its
+# own /exports and /exports-plain on docker volumes, and its own `[storage.storageN]` block (storage_id N).
+MAX_STORAGES = 4
+
+
+def extra_storages(count: int) -> list[str]:
+    if not 1 <= count <= MAX_STORAGES:
+        raise LabError(f"--storages must be 1 to {MAX_STORAGES}, not {count}")
+    return [f"storage{i}" for i in range(2, count + 1)]
+
+
+def is_extra_storage(role: str) -> bool:
+    return role in extra_storages(MAX_STORAGES)
+
 # Inside each container: what must hold before the host-side probes start.
 _INNER_READY = {
     "storage": "test -e /run/sshd.pid && pgrep -x ganesha.nfsd >/dev/null",
@@ -60,6 +75,8 @@ def _inner_ready(role: str) -> str:
         return _INNER_READY[role]
     if role == MOUNTS:
         return _INNER_READY["source"]
+    if is_extra_storage(role):
+        return _INNER_READY["storage"]
     return "test -e /run/sshd.pid"
 
 
@@ -268,6 +285,35 @@ def _start_sources(lab: LabHandle, client: docker.DockerClient, names: list[str]
             raise LabError(f"the lab's {role} host did not become ready: {e}\n{_logs(client, lab, role)}") from e
 
 
+def _start_storages(lab: LabHandle, client: docker.DockerClient, names: list[str], tag: str) -> None:
+    """Start (or replace) the extra storage servers `names` on the running lab's network: each gets its own
+    docker volumes for /exports and /exports-plain (a plain export, no XFS)."""
+    keys.ensure_keys(lab.state, tuple(names))
+    net = Network()
+    net.name = lab.network
+    for role in names:
+        try:
+            client.containers.get(lab.container_name(role)).remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        labels = {**_labels(lab, role), EXPORT_LABEL: "plain"}
+        c = (DockerContainer(tag)
+             .with_name(lab.container_name(role))
+             .with_network(net)
+             .with_network_aliases(role)
+             .with_kwargs(labels=labels, hostname=f"lab-{role}", cap_add=["DAC_READ_SEARCH", "SYS_ADMIN"])
+             .waiting_for(InnerReady(_inner_ready(role))
+                          .with_startup_timeout(READY_TIMEOUT).with_poll_interval(0.2)))
+        c.with_volume_mapping(str(lab.state / "hosts" / role), "/lab", "ro")
+        for root in (EXPORT_ROOT, PLAIN_ROOT):
+            vol = client.volumes.create(name=f"{lab.name}-{role}{root.replace('/', '-')}", labels=_labels(lab))
+            c.with_volume_mapping(vol.name, root, "rw")
+        try:
+            c.start()
+        except Exception as e:
+            raise LabError(f"the lab's {role} server did not become ready: {e}\n{_logs(client, lab, role)}") from e
+
+
 def _logs(client: docker.DockerClient, lab: LabHandle, role: str) -> str:
     try:
         out = client.containers.get(lab.container_name(role)).logs(tail=20).decode(errors="replace")
@@ -308,11 +354,12 @@ def _probe_all(info: dict[str, Any]) -> None:
         return p
 
     def nfs_probe() -> tuple[bool, str]:
-        for root in (EXPORT_ROOT, PLAIN_ROOT):
-            url = f"nfs://{info['hosts']['storage']['address']}{root}?version=4"
-            r = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=15)
-            if r.returncode != 0:
-                return False, f"{root}: {r.stderr}"
+        for role in ("storage", *info.get("storages", [])):
+            for root in (EXPORT_ROOT, PLAIN_ROOT):
+                url = f"nfs://{info['hosts'][role]['address']}{root}?version=4"
+                r = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=15)
+                if r.returncode != 0:
+                    return False, f"{role}:{root}: {r.stderr}"
         return True, ""
 
     def http_probe() -> tuple[bool, str]:
@@ -328,7 +375,7 @@ def _probe_all(info: dict[str, Any]) -> None:
 
 
 def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
-    extra = sorted(r for r in found if r in extra_sources())
+    extra = sorted(r for r in found if r in extra_sources() or is_extra_storage(r))
     addr = {role: _address(found[role], lab) for role in (*ROLES, *extra)}
     state = lab.state
     known_hosts = keys.write_known_hosts(state, {r: addr[r] for r in ("storage", "source", *extra)})
@@ -353,12 +400,17 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
         "openqrm": {"url": f"{base}/openqrm", "base": base, "user": OPENQRM_USER,
                     "password": OPENQRM_PASSWORD, "password_file": str(pw)},
         "ssh": {"user": "root", "private_key": str(state / "id_ed25519"), "known_hosts": str(known_hosts)},
-        "sources": {r: _source_facts(r) for r in extra},
+        "sources": {r: _source_facts(r) for r in extra if not is_extra_storage(r)},
+        "storages": [r for r in extra if is_extra_storage(r)],
         "config": str(state / "qrmfs.toml"),
         "state_dir": str(state),
     }
     for r in extra:
         info["hosts"][r] = {"address": addr[r], "ssh_port": 22, "container_id": found[r].id}
+        if is_extra_storage(r):
+            plain = exports.FS_TYPE["plain"]
+            info["hosts"][r].update(nfs_port=2049, export_root=EXPORT_ROOT, export_kind="plain",
+                                    exports={EXPORT_ROOT: plain, PLAIN_ROOT: plain})
     (state / "qrmfs.toml").write_text(config_toml(info))
     (state / "lab.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -397,8 +449,19 @@ ssh_port = {s['ssh_port']}
 export_root = "{PLAIN_ROOT}"
 storage_id = 1
 """
+    for role in info.get("storages", []):
+        h = info["hosts"][role]
+        out += f"""
+# A second storage server (`python -m lab up --storages N`): its own /exports (plain) and storage_id.
+[storage.{role}]
+address = {json.dumps(h['address'])}
+ssh_user = "root"
+ssh_port = {h['ssh_port']}
+export_root = {json.dumps(h['export_root'])}
+storage_id = {int(role.removeprefix("storage"))}
+"""
     for role, h in sorted(info["hosts"].items()):
-        if role in ("storage", "openqrm"):
+        if role in ("storage", "openqrm") or is_extra_storage(role):
             continue
         out += f"""
 [hosts.{role}]
@@ -437,10 +500,11 @@ def parse_sources(spec: str | None) -> list[str]:
 
 
 def up(name: str = DEFAULT_NAME, sources: list[str] | tuple[str, ...] = (),
-       export: str = exports.DEFAULT_KIND) -> dict[str, Any]:
+       export: str = exports.DEFAULT_KIND, storages: int = 1) -> dict[str, Any]:
     """Start the lab, or reuse it when every host already runs the current images and the same kind of
-    /exports (`xfs` or `plain`); start the extra `sources` (see extra_sources()) when they do not run yet.
-    Returns its info."""
+    /exports (`xfs` or `plain`); start the extra `sources` (see extra_sources()) and the storage servers beyond
+    the first (`storages`, see extra_storages()) when they do not run yet. Returns its info."""
+    more = extra_storages(storages)
     if export not in exports.KINDS:
         raise LabError(f"unknown export kind {export!r}: use one of {', '.join(exports.KINDS)}")
     lab = LabHandle(name)
@@ -462,6 +526,11 @@ def up(name: str = DEFAULT_NAME, sources: list[str] | tuple[str, ...] = (),
         if stale:
             _start_sources(lab, client, stale, tags)
             found = _containers(client, lab)
+    stale = [r for r in more if r not in found or tags["storage"] not in found[r].image.tags
+             or found[r].status != "running"]
+    if stale:
+        _start_storages(lab, client, stale, tags["storage"])
+        found = _containers(client, lab)
     info = _info(lab, found)
     _probe_all(info)
     return info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from typing import Annotated
@@ -313,6 +314,9 @@ def update(  # noqa: PLR0913 - typer: one parameter per command-line option
     openqrm_url: Url = None, dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would change "
                                                                    "(rsync's itemized changes); touch nothing.")]
     = False,
+    keep_generations: Annotated[int | None, typer.Option("--keep-generations", metavar="N", min=0,
+                                                         help="Earlier generations to keep after this update "
+                                                              "(default: keep_generations of the config).")] = None,
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
     """Re-pull an image from its source into a new generation (incremental, atomic, node state kept).
@@ -324,6 +328,8 @@ def update(  # noqa: PLR0913 - typer: one parameter per command-line option
     from .actions import update as act
 
     env = _env(config, verbose)
+    if keep_generations is not None:
+        env.cfg = dataclasses.replace(env.cfg, keep_generations=keep_generations)
     t = model.Target.parse(target)
     over: dict[str, object] = {}
     if exclude is not None:

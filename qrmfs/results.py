@@ -97,6 +97,9 @@ class Built(Result):
     validation: str
     registration: Registration
     warnings: list[str] = field(default_factory=list)
+    # what the copy changed (rsync's counts: created, deleted, transferred, bytes_transferred); for update, how
+    # the new generation differs from the one it replaced
+    changes: dict[str, int] = field(default_factory=dict)
 
     def text(self) -> str:
         verb = {"create": "created", "clone": "cloned", "update": "updated"}.get(self.command, self.command)

@@ -503,4 +503,5 @@ def _result(env: Env, run: Run, published: Published, reg: Registration) -> Buil
                  route=run.manifest["route"], files=run.counts["files"], bytes=run.counts["bytes"],
                  replaced=published.replaced, previous=published.previous,
                  preparation_fixed=len(run.prepared.fixed), validation=run.manifest["validation"]["state"],
-                 registration=reg, warnings=list(env.ui.warnings))
+                 registration=reg, warnings=list(env.ui.warnings),
+                 changes=dict(run.manifest["generation"]["changes"]))

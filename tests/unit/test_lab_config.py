@@ -55,3 +55,23 @@ def test_each_debootstrap_source_recipe_names_its_suite_and_init():
         assert images.source_tag(name).startswith(f"qrmfs-lab-src-{name}:")
     sysv = images.debootstrap_argv(images.source_recipe("sysv"), images.IMAGES / "x")
     assert "--exclude=systemd-sysv" in sysv and any(a.startswith("--include=sysvinit-core,") for a in sysv)
+
+
+def test_extra_storage_servers_get_their_own_storage_block_not_a_host_block():
+    import pytest
+
+    from lab.images import LabError
+
+    info = {**INFO, "storages": ["storage2"],
+            "hosts": {**INFO["hosts"], "storage2": {"address": "172.30.0.6", "ssh_port": 22,
+                                                    "export_root": "/exports"}}}
+    cfg = config.parse(tomllib.loads(_lab.config_toml(info)))
+    assert sorted(cfg.storage) == ["plain", "storage", "storage2"]
+    s2 = cfg.storage["storage2"]
+    assert (s2.ssh.address, s2.export_root, s2.storage_id) == ("172.30.0.6", "/exports", 2)
+    assert sorted(cfg.hosts) == ["source", "sysv"]
+    assert "storage2" not in tomllib.loads(_lab.config_toml(INFO))["storage"]  # the default lab is unchanged
+    assert _lab.extra_storages(1) == [] and _lab.extra_storages(3) == ["storage2", "storage3"]
+    for bad in (0, _lab.MAX_STORAGES + 1):
+        with pytest.raises(LabError, match="--storages"):
+            _lab.extra_storages(bad)

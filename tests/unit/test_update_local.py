@@ -389,3 +389,19 @@ def test_a_generation_in_use_is_not_pruned(env: dict[str, Path], capsys: pytest.
         assert held.read() == "version 1\n"
     assert update(env, capsys)[0] == 0  # no longer held: pruned down to keep_generations
     assert [s for s, _ in gens.generations(str(env["img"]))] == [3]
+
+
+def test_keep_generations_option_overrides_the_config_and_result_carries_changes(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    create(env, capsys)
+    gens_of = lambda: sorted(p.name for p in env["root"].iterdir() if ".qrmfs-gen-" in p.name)  # noqa: E731
+    (env["src"] / "usr/bin/tool").write_text("version 2 (second)\n")
+    code, out = update(env, capsys, "--keep-generations", "2")
+    assert code == 0, out
+    assert out["result"]["changes"]["transferred"] >= 1
+    code, out = update(env, capsys, "--keep-generations", "2")
+    assert code == 0 and len(gens_of()) == 2  # the config says 1
+    code, out = update(env, capsys, "--keep-generations", "0")
+    assert code == 0 and gens_of() == []
+    code, out = update(env, capsys, "--keep-generations", "-1")
+    assert code == 2 and out["error"]["kind"] == "usage"
