@@ -116,10 +116,7 @@ class StorageSide:
             self._at_exit = True
 
     def _live(self) -> subprocess.Popen[bytes]:
-        """The session, started and ready (its first answer read). Call with self._io held. A session that has
-        ended (its connection cut) is replaced by a new one: what it held, its lock, went with it."""
-        if self._session is not None and self._ready and not self._pending and self._session.poll() is not None:
-            self._session = None
+        """The session, started and ready (its first answer read). Call with self._io held."""
         if self._session is None:
             self._spawn()
         p = self._session

@@ -232,7 +232,7 @@ def test_image_module_lifecycle_against_a_local_storage(local: dict[str, Any]) -
     assert _tree(local["root"]) == before
     code, out = run_module(local, "qrmfs_image", state="updated", generations=0, **img)
     assert code == 0 and out["changed"] and out["result"]["command"] == "update"
-    assert out["result"]["changes"]["transferred"] >= 1
+    assert out["result"]["changes"]["changed"] >= 1
     assert (local["root"] / "img1/etc/motd").read_text() == "hello again, longer\n"
     assert not [p for p in local["root"].iterdir() if ".qrmfs-gen-" in p.name]  # generations: 0
 

@@ -398,7 +398,7 @@ def test_keep_generations_option_overrides_the_config_and_result_carries_changes
     (env["src"] / "usr/bin/tool").write_text("version 2 (second)\n")
     code, out = update(env, capsys, "--keep-generations", "2")
     assert code == 0, out
-    assert out["result"]["changes"]["transferred"] >= 1
+    assert out["result"]["changes"]["changed"] >= 1
     code, out = update(env, capsys, "--keep-generations", "2")
     assert code == 0 and len(gens_of()) == 2  # the config says 1
     code, out = update(env, capsys, "--keep-generations", "0")
