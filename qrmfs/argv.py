@@ -79,6 +79,43 @@ def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of 
     return tuple(argv)
 
 
+# What a tar stream keeps, on both ends: xattrs of every namespace (GNU tar extracts only user.* unless told),
+# POSIX ACLs, numeric owners; the POSIX format keeps sub-second times and long names.
+TAR_FIDELITY = ("--format=posix", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner")
+
+
+def tar_pattern(rsync_exclude: str) -> str | None:
+    """An rsync exclude as a tar exclude with the same meaning (tar anchored, `*` not matching '/'), or None
+    when tar cannot say it: only patterns anchored at the root, without rsync's own syntax (`**`, a trailing
+    '/' for directories only, backslash escapes)."""
+    e = rsync_exclude
+    if not e.startswith("/") or e == "/" or e.endswith("/") or "**" in e or "\\" in e:
+        return None
+    return "." + e
+
+
+def tar_create_argv(src: str, *, excludes: Sequence[str] = (), live_root: bool = True) -> tuple[str, ...]:
+    """tar writing the tree at src to stdout: holes found with SEEK_HOLE and sent as holes (--sparse), hard
+    links, devices, xattrs, ACLs, numeric ids; one filesystem; the same excludes as rsync_argv (each must pass
+    tar_pattern: ValueError otherwise)."""
+    argv = ["tar", "--create", "--file=-", "--sparse", *TAR_FIDELITY, "--one-file-system",
+            "--anchored", "--no-wildcards-match-slash"]
+    for e in (*(LIVE_EXCLUDES if live_root else ()), *excludes):
+        t = tar_pattern(e)
+        if t is None:
+            raise ValueError(f"tar cannot express the exclude {e!r}")
+        argv += [f"--exclude={t}"]
+    argv += ["--directory", src.rstrip("/") or "/", "."]
+    return tuple(argv)
+
+
+def tar_extract_argv(dest: str) -> tuple[str, ...]:
+    """tar reading a stream from stdin into dest (an empty directory), as root: owners, modes with
+    setuid/setgid, xattrs, ACLs kept; --totals prints the bytes read on stderr (TAR_TOTALS)."""
+    return ("tar", "--extract", "--file=-", *TAR_FIDELITY, "--preserve-permissions", "--same-owner", "--totals",
+            "--directory", dest)
+
+
 def copy_tree_argv(src: str, entries: Sequence[str], dest: str, *, reflink: bool) -> tuple[str, ...]:
     """cp of the named entries of src into dest, keeping everything cp -a keeps (hard links within the copy,
     modes, owners, times, ACLs, xattrs). reflink: share extents (XFS, btrfs), else a plain copy. Never hard

@@ -98,5 +98,5 @@ def clone(req: CloneRequest, env: Env) -> Built:
                                       "created": m.get("created")},
                       "options": {**m.get("options", {}), "image": req.name, "hostname": req.hostname},
                       "excludes": m.get("excludes", [])},
-            also_lock=((origin.side, req.source.path),))
+            also_lock=((origin.side, req.source.path),), origin=(req.source.path, origin.storage.export_root))
         return pipeline.build(env, spec)
