@@ -361,7 +361,8 @@ class Bench:
             lab.run("storage", "rm -rf " + " ".join(shlex.quote(p) for p in left))
         dry = result_of(subprocess.run(self.qrmfs("create", "-t", "storage:/exports/bench_dry", "-l", "source:/",
                                                   "-o", "--dry-run"), capture_output=True, text=True).stdout)
-        argv = dry["copies"][0]["argv"]
+        first = dry["copies"][0]  # an rsync, or a tar stream with its rsync repair (the same excludes)
+        argv = first.get("argv") or first["repair_if_unclean"]
         self.excludes = [a.split("=", 1)[1] for a in argv if a.startswith("--exclude=")]
         for t in self.trees():
             if t in GENERATED:
