@@ -362,7 +362,7 @@ class Bench:
         dry = result_of(subprocess.run(self.qrmfs("create", "-t", "storage:/exports/bench_dry", "-l", "source:/",
                                                   "-o", "--dry-run"), capture_output=True, text=True).stdout)
         first = dry["copies"][0]  # an rsync, or a tar stream with its rsync repair (the same excludes)
-        argv = first.get("argv") or first["repair_if_unclean"]
+        argv = first.get("repair_if_unclean") or first["argv"]
         self.excludes = [a.split("=", 1)[1] for a in argv if a.startswith("--exclude=")]
         for t in self.trees():
             if t in GENERATED:

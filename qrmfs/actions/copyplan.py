@@ -88,8 +88,8 @@ class CopyPlan:
 
     def describe(self) -> list[dict[str, object]]:
         return [{"what": c.what, "runs_on": c.runs_on, "argv": list(c.rsync)} if c.stream is None else
-                {"what": c.what, "runs_on": c.runs_on, "stream": list(c.stream.send), "into": list(c.stream.receive),
-                 "repair_if_unclean": list(c.stream.repair)} for c in self.copies]
+                {"what": c.what, "runs_on": c.runs_on, "mechanism": "tar stream", "argv": list(c.stream.send),
+                 "pipe_to": list(c.stream.receive), "repair_if_unclean": list(c.stream.repair)} for c in self.copies]
 
 
 def hop(src: SshHost | None, into: Into) -> Hop:

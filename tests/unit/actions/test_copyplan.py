@@ -89,7 +89,9 @@ def test_stream_on_storage_is_a_local_tar_per_filesystem() -> None:
     assert srv.stream is not None and srv.stream.send[-3:] == ("--directory", "/srv", ".")
     assert srv.stream.receive[-1] == "/exports/.i.qrmfs-staging-1/srv"
     assert [d["what"] for d in p.describe()] == ["root filesystem", "separate filesystem /srv"]
-    assert "stream" in p.describe()[0] and "argv" not in p.describe()[0]
+    d = p.describe()[0]
+    assert (d["mechanism"], d["argv"], d["pipe_to"]) == ("tar stream", list(root.stream.send),
+                                                         list(root.stream.receive))
 
 
 @pytest.mark.parametrize(("src", "into", "kw"), [
