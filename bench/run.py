@@ -378,7 +378,8 @@ class Bench:
             lab.run("storage", "rm -rf " + " ".join(shlex.quote(p) for p in left))
         dry = result_of(subprocess.run(self.qrmfs("create", "-t", "storage:/exports/bench_dry", "-l", "source:/",
                                                   "-o", "--dry-run"), capture_output=True, text=True).stdout)
-        argv = dry["copies"][0]["argv"]
+        first = dry["copies"][0]  # an rsync, or a tar stream with its rsync repair (the same excludes)
+        argv = first.get("repair_if_unclean") or first["argv"]
         self.excludes = [a.split("=", 1)[1] for a in argv if a.startswith("--exclude=")]
         for t in self.trees():
             if t in GENERATED:
@@ -514,17 +515,23 @@ class Bench:
                 contenders.append(("cp -a --reflink=never", local(["cp", "-a", "--reflink=never"], "cpn")))
             self.pairs("clone (same server)", t, contenders, note=f"{root} on {fs}")
 
+    def wants(self, job: str) -> bool:
+        return not self.args.jobs or job in self.args.jobs
+
     def run(self) -> None:
         self.setup()
         for t in self.trees():
-            made = self.create_jobs(t)
+            made = self.create_jobs(t)  # always: the other jobs start from its copies
             if t == "t1m":
-                self.validate_jobs(t, made)
+                if self.wants("validate"):
+                    self.validate_jobs(t, made)
                 continue
             if t in ("root", "t100k", "t10k", "t1k") or not self.args.quick:
-                self.update_jobs(t, made)
-                self.validate_jobs(t, made)
-            if t in ("root", "t100k") or (t in ("t1k", "t10k") and not self.args.quick):
+                if self.wants("update"):
+                    self.update_jobs(t, made)
+                if self.wants("validate"):
+                    self.validate_jobs(t, made)
+            if (t in ("root", "t100k") or (t in ("t1k", "t10k") and not self.args.quick)) and self.wants("clone"):
                 self.clone_jobs(t, made)
 
     def cleanup(self) -> None:
@@ -619,6 +626,8 @@ def main() -> None:
     ap.add_argument("--huge", action="store_true", help="add the 1M-file tree (create and validate only)")
     ap.add_argument("--pairs", type=int, default=3, help="alternating pairs per job (at least 3)")
     ap.add_argument("--trees", nargs="*", help="only these trees (root root-nosparse t5 t1k t10k t100k t1m)")
+    ap.add_argument("--jobs", nargs="*", choices=("create", "update", "validate", "clone"),
+                    help="only these jobs (default: all that apply to each tree)")
     ap.add_argument("--export", default="xfs", choices=("xfs", "plain"), help="what the lab's /exports is")
     args = ap.parse_args()
     if args.pairs < 3:

@@ -41,11 +41,13 @@ def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | N
     return tuple(opts)
 
 
-def ssh_argv(h: SshHost, remote: Sequence[str], *, identity: str | None = None, known_hosts: str | None = None,
-             forward_agent: bool = False, control: str | None = None) -> tuple[str, ...]:
+def ssh_argv(h: SshHost, remote: Sequence[str], *, identity: str | None = None,  # noqa: PLR0913 - ssh's options
+             known_hosts: str | None = None, forward_agent: bool = False, control: str | None = None,
+             known_hosts_only: bool = False) -> tuple[str, ...]:
     """ssh to h running `remote` (an argv, quoted into one string for the remote shell)."""
     return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts, forward_agent=forward_agent,
-                                control=control), "--", h.address, shlex.join(remote))
+                                control=control, known_hosts_only=known_hosts_only), "--", h.address,
+            shlex.join(remote))
 
 
 def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,
@@ -90,6 +92,43 @@ def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of 
         argv += ["-e", rsh]
     argv += [src.rstrip("/") + "/", dest.rstrip("/") + "/"]
     return tuple(argv)
+
+
+# What a tar stream keeps, on both ends: xattrs of every namespace (GNU tar extracts only user.* unless told),
+# POSIX ACLs, numeric owners; the POSIX format keeps sub-second times and long names.
+TAR_FIDELITY = ("--format=posix", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner")
+
+
+def tar_pattern(rsync_exclude: str) -> str | None:
+    """An rsync exclude as a tar exclude with the same meaning (tar anchored, `*` not matching '/'), or None
+    when tar cannot say it: only patterns anchored at the root, without rsync's own syntax (`**`, a trailing
+    '/' for directories only, backslash escapes)."""
+    e = rsync_exclude
+    if not e.startswith("/") or e == "/" or e.endswith("/") or "**" in e or "\\" in e:
+        return None
+    return "." + e
+
+
+def tar_create_argv(src: str, *, excludes: Sequence[str] = (), live_root: bool = True) -> tuple[str, ...]:
+    """tar writing the tree at src to stdout: holes found with SEEK_HOLE and sent as holes (--sparse), hard
+    links, devices, xattrs, ACLs, numeric ids; one filesystem; the same excludes as rsync_argv (each must pass
+    tar_pattern: ValueError otherwise)."""
+    argv = ["tar", "--create", "--file=-", "--sparse", *TAR_FIDELITY, "--one-file-system",
+            "--anchored", "--no-wildcards-match-slash"]
+    for e in (*(LIVE_EXCLUDES if live_root else ()), *excludes):
+        t = tar_pattern(e)
+        if t is None:
+            raise ValueError(f"tar cannot express the exclude {e!r}")
+        argv += [f"--exclude={t}"]
+    argv += ["--directory", src.rstrip("/") or "/", "."]
+    return tuple(argv)
+
+
+def tar_extract_argv(dest: str) -> tuple[str, ...]:
+    """tar reading a stream from stdin into dest (an empty directory), as root: owners, modes with
+    setuid/setgid, xattrs, ACLs kept; --totals prints the bytes read on stderr (TAR_TOTALS)."""
+    return ("tar", "--extract", "--file=-", *TAR_FIDELITY, "--preserve-permissions", "--same-owner", "--totals",
+            "--directory", dest)
 
 
 def copy_tree_argv(src: str, entries: Sequence[str], dest: str, *, reflink: bool) -> tuple[str, ...]:

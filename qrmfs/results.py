@@ -128,7 +128,10 @@ class BuildPlan(Result):
                  f"  staging: {self.staging}"]
         for c in self.copies:
             lines.append(f"  copy {c['what']} on {c['runs_on']}:")
-            lines.append("    " + shlex.join(c["argv"]))
+            pipe = " | " + shlex.join(c["pipe_to"]) if c.get("pipe_to") else ""
+            lines.append("    " + shlex.join(c["argv"]) + pipe)
+            if c.get("repair_if_unclean"):
+                lines.append("    if the stream does not end cleanly: " + shlex.join(c["repair_if_unclean"]))
         if self.note:
             lines.append("  " + self.note)
         lines.append("  preparation:")

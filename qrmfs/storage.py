@@ -291,6 +291,9 @@ class StorageSide:
     def stage_update(self, path: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
         return self._call(P.StageUpdate(path, self.root, token, known_hosts))
 
+    def stage_copy(self, path: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:
+        return self._call(P.StageCopy(path, self.root, token, origin, origin_root))
+
     def publish_update(self, path: str, staging: str, keep: int) -> P.Swapped:
         return self._call(P.PublishUpdate(path, self.root, staging, keep))
 
@@ -301,13 +304,15 @@ class StorageSide:
         return self._call(P.Generations(path, self.root, costs))
 
     def supervised(self, path: str, argv: Sequence[str], holder: str | None,
-                   forward_agent: bool = False) -> tuple[tuple[str, ...], bytes]:
+                   forward_agent: bool = False, pipe_to: Sequence[str] | None = None) -> tuple[tuple[str, ...], bytes]:
         """argv and stdin that run `argv` on the storage server under the agent's `run`: it stops the command
         when our stdin to it closes (we ended, or died), and, with a holder, when the image's lock is lost.
-        Keep stdin open for as long as the command should run (Runner.stream does)."""
+        Keep stdin open for as long as the command should run (Runner.stream does). pipe_to: a second command
+        reading argv's stdout (protocol Run)."""
         agent = self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP),
                           forward_agent=forward_agent)
-        return agent, self._payload(P.Run(path, self.root, list(argv), holder)).encode()
+        run = P.Run(path, self.root, list(argv), holder, None if pipe_to is None else list(pipe_to))
+        return agent, self._payload(run).encode()
 
     def connect_error(self, e: CommandFailed) -> QrmfsError:
         if e.code == 255 and not self.local:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 import signal
@@ -194,3 +195,58 @@ def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, i
     r = runner.stream(argv, on_line, ok=range(256), input=input)  # every exit code is judged here
     warning = check_rsync(r.code, r.stderr)
     return parse_stats(r.stdout), warning, r.code
+
+
+TAR_TOTALS = re.compile(r"^Total bytes read: (\d+)", re.M)
+STOPPED = 125  # the storage-side supervisor stopped the command (agent protocol STOPPED)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What a tar stream did: the exit codes of its two ends (None: the supervisor reported none), the bytes
+    that crossed (as the extracting tar counted them), the supervisor's own exit code, stderr."""
+    codes: tuple[int, int] | None
+    bytes: int | None
+    code: int
+    stderr: str
+
+    @property
+    def clean(self) -> bool:
+        return self.codes == (0, 0)
+
+    def why(self) -> str:
+        """Why a stream was not clean, in one line."""
+        if self.codes is None:
+            last = tail(self.stderr, 1)
+            return f"the stream did not run (exit {self.code})" + (f": {last}" if last else "")
+        send, receive = self.codes
+        parts = [f"sending tar exited with {send}" + (" (a file changed or vanished while it read it)"
+                                                     if send == 1 else
+                                                     " (ssh failed)" if send == 255 else
+                                                     " (tar not found on the source)" if send == 127 else "")
+                 ] if send else []
+        parts += [f"extracting tar exited with {receive}"] if receive else []
+        last = tail(self.stderr, 1)
+        return "; ".join(parts) + (f": {last}" if last else "")
+
+
+def parse_streamed(stdout: str, stderr: str, code: int) -> Streamed:
+    """The supervisor's `{"pipeline": [send, receive]}` line and tar's --totals."""
+    codes = None
+    for line in stdout.splitlines():
+        if line.startswith('{"pipeline"'):
+            c = json.loads(line)["pipeline"]
+            codes = (int(c[0]), int(c[1]))
+    m = TAR_TOTALS.search(stderr)
+    return Streamed(codes, int(m.group(1)) if m else None, code, stderr)
+
+
+def run_stream(runner: Runner, argv: Sequence[str], input: bytes | None) -> Streamed:
+    """Run one tar stream under its storage-side supervisor (argv and input from StorageSide.supervised).
+    Stopped by the supervisor (we went, or lost the lock): TransferError, as for rsync."""
+    r = runner.stream(argv, lambda _line: None, ok=range(256), input=input)
+    s = parse_streamed(r.stdout, r.stderr, r.code)
+    if s.codes is None and r.code == STOPPED:
+        raise TransferError(f"the tar stream exited with {r.code}: {RSYNC_MEANING[STOPPED]}",
+                            tail(r.stderr, 15) or "(nothing on stderr)")
+    return s

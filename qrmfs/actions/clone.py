@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import argv as A
 from .. import openqrm
 from ..agent import steps
 from ..agent.protocol import Options
@@ -70,11 +71,20 @@ def dry_run(req: CloneRequest, env: Env) -> BuildPlan:
     storage = env.storage(req.target)
     into = copyplan.Into(storage, pipeline.staging_name(req.target), storage.ssh.is_local,
                          pin_file(req.target.path, PIN_DIR))
-    cp = copyplan.plan(env.cfg, origin.source(req.source.path), into)
+    src = origin.source(req.source.path)
+    cp = copyplan.plan(env.cfg, src, into, stream=True)
+    copies, note = cp.describe(), ""
+    if cp.hop in (copyplan.Hop.ON_STORAGE, copyplan.Hop.LOCAL):  # the pipeline copies it with cp (same server)
+        argv = A.copy_tree_argv(req.source.path, ["<entry>", "..."], into.path, reflink=True)
+        copies = [{"what": "the image's top-level entries but .qrmfs",
+                   "runs_on": f"storage {storage.name} (local copy)", "argv": list(argv)}]
+        note = ("--reflink=always where the staging directory's file system shares extents and is the original's, "
+                "else --reflink=never")
     opts = _options(req, origin)
     return BuildPlan(
         command="clone", image=req.name, target=str(req.target), source=str(req.source), route="ssh",
-        staging=into.path, copies=cp.describe(), preparation=[{"step": s.name, "what": s.what} for s in steps.STEPS],
+        staging=into.path, copies=copies, note=note,
+        preparation=[{"step": s.name, "what": s.what} for s in steps.STEPS],
         options=dataclasses.asdict(opts) | {"node_init": None},
         registration=[] if req.only_physical else [
             {"url": (req.creds.url or "?") + openqrm.IMAGE_PATH,
@@ -98,5 +108,5 @@ def clone(req: CloneRequest, env: Env) -> Built:
                                       "created": m.get("created")},
                       "options": {**m.get("options", {}), "image": req.name, "hostname": req.hostname},
                       "excludes": m.get("excludes", [])},
-            also_lock=((origin.side, req.source.path),))
+            also_lock=((origin.side, req.source.path),), origin=(req.source.path, origin.storage.export_root))
         return pipeline.build(env, spec)

@@ -51,15 +51,29 @@ class Into:
 
 
 @dataclass(frozen=True)
+class Stream:
+    """A first copy as a tar stream, run on the storage server under the agent: `send` writes the tree to its
+    stdout (tar on the source, through ssh when the source is another host; holes are skipped with SEEK_HOLE),
+    `receive` extracts it into the empty staging directory. `repair`: the rsync run after a stream that did
+    not end cleanly (a file changed while tar read it, tar missing on the source, ...): it brings the
+    staging copy to the source's state with rsync's own judgement."""
+    send: tuple[str, ...]
+    receive: tuple[str, ...]
+    repair: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Copy:
     """One rsync: its argv (recorded in the manifest), run here, or on the storage server under the agent's
-    supervision (then with our ssh-agent forwarded when it pulls from the source)."""
+    supervision (then with our ssh-agent forwarded when it pulls from the source). With a stream, the stream
+    runs instead, and rsync (its repair argv) only when the stream did not end cleanly."""
     rsync: tuple[str, ...]
     runs_on: str
     what: str
     on_storage: bool = False
     forward_agent: bool = False
     within: str = ""        # where in the image this copy lands ("" for the root, "/boot" for a separate /boot)
+    stream: Stream | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +88,9 @@ class CopyPlan:
         return self.hop is Hop.PULL_ON_STORAGE
 
     def describe(self) -> list[dict[str, object]]:
-        return [{"what": c.what, "runs_on": c.runs_on, "argv": list(c.rsync)} for c in self.copies]
+        return [{"what": c.what, "runs_on": c.runs_on, "argv": list(c.rsync)} if c.stream is None else
+                {"what": c.what, "runs_on": c.runs_on, "mechanism": "tar stream", "argv": list(c.stream.send),
+                 "pipe_to": list(c.stream.receive), "repair_if_unclean": list(c.stream.repair)} for c in self.copies]
 
 
 def hop(src: SshHost | None, into: Into) -> Hop:
@@ -100,10 +116,12 @@ def parts(src: Source, dest: str) -> list[tuple[str, str, list[str], str]]:
     return out
 
 
-def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift: bool = False,
-         delete: bool = False) -> CopyPlan:
+def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift: bool = False,  # noqa: PLR0913
+         delete: bool = False, stream: bool = False) -> CopyPlan:
     """The rsync command lines copying src into `into`: one for the root and one per separate filesystem.
-    delete: `into` already holds a copy of the image (an update): rsync deletes what the source lacks."""
+    delete: `into` already holds a copy of the image (an update): rsync deletes what the source lacks.
+    stream: `into` is an empty staging directory: where the copy runs on the storage server and tar can say
+    every exclude, a tar stream makes it (rsync repairs an unclean one)."""
     host = None if src.host is None or src.host.is_local else src.host
     how = hop(host, into)
     storage = into.storage
@@ -131,10 +149,26 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
             rsh, s = A.rsync_rsh(host, known_hosts=into.known_hosts, known_hosts_only=True), A.remote_spec(host, sp)
         rs = A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress, live_root=src.live_root and i == 0,
                           drift=drift, delete=delete)
+        ends = _stream(host, sp, dp, exc, src.live_root and i == 0, into, how) if stream and not (drift or delete) \
+            else None
+        st = None if ends is None else Stream(*ends, A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress,
+                                                                   live_root=src.live_root and i == 0, delete=True))
         copies.append(Copy(rs, _where(how, storage, host), what,
                            on_storage=how in (Hop.ON_STORAGE, Hop.PULL_ON_STORAGE),
-                           forward_agent=how is Hop.PULL_ON_STORAGE, within=dp[len(into.path):]))
+                           forward_agent=how is Hop.PULL_ON_STORAGE, within=dp[len(into.path):], stream=st))
     return CopyPlan(how, tuple(copies), src.mounts)
+
+
+def _stream(host: SshHost | None, sp: str, dp: str, excludes: list[str], live_root: bool, into: Into,  # noqa: PLR0913
+            how: Hop) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(send, receive) of a tar stream from sp into dp, both run on the storage server; None where the copy
+    does not run there or tar cannot say an exclude exactly as rsync means it."""
+    if how not in (Hop.PULL_ON_STORAGE, Hop.ON_STORAGE) or any(A.tar_pattern(e) is None for e in excludes):
+        return None
+    send = A.tar_create_argv(sp, excludes=excludes, live_root=live_root)
+    if how is Hop.PULL_ON_STORAGE and host is not None:
+        send = A.ssh_argv(host, send, known_hosts=into.known_hosts, known_hosts_only=True)  # the pinned key alone
+    return send, A.tar_extract_argv(dp)
 
 
 def _where(how: Hop, storage: Storage, host: SshHost | None) -> str:

@@ -63,7 +63,7 @@ def dry_run(req: CreateRequest, env: Env) -> BuildPlan:
     storage = env.storage(req.target)
     into = copyplan.Into(storage, pipeline.staging_name(req.target), storage.ssh.is_local or req.route is Route.NFS,
                          pin_file(req.target.path, PIN_DIR))
-    cp = copyplan.plan(env.cfg, req.source(env), into)
+    cp = copyplan.plan(env.cfg, req.source(env), into, stream=True)
     ev = f"create_image_{req.name}"
     regs = [] if req.only_physical else [
         openqrm.event(ev, 9, f"Started to create image {req.name} on {req.target}"),

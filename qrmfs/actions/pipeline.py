@@ -35,9 +35,9 @@ from ..config import SshHost, Storage
 from ..errors import ConnectError, ExistsError, QrmfsError, StorageError
 from ..model import Route, Target
 from ..results import Built, Registration, RegState
-from ..runner import tail
+from ..runner import Runner, tail
 from ..storage import StorageSide, node_init_script
-from ..transfer import CHANGE_KINDS, prepared_change, run_rsync
+from ..transfer import CHANGE_KINDS, prepared_change, run_rsync, run_stream
 from . import copyplan, hosts, names
 from .common import Credentials, Env, claim_job, deliver, holder, iso_now
 
@@ -99,6 +99,8 @@ class BuildSpec:
     new_record: bool = True           # register with new_image; False (update): the record stays, events only
     keep_generations: int = 1         # earlier generations kept beside the image after a new one is published
     parent: dict[str, Any] | None = None  # the current image's manifest, when a new generation is made
+    origin: tuple[str, str] | None = None  # clone: the image copied (path, its export root); on the same server
+    #                                        it is copied with cp (reflinks where they work), not rsync
 
     @property
     def name(self) -> str:
@@ -238,33 +240,47 @@ def _stage(env: Env, run: Run, source: copyplan.Source, pin: str | None) -> None
     if run.incremental:
         up = run.side.stage_update(spec.place.path, token, pin)
         run.staging = up.staging
-        _copy_image(env, run, up)
+        run.base_copy = _copy_image(env, run, spec.place.path, up)
         known_hosts = up.known_hosts
+    elif spec.origin is not None and _same_server(spec, source):
+        up = run.side.stage_copy(spec.place.path, token, *spec.origin)
+        run.staging = up.staging
+        run.base_copy = _copy_image(env, run, spec.origin[0], up)
+        run.plan = copyplan.CopyPlan(copyplan.Hop.ON_STORAGE, (), source.mounts)  # nothing left to copy
+        return
     else:
         staged = run.side.stage(spec.place.path, token, pin)
         run.staging, known_hosts = staged.staging, staged.known_hosts
     run.plan = copyplan.plan(env.cfg, source, copyplan.Into(spec.place.agent, run.staging, spec.place.here,
                                                               known_hosts), progress=env.ui.tty,
-                             delete=run.incremental)
+                             delete=run.incremental, stream=not run.incremental)
 
 
-def _copy_image(env: Env, run: Run, up: StagedUpdate) -> None:
-    """The staging copy starts as a copy of the current image (without /.qrmfs): reflinks where the file
-    system shares extents, else a plain copy. Its time and method go into the manifest."""
+def _same_server(spec: BuildSpec, source: copyplan.Source) -> bool:
+    """The source tree is on the server the image goes to (a clone there): copied there with cp."""
+    into = copyplan.Into(spec.place.agent, spec.place.path, spec.place.here)
+    host = None if source.host is None or source.host.is_local else source.host
+    return copyplan.hop(host, into) in (copyplan.Hop.ON_STORAGE, copyplan.Hop.LOCAL)
+
+
+def _copy_image(env: Env, run: Run, image: str, up: StagedUpdate) -> dict[str, Any]:
+    """Copy the image at `image` (without /.qrmfs) into the staging directory: reflinks where the file system
+    shares extents, else a plain copy; under the agent's supervision on a storage server, like rsync. What
+    ran and how long it took go into the manifest."""
     method = "reflink" if up.reflink else "copy"
-    env.ui.step(f"copying the current image into staging ({method})")
+    env.ui.step(f"copying {image} into staging ({method})")
     t0 = time.monotonic()
+    cp = A.copy_tree_argv(image, up.entries, up.staging, reflink=up.reflink)
     if up.entries:
         spec = run.spec
-        cp = A.copy_tree_argv(spec.place.path, up.entries, up.staging, reflink=up.reflink)
         # on a storage server, under the agent's supervision like rsync: it stops when we go or lose the lock
         argv, stdin = (cp, None) if run.side.local else run.side.supervised(spec.place.path, cp,
                                                                              holder(spec.command, spec.name))
         r = env.runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
         if r.code != 0:
-            raise StorageError(f"copying the current image into staging failed ({method}, exit {r.code})",
-                               tail(r.stderr))
-    run.base_copy = {"method": method, "seconds": round(time.monotonic() - t0, 3), "entries": len(up.entries)}
+            raise StorageError(f"copying {image} into staging failed ({method}, exit {r.code})", tail(r.stderr))
+    return {"method": method, "seconds": round(time.monotonic() - t0, 3), "entries": len(up.entries),
+            "argv": list(cp) if up.entries else []}
 
 
 def _publish(env: Env, run: Run) -> Published:
@@ -284,16 +300,26 @@ def _publish(env: Env, run: Run) -> Published:
 
 def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None,  # noqa: PLR0913 - one copy's inputs
          prepared: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
-    """Run the plan's rsyncs; those on the storage server under the agent's supervision, tied to our lock.
+    """Run the plan's copies; those on the storage server under the agent's supervision, tied to our lock.
+    A copy with a tar stream runs the stream, and its rsync repair only when the stream was not clean.
     Where rsync itemizes (an update), each run counts its changes by kind, leaving out the paths the
     preparation changes on purpose (`prepared`): they differ from the source in every generation."""
     runs = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
+            rsync = c.rsync
+            if c.stream is not None:
+                rec = _stream(env, runner, side, path, c, holder)
+                runs.append(rec)
+                if rec["clean"]:
+                    continue
+                env.ui.warn(f"{c.what}: the tar stream did not end cleanly ({rec['warning']}); rsync repairs the copy")
+                rsync = c.stream.repair
             env.ui.step(f"copying {c.what} ({c.runs_on})")
-            env.ui.debug("  rsync argv: " + " ".join(c.rsync))
-            argv, stdin = side.supervised(path, c.rsync, holder, c.forward_agent) if c.on_storage else (c.rsync, None)
+            env.ui.debug("  rsync argv: " + " ".join(rsync))
+            argv, stdin = side.supervised(path, rsync, holder, c.forward_agent) if c.on_storage else (rsync, None)
+            t0 = time.monotonic()
             changes: Counter[str] = Counter()
 
             def count(kind: str, p: str, within: str = c.within, tally: Counter[str] = changes) -> None:
@@ -304,9 +330,26 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
                 stats, warning, code = run_rsync(runner, argv, progress, stdin, count)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
-            runs.append({"what": c.what, "runs_on": c.runs_on, "argv": list(c.rsync), "exit_code": code,
-                         "warning": warning, "stats": stats, "changes": {k: changes[k] for k in CHANGE_KINDS}})
+            runs.append({"what": c.what, "runs_on": c.runs_on, "mechanism": "rsync", "argv": list(rsync),
+                         "exit_code": code, "warning": warning, "stats": stats,
+                         "changes": {k: changes[k] for k in CHANGE_KINDS}, "seconds": round(time.monotonic() - t0, 3)})
     return runs
+
+
+def _stream(env: Env, runner: Runner, side: StorageSide, path: str, c: copyplan.Copy, holder: str | None
+            ) -> dict[str, Any]:
+    """One tar stream into the empty staging directory, on the storage server under the agent."""
+    assert c.stream is not None
+    env.ui.step(f"copying {c.what} ({c.runs_on}, tar stream)")
+    env.ui.debug("  tar stream: " + " ".join(c.stream.send) + " | " + " ".join(c.stream.receive))
+    argv, stdin = side.supervised(path, c.stream.send, holder, c.forward_agent, pipe_to=c.stream.receive)
+    t0 = time.monotonic()
+    s = run_stream(runner, argv, stdin)
+    return {"what": c.what, "runs_on": c.runs_on, "mechanism": "tar stream", "argv": list(c.stream.send),
+            "pipe_to": list(c.stream.receive), "exit_codes": list(s.codes) if s.codes else [s.code],
+            "clean": s.clean, "warning": None if s.clean else s.why(),
+            "stats": {} if s.bytes is None else {"bytes_streamed": s.bytes},
+            "seconds": round(time.monotonic() - t0, 3)}
 
 
 def prepared_options(options: Options) -> Options:
@@ -384,11 +427,12 @@ def _generation(run: Run) -> dict[str, Any]:
     parent = generation_id(run.spec.parent) if run.incremental else None
     if run.incremental:
         changes = {k: sum(r.get("changes", {}).get(k, 0) for r in run.rsync) for k in CHANGE_KINDS}
-    else:
-        changes = {"new": sum(r.get("stats", {}).get("created", 0) for r in run.rsync)}
-    changes["bytes_transferred"] = sum(r.get("stats", {}).get("bytes_transferred", 0) for r in run.rsync)
+    else:  # a fresh copy: everything is new
+        changes = {"new": run.counts.get("files", 0)}
+    changes["bytes_transferred"] = sum(r.get("stats", {}).get("bytes_transferred", 0)
+                                       + r.get("stats", {}).get("bytes_streamed", 0) for r in run.rsync)
     return {"id": uuid.uuid4().hex, "made_by": run.spec.command, "parent": parent,
-            "base_copy": run.base_copy if run.incremental else {"method": "none (a fresh copy)"},
+            "base_copy": run.base_copy or {"method": "none (a fresh copy)"},
             "changes": changes}
 
 

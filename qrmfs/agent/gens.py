@@ -243,8 +243,28 @@ def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | 
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
     staged = op_stage(path, export_root, token, known_hosts)
-    entries = sorted(e for e in os.listdir(path) if e != ".qrmfs")
-    return P.StagedUpdate(staged.staging, staged.known_hosts, entries, can_reflink(staged.staging))
+    return _copy_of(path, staged)
+
+
+def op_stage_copy(path: str, export_root: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:
+    """A fresh staging directory for a new image copied from the image `origin` on this server (clone): the
+    same answer as an update's, staging beside `path`, entries of `origin`."""
+    from .tree import op_stage
+
+    _check_under(path, export_root)
+    _check_under(origin, origin_root)
+    if read_manifest(origin) is None:
+        raise AgentError(ErrorKind.NOT_IMAGE, f"{origin} has no qrmfs manifest: nothing to copy")
+    return _copy_of(origin, op_stage(path, export_root, token, None))
+
+
+def _copy_of(image: str, staged: P.Staged) -> P.StagedUpdate:
+    """What to copy of `image` into staging (its top-level entries but /.qrmfs), and whether with reflinks:
+    the staging directory's file system shares extents, and it is the image's (no reflink across file
+    systems)."""
+    entries = sorted(e for e in os.listdir(image) if e != ".qrmfs")
+    same_fs = os.lstat(image).st_dev == os.lstat(staged.staging).st_dev
+    return P.StagedUpdate(staged.staging, staged.known_hosts, entries, same_fs and can_reflink(staged.staging))
 
 
 FICLONE = 0x40049409

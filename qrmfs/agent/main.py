@@ -52,6 +52,7 @@ HANDLERS: dict[type[Any], Callable[[Any], Any]] = {
     P.Prepare: _under(_prepare),
     P.Check: _under(_check),
     P.StageUpdate: _fields(gens.op_stage_update),
+    P.StageCopy: _fields(gens.op_stage_copy),
     P.PublishUpdate: _fields(gens.op_publish_update),
     P.Rollback: _fields(gens.op_rollback),
     P.Generations: _fields(gens.op_generations),

@@ -343,6 +343,19 @@ class StageUpdate(Request[StagedUpdate]):
 
 
 @dataclass(frozen=True)
+class StageCopy(Request[StagedUpdate]):
+    """A fresh staging directory for a new image made from the image `origin` on the same server (clone):
+    origin's top-level entries to copy (all but /.qrmfs) and whether staging can share its extents."""
+    op: ClassVar[str] = "stage_copy"
+    answer: ClassVar[type] = StagedUpdate
+    path: str
+    export_root: str
+    token: str
+    origin: str
+    origin_root: str
+
+
+@dataclass(frozen=True)
 class PublishUpdate(Request[Swapped]):
     """The journaled publish of an update: node state moves in, the image becomes the newest generation."""
     op: ClassVar[str] = "publish_update"
@@ -453,7 +466,9 @@ class Ran:
 @dataclass(frozen=True)
 class Run(Request[Ran]):
     """Run a command on the storage server (its rsync) as the agent's child, with the agent's stdout and stderr:
-    no answer line, the agent exits with the command's exit code. The agent stops the command when its own
+    no answer line, the agent exits with the command's exit code. With pipe_to, argv's stdout feeds pipe_to's
+    stdin (both in one process group, stopped together); the agent then prints one line `{"pipeline": [code of
+    argv, code of pipe_to]}` on stdout and exits with the larger code. The agent stops the command when its own
     stdin ends (qrmfs is gone, or its connection) or, with a holder, as soon as the image's lock is no longer
     held by that holder; it then exits with STOPPED and says why on stderr."""
     op: ClassVar[str] = "run"
@@ -462,11 +477,12 @@ class Run(Request[Ran]):
     export_root: str
     argv: list[str]
     holder: str | None = None
+    pipe_to: list[str] | None = None  # a second command reading argv's stdout (a tar stream's extracting end)
 
 
 REQUESTS: dict[str, type[Request[Any]]] = {
     r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
-                      PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, PublishUpdate, Rollback,
+                      PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, StageCopy, PublishUpdate, Rollback,
                       Generations, Unlock, Serve)}
 
 

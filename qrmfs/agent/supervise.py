@@ -1,4 +1,5 @@
-"""The agent's `run`: a storage-side command (the copy's rsync) that cannot outlive qrmfs or its lock.
+"""The agent's `run`: a storage-side command (the copy's rsync, or a tar stream's two ends) that cannot outlive
+qrmfs or its lock.
 
 The command runs as the agent's child in a session of its own, writing straight to the agent's stdout and
 stderr (so rsync's progress and --stats reach qrmfs as they are). The agent watches two things while it runs:
@@ -12,6 +13,7 @@ exits, so nothing of ours keeps writing into a staging directory nobody owns any
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -45,14 +47,17 @@ def _say(text: str) -> None:
     print(f"qrmfs agent: {text}", file=sys.stderr, flush=True)
 
 
-def _stop(child: subprocess.Popen[bytes]) -> None:
+def _stop(*children: subprocess.Popen[bytes]) -> None:
+    """Stop the process group of each child (each leads its own): SIGTERM, then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        for c in children:
+            try:
+                os.killpg(c.pid, sig)
+            except ProcessLookupError:
+                pass
         try:
-            os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            child.wait(timeout=wait)
+            for c in children:
+                c.wait(timeout=wait)
             return
         except subprocess.TimeoutExpired:
             continue
@@ -86,16 +91,48 @@ def run(req: P.Run) -> int:
         gone.set()
 
     threading.Thread(target=watch_stdin, daemon=True).start()
-    child = subprocess.Popen(req.argv, stdin=subprocess.DEVNULL, start_new_session=True)
+    children = _start(req)
     while True:
-        try:
-            return _ended(req.argv[0], child.wait(timeout=POLL))
-        except subprocess.TimeoutExpired:
-            pass
+        codes = _wait(children)
+        if codes is not None:
+            names = [req.argv[0], *(req.pipe_to[:1] if req.pipe_to else [])]
+            ended = [_ended(n, c) for n, c in zip(names, codes, strict=True)]
+            if req.pipe_to is None:
+                return ended[0]
+            print(json.dumps({"pipeline": codes}), flush=True)
+            return max(ended)
         why = ("qrmfs is gone (its connection closed)" if gone.is_set() else
                f"the lock of {req.path} was lost" if req.holder is not None and not holds(lock, req.holder) else
                None)
         if why:
-            _stop(child)
+            _stop(*children)
             _say(f"stopped {req.argv[0]}: {why}")
             return P.STOPPED
+
+
+def _start(req: P.Run) -> list[subprocess.Popen[bytes]]:
+    """The command, in a session of its own; with pipe_to, the second command, in a session of its own too,
+    reads its stdout."""
+    if req.pipe_to is None:
+        return [subprocess.Popen(req.argv, stdin=subprocess.DEVNULL, start_new_session=True)]
+    first = subprocess.Popen(req.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        second = subprocess.Popen(req.pipe_to, stdin=first.stdout, stdout=sys.stderr.fileno(),
+                                  start_new_session=True)
+    except BaseException:
+        _stop(first)
+        raise
+    finally:
+        assert first.stdout is not None
+        first.stdout.close()  # the second command holds the pipe's read end now
+    return [first, second]
+
+
+def _wait(children: list[subprocess.Popen[bytes]]) -> list[int] | None:
+    """Every child's exit code once all have ended; None after POLL seconds while one still runs."""
+    for c in children:
+        try:
+            c.wait(timeout=POLL)
+        except subprocess.TimeoutExpired:
+            return None
+    return [c.returncode for c in children]

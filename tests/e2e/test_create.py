@@ -65,9 +65,14 @@ def test_create_from_source_is_faithful_prepared_and_registered(lab, mock, cfg, 
 
     manifest = json.loads(on_storage(f"cat {image_path}/.qrmfs/manifest.json").stdout)
     assert manifest["image"] == name and manifest["source"] == "source:/"
-    assert manifest["rsync"][0]["argv"][:6] == ["rsync", "-aHAXS", "--numeric-ids", "--one-file-system",
-                                                "--stats", "--exclude=/proc/*"]
-    assert manifest["rsync"][0]["exit_code"] == 0
+    # the first copy is one clean tar stream pulled by the storage server; no rsync pass was needed
+    (stream,) = manifest["rsync"]
+    assert stream["mechanism"] == "tar stream" and stream["exit_codes"] == [0, 0] and stream["clean"]
+    assert stream["argv"][0] == "ssh" and stream["argv"][-1].startswith("tar --create --file=- --sparse ")
+    assert stream["pipe_to"][:2] == ["tar", "--extract"] and stream["pipe_to"][-1].startswith(
+        posixpath.dirname(image_path) + f"/.{name}.qrmfs-staging-")
+    # the fixture's 1 GiB sparse file crossed at hole speed: the stream is about the allocated size
+    assert stream["stats"]["bytes_streamed"] < 1.2 * manifest["counts"]["bytes"] < (1 << 30)
     assert manifest["counts"]["files"] > 5000
     assert manifest["registration"]["state"] == "registered"
 
@@ -184,18 +189,23 @@ def test_locked_image_is_refused_at_once_naming_the_holder(lab, cfg, image_path)
 
 
 def test_copy_failing_half_way_leaves_no_image_and_no_registration(lab, mock, cfg, image_path, on_storage):
-    """The source dies mid-copy (its rsync sender is killed): no image, no staging dir, no registration."""
+    """The source dies mid-copy (its tar sender is killed, then the rsync that repairs an unclean stream):
+    no image, no staging dir, no registration."""
     before = exports_listing(lab)
     proc = subprocess.Popen([sys.executable, "-m", "qrmfs", "create", "-t", f"storage:{image_path}", "-l",
                              "source:/", "-u", "openqrm", "--config", cfg], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     killed = threading.Event()
+    senders: list[str] = []
 
     def kill_sender() -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            r = run_on(lab, "source", "pkill -KILL -f '^rsync --server --sende[r]' && echo killed", check=False)
-            if b"killed" in r.stdout:
+            for what, pattern in (("tar", "^tar --create --fil[e]"), ("rsync", "^rsync --server --sende[r]")):
+                r = run_on(lab, "source", f"pkill -KILL -f '{pattern}' && echo killed", check=False)
+                if b"killed" in r.stdout and what not in senders:
+                    senders.append(what)
+            if "rsync" in senders:
                 killed.set()
                 return
 
@@ -203,13 +213,37 @@ def test_copy_failing_half_way_leaves_no_image_and_no_registration(lab, mock, cf
     t.start()
     out, err = proc.communicate(timeout=300)
     t.join()
-    assert killed.is_set(), "the copy finished before the source could be stopped"
+    assert killed.is_set(), f"the copy finished before the source could be stopped (killed: {senders})"
     assert proc.returncode == 8, err
+    assert senders == ["tar", "rsync"] and "the tar stream did not end cleanly" in err
     assert "rsync exited with" in err
     assert exports_listing(lab) == before  # nothing of the image, not even its lock file
     state = _state(mock)
     assert state["images"] == []
     assert [e["event_priority"] for e in state["events"]] == [5, 3, 10]
+
+
+def test_a_stream_that_fails_is_repaired_by_rsync_and_says_why(lab, cfg, image_path, on_source, on_storage):
+    """The source's tar cannot run (made unexecutable for this test): qrmfs warns why, rsync copies instead,
+    and the image is as faithful as ever; the manifest records both."""
+    tar = on_source("readlink -f \"$(command -v tar)\"").stdout.decode().strip()
+    on_source(f"chmod a-x {tar}")
+    try:
+        r = qrmfs("create", "-t", f"storage:{image_path}", "-l", f"source:{FIXTURE}", "-o", config=cfg)
+    finally:
+        on_source(f"chmod 755 {tar}")
+    assert r.returncode == 0, r.stderr
+    assert "the tar stream did not end cleanly (sending tar exited with 126" in r.stderr
+    assert "rsync repairs the copy" in r.stderr
+    src = tree_info(lab, "source", FIXTURE)
+    img = tree_info(lab, "storage", image_path)
+    assert src.pop("socket")["type"] == "socket" and "socket" not in img
+    assert {k: img.get(k) for k in src} == src  # the image also has what the preparation adds (proc, tmp, ...)
+    m = json.loads(on_storage(f"cat {image_path}/.qrmfs/manifest.json").stdout)
+    stream, repair = m["rsync"]
+    assert stream["mechanism"] == "tar stream" and not stream["clean"] and stream["exit_codes"][0] == 126
+    assert repair["mechanism"] == "rsync" and repair["exit_code"] == 0
+    assert "--delete" in repair["argv"] and repair["argv"][0] == "rsync"
 
 
 def test_openqrm_down_spools_and_delivers_exactly_once(lab, mock, cfg, image_path, tmp_path):

@@ -186,8 +186,10 @@ def test_the_password_in_no_argv_on_any_host_nor_in_the_image_or_a_url(lab, mock
         for role, sampler in samplers.items():
             remote[role] = sampler.stop()
     assert p.returncode == 0, err
-    assert "rsync" in remote["storage"] and "rsync" in remote["source"]  # the samplers saw the copy
-    assert any("rsync" in a for a in local)
+    # the samplers saw the copy: the tar stream's two ends (or an rsync)
+    assert "tar --extract" in remote["storage"] or "rsync" in remote["storage"], remote["storage"][-2000:]
+    assert "tar --create" in remote["source"] or "rsync" in remote["source"], remote["source"][-2000:]
+    assert any("qrmfs" in a and "create" in a for a in local)
     for where, text in (("local argv", "\n".join(local)), ("storage argv", remote["storage"]),
                         ("source argv", remote["source"]), ("stdout", out), ("stderr -v", err)):
         assert pw not in text, where

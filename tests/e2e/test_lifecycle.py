@@ -99,8 +99,11 @@ def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, mock, cfg, bas
     assert tree_info(lab, "storage", image_path + "/srv/fixture") == \
         tree_info(lab, "storage", base_image + "/srv/fixture")
     manifest = json.loads(on_storage(f"cat {image_path}/.qrmfs/manifest.json").stdout)
-    assert manifest["rsync"][0]["runs_on"] == "storage storage (local copy)"
-    assert manifest["rsync"][0]["argv"][-2:] == [base_image + "/", manifest["rsync"][0]["argv"][-1]]
+    # on the same server, one cp of the image's entries (never /.qrmfs); on the XFS export, reflinks
+    assert manifest["rsync"] == []
+    base_copy = manifest["generation"]["base_copy"]
+    assert base_copy["method"] == "reflink" and base_copy["argv"][:3] == ["cp", "-a", "--reflink=always"]
+    assert base_image + "/etc" in base_copy["argv"] and base_image + "/.qrmfs" not in base_copy["argv"]
     assert manifest["source"] == f"clone of storage:{base_image}"
     key = "etc/ssh/ssh_host_ed25519_key.pub"
     ident = on_storage(f"cat {image_path}/etc/hostname; wc -c < {image_path}/etc/machine-id; "
@@ -218,3 +221,27 @@ def test_list_agrees_with_openqrm(lab, mock, cfg, image_path):
 def test_lab_status_names_the_running_lab(lab):
     info = _lab.status()
     assert info and info["hosts"]["storage"]["address"] == lab["hosts"]["storage"]["address"]
+
+
+def test_a_reflink_clone_is_independent_and_a_clone_to_the_plain_export_is_a_copy(lab, cfg, base_image,
+                                                                                   image_path, on_storage):
+    """The XFS clone shares extents with its original, yet a write to either never shows in the other; a
+    clone to the ext4 export (another file system: no reflinks) is a plain cp, just as faithful."""
+    _clone(cfg, base_image, image_path, "-o")
+    f = "srv/fixture/xattr-file"
+    before = on_storage(f"sha256sum < {base_image}/{f}; sha256sum < {base_image}/usr/bin/env").stdout
+    on_storage(f"echo changed-in-the-clone > {image_path}/{f}; dd if=/dev/urandom of={image_path}/usr/bin/env "
+               "bs=4k count=1 conv=notrunc status=none")
+    assert on_storage(f"sha256sum < {base_image}/{f}; sha256sum < {base_image}/usr/bin/env").stdout == before
+    assert on_storage(f"cmp -s {base_image}/usr/bin/env {image_path}/usr/bin/env || echo differ").stdout == b"differ\n"
+    plain = "/exports-plain/" + posixpath.basename(image_path) + "_p"
+    try:
+        r = qrmfs("clone", "-s", posixpath.basename(plain), "-t", f"plain:{plain}", "--from",
+                  f"storage:{base_image}", "-o", config=cfg)
+        assert r.returncode == 0, r.stderr
+        m = json.loads(on_storage(f"cat {plain}/.qrmfs/manifest.json").stdout)
+        assert m["generation"]["base_copy"]["method"] == "copy" and m["rsync"] == []
+        assert tree_info(lab, "storage", plain + "/srv/fixture") == tree_info(lab, "storage",
+                                                                               base_image + "/srv/fixture")
+    finally:
+        qrmfs("remove", "-t", f"plain:{plain}", "--yes", "-o", config=cfg)

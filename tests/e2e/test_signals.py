@@ -53,7 +53,7 @@ def _until(what: str, check: Any, timeout: float = 60.0) -> Any:
 
 
 def _storage_rsyncs(lab: dict[str, Any], name: str) -> list[str]:
-    r = run_on(lab, "storage", f"pgrep -af 'rsync.*[.]{name}[.]qrmfs-staging' || true")
+    r = run_on(lab, "storage", f"pgrep -af '(rsync|tar --extract).*[.]{name}[.]qrmfs-staging' || true")
     return [ln for ln in r.stdout.decode().splitlines() if ln.strip()]
 
 

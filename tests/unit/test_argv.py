@@ -240,3 +240,41 @@ def test_copy_tree_argv_reflink_or_plain_never_hard_links() -> None:
                     "--", "/exports/img/etc", "/exports/img/-odd name")
     plain = A.copy_tree_argv("/exports/img", ["etc"], "/s", reflink=False)
     assert plain[2] == "--reflink=never" and "-l" not in plain and "--link" not in plain
+
+
+# --- first copy: a tar stream with hole detection ----------------------------------------------------------
+
+TAR_LIVE = ("--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./dev/*", "--exclude=./run/*",
+            "--exclude=./tmp/*", "--exclude=./mnt/*", "--exclude=./media/*", "--exclude=./lost+found",
+            "--exclude=./swapfile", "--exclude=./.qrmfs/nodes")
+
+
+def test_tar_create_argv_exact() -> None:
+    assert A.tar_create_argv("/", excludes=["/var/cache/*"]) == (
+        "tar", "--create", "--file=-", "--sparse", "--format=posix", "--xattrs", "--xattrs-include=*", "--acls",
+        "--numeric-owner", "--one-file-system", "--anchored", "--no-wildcards-match-slash", *TAR_LIVE,
+        "--exclude=./var/cache/*", "--directory", "/", ".")
+    assert A.tar_create_argv("/srv/img/", live_root=False)[-3:] == ("--directory", "/srv/img", ".")
+    assert not any(a.startswith("--exclude") for a in A.tar_create_argv("/srv", live_root=False))
+
+
+def test_tar_extract_argv_exact() -> None:
+    assert A.tar_extract_argv("/exports/.i.qrmfs-staging-1") == (
+        "tar", "--extract", "--file=-", "--format=posix", "--xattrs", "--xattrs-include=*", "--acls",
+        "--numeric-owner", "--preserve-permissions", "--same-owner", "--totals", "--directory",
+        "/exports/.i.qrmfs-staging-1")
+
+
+@pytest.mark.parametrize(("rsync", "tar"), [
+    ("/proc/*", "./proc/*"), ("/lost+found", "./lost+found"), ("/var/log/*.gz", "./var/log/*.gz"),
+    ("/a b/[0-9]?", "./a b/[0-9]?"),
+    # what tar cannot say with rsync's meaning: unanchored, directory-only, `**`, escapes, the root itself
+    ("*.log", None), ("var/tmp", None), ("/var/tmp/", None), ("/home/**/cache", None), ("/x/\\*", None),
+    ("/", None)])
+def test_tar_pattern(rsync: str, tar: str | None) -> None:
+    assert A.tar_pattern(rsync) == tar
+
+
+def test_tar_create_argv_refuses_an_exclude_it_cannot_say() -> None:
+    with pytest.raises(ValueError, match="cannot express"):
+        A.tar_create_argv("/", excludes=["*.log"])

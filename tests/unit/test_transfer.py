@@ -327,3 +327,28 @@ def test_run_rsync_failure_never_reported_as_success(code: int, stderr: str, mes
     assert len(ei.value.detail.splitlines()) <= 15
     if stderr:
         assert ei.value.detail.splitlines()[-1] == stderr.strip().splitlines()[-1]
+
+
+# --- a tar stream's result -----------------------------------------------------------------------------
+
+def test_parse_streamed_clean() -> None:
+    s = transfer.parse_streamed('{"pipeline": [0, 0]}\n', "Total bytes read: 333271040 (318MiB, 78MiB/s)\n", 0)
+    assert s.clean and s.codes == (0, 0) and s.bytes == 333271040
+
+
+@pytest.mark.parametrize(("out", "err", "code", "why"), [
+    ('{"pipeline": [1, 0]}', "tar: ./var/log/x: file changed as we read it\nTotal bytes read: 10240", 1,
+     "sending tar exited with 1 (a file changed or vanished while it read it): Total bytes read: 10240"),
+    ('{"pipeline": [127, 2]}', "sh: 1: tar: not found\ntar: This does not look like a tar archive", 127,
+     "sending tar exited with 127 (tar not found on the source); extracting tar exited with 2: "
+     "tar: This does not look like a tar archive"),
+    ("", "Traceback ...\nOSError: boom", 1, "the stream did not run (exit 1): OSError: boom"),
+])
+def test_parse_streamed_unclean_says_why(out: str, err: str, code: int, why: str) -> None:
+    s = transfer.parse_streamed(out, err, code)
+    assert not s.clean and s.why() == why
+
+
+def test_run_stream_stopped_by_the_supervisor_is_a_transfer_error() -> None:
+    with pytest.raises(TransferError, match="stopped by qrmfs's storage-side supervisor"):
+        transfer.run_stream(Runner(), ["sh", "-c", "echo 'qrmfs agent: stopped ssh: x' >&2; exit 125"], None)

@@ -6,6 +6,7 @@ import shlex
 
 import pytest
 
+from qrmfs import argv as A
 from qrmfs.actions.copyplan import Hop, Into, Source, hop, plan
 from qrmfs.config import Config, SshHost, Storage
 from qrmfs.errors import RefusedError
@@ -65,3 +66,51 @@ def test_a_source_around_the_export_root_never_copies_the_images(into: Into) -> 
 def test_the_export_root_itself_as_source_is_refused() -> None:
     with pytest.raises(RefusedError, match="is the export root"):
         plan(CFG, Source(None, "/exports"), Into(LOCAL, "/exports/.i.qrmfs-staging-1", True))
+
+
+# --- the first copy as a tar stream ---------------------------------------------------------------------
+
+def test_stream_pull_on_storage_runs_tar_over_ssh_with_the_pinned_key() -> None:
+    into = Into(NAS, "/exports/.i.qrmfs-staging-1", False, "/exports/.i.qrmfs-known_hosts")
+    (c,) = plan(CFG, Source(SRC, "/", ("/var/cache/*",)), into, stream=True).copies
+    assert c.stream is not None and c.on_storage and c.forward_agent
+    send = c.stream.send
+    assert send[:1] == ("ssh",) and send[-2:] == ("src.lan", shlex.join(
+        A.tar_create_argv("/", excludes=["/var/cache/*"])))
+    assert "UserKnownHostsFile=/exports/.i.qrmfs-known_hosts" in send and "/k/id" not in send
+    assert c.stream.receive == A.tar_extract_argv("/exports/.i.qrmfs-staging-1")
+    # an unclean stream is repaired by rsync on the same route, deleting what the source lacks
+    assert c.stream.repair == A.rsync_argv("src.lan:/", "/exports/.i.qrmfs-staging-1", excludes=["/var/cache/*"],
+                                           rsh=c.rsync[c.rsync.index("-e") + 1], delete=True)
+
+
+def test_stream_on_storage_is_a_local_tar_per_filesystem() -> None:
+    p = plan(CFG, Source(SshHost("nas.lan", "root", 22), "/", mounts=Mounts(["/srv"], [])),
+             Into(NAS, "/exports/.i.qrmfs-staging-1", False), stream=True)
+    root, srv = p.copies
+    assert root.stream is not None and root.stream.send[0] == "tar" and "--exclude=./exports" in root.stream.send
+    assert srv.stream is not None and srv.stream.send[-3:] == ("--directory", "/srv", ".")
+    assert srv.stream.receive[-1] == "/exports/.i.qrmfs-staging-1/srv"
+    assert [d["what"] for d in p.describe()] == ["root filesystem", "separate filesystem /srv"]
+    d = p.describe()[0]
+    assert (d["mechanism"], d["argv"], d["pipe_to"]) == ("tar stream", list(root.stream.send),
+                                                         list(root.stream.receive))
+
+
+@pytest.mark.parametrize(("src", "into", "kw"), [
+    (SRC, Into(NAS, "/exports/.i.qrmfs-staging-1", False), {"delete": True}),  # an update: rsync's delta
+    (SRC, Into(NAS, "/exports/.i.qrmfs-staging-1", False), {"drift": True}),
+    (None, Into(NAS, "/exports/.i.qrmfs-staging-1", False), {}),   # push: rsync
+    (SRC, Into(LOCAL, "/exports/.i.qrmfs-staging-1", True), {}),  # pull here: rsync
+])
+def test_no_stream_where_rsync_copies(src: SshHost | None, into: Into, kw: dict[str, bool]) -> None:
+    (c,) = plan(CFG, Source(src, "/"), into, stream=True, **kw).copies
+    assert c.stream is None
+
+
+def test_no_stream_when_tar_cannot_say_an_exclude() -> None:
+    into = Into(NAS, "/exports/.i.qrmfs-staging-1", False)
+    (c,) = plan(CFG, Source(SRC, "/", ("*.log",)), into, stream=True).copies
+    assert c.stream is None and "--exclude=*.log" in c.rsync
+    (c,) = plan(CFG, Source(SRC, "/", ("/var/log/*.log",)), into).copies  # stream not asked for
+    assert c.stream is None

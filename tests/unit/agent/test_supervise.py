@@ -8,7 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from qrmfs.agent import protocol as P
+from qrmfs.errors import QrmfsError, RefusedError
 from qrmfs.runner import Runner
 from qrmfs.storage import StorageSide
 
@@ -85,3 +88,71 @@ def test_command_is_not_started_without_the_lock(side: StorageSide, root: Path, 
         r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
     assert r.code == P.STOPPED and "not held by this operation" in r.stderr
     assert not marker.exists()
+
+
+# --- a tar stream's two ends: argv's stdout feeds pipe_to ---------------------------------------------------
+
+def test_pipeline_feeds_the_second_command_and_reports_both_codes(side: StorageSide, root: Path,
+                                                                  tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x" * 5000)
+    dest = root / ".img1.qrmfs-staging-1"
+    dest.mkdir()
+    argv, payload = side.supervised(str(root / "img1"), ["tar", "-cf", "-", "-C", str(src), "."], None,
+                                    pipe_to=["tar", "-xf", "-", "--totals", "-C", str(dest)])
+    r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
+    assert r.code == 0 and r.stdout.strip() == '{"pipeline": [0, 0]}'
+    assert (dest / "d" / "f").read_bytes() == b"x" * 5000
+    assert "Total bytes read: 10240" in r.stderr  # header blocks + data, as the extracting end counted
+
+
+def test_pipeline_codes_of_each_end_and_the_larger_as_exit(side: StorageSide, root: Path) -> None:
+    argv, payload = side.supervised(str(root / "img1"), ["sh", "-c", "echo data; exit 1"], None,
+                                    pipe_to=["sh", "-c", "cat >/dev/null; exit 2"])
+    r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
+    assert (r.code, r.stdout.strip()) == (2, '{"pipeline": [1, 2]}')
+
+
+def test_pipeline_both_ends_stop_when_the_lock_is_lost(side: StorageSide, root: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv, payload = side.supervised(
+        str(root / "img1"), ["sh", "-c", f"echo $$ > {first}; exec sleep 60"], HOLDER,
+        pipe_to=["sh", "-c", f"echo $$ > {second}; exec sleep 60"])
+    with side.lock(str(root / "img1"), HOLDER):
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdin is not None
+        p.stdin.write(payload)
+        p.stdin.flush()
+        deadline = time.monotonic() + 10
+        while not all(f.exists() and f.read_text().strip() for f in (first, second)):
+            assert p.poll() is None and time.monotonic() < deadline, "the pipeline did not start"
+            time.sleep(0.05)
+        pids = [int(f.read_text()) for f in (first, second)]
+        assert all(_alive(c) for c in pids)
+    assert p.wait(timeout=20) == P.STOPPED
+    assert not any(_alive(c) for c in pids)
+    assert b"was lost" in p.stderr.read()  # type: ignore[union-attr]
+
+
+# --- clone on the same server: staging beside the new image, entries of the original ------------------------
+
+def test_stage_copy_lists_the_originals_entries_and_probes_reflinks(side: StorageSide, root: Path) -> None:
+    orig = root / "orig"
+    (orig / ".qrmfs").mkdir(parents=True)
+    (orig / ".qrmfs" / "manifest.json").write_text("{}")
+    for e in ("etc", "usr", "-odd"):
+        (orig / e).mkdir()
+    up = side.stage_copy(str(root / "new"), "tok1", str(orig), str(root))
+    assert up.staging == str(root / ".new.qrmfs-staging-tok1") and Path(up.staging).is_dir()
+    assert up.entries == ["-odd", "etc", "usr"] and up.known_hosts is None
+    assert isinstance(up.reflink, bool) and os.listdir(up.staging) == []  # the probe's files are gone
+
+
+def test_stage_copy_refuses_an_origin_that_is_no_image_or_outside_its_export(side: StorageSide, root: Path,
+                                                                             tmp_path: Path) -> None:
+    (root / "plain").mkdir()
+    with pytest.raises(RefusedError, match="no qrmfs manifest"):
+        side.stage_copy(str(root / "new"), "tok2", str(root / "plain"), str(root))
+    with pytest.raises(QrmfsError):
+        side.stage_copy(str(root / "new"), "tok3", str(tmp_path), str(root))
