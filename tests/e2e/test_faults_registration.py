@@ -170,8 +170,10 @@ def test_the_password_in_no_argv_on_any_host_nor_in_the_image_or_a_url(lab, mock
     samplers = {role: _ArgvSampler(lab, role) for role in ("storage", "source")}
     local: set[str] = set()
     try:
+        # the whole source root: its copy lasts long enough (seconds, even as a tar stream) for the samplers,
+        # which read every process's argv in a loop, to see both ends of it
         p = subprocess.Popen([sys.executable, "-m", "qrmfs", "create", "-t", f"storage:{image_path}", "-l",
-                              "source:/srv", "-u", "openqrm", "-v", "--config", cfg],
+                              "source:/", "-u", "openqrm", "-v", "--config", cfg],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while p.poll() is None:
             for pid in os.listdir("/proc"):

@@ -56,7 +56,7 @@ def _ours_on_storage(lab: dict[str, Any], name: str) -> list[str]:
 
 
 def _storage_rsyncs(lab: dict[str, Any], name: str) -> list[str]:
-    r = run_on(lab, "storage", f"pgrep -af 'rsync.*[.]{name}[.]qrmfs-staging' || true")
+    r = run_on(lab, "storage", f"pgrep -af '(rsync|tar --extract).*[.]{name}[.]qrmfs-staging' || true")
     return [ln for ln in r.stdout.decode().splitlines() if ln.strip()]
 
 
