@@ -66,6 +66,14 @@ def rsync_rsh(h: SshHost, *, identity: str | None = None, known_hosts: str | Non
                                            known_hosts_only=known_hosts_only)])
 
 
+# The xattrs rsync leaves alone, on both sides (s: not sent, r: never deleted, even with --delete-excluded): the
+# system.* namespace (POSIX ACLs, which -A copies), and XFS's own copy of each ACL, which XFS shows root as
+# trusted.SGI_ACL_FILE / SGI_ACL_DEFAULT. Without these rules rsync -X deletes that "extra" xattr on an XFS
+# receiver, which deletes the ACL itself: every update of an image on XFS lost and re-set its ACLs in turn.
+XATTR_FILTERS = ("--filter=-xs system.*", "--filter=-xr system.*",
+                 "--filter=-xs trusted.SGI_*", "--filter=-xr trusted.SGI_*")
+
+
 def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of one command line
                excludes: Sequence[str] = (), rsh: str | None = None,
                progress: bool = False, live_root: bool = True, drift: bool = False,
@@ -86,6 +94,7 @@ def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of 
         argv += ["--modify-window=-1"]
     if progress and not drift:
         argv += ["--info=progress2"]
+    argv += XATTR_FILTERS
     for e in (*(LIVE_EXCLUDES if live_root else ()), *excludes):
         argv += [f"--exclude={e}"]
     if rsh:
@@ -96,7 +105,9 @@ def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of 
 
 # What a tar stream keeps, on both ends: xattrs of every namespace (GNU tar extracts only user.* unless told),
 # POSIX ACLs, numeric owners; the POSIX format keeps sub-second times and long names.
-TAR_FIDELITY = ("--format=posix", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner")
+# XFS's own copies of ACLs (trusted.SGI_ACL_*, see XATTR_FILTERS) are left out: --acls carries the ACLs.
+TAR_FIDELITY = ("--format=posix", "--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_*", "--acls",
+                "--numeric-owner")
 
 
 def tar_pattern(rsync_exclude: str) -> str | None:

@@ -18,6 +18,8 @@ LIVE = ("--exclude=/proc/*", "--exclude=/sys/*", "--exclude=/dev/*", "--exclude=
         "--exclude=/mnt/*", "--exclude=/media/*", "--exclude=/lost+found", "--exclude=/swapfile",
         "--exclude=/.qrmfs/nodes")
 RSYNC_BASE = ("rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats")
+# system.* (ACLs: -A) and XFS's trusted.SGI_ACL_* left alone on both sides, whatever --delete-excluded says
+XF = ("--filter=-xs system.*", "--filter=-xr system.*", "--filter=-xs trusted.SGI_*", "--filter=-xr trusted.SGI_*")
 
 
 # --- ssh ------------------------------------------------------------------------------------------
@@ -82,31 +84,31 @@ def test_rsync_rsh_identity_and_known_hosts_quoted() -> None:
 
 def test_rsync_argv_live_root_defaults() -> None:
     assert A.rsync_argv("/", "/exports/.img.qrmfs-staging-1") == (
-        *RSYNC_BASE, *LIVE, "/", "/exports/.img.qrmfs-staging-1/")
+        *RSYNC_BASE, *XF, *LIVE, "/", "/exports/.img.qrmfs-staging-1/")
 
 
 def test_rsync_argv_directory_source() -> None:
     # live_root defaults on: a root filesystem in a directory has its own proc/sys/dev contents left out too
-    assert A.rsync_argv("/srv/rootfs", "/exports/img") == (*RSYNC_BASE, *LIVE, "/srv/rootfs/", "/exports/img/")
+    assert A.rsync_argv("/srv/rootfs", "/exports/img") == (*RSYNC_BASE, *XF, *LIVE, "/srv/rootfs/", "/exports/img/")
     assert A.rsync_argv("/srv/rootfs", "/exports/img", live_root=False) == (
-        *RSYNC_BASE, "/srv/rootfs/", "/exports/img/")
+        *RSYNC_BASE, *XF, "/srv/rootfs/", "/exports/img/")
 
 
 def test_rsync_argv_live_root_off_has_no_live_excludes() -> None:
     argv = A.rsync_argv("/", "/d", live_root=False, excludes=["/home"])
-    assert argv == (*RSYNC_BASE, "--exclude=/home", "/", "/d/")
+    assert argv == (*RSYNC_BASE, *XF, "--exclude=/home", "/", "/d/")
 
 
 def test_rsync_argv_excludes_after_live_excludes_in_order() -> None:
     argv = A.rsync_argv("/", "/d", excludes=["/var/cache", "/home", "/opt/big dir"])
-    assert argv == (*RSYNC_BASE, *LIVE, "--exclude=/var/cache", "--exclude=/home", "--exclude=/opt/big dir",
+    assert argv == (*RSYNC_BASE, *XF, *LIVE, "--exclude=/var/cache", "--exclude=/home", "--exclude=/opt/big dir",
                     "/", "/d/")
 
 
 def test_rsync_argv_progress_and_rsh_positions() -> None:
     rsh = A.rsync_rsh(SshHost("src"))
     argv = A.rsync_argv("src:/", "/exports/.x", excludes=["/home"], rsh=rsh, progress=True, live_root=False)
-    assert argv == (*RSYNC_BASE, "--info=progress2", "--exclude=/home", "-e", rsh, "src:/", "/exports/.x/")
+    assert argv == (*RSYNC_BASE, "--info=progress2", *XF, "--exclude=/home", "-e", rsh, "src:/", "/exports/.x/")
 
 
 @pytest.mark.parametrize(("src", "dest", "want"), [
@@ -229,7 +231,7 @@ def test_identity_unsafe_is_refused_but_spaces_are_fine(identity: str) -> None:
 def test_rsync_argv_delete_for_an_update() -> None:
     assert A.rsync_argv("/", "/d", delete=True) == (
         "rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats", "--delete", "--delete-excluded",
-        "--itemize-changes", "--modify-window=-1", *LIVE, "/", "/d/")
+        "--itemize-changes", "--modify-window=-1", *XF, *LIVE, "/", "/d/")
     # the drift check already lists deletions; delete adds nothing to a dry run
     assert A.rsync_argv("/", "/d", drift=True, delete=True) == A.rsync_argv("/", "/d", drift=True)
 
@@ -251,7 +253,7 @@ TAR_LIVE = ("--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./dev/*", "--e
 
 def test_tar_create_argv_exact() -> None:
     assert A.tar_create_argv("/", excludes=["/var/cache/*"]) == (
-        "tar", "--create", "--file=-", "--sparse", "--format=posix", "--xattrs", "--xattrs-include=*", "--acls",
+        "tar", "--create", "--file=-", "--sparse", "--format=posix", "--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_*", "--acls",
         "--numeric-owner", "--one-file-system", "--anchored", "--no-wildcards-match-slash", *TAR_LIVE,
         "--exclude=./var/cache/*", "--directory", "/", ".")
     assert A.tar_create_argv("/srv/img/", live_root=False)[-3:] == ("--directory", "/srv/img", ".")
@@ -260,7 +262,7 @@ def test_tar_create_argv_exact() -> None:
 
 def test_tar_extract_argv_exact() -> None:
     assert A.tar_extract_argv("/exports/.i.qrmfs-staging-1") == (
-        "tar", "--extract", "--file=-", "--format=posix", "--xattrs", "--xattrs-include=*", "--acls",
+        "tar", "--extract", "--file=-", "--format=posix", "--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_*", "--acls",
         "--numeric-owner", "--preserve-permissions", "--same-owner", "--totals", "--directory",
         "/exports/.i.qrmfs-staging-1")
 

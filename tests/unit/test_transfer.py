@@ -147,7 +147,8 @@ def test_live_root_copy_to_local_storage_excludes_its_own_staging() -> None:
 def test_plan_copies_separate_filesystem_with_rebased_excludes() -> None:
     p = _plan(["/var/cache"], Mounts(["/var"], []), "/exports/.i.qrmfs-staging-1")
     assert [c.rsync for c in p.copies][1] == (
-        "rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats", "--exclude=/cache",
+        "rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats", "--filter=-xs system.*",
+        "--filter=-xr system.*", "--filter=-xs trusted.SGI_*", "--filter=-xr trusted.SGI_*", "--exclude=/cache",
         "/var/", "/exports/.i.qrmfs-staging-1/var/")
 
 

@@ -311,6 +311,34 @@ def test_reflink_generations_cost_only_what_changed(tmp_path: Path, xfs: Path, e
     assert (Path(previous["path"]) / "big").read_bytes()[:10] != b"node write"
 
 
+def _acl(path: Path) -> str:
+    return subprocess.run(["getfacl", "-cp", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def test_updates_on_xfs_keep_acls_and_change_nothing_when_nothing_changed(
+        tmp_path: Path, xfs: Path, env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """XFS shows root each ACL a second time, as the xattr trusted.SGI_ACL_FILE (SGI_ACL_DEFAULT for a
+    directory's default ACL). rsync -X used to delete that 'extra' xattr, deleting the ACL with it: every update
+    of an image on XFS lost its ACLs or set them again, and never counted 0 changes."""
+    env = _env(tmp_path, xfs / "exports", keep=1)
+    if not shutil.which("setfacl"):
+        pytest.skip("needs setfacl")
+    (env["src"] / "srv/acl-dir").mkdir(parents=True)
+    subprocess.run(["setfacl", "-m", "u:4242:rwx", str(env["src"] / "etc/motd")], check=True)
+    subprocess.run(["setfacl", "-d", "-m", "u:4242:r-x", str(env["src"] / "srv/acl-dir")], check=True)
+    create(env, capsys)
+    for _ in range(2):
+        code, out = update(env, capsys)
+        assert code == 0, out
+        assert "user:4242:rwx" in _acl(env["img"] / "etc/motd")
+        assert "default:user:4242:r-x" in _acl(env["img"] / "srv/acl-dir")
+    gen = json.loads((env["img"] / ".qrmfs/manifest.json").read_text())["generation"]
+    assert {k: gen["changes"][k] for k in ("new", "changed", "metadata", "deleted")} == {
+        "new": 0, "changed": 0, "metadata": 0, "deleted": 0}
+    code, out = update(env, capsys, "--dry-run")
+    assert code == 0 and out["result"]["counts"] == {}, out
+
+
 def _image(d: Path, tag: str, gen_id: str | None = None) -> None:
     (d / "etc").mkdir(parents=True)
     (d / "etc/tag").write_text(tag)
