@@ -254,7 +254,8 @@ TAR_LIVE = ("--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./dev/*", "--e
 def test_tar_create_argv_exact() -> None:
     assert A.tar_create_argv("/", excludes=["/var/cache/*"]) == (
         "tar", "--create", "--file=-", "--sparse", "--format=posix", "--xattrs", "--xattrs-include=*",
-        "--xattrs-exclude=trusted.SGI_*", "--acls", "--numeric-owner", "--one-file-system", "--anchored", "--no-wildcards-match-slash", *TAR_LIVE,
+        "--xattrs-exclude=trusted.SGI_*", "--acls", "--numeric-owner", "--one-file-system", "--anchored",
+        "--no-wildcards-match-slash", *TAR_LIVE,
         "--exclude=./var/cache/*", "--directory", "/", ".")
     assert A.tar_create_argv("/srv/img/", live_root=False)[-3:] == ("--directory", "/srv/img", ".")
     assert not any(a.startswith("--exclude") for a in A.tar_create_argv("/srv", live_root=False))
@@ -263,7 +264,8 @@ def test_tar_create_argv_exact() -> None:
 def test_tar_extract_argv_exact() -> None:
     assert A.tar_extract_argv("/exports/.i.qrmfs-staging-1") == (
         "tar", "--extract", "--file=-", "--format=posix", "--xattrs", "--xattrs-include=*",
-        "--xattrs-exclude=trusted.SGI_*", "--acls", "--numeric-owner", "--preserve-permissions", "--same-owner", "--totals", "--directory",
+        "--xattrs-exclude=trusted.SGI_*", "--acls", "--numeric-owner", "--preserve-permissions", "--same-owner",
+        "--totals", "--directory",
         "/exports/.i.qrmfs-staging-1")
 
 

@@ -143,7 +143,9 @@ def test_create_dry_run_prints_rsync_argv_and_changes_nothing(env: dict[str, Pat
     assert lines[1] == f"  staging: {root}/.img1.qrmfs-staging-<id>"
     assert lines[2] == "  copy root filesystem on local:"
     assert shlex.split(lines[3]) == [
-        "rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats", "--exclude=/proc/*", "--exclude=/sys/*",
+        "rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats", "--filter=-xs system.*",
+        "--filter=-xr system.*", "--filter=-xs trusted.SGI_*", "--filter=-xr trusted.SGI_*", "--exclude=/proc/*",
+        "--exclude=/sys/*",
         "--exclude=/dev/*", "--exclude=/run/*", "--exclude=/tmp/*", "--exclude=/mnt/*", "--exclude=/media/*",
         "--exclude=/lost+found", "--exclude=/swapfile", "--exclude=/.qrmfs/nodes", "--exclude=/var/cache",
         f"{src}/", f"{root}/.img1.qrmfs-staging-<id>/"]
