@@ -147,6 +147,7 @@ def build(env: Env, spec: BuildSpec) -> Built:
             assert run.plan is not None
             run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name),
                              prepared_paths(spec.parent) if run.incremental else frozenset())
+            crash_point("before-prepare")
             _prepare(env, run)
             _write_manifest(run)
             _arm(env, run)
@@ -185,9 +186,12 @@ def _as_new_generation(env: Env, spec: BuildSpec, current: dict[str, Any] | None
 
 
 def crash_point(step: str) -> None:
-    """Tests: qrmfs is SIGKILLed at the named point, for real (its children go with it, as after any SIGKILL)."""
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Tests: qrmfs gets a signal at the named point, for real: `$QRMFS_TEST_CRASH_AT` = STEP (SIGKILL: its
+    children go with it, as after any SIGKILL) or STEP:TERM / STEP:INT (what systemd, `timeout` or Ctrl-C send:
+    qrmfs's own handler stops the run there)."""
+    want, _, sig = (os.environ.get(CRASH_ENV) or "").partition(":")
+    if want == step:
+        os.kill(os.getpid(), {"": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}[sig])
 
 
 def _open_job(spec: BuildSpec) -> openqrm.Job | None:
@@ -515,6 +519,7 @@ def _register(env: Env, run: Run) -> Registration:
     if job.publish is None:
         job.requests += _records(run)
     job.publish = None  # published: from now on it may be sent
+    crash_point("register")
     try:
         why = deliver(env, spec.enroll.creds, job)
     except QrmfsError as e:

@@ -399,3 +399,46 @@ def test_killed_right_before_the_publish_nothing_is_registered(home: dict[str, A
     assert server.commands()[-2:] == ["create_image_img1", "create_image_img1"]
     assert [r["query"]["event_priority"] for r in server.requests][-2:] == ["3", "10"]  # the failure, reported
     assert spool_jobs(home) == [] and os.listdir(root) == []  # nothing left, not even the lock file
+
+
+def _signalled_create(home: dict[str, Any], server: Server, at: str) -> tuple[Path, str, int, str]:
+    tmp = home["tmp"]
+    root, src = tmp / "exports", tmp / "src"
+    root.mkdir()
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "hostname").write_text("src\n")
+    cfg = config(home, server.url, extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\n')
+    p = subprocess.Popen([sys.executable, "-m", "qrmfs", "create", "-t", f"local:{root}/img1", "-l", str(src),
+                          "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**home["env"], "QRMFS_TEST_CRASH_AT": at})
+    _out, err = p.communicate(timeout=300)
+    return root, cfg, p.returncode, err
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+@pytest.mark.parametrize("step", ["before-prepare", "before-publish", "after-publish", "register"])
+def test_sigterm_and_sigint_at_each_phase(home: dict[str, Any], server: Server, step: str, sig: str) -> None:
+    """SIGTERM (systemd, `timeout`, CI) and SIGINT (Ctrl-C) at each phase after the copy: the documented exit
+    code and message; before the publish no image and no staging copy (the registration is never sent, the
+    failure is reported); after it a complete image whose registration waits in the spool and is sent exactly
+    once by the next flush. (Mid-copy: tests/e2e/test_signals.py.)"""
+    root, cfg, code, err = _signalled_create(home, server, f"{step}:{sig}")
+    assert code == (143 if sig == "TERM" else 130), err
+    assert f"interrupted by SIG{sig}" in err and "Traceback" not in err
+    published = step in ("after-publish", "register")
+    if not published:
+        assert [n for n in os.listdir(root) if not n.endswith(".qrmfs-lock")] == []  # no image, no staging
+        assert "removed the unfinished copy" in err
+        assert "new_image" not in server.commands() and server.images == []
+        assert [r["query"]["event_priority"] for r in server.requests][-2:] == ["3", "10"]  # reported, ended
+        assert spool_jobs(home) == []
+        return
+    assert (root / "img1/.qrmfs/manifest.json").is_file()  # published and complete
+    assert "new_image" not in server.commands()  # the run was stopped before it sent the registration ...
+    (job,) = spool_jobs(home)  # ... which waits in the spool
+    f = qrmfs(home, "flush", "--json", "--config", cfg)
+    out, ferr = f.communicate(timeout=120)
+    assert f.returncode == 0, ferr
+    assert json.loads(out)["result"]["delivered"] == [job["id"]]
+    assert server.images == ["img1"] and server.commands().count("new_image") == 1  # exactly once
+    assert spool_jobs(home) == []
