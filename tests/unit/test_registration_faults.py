@@ -442,3 +442,20 @@ def test_sigterm_and_sigint_at_each_phase(home: dict[str, Any], server: Server, 
     assert json.loads(out)["result"]["delivered"] == [job["id"]]
     assert server.images == ["img1"] and server.commands().count("new_image") == 1  # exactly once
     assert spool_jobs(home) == []
+
+
+def test_killed_during_the_preparation_leaves_no_image_and_nothing_registered(home: dict[str, Any],
+                                                                               server: Server) -> None:
+    """SIGKILL after the copy, before the preparation (the registration is not armed yet): no image under the
+    name, the unfinished copy a visible leftover that the next run on the image removes and names."""
+    root, cfg, p = _local_create(home, server, "before-prepare")
+    assert p.returncode == -signal.SIGKILL
+    assert not (root / "img1").exists()
+    (staging,) = [n for n in os.listdir(root) if ".qrmfs-staging-" in n]
+    assert "new_image" not in server.commands() and server.images == []
+    assert all(job["publish"] is None for job in spool_jobs(home))  # nothing armed: never a registration
+    g = qrmfs(home, "gc", "--json", "--config", cfg)
+    out, err = g.communicate(timeout=120)
+    assert g.returncode == 0, err
+    assert str(root / staging) in json.loads(out)["result"]["removed"]
+    assert not (root / staging).exists() and "new_image" not in server.commands()
