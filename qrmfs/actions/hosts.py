@@ -112,6 +112,29 @@ def ssh_agent(runner: Runner, identity: str | None) -> Iterator[dict[str, str]]:
             if daemon:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(daemon, signal.SIGTERM)
+                _until_gone(daemon)
+
+
+def _until_gone(pid: int, timeout: float = 5.0) -> None:
+    """Wait until a process that is not our child (the agent daemon) has ended, SIGKILL it after `timeout`: when
+    qrmfs exits, nothing of its own is left running, not even for the moment a signal takes to land."""
+    for sig in (None, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not _running(pid):
+            return
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _agent_pid(command_pid: int) -> int | None:

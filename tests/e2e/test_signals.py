@@ -35,6 +35,13 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
 def _alive(pid: int) -> bool:
     try:
         return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
@@ -83,7 +90,7 @@ def test_sigterm_and_sigint_stop_the_copy_clean_up_and_say_so(lab, cfg, image_pa
     assert p.returncode == 128 + sig, err
     assert f"interrupted by {sig.name}" in err and "removed the unfinished copy" in err
     assert _storage_rsyncs(lab, name) == []
-    assert [c for c in children if _alive(c)] == []
+    assert [_cmdline(c) for c in children if _alive(c)] == []
     assert [n for n in exports_listing(lab) if name in n and not n.endswith(".qrmfs-lock")] == []
     # the lock is free again: a new run goes through
     assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", config=cfg).returncode == 0
