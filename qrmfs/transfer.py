@@ -246,7 +246,10 @@ def run_stream(runner: Runner, argv: Sequence[str], input: bytes | None) -> Stre
     Stopped by the supervisor (we went, or lost the lock): TransferError, as for rsync."""
     r = runner.stream(argv, lambda _line: None, ok=range(256), input=input)
     s = parse_streamed(r.stdout, r.stderr, r.code)
-    if s.codes is None and r.code == STOPPED:
-        raise TransferError(f"the tar stream exited with {r.code}: {RSYNC_MEANING[STOPPED]}",
+    if s.codes is None:
+        # the supervisor reported no ends: it was stopped (we went, or lost the lock), or our connection to the
+        # storage server was cut (255) or the storage server went away. A repair over that connection cannot
+        # run (the lock went with it): the copy fails here, saying why, as an rsync would.
+        raise TransferError(f"the tar stream exited with {r.code}: {RSYNC_MEANING.get(r.code, 'failed')}",
                             tail(r.stderr, 15) or "(nothing on stderr)")
     return s

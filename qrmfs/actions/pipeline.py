@@ -188,10 +188,11 @@ def _as_new_generation(env: Env, spec: BuildSpec, current: dict[str, Any] | None
 def crash_point(step: str) -> None:
     """Tests: qrmfs gets a signal at the named point, for real: `$QRMFS_TEST_CRASH_AT` = STEP (SIGKILL: its
     children go with it, as after any SIGKILL) or STEP:TERM / STEP:INT (what systemd, `timeout` or Ctrl-C send:
-    qrmfs's own handler stops the run there)."""
+    qrmfs's own handler stops the run there) or STEP:STOP (paused there, holding what it holds, until SIGCONT)."""
     want, _, sig = (os.environ.get(CRASH_ENV) or "").partition(":")
     if want == step:
-        os.kill(os.getpid(), {"": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}[sig])
+        os.kill(os.getpid(), {"": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT,
+                              "STOP": signal.SIGSTOP}[sig])
 
 
 def _open_job(spec: BuildSpec) -> openqrm.Job | None:

@@ -314,31 +314,30 @@ def test_remove_while_create_runs_is_refused_and_nothing_is_lost(lab, cfg, image
 # --- a remove of the image a clone copies from ------------------------------------------------------------
 
 def test_remove_of_the_origin_while_a_clone_copies_is_refused(lab, cfg, image_path):
-    """The clone's copy on the storage server is paused (SIGSTOP) while it reads the origin, so the remove
-    surely meets it mid-copy; then it goes on. Nothing is lost: both images end complete."""
+    """The clone is paused for real (SIGSTOP, right after its copy, holding the locks of both images: the copy
+    itself is a reflink `cp` on XFS and too quick to catch), so the remove surely meets it; then it goes on.
+    Nothing is lost: both images end complete."""
     name = posixpath.basename(image_path)
     copy_path = image_path + "_c"
     copy_name = posixpath.basename(copy_path)
     assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/usr", "-o", config=cfg).returncode == 0
     files = _manifest(lab, image_path)["counts"]["files"]
-    p = _start(cfg, "clone", "-s", copy_name, "--from", f"storage:{image_path}", "-t", f"storage:{copy_path}", "-o")
-    stopped: list[str] = []
+    p = _start(cfg, "clone", "-s", copy_name, "--from", f"storage:{image_path}", "-t", f"storage:{copy_path}", "-o",
+               env={"QRMFS_TEST_CRASH_AT": "before-prepare:STOP"})
     try:
-        def pause() -> bool:
+        def paused() -> bool:
             assert p.poll() is None, p.communicate()
-            r = run_on(lab, "storage", f"pkill -STOP -f 'rsync.*[.]{copy_name}[.]qrmfs-staging' && echo stopped",
-                       check=False)
-            if b"stopped" in r.stdout:
-                stopped.append(copy_name)
-            return bool(stopped)
-        _until("the clone's copy runs on the storage server", pause, 120)
+            with open(f"/proc/{p.pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] == "T"
+        _until("the clone is paused after its copy", paused, 120)
+        assert [n for n in exports_listing(lab) if f".{copy_name}.qrmfs-staging-" in n]  # its copy is there
         r = qrmfs("remove", "-y", "-o", "-t", f"storage:{image_path}", config=cfg)
         assert r.returncode == 6, r.stderr
         (line,) = r.stderr.strip().splitlines()
         assert "locked" in line and f"clone {copy_name}" in line, line
         assert _manifest(lab, image_path)["counts"]["files"] == files  # the origin is untouched
     finally:
-        run_on(lab, "storage", f"pkill -CONT -f 'rsync.*[.]{copy_name}[.]qrmfs-staging'", check=False)
+        os.kill(p.pid, signal.SIGCONT)
     out, err = p.communicate(timeout=600)
     try:
         assert p.returncode == 0, err

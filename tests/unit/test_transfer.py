@@ -353,3 +353,14 @@ def test_parse_streamed_unclean_says_why(out: str, err: str, code: int, why: str
 def test_run_stream_stopped_by_the_supervisor_is_a_transfer_error() -> None:
     with pytest.raises(TransferError, match="stopped by qrmfs's storage-side supervisor"):
         transfer.run_stream(Runner(), ["sh", "-c", "echo 'qrmfs agent: stopped ssh: x' >&2; exit 125"], None)
+
+
+def test_run_stream_whose_connection_was_cut_fails_without_a_repair() -> None:
+    """No ends reported (our ssh to the storage server cut: 255): the copy fails, saying why; no rsync repair is
+    tried over a connection (and a lock) that is gone."""
+    with pytest.raises(TransferError, match="exited with 255: ssh failed") as ei:
+        transfer.run_stream(Runner(), ["sh", "-c", "echo 'Connection to storage closed by remote host.' >&2; "
+                                                   "exit 255"], None)
+    assert "closed by remote host" in ei.value.detail
+    s = transfer.run_stream(Runner(), ["sh", "-c", "echo '{\"pipeline\": [255, 2]}'; exit 255"], None)
+    assert s.codes == (255, 2) and not s.clean  # the source's ssh failed: the ends say so, rsync repairs
