@@ -371,7 +371,8 @@ class Listing(Result):
             t.add_row(i.storage, (i.name or "?") + (f" (locked: {i.locked_by})" if i.locked_by else ""), size,
                       str(i.files), i.created or "?", i.source or "?", tags, i.validation, str(i.registration))
         out = StringIO()
-        Console(file=out, width=200, no_color=True, highlight=False).print(t)
+        # as wide as its rows: a long source or registration is never folded onto a second line (grep finds it)
+        Console(file=out, width=10_000, no_color=True, highlight=False).print(t)
         return "\n".join([out.getvalue().rstrip("\n") if self.images else "no images", *self._leftover_text()])
 
     def failure(self) -> QrmfsError | None:
