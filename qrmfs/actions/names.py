@@ -25,6 +25,8 @@ def registered_elsewhere(env: Env, name: str, target: Target) -> list[str]:
     servers.setdefault(here.name, here)
     seen: set[tuple[str, int, str]] = set()
     for s in servers.values():
+        env.side(s).connect()  # every server's ssh handshake at once, not one after the other
+    for s in servers.values():
         try:
             listed = env.side(s).list()
         except QrmfsError as e:
