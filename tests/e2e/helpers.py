@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from typing import Any
 
 from lab import lab as _lab
@@ -58,3 +59,14 @@ def tree_info(info: dict[str, Any], role: str, root: str) -> dict[str, Any]:
 def exports_listing(info: dict[str, Any]) -> list[str]:
     """Every name directly under the export root, hidden ones included."""
     return sorted(run_on(info, "storage", "ls -A /exports").stdout.decode().split())
+
+
+def until(what: str, check: Any, timeout: float = 60.0) -> Any:
+    """Wait for a condition (polled every 0.2 s) and return its value; fail naming it after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.2)

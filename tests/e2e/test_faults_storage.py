@@ -14,7 +14,6 @@ import posixpath
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,21 +23,11 @@ import pytest
 
 from lab import lab as _lab
 
-from .helpers import exports_listing, qrmfs, result_of, run_on, write_config
+from .helpers import exports_listing, qrmfs, result_of, run_on, until, write_config
 
 pytestmark = pytest.mark.e2e
 
 PINS = "/var/lib/qrmfs/pins"
-
-
-def _until(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.2)
 
 
 def _state(mock: Any) -> dict[str, Any]:
@@ -69,7 +58,7 @@ def _copying(lab: dict[str, Any], p: subprocess.Popen[str], name: str) -> None:
     def ready() -> bool:
         assert p.poll() is None, p.communicate()
         return bool(_storage_rsyncs(lab, name))
-    _until("the storage-side rsync copies", ready, 120)
+    until("the storage-side rsync copies", ready, 120)
 
 
 def _leftovers(cfg: str, name: str) -> list[dict[str, Any]]:
@@ -159,7 +148,7 @@ def test_the_pinned_source_key_lies_outside_the_export_and_is_the_only_one_trust
         if p.poll() is None:
             p.kill()
             p.wait()
-    _until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, name) == [], 60)
+    until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, name) == [], 60)
     assert name not in exports_listing(lab)
     kinds = sorted((x["kind"], x["path"].startswith(PINS)) for x in _leftovers(cfg, name))
     assert kinds == [("known_hosts", True), ("lock", False), ("staging", False)]
@@ -176,7 +165,7 @@ def test_sigkill_at_the_publish(lab, mock, cfg, image_path, at):
     r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm", config=cfg,
               env={"QRMFS_TEST_CRASH_AT": at})
     assert r.returncode == -signal.SIGKILL, r.stderr
-    _until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, name) == [], 60)
+    until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, name) == [], 60)
     assert "new_image" not in [q["query"].get("image_command") for q in _state(mock)["requests"]]
     listed = result_of(qrmfs("list", "--json", config=cfg))
     rows = [i for i in listed["images"] if i["path"] == image_path]
@@ -220,7 +209,7 @@ def test_storage_sshd_sessions_killed_mid_copy(lab, cfg, image_path):
     assert "ssh failed (connection or authentication)" in line and "Traceback" not in err
     # qrmfs connects anew to clean up: the unfinished copy is gone at once
     assert "removed the unfinished copy" in err
-    _until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, name) == [], 60)
+    until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, name) == [], 60)
     assert name not in exports_listing(lab)
     _gc_removes_every_leftover(cfg, lab, name)
 
@@ -277,7 +266,7 @@ def test_storage_full_during_the_copy(lab, cfg, small_export):
     (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("qrmfs: error:")]
     assert line == "qrmfs: error: rsync exited with 11: the target filesystem is full (No space left on device)"
     assert "removed the unfinished copy" in r.stderr
-    _until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, "img") == [], 60)
+    until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, "img") == [], 60)
     left = run_on(lab, "storage", f"ls -A {small_export}").stdout.decode().split()
     assert [n for n in left if n != ".img.qrmfs-lock"] == []  # no image, no staging copy
     assert _leftovers(cfg, "img") == []
@@ -329,7 +318,7 @@ def test_remove_of_the_origin_while_a_clone_copies_is_refused(lab, cfg, image_pa
             assert p.poll() is None, p.communicate()
             with open(f"/proc/{p.pid}/stat") as f:
                 return f.read().rpartition(")")[2].split()[0] == "T"
-        _until("the clone is paused after its copy", paused, 120)
+        until("the clone is paused after its copy", paused, 120)
         assert [n for n in exports_listing(lab) if f".{copy_name}.qrmfs-staging-" in n]  # its copy is there
         r = qrmfs("remove", "-y", "-o", "-t", f"storage:{image_path}", config=cfg)
         assert r.returncode == 6, r.stderr

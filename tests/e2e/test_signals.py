@@ -10,12 +10,11 @@ import posixpath
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
 
-from .helpers import exports_listing, qrmfs, run_on
+from .helpers import exports_listing, qrmfs, run_on, until
 
 pytestmark = pytest.mark.e2e
 
@@ -49,16 +48,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _until(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.2)
-
-
 def _storage_rsyncs(lab: dict[str, Any], name: str) -> list[str]:
     r = run_on(lab, "storage", f"pgrep -af '(rsync|tar --extract).*[.]{name}[.]qrmfs-staging' || true")
     return [ln for ln in r.stdout.decode().splitlines() if ln.strip()]
@@ -75,7 +64,7 @@ def _copying(lab: dict[str, Any], p: subprocess.Popen[str], name: str) -> set[in
     def ready() -> bool:
         assert p.poll() is None, p.communicate()
         return bool(_storage_rsyncs(lab, name))
-    _until("the storage-side rsync runs", ready)
+    until("the storage-side rsync runs", ready)
     return _descendants(p.pid)
 
 
@@ -103,8 +92,8 @@ def test_sigkill_leaves_nothing_running_and_the_next_run_cleans_up(lab, cfg, ima
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
     # qrmfs's children die with it; the storage side notices the closed connection and stops the copy
-    _until("qrmfs's children are gone", lambda: not [c for c in children if _alive(c)], 30)
-    _until("the storage-side rsync is gone", lambda: _storage_rsyncs(lab, name) == [], 30)
+    until("qrmfs's children are gone", lambda: not [c for c in children if _alive(c)], 30)
+    until("the storage-side rsync is gone", lambda: _storage_rsyncs(lab, name) == [], 30)
     left = [n for n in exports_listing(lab) if f".{name}.qrmfs-staging-" in n]
     assert left, "a SIGKILL leaves the staging copy (nothing ran to remove it)"
     assert not [n for n in exports_listing(lab) if n == name]  # never under the image's name

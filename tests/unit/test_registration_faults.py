@@ -348,7 +348,9 @@ def test_same_image_by_storage_identity_and_path() -> None:
 
 # --- SIGKILL at the publish: the registration is written ahead, never lost, never sent for nothing ----------
 
-def _local_create(home: dict[str, Any], server: Server, crash_at: str) -> tuple[Path, str, subprocess.Popen[str]]:
+def _local_create(home: dict[str, Any], server: Server, crash_at: str
+                  ) -> tuple[Path, str, subprocess.Popen[str], str]:
+    """A create on a local storage server, stopped at `crash_at` ($QRMFS_TEST_CRASH_AT); its stderr."""
     tmp = home["tmp"]
     root, src = tmp / "exports", tmp / "src"
     root.mkdir()
@@ -358,12 +360,12 @@ def _local_create(home: dict[str, Any], server: Server, crash_at: str) -> tuple[
     p = subprocess.Popen([sys.executable, "-m", "qrmfs", "create", "-t", f"local:{root}/img1", "-l", str(src),
                           "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**home["env"], "QRMFS_TEST_CRASH_AT": crash_at})
-    p.communicate(timeout=300)
-    return root, cfg, p
+    _out, err = p.communicate(timeout=300)
+    return root, cfg, p, err
 
 
 def test_killed_right_after_the_publish_the_next_flush_registers_once(home: dict[str, Any], server: Server) -> None:
-    root, cfg, p = _local_create(home, server, "after-publish")
+    root, cfg, p, _err = _local_create(home, server, "after-publish")
     assert p.returncode == -signal.SIGKILL
     assert (root / "img1/.qrmfs/manifest.json").is_file()  # published, complete
     assert "new_image" not in server.commands()
@@ -383,7 +385,7 @@ def test_killed_right_after_the_publish_the_next_flush_registers_once(home: dict
 
 
 def test_killed_right_before_the_publish_nothing_is_registered(home: dict[str, Any], server: Server) -> None:
-    root, cfg, p = _local_create(home, server, "before-publish")
+    root, cfg, p, _err = _local_create(home, server, "before-publish")
     assert p.returncode == -signal.SIGKILL
     assert not (root / "img1").exists()  # no image under the name
     (staging,) = [n for n in os.listdir(root) if ".qrmfs-staging-" in n]  # the unfinished copy: a leftover
@@ -401,20 +403,6 @@ def test_killed_right_before_the_publish_nothing_is_registered(home: dict[str, A
     assert spool_jobs(home) == [] and os.listdir(root) == []  # nothing left, not even the lock file
 
 
-def _signalled_create(home: dict[str, Any], server: Server, at: str) -> tuple[Path, str, int, str]:
-    tmp = home["tmp"]
-    root, src = tmp / "exports", tmp / "src"
-    root.mkdir()
-    (src / "etc").mkdir(parents=True)
-    (src / "etc" / "hostname").write_text("src\n")
-    cfg = config(home, server.url, extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\n')
-    p = subprocess.Popen([sys.executable, "-m", "qrmfs", "create", "-t", f"local:{root}/img1", "-l", str(src),
-                          "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**home["env"], "QRMFS_TEST_CRASH_AT": at})
-    _out, err = p.communicate(timeout=300)
-    return root, cfg, p.returncode, err
-
-
 @pytest.mark.parametrize("sig", ["TERM", "INT"])
 @pytest.mark.parametrize("step", ["before-prepare", "before-publish", "after-publish", "register"])
 def test_sigterm_and_sigint_at_each_phase(home: dict[str, Any], server: Server, step: str, sig: str) -> None:
@@ -422,8 +410,8 @@ def test_sigterm_and_sigint_at_each_phase(home: dict[str, Any], server: Server, 
     code and message; before the publish no image and no staging copy (the registration is never sent, the
     failure is reported); after it a complete image whose registration waits in the spool and is sent exactly
     once by the next flush. (Mid-copy: tests/e2e/test_signals.py.)"""
-    root, cfg, code, err = _signalled_create(home, server, f"{step}:{sig}")
-    assert code == (143 if sig == "TERM" else 130), err
+    root, cfg, p, err = _local_create(home, server, f"{step}:{sig}")
+    assert p.returncode == (143 if sig == "TERM" else 130), err
     assert f"interrupted by SIG{sig}" in err and "Traceback" not in err
     published = step in ("after-publish", "register")
     if not published:
@@ -448,7 +436,7 @@ def test_killed_during_the_preparation_leaves_no_image_and_nothing_registered(ho
                                                                                server: Server) -> None:
     """SIGKILL after the copy, before the preparation (the registration is not armed yet): no image under the
     name, the unfinished copy a visible leftover that the next run on the image removes and names."""
-    root, cfg, p = _local_create(home, server, "before-prepare")
+    root, cfg, p, _err = _local_create(home, server, "before-prepare")
     assert p.returncode == -signal.SIGKILL
     assert not (root / "img1").exists()
     (staging,) = [n for n in os.listdir(root) if ".qrmfs-staging-" in n]
