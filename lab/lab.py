@@ -260,58 +260,50 @@ def _unmount_mounts(lab: LabHandle) -> list[str]:
 def _start_sources(lab: LabHandle, client: docker.DockerClient, names: list[str], tags: dict[str, str]) -> None:
     """Start (or replace) the extra source hosts `names` on the running lab's network."""
     keys.ensure_keys(lab.state, tuple(names))
-    net = Network()
-    net.name = lab.network
     for role in names:
-        try:
-            client.containers.get(lab.container_name(role)).remove(force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        volumes: dict[str, dict[str, str]] = {str(lab.state / "hosts" / role): {"bind": "/lab", "mode": "ro"}}
+        volumes = [(str(lab.state / "hosts" / role), "/lab", "ro")]
         if role == MOUNTS:
-            volumes.update(_mounts_volumes(lab))
-        c = (DockerContainer(tags[role])
-             .with_name(lab.container_name(role))
-             .with_network(net)
-             .with_network_aliases(role)
-             .with_kwargs(labels=_labels(lab, role), hostname=f"lab-{role}")
-             .waiting_for(InnerReady(_inner_ready(role))
-                          .with_startup_timeout(READY_TIMEOUT).with_poll_interval(0.2)))
-        for src, spec in volumes.items():
-            c.with_volume_mapping(src, spec["bind"], spec["mode"])
-        try:
-            c.start()
-        except Exception as e:
-            raise LabError(f"the lab's {role} host did not become ready: {e}\n{_logs(client, lab, role)}") from e
+            volumes += [(src, spec["bind"], spec["mode"]) for src, spec in _mounts_volumes(lab).items()]
+        _start_extra(lab, client, role, tags[role], _labels(lab, role), volumes, {}, "host")
 
 
 def _start_storages(lab: LabHandle, client: docker.DockerClient, names: list[str], tag: str) -> None:
     """Start (or replace) the extra storage servers `names` on the running lab's network: each gets its own
     docker volumes for /exports and /exports-plain (a plain export, no XFS)."""
     keys.ensure_keys(lab.state, tuple(names))
-    net = Network()
-    net.name = lab.network
     for role in names:
-        try:
-            client.containers.get(lab.container_name(role)).remove(force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        labels = {**_labels(lab, role), EXPORT_LABEL: "plain"}
-        c = (DockerContainer(tag)
-             .with_name(lab.container_name(role))
-             .with_network(net)
-             .with_network_aliases(role)
-             .with_kwargs(labels=labels, hostname=f"lab-{role}", cap_add=["DAC_READ_SEARCH", "SYS_ADMIN"])
-             .waiting_for(InnerReady(_inner_ready(role))
-                          .with_startup_timeout(READY_TIMEOUT).with_poll_interval(0.2)))
-        c.with_volume_mapping(str(lab.state / "hosts" / role), "/lab", "ro")
+        volumes = [(str(lab.state / "hosts" / role), "/lab", "ro")]
         for root in (EXPORT_ROOT, PLAIN_ROOT):
             vol = client.volumes.create(name=f"{lab.name}-{role}{root.replace('/', '-')}", labels=_labels(lab))
-            c.with_volume_mapping(vol.name, root, "rw")
-        try:
-            c.start()
-        except Exception as e:
-            raise LabError(f"the lab's {role} server did not become ready: {e}\n{_logs(client, lab, role)}") from e
+            volumes.append((vol.name, root, "rw"))
+        _start_extra(lab, client, role, tag, {**_labels(lab, role), EXPORT_LABEL: "plain"}, volumes,
+                     {"cap_add": ["DAC_READ_SEARCH", "SYS_ADMIN"]}, "server")
+
+
+def _start_extra(lab: LabHandle, client: docker.DockerClient, role: str, tag: str,  # noqa: PLR0913 - one container
+                 labels: dict[str, str], volumes: list[tuple[str, str, str]], kwargs: dict[str, Any],
+                 noun: str) -> None:
+    """One extra container (a source host or a storage server) on the lab's network, replacing any of that
+    role, started and waited for until ready."""
+    try:
+        client.containers.get(lab.container_name(role)).remove(force=True, v=True)
+    except docker.errors.NotFound:
+        pass
+    net = Network()
+    net.name = lab.network
+    c = (DockerContainer(tag)
+         .with_name(lab.container_name(role))
+         .with_network(net)
+         .with_network_aliases(role)
+         .with_kwargs(labels=labels, hostname=f"lab-{role}", **kwargs)
+         .waiting_for(InnerReady(_inner_ready(role))
+                      .with_startup_timeout(READY_TIMEOUT).with_poll_interval(0.2)))
+    for src, bind, mode in volumes:
+        c.with_volume_mapping(src, bind, mode)
+    try:
+        c.start()
+    except Exception as e:
+        raise LabError(f"the lab's {role} {noun} did not become ready: {e}\n{_logs(client, lab, role)}") from e
 
 
 def _logs(client: docker.DockerClient, lab: LabHandle, role: str) -> str:

@@ -283,16 +283,22 @@ def test_tls_is_verified_and_ca_file_trusts_a_private_ca(tls_server: tuple[str, 
     Client(url, USER, PASSWORD, retries=0, ca_file=str(cert)).send_once(openqrm.new_image(FIELDS))
 
 
-# --- the password while a real create runs ------------------------------------------------------------
-
-def test_password_in_no_argv_output_spool_manifest_or_url_while_create_runs(home: dict[str, Any],
-                                                                           server: Server) -> None:
+def _local_storage(home: dict[str, Any], server: Server) -> tuple[Path, Path, str]:
+    """An empty export on a `local` storage server, a tiny source tree, and a config for both and the server."""
     tmp = home["tmp"]
     root, src = tmp / "exports", tmp / "src"
     root.mkdir()
     (src / "etc").mkdir(parents=True)
     (src / "etc" / "hostname").write_text("src\n")
     cfg = config(home, server.url, extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\n')
+    return root, src, cfg
+
+
+# --- the password while a real create runs ------------------------------------------------------------
+
+def test_password_in_no_argv_output_spool_manifest_or_url_while_create_runs(home: dict[str, Any],
+                                                                           server: Server) -> None:
+    root, src, cfg = _local_storage(home, server)
     server.delay = 0.05
     seen_argv: set[str] = set()
     done = threading.Event()
@@ -351,12 +357,7 @@ def test_same_image_by_storage_identity_and_path() -> None:
 def _local_create(home: dict[str, Any], server: Server, crash_at: str
                   ) -> tuple[Path, str, subprocess.Popen[str], str]:
     """A create on a local storage server, stopped at `crash_at` ($QRMFS_TEST_CRASH_AT); its stderr."""
-    tmp = home["tmp"]
-    root, src = tmp / "exports", tmp / "src"
-    root.mkdir()
-    (src / "etc").mkdir(parents=True)
-    (src / "etc" / "hostname").write_text("src\n")
-    cfg = config(home, server.url, extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\n')
+    root, src, cfg = _local_storage(home, server)
     p = subprocess.Popen([sys.executable, "-m", "qrmfs", "create", "-t", f"local:{root}/img1", "-l", str(src),
                           "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**home["env"], "QRMFS_TEST_CRASH_AT": crash_at})
