@@ -50,11 +50,14 @@ def ssh_argv(h: SshHost, remote: Sequence[str], *, identity: str | None = None, 
             shlex.join(remote))
 
 
-def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,
-                    known_hosts: str | None = None, remote: Sequence[str] = ()) -> tuple[str, ...]:
+def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,  # noqa: PLR0913 - ssh's options
+                    known_hosts: str | None = None, remote: Sequence[str] = (),
+                    forward_agent: bool = False) -> tuple[str, ...]:
     """A master connection that later ssh calls with the same control socket share (no new handshake);
-    with `remote`, it runs that command too (the agent session), else none (-N)."""
-    return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts), "-o", "ControlMaster=yes",
+    with `remote`, it runs that command too (the agent session), else none (-N). forward_agent: the master
+    forwards its $SSH_AUTH_SOCK to the sessions that ask (`ssh -A` through it): give it qrmfs's own agent."""
+    return ("ssh", *ssh_options(h, identity=identity, known_hosts=known_hosts, forward_agent=forward_agent),
+            "-o", "ControlMaster=yes",
             "-o", f"ControlPath={ssh_value(control, 'ssh ControlPath')}", "-o", "ControlPersist=no",
             *(() if remote else ("-N",)), "--", h.address, *((shlex.join(remote),) if remote else ()))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
 import signal
 import sys
 from typing import Annotated
@@ -519,4 +521,13 @@ def _main(args: list[str]) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    rc = main()
+    # qrmfs's own clean-up (its connections, its ssh-agent) runs now, as at any exit; then the process ends at
+    # once, without the interpreter tearing down its objects one by one (0.15 s of a 1.6 s create here).
+    atexit._run_exitfuncs()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            rc = rc or 1
+    os._exit(rc)

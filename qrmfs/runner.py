@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from plumbum import local
 from plumbum.commands.processes import CommandNotFound, ProcessTimedOut
@@ -135,6 +135,34 @@ class Runner:
             out_lines.append(buf.decode(errors="replace"))
             on_line(out_lines[-1])
         return out_lines
+
+
+T = TypeVar("T")
+
+
+def later(fn: Callable[[], T]) -> Callable[[], T]:
+    """Start fn in a thread now; the returned callable waits for it and gives its result (or raises what it
+    raised). The thread is a daemon: a run that fails before it asks does not wait for it, and a command the
+    thread started dies with qrmfs (PR_SET_PDEATHSIG follows the thread that forked it, which waits for it)."""
+    box: list[Any] = []
+
+    def work() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            box.append((False, e))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+
+    def result() -> T:
+        t.join()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    return result
 
 
 def stop(p: subprocess.Popen[bytes], grace: float = 15.0) -> None:

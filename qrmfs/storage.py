@@ -68,9 +68,11 @@ def node_init_script() -> str:
 
 class StorageSide:
     def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,
-                 known_hosts: str | None = None) -> None:
+                 known_hosts: str | None = None, agent_sock: str | None = None) -> None:
+        """agent_sock: where this run's own ssh-agent listens (or will: it starts when a copy needs it). The
+        master connection then forwards it, so a copy's `ssh -A` shares the connection too."""
         self.storage, self.runner = storage, runner
-        self.identity, self.known_hosts = identity, known_hosts
+        self.identity, self.known_hosts, self.agent_sock = identity, known_hosts, agent_sock
         self._sources: list[tuple[str, str]] | None = None
         self._control: str | None = None
         self._session: subprocess.Popen[bytes] | None = None
@@ -101,8 +103,10 @@ class StorageSide:
             self._drop_control()
             self._control = os.path.join(tempfile.mkdtemp(prefix="qrmfs-ssh-"), "m")
             argv = A.ssh_master_argv(self.storage.ssh, self._control, identity=self.identity,
-                                     known_hosts=self.known_hosts, remote=remote)
-        p = self.runner.popen(argv)  # from this thread: its PR_SET_PDEATHSIG follows the thread that forks
+                                     known_hosts=self.known_hosts, remote=remote,
+                                     forward_agent=self.agent_sock is not None)
+        runner = self.runner.with_env({"SSH_AUTH_SOCK": self.agent_sock}) if self.agent_sock else self.runner
+        p = runner.popen(argv)  # from this thread: its PR_SET_PDEATHSIG follows the thread that forks
         assert p.stdin is not None and p.stdout is not None and p.stderr is not None
         err: list[bytes] = []
         payload = self._payload(P.Serve()).encode()
@@ -194,9 +198,11 @@ class StorageSide:
         """argv that runs `remote` on the storage server (as is, when the storage server is local)."""
         if self.local:
             return tuple(remote)
-        # Agent forwarding must come from this process's own agent: never through the shared master.
+        # Agent forwarding must come from this process's own agent: through the shared master only when that
+        # forwards ours (agent_sock), else on a connection of its own.
+        shared = not forward_agent or self.agent_sock is not None
         return A.ssh_argv(self.storage.ssh, remote, identity=self.identity, known_hosts=self.known_hosts,
-                          forward_agent=forward_agent, control=None if forward_agent else self._mux())
+                          forward_agent=forward_agent, control=self._mux() if shared else None)
 
     def _payload(self, req: P.Request[Any]) -> str:
         if self._sources is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import os
 import socket
@@ -22,6 +23,7 @@ from ..results import Registration, RegState
 from ..runner import Runner
 from ..storage import StorageSide
 from ..ui import Ui
+from . import hosts
 
 if TYPE_CHECKING:
     import httpx
@@ -127,6 +129,17 @@ class Env:
     transport: httpx.BaseTransport | None = None  # the openQRM client's (tests give an httpx.MockTransport)
     _sides: dict[Storage, StorageSide] = field(default_factory=dict)
     _claims: dict[str, openqrm.Claim] = field(default_factory=dict)  # spool jobs this process delivers
+    agent: hosts.PrivateAgent | None = None  # this run's own ssh-agent, once forward_agent() started it
+
+    def forward_agent(self) -> None:
+        """This run may copy from a source host through a storage server (which logs in to the source with
+        qrmfs's key, forwarded from a private ssh-agent): start that agent now, empty, before any connection to
+        a storage server starts, so each connection forwards it and the copy's `ssh -A` shares the connection.
+        The key goes into the agent only while a copy runs (hosts.ssh_agent), as before. Only with the config's
+        identity file: the operator's own agent is never forwarded for the whole run."""
+        if self.agent is None and self.cfg.identity_file and not self._sides:
+            self.agent = hosts.PrivateAgent(self.runner)
+            atexit.register(self.agent.stop)  # after the connections close (atexit runs last-registered first)
 
     def storage(self, target: Target) -> Storage:
         s = self.cfg.storage_for(target.storage)
@@ -139,7 +152,8 @@ class Env:
         """One StorageSide (and so one ssh master connection) per storage server and run."""
         if storage not in self._sides:
             self._sides[storage] = StorageSide(storage, self.runner, identity=self.cfg.identity_file,
-                                               known_hosts=self.cfg.known_hosts)
+                                               known_hosts=self.cfg.known_hosts,
+                                               agent_sock=self.agent.sock if self.agent else None)
         return self._sides[storage]
 
     def existing(self, target: Target) -> tuple[Storage, StorageSide, Inspected]:

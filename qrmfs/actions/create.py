@@ -80,6 +80,8 @@ def dry_run(req: CreateRequest, env: Env) -> BuildPlan:
 def create(req: CreateRequest, env: Env) -> Built:
     if not req.only_physical:
         require_registration(req.creds)
+    if req.location.host is not None and req.route is Route.SSH:
+        env.forward_agent()  # the storage server pulls from the source host (a local one is never reached)
     with pipeline.placement(env, req.target, req.route) as place:
         if not req.only_physical:
             flush_spool(env, req.creds, quick=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -79,40 +80,68 @@ def source_known_hosts(runner: Runner, cfg: Config, h: SshHost) -> str:
     return "\n".join(lines) + "\n"
 
 
-def agent_for(runner: Runner, cp: CopyPlan, identity: str | None) -> AbstractContextManager[dict[str, str]]:
+def agent_for(runner: Runner, cp: CopyPlan, identity: str | None,
+              agent: PrivateAgent | None = None) -> AbstractContextManager[dict[str, str]]:
     """The environment the plan's commands need: an agent to forward for the pull route, else nothing."""
-    return ssh_agent(runner, identity) if cp.needs_agent else nullcontext({})
+    return ssh_agent(runner, identity, agent) if cp.needs_agent else nullcontext({})
+
+
+class PrivateAgent:
+    """qrmfs's own ssh-agent, started empty. It holds our key only while a copy that needs it runs
+    (`holding`), and is gone when stopped. Started before a run's connections to its storage servers, it is
+    the agent those connections forward (ssh forwards only an agent that is there when it starts)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.dir = tempfile.mkdtemp(prefix="qrmfs-agent-")
+        self.sock = os.path.join(self.dir, "agent.sock")
+        self.env = {"SSH_AUTH_SOCK": self.sock}
+        self._agent = runner.popen(A.ssh_agent_argv(self.sock), output=subprocess.DEVNULL)  # stdin: our pipe to cat
+        self._daemon: int | None = None
+        try:
+            _listening(self._agent, self.sock)
+            self._daemon = _agent_pid(self._agent.pid)
+        except BaseException:
+            self.stop()
+            raise
+
+    @contextmanager
+    def holding(self, identity: str) -> Iterator[dict[str, str]]:
+        keys = Runner(env=self.env)
+        try:
+            keys.run(A.ssh_add_argv(identity), timeout=30)
+            yield self.env
+        finally:
+            keys.run(A.ssh_add_forget_argv(), ok=range(256), timeout=30)
+
+    def stop(self) -> None:
+        stop(self._agent, grace=0)
+        if self._daemon:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._daemon, signal.SIGTERM)
+            _until_gone(self._daemon)
+            self._daemon = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @contextmanager
-def ssh_agent(runner: Runner, identity: str | None) -> Iterator[dict[str, str]]:
-    """A private ssh-agent holding our key for the storage server's hop to the source; gone afterwards.
-    Without an identity file, the caller's own agent ($SSH_AUTH_SOCK) is used."""
+def ssh_agent(runner: Runner, identity: str | None, agent: PrivateAgent | None = None) -> Iterator[dict[str, str]]:
+    """A private ssh-agent holding our key for the storage server's hop to the source; gone afterwards (the
+    run's own agent, when it has one: then only the key goes). Without an identity file, the caller's own
+    agent ($SSH_AUTH_SOCK) is used."""
     if not identity:
-        sock = os.environ.get("SSH_AUTH_SOCK")
-        if not sock:
+        own = os.environ.get("SSH_AUTH_SOCK")
+        if not own:
             raise ConnectError("the ssh route needs a key for the source host: set [ssh] identity_file in the "
                                "config or run an ssh-agent holding it")
-        yield {"SSH_AUTH_SOCK": sock}
+        yield {"SSH_AUTH_SOCK": own}
         return
-    with tempfile.TemporaryDirectory(prefix="qrmfs-agent-") as d:
-        sock = os.path.join(d, "agent.sock")
-        agent = runner.popen(A.ssh_agent_argv(sock), output=subprocess.DEVNULL)  # its stdin: our pipe to `cat`
-        env = {"SSH_AUTH_SOCK": sock}
-        keys = Runner(env=env)
-        daemon = None
-        try:
-            _listening(agent, sock)
-            daemon = _agent_pid(agent.pid)
-            keys.run(A.ssh_add_argv(identity), timeout=30)
+    mine = agent or PrivateAgent(runner)
+    try:
+        with mine.holding(identity) as env:
             yield env
-        finally:
-            keys.run(A.ssh_add_forget_argv(), ok=range(256), timeout=30)  # the key goes first
-            stop(agent, grace=0)
-            if daemon:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(daemon, signal.SIGTERM)
-                _until_gone(daemon)
+    finally:
+        if agent is None:
+            mine.stop()
 
 
 def _until_gone(pid: int, timeout: float = 5.0) -> None:

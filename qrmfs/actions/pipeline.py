@@ -20,7 +20,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +35,7 @@ from ..config import SshHost, Storage
 from ..errors import ConnectError, ExistsError, QrmfsError, StorageError
 from ..model import Route, Target
 from ..results import Built, Registration, RegState
-from ..runner import Runner, tail
+from ..runner import Runner, later, tail
 from ..storage import StorageSide, node_init_script
 from ..transfer import CHANGE_KINDS, prepared_change, run_rsync, run_stream
 from . import copyplan, hosts, names
@@ -125,14 +125,18 @@ class Run:
 
 
 def build(env: Env, spec: BuildSpec) -> Built:
+    run = Run(spec, env.side(spec.place.agent))
+    run.side.connect()  # the storage server's ssh handshake overlaps the source's (its mount table)
+    source = _source(env, spec)  # read from here on, beside what follows
     if spec.enroll and spec.new_record:  # a name openQRM holds for another path: refused before anything is done
         names.check_name_free(env, spec.name, spec.place.target)
-    run = Run(spec, env.side(spec.place.agent))
     run.job = _open_job(spec)
-    run.side.connect()  # the storage server's ssh handshake overlaps the source's (its mount table)
-    # the source first: one that cannot be reached, or whose host key is unknown, fails before anything is touched
-    source = _source(env, spec)
-    pin = _pin(env, spec, source)
+    if spec.parent is None:
+        # a first copy: a source that cannot be reached fails before anything is touched. A new generation of an
+        # image (update) reads the source's mounts while the image is copied into staging: they are needed only
+        # by the copy from the source, and a failure then removes the staging copy.
+        source()
+    pin = _pin(env, spec, spec.source)  # a source host key we do not know: refused before anything is touched
     with ExitStack() as held:
         _lock(env, run, held)
         info = run.side.inspect(spec.place.path)
@@ -219,14 +223,19 @@ def _check_target(info: Inspected, spec: BuildSpec) -> None:
         raise exists_error(spec.place.target)
 
 
-def _source(env: Env, spec: BuildSpec) -> copyplan.Source:
-    """The source with what is mounted below it (a live host's separate filesystems)."""
+def _source(env: Env, spec: BuildSpec) -> Callable[[], copyplan.Source]:
+    """The source with what is mounted below it (a live host's separate filesystems), read in the background
+    from now on: the answer waits for it (and raises what reading it raised)."""
     if not spec.discover_mounts:
-        return spec.source
-    mounts = hosts.discover_mounts(env.runner, env.cfg, spec.source.host, spec.source.path)
-    for s in mounts.skipped:
-        env.ui.warn(f"not copied: {s['path']} ({s['fstype']}, {s['why']})")
-    return dataclasses.replace(spec.source, mounts=mounts)
+        return lambda: spec.source
+
+    def read() -> copyplan.Source:
+        mounts = hosts.discover_mounts(env.runner, env.cfg, spec.source.host, spec.source.path)
+        for s in mounts.skipped:
+            env.ui.warn(f"not copied: {s['path']} ({s['fstype']}, {s['why']})")
+        return dataclasses.replace(spec.source, mounts=mounts)
+
+    return later(read)
 
 
 def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
@@ -239,15 +248,17 @@ def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
     return hosts.source_known_hosts(env.runner, env.cfg, host)
 
 
-def _stage(env: Env, run: Run, source: copyplan.Source, pin: str | None) -> None:
+def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin: str | None) -> None:
     spec = run.spec
     token = uuid.uuid4().hex[:10]
+    source = spec.source
     if run.incremental:
         up = run.side.stage_update(spec.place.path, token, pin)
         run.staging = up.staging
         run.base_copy = _copy_image(env, run, spec.place.path, up)
         known_hosts = up.known_hosts
     elif spec.origin is not None and _same_server(spec, source):
+        source = source_later()
         up = run.side.stage_copy(spec.place.path, token, *spec.origin)
         run.staging = up.staging
         run.base_copy = _copy_image(env, run, spec.origin[0], up)
@@ -256,6 +267,7 @@ def _stage(env: Env, run: Run, source: copyplan.Source, pin: str | None) -> None
     else:
         staged = run.side.stage(spec.place.path, token, pin)
         run.staging, known_hosts = staged.staging, staged.known_hosts
+    source = source_later()
     run.plan = copyplan.plan(env.cfg, source, copyplan.Into(spec.place.agent, run.staging, spec.place.here,
                                                               known_hosts), progress=env.ui.tty,
                              delete=run.incremental, stream=not run.incremental)
@@ -310,7 +322,7 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
     Where rsync itemizes (an update), each run counts its changes by kind, leaving out the paths the
     preparation changes on purpose (`prepared`): they differ from the source in every generation."""
     runs = []
-    with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
+    with hosts.agent_for(env.runner, cp, env.cfg.identity_file, env.agent) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
             rsync = c.rsync

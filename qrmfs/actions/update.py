@@ -97,6 +97,7 @@ def _events_only(req: UpdateRequest, manifest: dict[str, Any], env: Env) -> pipe
 
 
 def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
+    env.forward_agent()  # before the first connection: the source (in the manifest) is likely a host to pull from
     manifest = _current(env, req.target)
     creq = create_request(req, manifest)
     if req.dry_run:

@@ -55,6 +55,8 @@ def options_of(name: str, manifest: dict[str, Any] | None) -> Options:
 
 
 def validate(req: ValidateRequest, env: Env) -> Validated:
+    if req.location is not None and req.location.host is not None:
+        env.forward_agent()  # the drift check's rsync runs on the storage server and logs in to the source
     storage, side, info = env.existing(req.target)
     if req.location is None:
         return _validate(req, env, info.manifest)
@@ -137,7 +139,7 @@ SILENT_SSH_END = 255
 
 def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> list[dict[str, str]]:
     changes: list[dict[str, str]] = []
-    with hosts.agent_for(env.runner, cp, env.cfg.identity_file) as agent_env:
+    with hosts.agent_for(env.runner, cp, env.cfg.identity_file, env.agent) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
             argv, stdin = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else (c.rsync, None)

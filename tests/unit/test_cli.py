@@ -189,3 +189,26 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["create", "--help"], capsys)
     assert code == 0
     assert "--filesystem-image" in out and "--dry-run" in out
+
+
+@pytest.mark.parametrize("args,code", [(["--version"], 0), (["validate", "-t", "no-colon"], 3)])
+def test_entry_runs_the_clean_up_then_ends_with_the_commands_code_and_all_its_output(args: list[str], code: int,
+                                                                                     tmp_path: Path) -> None:
+    """entry() ends the process without the interpreter's slow teardown: what qrmfs registered to run at exit
+    (its connections, its ssh-agent) still runs, and nothing written to stdout or stderr is lost."""
+    import subprocess
+    import sys
+
+    prog = ("import atexit, sys\n"
+            "from qrmfs import cli\n"
+            "atexit.register(lambda: print('clean-up ran', file=sys.stderr))\n"
+            f"sys.argv = ['qrmfs', *{args!r}]\n"
+            "cli.entry()\n")
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "QRMFS_CONFIG": str(tmp_path / "none.toml")})  # 3: no such config
+    assert r.returncode == code, r.stderr
+    assert r.stderr.rstrip().endswith("clean-up ran")
+    if code == 0:
+        assert r.stdout.startswith("qrmfs ")
+    else:
+        assert "qrmfs: error:" in r.stderr

@@ -238,3 +238,20 @@ def test_a_request_begun_early_is_answered_in_order(side: StorageSide, root: Pat
     assert side.inspect(str(img)).exists is True  # answered after the check's answer, which is kept
     findings = later().findings
     assert "init" in {f.step for f in findings}
+
+
+def test_a_forwarding_master_carries_the_copys_dash_a_only_with_our_own_agent() -> None:
+    """With the run's own agent (agent_sock), the master forwards it and a copy's `ssh -A` shares the master;
+    without it, `-A` never goes through the shared connection (it opens its own)."""
+    nas = Storage("nas", SshHost("nas", "admin", 2222), "/exports")
+    master = S.A.ssh_master_argv(nas.ssh, "/tmp/c/m", remote=("true",), forward_agent=True)
+    assert "-A" in master and "ControlMaster=yes" in master
+    assert "-A" not in S.A.ssh_master_argv(nas.ssh, "/tmp/c/m", remote=("true",))
+    for sock, shared in (("/tmp/qrmfs-agent-x/agent.sock", True), (None, False)):
+        side = StorageSide(nas, Runner(), agent_sock=sock)
+        side._session = object()  # type: ignore[assignment]  # a session that is up: no ssh in a unit test
+        side._ready, side._control = True, __file__  # an existing path stands in for the control socket
+        argv = side.argv(["rsync"], forward_agent=True)
+        assert "-A" in argv
+        assert (f"ControlPath={__file__}" in argv) is shared
+        assert f"ControlPath={__file__}" in side.argv(["true"])  # without -A: always the shared connection

@@ -1,0 +1,43 @@
+"""qrmfs/actions/hosts.py: the run's own ssh-agent (real ssh-agent and ssh-add, no network)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from qrmfs.actions import hosts
+from qrmfs.runner import Runner
+
+
+def _keys(sock: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ssh-add", "-l"], env={**os.environ, "SSH_AUTH_SOCK": sock}, capture_output=True,
+                          text=True)
+
+
+def test_the_runs_agent_starts_empty_holds_the_key_only_while_asked_and_is_gone_when_stopped(tmp_path: Path) -> None:
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qrmfs-unit", "-f", str(key)], check=True)
+    agent = hosts.PrivateAgent(Runner())
+    try:
+        assert os.path.exists(agent.sock)
+        assert _keys(agent.sock).returncode == 1  # listening, and holding nothing
+        with hosts.ssh_agent(Runner(), str(key), agent) as env:
+            assert env == {"SSH_AUTH_SOCK": agent.sock}
+            assert "qrmfs-unit" in _keys(agent.sock).stdout
+        assert _keys(agent.sock).returncode == 1  # the key went with the copy; the agent stays for the run
+        daemon = agent._daemon
+        assert daemon is not None
+    finally:
+        agent.stop()
+    assert not os.path.exists(agent.dir)
+    assert not hosts._running(daemon)
+
+
+def test_without_the_runs_agent_a_copy_gets_one_of_its_own_for_its_duration(tmp_path: Path) -> None:
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qrmfs-unit", "-f", str(key)], check=True)
+    with hosts.ssh_agent(Runner(), str(key)) as env:
+        sock = env["SSH_AUTH_SOCK"]
+        assert "qrmfs-unit" in _keys(sock).stdout
+    assert not os.path.exists(sock)
