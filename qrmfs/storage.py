@@ -67,10 +67,14 @@ def node_init_script() -> str:
 
 
 class StorageSide:
-    def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,
-                 known_hosts: str | None = None, agent_sock: str | None = None) -> None:
-        """agent_sock: where this run's own ssh-agent listens (or will: it starts when a copy needs it). The
-        master connection then forwards it, so a copy's `ssh -A` shares the connection too."""
+    def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,  # noqa: PLR0913
+                 known_hosts: str | None = None, agent_sock: str | None = None,
+                 share: StorageSide | None = None) -> None:
+        """agent_sock: where this run's own ssh-agent listens. The master connection then forwards it, so a
+        copy's `ssh -A` shares the connection too.
+        share: the side of another storage server on the same ssh server (another export of one machine): this
+        one uses its agent session and connection, not one of its own (every request names its export root)."""
+        self._primary: StorageSide = share._primary if share is not None else self
         self.storage, self.runner = storage, runner
         self.identity, self.known_hosts, self.agent_sock = identity, known_hosts, agent_sock
         self._sources: list[tuple[str, str]] | None = None
@@ -88,6 +92,8 @@ class StorageSide:
     def connect(self) -> None:
         """Start this run's agent session now, without waiting for it: its ssh handshake and start overlap
         whatever the caller does next (reading the source's mounts). The first call waits for its answer."""
+        if self._primary is not self:
+            return self._primary.connect()
         with self._io:
             if self._session is None:
                 self._spawn()
@@ -154,6 +160,8 @@ class StorageSide:
         """The run's connection to share (the session's ssh, waited for if it is starting): None when there is
         no session (a command that needs no agent, as `check` runs them) or it could not connect; the caller's
         ssh then connects itself (and fails with ssh's own message)."""
+        if self._primary is not self:
+            return self._primary._mux()
         with self._io:
             if self._session is None:
                 return None
@@ -170,6 +178,8 @@ class StorageSide:
 
     def close(self) -> None:
         """End the session: its stdin closes, the agent exits (giving up what it held), then its ssh."""
+        if self._primary is not self:
+            return self._primary.close()
         p, self._session = self._session, None
         if p is not None:
             if p.stdin is not None:
@@ -219,6 +229,8 @@ class StorageSide:
         """Send a request now and read its answer when the returned function is called: the agent works on it
         while we do something else. Answers come in the order of the requests; a call in between reads the
         earlier answers first and keeps them for their callers."""
+        if self._primary is not self:
+            return self._primary._begin(req)
         with self._io:
             p = self._live()
             _write(p, (json.dumps({"op": req.op, "args": P.encode(req)}) + "\n").encode())

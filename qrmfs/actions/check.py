@@ -268,7 +268,24 @@ class Checker:
                                                    "pulls from it with rsync)", stderr=tail(err, 3))
             else:
                 self.r.add(f"{label} rsync", OK, f"rsync {_version(out)}", version=_version(out))
+            self.tar(f"{label} tar", A.ssh_argv(h, ("tar", "--version"), identity=self.cfg.identity_file,
+                                               known_hosts=self.cfg.known_hosts), f"on {h.address}")
         return self.source_size(loc, h, label)
+
+    def tar(self, label: str, argv: Sequence[str], where: str) -> None:
+        """GNU tar makes a first copy from a source host (a stream that sends a sparse file's holes as holes);
+        without it on either end the stream fails and rsync makes the copy: it works, slower."""
+        try:
+            code, out, err = self.run(argv, SSH_TIMEOUT)
+        except ToolMissing:
+            code, out, err = 127, "", ""
+        first = out.strip().splitlines()[0] if out.strip() else ""
+        if code == 0 and "GNU tar" in first:
+            self.r.add(label, OK, first, version=first.split()[-1])
+        else:
+            self.r.add(label, WARN, f"no GNU tar {where} ({first or tail(err, 1) or f'exit {code}'}): a first copy "
+                                    "from a source host falls back to rsync (slower; a sparse file's holes cross "
+                                    "the network as data)")
 
     def source_size(self, loc: Location, h: SshHost | None, label: str) -> int | None:
         try:
@@ -312,6 +329,8 @@ class Checker:
                            stderr=tail(err, 3))
             else:
                 self.r.add(f"{label} rsync", OK, f"rsync {_version(out)}", version=_version(out))
+            if not side.local:
+                self.tar(f"{label} tar", side.argv(("tar", "--version")), f"on storage server {s.name}")
             python = sys.executable if side.local else "python3"  # as the agent runs (qrmfs/storage.py)
             self.probe(s, side.argv((python, "-c", PROBE, directory, s.export_root)), directory, need, need_from)
         finally:

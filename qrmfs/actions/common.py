@@ -149,11 +149,14 @@ class Env:
         return s
 
     def side(self, storage: Storage) -> StorageSide:
-        """One StorageSide (and so one ssh master connection) per storage server and run."""
+        """One StorageSide per storage server and run, and one agent session (and so one ssh master connection)
+        per ssh server: two exports of one machine share it."""
         if storage not in self._sides:
+            share = next((s for s in self._sides.values() if s.storage.ssh == storage.ssh), None)
             self._sides[storage] = StorageSide(storage, self.runner, identity=self.cfg.identity_file,
                                                known_hosts=self.cfg.known_hosts,
-                                               agent_sock=self.agent.sock if self.agent else None)
+                                               agent_sock=self.agent.sock if self.agent else None,
+                                               share=share)
         return self._sides[storage]
 
     def existing(self, target: Target) -> tuple[Storage, StorageSide, Inspected]:

@@ -298,3 +298,20 @@ def test_unparsable_config_fails_the_config_check(tmp_path):
     got = checks(r)
     assert list(got) == ["config"] and got["config"]["status"] == "fail"
     assert got["config"]["message"].startswith(f"config {bad}: ")
+
+
+def test_no_gnu_tar_on_the_source_is_a_warning_and_a_create_still_copies_with_rsync(lab, cfg, image_path, on_storage):
+    run_on(lab, "source", "mv /usr/bin/tar /usr/bin/tar.qrmfs-test")
+    try:
+        r = qrmfs("check", "-l", "source:/srv", "--json", config=cfg)
+        made = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-o", config=cfg)
+    finally:
+        run_on(lab, "source", "mv /usr/bin/tar.qrmfs-test /usr/bin/tar")
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = checks(r)
+    assert got["source source:/srv tar"]["status"] == "warn"
+    assert "falls back to rsync" in got["source source:/srv tar"]["message"]
+    assert got["storage storage tar"]["status"] == "ok"
+    assert made.returncode == 0, made.stderr
+    assert "the tar stream did not end cleanly" in made.stderr and "rsync repairs the copy" in made.stderr
+    on_storage(f"test -d {image_path}/fixture && test -f {image_path}/.qrmfs/manifest.json")

@@ -255,3 +255,30 @@ def test_a_forwarding_master_carries_the_copys_dash_a_only_with_our_own_agent() 
         assert "-A" in argv
         assert (f"ControlPath={__file__}" in argv) is shared
         assert f"ControlPath={__file__}" in side.argv(["true"])  # without -A: always the shared connection
+
+
+def test_two_exports_of_one_server_share_its_agent_session(tmp_path: Path) -> None:
+    """Env.side: another storage server on the same ssh server uses the first one's session (one handshake);
+    each request still names its own export root, and a lock taken through either is held by that session."""
+    from qrmfs.actions.common import Env
+    from qrmfs.config import Config
+    from qrmfs.ui import Ui
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    sa, sb = Storage("a", SshHost("local"), str(a)), Storage("b", SshHost("local"), str(b))
+    env = Env(Config(storage={"a": sa, "b": sb}), Runner(), Ui())
+    side_a, side_b = env.side(sa), env.side(sb)
+    try:
+        assert side_a is not side_b and env.side(sb) is side_b
+        (b / "img").mkdir()
+        assert side_b.inspect(str(b / "img")).exists and not side_a.inspect(str(a / "img")).exists
+        assert side_b._session is None and side_a._session is not None  # one agent process for both
+        with side_b.lock(str(b / "img"), "me"):
+            with pytest.raises(RefusedError):  # each request is checked against its own export root
+                side_a.inspect(str(b / "img"))
+        side_b.close()
+        assert side_a._session is None  # closing either ends the one session
+    finally:
+        side_a.close()
