@@ -138,11 +138,16 @@ def tar_create_argv(src: str, *, excludes: Sequence[str] = (), live_root: bool =
     return tuple(argv)
 
 
-def tar_extract_argv(dest: str) -> tuple[str, ...]:
+TAR_PROGRESS = "qrmfs-progress"  # the word that marks the extracting tar's progress lines on its stderr
+
+
+def tar_extract_argv(dest: str, *, progress: bool = False) -> tuple[str, ...]:
     """tar reading a stream from stdin into dest (an empty directory), as root: owners, modes with
-    setuid/setgid, xattrs, ACLs kept; --totals prints the bytes read on stderr (TAR_TOTALS)."""
+    setuid/setgid, xattrs, ACLs kept; --totals prints the bytes read on stderr (TAR_TOTALS). progress: a line
+    on stderr every 1000 records (10 MB), with the bytes read so far and the rate (transfer.parse_tar_progress)."""
+    shown = ("--checkpoint=1000", f"--checkpoint-action=echo={TAR_PROGRESS} %{{r}}T") if progress else ()
     return ("tar", "--extract", "--file=-", *TAR_FIDELITY, "--preserve-permissions", "--same-owner", "--totals",
-            "--directory", dest)
+            *shown, "--directory", dest)
 
 
 def copy_tree_argv(src: str, entries: Sequence[str], dest: str, *, reflink: bool) -> tuple[str, ...]:

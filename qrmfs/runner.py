@@ -83,19 +83,21 @@ class Runner:
             raise CommandFailed(argv, code, err)
         return Result(tuple(argv), code, out, err)
 
-    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,),
-               input: bytes | None = None) -> Result:
+    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,),  # noqa: PLR0913
+               input: bytes | None = None, on_err_line: Callable[[str], bool] | None = None) -> Result:
         """Run, calling on_line for each stdout line, split on \\r too: rsync's progress rewrites one line with
         \\r, which plumbum's iter_lines (it reads up to \\n) would deliver only at the end of the copy.
 
         With input, it is written to the command's stdin, which then stays open until the command ends: a
         storage-side supervisor (agent `run`) takes its end of file as "qrmfs is gone" and stops the command.
         If we are interrupted (Ctrl-C, SIGTERM), stdin is closed first and the command given time to end, so
-        whatever it ran on a remote host has stopped before the caller cleans up after it."""
+        whatever it ran on a remote host has stopped before the caller cleans up after it.
+        on_err_line: called with each stderr line as it comes; a line it returns True for is its own (a
+        progress line), left out of the stderr the result keeps."""
         p = self.popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
         assert p.stderr is not None and p.stdout is not None
         err_chunks: list[bytes] = []
-        t = threading.Thread(target=lambda: err_chunks.append(p.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        t = threading.Thread(target=_read_err, args=(p.stderr, err_chunks, on_err_line), daemon=True)
         t.start()
         try:
             if input is not None:
@@ -138,6 +140,15 @@ class Runner:
 
 
 T = TypeVar("T")
+
+
+def _read_err(f: IO[bytes], into: list[bytes], on_line: Callable[[str], bool] | None) -> None:
+    if on_line is None:
+        into.append(f.read())
+        return
+    for line in iter(f.readline, b""):
+        if not on_line(line.decode(errors="replace").rstrip("\n")):
+            into.append(line)
 
 
 def later(fn: Callable[[], T]) -> Callable[[], T]:

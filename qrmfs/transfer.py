@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .agent.fsutil import parse_mountinfo
+from .argv import TAR_PROGRESS
 from .errors import TransferError
 from .runner import Runner, tail
 
@@ -241,10 +242,29 @@ def parse_streamed(stdout: str, stderr: str, code: int) -> Streamed:
     return Streamed(codes, int(m.group(1)) if m else None, code, stderr)
 
 
-def run_stream(runner: Runner, argv: Sequence[str], input: bytes | None) -> Streamed:
+TAR_PROGRESS_LINE = re.compile(r"^tar: " + re.escape(TAR_PROGRESS) + r" r: (\d+) \([^,]*, ([^)]*)\)")
+
+
+def parse_tar_progress(line: str) -> tuple[int, str] | None:
+    """A progress line of the extracting tar (argv.tar_extract_argv(progress=True)): (bytes read, rate)."""
+    m = TAR_PROGRESS_LINE.match(line)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def run_stream(runner: Runner, argv: Sequence[str], input: bytes | None,
+               on_progress: Callable[[int, int, str], None] | None = None) -> Streamed:
     """Run one tar stream under its storage-side supervisor (argv and input from StorageSide.supervised).
-    Stopped by the supervisor (we went, or lost the lock): TransferError, as for rsync."""
-    r = runner.stream(argv, lambda _line: None, ok=range(256), input=input)
+    Stopped by the supervisor (we went, or lost the lock): TransferError, as for rsync. on_progress: called
+    with (bytes so far, -1: no percentage, rate) for each of the extracting tar's progress lines."""
+    def progress(line: str) -> bool:
+        p = parse_tar_progress(line)
+        if p is None:
+            return False
+        if on_progress:
+            on_progress(p[0], -1, p[1])
+        return True
+
+    r = runner.stream(argv, lambda _line: None, ok=range(256), input=input, on_err_line=progress)
     s = parse_streamed(r.stdout, r.stderr, r.code)
     if s.codes is None:
         # the supervisor reported no ends: it was stopped (we went, or lost the lock), or our connection to the

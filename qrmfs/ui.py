@@ -35,17 +35,21 @@ class Ui:
 
     @contextmanager
     def transfer(self, label: str) -> Iterator[Any]:
-        """A progress callback (bytes, percent, rate) for rsync; a bar only on a terminal."""
+        """A progress callback (bytes, percent, rate) for a copy; a bar only on a terminal. A percent below 0:
+        not known (a tar stream counts bytes only), the bar then shows activity."""
         if not self.tty:
             yield None
             return
         # rsync's progress2 gives percent of the whole transfer, bytes so far and its own rate.
-        cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[pct]}"),
                 TextColumn("{task.fields[done]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
         with Progress(*cols, console=self.err, transient=True) as prog:
-            task = prog.add_task(label, total=100, done="", rate="")
+            task = prog.add_task(label, total=100, done="", rate="", pct="")
 
             def update(done: int, pct: int, rate: str) -> None:
-                prog.update(task, completed=pct, done=f"{done / 2**20:,.0f} MiB", rate=rate)
+                if pct < 0:
+                    prog.update(task, total=None, done=f"{done / 2**20:,.0f} MiB", rate=rate, pct="")
+                else:
+                    prog.update(task, completed=pct, done=f"{done / 2**20:,.0f} MiB", rate=rate, pct=f"{pct:>3d}%")
 
             yield update

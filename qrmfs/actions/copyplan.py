@@ -149,8 +149,8 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
             rsh, s = A.rsync_rsh(host, known_hosts=into.known_hosts, known_hosts_only=True), A.remote_spec(host, sp)
         rs = A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress, live_root=src.live_root and i == 0,
                           drift=drift, delete=delete)
-        ends = _stream(host, sp, dp, exc, src.live_root and i == 0, into, how) if stream and not (drift or delete) \
-            else None
+        ends = _stream(host, sp, dp, exc, src.live_root and i == 0, into, how, progress) \
+            if stream and not (drift or delete) else None
         st = None if ends is None else Stream(*ends, A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress,
                                                                    live_root=src.live_root and i == 0, delete=True))
         copies.append(Copy(rs, _where(how, storage, host), what,
@@ -160,7 +160,7 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
 
 
 def _stream(host: SshHost | None, sp: str, dp: str, excludes: list[str], live_root: bool, into: Into,  # noqa: PLR0913
-            how: Hop) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+            how: Hop, progress: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """(send, receive) of a tar stream from sp into dp, both run on the storage server; None where the copy
     does not run there or tar cannot say an exclude exactly as rsync means it."""
     if how not in (Hop.PULL_ON_STORAGE, Hop.ON_STORAGE) or any(A.tar_pattern(e) is None for e in excludes):
@@ -168,7 +168,7 @@ def _stream(host: SshHost | None, sp: str, dp: str, excludes: list[str], live_ro
     send = A.tar_create_argv(sp, excludes=excludes, live_root=live_root)
     if how is Hop.PULL_ON_STORAGE and host is not None:
         send = A.ssh_argv(host, send, known_hosts=into.known_hosts, known_hosts_only=True)  # the pinned key alone
-    return send, A.tar_extract_argv(dp)
+    return send, A.tar_extract_argv(dp, progress=progress)
 
 
 def _where(how: Hop, storage: Storage, host: SshHost | None) -> str:

@@ -361,7 +361,8 @@ def _stream(env: Env, runner: Runner, side: StorageSide, path: str, c: copyplan.
     env.ui.debug("  tar stream: " + " ".join(c.stream.send) + " | " + " ".join(c.stream.receive))
     argv, stdin = side.supervised(path, c.stream.send, holder, c.forward_agent, pipe_to=c.stream.receive)
     t0 = time.monotonic()
-    s = run_stream(runner, argv, stdin)
+    with env.ui.transfer(c.what) as progress:
+        s = run_stream(runner, argv, stdin, progress)
     return {"what": c.what, "runs_on": c.runs_on, "mechanism": "tar stream", "argv": list(c.stream.send),
             "pipe_to": list(c.stream.receive), "exit_codes": list(s.codes) if s.codes else [s.code],
             "clean": s.clean, "warning": None if s.clean else s.why(),

@@ -282,3 +282,11 @@ def test_tar_pattern(rsync: str, tar: str | None) -> None:
 def test_tar_create_argv_refuses_an_exclude_it_cannot_say() -> None:
     with pytest.raises(ValueError, match="cannot express"):
         A.tar_create_argv("/", excludes=["*.log"])
+
+
+def test_tar_extract_argv_with_progress_adds_checkpoints_only() -> None:
+    plain = A.tar_extract_argv("/exports/.i.qrmfs-staging-1")
+    shown = A.tar_extract_argv("/exports/.i.qrmfs-staging-1", progress=True)
+    assert [a for a in shown if a not in plain] == ["--checkpoint=1000",
+                                                     "--checkpoint-action=echo=qrmfs-progress %{r}T"]
+    assert shown[-2:] == ("--directory", "/exports/.i.qrmfs-staging-1")

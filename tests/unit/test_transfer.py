@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -389,3 +390,38 @@ def test_later_runs_beside_the_caller_and_hands_over_its_result_or_its_error() -
     failing = later(fails)
     with pytest.raises(ValueError, match="unreachable source"):
         failing()
+
+
+def test_a_tar_stream_shows_its_progress_and_keeps_it_out_of_stderr(tmp_path: Path) -> None:
+    """The extracting tar's checkpoint lines (real GNU tar, 25 MB through a pipe) reach the progress callback
+    as bytes and rate; the stderr kept for messages holds only what tar says otherwise (its totals)."""
+    from qrmfs.argv import tar_extract_argv
+    from qrmfs.runner import Runner
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    dest.mkdir()
+    (src / "big").write_bytes(os.urandom(25 * 2**20))
+    extract = shlex.join(tar_extract_argv(str(dest), progress=True))
+    script = f"tar --create --file=- --directory {shlex.quote(str(src))} . | {extract}"
+    seen: list[tuple[int, int, str]] = []
+    got = transfer.run_stream(Runner(), ["sh", "-c", script + '; echo \'{"pipeline": [0, 0]}\''], None,
+                              lambda done, pct, rate: seen.append((done, pct, rate)))
+    assert (dest / "big").read_bytes() == (src / "big").read_bytes()
+    assert len(seen) >= 2 and [d for d, _p, _r in seen] == sorted(d for d, _p, _r in seen)
+    assert 990 * 10240 <= seen[0][0] <= 1000 * 10240 and all(p == -1 and r.endswith("/s") for _d, p, r in seen)
+    assert got.codes == (0, 0) and got.bytes is not None and got.bytes > 25 * 2**20
+    assert "qrmfs-progress" not in got.stderr
+
+
+@pytest.mark.parametrize("line,want", [
+    ("tar: qrmfs-progress r: 20469760 (20MiB, 52MiB/s)", (20469760, "52MiB/s")),
+    ("tar: qrmfs-progress r: 0 (0B, 0B/s)", (0, "0B/s")),
+])
+def test_parse_tar_progress(line: str, want: tuple[int, str]) -> None:
+    assert transfer.parse_tar_progress(line) == want
+
+
+@pytest.mark.parametrize("line", ["Total bytes read: 5 (5B, 1B/s)", "tar: ./x: Cannot open", "qrmfs-progress r: 5"])
+def test_parse_tar_progress_other_lines(line: str) -> None:
+    assert transfer.parse_tar_progress(line) is None
