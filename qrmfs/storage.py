@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any, TypeVar
@@ -314,6 +314,9 @@ class StorageSide:
 
     def publish_update(self, path: str, staging: str, keep: int) -> P.Swapped:
         return self._call(P.PublishUpdate(path, self.root, staging, keep))
+
+    def rebase(self, path: str, staging: str, prepared: Iterable[str]) -> P.Rebased:
+        return self._call(P.Rebase(path, self.root, staging, sorted(prepared)))
 
     def rollback(self, path: str, keep: int) -> P.Swapped:
         return self._call(P.Rollback(path, self.root, keep))

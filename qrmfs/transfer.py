@@ -125,15 +125,6 @@ def change_kind(code: str) -> str:
     return "metadata"
 
 
-def prepared_change(kind: str, path: str, prepared: frozenset[str]) -> bool:
-    """A change the preparation makes on purpose, not a change of the source: a path it fixed (or inside one),
-    or a directory it made to hold one (/etc/qrmfs for node.conf, /mnt for /mnt/floppy), deleted by the copy
-    from the source and made again."""
-    if path in prepared or any(path.startswith(p + "/") for p in prepared if p != "/"):
-        return True
-    return kind in ("new", "deleted") and any(p.startswith(path + "/") for p in prepared)
-
-
 def judge(code: int) -> tuple[bool, str | None]:
     """(ok, warning) for an rsync exit code. 24 (files vanished on a live system) is only a warning."""
     if code == 0:

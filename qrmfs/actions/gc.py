@@ -2,7 +2,8 @@
 files without an image) and the pinned source keys they left in the agent's pin directory (outside the
 export), each under its image's lock: taking the lock removes them
 (tree.take_lock), and a lock file whose image is gone goes when the lock is given back. Earlier generations
-are not left-overs: `remove` (or generation pruning) deletes them."""
+are not left-overs: `remove` (or generation pruning) deletes them; nor is an image's spare (the next update's
+starting tree), which `remove` deletes with the image."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def gc(env: Env, storage_name: str | None) -> Collected:
     in_use: list[str] = []
     for s in storages(env, storage_name):
         side = env.side(s)
-        doomed = [x for x in side.list().leftovers if x.kind not in ("previous", "generation")]
+        doomed = [x for x in side.list().leftovers if x.kind not in ("previous", "generation", "spare")]
         for image in sorted({x.image for x in doomed}):
             try:
                 with side.lock(image, holder("gc", posixpath.basename(image))):

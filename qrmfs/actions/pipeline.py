@@ -28,7 +28,7 @@ from typing import Any
 from .. import __version__, openqrm
 from .. import argv as A
 from ..agent import steps
-from ..agent.gens import CRASH_ENV, generation_id
+from ..agent.gens import CRASH_ENV, generation_id, prepared_change
 from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, StagedUpdate
 from ..agent.tree import siblings
 from ..config import SshHost, Storage
@@ -37,7 +37,7 @@ from ..model import Route, Target
 from ..results import Built, Registration, RegState
 from ..runner import Runner, later, tail
 from ..storage import StorageSide, node_init_script
-from ..transfer import CHANGE_KINDS, prepared_change, run_rsync, run_stream
+from ..transfer import CHANGE_KINDS, run_rsync, run_stream
 from . import copyplan, hosts, names
 from .common import Credentials, Env, claim_job, deliver, holder, iso_now
 
@@ -150,7 +150,8 @@ def build(env: Env, spec: BuildSpec) -> Built:
             _stage(env, run, source, pin)
             assert run.plan is not None
             run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name),
-                             prepared_paths(spec.parent) if run.incremental else frozenset())
+                             prepared_paths(spec.parent) if run.incremental else frozenset(),
+                             rebase=run.staging if run.base_copy.get("method") == "recycled" else None)
             crash_point("before-prepare")
             _prepare(env, run)
             _write_manifest(run)
@@ -284,6 +285,10 @@ def _copy_image(env: Env, run: Run, image: str, up: StagedUpdate) -> dict[str, A
     """Copy the image at `image` (without /.qrmfs) into the staging directory: reflinks where the file system
     shares extents, else a plain copy; under the agent's supervision on a storage server, like rsync. What
     ran and how long it took go into the manifest."""
+    if up.recycled is not None:
+        env.ui.step(f"starting from the image's spare (the generation made {up.recycled.get('made') or '?'}): "
+                    "rsync brings it to the source's state")
+        return {"method": "recycled", "seconds": 0.0, "entries": 0, "argv": [], "spare": up.recycled}
     method = "reflink" if up.reflink else "copy"
     env.ui.step(f"copying {image} into staging ({method})")
     t0 = time.monotonic()
@@ -316,11 +321,13 @@ def _publish(env: Env, run: Run) -> Published:
 
 
 def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None,  # noqa: PLR0913 - one copy's inputs
-         prepared: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+         prepared: frozenset[str] = frozenset(), rebase: str | None = None) -> list[dict[str, Any]]:
     """Run the plan's copies; those on the storage server under the agent's supervision, tied to our lock.
     A copy with a tar stream runs the stream, and its rsync repair only when the stream was not clean.
     Where rsync itemizes (an update), each run counts its changes by kind, leaving out the paths the
-    preparation changes on purpose (`prepared`): they differ from the source in every generation."""
+    preparation changes on purpose (`prepared`): they differ from the source in every generation.
+    rebase: the staging copy, when it started from the image's spare (an older tree): rsync's items are then
+    counted again against the image by the agent (gens.op_rebase), so the counts say what changed since it."""
     runs = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file, env.agent) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
@@ -345,11 +352,18 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
 
             with env.ui.transfer(c.what) as progress:
                 stats, warning, code = run_rsync(runner, argv, progress, stdin, count)
+            if rebase is not None:  # rsync counted against the spare; the whole count is made below
+                changes = Counter()
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "mechanism": "rsync", "argv": list(rsync),
                          "exit_code": code, "warning": warning, "stats": stats,
                          "changes": {k: changes[k] for k in CHANGE_KINDS}, "seconds": round(time.monotonic() - t0, 3)})
+    if rebase is not None and runs:
+        t0 = time.monotonic()
+        runs[0]["changes"] = {k: side.rebase(path, rebase, prepared).counts.get(k, 0) for k in CHANGE_KINDS}
+        runs[0]["changes_counted"] = {"against": "the image (the copy started from its spare)",
+                                      "seconds": round(time.monotonic() - t0, 3)}
     return runs
 
 

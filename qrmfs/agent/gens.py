@@ -193,16 +193,28 @@ def recover(path: str) -> P.Swapped | None:
 def prune(path: str, keep: int) -> tuple[list[str], list[str]]:
     """Delete the oldest generations beyond `keep` (each renamed out of sight first, so a crash never leaves
     a half-deleted tree that looks like a generation). (deleted, could not delete): a generation that cannot
-    be deleted never undoes the publish; what is left of it is tried again at the next lock."""
+    be deleted never undoes the publish; what is left of it is tried again at the next lock.
+
+    Where the file system shares extents (reflinks), the newest of them is not deleted but becomes the image's
+    spare (`.<name>.qrmfs-spare`, one at most): the next update starts its staging copy from it instead of
+    copying the whole image, and rsync --delete --delete-excluded makes it the source's exact copy all the same.
+    It is no generation (rollback never sees it), it costs only the extents it shares with no other tree, and
+    `remove` deletes it with the image."""
     gone, failed = [], []
     gens = generations(path)
-    for seq, d in gens[:max(0, len(gens) - keep)]:
+    doomed = gens[:max(0, len(gens) - keep)]
+    spare = siblings(path).spare
+    for seq, d in doomed:
         hidden = f"{siblings(path).removing}-gen-{seq}"
         busy = holders(d)
         if busy:  # a node still runs on it (the NFS server holds its files), or a shell is in it: kept
             failed.append(f"{d}: in use by {', '.join(busy[:5])}")
             continue
         try:
+            if (seq, d) == doomed[-1] and not os.path.lexists(spare) and can_reflink(os.path.dirname(path)):
+                os.rename(d, spare)
+                gone.append(d)
+                continue
             remove(hidden)
             os.rename(d, hidden)
             remove(hidden)
@@ -243,7 +255,111 @@ def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | 
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
     staged = op_stage(path, export_root, token, known_hosts)
+    recycled = _recycle(path, staged.staging)
+    if recycled is not None:
+        return P.StagedUpdate(staged.staging, staged.known_hosts, [], True, recycled)
     return _copy_of(path, staged)
+
+
+def _recycle(path: str, staging: str) -> dict[str, Any] | None:
+    """The image's spare (see prune) becomes the staging copy, without its /.qrmfs (a manifest is written anew,
+    node state moves in at publish): what it was, or None when there is no spare to use. A crash from here on
+    leaves a staging copy, which the next lock removes like any."""
+    spare = siblings(path).spare
+    if not is_real_dir(spare) or os.lstat(spare).st_dev != os.lstat(staging).st_dev:
+        return None
+    m = read_manifest(spare) or {}
+    os.rename(spare, staging)  # onto the empty staging directory, which it replaces
+    remove(os.path.join(staging, ".qrmfs"))
+    return {"generation": generation_id(m), "made": m.get("finished") or m.get("created")}
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (stat.S_IFMT(a.st_mode), a.st_mode, a.st_uid, a.st_gid, a.st_rdev) == \
+        (stat.S_IFMT(b.st_mode), b.st_mode, b.st_uid, b.st_gid, b.st_rdev) and \
+        (stat.S_ISDIR(a.st_mode) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns))
+
+
+def op_rebase(path: str, export_root: str, staging: str, prepared: list[str]) -> P.Rebased:
+    """What changed, counted against the image, when the staging copy started from the spare (an older tree,
+    so rsync's own items say what changed since the spare): the staging copy (after rsync, before the
+    preparation) is compared with the image, entry by entry (lstat: type, mode, owner, device, link target;
+    size and modification time for all but directories), below /.qrmfs left out. An entry only one of them
+    has is new or deleted (each entry below it too), as rsync counts them. `prepared`: the paths the
+    preparation changes on purpose (the image's manifest), left out as in transfer's counts. xattrs and ACLs
+    are not compared: a change of those alone is not counted."""
+    _check_under(path, export_root)
+    if not _is_staging(path, staging):
+        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    counts = {"new": 0, "changed": 0, "metadata": 0, "deleted": 0}
+    done = frozenset(prepared)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        new_names, old_names = _names(staging + rel), _names(path + rel)
+        for name in sorted(new_names | old_names):
+            r = f"{rel}/{name}"
+            if r == "/.qrmfs":
+                continue
+            kind = _change_since(path + r, staging + r)
+            if kind in ("new", "deleted"):
+                for sub in _entries(staging + r if kind == "new" else path + r, r):
+                    if not prepared_change(kind, sub, done):
+                        counts[kind] += 1
+                continue
+            if kind is not None and not prepared_change(kind, r, done):
+                counts[kind] += 1
+            if name in new_names and name in old_names and is_real_dir(staging + r) and is_real_dir(path + r):
+                stack.append(r)
+    return P.Rebased(counts)
+
+
+def prepared_change(kind: str, path: str, prepared: frozenset[str]) -> bool:
+    """A change the preparation makes on purpose, not a change of the source: a path it fixed (or inside one),
+    or a directory it made to hold one (/etc/qrmfs for node.conf, /mnt for /mnt/floppy), deleted by the copy
+    from the source and made again."""
+    if path in prepared or any(path.startswith(p + "/") for p in prepared if p != "/"):
+        return True
+    return kind in ("new", "deleted") and any(p.startswith(path + "/") for p in prepared)
+
+
+def _names(d: str) -> set[str]:
+    try:
+        return set(os.listdir(d)) if is_real_dir(d) else set()
+    except OSError:
+        return set()
+
+
+def _entries(top: str, rel: str) -> list[str]:
+    """top and every entry below it, as paths in the tree (rel is top's)."""
+    out = [rel]
+    if is_real_dir(top):
+        for dirpath, dirnames, filenames in os.walk(top):
+            base = rel + dirpath[len(top):]
+            out += [f"{base}/{n}" for n in (*dirnames, *filenames)]
+    return out
+
+
+def _lstat(p: str) -> os.stat_result | None:
+    try:
+        return os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _change_since(old_path: str, new_path: str) -> str | None:
+    """How the entry at new_path differs from the one at old_path (None: not at all, or in neither)."""
+    new, old = _lstat(new_path), _lstat(old_path)
+    if new is None or old is None:
+        return None if new is None and old is None else "deleted" if new is None else "new"
+    if stat.S_IFMT(new.st_mode) != stat.S_IFMT(old.st_mode):
+        return "changed"
+    if stat.S_ISLNK(new.st_mode) and os.readlink(new_path) != os.readlink(old_path):
+        return "changed"
+    if _same(new, old):
+        return None
+    content = not stat.S_ISDIR(new.st_mode) and (new.st_size, new.st_mtime_ns) != (old.st_size, old.st_mtime_ns)
+    return "changed" if content else "metadata"
 
 
 def op_stage_copy(path: str, export_root: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:

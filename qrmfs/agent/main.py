@@ -56,6 +56,7 @@ HANDLERS: dict[type[Any], Callable[[Any], Any]] = {
     P.PublishUpdate: _fields(gens.op_publish_update),
     P.Rollback: _fields(gens.op_rollback),
     P.Generations: _fields(gens.op_generations),
+    P.Rebase: _fields(gens.op_rebase),
 }
 
 

@@ -158,6 +158,8 @@ class StagedUpdate:
     known_hosts: str | None
     entries: list[str]
     reflink: bool
+    recycled: dict[str, Any] | None = None  # staging is the image's spare (a pruned generation): its manifest's
+    #                                         generation id and time; nothing to copy (entries is empty)
 
 
 @dataclass(frozen=True)
@@ -385,6 +387,23 @@ class Generations(Request[GenerationList]):
 
 
 @dataclass(frozen=True)
+class Rebased:
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Rebase(Request[Rebased]):
+    """What changed against the image, when the staging copy started from the spare (gens.op_rebase):
+    the staging copy compared with the image; `prepared`: the paths the preparation changes on purpose."""
+    op: ClassVar[str] = "rebase"
+    answer: ClassVar[type] = Rebased
+    path: str
+    export_root: str
+    staging: str
+    prepared: list[str]
+
+
+@dataclass(frozen=True)
 class Remove(Request[Removed]):
     op: ClassVar[str] = "remove"
     answer: ClassVar[type] = Removed
@@ -483,7 +502,7 @@ class Run(Request[Ran]):
 REQUESTS: dict[str, type[Request[Any]]] = {
     r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
                       PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, StageCopy, PublishUpdate, Rollback,
-                      Generations, Unlock, Serve)}
+                      Generations, Rebase, Unlock, Serve)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------

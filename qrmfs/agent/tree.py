@@ -45,6 +45,7 @@ class Siblings:
     removing: str
     gen_prefix: str
     journal: str
+    spare: str            # a pruned generation kept as the next update's starting tree (gens.prune)
 
 
 def siblings(path: str) -> Siblings:
@@ -55,7 +56,8 @@ def siblings(path: str) -> Siblings:
                     old_pin=os.path.join(parent, f".{name}.qrmfs-known_hosts"),
                     removing=os.path.join(parent, f".{name}.qrmfs-removing"),
                     gen_prefix=os.path.join(parent, f".{name}.qrmfs-gen-"),
-                    journal=os.path.join(parent, f".{name}.qrmfs-journal"))
+                    journal=os.path.join(parent, f".{name}.qrmfs-journal"),
+                    spare=os.path.join(parent, f".{name}.qrmfs-spare"))
 
 
 PIN_DIR = "/var/lib/qrmfs/pins"
@@ -395,6 +397,7 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     remove(s.removing)
     for g in earlier:
         remove(g)
+    remove(s.spare)
     remove(s.journal)
     return P.Removed(path)
 
@@ -409,7 +412,7 @@ def _earlier_generations(path: str) -> list[str]:
 
 
 SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+|gen-[0-9]+|"
-                     r"journal|removing-gen-[0-9]+)$")
+                     r"journal|removing-gen-[0-9]+|spare)$")
 
 
 def op_list(export_root: str, depth: int = 3) -> P.Listed:

@@ -433,3 +433,60 @@ def test_keep_generations_option_overrides_the_config_and_result_carries_changes
     assert code == 0 and gens_of() == []
     code, out = update(env, capsys, "--keep-generations", "-1")
     assert code == 2 and out["error"]["kind"] == "usage"
+
+
+def _files(top: Path) -> dict[str, tuple[int, str]]:
+    """Every regular file below top but /.qrmfs: its mode and content hash."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if os.path.relpath(os.path.join(dirpath, d), top) != ".qrmfs"]
+        for n in filenames:
+            p = Path(dirpath, n)
+            if p.is_file() and not p.is_symlink():
+                out[str(p.relative_to(top))] = (p.lstat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def test_on_xfs_a_pruned_generation_is_the_next_updates_start_and_the_result_is_a_fresh_copy(
+        tmp_path: Path, xfs: Path, env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """keep_generations 1: the second update prunes generation 1, which becomes the spare; the third starts
+    from it (no copy of the image), and its result is what a fresh copy would be: the files changed and
+    deleted at the source since the spare was made are right, its old manifest is gone, node state moved in.
+    Its change counts are those since the current image, not since the spare. list shows the spare, gc keeps
+    it, remove deletes it."""
+    env = _env(tmp_path, xfs / "exports", keep=1)
+    create(env, capsys)
+    spare = env["root"] / ".img1.qrmfs-spare"
+    (env["src"] / "usr/bin/tool").write_text("version 2\n")
+    (env["src"] / "etc/gone").write_text("deleted by the third update's source\n")
+    assert update(env, capsys)[0] == 0
+    assert not spare.exists()  # nothing beyond keep_generations yet
+    (env["src"] / "usr/bin/tool").write_text("version 3, longer\n")
+    code, out = update(env, capsys)
+    assert code == 0, out
+    assert spare.is_dir() and [s for s, _ in gens.generations(str(env["img"]))] == [2]
+    gen2_before = snapshot(env["root"] / ".img1.qrmfs-gen-2")
+    (env["src"] / "etc/gone").unlink()
+    (env["src"] / "etc/new").write_text("new at the source\n")
+    code, out = update(env, capsys)
+    assert code == 0, out
+    m = tree.read_manifest(str(env["img"]))
+    assert m is not None and m["generation"]["base_copy"]["method"] == "recycled"
+    assert not spare.exists() or tree.read_manifest(str(spare)) != m  # the pruned generation 2 is the spare now
+    # since the current image: etc/gone deleted, etc/new new; usr/bin/tool changed one update before, not now
+    changes = m["generation"]["changes"]
+    assert {k: changes[k] for k in ("new", "changed", "deleted")} == {"new": 1, "changed": 0, "deleted": 1}
+    prepared = {f["path"].lstrip("/") for f in m["preparation"]["fixed"]}
+    got = {k: v for k, v in _files(env["img"]).items() if k not in prepared}
+    want = {k: v for k, v in _files(env["src"]).items() if k not in prepared}
+    assert got == want  # the same tree a fresh copy would be
+    assert (env["img"] / NODE_FILE).read_text() == "node 1 state\n"
+    assert snapshot(env["root"] / ".img1.qrmfs-gen-3") != {}  # the image it replaced, a generation
+    assert gen2_before  # (generation 2 was the spare's source: pruned now, as keep_generations says)
+    code, out = qrmfs(env, "list", capsys=capsys)
+    assert (str(spare), "spare") in [(x["path"], x["kind"]) for x in out["result"]["leftovers"]]
+    code, out = qrmfs(env, "gc", capsys=capsys)
+    assert code == 0 and out["result"]["removed"] == [] and spare.is_dir()
+    code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", capsys=capsys)
+    assert code == 0, out
+    assert sorted(p.name for p in env["root"].iterdir()) == []

@@ -47,6 +47,7 @@ def test_siblings() -> None:
         "removing": "/exports/lab/.img1.qrmfs-removing",
         "gen_prefix": "/exports/lab/.img1.qrmfs-gen-",
         "journal": "/exports/lab/.img1.qrmfs-journal",
+        "spare": "/exports/lab/.img1.qrmfs-spare",
     }
 
 
