@@ -350,9 +350,12 @@ class Listing(Result):
     def _leftover_text(self) -> list[str]:
         if not self.leftovers:
             return []
-        lines = ["", "left beside images (`qrmfs gc` removes what no operation holds; earlier generations stay):"]
+        lines = ["", "beside images (`qrmfs gc` removes what no operation holds; earlier generations and spares "
+                     "stay):"]
         for x in self.leftovers:
-            state = f"in use by {x.held_by}" if x.held_by else "left over"
+            state = (f"in use by {x.held_by}" if x.held_by else
+                     "the next update starts from it" if x.kind == "spare" else
+                     "kept" if x.kind in ("generation", "previous") else "left over")
             lines.append(f"  {x.storage}:{x.path}  {x.kind}, {x.bytes / 2**20:.1f} MiB, {state}")
         return lines
 
