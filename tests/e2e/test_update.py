@@ -68,9 +68,11 @@ def test_node_data_kept_across_two_updates_and_a_rollback_one_openqrm_record(  #
     assert r.returncode == 0, r.stderr
     on_storage(f"test \"$(cat {image_path}/usr/bin/tool)\" = v2 && "
                f"test \"$(cat {image_path}/{NODE_FILE})\" = node-one-later")
-    # keep_generations = 1 (the default): the image and one earlier generation, nothing else
+    # keep_generations = 1 (the default): the image and one earlier generation, and on XFS the spare (the
+    # pruned generation the next update starts from), nothing else
+    reflinks = lab["hosts"]["storage"]["export_kind"] == "xfs"  # the lab's /exports: XFS (default) or ext4
     assert [e for e in exports_listing(lab) if name in e and not e.endswith("qrmfs-lock")] == sorted(
-        [name, f".{name}.qrmfs-gen-3"])
+        [name, f".{name}.qrmfs-gen-3", *([f".{name}.qrmfs-spare"] if reflinks else [])])
 
     st = _state(mock)
     assert st["images"] == [record]  # the same record: never a second one, never a new id
@@ -84,7 +86,6 @@ def test_node_data_kept_across_two_updates_and_a_rollback_one_openqrm_record(  #
     assert r.returncode == 0, r.stderr
     rows = result_of(r)["images"][0]["generations"]
     assert [g["role"] for g in rows] == ["current", "generation"]
-    reflinks = lab["hosts"]["storage"]["export_kind"] == "xfs"  # the lab's /exports: XFS (default) or ext4
     assert rows[0]["made_by"] == "update" and rows[0]["base_copy"] == ("reflink" if reflinks else "copy")
     assert rows[0]["source"] == f"source:{scratch}" and rows[0]["changes"]["changed"] >= 1
     if not reflinks:
