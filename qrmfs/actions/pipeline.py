@@ -361,7 +361,8 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
                          "changes": {k: changes[k] for k in CHANGE_KINDS}, "seconds": round(time.monotonic() - t0, 3)})
     if rebase is not None and runs:
         t0 = time.monotonic()
-        runs[0]["changes"] = {k: side.rebase(path, rebase, prepared).counts.get(k, 0) for k in CHANGE_KINDS}
+        counts = side.rebase(path, rebase, prepared).counts
+        runs[0]["changes"] = {k: counts.get(k, 0) for k in CHANGE_KINDS}
         runs[0]["changes_counted"] = {"against": "the image (the copy started from its spare)",
                                       "seconds": round(time.monotonic() - t0, 3)}
     return runs
