@@ -252,24 +252,21 @@ def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
 def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin: str | None) -> None:
     spec = run.spec
     token = uuid.uuid4().hex[:10]
-    source = spec.source
     if run.incremental:
         up = run.side.stage_update(spec.place.path, token, pin)
         run.staging = up.staging
         run.base_copy = _copy_image(env, run, spec.place.path, up)
         known_hosts = up.known_hosts
-    elif spec.origin is not None and _same_server(spec, source):
-        source = source_later()
+    elif spec.origin is not None and _same_server(spec, spec.source):
         up = run.side.stage_copy(spec.place.path, token, *spec.origin)
         run.staging = up.staging
         run.base_copy = _copy_image(env, run, spec.origin[0], up)
-        run.plan = copyplan.CopyPlan(copyplan.Hop.ON_STORAGE, (), source.mounts)  # nothing left to copy
+        run.plan = copyplan.CopyPlan(copyplan.Hop.ON_STORAGE, (), source_later().mounts)  # nothing left to copy
         return
     else:
         staged = run.side.stage(spec.place.path, token, pin)
         run.staging, known_hosts = staged.staging, staged.known_hosts
-    source = source_later()
-    run.plan = copyplan.plan(env.cfg, source, copyplan.Into(spec.place.agent, run.staging, spec.place.here,
+    run.plan = copyplan.plan(env.cfg, source_later(), copyplan.Into(spec.place.agent, run.staging, spec.place.here,
                                                               known_hosts), progress=env.ui.tty,
                              delete=run.incremental, stream=not run.incremental)
 
@@ -350,10 +347,8 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
                 if not prepared_change(kind, within + p, prepared):
                     tally[kind] += 1
 
-            with env.ui.transfer(c.what) as progress:
-                stats, warning, code = run_rsync(runner, argv, progress, stdin, count)
-            if rebase is not None:  # rsync counted against the spare; the whole count is made below
-                changes = Counter()
+            with env.ui.transfer(c.what) as progress:  # from the spare, rsync's items are not counted: see below
+                stats, warning, code = run_rsync(runner, argv, progress, stdin, count if rebase is None else None)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "mechanism": "rsync", "argv": list(rsync),

@@ -274,12 +274,6 @@ def _recycle(path: str, staging: str) -> dict[str, Any] | None:
     return {"generation": generation_id(m), "made": m.get("finished") or m.get("created")}
 
 
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
-    return (stat.S_IFMT(a.st_mode), a.st_mode, a.st_uid, a.st_gid, a.st_rdev) == \
-        (stat.S_IFMT(b.st_mode), b.st_mode, b.st_uid, b.st_gid, b.st_rdev) and \
-        (stat.S_ISDIR(a.st_mode) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns))
-
-
 def op_rebase(path: str, export_root: str, staging: str, prepared: list[str]) -> P.Rebased:
     """What changed, counted against the image, when the staging copy started from the spare (an older tree,
     so rsync's own items say what changed since the spare): the staging copy (after rsync, before the
@@ -352,14 +346,13 @@ def _change_since(old_path: str, new_path: str) -> str | None:
     new, old = _lstat(new_path), _lstat(old_path)
     if new is None or old is None:
         return None if new is None and old is None else "deleted" if new is None else "new"
-    if stat.S_IFMT(new.st_mode) != stat.S_IFMT(old.st_mode):
+    if stat.S_IFMT(new.st_mode) != stat.S_IFMT(old.st_mode) or (
+            stat.S_ISLNK(new.st_mode) and os.readlink(new_path) != os.readlink(old_path)) or (
+            not stat.S_ISDIR(new.st_mode) and (new.st_size, new.st_mtime_ns) != (old.st_size, old.st_mtime_ns)):
         return "changed"
-    if stat.S_ISLNK(new.st_mode) and os.readlink(new_path) != os.readlink(old_path):
-        return "changed"
-    if _same(new, old):
-        return None
-    content = not stat.S_ISDIR(new.st_mode) and (new.st_size, new.st_mtime_ns) != (old.st_size, old.st_mtime_ns)
-    return "changed" if content else "metadata"
+    if (new.st_mode, new.st_uid, new.st_gid, new.st_rdev) != (old.st_mode, old.st_uid, old.st_gid, old.st_rdev):
+        return "metadata"
+    return None
 
 
 def op_stage_copy(path: str, export_root: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:
