@@ -164,8 +164,22 @@ def remote_spec(h: SshHost, path: str) -> str:
     return f"{addr}:{path}"
 
 
+MOUNT_DIRS_MARK = "# qrmfs: directories"
+# One read of the mount table, then which mount points are directories (a bind-mounted FILE, a container's
+# /etc/hosts, is copied like any file): mountinfo's own escaped names, decoded for the test only (every
+# backslash there starts an octal escape \NNN, which printf %b reads as \0NNN). Fixed text, no input.
+_MOUNTS_SCRIPT = f"""mi=$(cat /proc/self/mountinfo) || exit
+printf '%s\\n' "$mi" '{MOUNT_DIRS_MARK}'
+printf '%s\\n' "$mi" | while read -r _ _ _ _ mp _; do
+  case $mp in *\\\\*) p=$(printf '%b' "$(printf '%s' "$mp" | sed 's/\\\\/\\\\0/g')");; *) p=$mp;; esac
+  if [ -d "$p" ]; then printf '%s\\n' "$mp"; fi
+done"""
+
+
 def mounts_argv() -> tuple[str, ...]:
-    return ("cat", "/proc/self/mountinfo")
+    """The source's mount table and its directory mount points, in one command (one ssh); see
+    transfer.split_mounts_output."""
+    return ("sh", "-c", _MOUNTS_SCRIPT)
 
 
 def mount_nfs_argv(server: str, export: str, mountpoint: str, vers: str = "4.1") -> tuple[str, ...]:

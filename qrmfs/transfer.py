@@ -11,8 +11,8 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .agent.fsutil import parse_mountinfo
-from .argv import TAR_PROGRESS
+from .agent.fsutil import parse_mountinfo, unescape_mount
+from .argv import MOUNT_DIRS_MARK, TAR_PROGRESS
 from .errors import TransferError
 from .runner import Runner, tail
 
@@ -58,6 +58,16 @@ def mounts_below(mountinfo: str, root: str) -> Mounts:
             out.include.append(mp)
     out.include.sort()
     return out
+
+
+def source_mounts(output: str, root: str) -> Mounts:
+    """mounts_below from the output of argv.mounts_argv: the mount table, then the mount points that are
+    directories. A bind-mounted file (a container's /etc/hosts) is copied like any file: it is not reported."""
+    table, _, listed = output.partition(f"\n{MOUNT_DIRS_MARK}\n")
+    dirs = {unescape_mount(line) for line in listed.splitlines()}
+    m = mounts_below(table, root)
+    m.skipped = [s for s in m.skipped if s["path"] in dirs or not s["why"].startswith("bind mount")]
+    return m
 
 
 def rebase_excludes(excludes: Sequence[str], mountpoint: str, root: str) -> list[str]:

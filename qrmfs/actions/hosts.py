@@ -19,7 +19,7 @@ from ..config import Config, SshHost, Storage
 from ..errors import ConnectError, RouteError
 from ..model import Location
 from ..runner import CommandFailed, Runner, stop, tail
-from ..transfer import Mounts, mounts_below
+from ..transfer import Mounts, source_mounts
 from .copyplan import CopyPlan
 
 
@@ -58,15 +58,7 @@ def discover_mounts(runner: Runner, cfg: Config, h: SshHost | None, path: str) -
             return Mounts()
         raise ConnectError(f"cannot reach source host {h.address} over ssh ({h.dest} port {h.port})",
                            tail(e.stderr)) from None
-    m = mounts_below(out, path)
-    binds = [s["path"] for s in m.skipped if s["why"].startswith("bind mount")]
-    if binds:
-        # rsync copies a bind-mounted FILE (a container's /etc/hosts) like any file: only directories are left out.
-        check = ("find", *binds, "-maxdepth", "0", "-type", "d")
-        argv = check if h is None else A.ssh_argv(h, check, identity=cfg.identity_file, known_hosts=cfg.known_hosts)
-        dirs = set(runner.run(argv, ok=(0, 1), timeout=60).stdout.splitlines())
-        m.skipped = [s for s in m.skipped if s["path"] in dirs or not s["why"].startswith("bind mount")]
-    return m
+    return source_mounts(out, path)
 
 
 def source_known_hosts(runner: Runner, cfg: Config, h: SshHost) -> str:

@@ -177,7 +177,8 @@ class MountEntry:
     super_options: str
 
 
-def _unescape(s: str) -> str:
+def unescape_mount(s: str) -> str:
+    """A name as /proc/self/mountinfo writes it (octal escapes \\NNN for space, tab, newline, backslash)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
@@ -190,7 +191,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         f, g = pre.split(), post.split()
         if not sep or len(f) < 5 or not g:
             continue
-        out.append(MountEntry(_unescape(f[3]), _unescape(f[4]), g[0], g[2] if len(g) > 2 else ""))
+        out.append(MountEntry(unescape_mount(f[3]), unescape_mount(f[4]), g[0], g[2] if len(g) > 2 else ""))
     return out
 
 

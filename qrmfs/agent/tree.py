@@ -166,14 +166,15 @@ def scan(top: str, depth: int) -> Iterator[tuple[str, str, dict[str, Any] | None
     manifest (not entered), ("hidden", path, None) for each hidden entry (qrmfs's siblings are among them)."""
     def walk(d: str, level: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
         try:
-            entries = sorted(os.listdir(d))
+            with os.scandir(d) as it:  # the entry's type from the directory listing: no stat of each file
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
         except OSError:
             return
-        for e in entries:
+        for e, is_dir in entries:
             full = os.path.join(d, e)
             if e.startswith("."):
                 yield "hidden", full, None
-            elif is_real_dir(full):
+            elif is_dir:
                 m = read_manifest(full)
                 if m is not None:
                     yield "image", full, m

@@ -147,8 +147,10 @@ def test_ipv6_storage_from_config_gives_usable_argv() -> None:
     assert A.keygen_find_argv("/kh", h.address, 22) == ("ssh-keygen", "-F", "fd00::5", "-f", "/kh")
 
 
-def test_mounts_argv() -> None:
-    assert A.mounts_argv() == ("cat", "/proc/self/mountinfo")
+def test_mounts_argv_is_one_fixed_command_that_reads_the_table_once() -> None:
+    argv = A.mounts_argv()
+    assert argv[:2] == ("sh", "-c") and len(argv) == 3
+    assert argv[2].count("/proc/self/mountinfo") == 1
 
 
 def test_mount_nfs_argv() -> None:

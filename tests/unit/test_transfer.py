@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from qrmfs import argv as A
 from qrmfs import transfer
 from qrmfs.actions import copyplan
 from qrmfs.config import Config, SshHost, Storage
 from qrmfs.errors import TransferError
 from qrmfs.runner import Result, Runner
-from qrmfs.transfer import Mounts, judge, mounts_below, parse_progress, parse_stats, rebase_excludes
+from qrmfs.transfer import Mounts, judge, mounts_below, parse_progress, parse_stats, rebase_excludes, source_mounts
 
 # A Debian host: separate /boot, /boot/efi, /var, /home and /srv/my data; docker's bind mounts, an NFS home,
 # pseudo filesystems, a bind of a directory of the root fs, and a file bind (container style).
@@ -50,6 +52,30 @@ def test_mounts_below_live_root() -> None:
         {"path": "/media/nas", "fstype": "cifs", "why": "network filesystem"},
         {"path": "/etc/app-hosts", "fstype": "ext4", "why": "bind mount of /lib/app/hosts"},
     ]
+
+
+def test_the_mounts_command_lists_directory_mount_points_and_not_a_bind_mounted_file(tmp_path: Path) -> None:
+    """argv.mounts_argv run for real by sh, its `cat` replaced to print a table whose mount points are a
+    directory with a space in its name, a file, and a missing path: only the directory is a directory."""
+    (tmp_path / "my dir").mkdir()
+    (tmp_path / "hosts").write_text("x\n")
+    d, f = str(tmp_path / "my dir").replace(" ", "\\040"), str(tmp_path / "hosts")
+    table = (f"40 22 8:2 /srv/a {d} rw - ext4 /dev/sda2 rw\n"
+             f"41 22 8:2 /lib/hosts {f} rw - ext4 /dev/sda2 rw\n"
+             f"42 22 8:2 /srv/b {tmp_path}/gone rw - ext4 /dev/sda2 rw")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "cat").write_text(f"#!/bin/sh\nprintf '%s\\n' {shlex.quote(table)}\n")
+    (bin_ / "cat").chmod(0o755)
+    out = subprocess.run(A.mounts_argv(), capture_output=True, text=True, check=True,
+                         env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}).stdout
+    m = source_mounts(out, str(tmp_path))
+    assert m.skipped == [{"path": str(tmp_path / "my dir"), "fstype": "ext4", "why": "bind mount of /srv/a"}]
+
+
+def test_the_mounts_command_runs_on_this_machine() -> None:
+    m = source_mounts(subprocess.run(A.mounts_argv(), capture_output=True, text=True, check=True).stdout, "/")
+    assert all(s["path"].startswith("/") for s in m.skipped) and "/" not in m.include
 
 
 def test_mounts_below_ignores_pseudo_filesystems_silently() -> None:

@@ -48,3 +48,37 @@ def test_rebase_counts_the_staging_copy_against_the_image(tmp_path: Path) -> Non
         "new": 0, "changed": 0, "metadata": 0, "deleted": 0}
     with pytest.raises(AgentError, match="not a staging directory"):
         gens.op_rebase(str(image), str(tmp_path), str(image / "etc"), [])
+
+
+def test_rebase_in_two_processes_counts_what_one_walk_counts(tmp_path: Path) -> None:
+    """The comparison is split by directory between this process and a forked one: the sum is one walk's."""
+    image, staging = tmp_path / "img1", tmp_path / ".img1.qrmfs-staging-t"
+    for i in range(40):
+        d = image / f"d{i}" / "sub"
+        d.mkdir(parents=True)
+        for j in range(5):
+            (d / f"f{j}").write_text(f"{i}.{j}\n")
+    shutil.copytree(image, staging, symlinks=True, copy_function=shutil.copy2)
+    for i in range(0, 40, 3):
+        (staging / f"d{i}/sub/f0").write_text("changed, longer\n")
+        (staging / f"d{i}/sub/f1").chmod(0o600)
+    for i in range(0, 40, 7):
+        shutil.rmtree(staging / f"d{i}/sub")
+        (staging / f"d{i}/n{i}").write_text("new\n")
+    done: frozenset[str] = frozenset()
+    one = gens._rebase_share(str(image), str(staging), done, 0, 1)
+    assert one == {"new": 6, "changed": 12, "metadata": 12, "deleted": 36}
+    assert gens.op_rebase(str(image), str(tmp_path), str(staging), []).counts == one
+    halves = [gens._rebase_share(str(image), str(staging), done, k, 2) for k in (0, 1)]
+    assert all(sum(h.values()) for h in halves)  # both shares had work
+
+
+def test_a_failure_in_the_forked_walker_is_raised_not_lost() -> None:
+    def work(share: int, shares: int) -> dict[str, int]:
+        if share == 1:
+            raise PermissionError("denied below /x")
+        return {"new": 1}
+
+    with pytest.raises(AgentError, match="PermissionError: denied below /x"):
+        gens._in_two(work)
+    assert gens._in_two(lambda share, shares: {"new": share + 1}) == {"new": 3}
