@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import stat
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LINKS = 40
 
@@ -222,40 +227,104 @@ class Walk:
 def walk_tree(top: str, count: bool = True) -> Walk:
     """One walk of the tree below top, without following symlinks or crossing file systems. Memory stays flat
     in the file count: a stack of directories, and only the inodes with more than one link (to count their
-    blocks once)."""
-    out = Walk()
+    blocks once). Counting takes a stat per entry: the directories are then shared out between two processes
+    (in_two), a file linked from directories of both counted once."""
+    if not count:
+        return _walk(_walk_share(top, False, 0, 1))
+    return _walk(*in_two(lambda share, shares: _walk_share(top, True, share, shares)))
+
+
+def _walk(*shares: dict[str, Any]) -> Walk:
+    linked: dict[str, int] = {}
+    for s in shares:
+        linked.update(s["linked"])
+    return Walk(sum(s["files"] for s in shares), sum(s["bytes"] for s in shares) + sum(linked.values()),
+                [p for s in shares for p in s["sockets"]])
+
+
+def _walk_share(top: str, count: bool, share: int, shares: int) -> dict[str, Any]:
+    """walk_tree's findings in the directories that fall to `share` of `shares` (see mine); every share
+    walks every directory."""
+    files = size = 0
+    linked: dict[str, int] = {}  # blocks of each inode with more than one link, by inode number
+    sockets: list[str] = []
     dev = os.lstat(top).st_dev
-    seen: set[int] = set()
     skip = {os.path.join(top, d) for d in NOT_SEARCHED}
     stack = [top]
     while stack:
+        d = stack.pop()
         try:
-            it = os.scandir(stack.pop())
+            it = os.scandir(d)
         except FileNotFoundError:
             continue
+        own = mine(d, share, shares)
         with it:
             for e in it:
                 is_dir = e.is_dir(follow_symlinks=False)
-                if count and not _count(e, is_dir, dev, seen, out):
-                    continue  # a directory of another file system: counted, not entered
+                if count and (own or is_dir):
+                    st = e.stat(follow_symlinks=False)
+                    if own:
+                        files += 1
+                        size += _blocks(st, is_dir, linked)
+                    if is_dir and st.st_dev != dev:
+                        continue  # a directory of another file system: counted, not entered
                 if is_dir:
                     if count or e.path not in skip:
                         stack.append(e.path)
-                elif not e.is_file(follow_symlinks=False) and not e.is_symlink() and _is_socket(e) \
+                elif own and not e.is_file(follow_symlinks=False) and not e.is_symlink() and _is_socket(e) \
                         and not _under_any(e.path, skip):  # only a special file costs a stat here
-                    out.sockets.append(e.path)
-    return out
+                    sockets.append(e.path)
+    return {"files": files, "bytes": size, "linked": linked, "sockets": sockets}
 
 
-def _count(e: os.DirEntry[str], is_dir: bool, dev: int, seen: set[int], out: Walk) -> bool:
-    """Count one entry (its blocks once per inode); False for a directory on another file system."""
-    st = e.stat(follow_symlinks=False)
-    out.files += 1
-    if is_dir or st.st_nlink == 1 or st.st_ino not in seen:
-        if not is_dir and st.st_nlink > 1:
-            seen.add(st.st_ino)
-        out.bytes += st.st_blocks * 512
-    return not (is_dir and st.st_dev != dev)
+def _blocks(st: os.stat_result, is_dir: bool, linked: dict[str, int]) -> int:
+    """An entry's allocated bytes; those of an inode with more links go into `linked` (counted once)."""
+    if is_dir or st.st_nlink == 1:
+        return st.st_blocks * 512
+    linked[str(st.st_ino)] = st.st_blocks * 512
+    return 0
+
+
+def mine(directory: str, share: int, shares: int) -> bool:
+    """Whether a directory's entries fall to `share` of `shares` (by a hash of its path, the same in every
+    process)."""
+    return shares == 1 or zlib.crc32(os.fsencode(directory)) % shares == share
+
+
+def in_two(work: Callable[[int, int], Any]) -> list[Any]:
+    """[work(0, 2), work(1, 2)], both at once: share 1 in a forked child, so that two cores walk (a tree walk
+    is lstat after lstat, one core's work). Its answer comes back as JSON. With one core, or without fork,
+    [work(0, 1)]."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return [work(0, 1)]
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return [work(0, 1)]
+    if pid == 0:  # the child: its share, its answer on the pipe, gone without running the agent's exit code
+        code = 0
+        try:
+            os.close(r)
+            out = json.dumps({"ok": work(1, 2)})
+        except BaseException as e:  # noqa: BLE001 - whatever it was goes to the parent, which raises it
+            out, code = json.dumps({"error": f"{type(e).__name__}: {e}"}), 1
+        with contextlib.suppress(OSError), os.fdopen(w, "w") as f:
+            f.write(out)
+        os._exit(code)
+    os.close(w)
+    try:
+        first = work(0, 2)
+    finally:
+        with os.fdopen(r) as f:
+            text = f.read()
+        os.waitpid(pid, 0)
+    theirs = json.loads(text) if text else {"error": "the forked walker died without an answer"}
+    if "error" in theirs:
+        raise OSError(f"the second walker failed: {theirs['error']}")
+    return [first, theirs["ok"]]
 
 
 def _is_socket(e: os.DirEntry[str]) -> bool:

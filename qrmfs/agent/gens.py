@@ -27,12 +27,10 @@ import os
 import stat
 import struct
 import time
-import zlib
-from collections.abc import Callable
 from typing import Any
 
 from . import protocol as P
-from .fsutil import Mounted, holders, is_real_dir, remove, write_file
+from .fsutil import Mounted, holders, in_two, is_real_dir, mine, remove, write_file
 from .protocol import AgentError, ErrorKind
 from .tree import _check_under, _is_staging, read_manifest, remove_pins, siblings, write_manifest
 
@@ -288,7 +286,11 @@ def op_rebase(path: str, export_root: str, staging: str, prepared: list[str]) ->
     if not _is_staging(path, staging):
         raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
     done = frozenset(prepared)
-    return P.Rebased(_in_two(lambda share, shares: _rebase_share(path, staging, done, share, shares)))
+    try:
+        shares = in_two(lambda share, shares: _rebase_share(path, staging, done, share, shares))
+    except OSError as e:
+        raise AgentError(ErrorKind.OS, f"comparing {staging} with the image: {e}") from None
+    return P.Rebased({k: sum(s[k] for s in shares) for k in shares[0]})
 
 
 def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, shares: int) -> dict[str, int]:
@@ -299,7 +301,7 @@ def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, sha
     while stack:
         rel = stack.pop()
         new_entries, old_entries = _listing(staging + rel), _listing(path + rel)
-        mine = zlib.crc32(os.fsencode(rel)) % shares == share
+        own = mine(rel, share, shares)
         for name in new_entries.keys() | old_entries.keys():
             r = f"{rel}/{name}"
             if r == "/.qrmfs":
@@ -307,7 +309,7 @@ def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, sha
             n, o = new_entries.get(name), old_entries.get(name)
             if n is not None and o is not None and _is_dir(n) and _is_dir(o):
                 stack.append(r)
-            if not mine:
+            if not own:
                 continue
             kind = _change(_lstat(o), _lstat(n), path + r, staging + r)
             if kind in ("new", "deleted"):
@@ -317,39 +319,6 @@ def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, sha
             elif kind is not None and not prepared_change(kind, r, done):
                 counts[kind] += 1
     return counts
-
-
-def _in_two(work: Callable[[int, int], dict[str, int]]) -> dict[str, int]:
-    """work(share, 2) for both shares at once, summed: share 1 in a forked child, so that two cores walk (a
-    tree walk is lstat after lstat, one core's work). Without fork, work(0, 1) does it all here."""
-    r, w = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(r)
-        os.close(w)
-        return work(0, 1)
-    if pid == 0:  # the child: its share, its answer on the pipe, gone without running the agent's exit code
-        code = 0
-        try:
-            os.close(r)
-            out = json.dumps(work(1, 2))
-        except BaseException as e:  # noqa: BLE001 - whatever it was goes to the parent, which raises it
-            out, code = json.dumps({"error": f"{type(e).__name__}: {e}"}), 1
-        with contextlib.suppress(OSError), os.fdopen(w, "w") as f:
-            f.write(out)
-        os._exit(code)
-    os.close(w)
-    try:
-        mine = work(0, 2)
-    finally:
-        with os.fdopen(r) as f:
-            text = f.read()
-        os.waitpid(pid, 0)
-    theirs: dict[str, Any] = json.loads(text) if text else {"error": "the forked walker died without an answer"}
-    if "error" in theirs:
-        raise AgentError(ErrorKind.OS, f"comparing with the image: {theirs['error']}")
-    return {k: mine[k] + int(theirs[k]) for k in mine}
 
 
 def prepared_change(kind: str, path: str, prepared: frozenset[str]) -> bool:

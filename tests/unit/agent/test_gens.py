@@ -71,14 +71,3 @@ def test_rebase_in_two_processes_counts_what_one_walk_counts(tmp_path: Path) -> 
     assert gens.op_rebase(str(image), str(tmp_path), str(staging), []).counts == one
     halves = [gens._rebase_share(str(image), str(staging), done, k, 2) for k in (0, 1)]
     assert all(sum(h.values()) for h in halves)  # both shares had work
-
-
-def test_a_failure_in_the_forked_walker_is_raised_not_lost() -> None:
-    def work(share: int, shares: int) -> dict[str, int]:
-        if share == 1:
-            raise PermissionError("denied below /x")
-        return {"new": 1}
-
-    with pytest.raises(AgentError, match="PermissionError: denied below /x"):
-        gens._in_two(work)
-    assert gens._in_two(lambda share, shares: {"new": share + 1}) == {"new": 3}

@@ -736,3 +736,37 @@ def test_walk_tree_counts_and_finds_sockets(tmp_path: Path) -> None:
                                                                            "a/b/s.sock", "run/ignored.sock"))
     quick = fsutil.walk_tree(str(tmp_path), count=False)
     assert (quick.files, quick.bytes, quick.sockets) == (0, 0, w.sockets)
+
+
+def test_the_counting_walk_in_two_processes_counts_what_one_walk_counts(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """walk_tree shares the directories out between this process and a forked one: a file hard-linked from
+    directories of both shares is counted once, as one walk counts it."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    (tmp_path / "f").write_bytes(b"y" * 50000)
+    for i in range(30):
+        d = tmp_path / f"d{i}" / "s"
+        d.mkdir(parents=True)
+        os.link(tmp_path / "f", d / "hard")
+        (d / "own").write_bytes(b"z" * (1000 * i))
+    one = fsutil._walk(fsutil._walk_share(str(tmp_path), True, 0, 1))
+    shares = [fsutil._walk_share(str(tmp_path), True, k, 2) for k in (0, 1)]
+    assert all(s["linked"] for s in shares)  # the linked file is seen from both shares' directories
+    w = fsutil.walk_tree(str(tmp_path))
+    assert (w.files, w.bytes, w.sockets) == (one.files, one.bytes, one.sockets)
+    assert w.files == 1 + 30 * 4
+    assert w.bytes == sum(os.lstat(p).st_blocks * 512 for p in [tmp_path / "f", *(
+        tmp_path / f"d{i}" / x for i in range(30) for x in ("", "s", "s/own"))])
+
+
+def test_a_failure_in_the_forked_walker_is_raised_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two cores, whatever runs the test
+
+    def work(share: int, shares: int) -> dict[str, int]:
+        if share == 1:
+            raise PermissionError("denied below /x")
+        return {"new": 1}
+
+    with pytest.raises(OSError, match="PermissionError: denied below /x"):
+        fsutil.in_two(work)
+    assert fsutil.in_two(lambda share, shares: share + 1) == [1, 2]
