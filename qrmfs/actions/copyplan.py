@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import argv as A
 from ..config import Config, SshHost, Storage
@@ -116,12 +117,24 @@ def parts(src: Source, dest: str) -> list[tuple[str, str, list[str], str]]:
     return out
 
 
+WHOLE_LIST_MAX = 1_000_000  # entries: rsync's whole file list then stays near 45 MB at each end
+
+
+def whole_list(manifest: dict[str, Any] | None) -> bool:
+    """Whether rsync, comparing the source with an image (an update, a drift check), sends its whole file list
+    first (argv.rsync_argv): where the image's manifest says it holds fewer than WHOLE_LIST_MAX entries.
+    Bigger trees keep rsync's incremental recursion, whose memory stays flat."""
+    files = ((manifest or {}).get("counts") or {}).get("files")
+    return isinstance(files, int) and files < WHOLE_LIST_MAX
+
+
 def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift: bool = False,  # noqa: PLR0913
-         delete: bool = False, stream: bool = False) -> CopyPlan:
+         delete: bool = False, stream: bool = False, whole: bool = False) -> CopyPlan:
     """The rsync command lines copying src into `into`: one for the root and one per separate filesystem.
     delete: `into` already holds a copy of the image (an update): rsync deletes what the source lacks.
     stream: `into` is an empty staging directory: where the copy runs on the storage server and tar can say
-    every exclude, a tar stream makes it (rsync repairs an unclean one)."""
+    every exclude, a tar stream makes it (rsync repairs an unclean one).
+    whole: rsync sends its whole file list first (see whole_list)."""
     host = None if src.host is None or src.host.is_local else src.host
     how = hop(host, into)
     storage = into.storage
@@ -148,7 +161,7 @@ def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift:
         elif how is Hop.PULL_ON_STORAGE and host is not None:
             rsh, s = A.rsync_rsh(host, known_hosts=into.known_hosts, known_hosts_only=True), A.remote_spec(host, sp)
         rs = A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress, live_root=src.live_root and i == 0,
-                          drift=drift, delete=delete)
+                          drift=drift, delete=delete, whole_list=whole)
         ends = _stream(host, sp, dp, exc, src.live_root and i == 0, into, how, progress) \
             if stream and not (drift or delete) else None
         st = None if ends is None else Stream(*ends, A.rsync_argv(s, d, excludes=exc, rsh=rsh, progress=progress,

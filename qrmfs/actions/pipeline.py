@@ -268,7 +268,8 @@ def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin:
         run.staging, known_hosts = staged.staging, staged.known_hosts
     run.plan = copyplan.plan(env.cfg, source_later(), copyplan.Into(spec.place.agent, run.staging, spec.place.here,
                                                               known_hosts), progress=env.ui.tty,
-                             delete=run.incremental, stream=not run.incremental)
+                             delete=run.incremental, stream=not run.incremental,
+                             whole=run.incremental and copyplan.whole_list(spec.parent))
 
 
 def _same_server(spec: BuildSpec, source: copyplan.Source) -> bool:

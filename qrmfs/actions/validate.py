@@ -128,7 +128,8 @@ def changes_from_source(env: Env, storage: Storage, target: Target, location: Lo
         if alongside is not None:
             alongside()
         into = copyplan.Into(storage, target.path, storage.ssh.is_local, pinned)
-        return _itemized(env, side, target.path, copyplan.plan(env.cfg, source, into, drift=True))
+        return _itemized(env, side, target.path, copyplan.plan(env.cfg, source, into, drift=True,
+                                                                whole=copyplan.whole_list(manifest)))
     finally:
         if pinned:
             side.unpin_host(target.path)

@@ -7,7 +7,7 @@ import shlex
 import pytest
 
 from qrmfs import argv as A
-from qrmfs.actions.copyplan import Hop, Into, Source, hop, plan
+from qrmfs.actions.copyplan import Hop, Into, Source, hop, plan, whole_list
 from qrmfs.config import Config, SshHost, Storage
 from qrmfs.errors import RefusedError
 from qrmfs.transfer import Mounts
@@ -114,3 +114,19 @@ def test_no_stream_when_tar_cannot_say_an_exclude() -> None:
     assert c.stream is None and "--exclude=*.log" in c.rsync
     (c,) = plan(CFG, Source(SRC, "/", ("/var/log/*.log",)), into).copies  # stream not asked for
     assert c.stream is None
+
+
+@pytest.mark.parametrize(("manifest", "want"), [
+    ({"counts": {"files": 100_000}}, True), ({"counts": {"files": 999_999}}, True),
+    ({"counts": {"files": 1_000_000}}, False), ({"counts": {}}, False), ({}, False), (None, False),
+    ({"counts": {"files": "many"}}, False)])
+def test_rsync_sends_its_whole_file_list_first_below_a_million_entries(manifest: dict[str, object] | None,
+                                                                      want: bool) -> None:
+    """An update's or a drift check's rsync: the whole list first (faster), unless the image is too big to
+    hold its list at each end, or its size is unknown."""
+    assert whole_list(manifest) is want
+    into = Into(NAS, "/exports/.i.qrmfs-staging-1", False, "/pin")
+    for kw in ({"delete": True}, {"drift": True}):
+        (c,) = plan(CFG, Source(SRC, "/"), into, whole=whole_list(manifest), **kw).copies
+        assert ("--no-inc-recursive" in c.rsync) is want
+        assert c.rsync[:4] == ("rsync", "-aHAXS", "--numeric-ids", "--one-file-system")
