@@ -133,8 +133,8 @@ def build(env: Env, spec: BuildSpec) -> Built:
     run.job = _open_job(spec)
     if spec.parent is None:
         # a first copy: a source that cannot be reached fails before anything is touched. A new generation of an
-        # image (update) reads the source's mounts while the image is copied into staging: they are needed only
-        # by the copy from the source, and a failure then removes the staging copy.
+        # image (update) reads the source's mounts while its staging copy is made and its root is copied: only
+        # the separate filesystems' copies need them (_stage), and a failure then removes the staging copy.
         source()
     pin = _pin(env, spec, spec.source)  # a source host key we do not know: refused before anything is touched
     with ExitStack() as held:
@@ -147,11 +147,7 @@ def build(env: Env, spec: BuildSpec) -> Built:
         if run.job and spec.enroll:
             deliver(env, spec.enroll.creds, run.job, quick=True)  # the "started" event, if openQRM answers now
         try:
-            _stage(env, run, source, pin)
-            assert run.plan is not None
-            run.rsync = copy(env, run.side, spec.place.path, run.plan, holder(spec.command, spec.name),
-                             prepared_paths(spec.parent) if run.incremental else frozenset(),
-                             rebase=run.staging if run.base_copy.get("method") == "recycled" else None)
+            _copy(env, run, _stage(env, run, source, pin))
             crash_point("before-prepare")
             _prepare(env, run)
             _write_manifest(run)
@@ -249,7 +245,11 @@ def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
     return hosts.source_known_hosts(env.runner, env.cfg, host)
 
 
-def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin: str | None) -> None:
+def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin: str | None
+           ) -> Callable[[], copyplan.CopyPlan] | None:
+    """The staging directory, and run.plan: its copies from the source. An update's plan is its root's copy
+    only, which does not depend on the source's mounts: it starts while they are still being read, and the
+    function returned gives the whole plan once they are (the separate filesystems' copies come after)."""
     spec = run.spec
     token = uuid.uuid4().hex[:10]
     if run.incremental:
@@ -262,14 +262,56 @@ def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin:
         run.staging = up.staging
         run.base_copy = _copy_image(env, run, spec.origin[0], up)
         run.plan = copyplan.CopyPlan(copyplan.Hop.ON_STORAGE, (), source_later().mounts)  # nothing left to copy
-        return
+        return None
     else:
         staged = run.side.stage(spec.place.path, token, pin)
         run.staging, known_hosts = staged.staging, staged.known_hosts
-    run.plan = copyplan.plan(env.cfg, source_later(), copyplan.Into(spec.place.agent, run.staging, spec.place.here,
-                                                              known_hosts), progress=env.ui.tty,
-                             delete=run.incremental, stream=not run.incremental,
-                             whole=run.incremental and copyplan.whole_list(spec.parent))
+    into = copyplan.Into(spec.place.agent, run.staging, spec.place.here, known_hosts)
+
+    def plan(source: copyplan.Source) -> copyplan.CopyPlan:
+        return copyplan.plan(env.cfg, source, into, progress=env.ui.tty, delete=run.incremental,
+                             stream=not run.incremental, whole=run.incremental and copyplan.whole_list(spec.parent))
+
+    if not run.incremental:
+        run.plan = plan(source_later())
+        return None
+    run.plan = plan(spec.source)  # no mounts known yet: the root's copy alone
+    return lambda: plan(source_later())
+
+
+def _copy(env: Env, run: Run, whole_plan: Callable[[], copyplan.CopyPlan] | None) -> None:
+    """run.plan's copies, then (whole_plan: see _stage) the rest of the whole plan, which becomes run.plan. A
+    copy that fails while the source's mounts could not be read either fails with that reason (cannot reach
+    the source), which says more than rsync's exit code. From the spare, the changes are counted against the
+    image by the agent (gens.op_rebase) once every copy is done."""
+    spec = run.spec
+    assert run.plan is not None
+    recycled = run.base_copy.get("method") == "recycled"
+    prepared = prepared_paths(spec.parent) if run.incremental else frozenset()
+
+    def copies(cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
+        return copy(env, run.side, spec.place.path, cp, holder(spec.command, spec.name), prepared,
+                    count_items=not recycled)
+
+    try:
+        runs = copies(run.plan)
+    except QrmfsError:
+        if whole_plan is not None:
+            whole_plan()
+        raise
+    if whole_plan is not None:
+        whole = whole_plan()
+        done = len(run.plan.copies)
+        assert whole.copies[:done] == run.plan.copies, "the root's copy does not depend on the mounts"
+        runs += copies(dataclasses.replace(whole, copies=whole.copies[done:]))
+        run.plan = whole
+    if recycled and runs:
+        t0 = time.monotonic()
+        counts = run.side.rebase(spec.place.path, run.staging, prepared).counts
+        runs[0]["changes"] = {k: counts.get(k, 0) for k in CHANGE_KINDS}
+        runs[0]["changes_counted"] = {"against": "the image (the copy started from its spare)",
+                                      "seconds": round(time.monotonic() - t0, 3)}
+    run.rsync = runs
 
 
 def _same_server(spec: BuildSpec, source: copyplan.Source) -> bool:
@@ -319,13 +361,13 @@ def _publish(env: Env, run: Run) -> Published:
 
 
 def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None,  # noqa: PLR0913 - one copy's inputs
-         prepared: frozenset[str] = frozenset(), rebase: str | None = None) -> list[dict[str, Any]]:
+         prepared: frozenset[str] = frozenset(), count_items: bool = True) -> list[dict[str, Any]]:
     """Run the plan's copies; those on the storage server under the agent's supervision, tied to our lock.
     A copy with a tar stream runs the stream, and its rsync repair only when the stream was not clean.
     Where rsync itemizes (an update), each run counts its changes by kind, leaving out the paths the
     preparation changes on purpose (`prepared`): they differ from the source in every generation.
-    rebase: the staging copy, when it started from the image's spare (an older tree): rsync's items are then
-    counted again against the image by the agent (gens.op_rebase), so the counts say what changed since it."""
+    Not count_items: the staging copy started from the image's spare (an older tree), so rsync's items say
+    what changed since the spare: the caller counts against the image instead."""
     runs = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file, env.agent) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
@@ -348,19 +390,13 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
                 if not prepared_change(kind, within + p, prepared):
                     tally[kind] += 1
 
-            with env.ui.transfer(c.what) as progress:  # from the spare, rsync's items are not counted: see below
-                stats, warning, code = run_rsync(runner, argv, progress, stdin, count if rebase is None else None)
+            with env.ui.transfer(c.what) as progress:
+                stats, warning, code = run_rsync(runner, argv, progress, stdin, count if count_items else None)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "mechanism": "rsync", "argv": list(rsync),
                          "exit_code": code, "warning": warning, "stats": stats,
                          "changes": {k: changes[k] for k in CHANGE_KINDS}, "seconds": round(time.monotonic() - t0, 3)})
-    if rebase is not None and runs:
-        t0 = time.monotonic()
-        counts = side.rebase(path, rebase, prepared).counts
-        runs[0]["changes"] = {k: counts.get(k, 0) for k in CHANGE_KINDS}
-        runs[0]["changes_counted"] = {"against": "the image (the copy started from its spare)",
-                                      "seconds": round(time.monotonic() - t0, 3)}
     return runs
 
 

@@ -157,6 +157,21 @@ def test_separate_filesystems_are_each_copied_and_a_bind_mount_is_skipped(with_s
     assert "config-6.1.0-lab-amd64" in on and "grub.cfg" in on, on
     assert "lab-mounts" in on and "separate-fs.log" not in on, "logs step: files cleared, directories kept"
     assert on[-1] == "0", "a bind mount's content is not copied"
+    # an update copies the root while the mount table is still being read, then each separate filesystem
+    run_on(srclab, "mounts", "echo new > /boot/qrmfs-update-probe && mkdir /var/log/qrmfs-update-probe")
+    try:
+        r = qrmfs("update", "-t", f"storage:{path}", "-o", config=srclab["config"])
+    finally:
+        run_on(srclab, "mounts", "rm -rf /boot/qrmfs-update-probe /var/log/qrmfs-update-probe")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"not copied: /srv/data \(ext4, bind mount of ", r.stderr), r.stderr
+    m = _manifest(srclab, path)
+    assert m["separate_filesystems"] == ["/boot", "/var/log"] and len(m["rsync"]) == 3, m["rsync"]
+    assert [c["what"] for c in m["rsync"]] == ["root filesystem", "separate filesystem /boot",
+                                               "separate filesystem /var/log"], m["rsync"]
+    on = run_on(srclab, "storage", f"cat {path}/boot/qrmfs-update-probe && ls -d {path}/var/log/qrmfs-update-probe"
+                ).stdout.decode().split()
+    assert on == ["new", f"{path}/var/log/qrmfs-update-probe"], on
 
 
 @pytest.mark.slow
