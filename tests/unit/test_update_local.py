@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -491,3 +492,44 @@ def test_on_xfs_a_pruned_generation_is_the_next_updates_start_and_the_result_is_
     code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", capsys=capsys)
     assert code == 0, out
     assert sorted(p.name for p in env["root"].iterdir()) == []
+
+
+def test_an_updates_root_copy_starts_before_the_sources_mount_table_is_read(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root's rsync does not depend on the source's mounts: it runs while they are still being read (a
+    reader that waits for the copy to begin is answered); a separate filesystem found then is copied after."""
+    from qrmfs.actions import hosts, pipeline
+    from qrmfs.transfer import Mounts
+
+    create(env, capsys)
+    other = env["tmp"] / "src-boot"  # stands for a separate filesystem mounted at /boot of the source
+    (other / "grub").mkdir(parents=True)
+    (other / "grub/grub.cfg").write_text("menu\n")
+    (env["src"] / "boot").mkdir()
+    began = threading.Event()
+    seen: list[bool] = []
+    real_rsync = pipeline.run_rsync
+
+    def rsync(runner: Any, argv: Any, *a: Any, **kw: Any) -> Any:
+        began.set()
+        if argv[-2] == f"{other}/":
+            shutil.copytree(other, argv[-1], dirs_exist_ok=True)  # the filesystem "mounted" there
+            return {}, None, 0
+        return real_rsync(runner, argv, *a, **kw)
+
+    def mounts(runner: Any, cfg: Any, h: Any, path: str) -> Mounts:
+        seen.append(began.wait(30))
+        return Mounts(include=[f"{path.rstrip('/')}/boot"])
+
+    monkeypatch.setattr(pipeline, "run_rsync", rsync)
+    monkeypatch.setattr(hosts, "discover_mounts", mounts)
+    monkeypatch.setattr(pipeline.copyplan, "parts", lambda src, dest: [
+        (src.path, dest, list(src.excludes), "root filesystem"),
+        *[(str(other), dest + "/boot", [], "separate filesystem /boot") for _ in src.mounts.include]])
+    code, out = update(env, capsys)
+    assert code == 0, out
+    assert seen == [True], "the mount table was read only after the root's copy began"
+    assert (env["img"] / "boot/grub/grub.cfg").read_text() == "menu\n"
+    m = json.loads((env["img"] / ".qrmfs/manifest.json").read_text())
+    assert [r["what"] for r in m["rsync"]] == ["root filesystem", "separate filesystem /boot"]
+    assert m["separate_filesystems"] == [f"{env['src']}/boot"]
