@@ -86,7 +86,11 @@ def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of 
     drift: the same comparison as a dry run that lists each difference and changes nothing.
     delete: the destination already holds a tree (an update's copy of the image): what the source no longer
     has, or what is excluded now, is deleted, so the result equals a fresh copy; each change is itemized so
-    the generation can say what changed.
+    the generation can say what changed. A changed file is sent whole (--whole-file), as rsync does between
+    local paths: its delta algorithm would read the old copy and send its block checksums first, which on a
+    storage server's network costs more than it saves (an update with 1% of 100k small files changed: 2.2 s
+    -> 1.8 s, 4 alternating pairs); it would save bytes only for big files changed in a few places, which a
+    root filesystem's updates seldom are (and the preparation empties logs).
     Comparing a tree with a tree (drift, delete), times are compared to the nanosecond (--modify-window=-1):
     rsync's quick check otherwise misses a file rewritten in the same second with the same size.
     whole_list: rsync sends the whole file list first (--no-inc-recursive) instead of directory by directory:
@@ -97,7 +101,7 @@ def rsync_argv(src: str, dest: str, *,  # noqa: PLR0913 - keyword-only flags of 
         argv += ["--no-inc-recursive"]
     argv += ["--dry-run", "--itemize-changes", "--delete"] if drift else ["--stats"]
     if delete and not drift:
-        argv += ["--delete", "--delete-excluded", "--itemize-changes"]
+        argv += ["--delete", "--delete-excluded", "--itemize-changes", "--whole-file"]
     if drift or delete:
         argv += ["--modify-window=-1"]
     if progress and not drift:

@@ -233,7 +233,7 @@ def test_identity_unsafe_is_refused_but_spaces_are_fine(identity: str) -> None:
 def test_rsync_argv_delete_for_an_update() -> None:
     assert A.rsync_argv("/", "/d", delete=True) == (
         "rsync", "-aHAXS", "--numeric-ids", "--one-file-system", "--stats", "--delete", "--delete-excluded",
-        "--itemize-changes", "--modify-window=-1", *XF, *LIVE, "/", "/d/")
+        "--itemize-changes", "--whole-file", "--modify-window=-1", *XF, *LIVE, "/", "/d/")
     # the drift check already lists deletions; delete adds nothing to a dry run
     assert A.rsync_argv("/", "/d", drift=True, delete=True) == A.rsync_argv("/", "/d", drift=True)
 
