@@ -315,8 +315,13 @@ class StorageSide:
     def publish_update(self, path: str, staging: str, keep: int) -> P.Swapped:
         return self._call(P.PublishUpdate(path, self.root, staging, keep))
 
-    def rebase(self, path: str, staging: str, prepared: Iterable[str]) -> P.Rebased:
-        return self._call(P.Rebase(path, self.root, staging, sorted(prepared)))
+    def rebase(self, path: str, staging: str, prepared: Iterable[str], only: Iterable[str] | None = None
+               ) -> P.Rebased:
+        return self._call(P.Rebase(path, self.root, staging, sorted(prepared), None if only is None else sorted(only)))
+
+    def rebase_scan_later(self, path: str, staging: str) -> Callable[[], P.RebaseScanned]:
+        """rebase_scan, started now (it runs while rsync does), its paths read when the function is called."""
+        return self._begin(P.RebaseScan(path, self.root, staging))
 
     def rollback(self, path: str, keep: int) -> P.Swapped:
         return self._call(P.Rollback(path, self.root, keep))

@@ -28,8 +28,8 @@ from typing import Any
 from .. import __version__, openqrm
 from .. import argv as A
 from ..agent import steps
-from ..agent.gens import CRASH_ENV, generation_id, prepared_change
-from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, StagedUpdate
+from ..agent.gens import CRASH_ENV, SCAN_LIMIT, generation_id, prepared_change
+from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, RebaseScanned, StagedUpdate
 from ..agent.tree import siblings
 from ..config import SshHost, Storage
 from ..errors import ConnectError, ExistsError, QrmfsError, StorageError
@@ -283,15 +283,18 @@ def _copy(env: Env, run: Run, whole_plan: Callable[[], copyplan.CopyPlan] | None
     """run.plan's copies, then (whole_plan: see _stage) the rest of the whole plan, which becomes run.plan. A
     copy that fails while the source's mounts could not be read either fails with that reason (cannot reach
     the source), which says more than rsync's exit code. From the spare, the changes are counted against the
-    image by the agent (gens.op_rebase) once every copy is done."""
+    image by the agent (gens.op_rebase) once every copy is done: it compares the paths that its scan, made
+    while rsync ran, and rsync's own items name (the whole trees when they name too many)."""
     spec = run.spec
     assert run.plan is not None
     recycled = run.base_copy.get("method") == "recycled"
     prepared = prepared_paths(spec.parent) if run.incremental else frozenset()
+    items: list[str] | None = [] if recycled else None
+    scan = run.side.rebase_scan_later(spec.place.path, run.staging) if recycled else None
 
     def copies(cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
         return copy(env, run.side, spec.place.path, cp, holder(spec.command, spec.name), prepared,
-                    count_items=not recycled)
+                    count_items=not recycled, items=items)
 
     try:
         runs = copies(run.plan)
@@ -305,13 +308,24 @@ def _copy(env: Env, run: Run, whole_plan: Callable[[], copyplan.CopyPlan] | None
         assert whole.copies[:done] == run.plan.copies, "the root's copy does not depend on the mounts"
         runs += copies(dataclasses.replace(whole, copies=whole.copies[done:]))
         run.plan = whole
-    if recycled and runs:
+    if scan is not None and runs:
         t0 = time.monotonic()
-        counts = run.side.rebase(spec.place.path, run.staging, prepared).counts
+        found = _scanned(scan)
+        only = None if found is None or items is None or len(items) > SCAN_LIMIT else {*found, *items}
+        counts = run.side.rebase(spec.place.path, run.staging, prepared, only).counts
         runs[0]["changes"] = {k: counts.get(k, 0) for k in CHANGE_KINDS}
         runs[0]["changes_counted"] = {"against": "the image (the copy started from its spare)",
+                                      "compared": "every path" if only is None else f"{len(only)} paths",
                                       "seconds": round(time.monotonic() - t0, 3)}
     run.rsync = runs
+
+
+def _scanned(scan: Callable[[], RebaseScanned]) -> list[str] | None:
+    """The scan's paths; None when it named too many, or failed (the count then walks the whole trees)."""
+    try:
+        return scan().paths
+    except StorageError:
+        return None
 
 
 def _same_server(spec: BuildSpec, source: copyplan.Source) -> bool:
@@ -361,13 +375,15 @@ def _publish(env: Env, run: Run) -> Published:
 
 
 def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None,  # noqa: PLR0913 - one copy's inputs
-         prepared: frozenset[str] = frozenset(), count_items: bool = True) -> list[dict[str, Any]]:
+         prepared: frozenset[str] = frozenset(), count_items: bool = True, items: list[str] | None = None
+         ) -> list[dict[str, Any]]:
     """Run the plan's copies; those on the storage server under the agent's supervision, tied to our lock.
     A copy with a tar stream runs the stream, and its rsync repair only when the stream was not clean.
     Where rsync itemizes (an update), each run counts its changes by kind, leaving out the paths the
     preparation changes on purpose (`prepared`): they differ from the source in every generation.
     Not count_items: the staging copy started from the image's spare (an older tree), so rsync's items say
-    what changed since the spare: the caller counts against the image instead."""
+    what changed since the spare: the caller counts against the image instead. items: each itemized path is
+    added to it (as a path in the tree), up to SCAN_LIMIT + 1."""
     runs = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file, env.agent) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
@@ -387,11 +403,14 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
             changes: Counter[str] = Counter()
 
             def count(kind: str, p: str, within: str = c.within, tally: Counter[str] = changes) -> None:
-                if not prepared_change(kind, within + p, prepared):
+                if count_items and not prepared_change(kind, within + p, prepared):
                     tally[kind] += 1
+                if items is not None and len(items) <= SCAN_LIMIT:
+                    items.append(within + p)
 
             with env.ui.transfer(c.what) as progress:
-                stats, warning, code = run_rsync(runner, argv, progress, stdin, count if count_items else None)
+                stats, warning, code = run_rsync(runner, argv, progress, stdin,
+                                                 count if count_items or items is not None else None)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "mechanism": "rsync", "argv": list(rsync),

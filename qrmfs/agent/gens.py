@@ -27,6 +27,7 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from . import protocol as P
@@ -274,18 +275,26 @@ def _recycle(path: str, staging: str) -> dict[str, Any] | None:
     return {"generation": generation_id(m), "made": m.get("finished") or m.get("created")}
 
 
-def op_rebase(path: str, export_root: str, staging: str, prepared: list[str]) -> P.Rebased:
+SCAN_LIMIT = 100_000  # paths a scan (or rsync's items) may name before the count walks the whole trees instead
+
+
+def op_rebase(path: str, export_root: str, staging: str, prepared: list[str],
+              only: list[str] | None = None) -> P.Rebased:
     """What changed, counted against the image, when the staging copy started from the spare (an older tree,
     so rsync's own items say what changed since the spare): the staging copy (after rsync, before the
     preparation) is compared with the image, entry by entry (lstat: type, mode, owner, device, link target;
     size and modification time for all but directories), below /.qrmfs left out. An entry only one of them
     has is new or deleted (each entry below it too), as rsync counts them. `prepared`: the paths the
     preparation changes on purpose (the image's manifest), left out as in transfer's counts. xattrs and ACLs
-    are not compared: a change of those alone is not counted."""
+    are not compared: a change of those alone is not counted.
+    only: the paths where the two can differ (op_rebase_scan's, made while rsync ran, and rsync's items):
+    only those are compared, with the same result as the whole walk."""
     _check_under(path, export_root)
     if not _is_staging(path, staging):
         raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
     done = frozenset(prepared)
+    if only is not None:
+        return P.Rebased(_recount(path, staging, done, only))
     try:
         shares = in_two(lambda share, shares: _rebase_share(path, staging, done, share, shares))
     except OSError as e:
@@ -293,10 +302,26 @@ def op_rebase(path: str, export_root: str, staging: str, prepared: list[str]) ->
     return P.Rebased({k: sum(s[k] for s in shares) for k in shares[0]})
 
 
-def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, shares: int) -> dict[str, int]:
-    """op_rebase's counts for the directories that fall to `share` of `shares` (by a hash of the path): each
-    share walks every directory both trees have, and compares (lstat) only the entries of its own."""
-    counts = {"new": 0, "changed": 0, "metadata": 0, "deleted": 0}
+def op_rebase_scan(path: str, export_root: str, staging: str) -> P.RebaseScanned:
+    """The paths where the staging copy and the image differ, found while rsync still works in the copy (on
+    the cores it leaves idle): each differing entry, a new or deleted directory as itself only. What rsync
+    changes meanwhile it itemizes, so these paths and rsync's items name every difference at its end (see
+    op_rebase's only). None: more than SCAN_LIMIT (the count then walks the trees)."""
+    _check_under(path, export_root)
+    if not _is_staging(path, staging):
+        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    try:
+        shares = in_two(lambda share, shares: _scan_share(path, staging, share, shares))
+    except OSError as e:
+        raise AgentError(ErrorKind.OS, f"comparing {staging} with the image: {e}") from None
+    found = [p for s in shares if s is not None for p in s]
+    return P.RebaseScanned(None if any(s is None for s in shares) or len(found) > SCAN_LIMIT else found)
+
+
+def _differences(path: str, staging: str, share: int, shares: int) -> Iterator[tuple[str | None, str]]:
+    """(kind, path in the tree) of each entry where staging and image differ, in the directories that fall to
+    `share` of `shares` (by a hash of the path); every share walks every directory both trees have, and
+    compares (lstat) only the entries of its own. kind None: the entry changed while it was compared."""
     stack = [""]
     while stack:
         rel = stack.pop()
@@ -311,13 +336,66 @@ def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, sha
                 stack.append(r)
             if not own:
                 continue
-            kind = _change(_lstat(o), _lstat(n), path + r, staging + r)
-            if kind in ("new", "deleted"):
-                for sub in _entries(staging + r if kind == "new" else path + r, r):
-                    if not prepared_change(kind, sub, done):
-                        counts[kind] += 1
-            elif kind is not None and not prepared_change(kind, r, done):
+            try:
+                kind = _change(_lstat(o), _lstat(n), path + r, staging + r)
+            except OSError:  # a link read as rsync replaced it
+                yield None, r
+                continue
+            if kind is not None:
+                yield kind, r
+
+
+def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, shares: int) -> dict[str, int]:
+    """op_rebase's counts for the differences that fall to `share` of `shares` (see _differences)."""
+    counts = {"new": 0, "changed": 0, "metadata": 0, "deleted": 0}
+    for kind, r in _differences(path, staging, share, shares):
+        _tally(counts, kind, r, path, staging, done)
+    return counts
+
+
+def _tally(counts: dict[str, int], kind: str | None, r: str, path: str, staging: str,
+           done: frozenset[str]) -> None:
+    """Count one difference: a new or deleted entry with each entry below it, none made on purpose."""
+    if kind in ("new", "deleted"):
+        for sub in _entries(staging + r if kind == "new" else path + r, r):
+            if not prepared_change(kind, sub, done):
                 counts[kind] += 1
+    elif kind is not None and not prepared_change(kind, r, done):
+        counts[kind] += 1
+
+
+def _scan_share(path: str, staging: str, share: int, shares: int) -> list[str] | None:
+    found = []
+    for _kind, r in _differences(path, staging, share, shares):
+        found.append(r)
+        if len(found) > SCAN_LIMIT:
+            return None
+    return found
+
+
+def _recount(path: str, staging: str, done: frozenset[str], candidates: list[str]) -> dict[str, int]:
+    """op_rebase's counts, comparing only the candidate paths (with the entries below a new or deleted one).
+    A candidate below an entry that is not a directory in both trees stands for that entry, as the whole walk
+    would not go below it."""
+    counts = {"new": 0, "changed": 0, "metadata": 0, "deleted": 0}
+    both: dict[str, bool] = {}
+    handled: set[str] = set()
+
+    def both_dirs(rel: str) -> bool:
+        if rel not in both:
+            both[rel] = is_real_dir(staging + rel) and is_real_dir(path + rel)
+        return both[rel]
+
+    for p in sorted(set(candidates)):
+        if p == "/.qrmfs" or p.startswith("/.qrmfs/") or not p.startswith("/"):
+            continue
+        parts = p.split("/")
+        target = next((a for a in ("/".join(parts[:i]) for i in range(2, len(parts))) if not both_dirs(a)), p)
+        if target in handled:
+            continue
+        handled.add(target)
+        kind = _change(_lstat_path(path + target), _lstat_path(staging + target), path + target, staging + target)
+        _tally(counts, kind, target, path, staging, done)
     return counts
 
 
@@ -354,6 +432,13 @@ def _is_dir(e: os.DirEntry[str]) -> bool:
         return e.is_dir(follow_symlinks=False)
     except OSError:
         return False
+
+
+def _lstat_path(p: str) -> os.stat_result | None:
+    try:
+        return os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _lstat(e: os.DirEntry[str] | None) -> os.stat_result | None:

@@ -57,6 +57,7 @@ HANDLERS: dict[type[Any], Callable[[Any], Any]] = {
     P.Rollback: _fields(gens.op_rollback),
     P.Generations: _fields(gens.op_generations),
     P.Rebase: _fields(gens.op_rebase),
+    P.RebaseScan: _fields(gens.op_rebase_scan),
 }
 
 

@@ -394,13 +394,31 @@ class Rebased:
 @dataclass(frozen=True)
 class Rebase(Request[Rebased]):
     """What changed against the image, when the staging copy started from the spare (gens.op_rebase):
-    the staging copy compared with the image; `prepared`: the paths the preparation changes on purpose."""
+    the staging copy compared with the image; `prepared`: the paths the preparation changes on purpose;
+    `only`: the paths where they can differ (a scan's and rsync's), else every path."""
     op: ClassVar[str] = "rebase"
     answer: ClassVar[type] = Rebased
     path: str
     export_root: str
     staging: str
     prepared: list[str]
+    only: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class RebaseScanned:
+    paths: list[str] | None
+
+
+@dataclass(frozen=True)
+class RebaseScan(Request[RebaseScanned]):
+    """The paths where the staging copy and the image differ, found while rsync still works in the copy
+    (gens.op_rebase_scan); None: too many to name."""
+    op: ClassVar[str] = "rebase_scan"
+    answer: ClassVar[type] = RebaseScanned
+    path: str
+    export_root: str
+    staging: str
 
 
 @dataclass(frozen=True)
@@ -502,7 +520,7 @@ class Run(Request[Ran]):
 REQUESTS: dict[str, type[Request[Any]]] = {
     r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
                       PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, StageCopy, PublishUpdate, Rollback,
-                      Generations, Rebase, Unlock, Serve)}
+                      Generations, Rebase, RebaseScan, Unlock, Serve)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------

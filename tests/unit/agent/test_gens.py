@@ -71,3 +71,60 @@ def test_rebase_in_two_processes_counts_what_one_walk_counts(tmp_path: Path) -> 
     assert gens.op_rebase(str(image), str(tmp_path), str(staging), []).counts == one
     halves = [gens._rebase_share(str(image), str(staging), done, k, 2) for k in (0, 1)]
     assert all(sum(h.values()) for h in halves)  # both shares had work
+
+
+def _pair(tmp_path: Path) -> tuple[Path, Path]:
+    """An image and a staging copy of it (times kept), with a few differences already."""
+    image, staging = tmp_path / "img1", tmp_path / ".img1.qrmfs-staging-t"
+    _tree(image)
+    for i in range(12):
+        (image / f"srv/d{i}/sub").mkdir(parents=True)
+        for j in range(4):
+            (image / f"srv/d{i}/sub/f{j}").write_text(f"{i}.{j}\n")
+    shutil.copytree(image, staging, symlinks=True, copy_function=shutil.copy2)
+    shutil.rmtree(staging / ".qrmfs")
+    (staging / "usr/bin/tool").write_text("v2, longer\n")
+    (staging / "usr/bin/mode").chmod(0o700)
+    shutil.rmtree(staging / "var/old")
+    (staging / "opt/new").mkdir(parents=True)
+    (staging / "opt/new/f").write_text("f\n")
+    return image, staging
+
+
+def test_a_scan_made_while_rsync_works_and_rsyncs_items_count_what_the_whole_walk_counts(tmp_path: Path) -> None:
+    """The scan runs while rsync still changes the staging copy; whatever rsync changes after (or while) the
+    scan looked, it itemizes: the count over those paths alone equals the whole walk's at the end."""
+    image, staging = _pair(tmp_path)
+    scanned = gens.op_rebase_scan(str(image), str(tmp_path), str(staging)).paths
+    assert scanned is not None and sorted(scanned) == [
+        "/opt", "/usr/bin/mode", "/usr/bin/tool", "/var/old"]  # a new or deleted directory: itself only
+    # what "rsync" does after the scan, and the items it prints for it
+    items = []
+    (staging / "srv/d3/sub/f1").write_text("rewritten by rsync\n")
+    items.append("/srv/d3/sub/f1")
+    shutil.rmtree(staging / "srv/d5")                                # a deleted directory: rsync lists each entry
+    items += ["/srv/d5", "/srv/d5/sub", *[f"/srv/d5/sub/f{j}" for j in range(4)]]
+    shutil.rmtree(staging / "srv/d7/sub")                            # a directory that became a file
+    (staging / "srv/d7/sub").write_text("now a file\n")
+    items += ["/srv/d7/sub", "/srv/d7/sub/f0", "/srv/d7/sub/f2"]
+    (staging / "srv/d9/n").mkdir()                                   # a new directory, filled
+    (staging / "srv/d9/n/x").write_text("x\n")
+    items += ["/srv/d9/n", "/srv/d9/n/x"]
+    (staging / "usr/bin/tool").write_text("v1\n")                    # back as the image has it
+    shutil.copystat(image / "usr/bin/tool", staging / "usr/bin/tool")
+    items.append("/usr/bin/tool")
+    (staging / "etc/.tool.Xy12ab").write_text("rsync's temporary file, gone at the end\n")
+    os.unlink(staging / "etc/.tool.Xy12ab")
+    items.append("/.qrmfs/nodes")                                    # never counted
+    whole = gens.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"]).counts
+    assert whole == {"new": 5, "changed": 2, "metadata": 1, "deleted": 10}
+    assert gens.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"],
+                          only=[*scanned, *items]).counts == whole
+    # without rsync's items, the changes made after the scan are missed: the items are needed
+    assert gens.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"], only=scanned).counts != whole
+
+
+def test_a_scan_that_would_name_too_many_paths_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image, staging = _pair(tmp_path)
+    monkeypatch.setattr(gens, "SCAN_LIMIT", 2)
+    assert gens.op_rebase_scan(str(image), str(tmp_path), str(staging)).paths is None
