@@ -14,8 +14,14 @@ from .model import ssh_user, ssh_value
 # Contents not copied from a live root (the directories themselves are kept, then prepared).
 LIVE_EXCLUDES = ("/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*",
                  "/lost+found", "/swapfile", "/.qrmfs/nodes")
+# Ciphers: OpenSSH's own list, AES-GCM first (its default puts chacha20-poly1305 first). With the AES
+# instructions of any server CPU of the last decade, AES-GCM takes about a third less CPU per byte: the
+# copies' streams are CPU-bound at both ends (500 MB over ssh here: 1.45-2.0 s -> 1.05-1.26 s). A CPU
+# without them would be faster with chacha20-poly1305, still on the list for a server that prefers it.
+CIPHERS = ("aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,"
+           "aes128-ctr,aes192-ctr,aes256-ctr")
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
-               "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
+               "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-o", f"Ciphers={CIPHERS}")
 
 
 def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,  # noqa: PLR0913

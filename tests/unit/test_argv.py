@@ -13,7 +13,9 @@ from qrmfs import config
 from qrmfs.config import SshHost
 
 BASE_SSH = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
-            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
+            "-o", "Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,"
+                  "aes128-ctr,aes192-ctr,aes256-ctr")
 LIVE = ("--exclude=/proc/*", "--exclude=/sys/*", "--exclude=/dev/*", "--exclude=/run/*", "--exclude=/tmp/*",
         "--exclude=/mnt/*", "--exclude=/media/*", "--exclude=/lost+found", "--exclude=/swapfile",
         "--exclude=/.qrmfs/nodes")
@@ -70,7 +72,8 @@ def test_ssh_argv_remote_round_trips(remote: list[str]) -> None:
 def test_rsync_rsh_exact() -> None:
     assert A.rsync_rsh(SshHost("src", "op", 2200)) == (
         "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10 -o ServerAliveInterval=15 "
-        "-o ServerAliveCountMax=4 -p 2200 -l op")
+        "-o ServerAliveCountMax=4 -o Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,"
+        "aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr -p 2200 -l op")
 
 
 def test_rsync_rsh_identity_and_known_hosts_quoted() -> None:
