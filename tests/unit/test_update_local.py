@@ -533,3 +533,32 @@ def test_an_updates_root_copy_starts_before_the_sources_mount_table_is_read(
     m = json.loads((env["img"] / ".qrmfs/manifest.json").read_text())
     assert [r["what"] for r in m["rsync"]] == ["root filesystem", "separate filesystem /boot"]
     assert m["separate_filesystems"] == [f"{env['src']}/boot"]
+
+
+def test_an_update_whose_source_cannot_be_reached_says_so_and_keeps_the_image(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root's copy runs before the mount table is read; when both fail (the source is gone), the error is
+    the mount table's (cannot reach the source), not rsync's exit code, and nothing of the image changes."""
+    from qrmfs.actions import hosts, pipeline
+    from qrmfs.errors import ConnectError
+    from qrmfs.transfer import check_rsync
+
+    create(env, capsys)
+    before = snapshot(env["img"], skip=())
+
+    def mounts(runner: Any, cfg: Any, h: Any, path: str) -> Any:
+        raise ConnectError("cannot reach source host src.example over ssh (root@src.example port 22)")
+
+    monkeypatch.setattr(hosts, "discover_mounts", mounts)
+    rsyncs: list[int] = []
+
+    def rsync(*a: Any, **kw: Any) -> Any:  # as the real one fails when ssh cannot connect
+        rsyncs.append(255)
+        return {}, check_rsync(255, "ssh: connect to host src.example port 22: Connection refused\n"), 255
+
+    monkeypatch.setattr(pipeline, "run_rsync", rsync)
+    code, out = update(env, capsys)
+    assert rsyncs == [255]
+    assert code == 7 and out["error"]["message"].startswith("cannot reach source host src.example"), out
+    assert snapshot(env["img"], skip=()) == before
+    assert not [p for p in env["root"].iterdir() if ".qrmfs-staging-" in p.name]
