@@ -281,8 +281,8 @@ class StorageSide:
     def remove(self, path: str, force: bool) -> P.Removed:
         return self._call(P.Remove(path, self.root, force))
 
-    def list(self) -> P.Listed:
-        return self._call(P.List(self.root))
+    def list(self, leftovers: bool = True) -> P.Listed:
+        return self._call(P.List(self.root, leftovers=leftovers))
 
     def manifest_update(self, path: str, patch: dict[str, Any]) -> P.ManifestUpdated:
         return self._call(P.ManifestUpdate(path, self.root, patch))

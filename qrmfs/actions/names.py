@@ -28,7 +28,7 @@ def registered_elsewhere(env: Env, name: str, target: Target) -> list[str]:
         env.side(s).connect()  # every server's ssh handshake at once, not one after the other
     for s in servers.values():
         try:
-            listed = env.side(s).list()
+            listed = env.side(s).list(leftovers=False)  # the images' manifests only: no generation is walked
         except QrmfsError as e:
             env.ui.warn(f"could not check storage server {s.name} for an image named {name} ({e.message})")
             continue

@@ -432,10 +432,13 @@ class Remove(Request[Removed]):
 
 @dataclass(frozen=True)
 class List(Request[Listed]):
+    """The images below the export root; with leftovers, also what lies beside them (each one's size: a walk
+    of each generation and spare)."""
     op: ClassVar[str] = "list"
     answer: ClassVar[type] = Listed
     export_root: str
     depth: int = 3
+    leftovers: bool = True
 
 
 @dataclass(frozen=True)

@@ -416,22 +416,23 @@ SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing
                      r"journal|removing-gen-[0-9]+|spare)$")
 
 
-def op_list(export_root: str, depth: int = 3) -> P.Listed:
+def op_list(export_root: str, depth: int = 3, leftovers: bool = True) -> P.Listed:
     root = os.path.realpath(export_root)
     if not is_real_dir(root):
         raise AgentError(ErrorKind.NOT_FOUND, f"export root {export_root} does not exist on the storage server")
     found: list[P.ListedImage] = []
-    leftovers: list[P.Leftover] = []
+    left: list[P.Leftover] = []
     for kind, path, m in scan(root, depth):
         if kind == "hidden":
-            leftovers.extend(_leftover(os.path.dirname(path), os.path.basename(path)))
+            if leftovers:
+                left.extend(_leftover(os.path.dirname(path), os.path.basename(path)))
         else:
             assert m is not None
             found.append(P.ListedImage(path, m, _lock_held(siblings(path).lock)))
-    for pin, image in _pins(root):
-        leftovers.append(P.Leftover(pin, image, "known_hosts", os.lstat(pin).st_blocks * 512,
-                                    _lock_held(siblings(image).lock)))
-    return P.Listed(found, leftovers)
+    for pin, image in _pins(root) if leftovers else ():
+        left.append(P.Leftover(pin, image, "known_hosts", os.lstat(pin).st_blocks * 512,
+                               _lock_held(siblings(image).lock)))
+    return P.Listed(found, left)
 
 
 def _leftover(parent: str, entry: str) -> list[P.Leftover]:

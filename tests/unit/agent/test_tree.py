@@ -492,3 +492,24 @@ def test_the_nfs_servers_cached_files_are_not_a_use(tmp_path: Path) -> None:
     assert fsutil.holders("/exports/img1", str(proc)) == []
     os.symlink("/exports/img1/etc", proc / "202/fd/3")
     assert fsutil.holders("/exports/img1", str(proc)) == ["pid 202 (bash)"]
+
+
+def test_a_list_without_leftovers_names_the_images_and_walks_no_generation(root: Path, pin_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the openQRM name check asks for: every image's manifest, nothing beside them (sizing a generation
+    or a spare walks all of it: with big images, seconds before a registered create could start)."""
+    for name in ("img1", "img2"):
+        (root / name / ".qrmfs").mkdir(parents=True)
+        (root / name / ".qrmfs/manifest.json").write_text(json.dumps({"image": name}))
+    (root / ".img1.qrmfs-gen-1/usr").mkdir(parents=True)
+    (root / ".img1.qrmfs-spare").mkdir()
+    full = tree.op_list(str(root))
+    assert sorted(x.kind for x in full.leftovers) == ["generation", "spare"]
+
+    def no_walk(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("a generation was walked")
+
+    monkeypatch.setattr(tree, "tree_counts", no_walk)
+    quick = tree.op_list(str(root), leftovers=False)
+    assert [(x.path, x.manifest) for x in quick.images] == [(x.path, x.manifest) for x in full.images]
+    assert sorted(os.path.basename(x.path) for x in quick.images) == ["img1", "img2"] and quick.leftovers == []
