@@ -321,10 +321,11 @@ def _copy(env: Env, run: Run, whole_plan: Callable[[], copyplan.CopyPlan] | None
 
 
 def _scanned(scan: Callable[[], RebaseScanned]) -> list[str] | None:
-    """The scan's paths; None when it named too many, or failed (the count then walks the whole trees)."""
+    """The scan's paths; None when it named too many, or failed (the count then walks the whole trees). Its
+    refusal (images lie below the image, which an update never replaces) stops the update."""
     try:
         return scan().paths
-    except StorageError:
+    except StorageError:  # not a RefusedError: that one stops the update
         return None
 
 

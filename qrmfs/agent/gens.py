@@ -33,7 +33,16 @@ from typing import Any
 from . import protocol as P
 from .fsutil import Mounted, holders, in_two, is_real_dir, mine, remove, write_file
 from .protocol import AgentError, ErrorKind
-from .tree import _check_under, _is_staging, read_manifest, remove_pins, siblings, write_manifest
+from .tree import (
+    _check_under,
+    _is_staging,
+    images_below,
+    read_manifest,
+    refuse_inner_images,
+    remove_pins,
+    siblings,
+    write_manifest,
+)
 
 NODES = ".qrmfs/nodes"
 CRASH_ENV = "QRMFS_TEST_CRASH_AT"  # tests: the agent dies (os._exit) right after the named step
@@ -255,7 +264,9 @@ def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | 
     _check_under(path, export_root)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
-    staged = op_stage(path, export_root, token, known_hosts)
+    spare = siblings(path).spare
+    usable = is_real_dir(spare) and os.lstat(spare).st_dev == os.lstat(os.path.dirname(path)).st_dev
+    staged = op_stage(path, export_root, token, known_hosts, check_inner=not usable)  # else: op_rebase_scan
     recycled = _recycle(path, staged.staging)
     if recycled is not None:
         return P.StagedUpdate(staged.staging, staged.known_hosts, [], True, recycled)
@@ -310,6 +321,7 @@ def op_rebase_scan(path: str, export_root: str, staging: str) -> P.RebaseScanned
     _check_under(path, export_root)
     if not _is_staging(path, staging):
         raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    refuse_inner_images(path, images_below(path))  # op_stage left it to this walk (the copy started from the spare)
     try:
         shares = in_two(lambda share, shares: _scan_share(path, staging, share, shares))
     except OSError as e:

@@ -290,18 +290,25 @@ def release_lock(fd: int, path: str) -> None:
     os.close(fd)
 
 
-def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = None) -> P.Staged:
+def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = None,
+             check_inner: bool = True) -> P.Staged:
+    """A fresh staging directory beside the image (and the source's pinned key). Refused where images lie
+    below the path; not check_inner: the caller checks that later (an update from the spare, whose change
+    count walks the image anyway, gens.op_rebase_scan)."""
     _check_under(path, export_root)
-    inner = images_below(path) if is_real_dir(path) else []
-    if inner:
-        raise AgentError(ErrorKind.REFUSED, f"{path} holds images ({', '.join(inner)}): an image is never made "
-                                            "where images lie below it")
+    refuse_inner_images(path, images_below(path) if check_inner and is_real_dir(path) else [])
     s = siblings(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = s.staging_prefix + token  # leftovers of earlier runs went when the lock was taken
     os.mkdir(staging, 0o755)
     pinned = op_pin_host(path, export_root, known_hosts).known_hosts if known_hosts is not None else None
     return P.Staged(staging, pinned)
+
+
+def refuse_inner_images(path: str, inner: list[str]) -> None:
+    if inner:
+        raise AgentError(ErrorKind.REFUSED, f"{path} holds images ({', '.join(inner)}): an image is never made "
+                                            "where images lie below it")
 
 
 def op_pin_host(path: str, export_root: str, known_hosts: str) -> P.Pinned:

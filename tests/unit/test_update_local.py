@@ -562,3 +562,26 @@ def test_an_update_whose_source_cannot_be_reached_says_so_and_keeps_the_image(
     assert code == 7 and out["error"]["message"].startswith("cannot reach source host src.example"), out
     assert snapshot(env["img"], skip=()) == before
     assert not [p for p in env["root"].iterdir() if ".qrmfs-staging-" in p.name]
+
+
+def test_an_image_found_inside_the_image_stops_an_update_from_the_spare_or_a_copy(
+        tmp_path: Path, xfs: Path, env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """An image made inside another by hand would go with the outer one's generations when they are pruned:
+    an update refuses. From a copy, the staging step checks; from the spare, the change count's walk does
+    (beside rsync): either way the image, the one inside it and node state are as they were."""
+    env = _env(tmp_path, xfs / "exports", keep=1)
+    create(env, capsys)
+    for _ in range(2):
+        assert update(env, capsys)[0] == 0
+    spare = env["root"] / ".img1.qrmfs-spare"
+    assert spare.is_dir()
+    inner = env["img"] / "srv/inner"
+    (inner / ".qrmfs").mkdir(parents=True)
+    (inner / ".qrmfs/manifest.json").write_text('{"image": "inner"}\n')
+    before = snapshot(env["img"], skip=())
+    for how in ("recycled", "copy"):
+        code, out = update(env, capsys)
+        assert code == 11 and f"{env['img']} holds images ({inner})" in out["error"]["message"], (how, out)
+        assert snapshot(env["img"], skip=()) == before
+        assert not [p for p in env["root"].iterdir() if ".qrmfs-staging-" in p.name]
+        assert not spare.exists()  # the first refusal used the spare up: the second started from a copy
