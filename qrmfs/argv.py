@@ -183,12 +183,12 @@ MOUNT_DIRS_MARK = "# qrmfs: directories"
 # One read of the mount table, then which mount points are directories (a bind-mounted FILE, a container's
 # /etc/hosts, is copied like any file): mountinfo's own escaped names, decoded for the test only (every
 # backslash there starts an octal escape \NNN, which printf %b reads as \0NNN). Fixed text, no input.
-_MOUNTS_SCRIPT = f"""mi=$(cat /proc/self/mountinfo) || exit
-printf '%s\\n' "$mi" '{MOUNT_DIRS_MARK}'
-printf '%s\\n' "$mi" | while read -r _ _ _ _ mp _; do
-  case $mp in *\\\\*) p=$(printf '%b' "$(printf '%s' "$mp" | sed 's/\\\\/\\\\0/g')");; *) p=$mp;; esac
-  if [ -d "$p" ]; then printf '%s\\n' "$mp"; fi
-done"""
+_MOUNTS_SCRIPT = ("mi=$(cat /proc/self/mountinfo) || exit; "  # one line: whatever the login shell, `sh -c` gets it
+                  f"printf '%s\\n' \"$mi\" '{MOUNT_DIRS_MARK}'; "
+                  "printf '%s\\n' \"$mi\" | while read -r _ _ _ _ mp _; do "
+                  "case $mp in *\\\\*) p=$(printf '%b' \"$(printf '%s' \"$mp\" | sed 's/\\\\/\\\\0/g')\");; "
+                  "*) p=$mp;; esac; "
+                  "if [ -d \"$p\" ]; then printf '%s\\n' \"$mp\"; fi; done")
 
 
 def mounts_argv() -> tuple[str, ...]:

@@ -154,6 +154,7 @@ def test_mounts_argv_is_one_fixed_command_that_reads_the_table_once() -> None:
     argv = A.mounts_argv()
     assert argv[:2] == ("sh", "-c") and len(argv) == 3
     assert argv[2].count("/proc/self/mountinfo") == 1
+    assert "\n" not in argv[2]  # one line: a csh login shell cannot take a newline inside quotes
 
 
 def test_mount_nfs_argv() -> None:
