@@ -193,7 +193,7 @@ _MOUNTS_SCRIPT = ("mi=$(cat /proc/self/mountinfo) || exit; "  # one line: whatev
 
 def mounts_argv() -> tuple[str, ...]:
     """The source's mount table and its directory mount points, in one command (one ssh); see
-    transfer.split_mounts_output."""
+    transfer.source_mounts."""
     return ("sh", "-c", _MOUNTS_SCRIPT)
 
 

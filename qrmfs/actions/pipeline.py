@@ -293,8 +293,7 @@ def _copy(env: Env, run: Run, whole_plan: Callable[[], copyplan.CopyPlan] | None
     scan = run.side.rebase_scan_later(spec.place.path, run.staging) if recycled else None
 
     def copies(cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
-        return copy(env, run.side, spec.place.path, cp, holder(spec.command, spec.name), prepared,
-                    count_items=not recycled, items=items)
+        return copy(env, run.side, spec.place.path, cp, holder(spec.command, spec.name), prepared, items=items)
 
     try:
         runs = copies(run.plan)
@@ -376,15 +375,14 @@ def _publish(env: Env, run: Run) -> Published:
 
 
 def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: str | None,  # noqa: PLR0913 - one copy's inputs
-         prepared: frozenset[str] = frozenset(), count_items: bool = True, items: list[str] | None = None
-         ) -> list[dict[str, Any]]:
+         prepared: frozenset[str] = frozenset(), items: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the plan's copies; those on the storage server under the agent's supervision, tied to our lock.
     A copy with a tar stream runs the stream, and its rsync repair only when the stream was not clean.
     Where rsync itemizes (an update), each run counts its changes by kind, leaving out the paths the
     preparation changes on purpose (`prepared`): they differ from the source in every generation.
-    Not count_items: the staging copy started from the image's spare (an older tree), so rsync's items say
-    what changed since the spare: the caller counts against the image instead. items: each itemized path is
-    added to it (as a path in the tree), up to SCAN_LIMIT + 1."""
+    items: the staging copy started from the image's spare (an older tree), so rsync's items say what changed
+    since the spare: they are not counted, each itemized path is added to `items` instead (as a path in the
+    tree, up to SCAN_LIMIT + 1), and the caller counts against the image."""
     runs = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file, env.agent) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
@@ -404,14 +402,14 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
             changes: Counter[str] = Counter()
 
             def count(kind: str, p: str, within: str = c.within, tally: Counter[str] = changes) -> None:
-                if count_items and not prepared_change(kind, within + p, prepared):
-                    tally[kind] += 1
-                if items is not None and len(items) <= SCAN_LIMIT:
+                if items is None:
+                    if not prepared_change(kind, within + p, prepared):
+                        tally[kind] += 1
+                elif len(items) <= SCAN_LIMIT:
                     items.append(within + p)
 
             with env.ui.transfer(c.what) as progress:
-                stats, warning, code = run_rsync(runner, argv, progress, stdin,
-                                                 count if count_items or items is not None else None)
+                stats, warning, code = run_rsync(runner, argv, progress, stdin, count)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "mechanism": "rsync", "argv": list(rsync),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -294,7 +295,7 @@ def mine(directory: str, share: int, shares: int) -> bool:
 def in_two(work: Callable[[int, int], Any]) -> list[Any]:
     """[work(0, 2), work(1, 2)], both at once: share 1 in a forked child, so that two cores walk (a tree walk
     is lstat after lstat, one core's work). Its answer comes back as JSON. With one core, or without fork,
-    [work(0, 1)]."""
+    [work(0, 1)]. A failure of the child is raised here: its OSError as it was, anything else as EIO."""
     if len(os.sched_getaffinity(0)) < 2:
         return [work(0, 1)]
     r, w = os.pipe()
@@ -310,7 +311,8 @@ def in_two(work: Callable[[int, int], Any]) -> list[Any]:
             os.close(r)
             out = json.dumps({"ok": work(1, 2)})
         except BaseException as e:  # noqa: BLE001 - whatever it was goes to the parent, which raises it
-            out, code = json.dumps({"error": f"{type(e).__name__}: {e}"}), 1
+            err = [e.errno, e.strerror, e.filename] if isinstance(e, OSError) and e.errno is not None else None
+            out, code = json.dumps({"error": f"{type(e).__name__}: {e}", "oserror": err}), 1
         with contextlib.suppress(OSError), os.fdopen(w, "w") as f:
             f.write(out)
         os._exit(code)
@@ -322,8 +324,10 @@ def in_two(work: Callable[[int, int], Any]) -> list[Any]:
             text = f.read()
         os.waitpid(pid, 0)
     theirs = json.loads(text) if text else {"error": "the forked walker died without an answer"}
+    if theirs.get("oserror"):
+        raise OSError(*theirs["oserror"])  # as one process would have raised it (the agent says which path)
     if "error" in theirs:
-        raise OSError(f"the second walker failed: {theirs['error']}")
+        raise OSError(errno.EIO, f"the second walker failed: {theirs['error']}")
     return [first, theirs["ok"]]
 
 

@@ -27,7 +27,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import protocol as P
@@ -35,7 +35,7 @@ from .fsutil import Mounted, holders, in_two, is_real_dir, mine, remove, write_f
 from .protocol import AgentError, ErrorKind
 from .tree import (
     _check_under,
-    _is_staging,
+    check_staging,
     images_below,
     read_manifest,
     refuse_inner_images,
@@ -237,8 +237,7 @@ def prune(path: str, keep: int) -> tuple[list[str], list[str]]:
 def op_publish_update(path: str, export_root: str, staging: str, keep: int) -> P.Swapped:
     """A finished staging copy becomes the image; the image becomes the newest generation."""
     _check_under(path, export_root)
-    if not _is_staging(path, staging) or not is_real_dir(staging):
-        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    check_staging(path, staging, exists=True)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
     return _swap(path, staging, keep)
@@ -264,22 +263,26 @@ def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | 
     _check_under(path, export_root)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
-    spare = siblings(path).spare
-    usable = is_real_dir(spare) and os.lstat(spare).st_dev == os.lstat(os.path.dirname(path)).st_dev
-    staged = op_stage(path, export_root, token, known_hosts, check_inner=not usable)  # else: op_rebase_scan
-    recycled = _recycle(path, staged.staging)
-    if recycled is not None:
+    spare = _usable_spare(path)
+    staged = op_stage(path, export_root, token, known_hosts, check_inner=spare is None)  # else: op_rebase_scan
+    if spare is not None:
+        recycled = _recycle(spare, staged.staging)
         return P.StagedUpdate(staged.staging, staged.known_hosts, [], True, recycled)
     return _copy_of(path, staged)
 
 
-def _recycle(path: str, staging: str) -> dict[str, Any] | None:
-    """The image's spare (see prune) becomes the staging copy, without its /.qrmfs (a manifest is written anew,
-    node state moves in at publish): what it was, or None when there is no spare to use. A crash from here on
-    leaves a staging copy, which the next lock removes like any."""
+def _usable_spare(path: str) -> str | None:
+    """The image's spare (see prune), when there is one the staging copy can be renamed from (a directory on
+    the file system of the image's parent, where staging is made)."""
     spare = siblings(path).spare
-    if not is_real_dir(spare) or os.lstat(spare).st_dev != os.lstat(staging).st_dev:
-        return None
+    usable = is_real_dir(spare) and os.lstat(spare).st_dev == os.lstat(os.path.dirname(path)).st_dev
+    return spare if usable else None
+
+
+def _recycle(spare: str, staging: str) -> dict[str, Any]:
+    """The spare becomes the staging copy, without its /.qrmfs (a manifest is written anew, node state moves in
+    at publish): what it was. A crash from here on leaves a staging copy, which the next lock removes like
+    any."""
     m = read_manifest(spare) or {}
     os.rename(spare, staging)  # onto the empty staging directory, which it replaces
     remove(os.path.join(staging, ".qrmfs"))
@@ -301,15 +304,11 @@ def op_rebase(path: str, export_root: str, staging: str, prepared: list[str],
     only: the paths where the two can differ (op_rebase_scan's, made while rsync ran, and rsync's items):
     only those are compared, with the same result as the whole walk."""
     _check_under(path, export_root)
-    if not _is_staging(path, staging):
-        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    check_staging(path, staging)
     done = frozenset(prepared)
     if only is not None:
         return P.Rebased(_recount(path, staging, done, only))
-    try:
-        shares = in_two(lambda share, shares: _rebase_share(path, staging, done, share, shares))
-    except OSError as e:
-        raise AgentError(ErrorKind.OS, f"comparing {staging} with the image: {e}") from None
+    shares = _comparing(staging, lambda share, shares: _rebase_share(path, staging, done, share, shares))
     return P.Rebased({k: sum(s[k] for s in shares) for k in shares[0]})
 
 
@@ -319,15 +318,19 @@ def op_rebase_scan(path: str, export_root: str, staging: str) -> P.RebaseScanned
     changes meanwhile it itemizes, so these paths and rsync's items name every difference at its end (see
     op_rebase's only). None: more than SCAN_LIMIT (the count then walks the trees)."""
     _check_under(path, export_root)
-    if not _is_staging(path, staging):
-        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    check_staging(path, staging)
     refuse_inner_images(path, images_below(path))  # op_stage left it to this walk (the copy started from the spare)
-    try:
-        shares = in_two(lambda share, shares: _scan_share(path, staging, share, shares))
-    except OSError as e:
-        raise AgentError(ErrorKind.OS, f"comparing {staging} with the image: {e}") from None
+    shares = _comparing(staging, lambda share, shares: _scan_share(path, staging, share, shares))
     found = [p for s in shares if s is not None for p in s]
     return P.RebaseScanned(None if any(s is None for s in shares) or len(found) > SCAN_LIMIT else found)
+
+
+def _comparing(staging: str, work: Callable[[int, int], Any]) -> list[Any]:
+    """in_two(work) for a comparison of staging with the image; its failure says so."""
+    try:
+        return in_two(work)
+    except OSError as e:
+        raise AgentError(ErrorKind.OS, f"comparing {staging} with the image: {e}") from None
 
 
 def _differences(path: str, staging: str, share: int, shares: int) -> Iterator[tuple[str | None, str]]:

@@ -130,6 +130,12 @@ def _is_staging(path: str, staging: str) -> bool:
             and staging.startswith(siblings(path).staging_prefix))
 
 
+def check_staging(path: str, staging: str, exists: bool = False) -> None:
+    """Refuse a `staging` that is not a staging directory of path (with exists: or is not there)."""
+    if not _is_staging(path, staging) or (exists and not is_real_dir(staging)):
+        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+
+
 def _check_under(path: str, export_root: str) -> None:
     """The path must be a canonical path strictly below the export root, reached without symlinks."""
     root = os.path.realpath(export_root)
@@ -333,8 +339,7 @@ def op_unpin_host(path: str, export_root: str) -> P.Unpinned:
 def op_discard(path: str, export_root: str, staging: str) -> P.Discarded:
     """Remove a staging copy (a failed run); the image's name is untouched."""
     _check_under(path, export_root)
-    if not _is_staging(path, staging):
-        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    check_staging(path, staging)
     if _journaled(path, staging):
         # its publish began (gens.py): it is finished, never undone, under the image's next lock
         return P.Discarded("")
@@ -361,8 +366,7 @@ def op_publish(path: str, export_root: str, staging: str, force: bool) -> P.Publ
     """Rename the staging copy to the image's name; with force the old image becomes `.previous`."""
     _check_under(path, export_root)
     s = siblings(path)
-    if not _is_staging(path, staging) or not is_real_dir(staging):
-        raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
+    check_staging(path, staging, exists=True)
     if read_manifest(staging) is None:
         raise AgentError(ErrorKind.REFUSED, f"{staging} has no manifest: not publishing an unfinished image")
     replaced = False

@@ -770,3 +770,17 @@ def test_a_failure_in_the_forked_walker_is_raised_not_lost(monkeypatch: pytest.M
     with pytest.raises(OSError, match="PermissionError: denied below /x"):
         fsutil.in_two(work)
     assert fsutil.in_two(lambda share, shares: share + 1) == [1, 2]
+
+
+def test_an_oserror_of_the_forked_walker_is_raised_as_one_process_raises_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent answers an OSError with its strerror and path: from the child, both come through."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+
+    def work(share: int, shares: int) -> int:
+        if share == 1:
+            os.lstat("/nonexistent/qrmfs-walker-test")
+        return 0
+
+    with pytest.raises(FileNotFoundError) as e:
+        fsutil.in_two(work)
+    assert (e.value.errno, e.value.filename) == (2, "/nonexistent/qrmfs-walker-test")
