@@ -84,7 +84,8 @@ class Runner:
         return Result(tuple(argv), code, out, err)
 
     def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,),  # noqa: PLR0913
-               input: bytes | None = None, on_err_line: Callable[[str], bool] | None = None) -> Result:
+               input: bytes | None = None, on_err_line: Callable[[str], bool] | None = None,
+               started: subprocess.Popen[bytes] | None = None) -> Result:
         """Run, calling on_line for each stdout line, split on \\r too: rsync's progress rewrites one line with
         \\r, which plumbum's iter_lines (it reads up to \\n) would deliver only at the end of the copy.
 
@@ -93,8 +94,9 @@ class Runner:
         If we are interrupted (Ctrl-C, SIGTERM), stdin is closed first and the command given time to end, so
         whatever it ran on a remote host has stopped before the caller cleans up after it.
         on_err_line: called with each stderr line as it comes; a line it returns True for is its own (a
-        progress line), left out of the stderr the result keeps."""
-        p = self.popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+        progress line), left out of the stderr the result keeps.
+        started: argv, started earlier by popen() (stdin and output pipes), that still waits for its input."""
+        p = started or self.popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
         assert p.stderr is not None and p.stdout is not None
         err_chunks: list[bytes] = []
         t = threading.Thread(target=_read_err, args=(p.stderr, err_chunks, on_err_line), daemon=True)

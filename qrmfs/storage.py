@@ -9,6 +9,8 @@ connection. Only a supervised command (`run`, which streams) gets an agent of it
 from __future__ import annotations
 
 import atexit
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -19,27 +21,19 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from . import argv as A
 from .agent import protocol as P
 from .agent.protocol import ErrorKind
 from .config import Storage
 from .errors import ConnectError, ExistsError, LockedError, NotFoundError, QrmfsError, RefusedError, StorageError
-from .runner import CommandFailed, Runner, tail
+from .runner import CommandFailed, Runner, stop, tail
 
 AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "gens", "supervise", "main")
-# The -c program is tiny and fixed; the loader and the agent modules come on stdin (first JSON line).
+# The -c program is tiny and fixed; the loader (agent/loader.py) and the agent modules come on stdin (first JSON
+# line, with the modules' digest: the loader keeps their compiled code in the storage server's cache by it).
 BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'
-LOADER = """
-import sys, types
-for n in ("qrmfs", "qrmfs.agent"):
-    m = types.ModuleType(n); m.__path__ = []; sys.modules[n] = m
-for n, src in r["modules"]:
-    m = types.ModuleType(n); m.__package__ = "qrmfs.agent"; sys.modules[n] = m
-    exec(compile(src, n, "exec"), m.__dict__)
-sys.exit(sys.modules["qrmfs.agent.main"].run(r["op"], r["args"]))
-"""
 ERRORS: dict[ErrorKind, type[QrmfsError]] = {
     ErrorKind.LOCKED: LockedError, ErrorKind.EXISTS: ExistsError, ErrorKind.NOT_FOUND: NotFoundError,
     ErrorKind.REFUSED: RefusedError, ErrorKind.NOT_IMAGE: RefusedError, ErrorKind.OS: StorageError,
@@ -47,9 +41,30 @@ ERRORS: dict[ErrorKind, type[QrmfsError]] = {
 T = TypeVar("T")
 
 
+class Supervised(NamedTuple):
+    """A command under the storage-side agent's supervision: the argv that starts its agent, the agent's stdin,
+    and the agent itself when warm() started it (then argv is what it was started with). A command run as it is
+    (here, or on a local storage server) is Supervised(argv), with no agent and nothing on its stdin."""
+    argv: Sequence[str]
+    input: bytes | None = None
+    started: subprocess.Popen[bytes] | None = None
+
+
+@functools.cache
 def _agent_sources() -> list[tuple[str, str]]:
     pkg = resources.files("qrmfs.agent")
     return [(f"qrmfs.agent.{m}", (pkg / f"{m}.py").read_text()) for m in AGENT_MODULES]
+
+
+@functools.cache
+def _loader() -> str:
+    return (resources.files("qrmfs.agent") / "loader.py").read_text() + "\nsys.exit(load(r))\n"
+
+
+@functools.cache
+def _sources_key() -> str:
+    """The digest the storage-side loader names its cache file by (agent/loader.py)."""
+    return hashlib.sha256(json.dumps(_agent_sources()).encode()).hexdigest()[:32]
 
 
 def _write(p: subprocess.Popen[bytes], data: bytes) -> None:
@@ -77,7 +92,6 @@ class StorageSide:
         self._primary: StorageSide = share._primary if share is not None else self
         self.storage, self.runner = storage, runner
         self.identity, self.known_hosts, self.agent_sock = identity, known_hosts, agent_sock
-        self._sources: list[tuple[str, str]] | None = None
         self._control: str | None = None
         self._session: subprocess.Popen[bytes] | None = None
         self._ready = False
@@ -86,6 +100,7 @@ class StorageSide:
         self._pending: list[tuple[P.Request[Any], list[str]]] = []  # sent, answer not read yet (in order)
         self._io = threading.Lock()
         self._at_exit = False
+        self._warm: dict[bool, tuple[subprocess.Popen[bytes], threading.Thread, tuple[str, ...]]] = {}
 
     # --- this run's agent session (and, over ssh, its one connection) --------------------------------------
 
@@ -178,6 +193,7 @@ class StorageSide:
 
     def close(self) -> None:
         """End the session: its stdin closes, the agent exits (giving up what it held), then its ssh."""
+        self._end_warm()
         if self._primary is not self:
             return self._primary.close()
         p, self._session = self._session, None
@@ -214,10 +230,13 @@ class StorageSide:
         return A.ssh_argv(self.storage.ssh, remote, identity=self.identity, known_hosts=self.known_hosts,
                           forward_agent=forward_agent, control=self._mux() if shared else None)
 
-    def _payload(self, req: P.Request[Any]) -> str:
-        if self._sources is None:
-            self._sources = _agent_sources()
-        return json.dumps({"loader": LOADER, "modules": self._sources, "op": req.op, "args": P.encode(req)}) + "\n"
+    def _payload(self, req: P.Request[Any] | None) -> str:
+        """The first line an agent reads: the loader and the modules, with the request; without one (a warm
+        agent, see warm()), the request comes as the next line."""
+        line: dict[str, Any] = {"loader": _loader(), "modules": _agent_sources(), "key": _sources_key()}
+        if req is not None:
+            line.update(op=req.op, args=P.encode(req))
+        return json.dumps(line) + "\n"
 
     def _agent_argv(self) -> tuple[str, ...]:
         return self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP))
@@ -330,15 +349,47 @@ class StorageSide:
         return self._call(P.Generations(path, self.root, costs))
 
     def supervised(self, path: str, argv: Sequence[str], holder: str | None,
-                   forward_agent: bool = False, pipe_to: Sequence[str] | None = None) -> tuple[tuple[str, ...], bytes]:
+                   forward_agent: bool = False, pipe_to: Sequence[str] | None = None) -> Supervised:
         """argv and stdin that run `argv` on the storage server under the agent's `run`: it stops the command
         when our stdin to it closes (we ended, or died), and, with a holder, when the image's lock is lost.
         Keep stdin open for as long as the command should run (Runner.stream does). pipe_to: a second command
-        reading argv's stdout (protocol Run)."""
+        reading argv's stdout (protocol Run). With a warm agent of the same forward_agent (warm()), `started`
+        is that agent, and stdin is the request line alone."""
+        run = P.Run(path, self.root, list(argv), holder, None if pipe_to is None else list(pipe_to))
+        warm = self._warm.pop(forward_agent, None)
+        if warm is not None:
+            p, writer, started_as = warm
+            writer.join()  # the modules' line is through: the request follows it
+            return Supervised(started_as, (json.dumps({"op": run.op, "args": P.encode(run)}) + "\n").encode(), p)
         agent = self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP),
                           forward_agent=forward_agent)
-        run = P.Run(path, self.root, list(argv), holder, None if pipe_to is None else list(pipe_to))
-        return agent, self._payload(run).encode()
+        return Supervised(agent, self._payload(run).encode())
+
+    def warm(self, forward_agent: bool = False) -> None:
+        """Start the agent of this run's next supervised command now: its ssh channel, python3 and the agent's
+        modules are ready by the time the command is known (they cost about 0.08 s on the lab's storage server,
+        on the run's critical path when started then). supervised() with the same forward_agent takes it; one
+        not taken ends with the session (its stdin closes before it has read a request: it exits, having done
+        nothing). Call it once the session is up (argv() waits for the connection it shares)."""
+        if forward_agent in self._warm or (forward_agent and self.agent_sock is None and not self.local):
+            return  # forwarding from the caller's own agent takes a connection of its own: not started early
+        argv = self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP),
+                         forward_agent=forward_agent)
+        runner = self.runner.with_env({"SSH_AUTH_SOCK": self.agent_sock}) if self.agent_sock else self.runner
+        p = runner.popen(argv)  # from the caller's thread: PR_SET_PDEATHSIG follows the thread that forks
+        writer = threading.Thread(target=_write, args=(p, self._payload(None).encode()), daemon=True)
+        writer.start()
+        self._warm[forward_agent] = (p, writer, argv)
+        if not self._at_exit:
+            atexit.register(self.close)
+            self._at_exit = True
+
+    def _end_warm(self) -> None:
+        """Agents warm() started that no command took: their stdin closes, they exit."""
+        for p, writer, _argv in self._warm.values():
+            writer.join(timeout=5)
+            stop(p, grace=5.0)
+        self._warm.clear()
 
     def connect_error(self, e: CommandFailed) -> QrmfsError:
         if e.code == 255 and not self.local:

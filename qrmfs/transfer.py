@@ -10,11 +10,15 @@ import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .agent.fsutil import parse_mountinfo, unescape_mount
 from .argv import MOUNT_DIRS_MARK, TAR_PROGRESS
 from .errors import TransferError
 from .runner import Runner, tail
+
+if TYPE_CHECKING:
+    import subprocess
 
 # Filesystems that hold an OS's own data: a separate /boot, /usr, /var, /home on one of these is copied too.
 DISK_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "jfs", "reiserfs", "f2fs", "zfs", "vfat", "exfat", "bcachefs"}
@@ -179,11 +183,12 @@ def check_rsync(code: int, stderr: str, what: str = "") -> str | None:
     raise TransferError(f"{what}rsync exited with {code}: {why}", detail)
 
 
-def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None,
+def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None,  # noqa: PLR0913
               input: bytes | None = None, changes: Callable[[str, str], None] | None = None,
-              ) -> tuple[dict[str, int], str | None, int]:
+              started: subprocess.Popen[bytes] | None = None) -> tuple[dict[str, int], str | None, int]:
     """Run one rsync (already wrapped for where it runs; input: what its supervisor reads on stdin;
-    changes: called with (kind, path) for each itemized change, when rsync itemizes).
+    changes: called with (kind, path) for each itemized change, when rsync itemizes; started: its supervisor,
+    started early, see StorageSide.supervised).
     Returns (stats, warning, exit code)."""
     def on_line(line: str) -> None:
         p = parse_progress(line)
@@ -194,7 +199,7 @@ def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, i
         if item and changes:
             changes(change_kind(item[0]), item[1])
 
-    r = runner.stream(argv, on_line, ok=range(256), input=input)  # every exit code is judged here
+    r = runner.stream(argv, on_line, ok=range(256), input=input, started=started)  # every exit code is judged here
     warning = check_rsync(r.code, r.stderr)
     return parse_stats(r.stdout), warning, r.code
 
@@ -253,8 +258,10 @@ def parse_tar_progress(line: str) -> tuple[int, str] | None:
 
 
 def run_stream(runner: Runner, argv: Sequence[str], input: bytes | None,
-               on_progress: Callable[[int, int, str], None] | None = None) -> Streamed:
-    """Run one tar stream under its storage-side supervisor (argv and input from StorageSide.supervised).
+               on_progress: Callable[[int, int, str], None] | None = None,
+               started: subprocess.Popen[bytes] | None = None) -> Streamed:
+    """Run one tar stream under its storage-side supervisor (argv, input and started from
+    StorageSide.supervised).
     Stopped by the supervisor (we went, or lost the lock): TransferError, as for rsync. on_progress: called
     with (bytes so far, -1: no percentage, rate) for each of the extracting tar's progress lines."""
     def progress(line: str) -> bool:
@@ -265,7 +272,7 @@ def run_stream(runner: Runner, argv: Sequence[str], input: bytes | None,
             on_progress(p[0], -1, p[1])
         return True
 
-    r = runner.stream(argv, lambda _line: None, ok=range(256), input=input, on_err_line=progress)
+    r = runner.stream(argv, lambda _line: None, ok=range(256), input=input, on_err_line=progress, started=started)
     s = parse_streamed(r.stdout, r.stderr, r.code)
     if s.codes is None:
         # the supervisor reported no ends: it was stopped (we went, or lost the lock), or our connection to the

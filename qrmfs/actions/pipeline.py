@@ -36,7 +36,7 @@ from ..errors import ConnectError, ExistsError, QrmfsError, StorageError
 from ..model import Route, Target
 from ..results import Built, Registration, RegState
 from ..runner import Runner, later, tail
-from ..storage import StorageSide, node_init_script
+from ..storage import StorageSide, Supervised, node_init_script
 from ..transfer import CHANGE_KINDS, run_rsync, run_stream
 from . import copyplan, hosts, names
 from .common import Credentials, Env, claim_job, deliver, holder, iso_now
@@ -139,6 +139,7 @@ def build(env: Env, spec: BuildSpec) -> Built:
     pin = _pin(env, spec, spec.source)  # a source host key we do not know: refused before anything is touched
     with ExitStack() as held:
         _lock(env, run, held)
+        _warm(run, spec)
         info = run.side.inspect(spec.place.path)
         _check_target(info, spec)
         run.incremental = spec.force and info.is_image
@@ -243,6 +244,17 @@ def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
     if host is None or copyplan.hop(host, into) is not copyplan.Hop.PULL_ON_STORAGE:
         return None
     return hosts.source_known_hosts(env.runner, env.cfg, host)
+
+
+def _warm(run: Run, spec: BuildSpec) -> None:
+    """The agent of the copy's first supervised command, started while the lock, staging and plan are made."""
+    if run.side.local:
+        return
+    into = copyplan.Into(spec.place.agent, spec.place.path, spec.place.here)
+    host = None if spec.source.host is None or spec.source.host.is_local else spec.source.host
+    hop = copyplan.hop(host, into)
+    if hop in (copyplan.Hop.PULL_ON_STORAGE, copyplan.Hop.ON_STORAGE):
+        run.side.warm(forward_agent=hop is copyplan.Hop.PULL_ON_STORAGE)
 
 
 def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin: str | None
@@ -350,9 +362,10 @@ def _copy_image(env: Env, run: Run, image: str, up: StagedUpdate) -> dict[str, A
     if up.entries:
         spec = run.spec
         # on a storage server, under the agent's supervision like rsync: it stops when we go or lose the lock
-        argv, stdin = (cp, None) if run.side.local else run.side.supervised(spec.place.path, cp,
+        sup = Supervised(cp) if run.side.local else run.side.supervised(spec.place.path, cp,
                                                                              holder(spec.command, spec.name))
-        r = env.runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
+        r = env.runner.stream(sup.argv, lambda _line: None, ok=range(256), input=sup.input,
+                              started=sup.started)
         if r.code != 0:
             raise StorageError(f"copying {image} into staging failed ({method}, exit {r.code})", tail(r.stderr))
     return {"method": method, "seconds": round(time.monotonic() - t0, 3), "entries": len(up.entries),
@@ -397,7 +410,7 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
                 rsync = c.stream.repair
             env.ui.step(f"copying {c.what} ({c.runs_on})")
             env.ui.debug("  rsync argv: " + " ".join(rsync))
-            argv, stdin = side.supervised(path, rsync, holder, c.forward_agent) if c.on_storage else (rsync, None)
+            sup = side.supervised(path, rsync, holder, c.forward_agent) if c.on_storage else Supervised(rsync)
             t0 = time.monotonic()
             changes: Counter[str] = Counter()
 
@@ -409,7 +422,7 @@ def copy(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan, holder: 
                     items.append(within + p)
 
             with env.ui.transfer(c.what) as progress:
-                stats, warning, code = run_rsync(runner, argv, progress, stdin, count)
+                stats, warning, code = run_rsync(runner, sup.argv, progress, sup.input, count, sup.started)
             if warning:
                 env.ui.warn(f"{c.what}: {warning} (rsync exit {code})")
             runs.append({"what": c.what, "runs_on": c.runs_on, "mechanism": "rsync", "argv": list(rsync),
@@ -424,10 +437,10 @@ def _stream(env: Env, runner: Runner, side: StorageSide, path: str, c: copyplan.
     assert c.stream is not None
     env.ui.step(f"copying {c.what} ({c.runs_on}, tar stream)")
     env.ui.debug("  tar stream: " + " ".join(c.stream.send) + " | " + " ".join(c.stream.receive))
-    argv, stdin = side.supervised(path, c.stream.send, holder, c.forward_agent, pipe_to=c.stream.receive)
+    sup = side.supervised(path, c.stream.send, holder, c.forward_agent, pipe_to=c.stream.receive)
     t0 = time.monotonic()
     with env.ui.transfer(c.what) as progress:
-        s = run_stream(runner, argv, stdin, progress)
+        s = run_stream(runner, sup.argv, sup.input, progress, sup.started)
     return {"what": c.what, "runs_on": c.runs_on, "mechanism": "tar stream", "argv": list(c.stream.send),
             "pipe_to": list(c.stream.receive), "exit_codes": list(s.codes) if s.codes else [s.code],
             "clean": s.clean, "warning": None if s.clean else s.why(),

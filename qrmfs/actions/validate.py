@@ -14,7 +14,7 @@ from ..agent.protocol import Checked, FindingRecord, Options
 from ..config import Storage
 from ..model import Location, Target
 from ..results import Drift, Validated
-from ..storage import StorageSide
+from ..storage import StorageSide, Supervised
 from ..transfer import check_rsync, parse_item
 from . import copyplan, hosts
 from .common import Env
@@ -122,6 +122,8 @@ def changes_from_source(env: Env, storage: Storage, target: Target, location: Lo
     source = copyplan.Source(src, location.path, ("/.qrmfs", *excludes, *prepared))
     side = env.side(storage)
     pulls = src is not None and not src.is_local and not storage.ssh.is_local
+    if pulls:
+        side.warm(forward_agent=True)  # the dry run's agent starts while the source's host key is pinned
     pinned = side.pin_host(target.path, hosts.source_known_hosts(env.runner, env.cfg, src)).known_hosts \
         if pulls and src is not None else None
     try:
@@ -143,15 +145,16 @@ def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> 
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file, env.agent) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
         for c in cp.copies:
-            argv, stdin = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else (c.rsync, None)
-            r = runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
+            sup = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else Supervised(c.rsync)
+            r = runner.stream(sup.argv, lambda _line: None, ok=range(256), input=sup.input,
+                              started=sup.started)
             if r.code == SILENT_SSH_END and not r.stderr.strip():
                 # the remote side died without a word (bench/results/drift-255.md): a dry run changes nothing,
                 # so it is run once more
                 env.ui.warn("drift check: the ssh session ended without an exit status or a message (exit 255); "
                             "running the dry run once more")
-                argv, stdin = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else (c.rsync, None)
-                r = runner.stream(argv, lambda _line: None, ok=range(256), input=stdin)
+                sup = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else Supervised(c.rsync)
+                r = runner.stream(sup.argv, lambda _line: None, ok=range(256), input=sup.input)
             check_rsync(r.code, r.stderr, "drift check: ")
             for line in r.stdout.splitlines():
                 item = parse_item(line)

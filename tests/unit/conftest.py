@@ -47,3 +47,17 @@ def pin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("QRMFS_PIN_DIR", str(d))
     with local.env(QRMFS_PIN_DIR=str(d)):
         yield d
+
+
+@pytest.fixture(scope="session")
+def agent_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def agent_cache(agent_cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """$XDG_CACHE_HOME, where the agent's loader keeps the code it compiled (agent/loader.py): one per test
+    worker, not the machine's, shared by its tests, so that their agents load it as a storage server's do."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(agent_cache_home))
+    with local.env(XDG_CACHE_HOME=str(agent_cache_home)):
+        yield agent_cache_home / "qrmfs"

@@ -68,7 +68,7 @@ def test_errors_map_to_exit_codes(side: StorageSide, root: Path) -> None:
 
 def test_bad_request_is_storage_error(side: StorageSide, root: Path) -> None:
     """A client of another version: the agent refuses the request before it acts (one framing, one error)."""
-    payload = json.dumps({"loader": S.LOADER, "modules": S._agent_sources(), "op": "inspect",
+    payload = json.dumps({"loader": S._loader(), "modules": S._agent_sources(), "op": "inspect",
                           "args": {"path": str(root / "x")}}) + "\n"
     r = Runner().run(side._agent_argv(), input=payload, ok=(0, 3))
     assert r.code == 3

@@ -317,7 +317,8 @@ class FakeRunner:
         self.calls: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
 
     def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,),
-               input: bytes | None = None) -> Result:
+               input: bytes | None = None, started: object = None) -> Result:
+        assert started is None  # nothing started early here
         self.calls.append((tuple(argv), tuple(ok)))
         for ln in self.stdout.splitlines():
             on_line(ln)

@@ -29,7 +29,8 @@ def _alive(pid: int) -> bool:
 
 def _start(side: StorageSide, root: Path, holder: str | None, pidfile: Path) -> subprocess.Popen[bytes]:
     """The agent running `sh -c 'echo $$ > pidfile; exec sleep 60'`, its stdin kept open by us."""
-    argv, payload = side.supervised(str(root / "img1"), ["sh", "-c", f'echo $$ > {pidfile}; exec sleep 60'], holder)
+    argv, payload, _started = side.supervised(str(root / "img1"), ["sh", "-c", f'echo $$ > {pidfile}; exec sleep 60'],
+                                              holder)
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdin is not None
     p.stdin.write(payload)
@@ -43,15 +44,58 @@ def _start(side: StorageSide, root: Path, holder: str | None, pidfile: Path) -> 
 
 
 def test_exit_code_and_output_pass_through(side: StorageSide, root: Path) -> None:
-    argv, payload = side.supervised(str(root / "img1"), ["sh", "-c", "echo out; echo err >&2; exit 23"], None)
+    argv, payload, _started = side.supervised(str(root / "img1"), ["sh", "-c", "echo out; echo err >&2; exit 23"], None)
     r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
     assert (r.code, r.stdout.strip(), r.stderr.strip()) == (23, "out", "err")
+
+
+def test_a_warm_agent_runs_the_next_supervised_command(side: StorageSide, root: Path) -> None:
+    """warm() starts the agent before the command is known; supervised() hands it over with the request alone
+    on its stdin, and the command runs under it as under an agent started then. The next one starts cold."""
+    side.warm()
+    sup = side.supervised(str(root / "img1"), ["sh", "-c", "echo out; echo err >&2; exit 23"], None)
+    assert sup.started is not None and sup.input is not None and b'"modules"' not in sup.input
+    r = Runner().stream(sup.argv, lambda _l: None, ok=range(256), input=sup.input, started=sup.started)
+    assert (r.code, r.stdout.strip(), r.stderr.strip()) == (23, "out", "err")
+    cold = side.supervised(str(root / "img1"), ["true"], None)
+    assert cold.started is None and cold.input is not None and b'"modules"' in cold.input
+
+
+def test_a_warm_agent_of_other_forwarding_is_not_taken_and_ends_with_the_session(side: StorageSide,
+                                                                                 root: Path) -> None:
+    """A warm agent waits for the command it was started for (with or without the ssh agent forwarded); one
+    no command took reads end of file when the session closes and exits having run nothing."""
+    side.warm(forward_agent=False)
+    p = side._warm[False][0]
+    assert side.supervised(str(root / "img1"), ["true"], None, forward_agent=True).started is None
+    assert p.poll() is None
+    side.close()
+    assert p.wait(timeout=10) == 0 and not side._warm
+    assert p.stdout is not None and p.stdout.read() == b""
+
+
+def test_a_warm_agent_stops_its_command_when_qrmfs_is_gone(side: StorageSide, root: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    side.warm()
+    sup = side.supervised(str(root / "img1"), ["sh", "-c", f'echo $$ > {pidfile}; exec sleep 60'], None)
+    p = sup.started
+    assert p is not None and p.stdin is not None and sup.input is not None
+    p.stdin.write(sup.input)
+    p.stdin.flush()
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert p.poll() is None and time.monotonic() < deadline, "the supervised command did not start"
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    p.stdin.close()  # what qrmfs's death does to the agent's stdin
+    assert p.wait(timeout=20) == P.STOPPED
+    assert not _alive(child)
 
 
 def test_a_death_by_signal_is_reported_not_silent(side: StorageSide, root: Path) -> None:
     """A command killed at once (the OOM killer, a crash) ends with 128 + N and a line that names the signal,
     where its ssh session would otherwise end with 255 and nothing on stderr (bench/results/drift-255.md)."""
-    argv, payload = side.supervised(str(root / "img1"), ["sh", "-c", "kill -KILL $$"], None)
+    argv, payload, _started = side.supervised(str(root / "img1"), ["sh", "-c", "kill -KILL $$"], None)
     r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
     assert r.code == 128 + 9
     assert "sh on " in r.stderr and "was killed by signal SIGKILL" in r.stderr
@@ -83,7 +127,7 @@ def test_command_stops_when_the_lock_is_lost(side: StorageSide, root: Path, tmp_
 
 def test_command_is_not_started_without_the_lock(side: StorageSide, root: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    argv, payload = side.supervised(str(root / "img1"), ["touch", str(marker)], HOLDER)
+    argv, payload, _started = side.supervised(str(root / "img1"), ["touch", str(marker)], HOLDER)
     with side.lock(str(root / "img1"), "someone else pid 2 (create img1)"):
         r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
     assert r.code == P.STOPPED and "not held by this operation" in r.stderr
@@ -99,7 +143,7 @@ def test_pipeline_feeds_the_second_command_and_reports_both_codes(side: StorageS
     (src / "d" / "f").write_bytes(b"x" * 5000)
     dest = root / ".img1.qrmfs-staging-1"
     dest.mkdir()
-    argv, payload = side.supervised(str(root / "img1"), ["tar", "-cf", "-", "-C", str(src), "."], None,
+    argv, payload, _started = side.supervised(str(root / "img1"), ["tar", "-cf", "-", "-C", str(src), "."], None,
                                     pipe_to=["tar", "-xf", "-", "--totals", "-C", str(dest)])
     r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
     assert r.code == 0 and r.stdout.strip() == '{"pipeline": [0, 0]}'
@@ -108,7 +152,7 @@ def test_pipeline_feeds_the_second_command_and_reports_both_codes(side: StorageS
 
 
 def test_pipeline_codes_of_each_end_and_the_larger_as_exit(side: StorageSide, root: Path) -> None:
-    argv, payload = side.supervised(str(root / "img1"), ["sh", "-c", "echo data; exit 1"], None,
+    argv, payload, _started = side.supervised(str(root / "img1"), ["sh", "-c", "echo data; exit 1"], None,
                                     pipe_to=["sh", "-c", "cat >/dev/null; exit 2"])
     r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
     assert (r.code, r.stdout.strip()) == (2, '{"pipeline": [1, 2]}')
@@ -116,7 +160,7 @@ def test_pipeline_codes_of_each_end_and_the_larger_as_exit(side: StorageSide, ro
 
 def test_pipeline_both_ends_stop_when_the_lock_is_lost(side: StorageSide, root: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    argv, payload = side.supervised(
+    argv, payload, _started = side.supervised(
         str(root / "img1"), ["sh", "-c", f"echo $$ > {first}; exec sleep 60"], HOLDER,
         pipe_to=["sh", "-c", f"echo $$ > {second}; exec sleep 60"])
     with side.lock(str(root / "img1"), HOLDER):
