@@ -283,6 +283,28 @@ def test_tls_is_verified_and_ca_file_trusts_a_private_ca(tls_server: tuple[str, 
     Client(url, USER, PASSWORD, retries=0, ca_file=str(cert)).send_once(openqrm.new_image(FIELDS))
 
 
+def test_a_plain_http_client_trusts_no_ca_and_a_run_makes_each_tls_context_once(
+        tls_server: tuple[str, Path]) -> None:
+    """A plain-http URL's client never loads CAs (20-40 ms each): its TLS context trusts none, so if it ever
+    spoke TLS it would refuse every certificate, even one a ca_file trusts. Contexts are made once a run."""
+    import ssl
+
+    import httpx
+
+    from qrmfs.openqrm import _tls
+
+    url, cert = tls_server
+    plain = _tls(False, None)
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname
+    assert plain.cert_store_stats()["x509_ca"] == 0
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"), httpx.Client(verify=plain) as c:
+        c.get(url + "/")
+    with httpx.Client(verify=_tls(True, str(cert))) as c:
+        assert c.get(url + "/").status_code > 0
+    assert _tls(True, str(cert)) is _tls(True, str(cert)) and _tls(True, None) is _tls(True, None)
+    assert _tls(True, None).cert_store_stats()["x509_ca"] > 0
+
+
 def _local_storage(home: dict[str, Any], server: Server) -> tuple[Path, Path, str]:
     """An empty export on a `local` storage server, a tiny source tree, and a config for both and the server."""
     tmp = home["tmp"]
