@@ -158,13 +158,22 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _agent_pid(command_pid: int) -> int | None:
-    """The agent's own pid, which ssh-agent gives its command as $SSH_AGENT_PID (our child's environment)."""
-    try:
-        env = open(f"/proc/{command_pid}/environ", "rb").read().split(b"\0")
-    except OSError:
-        return None
-    return next((int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"SSH_AGENT_PID=")), None)
+def _agent_pid(command_pid: int, timeout: float = 10.0) -> int | None:
+    """The agent's own pid, which ssh-agent gives its command as $SSH_AGENT_PID (our child's environment).
+    ssh-agent makes its socket first, then forks and execs the command: until that exec, the environment has
+    no SSH_AGENT_PID, so it is read again until it has (or the command is gone). Read once, a loaded machine
+    left the daemon unknown, and it outlived qrmfs by up to 10 s (the test of the run's agent failed so)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{command_pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            return None
+        pid = next((int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"SSH_AGENT_PID=")), None)
+        if pid is not None or not _running(command_pid) or time.monotonic() > deadline:
+            return pid
+        time.sleep(0.005)
 
 
 def _listening(agent: subprocess.Popen[bytes], sock: str, timeout: float = 10.0) -> None:

@@ -34,6 +34,18 @@ def test_the_runs_agent_starts_empty_holds_the_key_only_while_asked_and_is_gone_
     assert not hosts._running(daemon)
 
 
+def test_the_agents_pid_is_read_once_its_command_has_it_not_before() -> None:
+    """ssh-agent makes its socket before its command has $SSH_AGENT_PID (it forks, then execs the command):
+    the pid is waited for, not read too early as nothing (the daemon would then outlive qrmfs)."""
+    p = subprocess.Popen(["sh", "-c", "sleep 0.3; exec env SSH_AGENT_PID=4242 sleep 30"])
+    try:
+        assert hosts._agent_pid(p.pid) == 4242
+    finally:
+        p.kill()
+        p.wait()
+    assert hosts._agent_pid(p.pid, timeout=1) is None  # gone: nothing to wait for
+
+
 def test_without_the_runs_agent_a_copy_gets_one_of_its_own_for_its_duration(tmp_path: Path) -> None:
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qrmfs-unit", "-f", str(key)], check=True)
