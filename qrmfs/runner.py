@@ -104,8 +104,11 @@ class Runner:
         try:
             if input is not None:
                 assert p.stdin is not None
-                p.stdin.write(input)
-                p.stdin.flush()
+                try:
+                    p.stdin.write(input)
+                    p.stdin.flush()
+                except BrokenPipeError:
+                    pass  # it has ended already (a connection that failed): its exit code and stderr say why
             out = self._read_lines(p, on_line)
             p.wait()
         except BaseException:
@@ -113,7 +116,10 @@ class Runner:
             raise
         finally:
             if p.stdin is not None and not p.stdin.closed:
-                p.stdin.close()
+                try:
+                    p.stdin.close()
+                except BrokenPipeError:
+                    pass  # what it was to read is lost with it; its exit code says so
         t.join()
         r = Result(tuple(argv), p.returncode, "\n".join(out), b"".join(err_chunks).decode(errors="replace"))
         if r.code not in ok:

@@ -357,6 +357,9 @@ class StorageSide:
         is that agent, and stdin is the request line alone."""
         run = P.Run(path, self.root, list(argv), holder, None if pipe_to is None else list(pipe_to))
         warm = self._warm.pop(forward_agent, None)
+        if warm is not None and warm[0].poll() is not None:  # it ended while it waited: start one now
+            warm[1].join(timeout=5)
+            warm = None
         if warm is not None:
             p, writer, started_as = warm
             writer.join()  # the modules' line is through: the request follows it

@@ -200,3 +200,23 @@ def test_stage_copy_refuses_an_origin_that_is_no_image_or_outside_its_export(sid
         side.stage_copy(str(root / "new"), "tok2", str(root / "plain"), str(root))
     with pytest.raises(QrmfsError):
         side.stage_copy(str(root / "new"), "tok3", str(tmp_path), str(root))
+
+
+def test_a_warm_agent_that_ended_while_it_waited_is_not_handed_over(side: StorageSide, root: Path) -> None:
+    """A warm agent whose connection failed while it waited: the command gets an agent started then."""
+    side.warm()
+    p = side._warm[False][0]
+    assert p.stdin is not None
+    p.stdin.close()  # it reads end of file where its request would be, and exits
+    p.wait(timeout=10)
+    sup = side.supervised(str(root / "img1"), ["sh", "-c", "echo fresh"], None)
+    assert sup.started is None
+    r = Runner().stream(sup.argv, lambda _l: None, ok=range(256), input=sup.input)
+    assert (r.code, r.stdout.strip()) == (0, "fresh")
+
+
+def test_a_command_gone_before_it_read_its_input_is_judged_by_its_exit_not_a_broken_pipe() -> None:
+    """Its stdin broken (it ended at once, as an ssh that cannot connect does): the result says how it ended."""
+    r = Runner().stream(["sh", "-c", "exec 0<&-; echo gone >&2; exit 255"], lambda _l: None, ok=range(256),
+                        input=b"x" * (1 << 20))
+    assert (r.code, r.stderr.strip()) == (255, "gone")
