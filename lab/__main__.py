@@ -141,6 +141,8 @@ def _print_boot(path: str, r: Any) -> None:
         print("  --- end of the console log ---")
         print("".join(f"  {ln}\n" for ln in r.log_tail.splitlines()), end="")
     print(f"  console log {r.log_path}")
+    if r.retried_after:
+        print(f"  booted a second time: the first boot's guest kernel stalled ({r.retried_after})")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,7 @@ class BootResult:
     nfs_wait_seconds: float = 0.0  # waiting for the storage server to show the image over NFS
     error: str | None = None
     log_tail: str = ""
+    retried_after: str | None = None  # a first boot whose guest kernel stalled (guest_stalled), run once more
 
     @property
     def ok(self) -> bool:
@@ -187,8 +188,34 @@ def _log_path(image_path: str, node_id: str | None) -> Path:
     return d / f"{name}-node{node_id or 'none'}-{stamp}-{os.getpid()}.log"
 
 
+# The guest kernel's own stall reports. Under TCG a guest whose vCPU threads get too little of the host's cores
+# can stall in its kernel: seen once in a CI run, node 2 of a shared image (2 vCPUs, the other test worker's
+# tests beside it) reported an RCU stall at 62 s in the NFS client's TCP receive path and made no progress
+# until the 480 s timeout. That says nothing of the image: such a boot is run once more (BootResult.retried_after
+# says so); a second one fails as any boot does.
+GUEST_STALL = re.compile(rb"rcu: INFO: rcu_\w+ (?:self-)?detected stalls?|watchdog: BUG: soft lockup")
+
+
+def guest_stalled(log_path: str) -> bool:
+    """The serial log of a boot shows its guest kernel reporting a stall."""
+    try:
+        return GUEST_STALL.search(Path(log_path).read_bytes()) is not None
+    except OSError:
+        return False
+
+
 def boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
-    """Boot `spec.image_path` in QEMU and report what happened (see the module's doc)."""
+    """Boot `spec.image_path` in QEMU and report what happened (see the module's doc). A boot that timed out
+    with its guest kernel reporting a stall (guest_stalled) is run once more."""
+    first = _boot(info, spec)
+    if first.reached or first.state != "timeout" or not guest_stalled(first.log_path):
+        return first
+    again = _boot(info, spec)
+    return replace(again, retried_after=f"{first.log_path} (the guest kernel stalled; timed out after "
+                   f"{first.seconds:.0f}s)", wall_seconds=round(first.wall_seconds + again.wall_seconds, 2))
+
+
+def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
     t_call = time.monotonic()
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (Debian qemu-system-x86; `make setup` installs it)")

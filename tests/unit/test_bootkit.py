@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -784,3 +785,63 @@ def test_ssh_banner_needs_a_real_ssh_identification():
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     assert boot.ssh_banner(closed, timeout=1) is None
+
+
+# --- a guest kernel that stalls under TCG: the boot is run once more -------------------------------------------
+
+STALL_LOG = b"""[   41.003003] systemd[1]: systemd-firstboot.service - First Boot Wizard was skipped
+[   62.183247] rcu: INFO: rcu_preempt self-detected stall on CPU
+[   62.183247] rcu: \t1-....: (5221 ticks this GP) idle=3c64/1/0x4000000000000000 softirq=3798/3798 fqs=2530
+[   62.183247] Workqueue: rpciod rpc_async_schedule [sunrpc]
+"""
+
+
+@pytest.mark.parametrize(("text", "stalled"), [
+    (STALL_LOG, True),
+    (b"[ 12.0] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:\n", True),
+    (b"[ 30.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [kworker/u4:3:158]\n", True),
+    (b"[ 3.2] rcu: Hierarchical RCU implementation.\n[ 39.6] Reached target local-fs.target\n", False),
+])
+def test_a_guest_kernels_stall_report_is_recognised(tmp_path: Path, text: bytes, stalled: bool) -> None:
+    log = tmp_path / "console.log"
+    log.write_bytes(text)
+    assert boot.guest_stalled(str(log)) is stalled
+    assert boot.guest_stalled(str(tmp_path / "missing.log")) is False
+
+
+def _result(tmp_path: Path, name: str, *, reached: bool, state: str, log: bytes) -> boot.BootResult:
+    p = tmp_path / name
+    p.write_bytes(log)
+    return boot.BootResult(reached=reached, state=state, seconds=480.0 if not reached else 70.0, log_path=str(p),
+                           wall_seconds=10.0)
+
+
+@pytest.mark.parametrize(("first_log", "first_state", "boots"), [
+    (STALL_LOG, "timeout", 2),            # the guest kernel stalled: once more
+    (b"[ 39.6] Reached target\n", "timeout", 1),  # a timeout of its own: the image's, no second boot
+    (STALL_LOG, "initramfs: no root", 1),  # failed otherwise: reported as it is
+])
+def test_a_boot_whose_guest_kernel_stalled_is_run_once_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            first_log: bytes, first_state: str, boots: int) -> None:
+    results = [_result(tmp_path, "1.log", reached=False, state=first_state, log=first_log),
+               _result(tmp_path, "2.log", reached=True, state="multi-user", log=b"ok\n")]
+    calls: list[str] = []
+
+    def fake(info: dict[str, Any], spec: boot.BootSpec) -> boot.BootResult:
+        calls.append(spec.image_path)
+        return results[len(calls) - 1]
+    monkeypatch.setattr(boot, "_boot", fake)
+    r = boot.boot({}, boot.BootSpec("/exports/img", node_id="2"))
+    assert len(calls) == boots
+    if boots == 2:
+        assert r.reached and r.retried_after is not None and str(tmp_path / "1.log") in r.retried_after
+        assert r.wall_seconds == 20.0
+    else:
+        assert not r.reached and r.retried_after is None and r.state == first_state
+
+
+def test_a_second_stall_fails_the_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stalls = [_result(tmp_path, f"{i}.log", reached=False, state="timeout", log=STALL_LOG) for i in (1, 2)]
+    monkeypatch.setattr(boot, "_boot", lambda info, spec: stalls.pop(0))
+    r = boot.boot({}, boot.BootSpec("/exports/img"))
+    assert not r.reached and r.state == "timeout" and not stalls and r.retried_after is not None
