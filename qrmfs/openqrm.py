@@ -181,9 +181,8 @@ def prepare(url: str, ca_file: str | None) -> None:
     """Import httpx and make the TLS context a client of `url` uses, now: a run that will talk to openQRM does
     this during its storage server's ssh handshake, off its critical path (together 60-100 ms)."""
     import httpcore  # noqa: F401, PLC0415 - httpx's transport imports it when the first client is made
-    import httpx  # noqa: F401, PLC0415
 
-    _tls(_https(url), ca_file)
+    _tls(_https(url), ca_file)  # imports httpx
 
 
 def _https(url: str) -> bool:

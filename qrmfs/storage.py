@@ -67,6 +67,11 @@ def _sources_key() -> str:
     return hashlib.sha256(json.dumps(_agent_sources()).encode()).hexdigest()[:32]
 
 
+def _request_line(req: P.Request[Any]) -> str:
+    """One request as the agent reads it: a JSON line of its op and arguments."""
+    return json.dumps({"op": req.op, "args": P.encode(req)}) + "\n"
+
+
 def _write(p: subprocess.Popen[bytes], data: bytes) -> None:
     """Write to the agent's stdin; a closed pipe shows as the missing answer that follows."""
     assert p.stdin is not None
@@ -117,7 +122,7 @@ class StorageSide:
         """Over ssh, the session's own ssh is the run's master connection: every later ssh to this server (a
         supervised rsync, a shell command) shares it, and none pays a handshake of its own. Its stdin gets the
         agent's modules once, from a thread (the pipe may fill before ssh has connected)."""
-        remote = A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP)
+        remote = self._agent_remote()
         if self.local:
             argv = remote
         else:
@@ -238,8 +243,11 @@ class StorageSide:
             line.update(op=req.op, args=P.encode(req))
         return json.dumps(line) + "\n"
 
-    def _agent_argv(self) -> tuple[str, ...]:
-        return self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP))
+    def _agent_remote(self) -> tuple[str, ...]:
+        return A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP)
+
+    def _agent_argv(self, forward_agent: bool = False) -> tuple[str, ...]:
+        return self.argv(self._agent_remote(), forward_agent=forward_agent)
 
     def _call(self, req: P.Request[T]) -> T:
         return self._begin(req)()
@@ -252,7 +260,7 @@ class StorageSide:
             return self._primary._begin(req)
         with self._io:
             p = self._live()
-            _write(p, (json.dumps({"op": req.op, "args": P.encode(req)}) + "\n").encode())
+            _write(p, _request_line(req).encode())
             slot: list[str] = []
             self._pending.append((req, slot))
 
@@ -363,10 +371,8 @@ class StorageSide:
         if warm is not None:
             p, writer, started_as = warm
             writer.join()  # the modules' line is through: the request follows it
-            return Supervised(started_as, (json.dumps({"op": run.op, "args": P.encode(run)}) + "\n").encode(), p)
-        agent = self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP),
-                          forward_agent=forward_agent)
-        return Supervised(agent, self._payload(run).encode())
+            return Supervised(started_as, _request_line(run).encode(), p)
+        return Supervised(self._agent_argv(forward_agent), self._payload(run).encode())
 
     def warm(self, forward_agent: bool = False) -> None:
         """Start the agent of this run's next supervised command now: its ssh channel, python3 and the agent's
@@ -376,8 +382,7 @@ class StorageSide:
         nothing). Call it once the session is up (argv() waits for the connection it shares)."""
         if forward_agent in self._warm or (forward_agent and self.agent_sock is None and not self.local):
             return  # forwarding from the caller's own agent takes a connection of its own: not started early
-        argv = self.argv(A.agent_argv(sys.executable if self.local else "python3", BOOTSTRAP),
-                         forward_agent=forward_agent)
+        argv = self._agent_argv(forward_agent)
         runner = self.runner.with_env({"SSH_AUTH_SOCK": self.agent_sock}) if self.agent_sock else self.runner
         p = runner.popen(argv)  # from the caller's thread: PR_SET_PDEATHSIG follows the thread that forks
         writer = threading.Thread(target=_write, args=(p, self._payload(None).encode()), daemon=True)

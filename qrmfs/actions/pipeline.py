@@ -241,20 +241,16 @@ def _source(env: Env, spec: BuildSpec) -> Callable[[], copyplan.Source]:
 def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
     """The source's known_hosts lines, where the storage server logs in to the source itself: they are pinned
     there, so its ssh never trusts a host key blindly."""
-    into = copyplan.Into(spec.place.agent, spec.place.path, spec.place.here)
-    host = None if source.host is None or source.host.is_local else source.host
-    if host is None or copyplan.hop(host, into) is not copyplan.Hop.PULL_ON_STORAGE:
+    if source.host is None or _hop(spec, source) is not copyplan.Hop.PULL_ON_STORAGE:
         return None
-    return hosts.source_known_hosts(env.runner, env.cfg, host)
+    return hosts.source_known_hosts(env.runner, env.cfg, source.host)
 
 
 def _warm(run: Run, spec: BuildSpec) -> None:
     """The agent of the copy's first supervised command, started while the lock, staging and plan are made."""
     if run.side.local:
         return
-    into = copyplan.Into(spec.place.agent, spec.place.path, spec.place.here)
-    host = None if spec.source.host is None or spec.source.host.is_local else spec.source.host
-    hop = copyplan.hop(host, into)
+    hop = _hop(spec, spec.source)
     if hop in (copyplan.Hop.PULL_ON_STORAGE, copyplan.Hop.ON_STORAGE):
         run.side.warm(forward_agent=hop is copyplan.Hop.PULL_ON_STORAGE)
 
@@ -344,9 +340,13 @@ def _scanned(scan: Callable[[], RebaseScanned]) -> list[str] | None:
 
 def _same_server(spec: BuildSpec, source: copyplan.Source) -> bool:
     """The source tree is on the server the image goes to (a clone there): copied there with cp."""
+    return _hop(spec, source) in (copyplan.Hop.ON_STORAGE, copyplan.Hop.LOCAL)
+
+
+def _hop(spec: BuildSpec, source: copyplan.Source) -> copyplan.Hop:
+    """How a copy from source into the image's place runs (copyplan.hop)."""
     into = copyplan.Into(spec.place.agent, spec.place.path, spec.place.here)
-    host = None if source.host is None or source.host.is_local else source.host
-    return copyplan.hop(host, into) in (copyplan.Hop.ON_STORAGE, copyplan.Hop.LOCAL)
+    return copyplan.hop(None if source.host is None or source.host.is_local else source.host, into)
 
 
 def _copy_image(env: Env, run: Run, image: str, up: StagedUpdate) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from ..agent.protocol import Checked, FindingRecord, Options
 from ..config import Storage
 from ..model import Location, Target
 from ..results import Drift, Validated
+from ..runner import Result
 from ..storage import StorageSide, Supervised
 from ..transfer import check_rsync, parse_item
 from . import copyplan, hosts
@@ -144,17 +145,19 @@ def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> 
     changes: list[dict[str, str]] = []
     with hosts.agent_for(env.runner, cp, env.cfg.identity_file, env.agent) as agent_env:
         runner = env.runner.with_env(agent_env) if agent_env else env.runner
-        for c in cp.copies:
+
+        def dry_run(c: copyplan.Copy) -> Result:
             sup = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else Supervised(c.rsync)
-            r = runner.stream(sup.argv, lambda _line: None, ok=range(256), input=sup.input,
-                              started=sup.started)
+            return runner.stream(sup.argv, lambda _line: None, ok=range(256), input=sup.input, started=sup.started)
+
+        for c in cp.copies:
+            r = dry_run(c)
             if r.code == SILENT_SSH_END and not r.stderr.strip():
                 # the remote side died without a word (bench/results/drift-255.md): a dry run changes nothing,
                 # so it is run once more
                 env.ui.warn("drift check: the ssh session ended without an exit status or a message (exit 255); "
                             "running the dry run once more")
-                sup = side.supervised(path, c.rsync, None, c.forward_agent) if c.on_storage else Supervised(c.rsync)
-                r = runner.stream(sup.argv, lambda _line: None, ok=range(256), input=sup.input)
+                r = dry_run(c)
             check_rsync(r.code, r.stderr, "drift check: ")
             for line in r.stdout.splitlines():
                 item = parse_item(line)
