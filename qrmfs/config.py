@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import model
+from .agent.protocol import SPARE_POLICIES
 from .errors import ConfigError, UsageError
 from .model import bare_address
 from .model import host as check_host
@@ -68,6 +69,7 @@ class Config:
     known_hosts: str | None = None
     spool_dir: str = "~/.local/state/qrmfs/spool"
     keep_generations: int = 1  # earlier generations of an image kept by update (and create --force)
+    spare: str = "reflink"  # when a pruned generation is kept as the next update's start (SPARE_POLICIES)
 
     def storage_for(self, token: str) -> Storage:
         """A storage server by its config name, else by address (ssh as root, port 22, export root /exports)."""
@@ -180,11 +182,19 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
     spool = _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool")
     if not spool or any(ord(c) < 32 or ord(c) == 127 for c in spool):
         raise ConfigError(f"config: spool_dir {spool!r} must be a path without control characters")
+    return Config(path, storage, hosts, oq, _ssh_path(ssh, "identity_file"), _ssh_path(ssh, "known_hosts"),
+                  spool, *_generations(data))
+
+
+def _generations(data: dict[str, Any]) -> tuple[int, str]:
+    """keep_generations and spare (see gens.prune)."""
     keep = _get(data, "keep_generations", int, "", 1)
     if keep < 0:
         raise ConfigError("config: keep_generations must be 0 or more")
-    return Config(path, storage, hosts, oq, _ssh_path(ssh, "identity_file"), _ssh_path(ssh, "known_hosts"),
-                  spool, keep)
+    spare = _get(data, "spare", str, "", "reflink")
+    if spare not in SPARE_POLICIES:
+        raise ConfigError(f"config: spare must be one of {', '.join(SPARE_POLICIES)}, not {spare!r}")
+    return keep, spare
 
 
 def _shown(p: str) -> str:

@@ -90,5 +90,5 @@ def create(req: CreateRequest, env: Env) -> Built:
             options=req.prepare_options(), force=req.force,
             enroll=None if req.only_physical else pipeline.Enrollment(req.creds, req.fields(place.storage.storage_id)),
             manifest={"options": req.options_record(), "excludes": list(req.excludes), "route": req.route.value},
-            discover_mounts=True, keep_generations=env.cfg.keep_generations)
+            discover_mounts=True)
         return pipeline.build(env, spec)

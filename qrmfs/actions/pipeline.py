@@ -97,7 +97,6 @@ class BuildSpec:
     also_lock: tuple[tuple[StorageSide, str], ...] = ()
     discover_mounts: bool = False     # read the source's mount table (create from a live host)
     new_record: bool = True           # register with new_image; False (update): the record stays, events only
-    keep_generations: int = 1         # earlier generations kept beside the image after a new one is published
     parent: dict[str, Any] | None = None  # the current image's manifest, when a new generation is made
     origin: tuple[str, str] | None = None  # clone: the image copied (path, its export root); on the same server
     #                                        it is copied with cp (reflinks where they work), not rsync
@@ -379,7 +378,7 @@ def _publish(env: Env, run: Run) -> Published:
     if not run.incremental:
         return run.side.publish(spec.place.path, run.staging, spec.force)
     try:
-        swapped = run.side.publish_update(spec.place.path, run.staging, spec.keep_generations)
+        swapped = run.side.publish_update(spec.place.path, run.staging, env.cfg.keep_generations, env.cfg.spare)
     except QrmfsError as e:
         e.message += ("; if the publish had begun, the next qrmfs operation on the image finishes it (its node "
                       "state is never left behind)")

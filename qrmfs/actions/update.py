@@ -111,7 +111,7 @@ def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
             options=creq.prepare_options(), force=True, enroll=enroll,
             manifest={"options": {**creq.options_record(), "only_physical": manifest.get("options", {}).get(
                 "only_physical", False)}, "excludes": list(creq.excludes), "route": creq.route.value},
-            discover_mounts=True, new_record=False, keep_generations=env.cfg.keep_generations, parent=manifest)
+            discover_mounts=True, new_record=False, parent=manifest)
         return pipeline.build(env, spec)
 
 

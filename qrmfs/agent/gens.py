@@ -156,14 +156,14 @@ def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
     if os.path.lexists(incoming) and os.path.lexists(path) and not os.path.lexists(outgoing):
         os.rename(incoming, outgoing)  # after an exchange, incoming's name holds the old image
     _crash_point("retire")
-    pruned, failed = prune(path, int(j.get("keep", 1)))
+    pruned, failed = prune(path, int(j.get("keep", 1)), str(j.get("spare", "reflink")))
     _crash_point("prune")
     remove_pins(path)  # the source's pinned host key served the copy only
     remove(siblings(path).journal)
     return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed)
 
 
-def _swap(path: str, incoming: str, keep: int) -> P.Swapped:
+def _swap(path: str, incoming: str, keep: int, spare: str = "reflink") -> P.Swapped:
     m = read_manifest(incoming)
     if m is None:
         raise AgentError(ErrorKind.REFUSED, f"{incoming} has no manifest: not publishing an unfinished image")
@@ -173,7 +173,7 @@ def _swap(path: str, incoming: str, keep: int) -> P.Swapped:
         m["generation"] = {"id": new_id}
         write_manifest(incoming, m)
     _set_aside(incoming)
-    j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep}
+    j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep, "spare": spare}
     write_file(siblings(path).journal, (json.dumps(j) + "\n").encode(), 0o600)
     _crash_point("journal")
     return _finish(path, j)
@@ -200,16 +200,19 @@ def recover(path: str) -> P.Swapped | None:
         return None  # a stale journal (its tree is gone): removed
 
 
-def prune(path: str, keep: int) -> tuple[list[str], list[str]]:
+def prune(path: str, keep: int, policy: str = "reflink") -> tuple[list[str], list[str]]:
     """Delete the oldest generations beyond `keep` (each renamed out of sight first, so a crash never leaves
     a half-deleted tree that looks like a generation). (deleted, could not delete): a generation that cannot
     be deleted never undoes the publish; what is left of it is tried again at the next lock.
 
-    Where the file system shares extents (reflinks), the newest of them is not deleted but becomes the image's
-    spare (`.<name>.qrmfs-spare`, one at most): the next update starts its staging copy from it instead of
-    copying the whole image, and rsync --delete --delete-excluded makes it the source's exact copy all the same.
-    It is no generation (rollback never sees it), it costs only the extents it shares with no other tree, and
-    `remove` deletes it with the image."""
+    The newest of them is not deleted but becomes the image's spare (`.<name>.qrmfs-spare`, one at most) where
+    `policy` says so: "reflink" where the file system shares extents (reflinks), "always", "never". The next
+    update starts its staging copy from the spare instead of copying the whole image, and rsync --delete
+    --delete-excluded makes it the source's exact copy all the same. It is no generation (rollback never sees
+    it), and `remove` deletes it with the image. With reflinks it costs only the extents it shares with no other
+    tree; without ("always" on ext4) it holds a whole copy between updates, the copy an update without it makes
+    while it runs (so the space an update needs at its peak is the same), and an update then neither copies
+    the image nor deletes a whole tree."""
     gone, failed = [], []
     gens = generations(path)
     doomed = gens[:max(0, len(gens) - keep)]
@@ -221,7 +224,7 @@ def prune(path: str, keep: int) -> tuple[list[str], list[str]]:
             failed.append(f"{d}: in use by {', '.join(busy[:5])}")
             continue
         try:
-            if (seq, d) == doomed[-1] and not os.path.lexists(spare) and can_reflink(os.path.dirname(path)):
+            if (seq, d) == doomed[-1] and not os.path.lexists(spare) and _keeps_spare(path, policy):
                 os.rename(d, spare)
                 gone.append(d)
                 continue
@@ -234,13 +237,19 @@ def prune(path: str, keep: int) -> tuple[list[str], list[str]]:
     return gone, failed
 
 
-def op_publish_update(path: str, export_root: str, staging: str, keep: int) -> P.Swapped:
+def _keeps_spare(path: str, policy: str) -> bool:
+    return policy == "always" or (policy == "reflink" and can_reflink(os.path.dirname(path)))
+
+
+def op_publish_update(path: str, export_root: str, staging: str, keep: int, spare: str = "reflink") -> P.Swapped:
     """A finished staging copy becomes the image; the image becomes the newest generation."""
     _check_under(path, export_root)
+    if spare not in P.SPARE_POLICIES:
+        raise AgentError(ErrorKind.BAD_REQUEST, f"spare must be one of {', '.join(P.SPARE_POLICIES)}, not {spare!r}")
     check_staging(path, staging, exists=True)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
-    return _swap(path, staging, keep)
+    return _swap(path, staging, keep, spare)
 
 
 def op_rollback(path: str, export_root: str, keep: int) -> P.Swapped:

@@ -27,6 +27,10 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 FAILED = 3  # the agent's exit code after an error answer
 STOPPED = 125  # `run`: the agent did not start the command, or stopped it (the reason is on stderr)
+# Where an update keeps the generation it prunes as the image's spare, the next update's start (gens.prune):
+# "reflink" where the file system shares extents (the spare costs what changed since), "always" (on ext4 it holds
+# a whole copy between updates), "never".
+SPARE_POLICIES = ("reflink", "always", "never")
 
 
 class ErrorKind(str, enum.Enum):  # noqa: UP042 - StrEnum needs python 3.11 on the storage server
@@ -359,13 +363,15 @@ class StageCopy(Request[StagedUpdate]):
 
 @dataclass(frozen=True)
 class PublishUpdate(Request[Swapped]):
-    """The journaled publish of an update: node state moves in, the image becomes the newest generation."""
+    """The journaled publish of an update: node state moves in, the image becomes the newest generation; the
+    generations beyond `keep` are pruned, the newest of them kept as the spare as `spare` says (SPARE_POLICIES)."""
     op: ClassVar[str] = "publish_update"
     answer: ClassVar[type] = Swapped
     path: str
     export_root: str
     staging: str
     keep: int
+    spare: str = "reflink"
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ def test_parse_empty_gives_defaults() -> None:
     assert c == Config()
     assert c.openqrm == OpenQrm(None, None, None, 10.0, 4, 0.5)
     assert c.spool_dir == "~/.local/state/qrmfs/spool"
+    assert (c.keep_generations, c.spare) == (1, "reflink")
+    assert config.parse({"spare": "always", "keep_generations": 0}).spare == "always"
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -87,6 +89,8 @@ def test_parse_empty_gives_defaults() -> None:
     ({"storage": {"s": {}}}, "config: storage.s needs an address"),
     ({"storage": {"s": {"address": ""}}}, "config: storage.s needs an address"),
     ({"hosts": {"w": {"ssh_user": "x"}}}, "config: hosts.w needs an address"),
+    ({"spare": "yes"}, "config: spare must be one of reflink, always, never, not 'yes'"),
+    ({"keep_generations": -1}, "config: keep_generations must be 0 or more"),
 ])
 def test_type_errors_are_config_errors(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as ei:

@@ -18,6 +18,7 @@ from plumbum import local
 
 from qrmfs import cli
 from qrmfs.agent import gens, tree
+from qrmfs.agent.protocol import AgentError, ErrorKind
 
 NODE_FILE = ".qrmfs/nodes/1/var/lib/app/state"
 
@@ -28,7 +29,7 @@ def env(tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) ->
     return _env(tmp_path, tmp_path / "exports", keep=1)
 
 
-def _env(tmp_path: Path, root: Path, keep: int) -> dict[str, Path]:
+def _env(tmp_path: Path, root: Path, keep: int, config: str = "") -> dict[str, Path]:
     src = tmp_path / "src"
     for d in ("etc", "usr/bin", "var/lib/app", "var/log", "sbin"):
         (src / d).mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ def _env(tmp_path: Path, root: Path, keep: int) -> dict[str, Path]:
     (src / "sbin/init").chmod(0o755)
     root.mkdir(exist_ok=True)
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'spool_dir = "{tmp_path}/spool"\nkeep_generations = {keep}\n\n[storage.local]\n'
+    cfg.write_text(f'spool_dir = "{tmp_path}/spool"\nkeep_generations = {keep}\n{config}\n[storage.local]\n'
                    f'address = "local"\nexport_root = "{root}"\n')
     return {"tmp": tmp_path, "root": root, "src": src, "cfg": cfg, "img": root / "img1"}
 
@@ -347,6 +348,18 @@ def _image(d: Path, tag: str, gen_id: str | None = None) -> None:
     tree.write_manifest(str(d), {"image": "img1", **({"generation": {"id": gen_id}} if gen_id else {})})
 
 
+def test_a_publish_with_an_unknown_spare_policy_is_refused_before_anything_moves(tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    img, staging = root / "img1", root / ".img1.qrmfs-staging-x"
+    _image(img, "old", "a")
+    _image(staging, "new", "b")
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(AgentError) as ei:
+        gens.op_publish_update(str(img), str(root), str(staging), 1, "sometimes")
+    assert ei.value.kind is ErrorKind.BAD_REQUEST and "reflink, always, never" in str(ei.value)
+    assert sorted(p.name for p in root.iterdir()) == before and (img / "etc/tag").read_text() == "old"
+
+
 def test_recovery_keeps_moved_node_state_over_one_a_booting_node_seeded(tmp_path: Path) -> None:
     root = tmp_path / "exports"
     img, staging = root / "img1", root / ".img1.qrmfs-staging-x"
@@ -456,7 +469,37 @@ def test_on_xfs_a_pruned_generation_is_the_next_updates_start_and_the_result_is_
     deleted at the source since the spare was made are right, its old manifest is gone, node state moved in.
     Its change counts are those since the current image, not since the spare. list shows the spare, gc keeps
     it, remove deletes it."""
-    env = _env(tmp_path, xfs / "exports", keep=1)
+    _spare_cycle(_env(tmp_path, xfs / "exports", keep=1), capsys)
+
+
+def test_spare_always_keeps_one_without_reflinks_and_never_keeps_none_with_them(
+        tmp_path: Path, xfs: Path, env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`spare = "always"`: on a file system without reflinks (the temp directory's), the same cycle as on
+    XFS: the third update starts from the pruned generation, and neither copies the image nor deletes a tree.
+    `spare = "never"`: on XFS, the pruned generation is deleted and every update starts from a copy. The
+    default keeps none without reflinks."""
+    if gens.can_reflink(str(tmp_path)):
+        pytest.skip("the temp directory's file system shares extents: no plain file system to test on")
+    _spare_cycle(_env(tmp_path / "always", _mkdir(tmp_path / "always" / "exports"), keep=1,
+                      config='spare = "always"\n'), capsys)
+    for where, config in ((tmp_path / "default" / "exports", ""), (xfs / "never", 'spare = "never"\n')):
+        env = _env(_mkdir(where.parent), _mkdir(where), keep=1, config=config)
+        create(env, capsys)
+        for _ in range(3):
+            code, out = update(env, capsys)
+            assert code == 0, out
+        m = tree.read_manifest(str(env["img"]))
+        assert m is not None and m["generation"]["base_copy"]["method"] in ("copy", "reflink"), where
+        assert [p.name for p in where.iterdir() if "spare" in p.name] == [], where
+        assert (env["img"] / NODE_FILE).read_text() == "node 1 state\n"
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _spare_cycle(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     create(env, capsys)
     spare = env["root"] / ".img1.qrmfs-spare"
     (env["src"] / "usr/bin/tool").write_text("version 2\n")
