@@ -628,3 +628,21 @@ def test_an_image_found_inside_the_image_stops_an_update_from_the_spare_or_a_cop
         assert snapshot(env["img"], skip=()) == before
         assert not [p for p in env["root"].iterdir() if ".qrmfs-staging-" in p.name]
         assert not spare.exists()  # the first refusal used the spare up: the second started from a copy
+
+
+def test_a_forced_clone_onto_an_image_keeps_the_configs_number_of_generations(
+        tmp_path: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """clone --force onto an existing image makes a new generation of it, pruned as keep_generations says
+    (it used to keep one whatever the config said)."""
+    env = _env(tmp_path, tmp_path / "exports", keep=0)
+    create(env, capsys)
+    clone = ("clone", "-s", "img2", "-t", f"local:{env['root'] / 'img2'}", "--from", f"local:{env['img']}", "-o")
+    for extra in ((), ("--force",), ("--force",)):
+        code, out = qrmfs(env, *clone, *extra, capsys=capsys)
+        assert code == 0, out
+    assert [p.name for p in env["root"].iterdir() if p.name.startswith(".img2.qrmfs-gen-")] == []
+    env["cfg"].write_text(env["cfg"].read_text().replace("keep_generations = 0", "keep_generations = 2"))
+    for _ in range(3):
+        code, out = qrmfs(env, *clone, "--force", capsys=capsys)
+        assert code == 0, out
+    assert len([p for p in env["root"].iterdir() if p.name.startswith(".img2.qrmfs-gen-")]) == 2
