@@ -307,11 +307,14 @@ def op_rebase(path: str, export_root: str, staging: str, prepared: list[str],
     so rsync's own items say what changed since the spare): the staging copy (after rsync, before the
     preparation) is compared with the image, entry by entry (lstat: type, mode, owner, device, link target;
     size and modification time for all but directories), below /.qrmfs left out. An entry only one of them
-    has is new or deleted (each entry below it too), as rsync counts them. `prepared`: the paths the
-    preparation changes on purpose (the image's manifest), left out as in transfer's counts. xattrs and ACLs
-    are not compared: a change of those alone is not counted.
+    has is new or deleted (each entry below it too), as rsync counts them; an entry whose xattrs (ACLs among
+    them) alone differ is a metadata change. `prepared`: the paths the preparation changes on purpose (the
+    image's manifest), left out as in transfer's counts.
     only: the paths where the two can differ (op_rebase_scan's, made while rsync ran, and rsync's items):
-    only those are compared, with the same result as the whole walk."""
+    only those are compared, with the same result as the whole walk. The scan does not read xattrs (a read
+    per entry of both trees while rsync works): an xattr change since the image is in rsync's items, unless
+    the spare already had it (the source set it back since the spare was the image), which is then not
+    counted."""
     _check_under(path, export_root)
     check_staging(path, staging)
     done = frozenset(prepared)
@@ -342,10 +345,12 @@ def _comparing(staging: str, work: Callable[[int, int], Any]) -> list[Any]:
         raise AgentError(ErrorKind.OS, f"comparing {staging} with the image: {e}") from None
 
 
-def _differences(path: str, staging: str, share: int, shares: int) -> Iterator[tuple[str | None, str]]:
+def _differences(path: str, staging: str, share: int, shares: int, xattrs: bool = False
+                 ) -> Iterator[tuple[str | None, str]]:
     """(kind, path in the tree) of each entry where staging and image differ, in the directories that fall to
     `share` of `shares` (by a hash of the path); every share walks every directory both trees have, and
-    compares (lstat) only the entries of its own. kind None: the entry changed while it was compared."""
+    compares (lstat, and with `xattrs` the xattrs of an entry lstat finds unchanged) only the entries of its
+    own. kind None: the entry changed while it was compared."""
     stack = [""]
     while stack:
         rel = stack.pop()
@@ -361,7 +366,7 @@ def _differences(path: str, staging: str, share: int, shares: int) -> Iterator[t
             if not own:
                 continue
             try:
-                kind = _change(_lstat(o), _lstat(n), path + r, staging + r)
+                kind = _change(_lstat(o), _lstat(n), path + r, staging + r, xattrs)
             except OSError:  # a link read as rsync replaced it
                 yield None, r
                 continue
@@ -372,7 +377,7 @@ def _differences(path: str, staging: str, share: int, shares: int) -> Iterator[t
 def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, shares: int) -> dict[str, int]:
     """op_rebase's counts for the differences that fall to `share` of `shares` (see _differences)."""
     counts = {"new": 0, "changed": 0, "metadata": 0, "deleted": 0}
-    for kind, r in _differences(path, staging, share, shares):
+    for kind, r in _differences(path, staging, share, shares, xattrs=True):
         _tally(counts, kind, r, path, staging, done)
     return counts
 
@@ -418,7 +423,8 @@ def _recount(path: str, staging: str, done: frozenset[str], candidates: list[str
         if target in handled:
             continue
         handled.add(target)
-        kind = _change(_lstat_path(path + target), _lstat_path(staging + target), path + target, staging + target)
+        kind = _change(_lstat_path(path + target), _lstat_path(staging + target), path + target, staging + target,
+                       xattrs=True)
         _tally(counts, kind, target, path, staging, done)
     return counts
 
@@ -474,8 +480,10 @@ def _lstat(e: os.DirEntry[str] | None) -> os.stat_result | None:
         return None
 
 
-def _change(old: os.stat_result | None, new: os.stat_result | None, old_path: str, new_path: str) -> str | None:
-    """How the entry new (at new_path) differs from old (None: not at all, or in neither)."""
+def _change(old: os.stat_result | None, new: os.stat_result | None, old_path: str, new_path: str,
+            xattrs: bool = False) -> str | None:
+    """How the entry new (at new_path) differs from old (None: not at all, or in neither); with xattrs, an
+    entry lstat finds unchanged is compared by its xattrs too (ACLs are xattrs)."""
     if new is None or old is None:
         return None if new is None and old is None else "deleted" if new is None else "new"
     if stat.S_IFMT(new.st_mode) != stat.S_IFMT(old.st_mode) or (
@@ -484,7 +492,18 @@ def _change(old: os.stat_result | None, new: os.stat_result | None, old_path: st
         return "changed"
     if (new.st_mode, new.st_uid, new.st_gid, new.st_rdev) != (old.st_mode, old.st_uid, old.st_gid, old.st_rdev):
         return "metadata"
+    if xattrs and _xattrs(new_path) != _xattrs(old_path):
+        return "metadata"
     return None
+
+
+def _xattrs(p: str) -> dict[str, bytes] | None:
+    """An entry's xattrs, not following a symlink; None where it has none to read (gone, or a file system
+    without xattrs)."""
+    try:
+        return {n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)}
+    except OSError:
+        return None
 
 
 def op_stage_copy(path: str, export_root: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:

@@ -646,3 +646,28 @@ def test_a_forced_clone_onto_an_image_keeps_the_configs_number_of_generations(
         code, out = qrmfs(env, *clone, "--force", capsys=capsys)
         assert code == 0, out
     assert len([p for p in env["root"].iterdir() if p.name.startswith(".img2.qrmfs-gen-")]) == 2
+
+
+def test_an_update_from_the_spare_counts_a_change_of_xattrs_or_acls_alone(
+        tmp_path: Path, env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """The changes of an update that started from the spare are counted by comparing the staging copy with the
+    image: an xattr or ACL changed at the source, and nothing else about the file, is a metadata change there
+    too, as rsync's items count it on a copy of the image (it used to count 0)."""
+    if not shutil.which("setfacl"):
+        pytest.skip("needs setfacl")
+    env = _env(tmp_path / "x", _mkdir(tmp_path / "x" / "exports"), keep=1, config='spare = "always"\n')
+    create(env, capsys)
+    for _ in range(2):
+        assert update(env, capsys)[0] == 0
+    os.setxattr(env["src"] / "etc/motd", "user.note", b"changed")
+    subprocess.run(["setfacl", "-m", "u:4242:r", str(env["src"] / "usr/bin/tool")], check=True)
+    code, out = update(env, capsys)
+    assert code == 0, out
+    gen = tree.read_manifest(str(env["img"]))["generation"]  # type: ignore[index]
+    assert gen["base_copy"]["method"] == "recycled"
+    assert {k: gen["changes"][k] for k in ("new", "changed", "metadata", "deleted")} == {
+        "new": 0, "changed": 0, "metadata": 2, "deleted": 0}
+    assert os.getxattr(env["img"] / "etc/motd", "user.note") == b"changed"
+    code, out = update(env, capsys)  # and nothing changed since
+    gen = tree.read_manifest(str(env["img"]))["generation"]  # type: ignore[index]
+    assert code == 0 and sum(gen["changes"][k] for k in ("new", "changed", "metadata", "deleted")) == 0, gen
