@@ -258,3 +258,36 @@ def test_a_running_node_survives_an_update_and_a_rollback(lab, on_source):
     finally:
         on_source(f"rm -f {MARKER}", check=False)
         qrmfs("remove", "-t", t, "--yes", "-o", config=cfg)
+
+
+def test_on_the_ext4_export_spare_always_makes_the_third_update_start_from_the_pruned_generation(
+        lab, cfg, scratch, on_source, on_storage):
+    """`spare = "always"` on /exports-plain (ext4, no reflinks): the second update keeps the generation it
+    prunes as the spare, the third starts from it (no copy of the image), its tree is the source's, node data
+    moved in, and `remove` deletes the spare with the image."""
+    name = f"sp_{uuid.uuid4().hex[:8]}"
+    path, t = f"/exports-plain/{name}", f"plain:/exports-plain/{name}"
+    with open(cfg) as f:
+        text = f.read()
+    with open(cfg, "w") as f:
+        f.write('spare = "always"\n' + text)
+    try:
+        r = qrmfs("create", "-t", t, "-l", f"source:{scratch}", "-o", "--shared", "--private-add", "/var/lib/app",
+                  config=cfg)
+        assert r.returncode == 0, r.stderr
+        on_storage(f"mkdir -p {path}/.qrmfs/nodes/1/var/lib/app && echo node-one > {path}/{NODE_FILE}")
+        for v in ("v2", "v3", "v4"):
+            on_source(f"echo {v} > {scratch}/usr/bin/tool")
+            r = qrmfs("update", "-t", t, config=cfg)
+            assert r.returncode == 0, r.stderr
+        gen = _manifest(on_storage, path)["generation"]
+        assert gen["base_copy"]["method"] == "recycled" and gen["changes"]["changed"] == 1, gen
+        on_storage(f"test \"$(cat {path}/usr/bin/tool)\" = v4 && test \"$(cat {path}/{NODE_FILE})\" = node-one")
+        listing = on_storage(f"ls -a /exports-plain | grep {name}").stdout.decode().split()
+        assert sorted(e for e in listing if not e.endswith("qrmfs-lock")) == sorted(
+            [name, f".{name}.qrmfs-gen-3", f".{name}.qrmfs-spare"])
+        r = qrmfs("remove", "-t", t, "--yes", config=cfg)
+        assert r.returncode == 0, r.stderr
+        assert on_storage(f"ls -a /exports-plain | grep -c {name} || true").stdout.decode().strip() == "0"
+    finally:
+        on_storage(f"rm -rf {path} /exports-plain/.{name}.qrmfs-*", check=False)
