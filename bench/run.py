@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lab import lab as _lab  # noqa: E402
+from qrmfs.agent.protocol import SPARE_DEFAULT, SPARE_POLICIES  # noqa: E402
 
 QRMFS = str(REPO / ".venv" / "bin" / "qrmfs")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -665,7 +666,7 @@ def main() -> None:
     ap.add_argument("--jobs", nargs="*", choices=("create", "update", "validate", "clone"),
                     help="only these jobs (default: all that apply to each tree)")
     ap.add_argument("--export", default="xfs", choices=("xfs", "plain"), help="what the lab's /exports is")
-    ap.add_argument("--spare", choices=("reflink", "always", "never"),
+    ap.add_argument("--spare", choices=SPARE_POLICIES,
                     help="qrmfs's `spare` setting (README \"Updating an image\"; default: the config's, reflink)")
     args = ap.parse_args()
     if args.pairs < 3:
@@ -692,7 +693,7 @@ def main() -> None:
             "seconds": time.perf_counter() - t0, "machine": machine(),
             "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()], "anchor_excludes": bench.excludes,
-            "qrmfs_package": compiled, "spare": args.spare or "reflink (the default)"}
+            "qrmfs_package": compiled, "spare": args.spare or f"{SPARE_DEFAULT} (the default)"}
     rows = summarize(bench.results)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{started.strftime('%Y-%m-%d-%H%M')}-{meta['mode']}"

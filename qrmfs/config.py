@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import model
-from .agent.protocol import SPARE_POLICIES
+from .agent.protocol import SPARE_DEFAULT, SPARE_POLICIES
 from .errors import ConfigError, UsageError
 from .model import bare_address
 from .model import host as check_host
@@ -69,7 +69,7 @@ class Config:
     known_hosts: str | None = None
     spool_dir: str = "~/.local/state/qrmfs/spool"
     keep_generations: int = 1  # earlier generations of an image kept by update (and create --force)
-    spare: str = "reflink"  # when a pruned generation is kept as the next update's start (SPARE_POLICIES)
+    spare: str = SPARE_DEFAULT  # when a pruned generation is kept as the next update's start (SPARE_POLICIES)
 
     def storage_for(self, token: str) -> Storage:
         """A storage server by its config name, else by address (ssh as root, port 22, export root /exports)."""
@@ -191,7 +191,7 @@ def _generations(data: dict[str, Any]) -> tuple[int, str]:
     keep = _get(data, "keep_generations", int, "", 1)
     if keep < 0:
         raise ConfigError("config: keep_generations must be 0 or more")
-    spare = _get(data, "spare", str, "", "reflink")
+    spare = _get(data, "spare", str, "", SPARE_DEFAULT)
     if spare not in SPARE_POLICIES:
         raise ConfigError(f"config: spare must be one of {', '.join(SPARE_POLICIES)}, not {spare!r}")
     return keep, spare

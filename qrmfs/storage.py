@@ -339,7 +339,7 @@ class StorageSide:
     def stage_copy(self, path: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:
         return self._call(P.StageCopy(path, self.root, token, origin, origin_root))
 
-    def publish_update(self, path: str, staging: str, keep: int, spare: str = "reflink") -> P.Swapped:
+    def publish_update(self, path: str, staging: str, keep: int, spare: str) -> P.Swapped:
         return self._call(P.PublishUpdate(path, self.root, staging, keep, spare))
 
     def rebase(self, path: str, staging: str, prepared: Iterable[str], only: Iterable[str] | None = None

@@ -156,14 +156,14 @@ def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
     if os.path.lexists(incoming) and os.path.lexists(path) and not os.path.lexists(outgoing):
         os.rename(incoming, outgoing)  # after an exchange, incoming's name holds the old image
     _crash_point("retire")
-    pruned, failed = prune(path, int(j.get("keep", 1)), str(j.get("spare", "reflink")))
+    pruned, failed = prune(path, int(j.get("keep", 1)), str(j.get("spare", P.SPARE_DEFAULT)))
     _crash_point("prune")
     remove_pins(path)  # the source's pinned host key served the copy only
     remove(siblings(path).journal)
     return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed)
 
 
-def _swap(path: str, incoming: str, keep: int, spare: str = "reflink") -> P.Swapped:
+def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT) -> P.Swapped:
     m = read_manifest(incoming)
     if m is None:
         raise AgentError(ErrorKind.REFUSED, f"{incoming} has no manifest: not publishing an unfinished image")
@@ -200,7 +200,7 @@ def recover(path: str) -> P.Swapped | None:
         return None  # a stale journal (its tree is gone): removed
 
 
-def prune(path: str, keep: int, policy: str = "reflink") -> tuple[list[str], list[str]]:
+def prune(path: str, keep: int, policy: str) -> tuple[list[str], list[str]]:
     """Delete the oldest generations beyond `keep` (each renamed out of sight first, so a crash never leaves
     a half-deleted tree that looks like a generation). (deleted, could not delete): a generation that cannot
     be deleted never undoes the publish; what is left of it is tried again at the next lock.
@@ -241,7 +241,7 @@ def _keeps_spare(path: str, policy: str) -> bool:
     return policy == "always" or (policy == "reflink" and can_reflink(os.path.dirname(path)))
 
 
-def op_publish_update(path: str, export_root: str, staging: str, keep: int, spare: str = "reflink") -> P.Swapped:
+def op_publish_update(path: str, export_root: str, staging: str, keep: int, spare: str) -> P.Swapped:
     """A finished staging copy becomes the image; the image becomes the newest generation."""
     _check_under(path, export_root)
     if spare not in P.SPARE_POLICIES:

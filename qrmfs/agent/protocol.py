@@ -30,7 +30,8 @@ STOPPED = 125  # `run`: the agent did not start the command, or stopped it (the 
 # Where an update keeps the generation it prunes as the image's spare, the next update's start (gens.prune):
 # "reflink" where the file system shares extents (the spare costs what changed since), "always" (on ext4 it holds
 # a whole copy between updates), "never".
-SPARE_POLICIES = ("reflink", "always", "never")
+SPARE_DEFAULT = "reflink"
+SPARE_POLICIES = (SPARE_DEFAULT, "always", "never")
 
 
 class ErrorKind(str, enum.Enum):  # noqa: UP042 - StrEnum needs python 3.11 on the storage server
@@ -371,7 +372,7 @@ class PublishUpdate(Request[Swapped]):
     export_root: str
     staging: str
     keep: int
-    spare: str = "reflink"
+    spare: str = SPARE_DEFAULT
 
 
 @dataclass(frozen=True)
