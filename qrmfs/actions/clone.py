@@ -79,7 +79,7 @@ def dry_run(req: CloneRequest, env: Env) -> BuildPlan:
         copies = [{"what": "the image's top-level entries but .qrmfs",
                    "runs_on": f"storage {storage.name} (local copy)", "argv": list(argv)}]
         note = ("--reflink=always where the staging directory's file system shares extents and is the original's, "
-                "else --reflink=never")
+                "else --reflink=auto (a copy through the kernel's copy_file_range)")
     opts = _options(req, origin)
     return BuildPlan(
         command="clone", image=req.name, target=str(req.target), source=str(req.source), route="ssh",
