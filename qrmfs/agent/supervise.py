@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -129,10 +130,33 @@ def _start(req: P.Run) -> list[subprocess.Popen[bytes]]:
 
 
 def _wait(children: list[subprocess.Popen[bytes]]) -> list[int] | None:
-    """Every child's exit code once all have ended; None after POLL seconds while one still runs."""
-    for c in children:
-        try:
-            c.wait(timeout=POLL)
-        except subprocess.TimeoutExpired:
+    """Every child's exit code once all have ended; None after up to POLL seconds while one still runs."""
+    running = [c for c in children if c.poll() is None]
+    if running:
+        _until_one_ends(running, POLL)
+        if any(c.poll() is None for c in running):
             return None
     return [c.returncode for c in children]
+
+
+def _until_one_ends(running: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait until one of the running children ends, or `timeout`. A pidfd (Linux 5.3) wakes the agent as the
+    child ends; Popen.wait(timeout) would poll, 50 ms apart at most: that much later, each supervised command
+    would be seen to end, and qrmfs would go on."""
+    fds: list[int] = []
+    try:
+        for c in running:
+            fds.append(os.pidfd_open(c.pid))
+    except (AttributeError, OSError):  # no pidfd here (an older kernel or Python): Popen's own polling
+        for fd in fds:
+            os.close(fd)
+        try:
+            running[0].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return
+    try:
+        select.select(fds, [], [], timeout)
+    finally:
+        for fd in fds:
+            os.close(fd)

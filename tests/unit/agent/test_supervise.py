@@ -220,3 +220,37 @@ def test_a_command_gone_before_it_read_its_input_is_judged_by_its_exit_not_a_bro
     r = Runner().stream(["sh", "-c", "exec 0<&-; echo gone >&2; exit 255"], lambda _l: None, ok=range(256),
                         input=b"x" * (1 << 20))
     assert (r.code, r.stderr.strip()) == (255, "gone")
+
+
+def test_the_agent_wakes_when_any_of_its_commands_ends_not_at_its_next_check() -> None:
+    """A pipeline's second end that exits first wakes the agent (a pidfd per running child): it neither waits
+    for the first end's timeout nor polls. _wait says None while one end still runs, both codes after."""
+    from qrmfs.agent import supervise  # noqa: PLC0415 - the agent module itself, not through a session
+
+    first = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    second = subprocess.Popen(["true"], start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        supervise._until_one_ends([first, second], timeout=30)
+        assert time.monotonic() - t0 < 10, "the agent slept through its second command's end"
+        assert second.poll() == 0 and first.poll() is None
+        assert supervise._wait([first, second]) is None
+    finally:
+        first.kill()
+    first.wait(timeout=10)
+    assert supervise._wait([first, second]) == [-9, 0]
+
+
+def test_without_pidfds_the_agent_still_sees_its_command_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older kernel (pidfd_open fails): Popen's own wait, on the first running child."""
+    from qrmfs.agent import supervise  # noqa: PLC0415
+
+    def no_pidfd(_pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(supervise.os, "pidfd_open", no_pidfd)
+    p = subprocess.Popen(["sh", "-c", "exit 7"])
+    t0 = time.monotonic()
+    supervise._until_one_ends([p], timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert supervise._wait([p]) == [7]
