@@ -88,10 +88,9 @@ class PrivateAgent:
         self.sock = os.path.join(self.dir, "agent.sock")
         self.env = {"SSH_AUTH_SOCK": self.sock}
         self._agent = runner.popen(A.ssh_agent_argv(self.sock), output=subprocess.DEVNULL)  # stdin: our pipe to cat
-        self._daemon: int | None = None
+        self._daemon: int | None = None  # read when stopping: its command's exec may come after the socket
         try:
             _listening(self._agent, self.sock)
-            self._daemon = _agent_pid(self._agent.pid)
         except BaseException:
             self.stop()
             raise
@@ -106,6 +105,8 @@ class PrivateAgent:
             keys.run(A.ssh_add_forget_argv(), ok=range(256), timeout=30)
 
     def stop(self) -> None:
+        if self._daemon is None and self._agent.poll() is None:
+            self._daemon = _agent_pid(self._agent.pid)
         stop(self._agent, grace=0)
         if self._daemon:
             with contextlib.suppress(ProcessLookupError):
@@ -182,7 +183,7 @@ def _listening(agent: subprocess.Popen[bytes], sock: str, timeout: float = 10.0)
     while not os.path.exists(sock):
         if agent.poll() is not None or time.monotonic() > deadline:
             raise ConnectError(f"ssh-agent did not start (exit {agent.poll()})")
-        time.sleep(0.02)
+        time.sleep(0.002)  # it takes a few ms: the storage server's connection, started next, waits for it
 
 
 @contextmanager

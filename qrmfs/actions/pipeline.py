@@ -129,6 +129,7 @@ def build(env: Env, spec: BuildSpec) -> Built:
     if spec.enroll and spec.enroll.creds.url:
         openqrm.prepare(spec.enroll.creds.url, env.cfg.openqrm.ca_file)  # during the storage server's handshake
     source = _source(env, spec)  # read from here on, beside what follows
+    pinned = later(lambda: _pin(env, spec, spec.source))  # known_hosts looked up during the handshake too
     if spec.enroll and spec.new_record:  # a name openQRM holds for another path: refused before anything is done
         names.check_name_free(env, spec.name, spec.place.target)
     run.job = _open_job(spec)
@@ -137,7 +138,7 @@ def build(env: Env, spec: BuildSpec) -> Built:
         # image (update) reads the source's mounts while its staging copy is made and its root is copied: only
         # the separate filesystems' copies need them (_stage), and a failure then removes the staging copy.
         source()
-    pin = _pin(env, spec, spec.source)  # a source host key we do not know: refused before anything is touched
+    pin = pinned()  # a source host key we do not know: refused before anything is touched
     with ExitStack() as held:
         _lock(env, run, held)
         _warm(run, spec)

@@ -26,12 +26,34 @@ def test_the_runs_agent_starts_empty_holds_the_key_only_while_asked_and_is_gone_
             assert env == {"SSH_AUTH_SOCK": agent.sock}
             assert "qrmfs-unit" in _keys(agent.sock).stdout
         assert _keys(agent.sock).returncode == 1  # the key went with the copy; the agent stays for the run
-        daemon = agent._daemon
-        assert daemon is not None
+        daemon = hosts._agent_pid(agent._agent.pid)  # as stop() reads it (not at start: nothing waits for it)
+        assert daemon is not None and hosts._running(daemon)
     finally:
         agent.stop()
     assert not os.path.exists(agent.dir)
     assert not hosts._running(daemon)
+
+
+def test_an_agent_stopped_as_soon_as_it_listens_leaves_no_daemon() -> None:
+    """Its daemon pid is read when it stops (waiting for its command's exec if needed), never left unknown: no
+    process with its socket in its command line outlives stop()."""
+    agent = hosts.PrivateAgent(Runner())
+    agent.stop()
+    assert _with_arg(agent.sock) == []
+    assert agent._daemon is None and not os.path.exists(agent.dir)
+
+
+def _with_arg(arg: str) -> list[int]:
+    """Running processes (not zombies) whose command line has `arg`."""
+    found = []
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and arg.encode() in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") \
+                    and hosts._running(int(p)):
+                found.append(int(p))
+        except OSError:
+            pass
+    return found
 
 
 def test_the_agents_pid_is_read_once_its_command_has_it_not_before() -> None:
