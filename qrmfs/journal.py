@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import logging
-import logging.handlers
 import os
 import shlex
 from collections.abc import Sequence
@@ -22,11 +21,6 @@ IDENT = "qrmfs"
 # Commands that change images or the openQRM server; read-only runs (list, check, validate without --fix,
 # --dry-run, --help) are not recorded.
 RECORDED = ("create", "clone", "remove", "validate", "flush")
-
-
-class _Handler(logging.handlers.SysLogHandler):
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
-        pass  # a log that cannot be written must not disturb the command
 
 
 def _value(v: object) -> str:
@@ -45,9 +39,15 @@ def record(command: str, target: str | None, outcome: str, *, address: str | Non
     if os.environ.get("SUDO_USER"):
         parts.append(f"sudo_user={_value(os.environ['SUDO_USER'])}")
     parts += [f"{k}={_value(v)}" for k, v in fields.items() if v is not None]
+    import logging.handlers  # noqa: PLC0415 - here, at a run's end: 7 ms of every run's start-up otherwise
+
+    class Handler(logging.handlers.SysLogHandler):
+        def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+            pass  # a log that cannot be written must not disturb the command
+
     try:
         # /dev/log is a datagram socket under journald, a stream one under some syslogds: the handler tries both.
-        handler = _Handler(address=address, facility=logging.handlers.SysLogHandler.LOG_USER)
+        handler = Handler(address=address, facility=logging.handlers.SysLogHandler.LOG_USER)
     except OSError:
         return False
     handler.ident = f"{IDENT}[{os.getpid()}]: "

@@ -6,16 +6,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class Ui:
     def __init__(self, verbose: bool = False) -> None:
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
         self.verbose = verbose
         self.warnings: list[str] = []
+
+    @cached_property
+    def err(self) -> Console:
+        """stderr's console, made at the first line shown: importing rich takes 15-20 ms, which a run spends
+        while its first ssh handshake runs, not before it starts."""
+        from rich.console import Console  # noqa: PLC0415
+
+        return Console(stderr=True, highlight=False, soft_wrap=True)
 
     @property
     def tty(self) -> bool:

@@ -126,10 +126,10 @@ class Run:
 def build(env: Env, spec: BuildSpec) -> Built:
     run = Run(spec, env.side(spec.place.agent))
     run.side.connect()  # the storage server's ssh handshake overlaps the source's (its mount table)
-    if spec.enroll and spec.enroll.creds.url:
-        openqrm.prepare(spec.enroll.creds.url, env.cfg.openqrm.ca_file)  # during the storage server's handshake
     source = _source(env, spec)  # read from here on, beside what follows
-    pinned = later(lambda: _pin(env, spec, spec.source))  # known_hosts looked up during the handshake too
+    pinned = later(lambda: _pin(env, spec, spec.source))  # known_hosts looked up during the handshakes too
+    if spec.enroll and spec.enroll.creds.url:  # after both ssh have started: the CPU it takes delays neither
+        openqrm.prepare(spec.enroll.creds.url, env.cfg.openqrm.ca_file)
     if spec.enroll and spec.new_record:  # a name openQRM holds for another path: refused before anything is done
         names.check_name_free(env, spec.name, spec.place.target)
     run.job = _open_job(spec)
