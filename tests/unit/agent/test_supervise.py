@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qrmfs.agent import protocol as P
+from qrmfs.agent import supervise
 from qrmfs.errors import QrmfsError, RefusedError
 from qrmfs.runner import Runner
 from qrmfs.storage import StorageSide
@@ -225,8 +226,6 @@ def test_a_command_gone_before_it_read_its_input_is_judged_by_its_exit_not_a_bro
 def test_the_agent_wakes_when_any_of_its_commands_ends_not_at_its_next_check() -> None:
     """A pipeline's second end that exits first wakes the agent (a pidfd per running child): it neither waits
     for the first end's timeout nor polls. _wait says None while one end still runs, both codes after."""
-    from qrmfs.agent import supervise  # noqa: PLC0415 - the agent module itself, not through a session
-
     first = subprocess.Popen(["sleep", "60"], start_new_session=True)
     second = subprocess.Popen(["true"], start_new_session=True)
     try:
@@ -243,8 +242,6 @@ def test_the_agent_wakes_when_any_of_its_commands_ends_not_at_its_next_check() -
 
 def test_without_pidfds_the_agent_still_sees_its_command_end(monkeypatch: pytest.MonkeyPatch) -> None:
     """An older kernel (pidfd_open fails): Popen's own wait, on the first running child."""
-    from qrmfs.agent import supervise  # noqa: PLC0415
-
     def no_pidfd(_pid: int) -> int:
         raise OSError(38, "Function not implemented")
 
