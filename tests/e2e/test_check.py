@@ -61,7 +61,7 @@ def test_all_checks_pass_on_the_lab(lab, cfg, mock):
     assert scratch_left(lab) == []
     # the openQRM probe changed nothing on the server
     state = mock.get("/_mock/state").json()
-    assert state["images"] == [] and state["events"] == []
+    assert [i["image_name"] for i in state["images"]] == ["openqrm", "idle"] and state["events"] == []
     assert [q["authorized_user"] for q in state["requests"]] == ["openqrm"]
     # text mode: one line per check, then the verdict
     t = qrmfs("check", "-t", "storage", "-l", "source:/", config=cfg)

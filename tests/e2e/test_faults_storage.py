@@ -32,7 +32,11 @@ PINS = "/var/lib/qrmfs/pins"
 
 
 def _state(mock: Any) -> dict[str, Any]:
-    return mock.get("/_mock/state").json()
+    """The mock's tables and requests; image_info without openQRM's own records (openqrm, idle: every install
+    has them)."""
+    st = mock.get("/_mock/state").json()
+    st["images"] = [i for i in st["images"] if i["image_id"] not in ("0", "1")]
+    return st
 
 
 def _manifest(lab: dict[str, Any], path: str) -> dict[str, Any]:
