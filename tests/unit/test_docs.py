@@ -31,9 +31,35 @@ def test_cli_reference_covers_every_command_with_an_example():
     assert "\x08" not in text and "<str>" not in text
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {_anchor(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+DOCS = [REPO / "README.md", REPO / "bench" / "README.md", REPO / "bench" / "results" / "history.md",
+        *sorted((REPO / "docs").glob("*.md"))]
+
+
 def test_readme_links_resolve_inside_the_project():
     readme = (REPO / "README.md").read_text()
     assert "../shared" not in readme
-    for link in re.findall(r"\]\(((?:docs|\.)/[^)#]+)", readme):
-        assert (REPO / link).exists(), link
     assert "docs/openqrm.md" in readme and "docs/cli.md" in readme
+    for doc in (REPO / "docs").glob("*.md"):
+        assert f"(docs/{doc.name})" in readme, f"the README does not link {doc.name}"
+
+
+def test_every_link_of_the_docs_resolves_to_a_file_and_heading():
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (doc.parent / file).resolve() if file else doc
+            assert dest.exists() and dest.is_relative_to(REPO), f"{doc.name}: {target}"
+            if anchor:
+                assert anchor in _anchors(dest), f"{doc.name}: {target}: no such heading"
