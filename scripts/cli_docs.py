@@ -17,7 +17,7 @@ import typer
 from typer.cli import get_docs_for_click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qrmfs import cli  # noqa: E402
+from qrmfs import cli
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 HEADER = ("<!-- Generated from qrmfs/cli.py by scripts/cli_docs.py (`make docs`); do not edit by hand. -->\n\n")

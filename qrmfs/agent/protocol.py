@@ -541,7 +541,7 @@ def encode(value: Any) -> Any:
         return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, (list, tuple)):  # noqa: UP038 - the agent may run on an older python3
+    if isinstance(value, (list, tuple)):  # the agent may run on an older python3
         return [encode(v) for v in value]
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}
