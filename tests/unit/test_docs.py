@@ -1,5 +1,6 @@
 """docs/cli.md is generated from the typer app (scripts/cli_docs.py, `make docs`): it must match the CLI as it
-is now; and the README points to the project's own docs, never to files users do not have."""
+is now, as the table of settings in docs/configuration.md must match qrmfs.config; and the docs point to the
+project's own docs and headings, never to files users do not have."""
 
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ def _generator():
 def test_cli_reference_is_in_sync_with_the_cli():
     expected = _generator().render()
     assert (REPO / "docs" / "cli.md").read_text() == expected, "docs/cli.md is out of date: run `make docs`"
+
+
+def test_settings_table_is_in_sync_with_the_config_module():
+    """docs/configuration.md describes each setting once: its table is qrmfs.config.SETTINGS rendered."""
+    gen = _generator()
+    assert (REPO / "docs" / "configuration.md").read_text() == gen.configuration_doc(), \
+        "docs/configuration.md's table of settings is out of date: run `make docs`"
 
 
 def test_cli_reference_covers_every_command_with_an_example():
