@@ -448,8 +448,7 @@ class Checker:
             self.r.add("openqrm", WARN, f"{creds.url}: no {missing}, so the credentials cannot be checked; create "
                                         "needs them unless -o is given")
             return
-        o = self.cfg.openqrm
-        c = openqrm.Client(creds.url, creds.user, creds.password, timeout=o.timeout, retries=0)
+        c = self.env.client(creds)  # the run's client: its timeout and TLS set-up ([openqrm] ca_file); one probe
         try:
             status = c.probe_credentials()
         except openqrm.Transient as e:
