@@ -42,10 +42,6 @@ class Credentials:
     warned: bool = field(default=False, repr=False, compare=False)
 
     @property
-    def complete(self) -> bool:
-        return bool(self.url and self.user and self.password)
-
-    @property
     def auth(self) -> str | None:
         """What a job is bound to: "USER via SOURCE" (None without a password)."""
         return f"{self.user} via {self.source}" if self.password else None

@@ -37,10 +37,6 @@ from .create import CreateRequest
 from .listing import list_images
 from .validate import changes_from_source
 
-# options of the manifest an update may override: (manifest key, UpdateRequest field)
-OPTION_KEYS = ("excludes", "private_add", "private_exclude", "keep_services", "keep_network", "hostname",
-               "shared", "arch", "os")
-
 
 @dataclass(frozen=True)
 class UpdateRequest:
