@@ -57,6 +57,7 @@ class OpenQrm:
     retries: int = 4
     backoff: float = 0.5
     ca_file: str | None = None   # CA bundle for an https URL; TLS is always verified
+    deployment_id: int | None = None  # that server's id of the nfs-deployment type (image_type of every record)
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,13 @@ def _openqrm(o: dict[str, Any]) -> OpenQrm:
     ca_file = _expand(_get(o, "ca_file", str, "openqrm"))
     if ca_file is not None and not os.path.isfile(ca_file):
         raise ConfigError(f"config: openqrm.ca_file {_shown(ca_file)} is not a readable file")
+    deployment_id = _get(o, "deployment_id", int, "openqrm")
+    if deployment_id is not None and deployment_id <= 1:
+        raise ConfigError(f"config: openqrm.deployment_id must be openQRM's id of the nfs-deployment type (> 1: id 1 "
+                          f"is its ramdisk deployment), not {deployment_id}")
     return OpenQrm(url, _get(o, "user", str, "openqrm"), _expand(_get(o, "password_file", str, "openqrm")),
                    _number(o, "timeout", 10.0, positive=True), retries, _number(o, "backoff", 0.5, positive=False),
-                   ca_file)
+                   ca_file, deployment_id)
 
 
 def _ssh_path(d: dict[str, Any], key: str) -> str | None:
