@@ -39,7 +39,7 @@ class OpenQrm:
         self.status = 200
 
     def handle(self, request: httpx.Request) -> httpx.Response:
-        q = {k: v[0] for k, v in parse_qs(urlsplit(str(request.url)).query).items()}
+        q = {k: v[0] for k, v in parse_qs(urlsplit(str(request.url)).query, keep_blank_values=True).items()}
         self.requests.append(q)
         # as openQRM 5.3 answers: image-action.php's newline once it ran a command; post_event: nothing
         return httpx.Response(self.status, text="\n" if "image-action" in request.url.path else "")
@@ -437,3 +437,52 @@ def test_validate_l_runs_a_silently_failed_dry_run_once_more(env: Env, exports: 
         (marks / "2").touch()
         with pytest.raises(TransferError, match="exited with 255: the ssh session ended without an exit status"):
             validate_act.validate(req, env)
+
+
+# --- the dry run shows the job the real run sends ---------------------------------------------------------
+
+def _plan(plan: list[dict[str, object]]) -> list[dict[str, str]]:
+    return [dict(r["params"]) for r in plan]  # type: ignore[call-overload]
+
+
+def test_every_commands_dry_run_is_the_job_it_sends(env: Env, exports: Path, source: Path,
+                                                   server: OpenQrm) -> None:
+    """create, clone, update (with a changed --shared: the record replaced), rollback and remove: the openQRM
+    requests of --dry-run are exactly those the real run sends, in order. Fails on the old code (clone's plan
+    had no events, update's a line of text, rollback's and remove's none)."""
+    from qrmfs.actions import update as update_act
+
+    t = Target("local", f"{exports}/img1")
+    creq = create_act.CreateRequest(name="img1", target=t, location=Location(None, str(source)), creds=creds())
+    planned = _plan(create_act.dry_run(creq, env).registration)
+    create_act.create(creq, env)
+    assert server.requests == planned and [q.get("image_command") for q in planned] == [None, "new_image", None]
+
+    server.requests.clear()
+    c = clone_act.CloneRequest(name="img2", target=Target("local", f"{exports}/img2"), source=t, creds=creds())
+    planned = _plan(clone_act.dry_run(c, env).registration)
+    clone_act.clone(c, env)
+    assert server.requests == planned and len(planned) == 3
+
+    server.requests.clear()
+    u = update_act.UpdateRequest(t, overrides={"shared": True}, creds=creds())
+    planned = _plan(update_act.update(update_act.UpdateRequest(t, overrides={"shared": True}, creds=creds(),
+                                                               dry_run=True), env).registration)  # type: ignore[union-attr]
+    update_act.update(u, env)
+    assert server.requests == planned
+    assert [q.get("image_command") for q in planned] == [None, "remove_by_name", "new_image", None]
+
+    server.requests.clear()
+    rb = update_act.RollbackRequest(t, creds=creds())
+    planned = _plan(update_act.rollback(update_act.RollbackRequest(t, creds=creds(), dry_run=True), env).plan)
+    update_act.rollback(rb, env)
+    assert server.requests == planned  # back to the unshared generation: its record again
+    assert [q.get("image_command") for q in planned] == [None, "remove_by_name", "new_image", None]
+    assert planned[2]["image_isshared"] == "0"
+
+    server.requests.clear()
+    r = remove_act.RemoveRequest(Target("local", f"{exports}/img2"), yes=True, creds=creds())
+    planned = _plan(remove_act.remove(remove_act.RemoveRequest(r.target, creds=creds(), dry_run=True), env,
+                                      lambda _: True).registration)  # type: ignore[union-attr]
+    remove_act.remove(r, env, lambda _: True)
+    assert server.requests == planned and [q.get("image_command") for q in planned] == [None, "remove_by_name", None]
