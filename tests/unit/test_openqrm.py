@@ -13,7 +13,7 @@ import pytest
 
 from qrmfs import jobs, openqrm
 from qrmfs.config import OpenQrm, SshHost, Storage
-from qrmfs.errors import NotAdministratorError, NotOpenQrmError, OpenQrmDownError, RegistrationError
+from qrmfs.errors import NotOpenQrmError, OpenQrmDownError, RegistrationError
 from qrmfs.openqrm import Client, Job, Request, Spool, Transient
 
 URL = "http://qrm.example/openqrm"

@@ -26,12 +26,14 @@ from qrmfs.openqrm import Job, Spool
 
 USER, PASSWORD = "openqrm", "Tr4p-S3cret"
 FIELDS = jobs.image_fields(OpenQrm(deployment_id=2), Storage("nas1", SshHost("10.0.0.5"), storage_id=1),
-                           name="img1", rootdevice="/exports/img1", shared=False, comment="c", arch=None, os_name=None)
+                           name="img1", rootdevice="/exports/img1", shared=False, comment="c", arch=None,
+                           os_name=None)
 
 
 class Server:
     """A tiny openQRM 5.3: events (answered with nothing), new_image / remove_by_name with HTTP Basic (answered
-    with image-action.php's newline); records every request with its raw Authorization header. delay: seconds before each answer; hang_new_image: hold new_image (after
+    with image-action.php's newline); records every request with its raw Authorization header.
+    delay: seconds before each answer; hang_new_image: hold new_image (after
     applying it) until released, like a server whose answer never comes back."""
 
     def __init__(self) -> None:
@@ -313,7 +315,8 @@ def _local_storage(home: dict[str, Any], server: Server) -> tuple[Path, Path, st
     root.mkdir()
     (src / "etc").mkdir(parents=True)
     (src / "etc" / "hostname").write_text("src\n")
-    cfg = config(home, server.url, extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\nstorage_id = 1\n')
+    cfg = config(home, server.url,
+                 extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\nstorage_id = 1\n')
     return root, src, cfg
 
 
