@@ -67,7 +67,8 @@ def test_every_command_leaves_what_a_real_install_shows(lab, cfg, image_path, se
         "image_type": "nfs-deployment", "image_rootdevice": image_path, "image_rootfstype": "nfs",
         "image_storageid": sid, "image_isshared": "0", "image_capabilities": "arch=x86_64"}
 
-    r = qrmfs("clone", "-s", clone, "-t", f"storage:{second_path}", "--from", f"storage:{image_path}", *_login(lab), config=cfg)
+    r = qrmfs("clone", "-s", clone, "-t", f"storage:{second_path}", "--from", f"storage:{image_path}",
+              *_login(lab), config=cfg)
     assert r.returncode == 0, r.stderr
     (crec,) = _records(lab, clone)
     assert (crec["image_type"], crec["image_rootdevice"], crec["image_storageid"], crec["image_comment"]) == (
@@ -161,7 +162,7 @@ class _NotOpenQrm(BaseHTTPRequestHandler):
     def log_message(self, *a: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         body = b"<html><body>a web server</body></html>\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
