@@ -21,15 +21,15 @@ import httpx
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
-from testcontainers.core.container import DockerContainer  # noqa: E402
-from testcontainers.core.network import Network  # noqa: E402
-from testcontainers.core.waiting_utils import WaitStrategy  # noqa: E402
+from testcontainers.core.container import DockerContainer
+from testcontainers.core.network import Network
+from testcontainers.core.waiting_utils import WaitStrategy
 
-from . import exports, keys  # noqa: E402
-from . import images as _images  # noqa: E402
-from . import openqrm as _oq  # noqa: E402
-from .images import ROLES, LabError  # noqa: E402
-from .paths import state_dir  # noqa: E402
+from . import exports, keys
+from . import images as _images
+from . import openqrm as _oq
+from .images import ROLES, LabError
+from .paths import state_dir
 
 LABEL = "io.qrmfs.lab"
 ROLE_LABEL = "io.qrmfs.lab.role"
@@ -445,7 +445,8 @@ def config_toml(info: dict[str, Any], *, spool_dir: str | None = None, timeout: 
     if spool_dir is not None:
         head += f"spool_dir = {json.dumps(spool_dir)}\n"
     oq = [f"url = {json.dumps(info[server]['url'])}", f"user = {json.dumps(info[server]['user'])}",
-          f"password_file = {json.dumps(info[server]['password_file'])}"]
+          f"password_file = {json.dumps(info[server]['password_file'])}",
+          f"deployment_id = {info['openqrm']['nfs_deployment_id']}"]  # the real server's: records need it
     oq += [f"{k} = {v}" for k, v in (("timeout", timeout), ("retries", retries), ("backoff", backoff))
            if v is not None]
     out = head + "\n[openqrm]\n" + "".join(f"{ln}\n" for ln in oq)

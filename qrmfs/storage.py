@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, cast, overload
 
 from . import argv as A
 from .agent import protocol as P
@@ -39,6 +39,7 @@ ERRORS: dict[ErrorKind, type[QrmfsError]] = {
     ErrorKind.REFUSED: RefusedError, ErrorKind.NOT_IMAGE: RefusedError, ErrorKind.OS: StorageError,
     ErrorKind.BAD_REQUEST: StorageError}
 T = TypeVar("T")
+Ps = ParamSpec("Ps")
 
 
 class Supervised(NamedTuple):
@@ -86,8 +87,29 @@ def node_init_script() -> str:
     return (resources.files("qrmfs") / "data" / "qrmfs-init").read_text()
 
 
+class Op(Generic[Ps, T]):
+    """StorageSide's typed method for an agent operation whose request begins (path, export_root, ...): called
+    with the path and the request's other fields, the export root is the side's own."""
+
+    def __init__(self, request: Callable[Concatenate[str, str, Ps], P.Request[T]]) -> None:
+        self.request = request
+        self.op = cast("type[P.Request[T]]", request).op  # its type as a Callable hides that it is a class
+        self.__doc__ = request.__doc__
+
+    @overload
+    def __get__(self, side: None, owner: type) -> Op[Ps, T]: ...
+    @overload
+    def __get__(self, side: StorageSide, owner: type) -> Callable[Concatenate[str, Ps], T]: ...
+
+    def __get__(self, side: StorageSide | None, owner: type) -> Any:
+        return self if side is None else functools.partial(self, side)
+
+    def __call__(self, side: StorageSide, path: str, /, *args: Ps.args, **kwargs: Ps.kwargs) -> T:
+        return side._call(self.request(path, side.root, *args, **kwargs))
+
+
 class StorageSide:
-    def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,  # noqa: PLR0913
+    def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,
                  known_hosts: str | None = None, agent_sock: str | None = None,
                  share: StorageSide | None = None) -> None:
         """agent_sock: where this run's own ssh-agent listens. The master connection then forwards it, so a
@@ -106,6 +128,8 @@ class StorageSide:
         self._io = threading.Lock()
         self._at_exit = False
         self._warm: dict[bool, tuple[subprocess.Popen[bytes], threading.Thread, tuple[str, ...]]] = {}
+        self._locks: set[str] = set()  # the images whose lock the session holds
+        self._lost: str | None = None  # the session that held a lock ended: why (nothing more is sent then)
 
     # --- this run's agent session (and, over ssh, its one connection) --------------------------------------
 
@@ -162,7 +186,7 @@ class StorageSide:
         answer = p.stdout.readline().decode(errors="replace")
         if answer.startswith("{"):
             return answer
-        self._session = None  # it ended: the next call starts another (a lock it held is gone with it)
+        self._ended(f"its agent session ended (while it waited for the answer to {req.op})")
         try:
             code = p.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -173,8 +197,25 @@ class StorageSide:
         failed = CommandFailed(("ssh",) if not self.local else ("python3",), code, stderr)
         if (code == 255 and not self.local) or "python3" in stderr:
             raise self.connect_error(failed)
+        if self._lost is not None:
+            raise StorageError(self._lost, tail(stderr or answer))
         raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} (the agent exited "
                            f"with {code})", tail(stderr or answer))
+
+    def _ended(self, why: str) -> None:
+        """The session is gone (call with self._io held). A lock it held is gone with it: the side refuses
+        every later operation that needs it (a new session would hold no lock), so the run fails there."""
+        self._session = None
+        if self._locks:
+            self._lost = (f"the storage server {self.storage.name} no longer holds the lock on "
+                          f"{', '.join(sorted(self._locks))}: {why}")
+            self._locks.clear()
+
+    def _refuse_unlocked(self, op: str) -> None:
+        """No operation runs on after the lock was lost (but for those that clean up what this run made)."""
+        lost = self._primary._lost
+        if lost is not None:
+            raise StorageError(f"{lost}; {op} is not done without it")
 
     def _mux(self) -> str | None:
         """The run's connection to share (the session's ssh, waited for if it is starting): None when there is
@@ -201,7 +242,8 @@ class StorageSide:
         self._end_warm()
         if self._primary is not self:
             return self._primary.close()
-        p, self._session = self._session, None
+        p = self._session
+        self._ended("the session was closed")
         if p is not None:
             if p.stdin is not None:
                 try:
@@ -227,6 +269,7 @@ class StorageSide:
 
     def argv(self, remote: Sequence[str], forward_agent: bool = False) -> tuple[str, ...]:
         """argv that runs `remote` on the storage server (as is, when the storage server is local)."""
+        self._refuse_unlocked(remote[0] if remote else "a command")
         if self.local:
             return tuple(remote)
         # Agent forwarding must come from this process's own agent: through the shared master only when that
@@ -259,6 +302,8 @@ class StorageSide:
         if self._primary is not self:
             return self._primary._begin(req)
         with self._io:
+            if not req.after_lost_lock:
+                self._refuse_unlocked(req.op)
             p = self._live()
             _write(p, _request_line(req).encode())
             slot: list[str] = []
@@ -289,58 +334,33 @@ class StorageSide:
         raise ERRORS[ans.kind](ans.message)
 
     # --- the operations, typed; the export root is this server's -------------------------------------------
+    # Each is its request's client method (protocol.Request): Op(P.X) for a request of (path, export_root, ...),
+    # a method of its own for the others (tests/unit/agent/test_ops.py checks that every operation has one).
 
-    def inspect(self, path: str) -> P.Inspected:
-        return self._call(P.Inspect(path, self.root))
-
-    def stage(self, path: str, token: str, known_hosts: str | None = None) -> P.Staged:
-        return self._call(P.Stage(path, self.root, token, known_hosts))
-
-    def discard(self, path: str, staging: str) -> P.Discarded:
-        return self._call(P.Discard(path, self.root, staging))
-
-    def write_manifest(self, path: str, staging: str, manifest: dict[str, Any]) -> P.Written:
-        return self._call(P.WriteManifest(path, self.root, staging, manifest))
-
-    def publish(self, path: str, staging: str, force: bool) -> P.Published:
-        return self._call(P.Publish(path, self.root, staging, force))
-
-    def remove(self, path: str, force: bool) -> P.Removed:
-        return self._call(P.Remove(path, self.root, force))
+    inspect = Op(P.Inspect)
+    stage = Op(P.Stage)
+    discard = Op(P.Discard)
+    write_manifest = Op(P.WriteManifest)
+    publish = Op(P.Publish)
+    remove = Op(P.Remove)
+    manifest_update = Op(P.ManifestUpdate)
+    stats = Op(P.Stats)
+    pin_host = Op(P.PinHost)
+    unpin_host = Op(P.UnpinHost)
+    prepare = Op(P.Prepare)
+    check = Op(P.Check)
+    stage_update = Op(P.StageUpdate)
+    stage_copy = Op(P.StageCopy)
+    publish_update = Op(P.PublishUpdate)
+    rollback = Op(P.Rollback)
+    generations = Op(P.Generations)
 
     def list(self, leftovers: bool = True) -> P.Listed:
         return self._call(P.List(self.root, leftovers=leftovers))
 
-    def manifest_update(self, path: str, patch: dict[str, Any]) -> P.ManifestUpdated:
-        return self._call(P.ManifestUpdate(path, self.root, patch))
-
-    def stats(self, path: str, root: str | None = None) -> P.Counts:
-        return self._call(P.Stats(path, self.root, root))
-
-    def pin_host(self, path: str, known_hosts: str) -> P.Pinned:
-        return self._call(P.PinHost(path, self.root, known_hosts))
-
-    def unpin_host(self, path: str) -> P.Unpinned:
-        return self._call(P.UnpinHost(path, self.root))
-
-    def prepare(self, path: str, options: P.Options, root: str | None = None) -> P.Prepared:
-        return self._call(P.Prepare(path, self.root, options, root))
-
-    def check(self, path: str, options: P.Options, root: str | None = None) -> P.Checked:
-        return self._call(P.Check(path, self.root, options, root))
-
     def check_later(self, path: str, options: P.Options) -> Callable[[], P.Checked]:
         """check, started now, its findings read when the returned function is called."""
         return self._begin(P.Check(path, self.root, options))
-
-    def stage_update(self, path: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
-        return self._call(P.StageUpdate(path, self.root, token, known_hosts))
-
-    def stage_copy(self, path: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:
-        return self._call(P.StageCopy(path, self.root, token, origin, origin_root))
-
-    def publish_update(self, path: str, staging: str, keep: int, spare: str) -> P.Swapped:
-        return self._call(P.PublishUpdate(path, self.root, staging, keep, spare))
 
     def rebase(self, path: str, staging: str, prepared: Iterable[str], only: Iterable[str] | None = None
                ) -> P.Rebased:
@@ -350,12 +370,6 @@ class StorageSide:
         """rebase_scan, started now (it runs while rsync does), its paths read when the function is called."""
         return self._begin(P.RebaseScan(path, self.root, staging))
 
-    def rollback(self, path: str, keep: int) -> P.Swapped:
-        return self._call(P.Rollback(path, self.root, keep))
-
-    def generations(self, path: str, costs: bool = False) -> P.GenerationList:
-        return self._call(P.Generations(path, self.root, costs))
-
     def supervised(self, path: str, argv: Sequence[str], holder: str | None,
                    forward_agent: bool = False, pipe_to: Sequence[str] | None = None) -> Supervised:
         """argv and stdin that run `argv` on the storage server under the agent's `run`: it stops the command
@@ -363,6 +377,7 @@ class StorageSide:
         Keep stdin open for as long as the command should run (Runner.stream does). pipe_to: a second command
         reading argv's stdout (protocol Run). With a warm agent of the same forward_agent (warm()), `started`
         is that agent, and stdin is the request line alone."""
+        self._refuse_unlocked(P.Run.op)
         run = P.Run(path, self.root, list(argv), holder, None if pipe_to is None else list(pipe_to))
         warm = self._warm.pop(forward_agent, None)
         if warm is not None and warm[0].poll() is not None:  # it ended while it waited: start one now
@@ -413,10 +428,19 @@ class StorageSide:
         the session ends (its stdin closes when qrmfs ends, however it ends), so a qrmfs that dies cannot leave
         a stale lock behind."""
         locked = self._call(P.Lock(path, self.root, holder))
+        self._primary._locks.add(path)
         try:
             yield locked
-        finally:
+        except BaseException:
             try:
-                self._call(P.Unlock(path, self.root))
+                self._unlock(path)
             except QrmfsError:
-                pass  # the session is gone, and the lock with it
+                pass  # the block's own error is the one to see (a lost lock failed it, or went with it)
+            raise
+        self._unlock(path)  # raises when the session died: the block's end was not seen under the lock
+
+    def _unlock(self, path: str) -> None:
+        try:
+            self._call(P.Unlock(path, self.root))
+        finally:
+            self._primary._locks.discard(path)
