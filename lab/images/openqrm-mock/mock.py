@@ -372,6 +372,15 @@ def json_response(status: int, data: Any) -> Response:
     return Response(status, json.dumps(data, indent=1) + "\n", "application/json")
 
 
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """A request body that is a JSON object, else None."""
+    try:
+        data = json.loads(body.decode("utf-8") or "null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def single_values(query: str) -> dict[str, str]:
     """Query string -> dict (the last value wins for a repeated key)."""
     return {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
@@ -670,12 +679,9 @@ class Handler(BaseHTTPRequestHandler):
     def _load_state(self, body: bytes) -> Response:
         """Replace tables (e.g. with the real server's rows, so both start from the same database)."""
         state = self.server.state
-        try:
-            data = json.loads(body.decode("utf-8") or "null")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return json_response(400, {"error": "body must be a JSON object"})
+        data = json_object(body)
         columns = {"images": IMAGE_COLUMNS, "events": EVENT_COLUMNS, "deployments": DEPLOYMENT_COLUMNS}
-        if not isinstance(data, dict) or not set(data) <= set(columns) or not all(
+        if data is None or not set(data) <= set(columns) or not all(
                 isinstance(rows, list) and all(isinstance(r, dict) and set(r) == set(columns[t]) for r in rows)
                 for t, rows in data.items()):
             return json_response(400, {"error": "body must map images/events/deployments to lists of full rows"})
@@ -688,11 +694,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _set_fault(self, body: bytes) -> Response:
         state = self.server.state
-        try:
-            data = json.loads(body.decode("utf-8") or "null")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return json_response(400, {"error": "body must be a JSON object"})
-        if not isinstance(data, dict):
+        data = json_object(body)
+        if data is None:
             return json_response(400, {"error": "body must be a JSON object"})
         mode = data.get("mode")
         if mode not in FAULT_MODES:
