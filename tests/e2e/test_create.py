@@ -79,7 +79,8 @@ def test_create_from_source_is_faithful_prepared_and_registered(lab, mock, cfg, 
     assert {k: img_rec[k] for k in ("image_name", "image_type", "image_rootdevice", "image_rootfstype",
                                     "image_storageid", "image_isshared")} == {
         "image_name": name, "image_type": "nfs-deployment", "image_rootdevice": image_path,
-        "image_rootfstype": "nfs", "image_storageid": "1", "image_isshared": "0"}
+        "image_rootfstype": "nfs", "image_storageid": str(lab["openqrm"]["storage_ids"]["storage"]),
+        "image_isshared": "0"}
     assert img_rec["image_capabilities"] == "arch=x86_64 os=debian12"
     assert [(e["event_priority"], e["event_name"]) for e in state["events"]] == [
         (5, f"create_image_{name}"), (10, f"create_image_{name}")]

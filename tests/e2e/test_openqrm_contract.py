@@ -85,6 +85,10 @@ def _cases(n: str, dep: int, sid: int) -> dict[str, list[Req]]:
                                  _qrmfs(openqrm.event(ev, 10, f"Ended create image {n}"))],
         "qrmfs remove": [_qrmfs(openqrm.new_image(fields)), _qrmfs(openqrm.remove_by_name(n))],
         "qrmfs check probe": [_image({})],
+        "qrmfs role probe": [_image(dict(openqrm.ROLE_PROBE)), _image(dict(openqrm.ROLE_PROBE), "viewer"),
+                             _image(dict(openqrm.ROLE_PROBE), None)],
+        "the web UI's identifier picks the storage id": [
+            _image({"image_command": "new_image", "image_name": n, "action": "add", "identifier[]": str(sid)})],
         # the type is read as a deployment id; the storage id is a number
         "new_image with the deployment id": [_qrmfs(openqrm.new_image({**fields, "image_type": str(dep)}))],
         "new_image unknown deployment id, storage id not a number": [
