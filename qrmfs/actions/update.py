@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import openqrm
+from ..agent.manifest import Manifest
 from ..errors import NotFoundError, RefusedError, UsageError
 from ..model import Location, Route, Target
 from ..results import (
@@ -53,29 +54,29 @@ class UpdateRequest:
     creds: Credentials = field(default_factory=lambda: Credentials(None, None))
 
 
-def _current(env: Env, target: Target) -> dict[str, Any]:
+def _current(env: Env, target: Target) -> Manifest:
     _storage, _side, info = env.existing(target)
     if info.manifest is None:
-        raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json): nothing to update")
+        raise RefusedError(f"{target} is not a qrmfs image ({info.not_image_because}): nothing to update")
     return info.manifest
 
 
-def _registered(manifest: dict[str, Any]) -> bool:
+def _registered(manifest: Manifest) -> bool:
     return Registration.of_manifest(manifest).has_record
 
 
-def create_request(req: UpdateRequest, manifest: dict[str, Any]) -> CreateRequest:
+def create_request(req: UpdateRequest, manifest: Manifest) -> CreateRequest:
     """What a fresh create of this image with the recorded (or overridden) source and options would be."""
-    o = {**manifest.get("options", {}), **req.overrides}
+    o = {**manifest.options, **req.overrides}
     if req.location is not None:
         loc = req.location
     else:
         try:
-            loc = Location.parse(str(manifest.get("source", "")))
+            loc = Location.parse(manifest.source or "")
         except UsageError:
-            raise UsageError(f"{req.target} records no source qrmfs can pull from ({manifest.get('source')!r}); "
+            raise UsageError(f"{req.target} records no source qrmfs can pull from ({manifest.source!r}); "
                              "give -l/--location") from None
-    route = req.route or Route(o.get("route") or manifest.get("route") or Route.SSH.value)
+    route = req.route or Route(o.get("route") or manifest.route or Route.SSH.value)
     return CreateRequest(
         name=req.target.name, target=req.target, location=loc, only_physical=req.only_physical,
         excludes=tuple(o.get("excludes") or ()), private_add=tuple(o.get("private_add") or ()),
@@ -84,12 +85,12 @@ def create_request(req: UpdateRequest, manifest: dict[str, Any]) -> CreateReques
         hostname=o.get("hostname"), shared=bool(o.get("shared")), force=True, route=route, creds=req.creds)
 
 
-def _unsent_fields(req: UpdateRequest, manifest: dict[str, Any]) -> list[str]:
+def _unsent_fields(req: UpdateRequest, manifest: Manifest) -> list[str]:
     """openQRM fields an override changes, which the record keeps (no image_id to send update_image with)."""
-    return pipeline.record_fields_changed(manifest.get("options", {}), req.overrides)
+    return pipeline.record_fields_changed(manifest.options, req.overrides)
 
 
-def _events_only(req: UpdateRequest, manifest: dict[str, Any], env: Env) -> pipeline.Enrollment | None:
+def _events_only(req: UpdateRequest, manifest: Manifest, env: Env) -> pipeline.Enrollment | None:
     if req.only_physical or not _registered(manifest):
         return None
     require_registration(req.creds)
@@ -109,13 +110,13 @@ def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
         spec = pipeline.BuildSpec(
             command="update", place=place, source=creq.source(env), source_label=str(creq.location),
             options=creq.prepare_options(), force=True, enroll=enroll,
-            manifest={"options": {**creq.options_record(), "only_physical": manifest.get("options", {}).get(
-                "only_physical", False)}, "excludes": list(creq.excludes), "route": creq.route.value},
+            manifest={"options": {**creq.options_record(), "only_physical": manifest.option("only_physical", False)},
+                      "excludes": list(creq.excludes), "route": creq.route.value},
             discover_mounts=True, new_record=False, parent=manifest)
         return pipeline.build(env, spec)
 
 
-def _dry_run(req: UpdateRequest, env: Env, manifest: dict[str, Any], creq: CreateRequest) -> UpdatePlan:
+def _dry_run(req: UpdateRequest, env: Env, manifest: Manifest, creq: CreateRequest) -> UpdatePlan:
     """What the update would change: rsync's itemized dry run from the source into the current image, with the
     update's excludes; the paths the preparation changes on purpose are left out. Nothing is written."""
     changes = changes_from_source(env, env.storage(req.target), req.target, creq.location, creq.excludes, manifest)
@@ -171,8 +172,8 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     return RolledBack(str(req.target), to.path, _made(to.manifest), swapped.generation, reg)
 
 
-def _made(m: dict[str, Any] | None) -> str:
-    return str((m or {}).get("finished") or (m or {}).get("created") or "?")
+def _made(m: Manifest | None) -> str:
+    return (m.made if m is not None else None) or "?"
 
 
 def generations(env: Env, target: Target) -> Generations:
@@ -182,13 +183,11 @@ def generations(env: Env, target: Target) -> Generations:
         raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json)")
     rows = []
     for g in listed.generations:
-        m = g.manifest or {}
-        gen = m.get("generation") or {}
+        m = g.manifest or Manifest.new({})
         rows.append(GenerationRow(
-            path=g.path, role=g.role, seq=g.seq, made=_made(m), made_by=gen.get("made_by") or m.get("created_by"),
-            source=m.get("source"), changes=gen.get("changes"), base_copy=(gen.get("base_copy") or {}).get("method"),
-            files=(m.get("counts") or {}).get("files"), bytes=(m.get("counts") or {}).get("bytes"), cost=g.cost,
-            id=gen.get("id")))
+            path=g.path, role=g.role, seq=g.seq, made=_made(g.manifest), made_by=m.made_by, source=m.source,
+            changes=m.changes, base_copy=m.base_copy_method, files=m.files, bytes=m.bytes, cost=g.cost,
+            id=m.generation_id))
     return Generations(str(target), rows, listed.journal)
 
 
