@@ -109,7 +109,7 @@ class Op(Generic[Ps, T]):
 
 
 class StorageSide:
-    def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,  # noqa: PLR0913
+    def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,
                  known_hosts: str | None = None, agent_sock: str | None = None,
                  share: StorageSide | None = None) -> None:
         """agent_sock: where this run's own ssh-agent listens. The master connection then forwards it, so a

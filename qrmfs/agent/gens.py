@@ -73,8 +73,6 @@ def _next_generation(path: str) -> str:
     return siblings(path).gen_prefix + str((gens[-1][0] if gens else 0) + 1)
 
 
-def _is_generation(path: str, d: str) -> bool:
-    return any(g == d for _, g in generations(path))
 
 
 # --- the journaled publish -------------------------------------------------------------------------------

@@ -212,6 +212,7 @@ class RegistrationRecord:
     error: str | None = None
     time: str | None = None
     via: str | None = None
+    seen: str | None = None
 
 
 def generation_id(manifest: Manifest | None) -> str | None:

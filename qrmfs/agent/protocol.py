@@ -590,7 +590,7 @@ def encode(value: Any) -> Any:
         return value.value
     if isinstance(value, Manifest):
         return value.data
-    if isinstance(value, (list, tuple)):  # noqa: UP038 - the agent may run on an older python3
+    if isinstance(value, (list, tuple)):  # the agent may run on an older python3
         return [encode(v) for v in value]
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}

@@ -20,7 +20,8 @@ def env(tmp_path: Path, isolated_home: Path) -> dict[str, Path]:
     (src / "etc").mkdir(parents=True)
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'spool_dir = "{tmp_path}/spool"\n\n[storage.local]\naddress = "local"\n'
-                   f'export_root = "{root}"\n\n[openqrm]\nurl = "http://127.0.0.1:9/openqrm"\nuser = "openqrm"\n')
+                   f'export_root = "{root}"\nstorage_id = 3\n\n[openqrm]\nurl = "http://127.0.0.1:9/openqrm"\n'
+                   'user = "openqrm"\ndeployment_id = 2\n')
     return {"tmp": tmp_path, "root": root, "src": src, "cfg": cfg}
 
 
@@ -105,6 +106,19 @@ def test_missing_config_file_exit_3(env: dict[str, Path], capsys: pytest.Capture
     assert err.splitlines() == [f"qrmfs: error: config file {env['tmp'] / 'nope.toml'} not found"]
 
 
+def test_a_mistyped_config_key_exit_3_one_line_nothing_written(env: dict[str, Path],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`exportroot` for export_root: the default /exports would be used silently; qrmfs refuses instead."""
+    env["cfg"].write_text(env["cfg"].read_text().replace("export_root", "exportroot"))
+    before = tree_of(env["tmp"])
+    code, out, err = run(create_args(env), capsys)
+    assert code == 3
+    assert err.splitlines() == ["qrmfs: error: config: unknown key 'exportroot' in [storage.local]; "
+                                "did you mean 'export_root'?"]
+    assert out == ""
+    assert tree_of(env["tmp"]) == before
+
+
 # --- --json -----------------------------------------------------------------------------------------
 
 def test_json_error_output(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,7 +165,7 @@ def test_create_dry_run_prints_rsync_argv_and_changes_nothing(env: dict[str, Pat
         f"{src}/", f"{root}/.img1.qrmfs-staging-<id>/"]
     assert "  preparation:" in lines
     assert "    dirs: empty proc, sys, run; dev; tmp with mode 1777; mnt/floppy and mnt/cdrom" in lines
-    assert "  registration: none (-o/--only-physical)" in lines
+    assert "  openQRM: nothing sent" in lines
     assert lines[-1] == "nothing was changed"
     assert tree_of(env["tmp"]) == before  # no export root, no staging, no spool, no lock
 
