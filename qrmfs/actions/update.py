@@ -22,6 +22,7 @@ from .. import jobs, openqrm
 from ..agent.manifest import Manifest
 from ..errors import NotFoundError, RefusedError, UsageError
 from ..model import Location, Route, Target
+from ..options import IMAGE_OPTIONS, OPTION
 from ..results import (
     Built,
     GenerationListing,
@@ -73,13 +74,11 @@ def create_request(req: UpdateRequest, manifest: Manifest) -> CreateRequest:
         except UsageError:
             raise UsageError(f"{req.target} records no source qrmfs can pull from ({manifest.source!r}); "
                              "give -l/--location") from None
-    route = req.route or Route(o.get("route") or manifest.route or Route.SSH.value)
-    return CreateRequest(
-        name=req.target.name, target=req.target, location=loc, only_physical=req.only_physical,
-        excludes=tuple(o.get("excludes") or ()), private_add=tuple(o.get("private_add") or ()),
-        private_exclude=tuple(o.get("private_exclude") or ()), arch=o.get("arch"), os_name=o.get("os"),
-        keep_services=bool(o.get("keep_services", True)), keep_network=bool(o.get("keep_network", False)),
-        hostname=o.get("hostname"), shared=bool(o.get("shared")), force=True, route=route, creds=req.creds)
+    # the route: given, else recorded in the options, else where a manifest before the options had it
+    route = req.route or Route(o.get("route") or manifest.route or OPTION["route"].default)
+    return CreateRequest(name=req.target.name, target=req.target, location=loc, only_physical=req.only_physical,
+                         force=True, route=route, creds=req.creds,
+                         **{opt.name: opt.recorded(o) for opt in IMAGE_OPTIONS if opt.name != "route"})
 
 
 def _enrollment(creds: Credentials, only_physical: bool, manifest: Manifest, target: Target,
