@@ -53,6 +53,16 @@ def _str(d: dict[str, Any], key: str) -> str | None:
     return v if isinstance(v, str) else None
 
 
+class _Text:
+    """A top-level text entry of the manifest (None where it has none, or not a text)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __get__(self, manifest: Manifest, owner: type) -> str | None:
+        return _str(manifest.data, self.key)
+
+
 class Manifest:
     """One image's manifest, migrated to SCHEMA: `data` is what is written (and what --json shows)."""
 
@@ -105,29 +115,12 @@ class Manifest:
 
     # --- what the image is --------------------------------------------------------------------------------
 
-    @property
-    def image(self) -> str | None:
-        return _str(self.data, "image")
-
-    @property
-    def path(self) -> str | None:
-        return _str(self.data, "path")
-
-    @property
-    def target(self) -> str | None:
-        return _str(self.data, "target")
-
-    @property
-    def source(self) -> str | None:
-        return _str(self.data, "source")
-
-    @property
-    def route(self) -> str | None:
-        return _str(self.data, "route")
-
-    @property
-    def created(self) -> str | None:
-        return _str(self.data, "created")
+    image = _Text("image")
+    path = _Text("path")
+    target = _Text("target")
+    source = _Text("source")
+    route = _Text("route")
+    created = _Text("created")
 
     @property
     def made(self) -> str | None:
