@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from qrmfs import cli
+from qrmfs import cli, openqrm
 from qrmfs.actions import check
 from qrmfs.config import SshHost
 from qrmfs.results import envelope
@@ -195,7 +195,9 @@ def _openssl(*args: str) -> None:
 @pytest.fixture
 def private_ca_openqrm(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """An https server on 127.0.0.1 whose certificate a CA made here signed (in no system bundle). It answers
-    openQRM's credentials probe: 400 ("no command") to user openqrm / pw, 401 to anyone else."""
+    check's requests as openQRM 5.3 does for administrator openqrm / pw: resource-monitor.php's post_event an
+    empty 200; image-action.php 401 for its realm without (or with other) credentials, and 500 to the role
+    probe (docs/openqrm.md)."""
     ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "1",
              "-subj", "/CN=qrmfs test CA")
@@ -212,7 +214,13 @@ def private_ca_openqrm(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             pass
 
         def do_GET(self) -> None:
-            self.send_response(400 if self.headers.get("Authorization") == want else 401)
+            if self.path.startswith(f"/openqrm{openqrm.EVENT_PATH}?"):
+                self.send_response(200)
+            elif self.headers.get("Authorization") == want:
+                self.send_response(500)
+            else:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", f'Basic realm="{openqrm.REALM}"')
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -239,8 +247,9 @@ def test_check_trusts_the_private_ca_of_ca_file_as_create_does(env, capsys, tmp_
     env["cfg"].write_text(base.replace('user = "openqrm"\n', f'user = "openqrm"\nca_file = "{ca}"\n'))
     _, out, _ = run(args, capsys)
     got = {c["name"]: c for c in json.loads(out)["result"]["checks"]}["openqrm"]
-    assert (got["status"], got["message"]) == ("ok", f"{url} answers and accepts user 'openqrm' as an "
-                                                     "administrator (HTTP 400)")
+    assert (got["status"], got["message"]) == ("ok", f"{url} is openQRM, its database answers, and user 'openqrm' "
+                                                     "is an administrator (shown by requests that change nothing "
+                                                     "on the server)")
 
     env["cfg"].write_text(base)
     _, out, _ = run(args, capsys)
