@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import model
-from .agent.protocol import SPARE_DEFAULT, SPARE_POLICIES
+from .agent.exports import client_spec_ok
+from .agent.protocol import EXPORT_FILES, EXPORT_KINDS, SPARE_DEFAULT, SPARE_POLICIES
 from .errors import ConfigError, UsageError
 from .model import bare_address
 from .model import host as check_host
@@ -46,6 +48,13 @@ class Storage:
     export_root: str = "/exports"
     storage_id: int | None = None
     nfs_address: str | None = None  # what `mount -t nfs` uses; default the ssh address
+    exports: str = "none"  # who serves each image's own NFS export (EXPORT_KINDS); "none": managed elsewhere
+    export_clients: str | None = None  # the export's client spec; default the openQRM server's host
+    exports_file: str | None = None  # /etc/exports, or the file ganesha.conf includes (default EXPORT_FILES)
+
+    @property
+    def exports_table(self) -> str:
+        return self.exports_file or EXPORT_FILES.get(self.exports, "")
 
 
 @dataclass(frozen=True)
@@ -155,7 +164,31 @@ def _ssh_path(d: dict[str, Any], key: str) -> str | None:
         raise ConfigError(f"config: {e.message}") from None
 
 
+def _exports(s: dict[str, Any], where: str, oq: OpenQrm) -> tuple[str, str | None, str | None]:
+    """[storage.X] exports, export_clients, exports_file (agent/exports.py)."""
+    kind = _get(s, "exports", str, where, "none")
+    if kind not in EXPORT_KINDS:
+        raise ConfigError(f"config: {where}.exports must be one of {', '.join(EXPORT_KINDS)}, not {kind!r}")
+    clients = _get(s, "export_clients", str, where)
+    if clients is not None and not client_spec_ok(clients):
+        raise ConfigError(f"config: {where}.export_clients {clients!r} must be one address, network, host name or "
+                          "wildcard (no spaces, quotes, parentheses, ';', '#' or ',')")
+    if clients is None and kind != "none":
+        host = urllib.parse.urlsplit(oq.url).hostname if oq.url else None
+        if not host:
+            raise ConfigError(f"config: {where}.exports = {kind!r} needs export_clients (the openQRM server's "
+                              "address, as openQRM's nfs-storage writes, or the nodes' network), or [openqrm] url")
+        clients = host
+    table = _get(s, "exports_file", str, where)
+    if table is not None and (not table.startswith("/") or os.path.normpath(table) != table):
+        raise ConfigError(f"config: {where}.exports_file must be a canonical absolute path")
+    if table is not None:
+        _check(model.safe_path, table, f"{where}.exports_file")
+    return kind, clients, table
+
+
 def parse(data: dict[str, Any], path: str | None = None) -> Config:
+    oq = _openqrm(_table(data, "openqrm"))
     storage = {}
     for name, s in _table(data, "storage").items():
         where = f"storage.{name}"
@@ -171,13 +204,12 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
         sid = _get(s, "storage_id", int, where)
         if sid is not None and sid < 0:
             raise ConfigError(f"config: {where}.storage_id must be >= 0, not {sid}")
-        storage[name] = Storage(name, _ssh_host(s, where), root, sid, nfs)
+        storage[name] = Storage(name, _ssh_host(s, where), root, sid, nfs, *_exports(s, where, oq))
     hosts = {}
     for name, h in _table(data, "hosts").items():
         if not isinstance(h, dict):
             raise ConfigError(f"config: [hosts.{name}] must be a table")
         hosts[name] = _ssh_host(h, f"hosts.{name}")
-    oq = _openqrm(_table(data, "openqrm"))
     ssh = _table(data, "ssh")
     spool = _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool")
     if not spool or any(ord(c) < 32 or ord(c) == 127 for c in spool):

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import fsutil, gens, steps, supervise, tree
+from . import exports, fsutil, gens, steps, supervise, tree
 from . import protocol as P
 from .protocol import AgentError, ErrorKind
 
@@ -58,6 +58,7 @@ HANDLERS: dict[type[Any], Callable[[Any], Any]] = {
     P.Generations: _fields(gens.op_generations),
     P.Rebase: _fields(gens.op_rebase),
     P.RebaseScan: _fields(gens.op_rebase_scan),
+    P.Export: _fields(exports.op_export),
 }
 
 
