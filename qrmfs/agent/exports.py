@@ -275,20 +275,21 @@ class Ganesha:
         _run([*_DBUS, _IFACE + "RemoveExport", f"uint16:{export_id}"])
 
     def add(self, path: str, clients: str) -> None:
-        export_id = self._write(path, clients)
-        shown = self.listed()
-        if path not in shown:
-            if export_id in shown.values():
-                raise AgentError(ErrorKind.OS, f"nfs-ganesha serves Export_Id {export_id} for another path: "
-                                               f"fix {self.table}")
-            self._add(export_id)
+        """The image's block, then the export: added again when ganesha serves it already, since what it serves
+        is the directory the path named when it was added (an image removed by hand and made again under its
+        name would otherwise be served from the removed tree)."""
+        self.refresh(path, clients)
 
     def refresh(self, path: str, clients: str) -> None:
         """The export again, with the same Export_Id: ganesha resolves the path anew (the current generation) and
         running clients' handles, which carry that id, stay valid."""
         export_id = self._write(path, clients)
-        if self.listed().get(path) == export_id:
+        shown = self.listed()
+        if shown.get(path) == export_id:
             self._drop(export_id)
+        elif export_id in shown.values():
+            raise AgentError(ErrorKind.OS, f"nfs-ganesha serves Export_Id {export_id} for another path: "
+                                           f"fix {self.table}")
         self._add(export_id)
 
     def remove(self, path: str) -> None:
