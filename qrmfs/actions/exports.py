@@ -52,10 +52,14 @@ def shown(outcome: Exported | StorageError | None) -> str | None:
 
 
 def findings(side: StorageSide, path: str) -> list[FindingRecord]:
-    """validate: the image's export, as the NFS server lists it."""
+    """validate: the image's export, as the NFS server lists it, refreshed since its generation was published."""
     if not configured(side):
         return []
-    if side.export(path, "show").state == "exported":
-        return []
-    return [FindingRecord("export", path, f"not exported ({side.storage.exports}, {side.storage.exports_table})",
-                          True)]
+    state = side.export(path, "show").state
+    where = f"{side.storage.exports}, {side.storage.exports_table}"
+    if state == "absent":
+        return [FindingRecord("export", path, f"not exported ({where})", True)]
+    if state == "stale":
+        return [FindingRecord("export", path, "exported, but not since the current generation was published: new "
+                                              f"mounts may get an earlier one ({where})", True)]
+    return []

@@ -94,7 +94,7 @@ def _validate(req: ValidateRequest, env: Env, manifest: dict[str, Any] | None) -
             fixed = side.prepare(path, opts).fixed + [f for f in before if f.step in ("manifest", "export")
                                                       and f.fixable]
             if any(f.step == "export" for f in before):
-                side.export(path, "add")
+                side.export(path, "refresh")
             if manifest is not None:
                 manifest = side.manifest_update(path, {"image": req.target.name, "path": path}).manifest
             after = findings(manifest)

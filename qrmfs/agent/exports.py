@@ -28,10 +28,13 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 
 from . import protocol as P
+from .gens import generation_id
 from .protocol import AgentError, ErrorKind
+from .tree import op_manifest_update, read_manifest
 
 # openQRM's nfs-storage plugin writes exactly these options (include/openqrm-plugin-nfs-storage-functions)
 KERNEL_OPTIONS = "rw,insecure,no_root_squash,async,no_subtree_check"
@@ -72,7 +75,24 @@ def op_export(path: str, export_root: str, action: str, kind: str, clients: str,
     if action == "remove" and exported:
         raise AgentError(ErrorKind.OS, f"{server.name} still lists {path} after its export was removed "
                                        f"({server.lister})")
-    return P.Exported(path, kind, "exported" if exported else "absent", listed.get(path))
+    if action in ("add", "refresh") and read_manifest(path) is not None:
+        op_manifest_update(path, export_root, {"export": {
+            "kind": kind, "generation": generation_id(read_manifest(path)), "export_id": listed.get(path),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
+    return P.Exported(path, kind, _state(path, kind, exported), listed.get(path))
+
+
+def _state(path: str, kind: str, exported: bool) -> str:
+    """"exported"; "stale": listed, but not (seen) exported since the image's current generation was published,
+    so the NFS server may still serve an earlier one to new mounts; "absent"."""
+    if not exported:
+        return "absent"
+    m = read_manifest(path)
+    if m is None:
+        return "exported"
+    seen = m.get("export")
+    fresh = isinstance(seen, dict) and seen.get("kind") == kind and seen.get("generation") == generation_id(m)
+    return "exported" if fresh else "stale"
 
 
 def client_spec_ok(clients: str) -> bool:

@@ -514,7 +514,7 @@ class Check(Request[Checked]):
 class Exported:
     path: str
     kind: str
-    state: str                # "exported" | "absent", as the NFS server itself lists it
+    state: str                # "exported" | "stale" (listed, not refreshed since this generation) | "absent"
     export_id: int | None     # ganesha's Export_Id
 
 

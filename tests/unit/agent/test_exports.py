@@ -5,6 +5,7 @@ NFS server cannot run on these machines). ganesha's path runs against the real n
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import stat
@@ -207,3 +208,18 @@ def test_the_storage_side_exports_through_the_agent(root: Path, kernel: Path) ->
             side.export(f"{root}/../x", "show")
     finally:
         side.close()
+
+
+def test_a_new_generation_shows_stale_until_its_export_was_refreshed(root: Path, kernel: Path) -> None:
+    """The export seen for the image's current generation is recorded in its manifest: a generation published
+    since (its manifest has another generation id) shows `stale` until refresh, which validate --fix runs."""
+    path = image(root, "img1")
+    manifest = Path(path) / ".qrmfs" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"image": "img1", "generation": {"id": "g1"}}))
+    assert export(root, kernel, path).state == "exported"
+    assert json.loads(manifest.read_text())["export"]["generation"] == "g1"
+    manifest.write_text(json.dumps({"image": "img1", "generation": {"id": "g2"}}))  # as a publish leaves it
+    assert export(root, kernel, path, "show").state == "stale"
+    assert export(root, kernel, path, "refresh").state == "exported"
+    assert export(root, kernel, path, "show").state == "exported"
