@@ -259,10 +259,29 @@ class Checked:
 A = TypeVar("A")
 
 
+SESSION = "session"  # the handler of the ops the agent's framing serves itself (main.py): lock, unlock, serve, run
+REQUESTS: dict[str, type[Request[Any]]] = {}  # every operation by its name: each Request subclass adds itself
+
+
 class Request(Generic[A]):
-    """A request dataclass names its operation and the dataclass of its answer."""
+    """One agent operation, declared once, as a frozen dataclass of its arguments that names
+    - `op`: the operation's name on the wire;
+    - `answer`: the dataclass of its result (the client decodes the answer line into it);
+    - `handler`: "module.function" in this package that does it, called with the request's fields as keyword
+      arguments (main.py resolves it; an agent without it answers bad_request), or SESSION for the ops that
+      main.py's framing serves itself.
+    Defining the class registers it in REQUESTS. The client's typed method is storage.StorageSide's
+    `name = op(P.Name)` (or a method of its own that sends it); tests/unit/agent/test_ops.py checks that every
+    operation has all four."""
     op: ClassVar[str]
     answer: ClassVar[type]
+    handler: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.op in REQUESTS:
+            raise TypeError(f"{REQUESTS[cls.op].__name__} and {cls.__name__} both declare the operation {cls.op!r}")
+        REQUESTS[cls.op] = cls
 
     def decode_answer(self, data: Any) -> A:
         return typing.cast(A, decode(self.answer, data))
@@ -273,6 +292,7 @@ class Inspect(Request[Inspected]):
     """What is at the target now: exists, is an image, staging leftovers, free space."""
     op: ClassVar[str] = "inspect"
     answer: ClassVar[type] = Inspected
+    handler: ClassVar[str] = "tree.op_inspect"
     path: str
     export_root: str
 
@@ -282,6 +302,7 @@ class Lock(Request[Locked]):
     """Take the image's lock and hold it until the client's stdin closes."""
     op: ClassVar[str] = "lock"
     answer: ClassVar[type] = Locked
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
     holder: str
@@ -292,6 +313,7 @@ class Unlock(Request[Unlocked]):
     """In a session: give up the image's lock that this session took."""
     op: ClassVar[str] = "unlock"
     answer: ClassVar[type] = Unlocked
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
 
@@ -301,6 +323,7 @@ class Serve(Request[Serving]):
     """Start a session: answer, then answer one request line after another until stdin closes."""
     op: ClassVar[str] = "serve"
     answer: ClassVar[type] = Serving
+    handler: ClassVar[str] = SESSION
 
 
 @dataclass(frozen=True)
@@ -308,6 +331,7 @@ class Stage(Request[Staged]):
     """A fresh staging directory beside the image (leftovers of crashed runs removed first)."""
     op: ClassVar[str] = "stage"
     answer: ClassVar[type] = Staged
+    handler: ClassVar[str] = "tree.op_stage"
     path: str
     export_root: str
     token: str
@@ -318,6 +342,7 @@ class Stage(Request[Staged]):
 class Discard(Request[Discarded]):
     op: ClassVar[str] = "discard"
     answer: ClassVar[type] = Discarded
+    handler: ClassVar[str] = "tree.op_discard"
     path: str
     export_root: str
     staging: str
@@ -328,6 +353,7 @@ class WriteManifest(Request[Written]):
     """Write the manifest into a staging copy of the image (the last thing before publish)."""
     op: ClassVar[str] = "write_manifest"
     answer: ClassVar[type] = Written
+    handler: ClassVar[str] = "tree.op_write_manifest"
     path: str
     export_root: str
     staging: str
@@ -338,6 +364,7 @@ class WriteManifest(Request[Written]):
 class Publish(Request[Published]):
     op: ClassVar[str] = "publish"
     answer: ClassVar[type] = Published
+    handler: ClassVar[str] = "tree.op_publish"
     path: str
     export_root: str
     staging: str
@@ -348,6 +375,7 @@ class Publish(Request[Published]):
 class StageUpdate(Request[StagedUpdate]):
     op: ClassVar[str] = "stage_update"
     answer: ClassVar[type] = StagedUpdate
+    handler: ClassVar[str] = "gens.op_stage_update"
     path: str
     export_root: str
     token: str
@@ -360,6 +388,7 @@ class StageCopy(Request[StagedUpdate]):
     origin's top-level entries to copy (all but /.qrmfs) and whether staging can share its extents."""
     op: ClassVar[str] = "stage_copy"
     answer: ClassVar[type] = StagedUpdate
+    handler: ClassVar[str] = "gens.op_stage_copy"
     path: str
     export_root: str
     token: str
@@ -373,6 +402,7 @@ class PublishUpdate(Request[Swapped]):
     generations beyond `keep` are pruned, the newest of them kept as the spare as `spare` says (SPARE_POLICIES)."""
     op: ClassVar[str] = "publish_update"
     answer: ClassVar[type] = Swapped
+    handler: ClassVar[str] = "gens.op_publish_update"
     path: str
     export_root: str
     staging: str
@@ -384,15 +414,40 @@ class PublishUpdate(Request[Swapped]):
 class Rollback(Request[Swapped]):
     op: ClassVar[str] = "rollback"
     answer: ClassVar[type] = Swapped
+    handler: ClassVar[str] = "gens.op_rollback"
     path: str
     export_root: str
     keep: int
 
 
 @dataclass(frozen=True)
+class Exported:
+    path: str
+    kind: str
+    state: str                # "exported" | "stale" (listed, not refreshed since this generation) | "absent"
+    export_id: int | None     # ganesha's Export_Id
+
+
+@dataclass(frozen=True)
+class Export(Request[Exported]):
+    """The image's own NFS export (agent/exports.py): add, refresh (after a generation exchange), remove (after
+    the image is gone) or show; `table` is /etc/exports or the ganesha file ganesha.conf includes."""
+    op: ClassVar[str] = "export"
+    answer: ClassVar[type] = Exported
+    handler: ClassVar[str] = "exports.op_export"
+    path: str
+    export_root: str
+    action: str
+    kind: str
+    clients: str
+    table: str
+
+
+@dataclass(frozen=True)
 class Generations(Request[GenerationList]):
     op: ClassVar[str] = "generations"
     answer: ClassVar[type] = GenerationList
+    handler: ClassVar[str] = "gens.op_generations"
     path: str
     export_root: str
     costs: bool = False
@@ -410,6 +465,7 @@ class Rebase(Request[Rebased]):
     `only`: the paths where they can differ (a scan's and rsync's), else every path."""
     op: ClassVar[str] = "rebase"
     answer: ClassVar[type] = Rebased
+    handler: ClassVar[str] = "gens.op_rebase"
     path: str
     export_root: str
     staging: str
@@ -428,6 +484,7 @@ class RebaseScan(Request[RebaseScanned]):
     (gens.op_rebase_scan); None: too many to name."""
     op: ClassVar[str] = "rebase_scan"
     answer: ClassVar[type] = RebaseScanned
+    handler: ClassVar[str] = "gens.op_rebase_scan"
     path: str
     export_root: str
     staging: str
@@ -437,6 +494,7 @@ class RebaseScan(Request[RebaseScanned]):
 class Remove(Request[Removed]):
     op: ClassVar[str] = "remove"
     answer: ClassVar[type] = Removed
+    handler: ClassVar[str] = "tree.op_remove"
     path: str
     export_root: str
     force: bool
@@ -448,6 +506,7 @@ class List(Request[Listed]):
     of each generation and spare)."""
     op: ClassVar[str] = "list"
     answer: ClassVar[type] = Listed
+    handler: ClassVar[str] = "tree.op_list"
     export_root: str
     depth: int = 3
     leftovers: bool = True
@@ -457,6 +516,7 @@ class List(Request[Listed]):
 class ManifestUpdate(Request[ManifestUpdated]):
     op: ClassVar[str] = "manifest_update"
     answer: ClassVar[type] = ManifestUpdated
+    handler: ClassVar[str] = "tree.op_manifest_update"
     path: str
     export_root: str
     patch: dict[str, Any]
@@ -467,6 +527,7 @@ class Stats(Request[Counts]):
     """Entries and allocated bytes of the image, or of its staging copy `root`."""
     op: ClassVar[str] = "stats"
     answer: ClassVar[type] = Counts
+    handler: ClassVar[str] = "tree.op_stats"
     path: str
     export_root: str
     root: str | None = None
@@ -476,6 +537,7 @@ class Stats(Request[Counts]):
 class PinHost(Request[Pinned]):
     op: ClassVar[str] = "pin_host"
     answer: ClassVar[type] = Pinned
+    handler: ClassVar[str] = "tree.op_pin_host"
     path: str
     export_root: str
     known_hosts: str
@@ -485,6 +547,7 @@ class PinHost(Request[Pinned]):
 class UnpinHost(Request[Unpinned]):
     op: ClassVar[str] = "unpin_host"
     answer: ClassVar[type] = Unpinned
+    handler: ClassVar[str] = "tree.op_unpin_host"
     path: str
     export_root: str
 
@@ -494,6 +557,7 @@ class Prepare(Request[Prepared]):
     """Apply the preparation steps to the image, or to its staging copy `root`."""
     op: ClassVar[str] = "prepare"
     answer: ClassVar[type] = Prepared
+    handler: ClassVar[str] = "main.op_prepare"
     path: str
     export_root: str
     options: Options
@@ -504,32 +568,11 @@ class Prepare(Request[Prepared]):
 class Check(Request[Checked]):
     op: ClassVar[str] = "check"
     answer: ClassVar[type] = Checked
+    handler: ClassVar[str] = "main.op_check"
     path: str
     export_root: str
     options: Options
     root: str | None = None
-
-
-@dataclass(frozen=True)
-class Exported:
-    path: str
-    kind: str
-    state: str                # "exported" | "stale" (listed, not refreshed since this generation) | "absent"
-    export_id: int | None     # ganesha's Export_Id
-
-
-@dataclass(frozen=True)
-class Export(Request[Exported]):
-    """The image's own NFS export (agent/exports.py): add, refresh (after a generation exchange), remove (after
-    the image is gone) or show; `table` is /etc/exports or the ganesha file ganesha.conf includes."""
-    op: ClassVar[str] = "export"
-    answer: ClassVar[type] = Exported
-    path: str
-    export_root: str
-    action: str
-    kind: str
-    clients: str
-    table: str
 
 
 @dataclass(frozen=True)
@@ -547,17 +590,12 @@ class Run(Request[Ran]):
     held by that holder; it then exits with STOPPED and says why on stderr."""
     op: ClassVar[str] = "run"
     answer: ClassVar[type] = Ran
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
     argv: list[str]
     holder: str | None = None
     pipe_to: list[str] | None = None  # a second command reading argv's stdout (a tar stream's extracting end)
-
-
-REQUESTS: dict[str, type[Request[Any]]] = {
-    r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
-                      PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, StageCopy, PublishUpdate, Rollback,
-                      Generations, Rebase, RebaseScan, Unlock, Serve, Export)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------
@@ -568,7 +606,7 @@ def encode(value: Any) -> Any:
         return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, (list, tuple)):  # noqa: UP038 - the agent may run on an older python3
+    if isinstance(value, (list, tuple)):  # the agent may run on an older python3
         return [encode(v) for v in value]
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}

@@ -39,7 +39,7 @@ def tree(lab: dict[str, Any]) -> Iterator[str]:
     run_on(lab, "source", f"rm -rf {d}", check=False)
 
 
-def test_an_images_export_follows_its_generations_and_running_mounts_keep_theirs(lab, tree):  # noqa: PLR0915
+def test_an_images_export_follows_its_generations_and_running_mounts_keep_theirs(lab, tree):
     cfg, server = lab["config"], lab["hosts"]["storage"]["address"]
     name = f"exp_{uuid.uuid4().hex[:8]}"
     path = f"/exports/{name}"
