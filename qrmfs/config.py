@@ -256,7 +256,7 @@ SETTINGS: tuple[Setting, ...] = (
             _not_negative),
     Setting("storage.NAME", "nfs_address", str, None, "what `--route nfs` mounts (default: address)",
             _model(check_host)),
-    Setting("storage.NAME", "exports", str, "none", "who serves each image's own NFS export (docs/exports.md): "
+    Setting("storage.NAME", "exports", str, "none", "who serves each image's own NFS export (docs/updating.md): "
             "`none` (exports are managed elsewhere; qrmfs writes none), `kernel` (/etc/exports, `exportfs`) or "
             "`ganesha` (an EXPORT block in a file ganesha.conf includes, and ganesha's DBus)", _export_kind),
     Setting("storage.NAME", "export_clients", str, None, "who may mount the export: one address, network "
