@@ -77,10 +77,6 @@ def generation_id(manifest: dict[str, Any] | None) -> str | None:
     return g.get("id") if isinstance(g, dict) else None
 
 
-def _is_generation(path: str, d: str) -> bool:
-    return any(g == d for _, g in generations(path))
-
-
 # --- the journaled publish -------------------------------------------------------------------------------
 
 def _exchange(a: str, b: str) -> bool:

@@ -276,6 +276,7 @@ class Request(Generic[A]):
     op: ClassVar[str]
     answer: ClassVar[type]
     handler: ClassVar[str]
+    after_lost_lock: ClassVar[bool] = False  # the client sends it after the session that held the lock died
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -343,6 +344,7 @@ class Discard(Request[Discarded]):
     op: ClassVar[str] = "discard"
     answer: ClassVar[type] = Discarded
     handler: ClassVar[str] = "tree.op_discard"
+    after_lost_lock: ClassVar[bool] = True  # a failed run removes its own unfinished copy: never the image
     path: str
     export_root: str
     staging: str

@@ -671,3 +671,44 @@ def test_an_update_from_the_spare_counts_a_change_of_xattrs_or_acls_alone(
     code, out = update(env, capsys)  # and nothing changed since
     gen = tree.read_manifest(str(env["img"]))["generation"]  # type: ignore[index]
     assert code == 0 and sum(gen["changes"][k] for k in ("new", "changed", "metadata", "deleted")) == 0, gen
+
+
+def test_an_agent_session_that_dies_during_the_spares_scan_fails_the_update_and_nothing_runs_unlocked(
+        tmp_path: Path, env: dict[str, Path], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session holding the image's lock is killed (SIGKILL) as the update from the spare asks for its scan,
+    whose failure alone the count tolerates: the lock died with it, so the update fails there, and neither the
+    change count, the preparation nor the publish runs on a new session that holds no lock. The image is as
+    it was; the unfinished copy is removed (only this run's own)."""
+    from qrmfs.storage import StorageSide
+    env = _env(tmp_path, tmp_path / "exports", keep=1, config='spare = "always"\n')
+    create(env, capsys)
+    for _ in range(2):
+        assert update(env, capsys)[0] == 0
+    assert (env["root"] / ".img1.qrmfs-spare").is_dir()
+    before, manifest = snapshot(env["img"], skip=()), tree.read_manifest(str(env["img"]))
+    sent: list[str] = []
+    real_begin, real_scan = StorageSide._begin, StorageSide.rebase_scan_later
+
+    def begin(self: StorageSide, req: Any) -> Any:  # what is sent to an agent
+        answer = real_begin(self, req)
+        sent.append(req.op)
+        return answer
+
+    def dying_scan(self: StorageSide, path: str, staging: str) -> Any:
+        session = self._session
+        assert session is not None
+        session.kill()  # the agent that holds the lock, for real; its flock goes with it
+        session.wait()
+        return real_scan(self, path, staging)
+
+    monkeypatch.setattr(StorageSide, "_begin", begin)
+    monkeypatch.setattr(StorageSide, "rebase_scan_later", dying_scan)
+    (env["src"] / "usr/bin/tool").write_text("version 4\n")
+    code, out = update(env, capsys)
+    assert code == 9, out
+    message = out["error"]["message"]
+    assert "no longer holds the lock on" in message and "rebase is not done without it" in message, message
+    assert sent[sent.index("rebase_scan") + 1:] == ["discard"]  # only the clean-up was sent after it
+    assert snapshot(env["img"], skip=()) == before and tree.read_manifest(str(env["img"])) == manifest
+    assert not [p for p in env["root"].iterdir() if ".qrmfs-staging-" in p.name]
