@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from . import protocol as P
-from .gens import generation_id
+from .manifest import generation_id
 from .protocol import AgentError, ErrorKind
 from .tree import op_manifest_update, read_manifest
 
@@ -92,9 +92,7 @@ def _state(path: str, kind: str, exported: bool) -> str:
     m = read_manifest(path)
     if m is None:
         return "exported"
-    seen = m.get("export")
-    fresh = isinstance(seen, dict) and seen.get("kind") == kind and seen.get("generation") == generation_id(m)
-    return "exported" if fresh else "stale"
+    return "exported" if m.exported_for == (kind, m.generation_id) else "stale"
 
 
 def client_spec_ok(clients: str) -> bool:

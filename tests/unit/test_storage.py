@@ -16,6 +16,7 @@ import pytest
 from qrmfs import storage as S
 from qrmfs.agent import protocol as P
 from qrmfs.agent import tree
+from qrmfs.agent.manifest import Manifest
 from qrmfs.config import SshHost, Storage
 from qrmfs.errors import ConnectError, ExistsError, LockedError, NotFoundError, RefusedError, StorageError
 from qrmfs.runner import CommandFailed, Runner
@@ -36,9 +37,9 @@ def test_full_cycle(side: StorageSide, root: Path) -> None:
     st = side.stage(path, "tok").staging
     assert st == str(root / ".img1.qrmfs-staging-tok")
     Path(st, "etc").mkdir()
-    assert side.write_manifest(path, st, {"image": "img1"}) == P.Written(st)
+    assert side.write_manifest(path, st, Manifest.new({"image": "img1"})) == P.Written(st)
     assert side.publish(path, st, force=False) == P.Published(path, False, None)
-    assert side.list() == P.Listed([P.ListedImage(path, {"image": "img1"}, None)])
+    assert side.list() == P.Listed([P.ListedImage(path, Manifest.new({"image": "img1"}), None)])
     assert side.stats(path).files == 3  # etc, .qrmfs, manifest.json
     assert side.remove(path, force=False) == P.Removed(path)
     assert os.listdir(root) == []
@@ -54,9 +55,9 @@ def test_errors_map_to_exit_codes(side: StorageSide, root: Path) -> None:
     with pytest.raises(RefusedError, match="has no qrmfs manifest"):
         side.remove(str(root / "plain"), force=False)
     (root / "img1/.qrmfs").mkdir(parents=True)
-    tree.write_manifest(str(root / "img1"), {})
+    tree.write_manifest(str(root / "img1"), Manifest.new({}))
     st = side.stage(str(root / "img1"), "t").staging
-    tree.write_manifest(st, {})
+    tree.write_manifest(st, Manifest.new({}))
     with pytest.raises(ExistsError):
         side.publish(str(root / "img1"), st, force=False)
     with pytest.raises(NotFoundError) as ei2:
