@@ -49,7 +49,7 @@ DEVICES = "src/etc/build.conf/initrd-devices.conf"
 CLIENT_INCLUDES = ("src/include/openqrm-functions", "src/include/openqrm-package-functions")
 STANDINS = BOOTKIT / "openqrm"
 BASH_STATIC = Path("/bin/bash-static")
-KIT_FORMAT = "qrmfs-openqrm-kit-1"  # bump when the way the kit is assembled changes
+KIT_FORMAT = "qrmfs-openqrm-kit-2"  # bump when the way the kit is assembled changes
 
 KERNEL_NAME = "qrmfs-lab"          # the kernel record's name (files vmlinuz-NAME, modules-NAME.tgz, ...)
 RESOURCE_BASEDIR = "/usr/share"    # openQRM's OPENQRM_RESOURCE_BASE_DIR: the client lives in BASEDIR/openqrm
@@ -139,12 +139,16 @@ def kit_hash(src: Path) -> str:
 
 
 def busybox_applets(listing: str) -> list[str]:
-    """`busybox --list-full` -> applet paths to link (never bash, which is bash-static here)."""
-    out = []
+    """`busybox --list-full` -> applet paths to link (never bash, which is bash-static here): each where
+    Debian's busybox puts it, and in /bin as well, where openQRM's initrd has its tools (linuxrc runs
+    /bin/wget, /bin/ash, /bin/cp)."""
+    out: list[str] = []
     for line in listing.split():
         rel = line.strip().lstrip("/")
-        if rel and rel.rsplit("/", 1)[-1] not in ("busybox", "bash") and ".." not in rel.split("/"):
-            out.append(rel)
+        name = rel.rsplit("/", 1)[-1]
+        if not rel or name in ("busybox", "bash") or ".." in rel.split("/"):
+            continue
+        out += [p for p in (rel, f"bin/{name}") if p not in out]
     return out
 
 
