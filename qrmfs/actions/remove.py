@@ -10,6 +10,7 @@ from .. import openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
+from . import exports
 from .common import Credentials, Env, deliver, flush_spool, require_registration, same_image
 
 
@@ -41,6 +42,7 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
         raise AbortedError("nothing removed")
     with env.locked(side, req.target.path, "remove", req.target.name):
         side.remove(req.target.path, req.force)
+        unexported = exports.apply(env, side, req.target, "remove")  # only now: the image is gone
     env.ui.step(f"removed {req.target}")
     # a registration still waiting in the spool for this image must never arrive after its removal
     # matched by storage identity and path, whatever spelling (name or address) either run used
@@ -56,6 +58,12 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
         spool.drop(job)
         claim.release(unlink=True)
         env.ui.step(f"dropped the spooled registration {job.id} of the removed image")
+    result = _deregister(req, env, deregister)
+    exports.failed(unexported)  # after the deregistration: the image is gone either way
+    return result
+
+
+def _deregister(req: RemoveRequest, env: Env, deregister: bool) -> Removed:
     if not deregister:
         return Removed(str(req.target), Registration(RegState.NOT_REGISTERED))
     assert req.creds.url

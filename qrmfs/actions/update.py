@@ -31,7 +31,7 @@ from ..results import (
     UpdatePlan,
 )
 from ..transfer import change_kind
-from . import pipeline
+from . import exports, pipeline
 from .common import Credentials, Env, deliver, flush_spool, holder, require_registration
 from .create import CreateRequest
 from .listing import list_images
@@ -158,6 +158,7 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
         deliver(env, req.creds, job, quick=True)
     with side.lock(req.target.path, holder("rollback", name)):
         swapped = side.rollback(req.target.path, env.cfg.keep_generations)
+        exported = exports.apply(env, side, req.target, "refresh")  # new mounts get the generation now current
     env.ui.step(f"rolled back {req.target} to the generation made {_made(to.manifest)}; the replaced one is kept "
                 f"as {swapped.generation}")
     reg = Registration(RegState.NOT_REGISTERED) if not _registered(manifest) else Registration.of_manifest(manifest)
@@ -168,7 +169,9 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
         reg = Registration(RegState.REGISTERED) if why is None else Registration(RegState.PENDING, job.id)
         if why is not None:
             env.ui.warn(f"openQRM did not answer ({why}): the rollback's events wait in the spool")
-    return RolledBack(str(req.target), to.path, _made(to.manifest), swapped.generation, reg)
+    exports.failed(exported)
+    return RolledBack(str(req.target), to.path, _made(to.manifest), swapped.generation, reg,
+                      export=exports.shown(exported))
 
 
 def _made(m: dict[str, Any] | None) -> str:
