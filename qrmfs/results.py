@@ -71,6 +71,16 @@ class Registration:
         return f"{text} ({known})" if known and self.state is RegState.REGISTERED else text
 
 
+def plan_lines(registration: list[dict[str, Any]]) -> list[str]:
+    """A dry run's openQRM requests (jobs.planned), one line each."""
+    if not registration:
+        return ["  openQRM: nothing sent"]
+    return ["  openQRM (in this order):", *(
+        f"    GET {r['url']} " + (r["params"].get("image_command") or
+                                  f"event {r['params'].get('event_name')} priority {r['params'].get('event_priority')}")
+        for r in registration)]
+
+
 class Result:
     """A command's typed outcome. text() is what a person reads; failure() says when the answer is "no"."""
 
@@ -137,12 +147,7 @@ class BuildPlan(Result):
             lines.append("  " + self.note)
         lines.append("  preparation:")
         lines += [f"    {s['step']}: {s['what']}" for s in self.preparation]
-        if self.registration:
-            lines.append("  registration (openQRM):")
-            lines += [f"    GET {r['url']} {r['params'].get('image_command') or r['params'].get('event_name')}"
-                      for r in self.registration]
-        else:
-            lines.append("  registration: none (-o/--only-physical)")
+        lines += plan_lines(self.registration)
         lines.append("nothing was changed")
         return "\n".join(lines)
 
@@ -158,8 +163,7 @@ class UpdatePlan(Result):
     truncated: bool
     options: dict[str, Any]
     keep_generations: int
-    registration: list[str]
-    unsent_fields: list[str]
+    registration: list[dict[str, Any]]
     dry_run: bool = True
 
     def text(self) -> str:
@@ -171,8 +175,7 @@ class UpdatePlan(Result):
             lines.append(f"  ... ({total - len(self.changes)} more)")
         lines.append(f"  the current image would become the newest earlier generation (keep_generations = "
                      f"{self.keep_generations})")
-        lines.append("  openQRM: " + (", ".join(self.registration) if self.registration else "nothing sent")
-                     + (f"; the record keeps its {', '.join(self.unsent_fields)}" if self.unsent_fields else ""))
+        lines += plan_lines(self.registration)
         lines.append("nothing was changed")
         return "\n".join(lines)
 
@@ -186,10 +189,12 @@ class RolledBack(Result):
     registration: Registration
     dry_run: bool = False
     export: str | None = None  # the image's own NFS export, told of the exchange (None: exports = "none")
+    plan: list[dict[str, Any]] = field(default_factory=list)  # dry run: the openQRM requests it would send
 
     def text(self) -> str:
         if self.dry_run:
-            return f"would roll {self.target} back to {self.to} (made {self.made}); nothing was changed"
+            return "\n".join([f"would roll {self.target} back to {self.to} (made {self.made})",
+                              *plan_lines(self.plan), "nothing was changed"])
         return (f"rolled back {self.target} to the generation made {self.made}; the replaced image is kept as "
                 f"{self.kept_as}; openQRM: {self.registration}" + (f"; NFS export: {self.export}" if self.export
                                                                     else ""))
@@ -259,10 +264,12 @@ class RemovePlan(Result):
     remove: str
     deregister: bool
     is_image: bool
+    registration: list[dict[str, Any]] = field(default_factory=list)  # the openQRM requests it would send
     dry_run: bool = True
 
     def text(self) -> str:
-        return f"would remove {self.remove}" + (" and deregister it from openQRM" if self.deregister else "")
+        return "\n".join([f"would remove {self.remove}" + (" and deregister it from openQRM" if self.deregister
+                                                           else ""), *plan_lines(self.registration)])
 
 
 @dataclass(frozen=True)

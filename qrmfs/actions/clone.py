@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import argv as A
-from .. import openqrm
+from .. import jobs
 from ..agent import steps
 from ..agent.protocol import Options
 from ..agent.tree import PIN_DIR, pin_file
@@ -60,10 +60,11 @@ def _options(req: CloneRequest, origin: Origin) -> Options:
     return dataclasses.replace(o, image=req.name, hostname=req.hostname, fresh_identity=True)
 
 
-def _fields(req: CloneRequest, opts: Options, origin: Origin, storage_id: int | None) -> dict[str, str]:
+def _fields(req: CloneRequest, opts: Options, origin: Origin, env: Env) -> dict[str, str]:
     so = origin.manifest.get("options", {})
-    return openqrm.image_fields(name=req.name, rootdevice=req.target.path, storage_id=storage_id, shared=opts.shared,
-                                comment=f"qrmfs clone of {req.source}", arch=so.get("arch"), os_name=so.get("os"))
+    return jobs.image_fields(env.cfg.openqrm, env.storage(req.target), name=req.name, rootdevice=req.target.path,
+                             shared=opts.shared, comment=f"qrmfs clone of {req.source}", arch=so.get("arch"),
+                             os_name=so.get("os"))
 
 
 def dry_run(req: CloneRequest, env: Env) -> BuildPlan:
@@ -86,24 +87,24 @@ def dry_run(req: CloneRequest, env: Env) -> BuildPlan:
         staging=into.path, copies=copies, note=note,
         preparation=[{"step": s.name, "what": s.what} for s in steps.STEPS],
         options=dataclasses.asdict(opts) | {"node_init": None},
-        registration=[] if req.only_physical else [
-            {"url": (req.creds.url or "?") + openqrm.IMAGE_PATH,
-             "params": openqrm.new_image(_fields(req, opts, origin, storage.storage_id)).params}])
+        registration=[] if req.only_physical else jobs.planned(req.creds.url, jobs.requests(
+            "clone", req.name, str(req.target), _fields(req, opts, origin, env))))
 
 
 def clone(req: CloneRequest, env: Env) -> Built:
     origin = _origin(req, env)
+    opts = _options(req, origin)
+    fields = None
     if not req.only_physical:
         require_registration(req.creds)
+        fields = _fields(req, opts, origin, env)  # a record openQRM could not use: refused before anything is done
         flush_spool(env, req.creds, quick=True)
-    opts = _options(req, origin)
     m = origin.manifest
     with pipeline.placement(env, req.target) as place:
         spec = pipeline.BuildSpec(
             command="clone", place=place, source=origin.source(req.source.path), source_label=f"clone of {req.source}",
             options=opts, force=req.force,
-            enroll=None if req.only_physical else pipeline.Enrollment(
-                req.creds, _fields(req, opts, origin, place.storage.storage_id)),
+            enroll=None if fields is None else pipeline.Enrollment(req.creds, fields),
             manifest={"cloned_from": {"target": str(req.source), "source": m.get("source"),
                                       "created": m.get("created")},
                       "options": {**m.get("options", {}), "image": req.name, "hostname": req.hostname},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .. import model, openqrm
+from .. import jobs, model, openqrm
 from ..agent.protocol import Inspected, Locked
 from ..config import Config, Storage, _shown
 from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
@@ -185,7 +185,7 @@ class Env:
         assert creds.url
         return openqrm.Client(creds.url, creds.user, creds.password, timeout=min(o.timeout, 3) if quick else o.timeout,
                               retries=0 if quick else o.retries, backoff=o.backoff, ca_file=o.ca_file,
-                              transport=self.transport)
+                              transport=self.transport, diagnose=not quick)
 
 
 def same_image(cfg: Config, job: openqrm.Job, target: Target) -> bool:
@@ -249,13 +249,7 @@ def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
     gen = (manifest or {}).get("generation") or {}
     published = isinstance(gen, dict) and gen.get("id") == job.publish.get("generation")
     if not published:
-        name = job.image
-        ev = next((r.params["event_name"] for r in job.requests if r.kind == "event"), f"create_image_{name}")
-        verb = ev.split("_", 1)[0]
-        job.requests = [r for r in job.requests if r.kind == "event" and r.params.get("event_priority") == "9"]
-        job.requests += [openqrm.event(ev, 3, f"Failed to {verb} image {name}: qrmfs stopped before publishing "
-                                              f"{job.target}"),
-                         openqrm.event(ev, 10, f"Ended {verb} image {name}")]
+        jobs.abandon(job, f"qrmfs stopped before publishing {job.target}")
         env.ui.warn(f"spooled registration {job.id}: {job.target} was never published (the run that armed it "
                     "stopped first); not registering it, reporting the failure instead")
     job.publish = None

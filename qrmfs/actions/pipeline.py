@@ -25,7 +25,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import __version__, openqrm
+from .. import __version__, jobs, openqrm
 from .. import argv as A
 from ..agent import steps
 from ..agent.gens import CRASH_ENV, SCAN_LIMIT, generation_id, prepared_change
@@ -97,6 +97,7 @@ class BuildSpec:
     also_lock: tuple[tuple[StorageSide, str], ...] = ()
     discover_mounts: bool = False     # read the source's mount table (create from a live host)
     new_record: bool = True           # register with new_image; False (update): the record stays, events only
+    replace_record: bool = False      # a new generation whose record shows options that changed: remove + new
     parent: dict[str, Any] | None = None  # the current image's manifest, when a new generation is made
     origin: tuple[str, str] | None = None  # clone: the image copied (path, its export root); on the same server
     #                                        it is copied with cp (reflinks where they work), not rsync
@@ -173,25 +174,17 @@ def build(env: Env, spec: BuildSpec) -> Built:
         return built
 
 
-# new_image fields that follow from an image's options: a new generation leaves its openQRM record as it is
-RECORD_FIELDS = {"shared": "image_isshared", "arch": "image_capabilities", "os": "image_capabilities"}
-
-
-def record_fields_changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """openQRM fields that differ between two images' options (manifest "options"), which the record keeps."""
-    return sorted({f for k, f in RECORD_FIELDS.items() if k in new and old.get(k) != new.get(k)})
-
-
 def _as_new_generation(env: Env, spec: BuildSpec, current: dict[str, Any] | None) -> BuildSpec:
     """An image that exists (update, create --force) gets a new generation, and keeps its openQRM record when it
-    has one: the same name and root device, so only the events are sent; openQRM's update_image would need the
-    record's image_id, which qrmfs cannot learn. A field that would change is named, never sent elsewhere."""
+    has one: the same name and root device, so only the events are sent, unless an option the record shows
+    (--shared, -a, --operation-system) changed: then the record is replaced (remove_by_name, new_image), as
+    openQRM's update_image needs the record's image_id, which no answer of openQRM shows."""
     keeps = Registration.of_manifest(current).has_record
-    spec = dataclasses.replace(spec, parent=spec.parent or current, new_record=spec.new_record and not keeps)
-    if spec.enroll and keeps:
-        for f in record_fields_changed((current or {}).get("options", {}), spec.manifest.get("options", {})):
-            env.ui.warn(f"openQRM's record keeps its {f}: qrmfs cannot send update_image without the record's "
-                        "image_id")
+    changed = jobs.record_fields_changed((current or {}).get("options", {}), spec.manifest.get("options", {}))
+    spec = dataclasses.replace(spec, parent=spec.parent or current, new_record=spec.new_record and not keeps,
+                               replace_record=bool(spec.enroll and keeps and changed))
+    if spec.replace_record:
+        env.ui.step(f"openQRM's record of {spec.name} is replaced: its {', '.join(changed)} changes")
     return spec
 
 
@@ -209,12 +202,8 @@ def _open_job(spec: BuildSpec) -> openqrm.Job | None:
     if not spec.enroll:
         return None
     assert spec.enroll.creds.url
-    return openqrm.Job(spec.enroll.creds.url, spec.enroll.creds.user, spec.name, str(spec.place.target), [
-        _event(spec, 9, f"Started to {spec.command} image {spec.name} on {spec.place.target}")])
-
-
-def _event(spec: BuildSpec, priority: int, text: str) -> openqrm.Request:
-    return openqrm.event(f"{spec.command}_image_{spec.name}", priority, text)
+    return jobs.job(spec.enroll.creds.url, spec.enroll.creds.user, spec.command, spec.name, str(spec.place.target),
+                    [jobs.started(spec.command, spec.name, str(spec.place.target))])
 
 
 def _lock(env: Env, run: Run, held: ExitStack) -> None:
@@ -561,8 +550,8 @@ def _records(run: Run) -> list[openqrm.Request]:
     remove (remove_by_name would hit the record of another path's image of that name)."""
     spec = run.spec
     assert spec.enroll
-    record = [openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
-    return [*record, _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
+    fields = spec.enroll.fields if spec.new_record or spec.replace_record else None
+    return jobs.closing(spec.command, spec.name, str(spec.place.target), fields, spec.replace_record)
 
 
 def _arm(env: Env, run: Run) -> None:
@@ -590,11 +579,8 @@ def _report_failure(env: Env, run: Run, e: BaseException) -> None:
                         "reports the failure if it is not")
             return
         # armed, but surely not published: nothing of the registration may be sent
-        run.job.requests = [r for r in run.job.requests if r.kind == "event" and r.params["event_priority"] == "9"]
         run.job.publish = None
-    msg = e.message if isinstance(e, QrmfsError) else type(e).__name__
-    run.job.requests += [_event(spec, 3, f"Failed to {spec.command} image {spec.name}: {msg}"),
-                         _event(spec, 10, f"Ended {spec.command} image {spec.name}")]
+    jobs.abandon(run.job, e.message if isinstance(e, QrmfsError) else type(e).__name__)
     deliver(env, spec.enroll.creds, run.job, quick=True)
 
 
@@ -629,8 +615,9 @@ def _register(env: Env, run: Run) -> Registration:
         raise
     if why is None:
         earlier = Registration.of_manifest(spec.parent)
-        reg = (Registration(RegState.REGISTERED, time=iso_now(), via=spec.command) if spec.new_record
-               or earlier.state is not RegState.REGISTERED else earlier)  # an update: the record stays as it was
+        reg = (Registration(RegState.REGISTERED, time=iso_now(), via=spec.command)
+               if spec.new_record or spec.replace_record or earlier.state is not RegState.REGISTERED
+               else earlier)  # an update: the record stays as it was
         env.ui.step(f"registered {spec.name} with openQRM at {spec.enroll.creds.url}")
     else:
         reg = Registration(RegState.PENDING, job.id)

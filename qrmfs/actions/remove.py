@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import openqrm
+from .. import jobs
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
@@ -36,8 +36,10 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
         require_registration(req.creds)
     what = f"{req.target}" + (f" ({manifest['counts']['files']} files, {manifest['counts']['bytes'] / 2**20:.0f} MiB)"
                               if manifest and "counts" in manifest else " (NOT a qrmfs image)")
+    name, target = req.target.name, str(req.target)
+    requests = jobs.requests("remove", name, target, None, replace=True) if deregister else []
     if req.dry_run:
-        return RemovePlan(str(req.target), deregister, manifest is not None)
+        return RemovePlan(target, deregister, manifest is not None, jobs.planned(req.creds.url, requests))
     if not req.yes and not confirm(f"remove {what}" + (" and deregister it from openQRM" if deregister else "")):
         raise AbortedError("nothing removed")
     with env.locked(side, req.target.path, "remove", req.target.name):
@@ -67,11 +69,7 @@ def _deregister(req: RemoveRequest, env: Env, deregister: bool) -> Removed:
     if not deregister:
         return Removed(str(req.target), Registration(RegState.NOT_REGISTERED))
     assert req.creds.url
-    name = req.target.name
-    job = openqrm.Job(req.creds.url, req.creds.user, name, str(req.target), [
-        openqrm.event(f"remove_image_{name}", 9, f"Started to remove image {name} from {req.target}"),
-        openqrm.remove_by_name(name),
-        openqrm.event(f"remove_image_{name}", 10, f"Finished to remove image {name} from {req.target}")])
+    job = jobs.job(req.creds.url, req.creds.user, "remove", name, target, requests)
     flush_spool(env, req.creds, quick=True)
     why = deliver(env, req.creds, job)
     if why is None:

@@ -5,10 +5,11 @@ current image, then rsync --delete, then the preparation), published by the agen
 the nodes' state along. The source and options default to those in the image's manifest; what is given
 overrides them and is recorded. rollback makes the newest earlier generation current again, the same way.
 
-openQRM: the image's record stays as it is (same name, same root device). openQRM's update_image needs an
-image_id that qrmfs cannot learn (openQRM answers with a status only), and an update changes none of the
-record's fields unless options that openQRM shows are overridden; those are reported as not sent. So an
-update or rollback sends only its events (priority 9 and 10), through the spool, never a new_image.
+openQRM: the image's record stays as it is (same name, same root device), so an update or rollback of a
+registered image sends its events (priority 9 and 10) through the spool; only when an option the record shows
+changes (--shared, -a, --operation-system; or the generation rolled back to had others) is the record replaced:
+remove_by_name, then new_image, as openQRM's update_image needs the record's image_id, which no answer shows.
+The requests are built in jobs.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import openqrm
+from .. import jobs
 from ..errors import NotFoundError, RefusedError, UsageError
 from ..model import Location, Route, Target
 from ..results import (
@@ -84,16 +85,25 @@ def create_request(req: UpdateRequest, manifest: dict[str, Any]) -> CreateReques
         hostname=o.get("hostname"), shared=bool(o.get("shared")), force=True, route=route, creds=req.creds)
 
 
-def _unsent_fields(req: UpdateRequest, manifest: dict[str, Any]) -> list[str]:
-    """openQRM fields an override changes, which the record keeps (no image_id to send update_image with)."""
-    return pipeline.record_fields_changed(manifest.get("options", {}), req.overrides)
-
-
-def _events_only(req: UpdateRequest, manifest: dict[str, Any], env: Env) -> pipeline.Enrollment | None:
-    if req.only_physical or not _registered(manifest):
+def _enrollment(creds: Credentials, only_physical: bool, manifest: dict[str, Any], target: Target,
+                made: dict[str, Any], env: Env) -> pipeline.Enrollment | None:
+    """A registered image's record as the image `made` (its options and source) has it; sent only if what the
+    record shows differs from the current image's (_changes)."""
+    if only_physical or not _registered(manifest):
         return None
-    require_registration(req.creds)
-    return pipeline.Enrollment(req.creds, {})
+    o = made.get("options", {})
+    return pipeline.Enrollment(creds, jobs.image_fields(
+        env.cfg.openqrm, env.storage(target), name=target.name, rootdevice=target.path, shared=bool(o.get("shared")),
+        comment=f"qrmfs image from {made.get('source')}", arch=o.get("arch"), os_name=o.get("os")))
+
+
+def _changes(manifest: dict[str, Any], made: dict[str, Any]) -> bool:
+    return bool(jobs.record_fields_changed(manifest.get("options", {}), made.get("options", {})))
+
+
+def _made(creq: CreateRequest) -> dict[str, Any]:
+    """The manifest keys of the image an update makes that its record follows."""
+    return {"options": creq.options_record(), "source": str(creq.location)}
 
 
 def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
@@ -102,8 +112,9 @@ def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
     creq = create_request(req, manifest)
     if req.dry_run:
         return _dry_run(req, env, manifest, creq)
-    enroll = _events_only(req, manifest, env)
+    enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, _made(creq), env)
     if enroll:
+        require_registration(req.creds)
         flush_spool(env, req.creds, quick=True)
     with pipeline.placement(env, req.target, creq.route) as place:
         spec = pipeline.BuildSpec(
@@ -118,14 +129,15 @@ def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
 def _dry_run(req: UpdateRequest, env: Env, manifest: dict[str, Any], creq: CreateRequest) -> UpdatePlan:
     """What the update would change: rsync's itemized dry run from the source into the current image, with the
     update's excludes; the paths the preparation changes on purpose are left out. Nothing is written."""
+    enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, _made(creq), env)
     changes = changes_from_source(env, env.storage(req.target), req.target, creq.location, creq.excludes, manifest)
     counts = Counter(change_kind(c["change"]) for c in changes)
     return UpdatePlan(image=req.target.name, target=str(req.target), source=str(creq.location),
                       counts=dict(sorted(counts.items())), changes=changes[:200], truncated=len(changes) > 200,
                       options=creq.options_record(), keep_generations=env.cfg.keep_generations,
-                      registration=[] if not _registered(manifest) or req.only_physical else
-                      [f"event update_image_{req.target.name} (9, 10)"],
-                      unsent_fields=_unsent_fields(req, manifest))
+                      registration=[] if enroll is None else jobs.planned(req.creds.url, jobs.requests(
+                          "update", req.target.name, str(req.target), enroll.fields,
+                          _changes(manifest, _made(creq)))))
 
 
 @dataclass(frozen=True)
@@ -144,37 +156,41 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     if not gens:
         raise NotFoundError(f"{req.target} has no earlier generation to roll back to")
     to = gens[0]
+    name, target = req.target.name, str(req.target)
+    # the record as the generation rolled back to has it: replaced if what it shows differs
+    back = to.manifest or {}
+    enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, back, env)
+    closing = [] if enroll is None else jobs.closing("rollback", name, target, enroll.fields,
+                                                     _changes(manifest, back))
     if req.dry_run:
-        return RolledBack(str(req.target), to.path, _made(to.manifest), None, Registration(RegState.NOT_REGISTERED),
-                          dry_run=True)
-    enroll = _events_only(UpdateRequest(req.target, only_physical=req.only_physical, creds=req.creds), manifest, env)
-    name = req.target.name
+        plan = [] if enroll is None else [jobs.started("rollback", name, target), *closing]
+        return RolledBack(target, to.path, _when(to.manifest), None, Registration.of_manifest(manifest),
+                          dry_run=True, plan=jobs.planned(req.creds.url, plan))
     job = None
     if enroll:
         assert req.creds.url
+        require_registration(req.creds)
         flush_spool(env, req.creds, quick=True)
-        job = openqrm.Job(req.creds.url, req.creds.user, name, str(req.target), [
-            openqrm.event(f"rollback_image_{name}", 9, f"Started to roll back image {name} on {req.target}")])
+        job = jobs.job(req.creds.url, req.creds.user, "rollback", name, target,
+                       [jobs.started("rollback", name, target)])
         deliver(env, req.creds, job, quick=True)
     with side.lock(req.target.path, holder("rollback", name)):
         swapped = side.rollback(req.target.path, env.cfg.keep_generations)
         exported = exports.apply(env, side, req.target, "refresh")  # new mounts get the generation now current
-    env.ui.step(f"rolled back {req.target} to the generation made {_made(to.manifest)}; the replaced one is kept "
+    env.ui.step(f"rolled back {req.target} to the generation made {_when(to.manifest)}; the replaced one is kept "
                 f"as {swapped.generation}")
     reg = Registration(RegState.NOT_REGISTERED) if not _registered(manifest) else Registration.of_manifest(manifest)
     if job is not None:
-        job.requests.append(openqrm.event(f"rollback_image_{name}", 10,
-                                          f"Finished to roll back image {name} on {req.target}"))
+        job.requests += closing
         why = deliver(env, req.creds, job)
         reg = Registration(RegState.REGISTERED) if why is None else Registration(RegState.PENDING, job.id)
         if why is not None:
-            env.ui.warn(f"openQRM did not answer ({why}): the rollback's events wait in the spool")
+            env.ui.warn(f"openQRM did not answer ({why}): the rollback's requests wait in the spool")
     exports.failed(exported)
-    return RolledBack(str(req.target), to.path, _made(to.manifest), swapped.generation, reg,
-                      export=exports.shown(exported))
+    return RolledBack(target, to.path, _when(to.manifest), swapped.generation, reg, export=exports.shown(exported))
 
 
-def _made(m: dict[str, Any] | None) -> str:
+def _when(m: dict[str, Any] | None) -> str:
     return str((m or {}).get("finished") or (m or {}).get("created") or "?")
 
 
@@ -188,7 +204,7 @@ def generations(env: Env, target: Target) -> Generations:
         m = g.manifest or {}
         gen = m.get("generation") or {}
         rows.append(GenerationRow(
-            path=g.path, role=g.role, seq=g.seq, made=_made(m), made_by=gen.get("made_by") or m.get("created_by"),
+            path=g.path, role=g.role, seq=g.seq, made=_when(m), made_by=gen.get("made_by") or m.get("created_by"),
             source=m.get("source"), changes=gen.get("changes"), base_copy=(gen.get("base_copy") or {}).get("method"),
             files=(m.get("counts") or {}).get("files"), bytes=(m.get("counts") or {}).get("bytes"), cost=g.cost,
             id=gen.get("id")))

@@ -20,11 +20,13 @@ def run_on(info: dict[str, Any], role: str, script: str, check: bool = True,
     return r
 
 
-def write_config(lab: dict[str, Any], directory: Any, *, retries: int = 1, timeout: float = 3.0) -> str:
-    """A qrmfs config for the lab with its own spool dir and quick openQRM retries (tests stay fast)."""
+def write_config(lab: dict[str, Any], directory: Any, *, retries: int = 1, timeout: float = 3.0,
+                 server: str = "openqrm") -> str:
+    """A qrmfs config for the lab with its own spool dir and quick openQRM retries (tests stay fast);
+    `server`: "openqrm" (the real openQRM 5.3.60) or "openqrm_mock" (the mock, for injected faults)."""
     path = directory / "qrmfs.toml"
     path.write_text(_lab.config_toml(lab, spool_dir=str(directory / "spool"), timeout=timeout, retries=retries,
-                                     backoff=0.05))
+                                     backoff=0.05, server=server))
     return str(path)
 
 

@@ -173,11 +173,12 @@ def test_wrong_password_fails_the_openqrm_check(lab, cfg, mock, tmp_path):
     assert r.returncode == 15, r.stdout + r.stderr
     c = checks(r)["openqrm"]
     assert c["status"] == "fail"
-    assert c["message"] == f"openQRM at {lab['openqrm']['url']} refused the credentials of user 'openqrm' (401)"
+    assert c["message"] == f"openQRM at {lab['openqrm_mock']['url']} refused the credentials of user 'openqrm' (401)"
     assert "not-the-password" not in r.stdout + r.stderr
     # a user who logs in but is no administrator cannot register images either
-    pw.write_text("viewer\n")
-    r = qrmfs("check", "-t", "storage", "-u", "viewer", "--password-file", str(pw), "--json", config=cfg)
+    viewer = lab["openqrm"]["viewer"]
+    r = qrmfs("check", "-t", "storage", "-u", viewer["user"], "--password-file", viewer["password_file"], "--json",
+              config=cfg)
     assert r.returncode == 15
     assert "is not an administrator (403)" in checks(r)["openqrm"]["message"]
     assert mock.get("/_mock/state").json()["images"] == []

@@ -145,7 +145,7 @@ def test_dry_run_changes_nothing(lab, mock, cfg, image_path):
 def test_rejected_input_touches_nothing(lab, mock, tmp_path, args, code, words):
     from .helpers import write_config
 
-    cfg = write_config(lab, tmp_path)
+    cfg = write_config(lab, tmp_path, server="openqrm_mock")
     # without a password anywhere: the config's password_file is dropped for the credentials case
     text = open(cfg).read().replace(f'password_file = "{lab["openqrm"]["password_file"]}"\n', "")
     open(cfg, "w").write(text + '\n[hosts.deadhost]\naddress = "127.0.0.1"\nssh_port = 1\n')

@@ -68,7 +68,7 @@ def test_killed_while_new_image_is_in_flight_then_flush_leaves_one_record(lab, m
     # the server side of the same fault: it did apply the request after all (as a real server may)
     mock.delete("/_mock/fault").raise_for_status()
     params = next(r["params"] for r in job["requests"] if r["params"].get("image_command") == "new_image")
-    httpx.get(lab["openqrm"]["url"] + "/base/server/image/image-action.php", params=params, timeout=10,
+    httpx.get(lab["openqrm_mock"]["url"] + "/base/server/image/image-action.php", params=params, timeout=10,
               auth=("openqrm", lab["openqrm"]["password"])).raise_for_status()
     assert [i["image_name"] for i in _state(mock)["images"]] == [_name(image_path)]
     r = qrmfs("flush", "--json", config=cfg)
@@ -106,7 +106,7 @@ def test_remove_by_address_drops_what_was_spooled_under_the_config_name(lab, moc
     ("timeout = 0", "config: openqrm.timeout must be a number > 0, not 0"),
 ])
 def test_bad_openqrm_settings_exit_3_before_anything(lab, mock, image_path, tmp_path, setting, message):
-    path = write_config(lab, tmp_path)
+    path = write_config(lab, tmp_path, server="openqrm_mock")
     text = open(path).read()
     key = setting.split()[0]
     lines = [ln for ln in text.splitlines() if not ln.startswith(f"{key} =")]

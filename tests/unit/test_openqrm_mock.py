@@ -1,4 +1,4 @@
-"""Tests for the lab's mock openQRM server (lab/images/openqrm/mock.py), run as a subprocess."""
+"""Tests for the lab's mock openQRM server (lab/images/openqrm-mock/mock.py), run as a subprocess."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-MOCK = Path(__file__).resolve().parents[2] / "lab" / "images" / "openqrm" / "mock.py"
+MOCK = Path(__file__).resolve().parents[2] / "lab" / "images" / "openqrm-mock" / "mock.py"
 EVENT = "/openqrm/action/resource-monitor.php"
 IMAGE = "/openqrm/base/server/image/image-action.php"
 ADMIN = ("openqrm", "openqrm")
