@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import jobs
+from .. import jobs, openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
@@ -60,16 +60,17 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
         spool.drop(job)
         claim.release(unlink=True)
         env.ui.step(f"dropped the spooled registration {job.id} of the removed image")
-    result = _deregister(req, env, deregister)
+    result = _deregister(req, env, requests if deregister else None)
     exports.failed(unexported)  # after the deregistration: the image is gone either way
     return result
 
 
-def _deregister(req: RemoveRequest, env: Env, deregister: bool) -> Removed:
-    if not deregister:
+def _deregister(req: RemoveRequest, env: Env, requests: list[openqrm.Request] | None) -> Removed:
+    """openQRM's part of a removal: `requests` (None: the image is not deregistered)."""
+    if requests is None:
         return Removed(str(req.target), Registration(RegState.NOT_REGISTERED))
     assert req.creds.url
-    job = jobs.job(req.creds.url, req.creds.user, "remove", name, target, requests)
+    job = jobs.job(req.creds.url, req.creds.user, "remove", req.target.name, str(req.target), requests)
     flush_spool(env, req.creds, quick=True)
     why = deliver(env, req.creds, job)
     if why is None:
