@@ -449,7 +449,8 @@ def config_toml(info: dict[str, Any], *, spool_dir: str | None = None, timeout: 
     if spool_dir is not None:
         head += f"spool_dir = {json.dumps(spool_dir)}\n"
     oq = [f"url = {json.dumps(info[server]['url'])}", f"user = {json.dumps(info[server]['user'])}",
-          f"password_file = {json.dumps(info[server]['password_file'])}"]
+          f"password_file = {json.dumps(info[server]['password_file'])}",
+          f"deployment_id = {info['openqrm']['nfs_deployment_id']}"]  # the real server's: records need it
     oq += [f"{k} = {v}" for k, v in (("timeout", timeout), ("retries", retries), ("backoff", backoff))
            if v is not None]
     out = head + "\n[openqrm]\n" + "".join(f"{ln}\n" for ln in oq)

@@ -22,6 +22,12 @@ from .config import OpenQrm, Storage
 from .errors import ConfigError, UsageError
 
 STARTED, FINISHED, FAILED = 9, 10, 3
+# What openQRM 5.3's answers show (docs/openqrm.md): image-action.php's newline means it ran the command for an
+# administrator; nothing it answers shows the record, nor whether an insert or delete took effect, nor an event.
+SEEN = {"new_image": "openQRM ran new_image for an administrator; it shows no record, so the record is not seen",
+        "remove_by_name": "openQRM ran remove_by_name for an administrator; it shows no record, so its removal is "
+                          "not seen",
+        "event": "events: sent, openQRM's answer to an event shows nothing"}
 RECORD_TEXT_MAX = 255      # image_info.image_rootdevice, image_comment, image_capabilities: VARCHAR(255)
 
 EVENT_NAME_MAX = 50        # event_info.event_name VARCHAR(50)
@@ -161,6 +167,13 @@ def _command_of(job_: openqrm.Job) -> str:
                 if r.params["event_name"].startswith(f"{c}_image_"):
                     return c
     return "create"
+
+
+def seen(reqs: Iterable[openqrm.Request]) -> str:
+    """What the answers to these (delivered) requests showed, for the manifest and the output."""
+    cmds = [r.params.get("image_command") for r in reqs if r.kind == "image"]
+    last = cmds[-1] if cmds else "event"
+    return SEEN.get(last or "event", SEEN["event"])
 
 
 def planned(url: str | None, reqs: Iterable[openqrm.Request]) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ class Registration:
     error: str | None = None
     time: str | None = None          # when openQRM accepted it (UTC, ISO 8601), as recorded at that moment
     via: str | None = None           # how: "create", "clone", "flush of spool job ID", ...
+    seen: str | None = None          # what openQRM's answers showed of it, and what they cannot show (jobs.SEEN)
 
     def record(self) -> dict[str, Any]:
         """As kept in the manifest."""
@@ -56,7 +57,7 @@ class Registration:
     def of_manifest(cls, manifest: dict[str, Any] | None) -> Registration:
         reg = (manifest or {}).get("registration") or {}
         return cls(RegState.parse(reg.get("state")), reg.get("spool_job"), reg.get("error"), reg.get("time"),
-                   reg.get("via"))
+                   reg.get("via"), reg.get("seen"))
 
     @property
     def has_record(self) -> bool:
@@ -67,8 +68,8 @@ class Registration:
         text = self.state.value.replace("_", " ")
         if self.spool_job and self.state is RegState.PENDING:
             return f"{text} (spool job {self.spool_job})"
-        known = " by ".join(x for x in (self.time, self.via) if x)
-        return f"{text} ({known})" if known and self.state is RegState.REGISTERED else text
+        known = "; ".join(x for x in (" by ".join(x for x in (self.time, self.via) if x), self.seen) if x)
+        return f"{text} ({known})" if known and self.state in (RegState.REGISTERED, RegState.DEREGISTERED) else text
 
 
 def plan_lines(registration: list[dict[str, Any]]) -> list[str]:

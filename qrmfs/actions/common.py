@@ -274,7 +274,8 @@ def record_delivery(env: Env, job: openqrm.Job, when: str) -> None:
             if manifest is None or Registration.of_manifest(manifest).spool_job != job.id:
                 env.ui.debug(f"{job.target}'s manifest does not wait for spool job {job.id}: left as it is")
                 return
-            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}")
+            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}",
+                               seen=jobs.SEEN["new_image"])
             side.manifest_update(target.path, {"registration": reg.record()})
         env.ui.step(f"recorded the registration in the manifest of {job.target}")
     except QrmfsError as e:

@@ -606,6 +606,7 @@ def _register(env: Env, run: Run) -> Registration:
         job.requests += _records(run)
     job.publish = None  # published: from now on it may be sent
     crash_point("register")
+    saw = jobs.seen(job.requests)
     try:
         why = deliver(env, spec.enroll.creds, job)
     except QrmfsError as e:
@@ -615,10 +616,11 @@ def _register(env: Env, run: Run) -> Registration:
         raise
     if why is None:
         earlier = Registration.of_manifest(spec.parent)
-        reg = (Registration(RegState.REGISTERED, time=iso_now(), via=spec.command)
+        reg = (Registration(RegState.REGISTERED, time=iso_now(), via=spec.command, seen=saw)
                if spec.new_record or spec.replace_record or earlier.state is not RegState.REGISTERED
                else earlier)  # an update: the record stays as it was
-        env.ui.step(f"registered {spec.name} with openQRM at {spec.enroll.creds.url}")
+        env.ui.step(f"sent {spec.name}'s {'registration' if spec.new_record or spec.replace_record else 'events'} to "
+                    f"openQRM at {spec.enroll.creds.url}: {saw}")
     else:
         reg = Registration(RegState.PENDING, job.id)
         env.ui.warn(f"openQRM did not answer ({why}): the image is created and its registration waits in the "

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import jobs
+from .. import jobs, openqrm
 from ..errors import NotFoundError, RefusedError, UsageError
 from ..model import Location, Route, Target
 from ..results import (
@@ -33,7 +33,7 @@ from ..results import (
 )
 from ..transfer import change_kind
 from . import exports, pipeline
-from .common import Credentials, Env, deliver, flush_spool, holder, require_registration
+from .common import Credentials, Env, deliver, flush_spool, holder, iso_now, require_registration
 from .create import CreateRequest
 from .listing import list_images
 from .validate import changes_from_source
@@ -182,8 +182,12 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     reg = Registration(RegState.NOT_REGISTERED) if not _registered(manifest) else Registration.of_manifest(manifest)
     if job is not None:
         job.requests += closing
+        saw = jobs.seen(closing)
         why = deliver(env, req.creds, job)
-        reg = Registration(RegState.REGISTERED) if why is None else Registration(RegState.PENDING, job.id)
+        if why is not None:
+            reg = Registration(RegState.PENDING, job.id)
+        elif any(openqrm.is_new_image(r) for r in closing):
+            reg = Registration(RegState.REGISTERED, time=iso_now(), via="rollback", seen=saw)
         if why is not None:
             env.ui.warn(f"openQRM did not answer ({why}): the rollback's requests wait in the spool")
     exports.failed(exported)
