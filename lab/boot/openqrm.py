@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,23 +294,146 @@ def lab_subnet(info: dict[str, Any]) -> str:
     raise LabError(f"the lab network {info['network']} has no IPv4 subnet")
 
 
+# --- the server's side: what openQRM's install and an administrator do ------------------------------------
+
+SERVER_BASE = "/usr/share/openqrm"            # OPENQRM_SERVER_BASE_DIR/openqrm (lab/images/openqrm/install.sh)
+BOOT_SERVICE = f"{SERVER_BASE}/web/boot-service"   # served as /openqrm/boot-service/
+TFTPBOOT = f"{SERVER_BASE}/tftpboot/boot"     # where openqrm_server_create_kernel puts a kernel's files
+
+
+def _tar(files: list[tuple[str, bytes, int]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data, mode in files:
+            _add_file(tar, name, data, mode)
+    return buf.getvalue()
+
+
+def _exec(container: Any, argv: list[str]) -> str:
+    code, out = container.exec_run(argv)
+    text = (out or b"").decode(errors="replace")
+    if code != 0:
+        raise LabError(f"openQRM server: {' '.join(argv)} failed (exit {code}): {text.strip()[-300:]}")
+    return text
+
+
+def install_kernel(container: Any, kit: Kit) -> int:
+    """What `openqrm kernel add` leaves on the server (openqrm_server_create_kernel: vmlinuz-NAME,
+    System.map-NAME and modules-NAME.tgz in tftpboot/boot, which linuxrc fetches as /openqrm/boot-service/boot/)
+    and its kernel record (kernel.class.php add: id, name, version). Returns the kernel id."""
+    from .. import openqrm as oq
+
+    files = [(p.name, p.read_bytes(), 0o444) for p in sorted((kit.boot_files / "boot").iterdir())]
+    _exec(container, ["mkdir", "-p", TFTPBOOT])
+    if not container.put_archive(TFTPBOOT, _tar(files)):
+        raise LabError(f"openQRM server: cannot write the kernel files into {TFTPBOOT}")
+    _exec(container, ["ln", "-sfn", "../../tftpboot/boot", f"{BOOT_SERVICE}/boot"])
+    rows = oq.sql(container, f"SELECT kernel_id FROM kernel_info WHERE kernel_name={oq.quote(KERNEL_NAME)}")
+    if rows:
+        kid = int(str(rows[0]["kernel_id"]))
+        oq.sql(container, f"UPDATE kernel_info SET kernel_version={oq.quote(kit.kernel_version)} WHERE kernel_id={kid}")
+        return kid
+    kid = oq.new_id()
+    oq.sql(container, "INSERT INTO kernel_info (kernel_id, kernel_name, kernel_version, kernel_capabilities, "
+                      f"kernel_comment) VALUES ({kid}, {oq.quote(KERNEL_NAME)}, {oq.quote(kit.kernel_version)}, '', "
+                      f"{oq.quote('qrmfs lab kernel')})")
+    return kid
+
+
+def install_client(container: Any, bundle: bytes) -> None:
+    """openqrm-client.tgz where openqrm_server_create_client puts it (the boot-service directory)."""
+    if not container.put_archive(BOOT_SERVICE, _tar([("openqrm-client.tgz", bundle, 0o644)])):
+        raise LabError(f"openQRM server: cannot write openqrm-client.tgz into {BOOT_SERVICE}")
+
+
+def resource_url(server: str, mac: str, ip: str, netmask: str) -> str:
+    """The node's first contact (linuxrc's get_parameter with id=-1: an unknown MAC becomes a resource), with
+    the resource_basedir its idle openqrm-client would report afterwards (resource-monitor.php stores every
+    resource_* parameter it gets)."""
+    from urllib.parse import urlencode
+
+    q = urlencode({"resource_command": "get_parameter", "resource_id": "-1", "resource_mac": mac.upper(),
+                   "resource_ip": ip, "resource_subnet": netmask, "resource_basedir": RESOURCE_BASEDIR})
+    return f"http://{server}:{HTTP_PORT}/openqrm/action/resource-monitor.php?{q}"
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """get_parameter's answer (`key="value"` lines, as linuxrc sources it) as a dict."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.isidentifier():
+            out[key] = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+    return out
+
+
+def register_node(server: str, mac: str, net: GuestNet) -> dict[str, str]:
+    """The node as openQRM knows it after its first (idle) boot: its resource record. Returns its parameters."""
+    import urllib.request
+
+    with urllib.request.urlopen(resource_url(server, mac, net.ip, net.netmask), timeout=30) as r:
+        params = parse_parameters(r.read().decode(errors="replace"))
+    if not params.get("resource_id") or params.get("resource_mac", "").upper() != mac.upper():
+        raise LabError(f"openQRM did not register the node {mac} (get_parameter gave {params})")
+    return params
+
+
+def assign(container: Any, resource_id: int, image_name: str, kernel_id: int) -> dict[str, int]:
+    """What an administrator does in the UI to boot the node from the image: an appliance of node, image and
+    kernel (appliance.class.php add), started (start(), storage authentication aside: the image active, the
+    resource in transition and assigned kernel and image, the appliance active with stoptime 0)."""
+    from .. import openqrm as oq
+
+    images = oq.sql(container, f"SELECT image_id, image_name, image_type FROM image_info "
+                               f"WHERE image_name={oq.quote(image_name)}")
+    if len(images) != 1:
+        raise LabError(f"openQRM has {len(images)} image records named {image_name!r}, not one (is it registered?)")
+    image_id = int(str(images[0]["image_id"]))
+    now = int(time.time())
+    name = f"lab-node-{resource_id}"[-50:]
+    have = oq.sql(container, f"SELECT appliance_id FROM appliance_info WHERE appliance_resources={resource_id}")
+    if have:
+        app_id = int(str(have[0]["appliance_id"]))
+        oq.sql(container, f"UPDATE appliance_info SET appliance_kernelid={kernel_id}, appliance_imageid={image_id} "
+                          f"WHERE appliance_id={app_id}")
+    else:
+        app_id = oq.new_id()
+        oq.sql(container, "INSERT INTO appliance_info (appliance_id, appliance_name, appliance_kernelid, "
+                          "appliance_imageid, appliance_resources, appliance_virtualization, appliance_stoptime, "
+                          f"appliance_state, appliance_comment) VALUES ({app_id}, {oq.quote(name)}, {kernel_id}, "
+                          f"{image_id}, {resource_id}, '1', {now}, 'stopped', {oq.quote('qrmfs lab node')})")
+    oq.sql(container, f"UPDATE image_info SET image_isactive=1 WHERE image_id={image_id}")
+    oq.sql(container, "UPDATE resource_info SET resource_state='transition', resource_event='reboot', "
+                      f"resource_kernelid={kernel_id}, resource_kernel={oq.quote(KERNEL_NAME)}, "
+                      f"resource_imageid={image_id}, resource_image={oq.quote(image_name)} "
+                      f"WHERE resource_id={resource_id}")
+    oq.sql(container, f"UPDATE appliance_info SET appliance_stoptime=0, appliance_starttime={now}, "
+                      f"appliance_state='active' WHERE appliance_id={app_id}")
+    return {"appliance_id": app_id, "image_id": image_id, "kernel_id": kernel_id, "resource_id": resource_id}
+
+
 @dataclass(frozen=True)
-class NodeBoot:
-    """What one openQRM boot of a node needs, all known before QEMU starts."""
+class Node:
+    """One node made ready to boot the openQRM way: its initrd, command line and network, and its records."""
 
-    argv: list[str]
-    net: GuestNet
-    mac: str
-    client_tgz: bytes
+    initrd: bytes          # the kit's initrd (the per-boot cpio is appended to it)
+    cmdline: str
+    netdev: str
+    records: dict[str, int]  # appliance_id, image_id, kernel_id, resource_id
 
 
-def node_boot(info: dict[str, Any], prep: Prepared, kit: Kit, initrd: Path, *, mac: str, script: str | None,
-              memory: int = 1024, smp: int = 2) -> NodeBoot:
-    from .qemu import qemu_argv
+def ready_node(info: dict[str, Any], prep: Prepared, *, image_name: str, mac: str, script: str | None) -> Node:
+    """Everything before QEMU starts: the kit, the kernel and the client bundle on the lab's real openQRM
+    server, the node's resource, and the appliance that assigns it the image and the kernel."""
+    import docker
 
+    kit = prepare_kit(prep)
     hosts = info["hosts"]
     server, storage = hosts["openqrm"]["address"], hosts["storage"]["address"]
+    container = docker.from_env().containers.get(hosts["openqrm"]["container_id"])
     net = guest_net(lab_subnet(info))
-    argv = qemu_argv(str(prep.vmlinuz), str(initrd), kernel_cmdline(server, net, mac), storage, mac=mac,
-                     memory=memory, smp=smp, netdev=netdev(net, server, storage))
-    return NodeBoot(argv, net, mac, client_bundle(openqrm_src(), script))
+    kernel_id = install_kernel(container, kit)
+    install_client(container, client_bundle(openqrm_src(), script))
+    params = register_node(server, mac, net)
+    records = assign(container, int(params["resource_id"]), image_name, kernel_id)
+    return Node(kit.initrd.read_bytes(), kernel_cmdline(server, net, mac), netdev(net, server, storage), records)
