@@ -149,7 +149,9 @@ def busybox_applets(listing: str) -> list[str]:
         name = rel.rsplit("/", 1)[-1]
         if not rel or name in ("busybox", "bash") or ".." in rel.split("/"):
             continue
-        out += [p for p in (rel, f"bin/{name}") if p not in out]
+        for path in (rel, f"bin/{name}"):
+            if path not in out:
+                out.append(path)
     return out
 
 
@@ -185,48 +187,57 @@ def build_kit(prep: Prepared, src: Path, dest: Path) -> None:
         _run(["dpkg-deb", "-x", str(kdir / "kernel.deb"), str(root)], "dpkg-deb -x")
         mods = _modules_root(root, kver)
         _run(["depmod", "-b", str(mods.parents[2]), kver], "depmod -b")
-        dep = (mods / "modules.dep").read_text()
-        builtin = (mods / "modules.builtin").read_text() if (mods / "modules.builtin").exists() else ""
-
-        # The initrd, laid out as openqrm_server_create_kernel lays it out.
-        s = t / "initrd"
-        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "etc", "proc", "sys", "tmp", "mnt", "boot",
-                  "var/log", "run/udev", f"lib/modules/{kver}"):
-            (s / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(BUSYBOX, s / "bin" / "busybox")
-        listing = _run([str(BUSYBOX), "--list-full"], "busybox --list-full")
-        for rel in busybox_applets(listing):
-            link = s / rel
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists() and not link.is_symlink():
-                link.symlink_to("/bin/busybox")
-        shutil.copy2(BASH_STATIC, s / "bin" / "bash")
-        shutil.copyfile(src / LINUXRC, s / "init")
-        (s / "init").chmod(0o755)
-        shutil.copyfile(src / DEVICES, s / "etc" / "initrd-devices.conf")
-        for rel in module_load_order(dep, list(INITRD_MODULES), builtin):
-            name, data = _module_bytes(mods, rel)
-            (s / "lib" / "modules" / kver / name.rsplit("/", 1)[-1]).write_bytes(data)
         out = t / "out"
         (out / "boot").mkdir(parents=True)
-        _cpio(s, out / "initrd.cpio.gz")
-
+        _initrd(t / "initrd", src, mods, kver, out / "initrd.cpio.gz")
         # The kernel record's files, named as openQRM names them.
         shutil.copyfile(kdir / "vmlinuz", out / "boot" / f"vmlinuz-{KERNEL_NAME}")
         shutil.copyfile(root / "boot" / f"System.map-{kver}", out / "boot" / f"System.map-{KERNEL_NAME}")
-        with tarfile.open(out / "boot" / f"modules-{KERNEL_NAME}.tgz", "w:gz", compresslevel=6) as tar:
-            base = f"lib/modules/{kver}"
-            for rel in module_load_order(dep, list(MODULES), builtin):
-                name, data = _module_bytes(mods, rel)
-                _add_file(tar, f"{base}/{name}", data, 0o644)
-            for meta in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
-                if (mods / meta).is_file():
-                    _add_file(tar, f"{base}/{meta}", (mods / meta).read_bytes(), 0o644)
+        _modules_tgz(mods, kver, out / "boot" / f"modules-{KERNEL_NAME}.tgz")
         shutil.copyfile(src / ROOT_MOUNT, out / f"root-mount.{DEPLOYMENT}")
         (out / f"root-mount.{DEPLOYMENT}").chmod(0o755)
         if dest.exists():
             shutil.rmtree(dest)
         out.rename(dest)
+
+
+def _load_order(mods: Path, wanted: tuple[str, ...]) -> list[str]:
+    builtin = (mods / "modules.builtin").read_text() if (mods / "modules.builtin").exists() else ""
+    return module_load_order((mods / "modules.dep").read_text(), list(wanted), builtin)
+
+
+def _initrd(s: Path, src: Path, mods: Path, kver: str, dest: Path) -> None:
+    """The initrd, laid out as openqrm_server_create_kernel lays it out: the template (here the stand-in), the
+    NIC modules flat in lib/modules/VERSION, openqrm-linuxrc as /init."""
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "etc", "proc", "sys", "tmp", "mnt", "boot",
+              "var/log", "run/udev", f"lib/modules/{kver}"):
+        (s / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, s / "bin" / "busybox")
+    for rel in busybox_applets(_run([str(BUSYBOX), "--list-full"], "busybox --list-full")):
+        link = s / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to("/bin/busybox")
+    shutil.copy2(BASH_STATIC, s / "bin" / "bash")
+    shutil.copyfile(src / LINUXRC, s / "init")
+    (s / "init").chmod(0o755)
+    shutil.copyfile(src / DEVICES, s / "etc" / "initrd-devices.conf")
+    for rel in _load_order(mods, INITRD_MODULES):
+        name, data = _module_bytes(mods, rel)
+        (s / "lib" / "modules" / kver / name.rsplit("/", 1)[-1]).write_bytes(data)
+    _cpio(s, dest)
+
+
+def _modules_tgz(mods: Path, kver: str, dest: Path) -> None:
+    """modules-NAME.tgz: lib/modules/VERSION/... (MODULES and their dependencies, uncompressed)."""
+    base = f"lib/modules/{kver}"
+    with tarfile.open(dest, "w:gz", compresslevel=6) as tar:
+        for rel in _load_order(mods, MODULES):
+            name, data = _module_bytes(mods, rel)
+            _add_file(tar, f"{base}/{name}", data, 0o644)
+        for meta in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+            if (mods / meta).is_file():
+                _add_file(tar, f"{base}/{meta}", (mods / meta).read_bytes(), 0o644)
 
 
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
