@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from . import protocol as P
-from .gens import generation_id
+from .manifest import generation_id
 from .protocol import AgentError, ErrorKind
 from .tree import op_manifest_update, read_manifest
 
@@ -49,6 +49,8 @@ _CLIENT_RE = re.compile(r"[A-Za-z0-9_.:/*?@\[\]-]{1,255}")
 _DBUS = ("dbus-send", "--system", "--print-reply", "--dest=org.ganesha.nfsd", "/org/ganesha/nfsd/ExportMgr")
 _IFACE = "org.ganesha.nfsd.exportmgr."
 _TIMEOUT = 60
+# What lists the exports a server serves: how qrmfs sees an export done (and `qrmfs check` sees the server answer).
+LISTERS = {"kernel": ("exportfs", "-v"), "ganesha": (*_DBUS, _IFACE + "ShowExports")}
 
 
 def op_export(path: str, export_root: str, action: str, kind: str, clients: str, table: str) -> P.Exported:
@@ -90,9 +92,7 @@ def _state(path: str, kind: str, exported: bool) -> str:
     m = read_manifest(path)
     if m is None:
         return "exported"
-    seen = m.get("export")
-    fresh = isinstance(seen, dict) and seen.get("kind") == kind and seen.get("generation") == generation_id(m)
-    return "exported" if fresh else "stale"
+    return "exported" if m.exported_for == (kind, m.generation_id) else "stale"
 
 
 def client_spec_ok(clients: str) -> bool:
@@ -214,7 +214,7 @@ class Kernel:
 
     def listed(self) -> dict[str, int | None]:
         """The paths `exportfs -v` shows: a path starts a line; its clients follow on it or on the next line."""
-        out = _run(["exportfs", "-v"])
+        out = _run(list(LISTERS["kernel"]))
         return {p: None for p in (line_path(ln) for ln in out.splitlines()) if p is not None}
 
 
@@ -324,5 +324,5 @@ class Ganesha:
 
     def listed(self) -> dict[str, int | None]:
         """path -> Export_Id, as ganesha's ShowExports answers."""
-        out = _run([*_DBUS, _IFACE + "ShowExports"])
+        out = _run(list(LISTERS["ganesha"]))
         return {p: int(i) for i, p in _SHOWN_RE.findall(out)}

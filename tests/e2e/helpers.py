@@ -72,3 +72,11 @@ def until(what: str, check: Any, timeout: float = 60.0) -> Any:
             return got
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.2)
+
+
+def mock_state(mock: Any) -> dict[str, Any]:
+    """The openQRM mock's tables and requests (GET /_mock/state), image_info without openQRM's own records
+    (openqrm, idle), which every install has."""
+    st: dict[str, Any] = mock.get("/_mock/state").json()
+    st["images"] = [i for i in st["images"] if i["image_id"] not in ("0", "1")]
+    return st

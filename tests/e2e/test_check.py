@@ -19,7 +19,7 @@ import pytest
 from lab import lab as _lab
 from qrmfs import openqrm
 
-from .helpers import qrmfs, run_on, write_config
+from .helpers import mock_state, qrmfs, run_on, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,7 @@ def test_all_checks_pass_on_the_lab(lab, cfg, mock):
     assert got["storage storage free space"]["data"]["need"] == got["source source:/ size"]["data"]["bytes"]
     assert scratch_left(lab) == []
     # the openQRM probe changed nothing on the server
-    state = mock.get("/_mock/state").json()
+    state = mock_state(mock)
     assert state["images"] == [] and state["events"] == []
     assert [q["authorized_user"] for q in state["requests"]] == ["openqrm"]
     # text mode: one line per check, then the verdict
@@ -181,7 +181,7 @@ def test_wrong_password_fails_the_openqrm_check(lab, cfg, mock, tmp_path):
               config=cfg)
     assert r.returncode == 15
     assert "is not an administrator (403)" in checks(r)["openqrm"]["message"]
-    assert mock.get("/_mock/state").json()["images"] == []
+    assert mock_state(mock)["images"] == []
 
 
 def test_unreachable_openqrm_fails(lab, cfg):
