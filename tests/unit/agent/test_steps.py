@@ -582,6 +582,16 @@ def test_dev_console_and_null_made_and_repaired(img: Path) -> None:
     assert found(img, Options("img1"), only=["dirs"]) == []
 
 
+def test_a_sysv_image_gets_no_dev_nodes(tmp_path: Path) -> None:
+    """Without systemd nothing mounts a devtmpfs: openQRM's linuxrc's tmpfs copy of its initrd's /dev is the /dev
+    a SysV node runs with, and console and null in the image would stop linuxrc from making it."""
+    root = tmp_path / "sysv"
+    for d in ("dev", "etc"):
+        (root / d).mkdir(parents=True)
+    _w(root, "etc/inittab", "id:3:initdefault:\n")
+    assert not [f for f in found(root, Options("img1"), only=["dirs"]) if f[1].startswith("/dev/")]
+
+
 def test_makedirs_exact_mode(tmp_path: Path) -> None:
     old = os.umask(0o077)
     try:
