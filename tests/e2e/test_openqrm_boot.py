@@ -2,8 +2,8 @@
 root-mount.nfs-deployment, unmodified, with the node's parameters from the lab's real openQRM server.
 
 `qrmfs create` (registered) is all the operator does; the lab does what openQRM's install and an administrator
-do (the kernel, the node's resource, an appliance of node, image and kernel: lab/boot/openqrm.py). Two TCG boots
-(about 4-5 minutes each here): the first image, then, after `qrmfs update`, its new generation.
+do (the kernel, the node's resource, an appliance of node, image and kernel: lab/boot/openqrm.py). Three TCG
+boots (about 4-5 minutes each here): a systemd image, then, after `qrmfs update`, its new generation; a SysV image.
 """
 
 from __future__ import annotations
@@ -92,3 +92,21 @@ def test_registered_image_boots_through_openqrm_linuxrc_and_reboots_into_its_upd
     finally:
         on_source(f"rm -f {MARKER}")
         qrmfs("remove", "-t", f"storage:{path}", "--yes", config=lab["config"])
+
+
+def test_a_sysv_image_boots_through_openqrm_linuxrc_to_runlevel_3(lab: dict[str, Any]) -> None:
+    srclab = _lab.up(sources=["sysv"])
+    name = f"oqsysv_{uuid.uuid4().hex[:8]}"
+    path = f"{srclab['hosts']['storage']['export_root']}/{name}"
+    try:
+        r = qrmfs("create", "-t", f"storage:{path}", "-l", "sysv:/", "--hostname", "sysvnode",
+                  config=srclab["config"])
+        assert r.returncode == 0, r.stderr
+        boot = _boot(srclab, path)
+        assert (boot.init, boot.state, boot.runlevel, boot.rc_done) == ("sysv", "runlevel 3", "3", True)
+        out = _fields(boot.script_output)
+        assert out["root"] == f"{srclab['hosts']['storage']['address']}:{path}", out
+        assert out["type"] == "nfs" and "nolock" in out["opts"].split(","), out
+        assert out["image_name"] == name
+    finally:
+        qrmfs("remove", "-t", f"storage:{path}", "--yes", config=srclab["config"])
