@@ -102,6 +102,10 @@ def boot(target: str = BOOT_TARGET,  # noqa: PLR0913 - typer: one parameter per 
          probe: bool = typer.Option(True, "--probe/--no-probe",
                                     help="--no-probe: add nothing to the boot (qrmfs.probe=0); the state is "
                                          "read from the console, and QEMU is stopped once it is known."),
+         openqrm: bool = typer.Option(False, "--openqrm",
+                                      help="Boot the openQRM way: openQRM's own linuxrc and root-mount, the node's "
+                                           "parameters from the lab's real openQRM server (the image must be "
+                                           "registered; the lab assigns it and its kernel to the node)."),
          name: str = NAME, as_json: bool = JSON) -> None:
     """Boot an image from the lab's NFS storage in QEMU; exit 0 only when it reached its running state
     (systemd: multi-user.target; SysV init: runlevel 3 with its rc scripts done)."""
@@ -113,7 +117,7 @@ def boot(target: str = BOOT_TARGET,  # noqa: PLR0913 - typer: one parameter per 
         raise typer.Exit(1)
     path = _boot.parse_target(target, info)
     spec = _boot.BootSpec(path, node_id=node_id, script=script.read_text() if script else None, timeout=timeout,
-                          hostname=hostname, clean_poweroff=clean_poweroff, probe=probe)
+                          hostname=hostname, clean_poweroff=clean_poweroff, probe=probe, openqrm=openqrm)
     r = _boot.boot(info, spec)
     if as_json:
         print(json.dumps(r.to_dict(), indent=2))
@@ -135,6 +139,9 @@ def _print_boot(path: str, r: Any) -> None:
           + f", system {r.system_state or '?'}, getty on the console: {'yes' if r.getty else 'no'}")
     print(f"  sshd: {r.sshd or 'no answer'}")
     print(f"  qrmfs-init set-up: {r.node_setup or 'did not run'}")
+    if r.openqrm:
+        print(f"  openQRM: image type {r.openqrm['image_type']!r}, root {r.openqrm['root']}, resource "
+              f"{r.openqrm['resource_id']}, appliance {r.openqrm['appliance_id']}, kernel {r.openqrm['kernel_id']}")
     if r.failed_units:
         print(f"  failed: {', '.join(r.failed_units)}")
     if r.script_rc is not None:

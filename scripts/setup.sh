@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(docker.io debootstrap rsync openssh-client libnfs-utils acl attr
-      qemu-system-x86 busybox-static cpio kmod xfsprogs shellcheck)
+      qemu-system-x86 busybox-static bash-static cpio kmod xfsprogs shellcheck)
 
 missing=()
 for p in "${PKGS[@]}"; do

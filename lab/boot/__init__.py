@@ -97,11 +97,15 @@ class BootSpec:
     smp: int = 2
     mac: str | None = None
     mount: str = "nfs4"              # qemu.MOUNTS: "nfs4", or "openqrm" (`mount -t nfs -o rw,nolock`, NFSv3)
+    openqrm: bool = False            # boot the openQRM way: openQRM's linuxrc, parameters from the lab's
+                                     # real server, which the image must be registered with (lab/boot/openqrm.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "node_id", validate_node_id(self.node_id))
         if self.mount not in MOUNTS:
             raise LabError(f"mount {self.mount!r}: one of {', '.join(MOUNTS)}")
+        if self.openqrm and not self.probe:
+            raise LabError("the openQRM boot always runs the probe (the lab's openqrm-client stands in for openQRM's)")
         if self.script is not None and not self.probe:
             raise LabError("a test script needs the probe (it runs the script inside the guest)")
 
@@ -135,6 +139,8 @@ class BootResult:
     error: str | None = None
     log_tail: str = ""
     retried_after: str | None = None  # a first boot whose guest kernel stalled (guest_stalled), run once more
+    openqrm: dict[str, Any] | None = None  # the openQRM boot: the records it used (appliance, image, kernel,
+                                           # resource ids) and what linuxrc said (image type, the root it mounted)
 
     @property
     def ok(self) -> bool:
@@ -240,13 +246,20 @@ def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
     log_path = _log_path(spec.image_path, spec.node_id)
     report = SerialReport()
     ssh_port = free_port() if spec.forward_ssh else None
+    mac = spec.mac or node_mac(spec.node_id)
+    base, netdev, records = prep.initramfs.read_bytes(), None, None
+    if spec.openqrm:
+        from .openqrm import ready_node
+
+        node = ready_node(info, prep, image_name=spec.image_path.rsplit("/", 1)[-1], mac=mac, script=spec.script)
+        base, cmdline, netdev, records = node.initrd, node.cmdline, node.netdev, node.records
     with tempfile.TemporaryDirectory(dir=boot_dir(), prefix=".run-") as tmp:
         initrd = Path(tmp) / "initrd"
-        initrd.write_bytes(assemble_initrd(prep.initramfs.read_bytes(), per_boot_archive(spec.script)))
+        initrd.write_bytes(assemble_initrd(base, per_boot_archive(None if spec.openqrm else spec.script)))
         stderr_path = Path(tmp) / "qemu.stderr"
-        argv = qemu_argv(str(prep.vmlinuz), str(initrd), cmdline, storage,
-                         mac=spec.mac or node_mac(spec.node_id), machine_uuid=node_uuid(spec.node_id),
-                         memory=spec.memory, smp=spec.smp, ssh_port=ssh_port)
+        argv = qemu_argv(str(prep.vmlinuz), str(initrd), cmdline, storage, mac=mac,
+                         machine_uuid=node_uuid(spec.node_id), memory=spec.memory, smp=spec.smp, ssh_port=ssh_port,
+                         netdev=netdev)
         with open(log_path, "wb") as log, open(stderr_path, "wb") as err:
             run = supervise(argv, log, err, report, timeout=spec.timeout, shutdown_timeout=spec.shutdown_timeout,
                             probe=spec.probe, ssh_port=ssh_port)
@@ -267,7 +280,10 @@ def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
         script_output="".join(f"{ln}\n" for ln in report.script_lines), script_rc=report.script_rc,
         failed_units=report.failed_units, system_state=report.system_state, guest_uptime=report.uptime,
         wall_seconds=round(time.monotonic() - t_call, 2), clean_shutdown=clean,
-        nfs_wait_seconds=round(waited, 2), error=error, log_tail=_tail(log_path) if error else "", **common)
+        nfs_wait_seconds=round(waited, 2), error=error, log_tail=_tail(log_path) if error else "",
+        openqrm=None if records is None else {**records, "image_type": report.openqrm_image_type,
+                                              "root": report.openqrm_root},
+        **common)
 
 
 def _rc_done(report: SerialReport, probe: bool) -> bool | None:

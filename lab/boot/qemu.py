@@ -103,12 +103,14 @@ def relay_command(storage_address: str, port: int = NFS_PORT, python: str = sys.
 def qemu_argv(  # noqa: PLR0913 - keyword-only: the VM's knobs for one QEMU command line
               kernel: str, initrd: str, cmdline: str, storage_address: str, *, mac: str = DEFAULT_MAC,
               machine_uuid: str | None = None, memory: int = 1024, smp: int = 2,
-              nic: str = "virtio-net-pci", ssh_port: int | None = None) -> list[str]:
+              nic: str = "virtio-net-pci", ssh_port: int | None = None, netdev: str | None = None) -> list[str]:
     """QEMU under TCG, serial console on stdout, isolated user networking with one way out: NFS (and,
-    with `ssh_port`, one way in: 127.0.0.1:ssh_port to the guest's sshd)."""
-    netdev = "user,id=net0,restrict=on" + "".join(
-        f",guestfwd=tcp:{NFS_GUEST_ADDR}:{port}-cmd:{relay_command(storage_address, port)}"
-        for port in FORWARDED_PORTS)
+    with `ssh_port`, one way in: 127.0.0.1:ssh_port to the guest's sshd). `netdev` replaces that user
+    network (the openQRM boot's, lab/boot/openqrm.py)."""
+    if netdev is None:
+        netdev = "user,id=net0,restrict=on" + "".join(
+            f",guestfwd=tcp:{NFS_GUEST_ADDR}:{port}-cmd:{relay_command(storage_address, port)}"
+            for port in FORWARDED_PORTS)
     if ssh_port is not None:
         netdev += f",hostfwd=tcp:127.0.0.1:{int(ssh_port)}-:22"
     return [QEMU, "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-m", str(memory), "-smp", str(smp),

@@ -23,6 +23,14 @@ SYSTEMD_RUNNING = re.compile(r"systemd\[1\]: systemd \d+\S* running in system mo
 SYSTEMD_MULTI_USER = re.compile(r"Reached target (multi-user\.target|Multi-User System)")
 LOGIN_PROMPT = re.compile(r"^\S+ login: ?")
 SYSV_FAIL = re.compile(r"\[FAIL\] (.*)$")
+# openQRM's linuxrc and root-mount.nfs-deployment (the openQRM boot, lab/boot/openqrm.py): where they give up,
+# they start a shell on the console and wait there, so these lines end the boot at once.
+OPENQRM_FATAL = re.compile(r"^(ERROR: Could not (?:reach the openQRM-Server|mount) .*"
+                           r"|WARNING: Failed to get the openqrm-client package.*"
+                           r"|Failed to load network module.*"
+                           r"|Resource IP: .* Detected initrd as initramfs, starting a shell)$")
+OPENQRM_MOUNTED = re.compile(r"^nfs-storage: Mounted (\S+) rw$")
+OPENQRM_IMAGE = re.compile(r"^Image Type: '([^']*)' - Appliance Name: '([^']*)'$")
 
 
 @dataclass
@@ -48,6 +56,9 @@ class SerialReport:
     unpack_error: str | None = None   # the kernel could not unpack (all of) the initramfs
     node_setup: str | None = None     # qrmfs-init's verdict: "complete" or "incomplete" (None: it did not run)
     node_errors: list[str] = field(default_factory=list)  # its ERROR and WARNING lines
+    openqrm_image_type: str | None = None  # openQRM's linuxrc: the image type get_parameter gave
+    openqrm_appliance: str | None = None   # ... and the appliance's name
+    openqrm_root: str | None = None        # root-mount.nfs-deployment mounted this (SERVER:PATH)
 
     @property
     def state(self) -> str:
@@ -75,6 +86,8 @@ class SerialReport:
             self.script_lines.append(rest[1:] if rest.startswith(" ") else rest)
             return
         self._init_line(line)
+        if self._openqrm_line(line):
+            return
         i = line.find(INITMARK)
         if i >= 0:
             msg = line[i + len(INITMARK):].strip()
@@ -120,6 +133,21 @@ class SerialReport:
         m = SYSV_FAIL.search(line)
         if m and self.init == "sysv":
             self.failed_units.append(m.group(1).strip())
+
+    def _openqrm_line(self, line: str) -> bool:
+        """openQRM's linuxrc and root-mount: what they were told, what they mounted, where they gave up."""
+        m = OPENQRM_IMAGE.match(line)
+        if m:
+            self.openqrm_image_type, self.openqrm_appliance = m.group(1), m.group(2)
+            return True
+        m = OPENQRM_MOUNTED.match(line)
+        if m:
+            self.mounted, self.openqrm_root = True, m.group(1)
+            return True
+        if OPENQRM_FATAL.match(line) and self.fatal is None:
+            self.fatal = f"openQRM's linuxrc: {line}"
+            return True
+        return False
 
     def _probe_line(self, msg: str) -> None:  # noqa: C901 - one dispatch over the probe's report lines
         # The probe starts only once the state is reached, so any of its lines proves it; the first one

@@ -40,6 +40,13 @@ PERSISTENT_NET = ("/etc/udev/rules.d/70-persistent-net.rules",
 LIVE_DIRS = {"/proc": 0o555, "/sys": 0o555, "/dev": 0o755, "/run": 0o755, "/tmp": 0o1777,
              "/mnt/floppy": 0o755, "/mnt/cdrom": 0o755}
 EMPTY_DIRS = ("/proc", "/sys", "/run")
+# The device nodes a systemd image's /dev holds under the devtmpfs systemd mounts, as a disk install has them: an
+# initrd that finds them missing treats /dev as unusable. openQRM's linuxrc (prepare_udev) then mounts a tmpfs
+# over the image's /dev and copies its own initrd's nodes into it; systemd sees /dev mounted, mounts no devtmpfs,
+# and waits 90 s for a dev-ttyS0.device that udev never announces. A SysV image gets none: without udev nothing
+# in it mounts a devtmpfs, and that tmpfs copy of the initrd's nodes is the /dev it runs with (its serial
+# console included). (path: (permissions, major, minor))
+DEV_NODES = {"/dev/console": (0o600, 5, 1), "/dev/null": (0o666, 1, 3)}
 # The ONE definition of a private directory's characters (--private-add/--private-exclude). qrmfs/model.py
 # uses it for the options, the node-init step for what an image's node.conf holds, and qrmfs-init carries the
 # identical class in its PRIVATE_DIR_CHARS line (a unit test compares them): it skips any other path at boot,
@@ -123,7 +130,8 @@ def step(name: str, what: str) -> Callable[[Check], Check]:
 
 # --- the manual's steps ---------------------------------------------------------------------------
 
-@step("dirs", "empty proc, sys, run; dev; tmp with mode 1777; mnt/floppy and mnt/cdrom")
+@step("dirs", "empty proc, sys, run; dev (systemd: with its console and null nodes); tmp with mode 1777; "
+              "mnt/floppy and mnt/cdrom")
 def _dirs(ctx: Ctx) -> Iterator[Finding]:
     for path, mode in LIVE_DIRS.items():
         host = ctx.host(path, follow_last=False)
@@ -139,6 +147,18 @@ def _dirs(ctx: Ctx) -> Iterator[Finding]:
         if path in EMPTY_DIRS and is_real_dir(host) and os.listdir(host):
             yield Finding("dirs", path, f"not empty ({len(os.listdir(host))} entries)",
                         functools.partial(_empty_dir, host))
+    if not ctx.uses_systemd() or not is_real_dir(ctx.host("/dev", follow_last=False)):
+        return  # a SysV image: none (DEV_NODES); no /dev yet: made above, its nodes in the next round
+    for path, (perm, major, minor) in DEV_NODES.items():
+        host = ctx.host(path, follow_last=False)
+        want = os.makedev(major, minor)
+        fix = functools.partial(_device_node, host, perm, want)
+        if not os.path.lexists(host):
+            yield Finding("dirs", path, "missing", fix)
+        else:
+            st = os.lstat(host)
+            if not stat.S_ISCHR(st.st_mode) or st.st_rdev != want or stat.S_IMODE(st.st_mode) != perm:
+                yield Finding("dirs", path, f"not the character device {major}:{minor} with mode {perm:04o}", fix)
 
 
 @step("logs", "clear /var/log/* (files removed, directories kept)")
@@ -585,6 +605,13 @@ def _init(ctx: Ctx) -> Iterator[Finding]:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _device_node(host: str, perm: int, dev: int) -> None:
+    if os.path.lexists(host):
+        remove(host)
+    os.mknod(host, stat.S_IFCHR | perm, dev)
+    os.chmod(host, perm)
 
 
 def _replace_with_dir(host: str, mode: int) -> None:

@@ -23,7 +23,8 @@ from lab.images import LabError
 REPO = Path(__file__).resolve().parents[2]
 QRMFS_INIT = REPO / "qrmfs" / "data" / "qrmfs-init"
 BOOTKIT = REPO / "lab" / "bootkit"
-SHELL_SCRIPTS = [QRMFS_INIT, BOOTKIT / "init", BOOTKIT / "probe.sh", BOOTKIT / "probe-sysv.sh"]
+SHELL_SCRIPTS = [QRMFS_INIT, BOOTKIT / "init", BOOTKIT / "probe.sh", BOOTKIT / "probe-sysv.sh",
+                 BOOTKIT / "openqrm" / "openqrm-client"]
 
 INFO = {"hosts": {"storage": {"address": "172.30.0.2", "export_root": "/exports"}}}
 

@@ -164,7 +164,8 @@ def test_create_dry_run_prints_rsync_argv_and_changes_nothing(env: dict[str, Pat
         "--exclude=/lost+found", "--exclude=/swapfile", "--exclude=/.qrmfs/nodes", "--exclude=/var/cache",
         f"{src}/", f"{root}/.img1.qrmfs-staging-<id>/"]
     assert "  preparation:" in lines
-    assert "    dirs: empty proc, sys, run; dev; tmp with mode 1777; mnt/floppy and mnt/cdrom" in lines
+    assert ("    dirs: empty proc, sys, run; dev (systemd: with its console and null nodes); tmp with mode 1777; "
+            "mnt/floppy and mnt/cdrom") in lines
     assert "  openQRM: nothing sent" in lines
     assert lines[-1] == "nothing was changed"
     assert tree_of(env["tmp"]) == before  # no export root, no staging, no spool, no lock

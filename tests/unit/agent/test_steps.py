@@ -129,6 +129,8 @@ DEFAULT_FINDINGS = sorted([
     ("dirs", "/tmp", "mode 0755, want 1777"),
     ("dirs", "/mnt/floppy", "missing"),
     ("dirs", "/mnt/cdrom", "missing"),
+    ("dirs", "/dev/console", "missing"),
+    ("dirs", "/dev/null", "missing"),
     ("logs", "/var/log/syslog", "log file left in the image"),
     ("logs", "/var/log/latest", "log file left in the image"),
     ("logs", "/var/log/apt/history.log", "log file left in the image"),
@@ -560,6 +562,34 @@ def test_remove_does_not_follow_symlinks(tmp_path: Path) -> None:
     fsutil.remove(str(tmp_path / "tree"))
     assert not os.path.lexists(tmp_path / "tree") and (keep / "file").exists()
     fsutil.remove(str(tmp_path / "tree"))  # absent: fine
+
+
+def test_dev_console_and_null_made_and_repaired(img: Path) -> None:
+    """openQRM's linuxrc mounts a tmpfs over an image's /dev that lacks console or null (and systemd then
+    waits 90 s for its serial console): preparation makes both, and replaces what stands in their place."""
+    _w(img, "dev/null", "a file, not a device\n")
+    assert found(img, Options("img1"), only=["dirs"]) == sorted([
+        ("dirs", "/proc", "not empty (1 entries)"), ("dirs", "/sys", "missing"),
+        ("dirs", "/run", "not empty (1 entries)"), ("dirs", "/tmp", "mode 0755, want 1777"),
+        ("dirs", "/mnt/floppy", "missing"), ("dirs", "/mnt/cdrom", "missing"),
+        ("dirs", "/dev/console", "missing"),
+        ("dirs", "/dev/null", "not the character device 1:3 with mode 0666")])
+    steps.apply(str(img), Options("img1"))
+    for rel, dev, perm in (("dev/console", (5, 1), 0o600), ("dev/null", (1, 3), 0o666)):
+        st = os.lstat(img / rel)
+        assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == dev, rel
+        assert stat.S_IMODE(st.st_mode) == perm, rel
+    assert found(img, Options("img1"), only=["dirs"]) == []
+
+
+def test_a_sysv_image_gets_no_dev_nodes(tmp_path: Path) -> None:
+    """Without systemd nothing mounts a devtmpfs: openQRM's linuxrc's tmpfs copy of its initrd's /dev is the /dev
+    a SysV node runs with, and console and null in the image would stop linuxrc from making it."""
+    root = tmp_path / "sysv"
+    for d in ("dev", "etc"):
+        (root / d).mkdir(parents=True)
+    _w(root, "etc/inittab", "id:3:initdefault:\n")
+    assert not [f for f in found(root, Options("img1"), only=["dirs"]) if f[1].startswith("/dev/")]
 
 
 def test_makedirs_exact_mode(tmp_path: Path) -> None:
