@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from lab import lab as _lab
-from qrmfs import openqrm
+from qrmfs import jobs, openqrm
+from qrmfs.config import OpenQrm, SshHost, Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -72,19 +73,22 @@ def _event(name: str, priority: str, description: str, source: str = "qrmfs") ->
 
 def _cases(n: str, dep: int, sid: int) -> dict[str, list[Req]]:
     """Each case: the requests, in order. `n`: a name no other run used; dep/sid: the real server's ids."""
-    fields = openqrm.image_fields(name=n, rootdevice=f"/exports/{n}", storage_id=sid, shared=False,
-                                  comment="made by qrmfs", arch="x86_64", os_name="debian12")
-    ev = f"create_image_{n}"
+    fields = jobs.image_fields(OpenQrm(deployment_id=dep), Storage("storage", SshHost("storage"), storage_id=sid),
+                               name=n, rootdevice=f"/exports/{n}", shared=False, comment="made by qrmfs",
+                               arch="x86_64", os_name="debian12")
+    t = f"storage:/exports/{n}"
     return {
-        # what qrmfs sends today: its create job, its remove, its credentials probe
-        "qrmfs create": [_qrmfs(openqrm.event(ev, 9, f"Started to create image {n} on storage:/exports/{n}")),
-                         _qrmfs(openqrm.new_image(fields)),
-                         _qrmfs(openqrm.event(ev, 10, f"Finished to create image {n} on storage:/exports/{n}"))],
-        "qrmfs create failing": [_qrmfs(openqrm.event(ev, 9, "Started")),
-                                 _qrmfs(openqrm.event(ev, 3, f"Failed to create image {n}: rsync exited 23")),
-                                 _qrmfs(openqrm.event(ev, 10, f"Ended create image {n}"))],
-        "qrmfs remove": [_qrmfs(openqrm.new_image(fields)), _qrmfs(openqrm.remove_by_name(n))],
-        "qrmfs check probe": [_image({})],
+        # what qrmfs sends (qrmfs/jobs.py): its create job, a failing one, update replacing the record, remove,
+        # and check's requests (the database read, the realm, the role probe: none of them writes anything)
+        "qrmfs create": [_qrmfs(r) for r in jobs.requests("create", n, t, fields)],
+        "qrmfs create failing": [_qrmfs(r) for r in [jobs.started("create", n, t),
+                                                      *jobs.failed("create", n, "rsync exited 23: 'x'")]],
+        "qrmfs update replacing the record": [_qrmfs(openqrm.new_image(fields)), *(
+            _qrmfs(r) for r in jobs.requests("update", n, t, {**fields, "image_isshared": "1"}, replace=True))],
+        "qrmfs remove": [_qrmfs(openqrm.new_image(fields)),
+                         *(_qrmfs(r) for r in jobs.requests("remove", n, t, None, replace=True))],
+        "qrmfs check": [("event", {"resource_command": "post_event", "resource_id": "0"}, None), _image({}, None),
+                        _image(dict(openqrm.ROLE_PROBE)), _image(dict(openqrm.ROLE_PROBE), "viewer")],
         # the type is read as a deployment id; the storage id is a number
         "new_image with the deployment id": [_qrmfs(openqrm.new_image({**fields, "image_type": str(dep)}))],
         "new_image unknown deployment id, storage id not a number": [
