@@ -17,7 +17,7 @@ import pytest
 
 from lab import lab as _lab
 
-from .helpers import exports_listing, qrmfs, result_of, run_on, write_config
+from .helpers import exports_listing, mock_images, qrmfs, result_of, run_on, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -70,13 +70,13 @@ def test_killed_while_new_image_is_in_flight_then_flush_leaves_one_record(lab, m
     params = next(r["params"] for r in job["requests"] if r["params"].get("image_command") == "new_image")
     httpx.get(lab["openqrm_mock"]["url"] + "/base/server/image/image-action.php", params=params, timeout=10,
               auth=("openqrm", lab["openqrm"]["password"])).raise_for_status()
-    assert [i["image_name"] for i in _state(mock)["images"]] == [_name(image_path)]
+    assert [i["image_name"] for i in mock_images(mock)] == [_name(image_path)]
     r = qrmfs("flush", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
     assert result_of(r)["delivered"] == [job["id"]]
     image_cmds = [q["query"].get("image_command") for q in _state(mock)["requests"] if "image_command" in q["query"]]
     assert image_cmds[-2:] == ["remove_by_name", "new_image"]
-    assert [i["image_name"] for i in _state(mock)["images"]] == [_name(image_path)]  # exactly one
+    assert [i["image_name"] for i in mock_images(mock)] == [_name(image_path)]  # exactly one
     assert _spool(tmp_path) == []
 
 
@@ -97,7 +97,7 @@ def test_remove_by_address_drops_what_was_spooled_under_the_config_name(lab, moc
     r = qrmfs("flush", "--json", config=cfg)
     out = result_of(r)
     assert r.returncode == 0 and (out["delivered"], out["pending"]) == ([], [])
-    assert _state(mock)["images"] == []  # the removed image never reaches openQRM
+    assert mock_images(mock) == []  # the removed image never reaches openQRM
 
 
 @pytest.mark.parametrize(("setting", "message"), [
