@@ -391,7 +391,7 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
     base = f"http://{addr[OPENQRM]}:80"
     mock_base = f"http://{addr[MOCK]}:80"
     server = found[OPENQRM]
-    sids = _oq.storage_ids(server)
+    facts = _openqrm_facts(lab, server)
     kind = found["storage"].labels.get(EXPORT_LABEL, "plain")
     info: dict[str, Any] = {
         "name": lab.name,
@@ -412,7 +412,8 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
         "openqrm": {"url": f"{base}/openqrm", "base": base, "user": OPENQRM_USER,
                     "password": OPENQRM_PASSWORD, "password_file": str(pw),
                     "viewer": {"user": VIEWER_USER, "password": VIEWER_PASSWORD, "password_file": str(viewer_pw)},
-                    "version": "5.3.60", "nfs_deployment_id": _oq.deployment_id(server), "storage_ids": sids},
+                    "version": "5.3.60", "nfs_deployment_id": facts["nfs_deployment_id"],
+                    "storage_ids": facts["storage_ids"]},
         # The mock (lab/images/openqrm-mock): the same users; /_mock/fault makes it hang, fail or close.
         "openqrm_mock": {"url": f"{mock_base}/openqrm", "base": mock_base, "user": OPENQRM_USER,
                          "password": OPENQRM_PASSWORD, "password_file": str(pw)},
@@ -580,6 +581,21 @@ def _register_storages(lab: LabHandle, found: dict[str, Any]) -> None:
         c.reload()
         net = c.attrs["NetworkSettings"]["Networks"][lab.network]
         _oq.register_storage(found[OPENQRM], role, net["IPAddress"], net["MacAddress"])
+    _openqrm_facts(lab, found[OPENQRM], refresh=True)
+
+
+def _openqrm_facts(lab: LabHandle, server: Any, refresh: bool = False) -> dict[str, Any]:
+    """The server's nfs-deployment id and storage ids, read from its database when `up` registered the
+    storages and kept in the state dir for that container (`status` works while its database is down)."""
+    path = lab.state / "openqrm.json"
+    if not refresh and path.exists():
+        facts: dict[str, Any] = json.loads(path.read_text())
+        if facts.get("container_id") == server.id:
+            return facts
+    facts = {"container_id": server.id, "nfs_deployment_id": _oq.deployment_id(server),
+             "storage_ids": _oq.storage_ids(server)}
+    path.write_text(json.dumps(facts, indent=2) + "\n")
+    return facts
 
 
 def _server(name: str) -> Any:
@@ -615,6 +631,11 @@ def storages(name: str = DEFAULT_NAME) -> list[dict[str, str | None]]:
 
 def resources(name: str = DEFAULT_NAME) -> list[dict[str, str | None]]:
     return openqrm_sql(name, "SELECT * FROM resource_info ORDER BY resource_id")
+
+
+def openqrm_requests(name: str = DEFAULT_NAME) -> list[dict[str, Any]]:
+    """What reached the real server: apache's access log as {method, path, query, status, user} dicts."""
+    return _oq.requests(_server(name))
 
 
 def openqrm_database(name: str, action: str) -> None:

@@ -4,8 +4,10 @@ started (for "database is down" tests). Every function takes the server's docker
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from .images import LabError
 
@@ -104,6 +106,29 @@ def register_storage(container: Any, name: str, ip: str, mac: str) -> int:
                    "storage_resource_id, storage_capabilities) VALUES "
                    f"({sid}, {quote(name)}, {dep}, {quote(STORAGE_COMMENT)}, {rid}, '')")
     return sid
+
+
+# apache's combined log format: host ident user [time] "request" status size "referer" "agent"
+_ACCESS = re.compile(r'^\S+ \S+ (?P<user>\S+) \[[^]]*\] "(?P<method>\S+) (?P<target>\S+) [^"]*" (?P<status>\d{3}) ')
+
+
+def requests(container: Any) -> list[dict[str, Any]]:
+    """The HTTP requests apache logged (its access log), oldest first: method, path, query (the last value
+    of each key), status, user (the Basic-auth user, or None). The server's own add_deployment_type at start
+    is the first."""
+    code, out = container.exec_run(["cat", "/var/log/apache2/access.log"])
+    if code != 0:
+        raise LabError(f"openQRM access log: {out.decode(errors='replace').strip()}")
+    rows = []
+    for line in out.decode(errors="replace").splitlines():
+        m = _ACCESS.match(line)
+        if not m:
+            continue
+        parts = urlsplit(m["target"])
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        rows.append({"method": m["method"], "path": parts.path, "query": query, "status": int(m["status"]),
+                     "user": None if m["user"] == "-" else m["user"]})
+    return rows
 
 
 def database(container: Any, action: str) -> None:

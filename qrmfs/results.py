@@ -16,6 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from .agent.manifest import Manifest, RegistrationRecord
 from .agent.protocol import FindingRecord, encode
 from .errors import ConnectError, InvalidImageError, QrmfsError, RegistrationError
 
@@ -32,8 +33,6 @@ class RegState(enum.Enum):
 
     @classmethod
     def parse(cls, value: Any) -> RegState:
-        if isinstance(value, str) and value.startswith("not registered"):
-            return cls.NOT_REGISTERED  # manifests written before schema 1
         try:
             return cls(value)
         except ValueError:
@@ -54,10 +53,9 @@ class Registration:
         return {k: v for k, v in encode(self).items() if v is not None}
 
     @classmethod
-    def of_manifest(cls, manifest: dict[str, Any] | None) -> Registration:
-        reg = (manifest or {}).get("registration") or {}
-        return cls(RegState.parse(reg.get("state")), reg.get("spool_job"), reg.get("error"), reg.get("time"),
-                   reg.get("via"), reg.get("seen"))
+    def of_manifest(cls, manifest: Manifest | None) -> Registration:
+        reg = manifest.registration if manifest is not None else RegistrationRecord()
+        return cls(RegState.parse(reg.state), reg.spool_job, reg.error, reg.time, reg.via, reg.seen)
 
     @property
     def has_record(self) -> bool:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import argv as A
 from .. import jobs
 from ..agent import steps
+from ..agent.manifest import Manifest
 from ..agent.protocol import Options
 from ..agent.tree import PIN_DIR, pin_file
 from ..config import Storage
@@ -39,7 +39,7 @@ class Origin:
     """The image cloned from: its server, its agent, its manifest."""
     storage: Storage
     side: StorageSide
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def source(self, path: str) -> copyplan.Source:
         return copyplan.Source(self.storage.ssh, path, CLONE_EXCLUDES, live_root=False)
@@ -51,20 +51,20 @@ def _origin(req: CloneRequest, env: Env) -> Origin:
     env.storage(req.target)
     storage, side, info = env.existing(req.source)
     if info.manifest is None:
-        raise NotFoundError(f"{req.source} is not a qrmfs image (no .qrmfs/manifest.json)")
+        raise NotFoundError(f"{req.source} is not a qrmfs image ({info.not_image_because})")
     return Origin(storage, side, info.manifest)
 
 
 def _options(req: CloneRequest, origin: Origin) -> Options:
-    o = Options.from_dict(origin.manifest.get("options", {}))
+    o = Options.from_dict(origin.manifest.options)
     return dataclasses.replace(o, image=req.name, hostname=req.hostname, fresh_identity=True)
 
 
 def _fields(req: CloneRequest, opts: Options, origin: Origin, env: Env) -> dict[str, str]:
-    so = origin.manifest.get("options", {})
+    m = origin.manifest
     return jobs.image_fields(env.cfg.openqrm, env.storage(req.target), name=req.name, rootdevice=req.target.path,
-                             shared=opts.shared, comment=f"qrmfs clone of {req.source}", arch=so.get("arch"),
-                             os_name=so.get("os"))
+                             shared=opts.shared, comment=f"qrmfs clone of {req.source}", arch=m.option("arch"),
+                             os_name=m.option("os"))
 
 
 def dry_run(req: CloneRequest, env: Env) -> BuildPlan:
@@ -105,9 +105,8 @@ def clone(req: CloneRequest, env: Env) -> Built:
             command="clone", place=place, source=origin.source(req.source.path), source_label=f"clone of {req.source}",
             options=opts, force=req.force,
             enroll=None if fields is None else pipeline.Enrollment(req.creds, fields),
-            manifest={"cloned_from": {"target": str(req.source), "source": m.get("source"),
-                                      "created": m.get("created")},
-                      "options": {**m.get("options", {}), "image": req.name, "hostname": req.hostname},
-                      "excludes": m.get("excludes", [])},
+            manifest={"cloned_from": {"target": str(req.source), "source": m.source, "created": m.created},
+                      "options": {**m.options, "image": req.name, "hostname": req.hostname},
+                      "excludes": m.excludes},
             also_lock=((origin.side, req.source.path),), origin=(req.source.path, origin.storage.export_root))
         return pipeline.build(env, spec)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import jobs, model, openqrm
+from ..agent.manifest import generation_id
 from ..agent.protocol import Inspected, Locked
 from ..config import Config, Storage, _shown
 from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
@@ -40,10 +41,6 @@ class Credentials:
     password: str | None = field(default=None, repr=False)
     source: str | None = None
     warned: bool = field(default=False, repr=False, compare=False)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.url and self.user and self.password)
 
     @property
     def auth(self) -> str | None:
@@ -246,8 +243,7 @@ def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
         env.ui.warn(f"spooled registration {job.id} ({job.image}) waits: cannot tell whether {job.target} was "
                     f"published ({e.message})")
         return None
-    gen = (manifest or {}).get("generation") or {}
-    published = isinstance(gen, dict) and gen.get("id") == job.publish.get("generation")
+    published = generation_id(manifest) == job.publish.get("generation")
     if not published:
         jobs.abandon(job, f"qrmfs stopped before publishing {job.target}")
         env.ui.warn(f"spooled registration {job.id}: {job.target} was never published (the run that armed it "

@@ -28,7 +28,8 @@ from typing import Any
 from .. import __version__, jobs, openqrm
 from .. import argv as A
 from ..agent import steps
-from ..agent.gens import CRASH_ENV, SCAN_LIMIT, generation_id, prepared_change
+from ..agent.gens import CRASH_ENV, SCAN_LIMIT, prepared_change
+from ..agent.manifest import CHANGE_KINDS, Manifest, generation_id
 from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, RebaseScanned, StagedUpdate
 from ..agent.tree import siblings
 from ..config import SshHost, Storage
@@ -37,7 +38,7 @@ from ..model import Route, Target
 from ..results import Built, Registration, RegState
 from ..runner import Runner, later, tail
 from ..storage import StorageSide, Supervised, node_init_script
-from ..transfer import CHANGE_KINDS, run_rsync, run_stream
+from ..transfer import run_rsync, run_stream
 from . import copyplan, hosts, names
 from .common import Credentials, Env, claim_job, deliver, holder, iso_now
 
@@ -98,7 +99,7 @@ class BuildSpec:
     discover_mounts: bool = False     # read the source's mount table (create from a live host)
     new_record: bool = True           # register with new_image; False (update): the record stays, events only
     replace_record: bool = False      # a new generation whose record shows options that changed: remove + new
-    parent: dict[str, Any] | None = None  # the current image's manifest, when a new generation is made
+    parent: Manifest | None = None    # the current image's manifest, when a new generation is made
     origin: tuple[str, str] | None = None  # clone: the image copied (path, its export root); on the same server
     #                                        it is copied with cp (reflinks where they work), not rsync
 
@@ -119,7 +120,7 @@ class Run:
     rsync: list[dict[str, Any]] = field(default_factory=list)
     prepared: Prepared | None = None
     counts: dict[str, int] = field(default_factory=dict)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
     incremental: bool = False         # a new generation of the image at the target
     base_copy: dict[str, Any] = field(default_factory=dict)  # how the staging copy of the image was made
 
@@ -168,13 +169,13 @@ def build(env: Env, spec: BuildSpec) -> Built:
         return _result(env, run, published, _register(env, run))
 
 
-def _as_new_generation(env: Env, spec: BuildSpec, current: dict[str, Any] | None) -> BuildSpec:
+def _as_new_generation(env: Env, spec: BuildSpec, current: Manifest | None) -> BuildSpec:
     """An image that exists (update, create --force) gets a new generation, and keeps its openQRM record when it
     has one: the same name and root device, so only the events are sent, unless an option the record shows
     (--shared, -a, --operation-system) changed: then the record is replaced (remove_by_name, new_image), as
     openQRM's update_image needs the record's image_id, which no answer of openQRM shows."""
     keeps = Registration.of_manifest(current).has_record
-    changed = jobs.record_fields_changed((current or {}).get("options", {}), spec.manifest.get("options", {}))
+    changed = jobs.record_fields_changed(current.options if current else {}, spec.manifest.get("options", {}))
     spec = dataclasses.replace(spec, parent=spec.parent or current, new_record=spec.new_record and not keeps,
                                replace_record=bool(spec.enroll and keeps and changed))
     if spec.replace_record:
@@ -465,10 +466,9 @@ def _fresh_host_keys(env: Env, run: Run) -> None:
     env.runner.run(run.side.argv(("sh", "-c", script, "sh", run.staging)), timeout=120)
 
 
-def prepared_paths(manifest: dict[str, Any] | None) -> frozenset[str]:
-    """The paths an image's preparation changed on purpose (its manifest's fixes): they differ from the source
-    in every generation, so they are no change of the source (update counts, drift)."""
-    return frozenset(f["path"] for f in (manifest or {}).get("preparation", {}).get("fixed", []) if f.get("path"))
+def prepared_paths(manifest: Manifest | None) -> frozenset[str]:
+    """Manifest.prepared_paths; none without a manifest."""
+    return manifest.prepared_paths if manifest is not None else frozenset()
 
 
 def _iso(t: float) -> str:
@@ -483,7 +483,7 @@ def _write_manifest(run: Run) -> None:
     spec, place = run.spec, run.spec.place
     assert run.plan is not None and run.prepared is not None
     left = run.prepared.left
-    run.manifest = {
+    run.manifest = Manifest.new({
         **spec.manifest,
         "qrmfs_version": __version__, "image": spec.name, "target": str(place.target), "path": place.target.path,
         "storage": place.storage.name, "storage_id": place.storage.storage_id, "source": spec.source_label,
@@ -497,7 +497,7 @@ def _write_manifest(run: Run) -> None:
         "registration": _registration_record(run),
         "validation": {"state": "clean" if not left else "problems", "findings": _findings(left),
                        "time": _iso(time.time())},
-    }
+    })
     run.side.write_manifest(place.path, run.staging, run.manifest)
 
 
@@ -556,7 +556,8 @@ def _arm(env: Env, run: Run) -> None:
     if not (job and spec.enroll):
         return
     job.requests += _records(run)
-    job.publish = {"generation": run.manifest["generation"]["id"]}
+    assert run.manifest is not None
+    job.publish = {"generation": run.manifest.generation_id}
     claim_job(env, job)
     env.spool().save(job)
 
@@ -629,11 +630,11 @@ def _record(run: Run, reg: Registration) -> None:
 
 
 def _result(env: Env, run: Run, published: Published, reg: Registration) -> Built:
-    spec = run.spec
-    assert run.plan is not None and run.prepared is not None
+    spec, m = run.spec, run.manifest
+    assert run.plan is not None and run.prepared is not None and m is not None
     return Built(command=spec.command, image=spec.name, target=str(spec.place.target), source=spec.source_label,
-                 route=run.manifest["route"], files=run.counts["files"], bytes=run.counts["bytes"],
+                 route=m.route or Route.SSH.value, files=run.counts["files"], bytes=run.counts["bytes"],
                  replaced=published.replaced, previous=published.previous,
-                 preparation_fixed=len(run.prepared.fixed), validation=run.manifest["validation"]["state"],
+                 preparation_fixed=len(run.prepared.fixed), validation=m.validation_state,
                  registration=reg, warnings=list(env.ui.warnings),
-                 changes=dict(run.manifest["generation"]["changes"]))
+                 changes=dict(m.changes or {}))

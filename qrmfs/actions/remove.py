@@ -27,14 +27,15 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
     _storage, side, info = env.existing(req.target)
     manifest = info.manifest
     if manifest is None and not req.force:
-        raise RefusedError(f"{req.target} is not a qrmfs image (no .qrmfs/manifest.json); "
+        raise RefusedError(f"{req.target} is not a qrmfs image ({info.not_image_because}); "
                            "use --force to remove it anyway")
     registered = manifest is None or Registration.of_manifest(manifest).state is not RegState.NOT_REGISTERED
     deregister = registered and not req.only_physical
     if deregister:
         require_registration(req.creds)
-    what = f"{req.target}" + (f" ({manifest['counts']['files']} files, {manifest['counts']['bytes'] / 2**20:.0f} MiB)"
-                              if manifest and "counts" in manifest else " (NOT a qrmfs image)")
+    size = "" if manifest is None or manifest.bytes is None else \
+        f" ({manifest.files} files, {manifest.bytes / 2**20:.0f} MiB)"
+    what = f"{req.target}" + (" (NOT a qrmfs image)" if manifest is None else size)
     name, target = req.target.name, str(req.target)
     requests = jobs.requests("remove", name, target, None, replace=True) if deregister else []
     if req.dry_run:

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import jobs, openqrm
+from ..agent.manifest import Manifest
 from ..errors import NotFoundError, RefusedError, UsageError
 from ..model import Location, Route, Target
+from ..options import IMAGE_OPTIONS, OPTION
 from ..results import (
     Built,
     GenerationListing,
@@ -38,10 +40,6 @@ from .create import CreateRequest
 from .listing import list_images
 from .validate import changes_from_source
 
-# options of the manifest an update may override: (manifest key, UpdateRequest field)
-OPTION_KEYS = ("excludes", "private_add", "private_exclude", "keep_services", "keep_network", "hostname",
-               "shared", "arch", "os")
-
 
 @dataclass(frozen=True)
 class UpdateRequest:
@@ -54,56 +52,54 @@ class UpdateRequest:
     creds: Credentials = field(default_factory=lambda: Credentials(None, None))
 
 
-def _current(env: Env, target: Target) -> dict[str, Any]:
+def _current(env: Env, target: Target) -> Manifest:
     _storage, _side, info = env.existing(target)
     if info.manifest is None:
-        raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json): nothing to update")
+        raise RefusedError(f"{target} is not a qrmfs image ({info.not_image_because}): nothing to update")
     return info.manifest
 
 
-def _registered(manifest: dict[str, Any]) -> bool:
+def _registered(manifest: Manifest) -> bool:
     return Registration.of_manifest(manifest).has_record
 
 
-def create_request(req: UpdateRequest, manifest: dict[str, Any]) -> CreateRequest:
+def create_request(req: UpdateRequest, manifest: Manifest) -> CreateRequest:
     """What a fresh create of this image with the recorded (or overridden) source and options would be."""
-    o = {**manifest.get("options", {}), **req.overrides}
+    o = {**manifest.options, **req.overrides}
     if req.location is not None:
         loc = req.location
     else:
         try:
-            loc = Location.parse(str(manifest.get("source", "")))
+            loc = Location.parse(manifest.source or "")
         except UsageError:
-            raise UsageError(f"{req.target} records no source qrmfs can pull from ({manifest.get('source')!r}); "
+            raise UsageError(f"{req.target} records no source qrmfs can pull from ({manifest.source!r}); "
                              "give -l/--location") from None
-    route = req.route or Route(o.get("route") or manifest.get("route") or Route.SSH.value)
-    return CreateRequest(
-        name=req.target.name, target=req.target, location=loc, only_physical=req.only_physical,
-        excludes=tuple(o.get("excludes") or ()), private_add=tuple(o.get("private_add") or ()),
-        private_exclude=tuple(o.get("private_exclude") or ()), arch=o.get("arch"), os_name=o.get("os"),
-        keep_services=bool(o.get("keep_services", True)), keep_network=bool(o.get("keep_network", False)),
-        hostname=o.get("hostname"), shared=bool(o.get("shared")), force=True, route=route, creds=req.creds)
+    # the route: given, else recorded in the options, else where a manifest before the options had it
+    route = req.route or Route(o.get("route") or manifest.route or OPTION["route"].default)
+    return CreateRequest(name=req.target.name, target=req.target, location=loc, only_physical=req.only_physical,
+                         force=True, route=route, creds=req.creds,
+                         **{opt.name: opt.recorded(o) for opt in IMAGE_OPTIONS if opt.name != "route"})
 
 
-def _enrollment(creds: Credentials, only_physical: bool, manifest: dict[str, Any], target: Target,
-                made: dict[str, Any], env: Env) -> pipeline.Enrollment | None:
+def _enrollment(creds: Credentials, only_physical: bool, manifest: Manifest, target: Target,
+                made: Manifest, env: Env) -> pipeline.Enrollment | None:
     """A registered image's record as the image `made` (its options and source) has it; sent only if what the
     record shows differs from the current image's (_changes)."""
     if only_physical or not _registered(manifest):
         return None
-    o = made.get("options", {})
     return pipeline.Enrollment(creds, jobs.image_fields(
-        env.cfg.openqrm, env.storage(target), name=target.name, rootdevice=target.path, shared=bool(o.get("shared")),
-        comment=f"qrmfs image from {made.get('source')}", arch=o.get("arch"), os_name=o.get("os")))
+        env.cfg.openqrm, env.storage(target), name=target.name, rootdevice=target.path,
+        shared=bool(made.option("shared")), comment=f"qrmfs image from {made.source}", arch=made.option("arch"),
+        os_name=made.option("os")))
 
 
-def _changes(manifest: dict[str, Any], made: dict[str, Any]) -> bool:
-    return bool(jobs.record_fields_changed(manifest.get("options", {}), made.get("options", {})))
+def _changes(manifest: Manifest, made: Manifest) -> bool:
+    return bool(jobs.record_fields_changed(manifest.options, made.options))
 
 
-def _made(creq: CreateRequest) -> dict[str, Any]:
-    """The manifest keys of the image an update makes that its record follows."""
-    return {"options": creq.options_record(), "source": str(creq.location)}
+def _made(creq: CreateRequest) -> Manifest:
+    """What the manifest of the image an update makes has of what its record follows."""
+    return Manifest.new({"options": creq.options_record(), "source": str(creq.location)})
 
 
 def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
@@ -120,13 +116,13 @@ def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
         spec = pipeline.BuildSpec(
             command="update", place=place, source=creq.source(env), source_label=str(creq.location),
             options=creq.prepare_options(), force=True, enroll=enroll,
-            manifest={"options": {**creq.options_record(), "only_physical": manifest.get("options", {}).get(
-                "only_physical", False)}, "excludes": list(creq.excludes), "route": creq.route.value},
+            manifest={"options": {**creq.options_record(), "only_physical": manifest.option("only_physical", False)},
+                      "excludes": list(creq.excludes), "route": creq.route.value},
             discover_mounts=True, new_record=False, parent=manifest)
         return pipeline.build(env, spec)
 
 
-def _dry_run(req: UpdateRequest, env: Env, manifest: dict[str, Any], creq: CreateRequest) -> UpdatePlan:
+def _dry_run(req: UpdateRequest, env: Env, manifest: Manifest, creq: CreateRequest) -> UpdatePlan:
     """What the update would change: rsync's itemized dry run from the source into the current image, with the
     update's excludes; the paths the preparation changes on purpose are left out. Nothing is written."""
     enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, _made(creq), env)
@@ -158,7 +154,8 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     to = gens[0]
     name, target = req.target.name, str(req.target)
     # the record as the generation rolled back to has it: replaced if what it shows differs
-    back = to.manifest or {}
+    back = to.manifest
+    assert back is not None
     enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, back, env)
     changed = _changes(manifest, back)
     closing = [] if enroll is None else jobs.closing("rollback", name, target, enroll.fields if changed else None,
@@ -193,8 +190,8 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     return RolledBack(target, to.path, _when(to.manifest), swapped.generation, reg)
 
 
-def _when(m: dict[str, Any] | None) -> str:
-    return str((m or {}).get("finished") or (m or {}).get("created") or "?")
+def _when(m: Manifest | None) -> str:
+    return (m.made if m is not None else None) or "?"
 
 
 def generations(env: Env, target: Target) -> Generations:
@@ -204,13 +201,11 @@ def generations(env: Env, target: Target) -> Generations:
         raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json)")
     rows = []
     for g in listed.generations:
-        m = g.manifest or {}
-        gen = m.get("generation") or {}
+        m = g.manifest or Manifest.new({})
         rows.append(GenerationRow(
-            path=g.path, role=g.role, seq=g.seq, made=_when(m), made_by=gen.get("made_by") or m.get("created_by"),
-            source=m.get("source"), changes=gen.get("changes"), base_copy=(gen.get("base_copy") or {}).get("method"),
-            files=(m.get("counts") or {}).get("files"), bytes=(m.get("counts") or {}).get("bytes"), cost=g.cost,
-            id=gen.get("id")))
+            path=g.path, role=g.role, seq=g.seq, made=_when(g.manifest), made_by=m.made_by, source=m.source,
+            changes=m.changes, base_copy=m.base_copy_method, files=m.files, bytes=m.bytes, cost=g.cost,
+            id=m.generation_id))
     return Generations(str(target), rows, listed.journal)
 
 

@@ -35,10 +35,14 @@ def on_source(lab: dict[str, Any]) -> Any:
 
 @pytest.fixture
 def mock(lab: dict[str, Any]) -> Iterator[httpx.Client]:
-    """An httpx client on the openQRM mock, reset before and its faults cleared after each test. A test that
-    uses it gets a `cfg` pointing qrmfs at the mock instead of the real server."""
+    """An httpx client on the openQRM mock, reset to a new install with the real server's deployment types
+    before and its faults cleared after each test. A test that uses it gets a `cfg` pointing qrmfs at the
+    mock instead of the real server."""
     with httpx.Client(base_url=lab["openqrm_mock"]["base"], timeout=10) as c:
         c.post("/_mock/reset").raise_for_status()
+        # the real server's deployment types (their ids are the server's own): the config's deployment_id
+        # means the same on both
+        c.post("/_mock/state", json={"deployments": _lab.deployments(lab["name"])}).raise_for_status()
         yield c
         c.delete("/_mock/fault")
 

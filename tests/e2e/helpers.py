@@ -102,3 +102,4 @@ def real_events(lab: dict[str, Any], name: str) -> list[tuple[str, int]]:
     names = {jobs.event_name(c, name) for c in jobs.COMMANDS}
     return [(str(e["event_name"]), int(str(e["event_priority"]))) for e in _lab.events(lab["name"])
             if e["event_source"] == "qrmfs" and e["event_name"] in names]
+

@@ -399,7 +399,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # base class signature
+    def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write(f"{self.address_string()} [{self.log_date_time_string()}] {format % args}\n")
         sys.stderr.flush()
 
@@ -732,7 +732,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Mock openQRM server for the qrmfs lab")
-    parser.add_argument("--host", default="0.0.0.0")  # container service
+    parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=80)
     args = parser.parse_args(argv)
     try:

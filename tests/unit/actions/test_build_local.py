@@ -13,7 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import typer
 
+from qrmfs import cli
 from qrmfs.actions import clone as clone_act
 from qrmfs.actions import create as create_act
 from qrmfs.actions import remove as remove_act
@@ -190,6 +192,23 @@ def test_an_undeletable_old_generation_never_fails_the_publish(env: Env, exports
     assert (exports / "img1/.qrmfs/manifest.json").is_file()
     assert (exports / ".img1.qrmfs-removing-gen-0/etc/pinned").is_file()  # left, out of the generations' way
     assert server.commands() == ["event 9", "event 10"]  # a new generation: the openQRM record stays
+
+
+def test_create_force_keeps_the_old_tree_where_its_help_says(env: Env, exports: Path, source: Path,
+                                                             server: OpenQrm) -> None:
+    """`create --help` (and docs/cli.md, made from it) names where --force keeps what it replaces: a qrmfs
+    image becomes a generation, any other directory .NAME.qrmfs-previous."""
+    command = typer.main.get_command(cli.app).commands["create"]  # type: ignore[attr-defined]
+    force_help = next(p.help for p in command.params if p.name == "force")
+    create(env, exports, source)
+    r = create(env, exports, source, force=True)
+    assert r.previous == str(exports / ".img1.qrmfs-gen-1")  # type: ignore[attr-defined]
+    assert ".NAME.qrmfs-gen-N" in force_help, force_help
+    (exports / "other" / "data").mkdir(parents=True)
+    r = create(env, exports, source, name="other", force=True)
+    assert r.previous == str(exports / ".other.qrmfs-previous")  # type: ignore[attr-defined]
+    assert (exports / ".other.qrmfs-previous" / "data").is_dir()
+    assert "other directory is kept as .NAME.qrmfs-previous" in force_help, force_help
 
 
 def test_create_force_replaces_the_record_whose_shown_options_change(env: Env, exports: Path, source: Path,
