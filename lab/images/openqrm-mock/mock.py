@@ -593,10 +593,6 @@ class Handler(BaseHTTPRequestHandler):
         if ADMIN_ROLE not in user.role:
             state.log("authorization", 1, "image-action", f"Un-Authorized access to image-actions from {user.name}")
             return Response(200, "")
-        # Before its log: with action add/update, PHP walks $_REQUEST['identifier'] and strlen()s image_storageid;
-        # an array there (image_storageid[]=..) is PHP 8's TypeError: 500, nothing written (qrmfs check's probe)
-        if request_get(q, "action") in ("add", "update") and "identifier[]" in q and "image_storageid[]" in q:
-            return Response(500, "")
         command, name = request_get(q, "image_command"), request_get(q, "image_name")
         fields: dict[str, Any] = {k: v for k, v in q.items() if k.startswith("image_") and k != "image_command"}
         if not identifier(q, fields):
