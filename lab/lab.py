@@ -434,6 +434,11 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+# Every lab storage server gives each image its own nfs-ganesha export (qrmfs/agent/exports.py), readable by any
+# client: the lab's NFS clients are this machine (libnfs) and QEMU nodes through relays, on the lab's own network.
+EXPORTS_TOML = 'exports = "ganesha"\nexport_clients = "*"\n'
+
+
 def config_toml(info: dict[str, Any], *, spool_dir: str | None = None, timeout: float | None = None,
                 retries: int | None = None, backoff: float | None = None, server: str = "openqrm") -> str:
     """The qrmfs configuration for the lab (the one writer: `up` writes it to the state dir, the e2e tests
@@ -461,7 +466,7 @@ ssh_user = "root"
 ssh_port = {s['ssh_port']}
 export_root = {json.dumps(s['export_root'])}
 storage_id = {sids['storage']}
-
+{EXPORTS_TOML}
 # The same server's plain-directory export ({exports.FS_TYPE['plain']}, no reflinks): -t plain:{PLAIN_ROOT}/NAME
 [storage.plain]
 address = {json.dumps(s['address'])}
@@ -469,7 +474,7 @@ ssh_user = "root"
 ssh_port = {s['ssh_port']}
 export_root = "{PLAIN_ROOT}"
 storage_id = {sids['storage']}
-"""
+{EXPORTS_TOML}"""
     for role in info.get("storages", []):
         h = info["hosts"][role]
         out += f"""
@@ -480,7 +485,7 @@ ssh_user = "root"
 ssh_port = {h['ssh_port']}
 export_root = {json.dumps(h['export_root'])}
 storage_id = {sids[role]}
-"""
+{EXPORTS_TOML}"""
     for role, h in sorted(info["hosts"].items()):
         if role in ("storage", OPENQRM, MOCK) or is_extra_storage(role):
             continue

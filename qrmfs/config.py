@@ -10,13 +10,16 @@ import difflib
 import math
 import os
 import tomllib
+import typing
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import model
-from .agent.protocol import SPARE_DEFAULT, SPARE_POLICIES
+from .agent.exports import client_spec_ok
+from .agent.protocol import EXPORT_FILES, EXPORT_KINDS, SPARE_DEFAULT, SPARE_POLICIES
 from .errors import ConfigError, UsageError
 from .model import bare_address
 from .model import host as check_host
@@ -48,6 +51,13 @@ class Storage:
     export_root: str = "/exports"
     storage_id: int | None = None
     nfs_address: str | None = None  # what `mount -t nfs` uses; default the ssh address
+    exports: str = "none"  # who serves each image's own NFS export (EXPORT_KINDS); "none": managed elsewhere
+    export_clients: str | None = None  # the export's client spec; default the openQRM server's host
+    exports_file: str | None = None  # /etc/exports, or the file ganesha.conf includes (default EXPORT_FILES)
+
+    @property
+    def exports_table(self) -> str:
+        return self.exports_file or EXPORT_FILES.get(self.exports, "")
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,25 @@ def _spare(v: str, what: str) -> str:
     return v
 
 
+def _export_kind(v: str, what: str) -> str:
+    if v not in EXPORT_KINDS:
+        raise ConfigError(f"config: {what} must be one of {', '.join(EXPORT_KINDS)}, not {v!r}")
+    return v
+
+
+def _export_clients(v: str, what: str) -> str:
+    if not client_spec_ok(v):
+        raise ConfigError(f"config: {what} {v!r} must be one address, network, host name or wildcard (no spaces, "
+                          "quotes, parentheses, ';', '#' or ',')")
+    return v
+
+
+def _exports_file(v: str, what: str) -> str:
+    if not v.startswith("/") or os.path.normpath(v) != v:
+        raise ConfigError(f"config: {what} must be a canonical absolute path")
+    return _check(model.safe_path, v, what)
+
+
 NUMBER = (int, float)
 USER_RULE = "1-32 letters, digits, `_.-`, not starting with `-` or `.`"
 
@@ -237,6 +266,15 @@ SETTINGS: tuple[Setting, ...] = (
             _not_negative),
     Setting("storage.NAME", "nfs_address", str, None, "what `--route nfs` mounts (default: address)",
             _model(check_host)),
+    Setting("storage.NAME", "exports", str, "none", "who serves each image's own NFS export (docs/updating.md): "
+            "`none` (exports are managed elsewhere; qrmfs writes none), `kernel` (/etc/exports, `exportfs`) or "
+            "`ganesha` (an EXPORT block in a file ganesha.conf includes, and ganesha's DBus)", _export_kind),
+    Setting("storage.NAME", "export_clients", str, None, "who may mount the export: one address, network "
+            "(`a.b.c.d/n`), host name or wildcard (default: the host of `[openqrm] url`, as openQRM's nfs-storage "
+            "writes its server's address)", _export_clients),
+    Setting("storage.NAME", "exports_file", str, None, "the file qrmfs edits (default: `/etc/exports` for "
+            "`kernel`, `/etc/ganesha/qrmfs-exports.conf` for `ganesha`); a canonical absolute path",
+            _exports_file),
     *_ssh_host_settings("hosts.NAME", "host name or address"),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
@@ -293,6 +331,17 @@ def _ssh_host(v: dict[str, Any]) -> SshHost:
     return SshHost(bare_address(v["address"])[1], v["ssh_user"], v["ssh_port"])
 
 
+def _clients(v: dict[str, Any], where: str, url: str | None) -> str | None:
+    """export_clients, by default the openQRM server's host (openQRM's nfs-storage writes its server's address)."""
+    if v["export_clients"] is not None or v["exports"] == "none":
+        return typing.cast(str | None, v["export_clients"])
+    host = urllib.parse.urlsplit(url).hostname if url else None
+    if not host:
+        raise ConfigError(f"config: {where}.exports = {v['exports']!r} needs export_clients (the openQRM server's "
+                          "address, as openQRM's nfs-storage writes, or the nodes' network), or [openqrm] url")
+    return host
+
+
 def parse(data: dict[str, Any], path: str | None = None) -> Config:
     tables = {s.split(".")[0] for s in SECTIONS if s}
     top = {}
@@ -305,7 +354,8 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
     t = _values(top, "", "")
     oq = _values(_table(data, "openqrm"), "openqrm", "openqrm")
     ssh = _values(_table(data, "ssh"), "ssh", "ssh")
-    storage = {name: Storage(name, _ssh_host(v), v["export_root"], v["storage_id"], v["nfs_address"])
+    storage = {name: Storage(name, _ssh_host(v), v["export_root"], v["storage_id"], v["nfs_address"], v["exports"],
+                             _clients(v, f"storage.{name}", oq["url"]), v["exports_file"])
                for name, v in _named(data, "storage").items()}
     hosts = {name: _ssh_host(v) for name, v in _named(data, "hosts").items()}
     return Config(path, storage, hosts, OpenQrm(**oq), ssh["identity_file"], ssh["known_hosts"],

@@ -109,11 +109,12 @@ class Built(Result):
     # what the copy changed (rsync's counts: created, deleted, transferred, bytes_transferred); for update, how
     # the new generation differs from the one it replaced
     changes: dict[str, int] = field(default_factory=dict)
+    export: str | None = None  # the image's own NFS export, as the NFS server lists it (None: exports = "none")
 
     def text(self) -> str:
         verb = {"create": "created", "clone": "cloned", "update": "updated"}.get(self.command, self.command)
         return (f"{verb} {self.target} from {self.source}: {self.files} files, {self.bytes / 2**20:.1f} MiB; "
-                f"registration: {self.registration}")
+                f"registration: {self.registration}" + (f"; NFS export: {self.export}" if self.export else ""))
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class RolledBack(Result):
     kept_as: str | None     # where the replaced image went
     registration: Registration
     dry_run: bool = False
+    export: str | None = None  # the image's own NFS export, told of the exchange (None: exports = "none")
     plan: list[dict[str, Any]] = field(default_factory=list)  # dry run: the openQRM requests it would send
 
     def text(self) -> str:
@@ -193,7 +195,8 @@ class RolledBack(Result):
             return "\n".join([f"would roll {self.target} back to {self.to} (made {self.made})",
                               *plan_lines(self.plan), "nothing was changed"])
         return (f"rolled back {self.target} to the generation made {self.made}; the replaced image is kept as "
-                f"{self.kept_as}; openQRM: {self.registration}")
+                f"{self.kept_as}; openQRM: {self.registration}" + (f"; NFS export: {self.export}" if self.export
+                                                                    else ""))
 
 
 @dataclass(frozen=True)

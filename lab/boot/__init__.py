@@ -48,6 +48,7 @@ from .kitcache import (
 )
 from .qemu import (
     DEFAULT_MAC,
+    MOUNTS,
     NFS_GUEST_ADDR,
     NFS_OPTS,
     NFS_PORT,
@@ -95,9 +96,12 @@ class BootSpec:
     memory: int = 1024
     smp: int = 2
     mac: str | None = None
+    mount: str = "nfs4"              # qemu.MOUNTS: "nfs4", or "openqrm" (`mount -t nfs -o rw,nolock`, NFSv3)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "node_id", validate_node_id(self.node_id))
+        if self.mount not in MOUNTS:
+            raise LabError(f"mount {self.mount!r}: one of {', '.join(MOUNTS)}")
         if self.script is not None and not self.probe:
             raise LabError("a test script needs the probe (it runs the script inside the guest)")
 
@@ -222,7 +226,7 @@ def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
     storage = info["hosts"]["storage"]["address"]
     extra = ("qrmfs.poweroff=clean",) if spec.clean_poweroff else ()
     cmdline = kernel_cmdline(NFS_GUEST_ADDR, spec.image_path, spec.node_id, spec.hostname, probe=spec.probe,
-                             extra=extra)
+                             extra=extra, mount=spec.mount)
     prep = prepare()
     common: dict[str, Any] = {"image": spec.image_path, "node_id": spec.node_id, "kernel": prep.kernel_version,
                               "cold": prep.cold, "prepare_seconds": round(prep.seconds, 2), "probe": spec.probe}

@@ -32,6 +32,13 @@ GUEST_IP, GUEST_GW = "10.0.2.15/24", "10.0.2.2"
 NFS_GUEST_ADDR = "10.0.2.100"  # the storage server as the guest sees it (guestfwd)
 NFS_PORT = 2049
 NFS_OPTS = f"vers=4.1,port={NFS_PORT}"
+# NFSv3 needs two more: rpcbind, which names the mount protocol's port, and that port (ganesha's MNT_Port in
+# lab/images/storage/ganesha.conf). Each is forwarded at the same port of NFS_GUEST_ADDR.
+RPCBIND_PORT, MOUNTD_PORT = 111, 20048
+FORWARDED_PORTS = (NFS_PORT, RPCBIND_PORT, MOUNTD_PORT)
+# How a node mounts its image: the lab's default (NFSv4.1), or exactly as openQRM's root-mount.nfs-deployment
+# does (`mount -t nfs -o rw,nolock SERVER:ROOTDEVICE`: NFSv3, the kernel's default for type nfs).
+MOUNTS = {"nfs4": ("nfs4", NFS_OPTS), "openqrm": ("nfs", "rw,nolock")}
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 SSH_WAIT = 30.0  # seconds, after the running state was reached, for the node's sshd to answer
@@ -62,13 +69,15 @@ def node_uuid(node_id: int | str | None) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"qrmfs-lab-node:{nid if nid is not None else '-'}"))
 
 
-def kernel_cmdline(nfs_server: str, image_path: str, node_id: int | str | None = None,
-                   hostname: str | None = None, probe: bool = True, extra: tuple[str, ...] = ()) -> str:
+def kernel_cmdline(nfs_server: str, image_path: str, node_id: int | str | None = None,  # noqa: PLR0913
+                   hostname: str | None = None, probe: bool = True, extra: tuple[str, ...] = (),
+                   mount: str = "nfs4") -> str:
     """The guest kernel's command line: console on ttyS0, the NFS root for the initramfs, node identity."""
     if not image_path.startswith("/") or any(c.isspace() for c in image_path):
         raise LabError(f"image path {image_path!r} must be absolute and contain no white space")
     args = ["console=ttyS0,115200", "panic=-1", "net.ifnames=0",
-            f"qrmfs.root={nfs_server}:{image_path}", f"qrmfs.nfsopts={NFS_OPTS}",
+            f"qrmfs.root={nfs_server}:{image_path}", f"qrmfs.nfstype={MOUNTS[mount][0]}",
+            f"qrmfs.nfsopts={MOUNTS[mount][1]}",
             f"qrmfs.ip={GUEST_IP}", f"qrmfs.gw={GUEST_GW}"]
     if not probe:
         args.append("qrmfs.probe=0")
@@ -97,8 +106,9 @@ def qemu_argv(  # noqa: PLR0913 - keyword-only: the VM's knobs for one QEMU comm
               nic: str = "virtio-net-pci", ssh_port: int | None = None) -> list[str]:
     """QEMU under TCG, serial console on stdout, isolated user networking with one way out: NFS (and,
     with `ssh_port`, one way in: 127.0.0.1:ssh_port to the guest's sshd)."""
-    netdev = (f"user,id=net0,restrict=on,"
-              f"guestfwd=tcp:{NFS_GUEST_ADDR}:{NFS_PORT}-cmd:{relay_command(storage_address)}")
+    netdev = "user,id=net0,restrict=on" + "".join(
+        f",guestfwd=tcp:{NFS_GUEST_ADDR}:{port}-cmd:{relay_command(storage_address, port)}"
+        for port in FORWARDED_PORTS)
     if ssh_port is not None:
         netdev += f",hostfwd=tcp:127.0.0.1:{int(ssh_port)}-:22"
     return [QEMU, "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-m", str(memory), "-smp", str(smp),

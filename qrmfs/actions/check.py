@@ -16,11 +16,13 @@ from typing import Any
 
 from .. import argv as A
 from .. import openqrm
+from ..agent.exports import LISTERS
 from ..config import SEARCH, Config, SshHost, Storage, load
 from ..errors import CheckFailedError, ConfigError, QrmfsError, UsageError
 from ..model import Location, Target, host, split_host
 from ..results import Result
 from ..runner import CommandFailed, Runner, ToolMissing, tail
+from ..storage import StorageSide
 from ..ui import Ui
 from . import hosts
 from .common import Credentials, Env, resolve_credentials
@@ -333,8 +335,25 @@ class Checker:
                 self.tar(f"{label} tar", side.argv(("tar", "--version")), f"on storage server {s.name}")
             python = sys.executable if side.local else "python3"  # as the agent runs (qrmfs/storage.py)
             self.probe(s, side.argv((python, "-c", PROBE, directory, s.export_root)), directory, need, need_from)
+            self.exports(s, side, label)
         finally:
             side.close()
+
+    def exports(self, s: Storage, side: StorageSide, label: str) -> None:
+        """The NFS server that serves each image's own export (`exports`) answers its listing, read-only."""
+        if s.exports == "none":
+            return
+        argv = LISTERS[s.exports]
+        try:
+            code, _out, err = self.run(side.argv(argv), SSH_TIMEOUT)
+        except ToolMissing as e:  # a `local` storage server: the tool is not on this machine
+            code, err = 127, e.message
+        if code != 0:
+            self.r.add(f"{label} exports", FAIL, f"exports = {s.exports!r}, but `{' '.join(argv[:2])} ...` failed on "
+                       f"{s.name} (exit {code}): qrmfs could not export its images", stderr=tail(err, 3))
+        else:
+            self.r.add(f"{label} exports", OK, f"{s.exports} answers its export listing; qrmfs edits "
+                       f"{s.exports_table} for the clients {s.export_clients}")
 
     def probe(self, s: Storage, argv: Sequence[str], directory: str, need: int | None, need_from: str) -> None:
         label = _storage_label(s, directory)

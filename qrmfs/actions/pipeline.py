@@ -39,7 +39,7 @@ from ..results import Built, Registration, RegState
 from ..runner import Runner, later, tail
 from ..storage import StorageSide, Supervised, node_init_script
 from ..transfer import run_rsync, run_stream
-from . import copyplan, hosts, names
+from . import copyplan, exports, hosts, names
 from .common import Credentials, Env, claim_job, deliver, holder, iso_now
 
 
@@ -166,7 +166,13 @@ def build(env: Env, spec: BuildSpec) -> Built:
             raise
         env.ui.step(f"published {spec.place.target}" + (
             f" (the image it replaced is kept as {published.previous})" if published.replaced else ""))
-        return _result(env, run, published, _register(env, run))
+        # the image's own NFS export: new mounts get this generation; a failure is raised after the registration
+        exported = exports.apply(env, env.side(spec.place.storage), spec.place.target,
+                                 "refresh" if run.incremental else "add")
+        built = dataclasses.replace(_result(env, run, published, _register(env, run)),
+                                    export=exports.shown(exported))
+        exports.failed(exported)
+        return built
 
 
 def _as_new_generation(env: Env, spec: BuildSpec, current: Manifest | None) -> BuildSpec:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import jobs
+from .. import jobs, openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
+from . import exports
 from .common import Credentials, Env, deliver, flush_spool, require_registration, same_image
 
 
@@ -44,6 +45,7 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
         raise AbortedError("nothing removed")
     with env.locked(side, req.target.path, "remove", req.target.name):
         side.remove(req.target.path, req.force)
+        unexported = exports.apply(env, side, req.target, "remove")  # only now: the image is gone
     env.ui.step(f"removed {req.target}")
     # a registration still waiting in the spool for this image must never arrive after its removal
     # matched by storage identity and path, whatever spelling (name or address) either run used
@@ -59,10 +61,18 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
         spool.drop(job)
         claim.release(unlink=True)
         env.ui.step(f"dropped the spooled registration {job.id} of the removed image")
-    if not deregister:
+    deregistration: openqrm.Job | None = None
+    if deregister:
+        assert req.creds.url
+        deregistration = jobs.job(req.creds.url, req.creds.user, "remove", name, target, requests)
+    result = _deregister(req, env, deregistration)
+    exports.failed(unexported)  # after the deregistration: the image is gone either way
+    return result
+
+
+def _deregister(req: RemoveRequest, env: Env, job: openqrm.Job | None) -> Removed:
+    if job is None:
         return Removed(str(req.target), Registration(RegState.NOT_REGISTERED))
-    assert req.creds.url
-    job = jobs.job(req.creds.url, req.creds.user, "remove", name, target, requests)
     flush_spool(env, req.creds, quick=True)
     why = deliver(env, req.creds, job)
     if why is None:

@@ -34,7 +34,7 @@ from ..results import (
     UpdatePlan,
 )
 from ..transfer import change_kind
-from . import pipeline
+from . import exports, pipeline
 from .common import Credentials, Env, deliver, flush_spool, holder, iso_now, require_registration
 from .create import CreateRequest
 from .listing import list_images
@@ -174,6 +174,7 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
         deliver(env, req.creds, job, quick=True)
     with side.lock(req.target.path, holder("rollback", name)):
         swapped = side.rollback(req.target.path, env.cfg.keep_generations)
+        exported = exports.apply(env, side, req.target, "refresh")  # new mounts get the generation now current
     env.ui.step(f"rolled back {req.target} to the generation made {_when(to.manifest)}; the replaced one is kept "
                 f"as {swapped.generation}")
     reg = Registration(RegState.NOT_REGISTERED) if not _registered(manifest) else Registration.of_manifest(manifest)
@@ -187,7 +188,8 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
             reg = Registration(RegState.REGISTERED, time=iso_now(), via="rollback", seen=saw)
         if why is not None:
             env.ui.warn(f"openQRM did not answer ({why}): the rollback's requests wait in the spool")
-    return RolledBack(target, to.path, _when(to.manifest), swapped.generation, reg)
+    exports.failed(exported)  # after the registration: the rollback is done either way
+    return RolledBack(target, to.path, _when(to.manifest), swapped.generation, reg, export=exports.shown(exported))
 
 
 def _when(m: Manifest | None) -> str:

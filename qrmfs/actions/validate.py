@@ -18,7 +18,7 @@ from ..results import Drift, Validated
 from ..runner import Result
 from ..storage import StorageSide, Supervised
 from ..transfer import check_rsync, parse_item
-from . import copyplan, hosts
+from . import copyplan, exports, hosts
 from .common import Env
 from .pipeline import prepared_options, prepared_paths
 
@@ -69,7 +69,7 @@ def validate(req: ValidateRequest, env: Env) -> Validated:
     opts = options_of(req.target.name, info.manifest)
     drift = _drift(env, req, storage, info.manifest,
                    alongside=lambda: checks.append(side.check_later(req.target.path, opts)))
-    findings = _manifest_findings(req, info.manifest) + checks[0]().findings
+    findings = _manifest_findings(req, info.manifest) + checks[0]().findings + exports.findings(side, req.target.path)
     return Validated(req.target.name, str(req.target), findings, drift=drift)
 
 
@@ -79,7 +79,7 @@ def _validate(req: ValidateRequest, env: Env, manifest: Manifest | None) -> Vali
     path = req.target.path
 
     def findings(m: Manifest | None) -> list[FindingRecord]:
-        return _manifest_findings(req, m) + side.check(path, opts).findings
+        return _manifest_findings(req, m) + side.check(path, opts).findings + exports.findings(side, path)
 
     before = findings(manifest)
     if not req.fix:
@@ -91,7 +91,10 @@ def _validate(req: ValidateRequest, env: Env, manifest: Manifest | None) -> Vali
     after = before
     with env.locked(side, path, "validate --fix", req.target.name):
         if before:
-            fixed = side.prepare(path, opts).fixed + [f for f in before if f.step == "manifest" and f.fixable]
+            fixed = side.prepare(path, opts).fixed + [f for f in before if f.step in ("manifest", "export")
+                                                      and f.fixable]
+            if any(f.step == "export" for f in before):
+                side.export(path, "refresh")
             if manifest is not None:
                 manifest = side.manifest_update(path, {"image": req.target.name, "path": path}).manifest
             after = findings(manifest)

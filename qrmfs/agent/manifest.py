@@ -191,6 +191,13 @@ class Manifest:
         return _str(_dict(self.generation, "base_copy"), "method")
 
     @property
+    def exported_for(self) -> tuple[str | None, str | None] | None:
+        """The image's own NFS export as last seen done (agent/exports.py): (its kind, the generation id it was
+        made for); None where it never was."""
+        e = self.data.get("export")
+        return (_str(e, "kind"), _str(e, "generation")) if isinstance(e, dict) else None
+
+    @property
     def registration(self) -> RegistrationRecord:
         """The image's openQRM registration as recorded (results.Registration reads it)."""
         reg = _dict(self.data, "registration")

@@ -34,6 +34,11 @@ STOPPED = 125  # `run`: the agent did not start the command, or stopped it (the 
 # a whole copy between updates), "never".
 SPARE_DEFAULT = "reflink"
 SPARE_POLICIES = (SPARE_DEFAULT, "always", "never")
+# Who serves an image's own NFS export (agent/exports.py): "none" (exports are managed elsewhere: qrmfs never
+# writes one), "kernel" (the kernel NFS server, /etc/exports), "ganesha" (nfs-ganesha, an EXPORT block and DBus).
+EXPORT_KINDS = ("none", "kernel", "ganesha")
+EXPORT_FILES = {"kernel": "/etc/exports", "ganesha": "/etc/ganesha/qrmfs-exports.conf"}  # the default per kind
+EXPORT_ACTIONS = ("add", "refresh", "remove", "show")
 
 
 class ErrorKind(str, enum.Enum):  # noqa: UP042 - StrEnum needs python 3.11 on the storage server
@@ -423,6 +428,29 @@ class Rollback(Request[Swapped]):
     path: str
     export_root: str
     keep: int
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: str
+    kind: str
+    state: str                # "exported" | "stale" (listed, not refreshed since this generation) | "absent"
+    export_id: int | None     # ganesha's Export_Id
+
+
+@dataclass(frozen=True)
+class Export(Request[Exported]):
+    """The image's own NFS export (agent/exports.py): add, refresh (after a generation exchange), remove (after
+    the image is gone) or show; `table` is /etc/exports or the ganesha file ganesha.conf includes."""
+    op: ClassVar[str] = "export"
+    answer: ClassVar[type] = Exported
+    handler: ClassVar[str] = "exports.op_export"
+    path: str
+    export_root: str
+    action: str
+    kind: str
+    clients: str
+    table: str
 
 
 @dataclass(frozen=True)

@@ -86,14 +86,18 @@ def test_prepared_kernel_and_initramfs_are_reused():
 
 
 def test_image_made_by_create_boots_to_multi_user(lab, plain_image):
-    r = lab_boot.boot(lab, lab_boot.BootSpec(plain_image, script=PREPARED_SCRIPT, timeout=BOOT_TIMEOUT))
+    """The node mounts its image as openQRM's root-mount.nfs-deployment does, `mount -t nfs -o rw,nolock
+    SERVER:ROOTDEVICE`: NFSv3, through the image's own export (the lab's ganesha, `exports = "ganesha"`)."""
+    r = lab_boot.boot(lab, lab_boot.BootSpec(plain_image, script=PREPARED_SCRIPT, timeout=BOOT_TIMEOUT,
+                                             mount="openqrm"))
     assert r.reached, _explain(r)
     assert r.ok and r.state == "multi-user.target" and r.init == "systemd"
     assert r.script_rc == 0, _explain(r)
     assert r.sshd is not None and r.sshd.startswith("SSH-2.0-OpenSSH"), "sshd answers through the forward"
     f = _facts(r)
     # what qrmfs's preparation is for, seen from inside the running node
-    assert f["root"].split() == ["nfs4", f"{lab_boot.NFS_GUEST_ADDR}:{plain_image}"], f
+    assert f["root"].split() == ["nfs", f"{lab_boot.NFS_GUEST_ADDR}:{plain_image}"], f
+    assert f["nfs"] == "vers=3 nolock", f
     assert f["mtab"] in MTAB_OK and f["df"] == "ok", f                   # mtab: df works on the NFS root
     assert f["fstab-disks"] == "0", f                                    # fstab: no local disk to wait for
     assert f["remount-fs"] == "masked" and f["fsck-root"] == "masked", f  # masked for a diskless node
@@ -114,6 +118,7 @@ def test_image_made_by_create_boots_to_multi_user(lab, plain_image):
 FLAKY_API_MOUNTS = {"dev-hugepages.mount", "dev-mqueue.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount"}
 PREPARED_SCRIPT = r"""
 echo "root=$(findmnt -n -o FSTYPE,SOURCE /)"
+echo "nfs=$(findmnt -n -o OPTIONS / | tr , '\n' | grep -xE 'vers=[0-9.]+|nolock' | tr '\n' ' ' | sed 's/ $//')"
 echo "mtab=$(readlink /etc/mtab)"
 df / >/dev/null && echo "df=ok"
 echo "fstab-disks=$(grep -cE '^(UUID|LABEL|PARTUUID|/dev/[sv]d)' /etc/fstab)"

@@ -146,6 +146,10 @@ def test_sigkill_of_qrmfs_mid_update_leaves_image_and_node_data(lab, cfg, scratc
 
 BOOT_TIMEOUT = float(os.environ.get("QRMFS_BOOT_TIMEOUT", "480"))
 MARKER = "/etc/qrmfs-update-marker"
+# The node mounts as openQRM's root-mount.nfs-deployment does (`mount -t nfs -o rw,nolock`: NFSv3 through the
+# image's own ganesha export): its handles must stay valid when qrmfs re-adds the export after the exchange, and
+# after a reboot it gets the current generation only because qrmfs told ganesha (tests/e2e/test_image_exports.py).
+MOUNT = "openqrm"
 
 # Runs inside the node: start a reader before the update, say "ready" in the node's private dir, wait for the
 # test's "go" (written there after the update or rollback), then check that the node still works.
@@ -194,7 +198,7 @@ def _while_running(lab: dict[str, Any], image: str, change: Any) -> tuple[dict[s
         run_on(lab, "storage", f"rm -f {d}/ready {d}/go {d}/errors {d}/after", check=False)
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(lab_boot.boot, lab, lab_boot.BootSpec(image, node_id="1", script=RUNNING_SCRIPT,
-                                                                timeout=BOOT_TIMEOUT))
+                                                                timeout=BOOT_TIMEOUT, mount=MOUNT))
         deadline = time.monotonic() + BOOT_TIMEOUT
         while True:
             found = [d for d in (private, shared) if run_on(lab, "storage", f"test -e {d}/ready",
@@ -237,7 +241,8 @@ def test_a_running_node_survives_an_update_and_a_rollback(lab, on_source):
         assert f == {"marker-before": "none", "go": "seen", "reader": "alive", "errors": "0", "root": "readable",
                      "env-fd": "177ELF", "os-release": f["os-release"], "marker-after": "none",
                      "write": "still"}, f
-        r2 = lab_boot.boot(lab, lab_boot.BootSpec(image, node_id="1", script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT))
+        r2 = lab_boot.boot(lab, lab_boot.BootSpec(image, node_id="1", script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT,
+                                                 mount=MOUNT))
         assert r2.reached and r2.script_rc == 0, r2.log_tail
         assert _facts(r2) == {"marker": "generation-two", "after": "still" if private else "none"}
 
@@ -250,7 +255,8 @@ def test_a_running_node_survives_an_update_and_a_rollback(lab, on_source):
         assert f["marker-before"] == "generation-two" and f["marker-after"] == "generation-two", f
         assert (f["go"], f["reader"], f["errors"], f["root"], f["write"]) == ("seen", "alive", "0", "readable",
                                                                               "still"), f
-        r3 = lab_boot.boot(lab, lab_boot.BootSpec(image, node_id="1", script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT))
+        r3 = lab_boot.boot(lab, lab_boot.BootSpec(image, node_id="1", script=REBOOT_SCRIPT, timeout=BOOT_TIMEOUT,
+                                                 mount=MOUNT))
         assert r3.reached and r3.script_rc == 0, r3.log_tail
         assert _facts(r3) == {"marker": "none", "after": "still"}  # private, or written into this very tree
         print(f"\nrunning node across update and rollback: private dirs {'bound' if private else 'NOT bound'}")

@@ -135,6 +135,12 @@ def test_node_mac_and_uuid_are_stable_and_distinct():
     assert boot.node_uuid(1) == boot.node_uuid("1") != boot.node_uuid(2)
 
 
+def test_kernel_cmdline_mounts_as_openqrm_does_on_request():
+    assert "qrmfs.nfstype=nfs4" in boot.kernel_cmdline("10.0.2.100", "/exports/img1").split()
+    args = boot.kernel_cmdline("10.0.2.100", "/exports/img1", mount="openqrm").split()
+    assert "qrmfs.nfstype=nfs" in args and "qrmfs.nfsopts=rw,nolock" in args  # root-mount.nfs-deployment's mount
+
+
 def test_qemu_argv_is_tcg_with_isolated_network_and_one_way_to_nfs():
     argv = boot.qemu_argv("/k/vmlinuz", "/k/initrd", "console=ttyS0", "172.30.0.2", mac="52:54:00:aa:bb:cc",
                           machine_uuid=boot.node_uuid(1), memory=1024, smp=2)
@@ -145,8 +151,12 @@ def test_qemu_argv_is_tcg_with_isolated_network_and_one_way_to_nfs():
     assert "-no-reboot" in argv and argv[argv.index("-uuid") + 1] == boot.node_uuid(1)
     netdev = argv[argv.index("-netdev") + 1]
     assert "restrict=on" in netdev.split(",")
-    assert f"guestfwd=tcp:{boot.NFS_GUEST_ADDR}:2049-cmd:" in netdev
-    assert netdev.endswith("relay.py 172.30.0.2 2049")
+    # NFS, and for NFSv3 rpcbind and the mount protocol's fixed port: each relayed to the same port of the storage
+    forwards = [p for p in netdev.split(",") if p.startswith("guestfwd=")]
+    assert [f.split("-cmd:")[0] for f in forwards] == [f"guestfwd=tcp:{boot.NFS_GUEST_ADDR}:{port}"
+                                                       for port in (2049, 111, 20048)]
+    assert [f.split()[-2:] for f in forwards] == [["172.30.0.2", "2049"], ["172.30.0.2", "111"],
+                                                  ["172.30.0.2", "20048"]]
     assert "mac=52:54:00:aa:bb:cc" in argv[argv.index("-device") + 1]
 
 

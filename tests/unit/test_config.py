@@ -111,8 +111,8 @@ UNKNOWN = [
                                           "'password_file'?"),
     ('[ssh]\nport = 22\n', "config: unknown key 'port' in [ssh]; known: identity_file, known_hosts"),
     ('[storage.nas1]\naddress = "h"\n[storage.nas1.extra]\nx = 1\n',
-     "config: unknown key 'extra' in [storage.nas1]; known: address, export_root, nfs_address, ssh_port, "
-     "ssh_user, storage_id"),
+     "config: unknown key 'extra' in [storage.nas1]; known: address, export_clients, export_root, exports, "
+     "exports_file, nfs_address, ssh_port, ssh_user, storage_id"),
     ("verbose = true\n", "config: unknown key 'verbose' at the top level; known: keep_generations, spare, "
                           "spool_dir"),
 ]

@@ -186,6 +186,18 @@ def test_unreadable_key_files_and_password_file_are_failed_checks(env, capsys):
     assert any(ln.startswith("ok   storage local export root") for ln in lines)  # the rest still ran
 
 
+def test_an_nfs_server_that_does_not_answer_its_export_listing_fails_the_check(env, capsys):
+    """exports = "kernel" where no exportfs runs (this machine has no kernel NFS server): qrmfs could export
+    no image there, and check says so before a create would fail after its publish."""
+    env["cfg"].write_text(env["cfg"].read_text().replace('address = "local"\n', 'address = "local"\n'
+                                                         'exports = "kernel"\n'))
+    code, out, err = run(["check", "-t", f"local:{env['root']}/img", "--json", "--config", str(env["cfg"])], capsys)
+    got = {c["name"]: c for c in json.loads(out)["result"]["checks"]}
+    assert code == 15, out + err
+    assert got["storage local exports"]["status"] == "fail"
+    assert got["storage local exports"]["message"].startswith("exports = 'kernel', but `exportfs -v ...` failed")
+
+
 # --- an https openQRM behind a private CA ----------------------------------------------------------
 
 def _openssl(*args: str) -> None:

@@ -72,6 +72,8 @@ def test_every_op_has_a_client_method() -> None:
     side.check_later("/exports/a", P.Options("a"))
     side.rebase("/exports/a", "/exports/.a.s", {"x"})
     side.rebase_scan_later("/exports/a", "/exports/.a.s")
+    side.storage = dataclasses.replace(side.storage, exports="kernel", export_clients="10.0.0.5")
+    side.export("/exports/a", "show")  # the side's config says how it is exported
     with side.lock("/exports/a", "me"):
         pass
     for start in (side.connect, lambda: side.supervised("/exports/a", ["true"], None)):
