@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import model
-from .agent.protocol import SPARE_DEFAULT, SPARE_POLICIES
+from .agent.protocol import NODE_TIMEOUT_DEFAULT, SPARE_DEFAULT, SPARE_POLICIES
 from .errors import ConfigError, UsageError
 from .model import bare_address
 from .model import host as check_host
@@ -70,6 +70,8 @@ class Config:
     spool_dir: str = "~/.local/state/qrmfs/spool"
     keep_generations: int = 1  # earlier generations of an image kept by update (and create --force)
     spare: str = SPARE_DEFAULT  # when a pruned generation is kept as the next update's start (SPARE_POLICIES)
+    node_timeout: int = NODE_TIMEOUT_DEFAULT  # seconds after a node's last heartbeat that it stops holding its
+    #                                           generation (agent/holds.py)
 
     def storage_for(self, token: str) -> Storage:
         """A storage server by its config name, else by address (ssh as root, port 22, export root /exports)."""
@@ -186,15 +188,18 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
                   spool, *_generations(data))
 
 
-def _generations(data: dict[str, Any]) -> tuple[int, str]:
-    """keep_generations and spare (see gens.prune)."""
+def _generations(data: dict[str, Any]) -> tuple[int, str, int]:
+    """keep_generations, spare (see gens.prune) and node_timeout (see holds.py)."""
     keep = _get(data, "keep_generations", int, "", 1)
     if keep < 0:
         raise ConfigError("config: keep_generations must be 0 or more")
     spare = _get(data, "spare", str, "", SPARE_DEFAULT)
     if spare not in SPARE_POLICIES:
         raise ConfigError(f"config: spare must be one of {', '.join(SPARE_POLICIES)}, not {spare!r}")
-    return keep, spare
+    timeout = _get(data, "node_timeout", int, "", NODE_TIMEOUT_DEFAULT)
+    if timeout < 1:
+        raise ConfigError("config: node_timeout must be 1 second or more")
+    return keep, spare, timeout
 
 
 def _shown(p: str) -> str:

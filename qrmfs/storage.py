@@ -30,7 +30,7 @@ from .config import Storage
 from .errors import ConnectError, ExistsError, LockedError, NotFoundError, QrmfsError, RefusedError, StorageError
 from .runner import CommandFailed, Runner, stop, tail
 
-AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "gens", "supervise", "main")
+AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "holds", "gens", "supervise", "main")
 # The -c program is tiny and fixed; the loader (agent/loader.py) and the agent modules come on stdin (first JSON
 # line, with the modules' digest: the loader keeps their compiled code in the storage server's cache by it).
 BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'
@@ -302,11 +302,11 @@ class StorageSide:
     def write_manifest(self, path: str, staging: str, manifest: dict[str, Any]) -> P.Written:
         return self._call(P.WriteManifest(path, self.root, staging, manifest))
 
-    def publish(self, path: str, staging: str, force: bool) -> P.Published:
-        return self._call(P.Publish(path, self.root, staging, force))
+    def publish(self, path: str, staging: str, force: bool, node_timeout: int) -> P.Published:
+        return self._call(P.Publish(path, self.root, staging, force, node_timeout))
 
-    def remove(self, path: str, force: bool) -> P.Removed:
-        return self._call(P.Remove(path, self.root, force))
+    def remove(self, path: str, force: bool, running_ok: bool, node_timeout: int) -> P.Removed:
+        return self._call(P.Remove(path, self.root, force, running_ok, node_timeout))
 
     def list(self, leftovers: bool = True) -> P.Listed:
         return self._call(P.List(self.root, leftovers=leftovers))
@@ -333,14 +333,18 @@ class StorageSide:
         """check, started now, its findings read when the returned function is called."""
         return self._begin(P.Check(path, self.root, options))
 
-    def stage_update(self, path: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
-        return self._call(P.StageUpdate(path, self.root, token, known_hosts))
+    def stage_update(self, path: str, token: str, node_timeout: int, known_hosts: str | None = None
+                     ) -> P.StagedUpdate:
+        return self._call(P.StageUpdate(path, self.root, token, known_hosts, node_timeout))
 
     def stage_copy(self, path: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:
         return self._call(P.StageCopy(path, self.root, token, origin, origin_root))
 
-    def publish_update(self, path: str, staging: str, keep: int, spare: str) -> P.Swapped:
-        return self._call(P.PublishUpdate(path, self.root, staging, keep, spare))
+    def publish_update(self, path: str, staging: str, keep: int, spare: str, node_timeout: int) -> P.Swapped:
+        return self._call(P.PublishUpdate(path, self.root, staging, keep, spare, node_timeout))
+
+    def prune(self, path: str, keep: int, spare: str, node_timeout: int) -> P.Pruned:
+        return self._call(P.Prune(path, self.root, keep, spare, node_timeout))
 
     def rebase(self, path: str, staging: str, prepared: Iterable[str], only: Iterable[str] | None = None
                ) -> P.Rebased:
@@ -353,8 +357,8 @@ class StorageSide:
     def rollback(self, path: str, keep: int) -> P.Swapped:
         return self._call(P.Rollback(path, self.root, keep))
 
-    def generations(self, path: str, costs: bool = False) -> P.GenerationList:
-        return self._call(P.Generations(path, self.root, costs))
+    def generations(self, path: str, node_timeout: int, costs: bool = False) -> P.GenerationList:
+        return self._call(P.Generations(path, self.root, costs, node_timeout))
 
     def supervised(self, path: str, argv: Sequence[str], holder: str | None,
                    forward_agent: bool = False, pipe_to: Sequence[str] | None = None) -> Supervised:

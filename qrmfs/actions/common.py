@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import model, openqrm
-from ..agent.protocol import Inspected, Locked
+from ..agent.holds import describe
+from ..agent.protocol import Held, Inspected, Locked
 from ..config import Config, Storage, _shown
 from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
 from ..model import Target
@@ -119,6 +120,14 @@ def identity_of(storage: Storage, path: str) -> dict[str, Any]:
 
 def holder(command: str, name: str) -> str:
     return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} ({command} {name})"
+
+
+def kept_for_nodes(env: Env, held: list[Held]) -> None:
+    """Say which generations beyond keep_generations a prune kept, and which nodes run them."""
+    for h in held:
+        env.ui.step(f"kept {h.path} beyond keep_generations: {len(h.nodes)} node(s) run it: {describe(h.nodes)}; "
+                    f"it is deleted by the first update or gc after they rebooted or stopped reporting for "
+                    f"node_timeout = {env.cfg.node_timeout} s")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import openqrm
+from ..agent.holds import stamp
 from ..errors import NotFoundError, RefusedError, UsageError
 from ..model import Location, Route, Target
 from ..results import (
@@ -25,6 +26,7 @@ from ..results import (
     GenerationListing,
     GenerationRow,
     Generations,
+    NodeRow,
     Registration,
     RegState,
     RolledBack,
@@ -140,7 +142,8 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     manifest = _current(env, req.target)
     storage = env.storage(req.target)
     side = env.side(storage)
-    gens = [g for g in side.generations(req.target.path).generations if g.role == "generation" and g.manifest]
+    gens = [g for g in side.generations(req.target.path, env.cfg.node_timeout).generations
+            if g.role == "generation" and g.manifest]
     if not gens:
         raise NotFoundError(f"{req.target} has no earlier generation to roll back to")
     to = gens[0]
@@ -177,7 +180,7 @@ def _made(m: dict[str, Any] | None) -> str:
 
 def generations(env: Env, target: Target) -> Generations:
     side = env.side(env.storage(target))
-    listed = side.generations(target.path, costs=True)
+    listed = side.generations(target.path, env.cfg.node_timeout, costs=True)
     if not listed.generations[0].manifest:
         raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json)")
     rows = []
@@ -188,7 +191,7 @@ def generations(env: Env, target: Target) -> Generations:
             path=g.path, role=g.role, seq=g.seq, made=_made(m), made_by=gen.get("made_by") or m.get("created_by"),
             source=m.get("source"), changes=gen.get("changes"), base_copy=(gen.get("base_copy") or {}).get("method"),
             files=(m.get("counts") or {}).get("files"), bytes=(m.get("counts") or {}).get("bytes"), cost=g.cost,
-            id=gen.get("id")))
+            id=gen.get("id"), nodes=[NodeRow(h.node, stamp(h.since), stamp(h.seen)) for h in g.nodes]))
     return Generations(str(target), rows, listed.journal)
 
 

@@ -56,6 +56,7 @@ HANDLERS: dict[type[Any], Callable[[Any], Any]] = {
     P.PublishUpdate: _fields(gens.op_publish_update),
     P.Rollback: _fields(gens.op_rollback),
     P.Generations: _fields(gens.op_generations),
+    P.Prune: _fields(gens.op_prune),
     P.Rebase: _fields(gens.op_rebase),
     P.RebaseScan: _fields(gens.op_rebase_scan),
 }

@@ -32,6 +32,9 @@ STOPPED = 125  # `run`: the agent did not start the command, or stopped it (the 
 # a whole copy between updates), "never".
 SPARE_DEFAULT = "reflink"
 SPARE_POLICIES = (SPARE_DEFAULT, "always", "never")
+# Seconds after a node's last heartbeat that its record stops holding the generation it runs (holds.py): how
+# long a node that crashed or lost power keeps its generation. The config's `node_timeout`.
+NODE_TIMEOUT_DEFAULT = 900
 
 
 class ErrorKind(str, enum.Enum):  # noqa: UP042 - StrEnum needs python 3.11 on the storage server
@@ -168,6 +171,22 @@ class StagedUpdate:
 
 
 @dataclass(frozen=True)
+class NodeHold:
+    """A node's record that it runs a generation (holds.py); times are the storage server's clock (epoch s)."""
+    node: str
+    generation: str        # the generation id the node booted
+    since: float           # when it booted (its record was written)
+    seen: float            # its last heartbeat
+
+
+@dataclass(frozen=True)
+class Held:
+    """A tree kept (not deleted, not made the spare) because nodes run it."""
+    path: str
+    nodes: list[NodeHold]
+
+
+@dataclass(frozen=True)
 class Swapped:
     """A journaled publish (update or rollback) done: where the replaced image went, what was pruned."""
     path: str
@@ -175,6 +194,7 @@ class Swapped:
     pruned: list[str]
     nodes_moved: bool
     prune_failed: list[str] = field(default_factory=list)  # generations that could not be deleted (yet)
+    held: list[Held] = field(default_factory=list)  # generations beyond `keep` kept because nodes run them
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,7 @@ class Generation:
     seq: int | None        # generations: higher is newer; 0 is an old-style .NAME.qrmfs-previous
     manifest: dict[str, Any] | None
     cost: int | None       # bytes shared with no other tree (reflinks); None when not asked for
+    nodes: list[NodeHold] = field(default_factory=list)  # the nodes that run it (holds.py)
 
 
 @dataclass(frozen=True)
@@ -337,6 +358,7 @@ class Publish(Request[Published]):
     export_root: str
     staging: str
     force: bool
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -347,6 +369,7 @@ class StageUpdate(Request[StagedUpdate]):
     export_root: str
     token: str
     known_hosts: str | None = None
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -373,6 +396,7 @@ class PublishUpdate(Request[Swapped]):
     staging: str
     keep: int
     spare: str = SPARE_DEFAULT
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -391,6 +415,27 @@ class Generations(Request[GenerationList]):
     path: str
     export_root: str
     costs: bool = False
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
+
+
+@dataclass(frozen=True)
+class Pruned:
+    pruned: list[str]
+    failed: list[str]
+    held: list[Held]
+
+
+@dataclass(frozen=True)
+class Prune(Request[Pruned]):
+    """gc: the generations beyond `keep` that no node runs any more are deleted (gens.prune), as an update
+    would; call under the image's lock."""
+    op: ClassVar[str] = "prune"
+    answer: ClassVar[type] = Pruned
+    path: str
+    export_root: str
+    keep: int
+    spare: str
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -430,11 +475,14 @@ class RebaseScan(Request[RebaseScanned]):
 
 @dataclass(frozen=True)
 class Remove(Request[Removed]):
+    """running_ok: remove the image although nodes run it (else refused, the nodes named)."""
     op: ClassVar[str] = "remove"
     answer: ClassVar[type] = Removed
     path: str
     export_root: str
     force: bool
+    running_ok: bool = False
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -530,7 +578,7 @@ class Run(Request[Ran]):
 REQUESTS: dict[str, type[Request[Any]]] = {
     r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
                       PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, StageCopy, PublishUpdate, Rollback,
-                      Generations, Rebase, RebaseScan, Unlock, Serve)}
+                      Generations, Prune, Rebase, RebaseScan, Unlock, Serve)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------
