@@ -95,6 +95,7 @@ class BootSpec:
     memory: int = 1024
     smp: int = 2
     mac: str | None = None
+    cmdline: tuple[str, ...] = ()    # more kernel arguments (e.g. qrmfs.heartbeat=5)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "node_id", validate_node_id(self.node_id))
@@ -220,7 +221,7 @@ def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (Debian qemu-system-x86; `make setup` installs it)")
     storage = info["hosts"]["storage"]["address"]
-    extra = ("qrmfs.poweroff=clean",) if spec.clean_poweroff else ()
+    extra = (*(("qrmfs.poweroff=clean",) if spec.clean_poweroff else ()), *spec.cmdline)
     cmdline = kernel_cmdline(NFS_GUEST_ADDR, spec.image_path, spec.node_id, spec.hostname, probe=spec.probe,
                              extra=extra)
     prep = prepare()

@@ -1,0 +1,259 @@
+"""Nodes that run for weeks: a generation a running node uses is never deleted, recycled or rewritten.
+
+One combined run (QEMU TCG boots are slow): node 1 (systemd) runs a shared image of the lab source under the
+default config (keep_generations = 1, spare = "reflink" on the lab's XFS export: the spare would be recycled);
+node 2 (SysV init) runs a shared image of the SysV source under keep_generations = 0 and spare = "never" (the
+generation would be deleted). While both run, each image gets five updates (a marker in /etc changed each
+time) and a rollback, `list --generations` shows the nodes, `remove` is refused. Then each node checks its
+root: the marker it booted, no file changed, no stale handle, programs still run. Node 1 reboots and runs the
+newest generation, and the one it held goes at the next gc; node 2 was powered off without a clean shutdown,
+and its generation goes at the first update after node_timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab import boot as lab_boot
+from lab import lab as _lab
+
+from .helpers import qrmfs, result_of, run_on
+from .test_boot import _explain, _facts
+
+pytestmark = [pytest.mark.e2e, pytest.mark.boot]
+
+NODE_TIMEOUT = 150      # seconds (config node_timeout): well above the nodes' heartbeat
+HEARTBEAT = 5           # qrmfs.heartbeat= on the nodes' kernel command line
+RUN_TIMEOUT = 1800      # a boot, its wait for the go, and its checks (two TCG guests on two shared cores)
+MARKER = "/etc/qrmfs-run-marker"
+
+# Runs inside the node: what its root is before the updates, a sign on the storage server that it got there
+# (in its private directory, which moves with the image), a wait for the go, what its root is after them.
+HOLD_SCRIPT = r"""
+snap() {
+    find /etc /usr/bin -xdev -maxdepth 2 \( -type f -o -type l \) -exec stat -c '%n %s %Y %i' {} + |
+        sort | md5sum | cut -d' ' -f1
+}
+echo "marker1=$(cat /etc/qrmfs-run-marker)"
+echo "snap1=$(snap)"
+sync
+echo ready > /var/lib/app/phase1-ready && sync
+i=0
+while [ ! -e /var/lib/app/go ] && [ "$i" -lt 1500 ]; do sleep 1; i=$((i + 1)); ls /var/lib/app >/dev/null; done
+echo "go=$(cat /var/lib/app/go 2>/dev/null)"
+echo "marker2=$(cat /etc/qrmfs-run-marker)"
+echo "snap2=$(snap)"
+echo "stale=$(ls -la / /etc /usr/bin /var/lib/app 2>&1 | grep -ci 'stale')"
+echo "program=$(/bin/sh -c 'echo $((6 * 7))') $(/usr/bin/md5sum /bin/ls >/dev/null && echo ran)"
+echo "private=$(echo still-writable > /var/lib/app/after && cat /var/lib/app/after)"
+"""
+MARKER_SCRIPT = r"""
+echo "marker=$(cat /etc/qrmfs-run-marker)"
+echo "generation=$(cat /.qrmfs/generation)"
+"""
+
+
+def _config(lab: dict[str, Any], tmp: Path, name: str, extra: str) -> str:
+    """The lab's config with top-level keys put first (a TOML table would otherwise swallow them)."""
+    path = tmp / f"{name}.toml"
+    path.write_text(f"node_timeout = {NODE_TIMEOUT}\n{extra}\n" + Path(lab["config"]).read_text())
+    return str(path)
+
+
+def _sh(lab: dict[str, Any], role: str, script: str) -> str:
+    return run_on(lab, role, script).stdout.decode()
+
+
+def _gens(path: str, config: str) -> list[dict[str, Any]]:
+    r = qrmfs("list", "--generations", "-t", f"storage:{path}", "--json", config=config)
+    assert r.returncode == 0, r.stderr
+    images = result_of(r)["images"]
+    assert len(images) == 1
+    gens: list[dict[str, Any]] = images[0]["generations"]
+    return gens
+
+
+def _by_id(path: str, config: str, gen_id: str) -> dict[str, Any] | None:
+    return next((g for g in _gens(path, config) if g["id"] == gen_id), None)
+
+
+class Node:
+    """A boot in a thread (boot() returns when the guest powered off)."""
+
+    def __init__(self, lab: dict[str, Any], spec: lab_boot.BootSpec) -> None:
+        self.result: lab_boot.BootResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(lab, spec), daemon=True)
+        self.thread.start()
+
+    def _run(self, lab: dict[str, Any], spec: lab_boot.BootSpec) -> None:
+        try:
+            self.result = lab_boot.boot(lab, spec)
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            self.error = e
+
+    def done(self) -> lab_boot.BootResult:
+        self.thread.join(RUN_TIMEOUT + 300)
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None, "the boot did not end"
+        return self.result
+
+
+def _wait(what: str, check: Any, timeout: float, nodes: tuple[Node, ...] = ()) -> Any:
+    """Poll (every 2 s: each check is an ssh round trip) until check() is true; a boot that ended meanwhile
+    fails at once, with its console."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        for n in nodes:
+            if not n.thread.is_alive():
+                r = n.done()
+                raise AssertionError(f"a node ended while waiting until {what}: {_explain(r)}")
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(2)
+
+
+def _exists(lab: dict[str, Any], path: str) -> bool:
+    return run_on(lab, "storage", f"test -e {path}", check=False).returncode == 0
+
+
+def _private(image: str, node: str, name: str) -> str:
+    """A file of the node's private /var/lib/app, on the storage server (its state moves with the image)."""
+    return f"{image}/.qrmfs/nodes/{node}/var/lib/app/{name}"
+
+
+def _update(path: str, config: str, node: str, kept_for: bool) -> None:
+    """An update; kept_for: it had to keep the node's generation beyond keep_generations, and says so."""
+    r = qrmfs("update", "-t", f"storage:{path}", config=config)
+    assert r.returncode == 0, r.stderr
+    kept = [ln for ln in r.stderr.splitlines() if "beyond keep_generations" in ln]
+    if kept_for:
+        assert len(kept) == 1 and f"node {node} (since " in kept[0] and "node_timeout" in kept[0], r.stderr
+    else:
+        assert kept == [], r.stderr
+
+
+def _spec(path: str, node: str, script: str) -> lab_boot.BootSpec:
+    return lab_boot.BootSpec(path, node_id=node, script=script, timeout=RUN_TIMEOUT,
+                             cmdline=(f"qrmfs.heartbeat={HEARTBEAT}",))
+
+
+def _updates_and_a_rollback(lab: dict[str, Any], sd: tuple[str, str], sv: tuple[str, str]) -> None:
+    """Five updates (a new marker each) and a rollback after the third, of each image while its node runs."""
+    for i in range(1, 6):
+        for role in ("source", "sysv"):
+            _sh(lab, role, f"echo {i} > {MARKER}")
+        _update(*sd, "1", kept_for=i > 1)  # keep_generations = 1 keeps it anyway after the first
+        _update(*sv, "2", kept_for=True)
+        if i == 3:
+            for path, cfg in (sd, sv):
+                r = qrmfs("rollback", "-t", f"storage:{path}", "-o", config=cfg)
+                assert r.returncode == 0, r.stderr
+
+
+def _operators_see_the_nodes(booted: dict[str, str], *images: tuple[str, str, str]) -> None:
+    """list --generations (--json and text): each held generation with its node, since when, what it costs."""
+    for path, cfg, node in images:
+        g = _by_id(path, cfg, booted[path])
+        assert g is not None and g["role"] == "generation", _gens(path, cfg)
+        assert [n["node"] for n in g["nodes"]] == [node] and g["nodes"][0]["since"].endswith("UTC"), g
+        assert g["cost"] is not None and g["cost"] > 0, g
+        r = qrmfs("list", "--generations", "-t", f"storage:{path}", config=cfg)
+        assert f"run by node {node} since " in r.stdout, r.stdout
+    # keep_generations = 0, spare = "never": the held generation is the only one left
+    path, cfg, _ = images[1]
+    assert [g["role"] for g in _gens(path, cfg)] == ["current", "generation"]
+
+
+def _root_unchanged(r: lab_boot.BootResult, init: str) -> None:
+    """What the node saw: the marker it booted, no file changed, no stale handle, programs run."""
+    assert r.reached and r.script_rc == 0 and r.init == init, _explain(r)
+    f = _facts(r)
+    assert f["go"] == "go", f
+    assert f["marker1"] == f["marker2"] == "0", f"its root changed under it: {f}"
+    assert f["snap1"] == f["snap2"], f"files changed under the running node: {f}"
+    assert f["stale"] == "0" and f["program"] == "42 ran" and f["private"] == "still-writable", f
+
+
+def test_running_nodes_keep_their_generation_through_updates_and_a_rollback(lab: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    srclab = _lab.up(sources=["sysv"])
+    assert srclab["hosts"]["storage"] == lab["hosts"]["storage"]
+    sd_cfg = _config(srclab, tmp_path, "default", "")
+    sv_cfg = _config(srclab, tmp_path, "never", 'keep_generations = 0\nspare = "never"')
+    sd = f"/exports/run_sd_{uuid.uuid4().hex[:8]}"
+    sv = f"/exports/run_sv_{uuid.uuid4().hex[:8]}"
+    shared = ("-o", "--shared", "--hostname", "node", "--private-add", "/var/lib/app")
+    try:
+        for role in ("source", "sysv"):
+            _sh(srclab, role, f"echo 0 > {MARKER}")
+        for path, src, cfg in ((sd, "source:/", sd_cfg), (sv, "sysv:/", sv_cfg)):
+            r = qrmfs("create", "-t", f"storage:{path}", "-l", src, *shared, config=cfg)
+            assert r.returncode == 0, r.stderr
+        booted = {p: _sh(srclab, "storage", f"cat {p}/.qrmfs/generation").strip() for p in (sd, sv)}
+        n1 = Node(srclab, _spec(sd, "1", HOLD_SCRIPT))
+        n2 = Node(srclab, _spec(sv, "2", HOLD_SCRIPT))
+        _wait("both nodes ran their first checks",
+              lambda: _exists(srclab, _private(sd, "1", "phase1-ready")) and _exists(srclab, _private(sv, "2",
+                                                                                                   "phase1-ready")),
+              RUN_TIMEOUT, (n1, n2))
+
+        _updates_and_a_rollback(srclab, (sd, sd_cfg), (sv, sv_cfg))
+        _operators_see_the_nodes(booted, (sd, sd_cfg, "1"), (sv, sv_cfg, "2"))
+
+        # remove is refused while a node runs the image, the node named; nothing removed
+        r = qrmfs("remove", "-t", f"storage:{sd}", "--yes", "-o", config=sd_cfg)
+        assert r.returncode != 0 and "node 1 (since " in r.stderr and "--running-nodes-ok" in r.stderr, r.stderr
+        assert _exists(srclab, f"{sd}/etc") and _by_id(sd, sd_cfg, booted[sd]) is not None
+
+        # the go: each node checks its root, then powers off (forced: no clean shutdown)
+        for path, node in ((sd, "1"), (sv, "2")):
+            _sh(srclab, "storage", f"echo go > {_private(path, node, 'go')}")
+        r1, r2 = n1.done(), n2.done()
+        stopped = time.monotonic()
+        _root_unchanged(r1, "systemd")
+        _root_unchanged(r2, "sysv")
+
+        # powered off without a clean shutdown: still held until node_timeout
+        r = qrmfs("gc", "storage", config=sd_cfg)
+        assert r.returncode == 0, r.stderr
+        assert _by_id(sd, sd_cfg, booted[sd]) is not None and _by_id(sv, sv_cfg, booted[sv]) is not None
+
+        # node 1 reboots: it runs the newest generation, and the one it held goes at the next gc
+        newest = _sh(srclab, "storage", f"cat {sd}/.qrmfs/generation").strip()
+        again = lab_boot.boot(srclab, _spec(sd, "1", MARKER_SCRIPT))
+        assert again.reached and again.script_rc == 0, _explain(again)
+        assert _facts(again) == {"marker": "5", "generation": newest}, _explain(again)
+        r = qrmfs("gc", "storage", config=sd_cfg)
+        assert r.returncode == 0, r.stderr
+        assert _by_id(sd, sd_cfg, booted[sd]) is None, _gens(sd, sd_cfg)
+        assert _exists(srclab, _private(sd, "1", "after")), "node 1's private data is kept"
+        if time.monotonic() - stopped < NODE_TIMEOUT:
+            # node 2 stopped as long ago as node 1 did: its hold has not timed out yet
+            assert _by_id(sv, sv_cfg, booted[sv]) is not None
+
+        # node 2 stopped reporting: its generation goes at the first update after node_timeout
+        _wait("node 2's record timed out", lambda: not (_by_id(sv, sv_cfg, booted[sv]) or {}).get("nodes"),
+              NODE_TIMEOUT + 120)
+        _sh(srclab, "sysv", f"echo 6 > {MARKER}")
+        r = qrmfs("update", "-t", f"storage:{sv}", "--json", config=sv_cfg)
+        assert r.returncode == 0 and "beyond keep_generations" not in r.stderr, r.stderr
+        assert [g["role"] for g in _gens(sv, sv_cfg)] == ["current"]
+        assert _sh(srclab, "storage", f"ls -A {sv}/.qrmfs/nodes").split() == ["2"], "node 2's state moved along"
+        assert _exists(srclab, _private(sv, "2", "after")), "node 2's private data is kept"
+    finally:
+        for role in ("source", "sysv"):
+            run_on(srclab, role, f"rm -f {MARKER}", check=False)
+        for path, cfg in ((sd, sd_cfg), (sv, sv_cfg)):
+            assert re.fullmatch(r"/exports/run_s[dv]_[0-9a-f]{8}", path)
+            qrmfs("remove", "-t", f"storage:{path}", "--yes", "-o", "--running-nodes-ok", config=cfg)
