@@ -263,7 +263,7 @@ def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin:
     spec = run.spec
     token = uuid.uuid4().hex[:10]
     if run.incremental:
-        up = run.side.stage_update(spec.place.path, token, env.cfg.node_timeout, pin)
+        up = run.side.stage_update(spec.place.path, token, pin, env.cfg.node_timeout)
         run.staging = up.staging
         run.base_copy = _copy_image(env, run, spec.place.path, up)
         known_hosts = up.known_hosts

@@ -142,7 +142,7 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     manifest = _current(env, req.target)
     storage = env.storage(req.target)
     side = env.side(storage)
-    gens = [g for g in side.generations(req.target.path, env.cfg.node_timeout).generations
+    gens = [g for g in side.generations(req.target.path, node_timeout=env.cfg.node_timeout).generations
             if g.role == "generation" and g.manifest]
     if not gens:
         raise NotFoundError(f"{req.target} has no earlier generation to roll back to")
@@ -180,7 +180,7 @@ def _made(m: dict[str, Any] | None) -> str:
 
 def generations(env: Env, target: Target) -> Generations:
     side = env.side(env.storage(target))
-    listed = side.generations(target.path, env.cfg.node_timeout, costs=True)
+    listed = side.generations(target.path, costs=True, node_timeout=env.cfg.node_timeout)
     if not listed.generations[0].manifest:
         raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json)")
     rows = []

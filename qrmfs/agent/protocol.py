@@ -275,10 +275,29 @@ class Checked:
 A = TypeVar("A")
 
 
+SESSION = "session"  # the handler of the ops the agent's framing serves itself (main.py): lock, unlock, serve, run
+REQUESTS: dict[str, type[Request[Any]]] = {}  # every operation by its name: each Request subclass adds itself
+
+
 class Request(Generic[A]):
-    """A request dataclass names its operation and the dataclass of its answer."""
+    """One agent operation, declared once, as a frozen dataclass of its arguments that names
+    - `op`: the operation's name on the wire;
+    - `answer`: the dataclass of its result (the client decodes the answer line into it);
+    - `handler`: "module.function" in this package that does it, called with the request's fields as keyword
+      arguments (main.py resolves it; an agent without it answers bad_request), or SESSION for the ops that
+      main.py's framing serves itself.
+    Defining the class registers it in REQUESTS. The client's typed method is storage.StorageSide's
+    `name = op(P.Name)` (or a method of its own that sends it); tests/unit/agent/test_ops.py checks that every
+    operation has all four."""
     op: ClassVar[str]
     answer: ClassVar[type]
+    handler: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.op in REQUESTS:
+            raise TypeError(f"{REQUESTS[cls.op].__name__} and {cls.__name__} both declare the operation {cls.op!r}")
+        REQUESTS[cls.op] = cls
 
     def decode_answer(self, data: Any) -> A:
         return typing.cast(A, decode(self.answer, data))
@@ -289,6 +308,7 @@ class Inspect(Request[Inspected]):
     """What is at the target now: exists, is an image, staging leftovers, free space."""
     op: ClassVar[str] = "inspect"
     answer: ClassVar[type] = Inspected
+    handler: ClassVar[str] = "tree.op_inspect"
     path: str
     export_root: str
 
@@ -298,6 +318,7 @@ class Lock(Request[Locked]):
     """Take the image's lock and hold it until the client's stdin closes."""
     op: ClassVar[str] = "lock"
     answer: ClassVar[type] = Locked
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
     holder: str
@@ -308,6 +329,7 @@ class Unlock(Request[Unlocked]):
     """In a session: give up the image's lock that this session took."""
     op: ClassVar[str] = "unlock"
     answer: ClassVar[type] = Unlocked
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
 
@@ -317,6 +339,7 @@ class Serve(Request[Serving]):
     """Start a session: answer, then answer one request line after another until stdin closes."""
     op: ClassVar[str] = "serve"
     answer: ClassVar[type] = Serving
+    handler: ClassVar[str] = SESSION
 
 
 @dataclass(frozen=True)
@@ -324,6 +347,7 @@ class Stage(Request[Staged]):
     """A fresh staging directory beside the image (leftovers of crashed runs removed first)."""
     op: ClassVar[str] = "stage"
     answer: ClassVar[type] = Staged
+    handler: ClassVar[str] = "tree.op_stage"
     path: str
     export_root: str
     token: str
@@ -334,6 +358,7 @@ class Stage(Request[Staged]):
 class Discard(Request[Discarded]):
     op: ClassVar[str] = "discard"
     answer: ClassVar[type] = Discarded
+    handler: ClassVar[str] = "tree.op_discard"
     path: str
     export_root: str
     staging: str
@@ -344,6 +369,7 @@ class WriteManifest(Request[Written]):
     """Write the manifest into a staging copy of the image (the last thing before publish)."""
     op: ClassVar[str] = "write_manifest"
     answer: ClassVar[type] = Written
+    handler: ClassVar[str] = "tree.op_write_manifest"
     path: str
     export_root: str
     staging: str
@@ -354,6 +380,7 @@ class WriteManifest(Request[Written]):
 class Publish(Request[Published]):
     op: ClassVar[str] = "publish"
     answer: ClassVar[type] = Published
+    handler: ClassVar[str] = "tree.op_publish"
     path: str
     export_root: str
     staging: str
@@ -365,6 +392,7 @@ class Publish(Request[Published]):
 class StageUpdate(Request[StagedUpdate]):
     op: ClassVar[str] = "stage_update"
     answer: ClassVar[type] = StagedUpdate
+    handler: ClassVar[str] = "gens.op_stage_update"
     path: str
     export_root: str
     token: str
@@ -378,6 +406,7 @@ class StageCopy(Request[StagedUpdate]):
     origin's top-level entries to copy (all but /.qrmfs) and whether staging can share its extents."""
     op: ClassVar[str] = "stage_copy"
     answer: ClassVar[type] = StagedUpdate
+    handler: ClassVar[str] = "gens.op_stage_copy"
     path: str
     export_root: str
     token: str
@@ -391,6 +420,7 @@ class PublishUpdate(Request[Swapped]):
     generations beyond `keep` are pruned, the newest of them kept as the spare as `spare` says (SPARE_POLICIES)."""
     op: ClassVar[str] = "publish_update"
     answer: ClassVar[type] = Swapped
+    handler: ClassVar[str] = "gens.op_publish_update"
     path: str
     export_root: str
     staging: str
@@ -403,6 +433,7 @@ class PublishUpdate(Request[Swapped]):
 class Rollback(Request[Swapped]):
     op: ClassVar[str] = "rollback"
     answer: ClassVar[type] = Swapped
+    handler: ClassVar[str] = "gens.op_rollback"
     path: str
     export_root: str
     keep: int
@@ -412,6 +443,7 @@ class Rollback(Request[Swapped]):
 class Generations(Request[GenerationList]):
     op: ClassVar[str] = "generations"
     answer: ClassVar[type] = GenerationList
+    handler: ClassVar[str] = "gens.op_generations"
     path: str
     export_root: str
     costs: bool = False
@@ -431,6 +463,7 @@ class Prune(Request[Pruned]):
     would; call under the image's lock."""
     op: ClassVar[str] = "prune"
     answer: ClassVar[type] = Pruned
+    handler: ClassVar[str] = "gens.op_prune"
     path: str
     export_root: str
     keep: int
@@ -450,6 +483,7 @@ class Rebase(Request[Rebased]):
     `only`: the paths where they can differ (a scan's and rsync's), else every path."""
     op: ClassVar[str] = "rebase"
     answer: ClassVar[type] = Rebased
+    handler: ClassVar[str] = "gens.op_rebase"
     path: str
     export_root: str
     staging: str
@@ -468,6 +502,7 @@ class RebaseScan(Request[RebaseScanned]):
     (gens.op_rebase_scan); None: too many to name."""
     op: ClassVar[str] = "rebase_scan"
     answer: ClassVar[type] = RebaseScanned
+    handler: ClassVar[str] = "gens.op_rebase_scan"
     path: str
     export_root: str
     staging: str
@@ -478,6 +513,7 @@ class Remove(Request[Removed]):
     """running_ok: remove the image although nodes run it (else refused, the nodes named)."""
     op: ClassVar[str] = "remove"
     answer: ClassVar[type] = Removed
+    handler: ClassVar[str] = "tree.op_remove"
     path: str
     export_root: str
     force: bool
@@ -491,6 +527,7 @@ class List(Request[Listed]):
     of each generation and spare)."""
     op: ClassVar[str] = "list"
     answer: ClassVar[type] = Listed
+    handler: ClassVar[str] = "tree.op_list"
     export_root: str
     depth: int = 3
     leftovers: bool = True
@@ -500,6 +537,7 @@ class List(Request[Listed]):
 class ManifestUpdate(Request[ManifestUpdated]):
     op: ClassVar[str] = "manifest_update"
     answer: ClassVar[type] = ManifestUpdated
+    handler: ClassVar[str] = "tree.op_manifest_update"
     path: str
     export_root: str
     patch: dict[str, Any]
@@ -510,6 +548,7 @@ class Stats(Request[Counts]):
     """Entries and allocated bytes of the image, or of its staging copy `root`."""
     op: ClassVar[str] = "stats"
     answer: ClassVar[type] = Counts
+    handler: ClassVar[str] = "tree.op_stats"
     path: str
     export_root: str
     root: str | None = None
@@ -519,6 +558,7 @@ class Stats(Request[Counts]):
 class PinHost(Request[Pinned]):
     op: ClassVar[str] = "pin_host"
     answer: ClassVar[type] = Pinned
+    handler: ClassVar[str] = "tree.op_pin_host"
     path: str
     export_root: str
     known_hosts: str
@@ -528,6 +568,7 @@ class PinHost(Request[Pinned]):
 class UnpinHost(Request[Unpinned]):
     op: ClassVar[str] = "unpin_host"
     answer: ClassVar[type] = Unpinned
+    handler: ClassVar[str] = "tree.op_unpin_host"
     path: str
     export_root: str
 
@@ -537,6 +578,7 @@ class Prepare(Request[Prepared]):
     """Apply the preparation steps to the image, or to its staging copy `root`."""
     op: ClassVar[str] = "prepare"
     answer: ClassVar[type] = Prepared
+    handler: ClassVar[str] = "main.op_prepare"
     path: str
     export_root: str
     options: Options
@@ -547,6 +589,7 @@ class Prepare(Request[Prepared]):
 class Check(Request[Checked]):
     op: ClassVar[str] = "check"
     answer: ClassVar[type] = Checked
+    handler: ClassVar[str] = "main.op_check"
     path: str
     export_root: str
     options: Options
@@ -568,17 +611,12 @@ class Run(Request[Ran]):
     held by that holder; it then exits with STOPPED and says why on stderr."""
     op: ClassVar[str] = "run"
     answer: ClassVar[type] = Ran
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
     argv: list[str]
     holder: str | None = None
     pipe_to: list[str] | None = None  # a second command reading argv's stdout (a tar stream's extracting end)
-
-
-REQUESTS: dict[str, type[Request[Any]]] = {
-    r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
-                      PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, StageCopy, PublishUpdate, Rollback,
-                      Generations, Prune, Rebase, RebaseScan, Unlock, Serve)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------
@@ -589,7 +627,7 @@ def encode(value: Any) -> Any:
         return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, (list, tuple)):  # noqa: UP038 - the agent may run on an older python3
+    if isinstance(value, (list, tuple)):  # the agent may run on an older python3
         return [encode(v) for v in value]
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}

@@ -96,7 +96,7 @@ class Node:
     def _run(self, lab: dict[str, Any], spec: lab_boot.BootSpec) -> None:
         try:
             self.result = lab_boot.boot(lab, spec)
-        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+        except BaseException as e:  # handed to the test's thread
             self.error = e
 
     def done(self) -> lab_boot.BootResult:
