@@ -123,9 +123,10 @@ def holder(command: str, name: str) -> str:
 
 
 def kept_for_nodes(env: Env, held: list[Held]) -> None:
-    """Say which generations beyond keep_generations a prune kept, and which nodes run them."""
+    """Say which generations beyond keep_generations a prune kept, and which nodes run them (a warning: it is
+    space kept beyond the config, and --json carries it in the result's warnings)."""
     for h in held:
-        env.ui.step(f"kept {h.path} beyond keep_generations: {len(h.nodes)} node(s) run it: {describe(h.nodes)}; "
+        env.ui.warn(f"kept {h.path} beyond keep_generations: {len(h.nodes)} node(s) run it: {describe(h.nodes)}; "
                     f"it is deleted by the first update or gc after they rebooted or stopped reporting for "
                     f"node_timeout = {env.cfg.node_timeout} s")
 
