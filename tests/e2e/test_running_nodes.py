@@ -7,7 +7,7 @@ and two more updates under keep_generations = 0 with spare = "never" (the genera
 marker in /etc changes at each. `list --generations` shows the node, `remove` is refused. Then the node checks
 its root: the marker it booted, no file changed, no stale handle, programs still run. It is powered off
 without a clean shutdown: its generation stays held until node_timeout, then the next update frees it. It
-reboots and runs the newest generation.
+reboots and runs the newest generation. A node under SysV init keeps reporting once init's rc scripts ran.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from lab import boot as lab_boot
+from lab import lab as _lab
 
 from .helpers import qrmfs, result_of, run_on
 from .test_boot import _explain, _facts
@@ -227,3 +228,38 @@ def test_a_running_node_keeps_its_generation_through_updates_and_a_rollback(lab:
         run_on(lab, "source", f"rm -f {MARKER}", check=False)
         assert re.fullmatch(r"/exports/run_node_[0-9a-f]{8}", path)
         qrmfs("remove", "-t", f"storage:{path}", "--yes", "-o", "--running-nodes-ok", config=default)
+
+
+SYSV_SCRIPT = r"""
+alive() { stat -c %Y /.qrmfs/node/alive; }
+a=$(alive)
+i=0
+while [ "$(alive)" = "$a" ] && [ "$i" -lt 120 ]; do sleep 1; i=$((i + 1)); done
+echo "pid1=$(cat /proc/1/comm)"
+echo "runlevel=$(runlevel | cut -d' ' -f2)"
+echo "beat=$([ "$(alive)" -gt "$a" ] && echo yes)"
+echo "running=$(cat /.qrmfs/node/running)"
+echo "generation=$(cat /.qrmfs/generation)"
+"""
+
+
+def test_a_sysv_node_keeps_reporting_after_init_ran_its_rc_scripts(lab: dict[str, Any], tmp_path: Path) -> None:
+    """The heartbeat loop qrmfs-init leaves behind outlives SysV init's boot (runlevel 3, rc scripts done)."""
+    srclab = _lab.up(sources=["sysv"])
+    cfg = _config(srclab, tmp_path, "default", "")
+    path = f"/exports/run_node_{uuid.uuid4().hex[:8]}"
+    try:
+        r = qrmfs("create", "-t", f"storage:{path}", "-l", "sysv:/", "-o", "--private-add", "/var/lib/app",
+                  config=cfg)
+        assert r.returncode == 0, r.stderr
+        gen = _sh(srclab, "storage", f"cat {path}/.qrmfs/generation").strip()
+        b = lab_boot.boot(srclab, _spec(path, "2", SYSV_SCRIPT))
+        assert b.reached and b.init == "sysv" and b.script_rc == 0, _explain(b)
+        f = _facts(b)
+        assert f["pid1"] == "init" and f["runlevel"] == "3" and f["beat"] == "yes", f
+        assert f["running"] == f["generation"] == gen, f
+        g = _by_id(path, cfg, gen)
+        assert g is not None and [n["node"] for n in g["nodes"]] == ["2"], g
+    finally:
+        assert re.fullmatch(r"/exports/run_node_[0-9a-f]{8}", path)
+        qrmfs("remove", "-t", f"storage:{path}", "--yes", "-o", "--running-nodes-ok", config=cfg)
