@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .. import model, openqrm
+from .. import jobs, model, openqrm
 from ..agent.holds import describe
+from ..agent.manifest import generation_id
 from ..agent.protocol import Held, Inspected, Locked
 from ..config import Config, Storage, _shown
 from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
@@ -41,10 +42,6 @@ class Credentials:
     password: str | None = field(default=None, repr=False)
     source: str | None = None
     warned: bool = field(default=False, repr=False, compare=False)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.url and self.user and self.password)
 
     @property
     def auth(self) -> str | None:
@@ -195,7 +192,7 @@ class Env:
         assert creds.url
         return openqrm.Client(creds.url, creds.user, creds.password, timeout=min(o.timeout, 3) if quick else o.timeout,
                               retries=0 if quick else o.retries, backoff=o.backoff, ca_file=o.ca_file,
-                              transport=self.transport)
+                              transport=self.transport, diagnose=not quick)
 
 
 def same_image(cfg: Config, job: openqrm.Job, target: Target) -> bool:
@@ -256,16 +253,9 @@ def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
         env.ui.warn(f"spooled registration {job.id} ({job.image}) waits: cannot tell whether {job.target} was "
                     f"published ({e.message})")
         return None
-    gen = (manifest or {}).get("generation") or {}
-    published = isinstance(gen, dict) and gen.get("id") == job.publish.get("generation")
+    published = generation_id(manifest) == job.publish.get("generation")
     if not published:
-        name = job.image
-        ev = next((r.params["event_name"] for r in job.requests if r.kind == "event"), f"create_image_{name}")
-        verb = ev.split("_", 1)[0]
-        job.requests = [r for r in job.requests if r.kind == "event" and r.params.get("event_priority") == "9"]
-        job.requests += [openqrm.event(ev, 3, f"Failed to {verb} image {name}: qrmfs stopped before publishing "
-                                              f"{job.target}"),
-                         openqrm.event(ev, 10, f"Ended {verb} image {name}")]
+        jobs.abandon(job, f"qrmfs stopped before publishing {job.target}")
         env.ui.warn(f"spooled registration {job.id}: {job.target} was never published (the run that armed it "
                     "stopped first); not registering it, reporting the failure instead")
     job.publish = None
@@ -290,7 +280,8 @@ def record_delivery(env: Env, job: openqrm.Job, when: str) -> None:
             if manifest is None or Registration.of_manifest(manifest).spool_job != job.id:
                 env.ui.debug(f"{job.target}'s manifest does not wait for spool job {job.id}: left as it is")
                 return
-            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}")
+            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}",
+                               seen=jobs.SEEN["new_image"])
             side.manifest_update(target.path, {"registration": reg.record()})
         env.ui.step(f"recorded the registration in the manifest of {job.target}")
     except QrmfsError as e:

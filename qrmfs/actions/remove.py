@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import openqrm
+from .. import jobs
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
@@ -28,16 +28,19 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
     _storage, side, info = env.existing(req.target)
     manifest = info.manifest
     if manifest is None and not req.force:
-        raise RefusedError(f"{req.target} is not a qrmfs image (no .qrmfs/manifest.json); "
+        raise RefusedError(f"{req.target} is not a qrmfs image ({info.not_image_because}); "
                            "use --force to remove it anyway")
     registered = manifest is None or Registration.of_manifest(manifest).state is not RegState.NOT_REGISTERED
     deregister = registered and not req.only_physical
     if deregister:
         require_registration(req.creds)
-    what = f"{req.target}" + (f" ({manifest['counts']['files']} files, {manifest['counts']['bytes'] / 2**20:.0f} MiB)"
-                              if manifest and "counts" in manifest else " (NOT a qrmfs image)")
+    size = "" if manifest is None or manifest.bytes is None else \
+        f" ({manifest.files} files, {manifest.bytes / 2**20:.0f} MiB)"
+    what = f"{req.target}" + (" (NOT a qrmfs image)" if manifest is None else size)
+    name, target = req.target.name, str(req.target)
+    requests = jobs.requests("remove", name, target, None, replace=True) if deregister else []
     if req.dry_run:
-        return RemovePlan(str(req.target), deregister, manifest is not None)
+        return RemovePlan(target, deregister, manifest is not None, jobs.planned(req.creds.url, requests))
     if not req.yes and not confirm(f"remove {what}" + (" and deregister it from openQRM" if deregister else "")):
         raise AbortedError("nothing removed")
     with env.locked(side, req.target.path, "remove", req.target.name):
@@ -60,15 +63,11 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
     if not deregister:
         return Removed(str(req.target), Registration(RegState.NOT_REGISTERED))
     assert req.creds.url
-    name = req.target.name
-    job = openqrm.Job(req.creds.url, req.creds.user, name, str(req.target), [
-        openqrm.event(f"remove_image_{name}", 9, f"Started to remove image {name} from {req.target}"),
-        openqrm.remove_by_name(name),
-        openqrm.event(f"remove_image_{name}", 10, f"Finished to remove image {name} from {req.target}")])
+    job = jobs.job(req.creds.url, req.creds.user, "remove", name, target, requests)
     flush_spool(env, req.creds, quick=True)
     why = deliver(env, req.creds, job)
     if why is None:
-        return Removed(str(req.target), Registration(RegState.DEREGISTERED))
+        return Removed(str(req.target), Registration(RegState.DEREGISTERED, seen=jobs.SEEN["remove_by_name"]))
     env.ui.warn(f"openQRM did not answer ({why}): the deregistration waits in the spool; it is delivered "
                 "at the next qrmfs run, or now with `qrmfs flush`")
     return Removed(str(req.target), Registration(RegState.PENDING, job.id))

@@ -48,14 +48,14 @@ def _open_dir(name: str, dir_fd: int | None = None) -> int | None:
         return None
 
 
-def _read_running(fd: int) -> tuple[str, float] | None:
-    """(generation id, its mtime) of a node's `running` file, when it is a small regular file holding exactly
-    one generation id."""
+def _read_id(fd: int, name: str) -> tuple[str, float] | None:
+    """(generation id, its mtime) of a file in the directory fd (a node's `running`, a tree's `generation`),
+    when it is a small regular file holding exactly one generation id."""
     try:
-        st = os.stat(RUNNING, dir_fd=fd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD:
             return None
-        f = os.open(RUNNING, _FILE, dir_fd=fd)
+        f = os.open(name, _FILE, dir_fd=fd)
     except OSError:
         return None
     try:
@@ -129,7 +129,7 @@ def records(trees: list[str], timeout: float, now: float | None = None) -> list[
     found: dict[tuple[str, str], P.NodeHold] = {}
     for tree in trees:
         for node, fd in _node_dirs(tree):
-            run, seen = _read_running(fd), _alive(fd)
+            run, seen = _read_id(fd, RUNNING), _alive(fd)
             if run is None or seen is None or not now - timeout <= seen <= now + FUTURE_SLACK:
                 continue
             gen, since = run
@@ -140,10 +140,23 @@ def records(trees: list[str], timeout: float, now: float | None = None) -> list[
     return sorted(found.values(), key=lambda h: (h.generation, h.node))
 
 
+def generation_of(tree: str) -> str | None:
+    """The generation id a tree says it is: its `.qrmfs/generation` (written beside its manifest), the file its
+    nodes read at boot and report (read strictly, as a record)."""
+    fd = _open_dir(os.path.join(tree, ".qrmfs"))
+    if fd is None:
+        return None
+    try:
+        found = _read_id(fd, "generation")
+    finally:
+        os.close(fd)
+    return found[0] if found else None
+
+
 def by_tree(trees: dict[str, str | None], timeout: float, now: float | None = None) -> dict[str, list[P.NodeHold]]:
     """The holds on each tree ({tree: its generation id}): the records of all the trees (a node's state may
     lie in any of them: it moves with the image, and a node that booted while a publish moved it left its new
-    state with the tree it booted), each matched to the tree whose manifest has the generation it names. A
+    state with the tree it booted), each matched to the tree whose `.qrmfs/generation` is the one it names. A
     record naming no tree of this image holds nothing."""
     holds = records(list(trees), timeout, now)
     out: dict[str, list[P.NodeHold]] = {}

@@ -30,9 +30,9 @@ from typing import Any
 
 from . import protocol as P
 from .fsutil import holders, is_real_dir, mounts_at_or_below, remove, remove_tree, walk_tree
+from .manifest import PATH as MANIFEST
+from .manifest import Manifest, ManifestError, generation_id
 from .protocol import AgentError, ErrorKind
-
-MANIFEST = ".qrmfs/manifest.json"
 
 
 @dataclass(frozen=True)
@@ -167,10 +167,10 @@ def _not_inside_an_image(path: str, root: str) -> None:
         raise AgentError(ErrorKind.REFUSED, f"{path} is a name qrmfs keeps for itself")
 
 
-def scan(top: str, depth: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
+def scan(top: str, depth: int) -> Iterator[tuple[str, str, Manifest | None]]:
     """Walk top a few levels deep, as images are found: ("image", path, manifest) for a directory with a
     manifest (not entered), ("hidden", path, None) for each hidden entry (qrmfs's siblings are among them)."""
-    def walk(d: str, level: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
+    def walk(d: str, level: int) -> Iterator[tuple[str, str, Manifest | None]]:
         try:
             with os.scandir(d) as it:  # the entry's type from the directory listing: no stat of each file
                 entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
@@ -181,7 +181,10 @@ def scan(top: str, depth: int) -> Iterator[tuple[str, str, dict[str, Any] | None
             if e.startswith("."):
                 yield "hidden", full, None
             elif is_dir:
-                m = read_manifest(full)
+                try:
+                    m = read_manifest(full)
+                except ManifestError:
+                    m = None  # not listed: inspect, update and remove name what is wrong with it
                 if m is not None:
                     yield "image", full, m
                 elif level < depth:
@@ -195,24 +198,22 @@ def images_below(path: str, depth: int = 4) -> list[str]:
     return [p for kind, p, _m in scan(path, depth) if kind == "image"]
 
 
-def read_manifest(path: str) -> dict[str, Any] | None:
+def read_manifest(path: str) -> Manifest | None:
+    """The image's manifest; None where there is none (or it cannot be opened). One that is there but cannot be
+    read as a manifest raises ManifestError: such a tree is no plain directory, and not an image to act on."""
     p = os.path.join(path, MANIFEST)
     if os.path.islink(p) or not os.path.isfile(p):
         return None
     try:
-        with open(p) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        with open(p, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError:
         return None
+    return Manifest.parse(text, p)
 
 
-def generation_id(manifest: dict[str, Any] | None) -> str | None:
-    g = (manifest or {}).get("generation") or {}
-    return g.get("id") if isinstance(g, dict) else None
-
-
-def write_manifest(root: str, manifest: dict[str, Any]) -> None:
-    """The manifest, and beside it the generation id alone (GENERATION_FILE: qrmfs-init reads it at boot and
+def write_manifest(root: str, manifest: Manifest) -> None:
+    """The manifest, and beside it the generation id alone (`.qrmfs/generation`: qrmfs-init reads it at boot and
     reports it, see holds.py), each written by replace."""
     d = os.path.join(root, ".qrmfs")
     if not is_real_dir(d):
@@ -220,8 +221,7 @@ def write_manifest(root: str, manifest: dict[str, Any]) -> None:
             remove(d)
         os.makedirs(d, mode=0o755)
     gen = generation_id(manifest)
-    for name, text in (("generation", f"{gen}\n" if gen else None),
-                       ("manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")):
+    for name, text in (("generation", f"{gen}\n" if gen else None), ("manifest.json", manifest.text())):
         tmp = os.path.join(d, f"{name}.tmp")
         if text is None:
             remove(os.path.join(d, name))
@@ -245,10 +245,13 @@ def op_inspect(path: str, export_root: str) -> P.Inspected:
     _check_under(path, export_root)
     parent = os.path.dirname(path)
     st = os.statvfs(parent) if is_real_dir(parent) else os.statvfs(os.path.realpath(export_root))
-    manifest = read_manifest(path)
+    try:
+        manifest, error = read_manifest(path), None
+    except ManifestError as e:
+        manifest, error = None, str(e)
     return P.Inspected(exists=os.path.lexists(path), is_image=manifest is not None, parent_exists=is_real_dir(parent),
                        previous=os.path.lexists(siblings(path).previous), free_bytes=st.f_bavail * st.f_frsize,
-                       manifest=manifest)
+                       manifest=manifest, manifest_error=error)
 
 
 def take_lock(path: str, export_root: str, holder: str) -> tuple[int, P.Locked]:
@@ -368,7 +371,7 @@ def _journaled(path: str, staging: str) -> bool:
         return False
 
 
-def op_write_manifest(path: str, export_root: str, staging: str, manifest: dict[str, Any]) -> P.Written:
+def op_write_manifest(path: str, export_root: str, staging: str, manifest: Manifest) -> P.Written:
     _check_under(path, export_root)
     write_manifest(_root_of(path, staging), manifest)
     return P.Written(staging)
@@ -424,7 +427,7 @@ def op_remove(path: str, export_root: str, force: bool, running_ok: bool = False
         raise AgentError(ErrorKind.NOT_FOUND, f"{path} does not exist")
     if not is_real_dir(path):
         raise AgentError(ErrorKind.REFUSED, f"{path} is not a directory")
-    if read_manifest(path) is None and not force:
+    if not force and read_manifest(path) is None:  # a manifest that cannot be read is refused as it says
         raise AgentError(ErrorKind.NOT_IMAGE,
                          f"{path} has no qrmfs manifest: not an image (use --force to remove anyway)")
     busy = mounts_at_or_below(path)
@@ -512,7 +515,7 @@ def op_manifest_update(path: str, export_root: str, patch: dict[str, Any]) -> P.
     m = read_manifest(path)
     if m is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest")
-    m.update(patch)
+    m = m.patched(patch)
     write_manifest(path, m)
     return P.ManifestUpdated(m)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qrmfs.agent import gens, holds, tree
+from qrmfs.agent.manifest import Manifest
 from qrmfs.agent.protocol import AgentError, ErrorKind
 
 TIMEOUT = 60
@@ -19,7 +20,7 @@ TIMEOUT = 60
 def _image(d: Path, gen_id: str) -> Path:
     (d / "etc").mkdir(parents=True)
     (d / "etc/tag").write_text(gen_id)
-    tree.write_manifest(str(d), {"image": d.name.lstrip("."), "generation": {"id": gen_id}})
+    tree.write_manifest(str(d), Manifest.new({"image": d.name.lstrip("."), "generation": {"id": gen_id}}))
     return d
 
 
@@ -51,7 +52,7 @@ def _held(img: Path) -> dict[str, list[str]]:
 def test_write_manifest_puts_the_generation_id_beside_it(tmp_path: Path) -> None:
     d = _image(tmp_path / "img", "0123abcd" * 4)
     assert (d / ".qrmfs/generation").read_text() == "0123abcd" * 4 + "\n"
-    tree.write_manifest(str(d), {"image": "img"})  # no generation: no stale id left behind
+    tree.write_manifest(str(d), Manifest.new({"image": "img"}))  # no generation: no stale id left behind
     assert not (d / ".qrmfs/generation").exists()
 
 
