@@ -12,6 +12,7 @@ from ..agent.protocol import Options
 from ..agent.tree import PIN_DIR, pin_file
 from ..config import OpenQrm, Storage
 from ..model import Location, Route, Target
+from ..options import OPTION
 from ..results import BuildPlan, Built
 from . import copyplan, hosts, pipeline
 from .common import Credentials, Env, flush_spool, require_registration
@@ -23,17 +24,18 @@ class CreateRequest:
     target: Target
     location: Location
     only_physical: bool = False
-    excludes: tuple[str, ...] = ()
-    private_add: tuple[str, ...] = ()
-    private_exclude: tuple[str, ...] = ()
-    arch: str | None = None
-    os_name: str | None = None
-    keep_services: bool = True
-    keep_network: bool = False
-    hostname: str | None = None
-    shared: bool = False
+    # the image options: their defaults are options.IMAGE_OPTIONS'
+    excludes: tuple[str, ...] = OPTION["excludes"].default
+    private_add: tuple[str, ...] = OPTION["private_add"].default
+    private_exclude: tuple[str, ...] = OPTION["private_exclude"].default
+    arch: str | None = OPTION["arch"].default
+    os_name: str | None = OPTION["os_name"].default
+    keep_services: bool = OPTION["keep_services"].default
+    keep_network: bool = OPTION["keep_network"].default
+    hostname: str | None = OPTION["hostname"].default
+    shared: bool = OPTION["shared"].default
     force: bool = False
-    route: Route = Route.SSH
+    route: Route = Route(OPTION["route"].default)
     comment: str | None = None
     creds: Credentials = field(default_factory=lambda: Credentials(None, None))
 

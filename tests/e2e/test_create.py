@@ -79,10 +79,13 @@ def test_create_from_source_is_faithful_prepared_and_registered(lab, mock, cfg, 
     assert {k: img_rec[k] for k in ("image_name", "image_type", "image_rootdevice", "image_rootfstype",
                                     "image_storageid", "image_isshared")} == {
         "image_name": name, "image_type": "nfs-deployment", "image_rootdevice": image_path,
-        "image_rootfstype": "nfs", "image_storageid": "1", "image_isshared": "0"}
+        "image_rootfstype": "nfs", "image_storageid": str(lab["openqrm"]["storage_ids"]["storage"]),
+        "image_isshared": "0"}
     assert img_rec["image_capabilities"] == "arch=x86_64 os=debian12"
+    # as openQRM stores them: the "finished" 10 as 5, and it turned the "started" 9 into 5; between them the
+    # server's own "Processing image new_image on Image NAME"
     assert [(e["event_priority"], e["event_name"]) for e in state["events"]] == [
-        (5, f"create_image_{name}"), (10, f"create_image_{name}")]
+        ("5", f"create_image_{name}"), ("5", "new_image"), ("5", f"create_image_{name}")]
     assert lab["openqrm"]["password"] not in json.dumps(manifest)
 
 
@@ -216,7 +219,7 @@ def test_copy_failing_half_way_leaves_no_image_and_no_registration(lab, mock, cf
     assert exports_listing(lab) == before  # nothing of the image, not even its lock file
     state = mock_state(mock)
     assert state["images"] == []
-    assert [e["event_priority"] for e in state["events"]] == [5, 3, 10]
+    assert [e["event_priority"] for e in state["events"]] == ["5", "3", "5"]  # 9 and 10 stored as 5
 
 
 def test_a_stream_that_fails_is_repaired_by_rsync_and_says_why(lab, cfg, image_path, on_source, on_storage):
@@ -265,7 +268,7 @@ def test_openqrm_down_spools_and_delivers_exactly_once(lab, mock, cfg, image_pat
     assert qrmfs("flush", config=cfg).returncode == 0  # nothing left: nothing sent again
     state = mock_state(mock)
     assert [i["image_name"] for i in state["images"]] == [_name(image_path)]
-    assert [e["event_priority"] for e in state["events"]] == [5, 10]
+    assert [e["event_priority"] for e in state["events"]] == ["5", "5"]  # 9 and 10 stored as 5
     assert list((tmp_path / "spool").glob("*.json")) == []
 
 

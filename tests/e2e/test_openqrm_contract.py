@@ -1,7 +1,7 @@
 """The contract between the lab's mock and the real openQRM 5.3.60 server: the same requests, sent to both
 from the same database content, answer the same status and leave the same rows in image_info, event_info
 and deployment_info (new ids and event times normalised). The requests are qrmfs's own (built by
-qrmfs.openqrm) and the edge cases of the real server's PHP and MariaDB in strict mode."""
+qrmfs.jobs and qrmfs.openqrm) and the edge cases of the real server's PHP and MariaDB in strict mode."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from lab import lab as _lab
-from qrmfs import openqrm
+from qrmfs import jobs, openqrm
+from qrmfs.config import OpenQrm, SshHost, Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -72,21 +73,30 @@ def _event(name: str, priority: str, description: str, source: str = "qrmfs") ->
 
 def _cases(n: str, dep: int, sid: int) -> dict[str, list[Req]]:
     """Each case: the requests, in order. `n`: a name no other run used; dep/sid: the real server's ids."""
-    fields = openqrm.image_fields(name=n, rootdevice=f"/exports/{n}", storage_id=sid, shared=False,
-                                  comment="made by qrmfs", arch="x86_64", os_name="debian12")
-    ev = f"create_image_{n}"
+    storage = Storage("storage", SshHost("storage"), storage_id=sid)
+    fields = jobs.image_fields(OpenQrm(deployment_id=dep), storage, name=n, rootdevice=f"/exports/{n}",
+                               shared=False, comment="made by qrmfs, it's 100% \\ ok", arch="x86_64",
+                               os_name="debian12")
+    target = f"storage:/exports/{n}"
+    long_name = n + "_" + "x" * 40  # its event name is cut to 50 characters with a digest
     return {
-        # what qrmfs sends today: its create job, its remove, its credentials probe
-        "qrmfs create": [_qrmfs(openqrm.event(ev, 9, f"Started to create image {n} on storage:/exports/{n}")),
-                         _qrmfs(openqrm.new_image(fields)),
-                         _qrmfs(openqrm.event(ev, 10, f"Finished to create image {n} on storage:/exports/{n}"))],
-        "qrmfs create failing": [_qrmfs(openqrm.event(ev, 9, "Started")),
-                                 _qrmfs(openqrm.event(ev, 3, f"Failed to create image {n}: rsync exited 23")),
-                                 _qrmfs(openqrm.event(ev, 10, f"Ended create image {n}"))],
-        "qrmfs remove": [_qrmfs(openqrm.new_image(fields)), _qrmfs(openqrm.remove_by_name(n))],
+        # what qrmfs sends: the jobs of its commands (qrmfs.jobs), and its probes
+        "qrmfs create": [_qrmfs(r) for r in jobs.requests("create", n, target, fields)],
+        "qrmfs update replacing the record": [_qrmfs(r) for r in jobs.requests("create", n, target, fields)]
+        + [_qrmfs(r) for r in jobs.requests("update", n, target, {**fields, "image_isshared": "1"}, replace=True)],
+        "qrmfs create failing": [_qrmfs(jobs.started("create", n, target)),
+                                 *(_qrmfs(r) for r in jobs.failed("create", n, "rsync exited 23: it's \\ broken"))],
+        "qrmfs remove": [_qrmfs(r) for r in jobs.requests("create", n, target, fields)]
+        + [_qrmfs(r) for r in jobs.requests("remove", n, target, None, replace=True)],
+        "qrmfs with a long name": [_qrmfs(r) for r in jobs.requests("clone", long_name, target, None)],
         "qrmfs check probe": [_image({})],
+        "qrmfs role probe": [_image(dict(openqrm.ROLE_PROBE)), _image(dict(openqrm.ROLE_PROBE), "viewer"),
+                             _image(dict(openqrm.ROLE_PROBE), None)],
+        "the web UI's identifier picks the storage id": [
+            _image({"image_command": "new_image", "image_name": n, "action": "add", "identifier[]": str(sid)})],
         # the type is read as a deployment id; the storage id is a number
-        "new_image with the deployment id": [_qrmfs(openqrm.new_image({**fields, "image_type": str(dep)}))],
+        "new_image with the deployment's name, as qrmfs sent it before": [
+            _qrmfs(openqrm.new_image({**fields, "image_type": "nfs-deployment"}))],
         "new_image unknown deployment id, storage id not a number": [
             _image({"image_command": "new_image", "image_name": n, "image_type": "4711", "image_storageid": "abc"})],
         "new_image without type or storage id": [_image({"image_command": "new_image", "image_name": n,

@@ -261,6 +261,13 @@ def test_deployment_types_are_added_with_a_server_id_and_removed_by_type(client:
     assert [d["deployment_type"] for d in state(client)["deployments"]] == ["ram"]
 
 
+def test_the_role_probe_is_500_for_an_administrator_and_changes_nothing(client: httpx.Client) -> None:
+    probe = {"action": "add", "identifier[]": "0", "image_storageid[]": "0"}  # qrmfs's role probe
+    assert image(client, **probe).status_code == 500
+    assert state(client)["events"] == [] and user_images(client) == []
+    assert image(client, auth=VIEWER, **probe).status_code == 200  # stopped at the role check
+
+
 def test_state_can_be_loaded_only_as_full_rows(client: httpx.Client) -> None:
     assert client.post("/_mock/state", json={"images": [{"image_id": "5"}]}).status_code == 400
     assert client.post("/_mock/state", json={"users": []}).status_code == 400

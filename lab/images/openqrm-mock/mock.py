@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_USERS = "openqrm:openqrm:administrator,viewer:viewer:readonly"
 DEFAULT_STORAGE: list[dict[str, Any]] = [
@@ -123,9 +123,12 @@ SQL_INT = re.compile(r"\s*\d+\s*")
 _SQL_ESCAPES = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a", "%": "\\%", "_": "\\_"}
 
 
-def request_get(q: dict[str, str], key: str) -> str:
-    """htmlobject request()->get(KEY) with openQRM's request filter ('' when the key is absent)."""
+def request_get(q: dict[str, Any], key: str) -> str:
+    """htmlobject request()->get(KEY) with openQRM's request filter ('' when the key is absent; an array is
+    what PHP makes of it in a string: "Array")."""
     v = q.get(key, "")
+    if isinstance(v, list):
+        return "Array"
     if v == "":
         return ""
     for rx, repl in _FILTERS:
@@ -372,9 +375,38 @@ def json_response(status: int, data: Any) -> Response:
     return Response(status, json.dumps(data, indent=1) + "\n", "application/json")
 
 
-def single_values(query: str) -> dict[str, str]:
-    """Query string -> dict (the last value wins for a repeated key)."""
-    return {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+def identifier(q: dict[str, Any], fields: dict[str, Any]) -> bool:
+    """image-action.php's web-UI branch: with action=add|update, each value of the `identifier` array becomes
+    image_storageid unless one is given. False where PHP dies: strlen() of an array-valued image_storageid."""
+    if request_get(q, "action") in ("add", "update") and isinstance(q.get("identifier"), list):
+        for storage_id in q["identifier"]:
+            if isinstance(fields.get("image_storageid"), list):
+                return False
+            if not fields.get("image_storageid"):
+                fields["image_storageid"] = storage_id
+    return True
+
+
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """A request body that is a JSON object, else None."""
+    try:
+        data = json.loads(body.decode("utf-8") or "null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def single_values(query: str) -> dict[str, Any]:
+    """Query string -> dict as PHP's $_REQUEST has it: the last value wins for a repeated key; `KEY[]=v`
+    collects a list under KEY."""
+    out: dict[str, Any] = {}
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        if k.endswith("[]"):
+            prev = out.get(k[:-2])
+            out[k[:-2]] = [*(prev if isinstance(prev, list) else []), v]
+        else:
+            out[k] = v
+    return out
 
 
 class MockServer(ThreadingHTTPServer):
@@ -563,6 +595,8 @@ class Handler(BaseHTTPRequestHandler):
             return Response(200, "")
         command, name = request_get(q, "image_command"), request_get(q, "image_name")
         fields: dict[str, Any] = {k: v for k, v in q.items() if k.startswith("image_") and k != "image_command"}
+        if not identifier(q, fields):
+            return Response(500, "")  # strlen() of an array: a TypeError, before anything is logged
         state.log(command, 5, "image-action", f"Processing image {command} on Image {name}")
         if command == "new_image":
             self._new_image(fields, request_get(q, "image_type"))
@@ -670,12 +704,9 @@ class Handler(BaseHTTPRequestHandler):
     def _load_state(self, body: bytes) -> Response:
         """Replace tables (e.g. with the real server's rows, so both start from the same database)."""
         state = self.server.state
-        try:
-            data = json.loads(body.decode("utf-8") or "null")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return json_response(400, {"error": "body must be a JSON object"})
+        data = json_object(body)
         columns = {"images": IMAGE_COLUMNS, "events": EVENT_COLUMNS, "deployments": DEPLOYMENT_COLUMNS}
-        if not isinstance(data, dict) or not set(data) <= set(columns) or not all(
+        if data is None or not set(data) <= set(columns) or not all(
                 isinstance(rows, list) and all(isinstance(r, dict) and set(r) == set(columns[t]) for r in rows)
                 for t, rows in data.items()):
             return json_response(400, {"error": "body must map images/events/deployments to lists of full rows"})
@@ -688,11 +719,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _set_fault(self, body: bytes) -> Response:
         state = self.server.state
-        try:
-            data = json.loads(body.decode("utf-8") or "null")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return json_response(400, {"error": "body must be a JSON object"})
-        if not isinstance(data, dict):
+        data = json_object(body)
+        if data is None:
             return json_response(400, {"error": "body must be a JSON object"})
         mode = data.get("mode")
         if mode not in FAULT_MODES:
