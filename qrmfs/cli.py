@@ -198,6 +198,9 @@ def remove(  # noqa: PLR0913 - typer: one parameter per command-line option
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Remove a directory that is not a qrmfs image "
                                         "(still asks unless --yes).")] = False,
+    running_nodes_ok: Annotated[bool, typer.Option("--running-nodes-ok", help="Remove the image although nodes "
+                                                   "run it (they get stale file handles); else refused, the "
+                                                   "nodes named.")] = False,
     username: User = None, password: Password = None, password_file: PasswordFile = None,
     only_physical: Annotated[bool, typer.Option("-o", "--only-physical", help="Remove without deregistering.")]
     = False,
@@ -213,7 +216,8 @@ def remove(  # noqa: PLR0913 - typer: one parameter per command-line option
     from .actions import remove as act
 
     env = _env(config, verbose)
-    req = act.RemoveRequest(target=model.Target.parse(target), yes=yes, force=force, only_physical=only_physical,
+    req = act.RemoveRequest(target=model.Target.parse(target), yes=yes, force=force, running_ok=running_nodes_ok,
+                            only_physical=only_physical,
                             dry_run=dry_run,
                             creds=_registration(env, only_physical, username, password, password_file, openqrm_url))
 
@@ -392,8 +396,9 @@ def gc(
     as_json: Json = False, config: Config = None, verbose: Verbose = False,
 ) -> None:
     """Remove what unfinished operations left beside the images on STORAGE (or every configured server):
-    staging copies, pinned source keys, lock files without an image. Each image's go under its lock; what an
-    operation still holds is kept. `qrmfs list` shows them.
+    staging copies, pinned source keys, lock files without an image, and earlier generations beyond
+    keep_generations that updates kept while nodes ran them and that no node runs any more. Each image's go
+    under its lock; what an operation or a node still holds is kept. `qrmfs list` shows them.
 
     \b
     Example:

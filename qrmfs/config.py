@@ -19,7 +19,7 @@ from typing import Any
 
 from . import model
 from .agent.exports import client_spec_ok
-from .agent.protocol import EXPORT_FILES, EXPORT_KINDS, SPARE_DEFAULT, SPARE_POLICIES
+from .agent.protocol import EXPORT_FILES, EXPORT_KINDS, NODE_TIMEOUT_DEFAULT, SPARE_DEFAULT, SPARE_POLICIES
 from .errors import ConfigError, UsageError
 from .model import bare_address
 from .model import host as check_host
@@ -83,6 +83,8 @@ class Config:
     spool_dir: str = "~/.local/state/qrmfs/spool"
     keep_generations: int = 1  # earlier generations of an image kept by update (and create --force)
     spare: str = SPARE_DEFAULT  # when a pruned generation is kept as the next update's start (SPARE_POLICIES)
+    node_timeout: int = NODE_TIMEOUT_DEFAULT  # seconds after a node's last heartbeat that it stops holding its
+    #                                           generation (agent/holds.py)
 
     def storage_for(self, token: str) -> Storage:
         """A storage server by its config name, else by address (ssh as root, port 22, export root /exports)."""
@@ -241,6 +243,9 @@ SETTINGS: tuple[Setting, ...] = (
             "--force); 0 or more", _keep_generations),
     Setting("", "spare", str, SPARE_DEFAULT, "when the pruned generation is kept as the next update's start "
             "(docs/updating.md): `reflink` (where the file system shares extents), `always` or `never`", _spare),
+    Setting("", "node_timeout", int, NODE_TIMEOUT_DEFAULT, "seconds after a node's last heartbeat that the "
+            "generation it runs stops being kept for it (docs/updating.md, \"Running nodes\"); 1 or more, well "
+            "above the nodes' heartbeat (60 s)", _between(1, 10**9)),
     Setting("openqrm", "url", str, None, "`http(s)://HOST[:PORT][/PATH]`, without credentials, query or fragment",
             _model(model.openqrm_url)),
     Setting("openqrm", "user", str, None, "an openQRM administrator"),
@@ -359,7 +364,7 @@ def parse(data: dict[str, Any], path: str | None = None) -> Config:
                for name, v in _named(data, "storage").items()}
     hosts = {name: _ssh_host(v) for name, v in _named(data, "hosts").items()}
     return Config(path, storage, hosts, OpenQrm(**oq), ssh["identity_file"], ssh["known_hosts"],
-                  t["spool_dir"], t["keep_generations"], t["spare"])
+                  t["spool_dir"], t["keep_generations"], t["spare"], t["node_timeout"])
 
 
 def _shown(p: str) -> str:

@@ -200,6 +200,14 @@ class RolledBack(Result):
 
 
 @dataclass(frozen=True)
+class NodeRow:
+    """A node that runs a generation (its record, agent/holds.py): since it booted, last heard of (UTC)."""
+    node: str
+    since: str
+    seen: str
+
+
+@dataclass(frozen=True)
 class GenerationRow:
     path: str
     role: str
@@ -213,6 +221,7 @@ class GenerationRow:
     bytes: int | None
     cost: int | None
     id: str | None
+    nodes: list[NodeRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -232,6 +241,7 @@ class Generations(Result):
             name = "current" if g.role == "current" else f"gen {g.seq}"
             lines.append(f"  {name:<8} {g.made:<21} {what:<18} cost {cost:<12} copy {g.base_copy or '?':<20} "
                          f"from {g.source or '?'}")
+            lines += [f"           run by node {n.node} since {n.since} (last heard of {n.seen})" for n in g.nodes]
         return "\n".join(lines)
 
 
@@ -398,10 +408,13 @@ class Collected(Result):
     """qrmfs gc: what unfinished operations had left beside images, removed under each image's lock."""
     removed: list[str]
     in_use: list[str]
+    held: list[str] = field(default_factory=list)  # generations beyond keep_generations that nodes still run
 
     def text(self) -> str:
-        lines = [f"removed {p}" for p in self.removed] + [f"in use, kept: {p}" for p in self.in_use]
-        return "\n".join(lines + [f"gc: removed {len(self.removed)}, in use {len(self.in_use)}"])
+        lines = ([f"removed {p}" for p in self.removed] + [f"in use, kept: {p}" for p in self.in_use]
+                 + [f"kept while nodes run it: {p}" for p in self.held])
+        return "\n".join(lines + [f"gc: removed {len(self.removed)}, in use {len(self.in_use)}"
+                                  + (f", run by nodes {len(self.held)}" if self.held else "")])
 
 
 @dataclass(frozen=True)

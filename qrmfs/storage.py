@@ -30,7 +30,8 @@ from .config import Storage
 from .errors import ConnectError, ExistsError, LockedError, NotFoundError, QrmfsError, RefusedError, StorageError
 from .runner import CommandFailed, Runner, stop, tail
 
-AGENT_MODULES = ("fsutil", "manifest", "protocol", "steps", "tree", "gens", "supervise", "exports", "main")
+AGENT_MODULES = ("fsutil", "manifest", "protocol", "steps", "tree", "holds", "gens", "supervise", "exports",
+                 "main")
 # The -c program is tiny and fixed; the loader (agent/loader.py) and the agent modules come on stdin (first JSON
 # line, with the modules' digest: the loader keeps their compiled code in the storage server's cache by it).
 BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'
@@ -354,6 +355,7 @@ class StorageSide:
     publish_update = Op(P.PublishUpdate)
     rollback = Op(P.Rollback)
     generations = Op(P.Generations)
+    prune = Op(P.Prune)
 
     def export(self, path: str, action: str) -> P.Exported:
         """The image's own NFS export, as this server's config says (Storage.exports, not "none")."""

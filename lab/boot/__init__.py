@@ -99,6 +99,7 @@ class BootSpec:
     mount: str = "nfs4"              # qemu.MOUNTS: "nfs4", or "openqrm" (`mount -t nfs -o rw,nolock`, NFSv3)
     openqrm: bool = False            # boot the openQRM way: openQRM's linuxrc, parameters from the lab's
                                      # real server, which the image must be registered with (lab/boot/openqrm.py)
+    cmdline: tuple[str, ...] = ()    # more kernel arguments (e.g. qrmfs.heartbeat=5)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "node_id", validate_node_id(self.node_id))
@@ -230,7 +231,7 @@ def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (Debian qemu-system-x86; `make setup` installs it)")
     storage = info["hosts"]["storage"]["address"]
-    extra = ("qrmfs.poweroff=clean",) if spec.clean_poweroff else ()
+    extra = (*(("qrmfs.poweroff=clean",) if spec.clean_poweroff else ()), *spec.cmdline)
     cmdline = kernel_cmdline(NFS_GUEST_ADDR, spec.image_path, spec.node_id, spec.hostname, probe=spec.probe,
                              extra=extra, mount=spec.mount)
     prep = prepare()

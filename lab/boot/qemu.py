@@ -88,6 +88,9 @@ def kernel_cmdline(nfs_server: str, image_path: str, node_id: int | str | None =
         if not HOSTNAME_RE.match(hostname):
             raise LabError(f"hostname {hostname!r} is not a valid host name")
         args.append(f"qrmfs.hostname={hostname}")
+    for a in extra:
+        if not a or any(c.isspace() for c in a):
+            raise LabError(f"kernel argument {a!r} must be one word")
     args.extend(extra)
     return " ".join(args)
 

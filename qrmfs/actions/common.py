@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import jobs, model, openqrm
+from ..agent.holds import describe
 from ..agent.manifest import generation_id
-from ..agent.protocol import Inspected, Locked
+from ..agent.protocol import Held, Inspected, Locked
 from ..config import Config, Storage, _shown
 from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
 from ..model import Target
@@ -116,6 +117,15 @@ def identity_of(storage: Storage, path: str) -> dict[str, Any]:
 
 def holder(command: str, name: str) -> str:
     return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} ({command} {name})"
+
+
+def kept_for_nodes(env: Env, held: list[Held]) -> None:
+    """Say which generations beyond keep_generations a prune kept, and which nodes run them (a warning: it is
+    space kept beyond the config, and --json carries it in the result's warnings)."""
+    for h in held:
+        env.ui.warn(f"kept {h.path} beyond keep_generations: {len(h.nodes)} node(s) run it: {describe(h.nodes)}; "
+                    f"it is deleted by the first update or gc after they rebooted or stopped reporting for "
+                    f"node_timeout = {env.cfg.node_timeout} s")
 
 
 @dataclass

@@ -40,7 +40,7 @@ from ..runner import Runner, later, tail
 from ..storage import StorageSide, Supervised, node_init_script
 from ..transfer import run_rsync, run_stream
 from . import copyplan, exports, hosts, names
-from .common import Credentials, Env, claim_job, deliver, holder, iso_now
+from .common import Credentials, Env, claim_job, deliver, holder, iso_now, kept_for_nodes
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin:
     spec = run.spec
     token = uuid.uuid4().hex[:10]
     if run.incremental:
-        up = run.side.stage_update(spec.place.path, token, pin)
+        up = run.side.stage_update(spec.place.path, token, pin, env.cfg.node_timeout)
         run.staging = up.staging
         run.base_copy = _copy_image(env, run, spec.place.path, up)
         known_hosts = up.known_hosts
@@ -373,15 +373,17 @@ def _copy_image(env: Env, run: Run, image: str, up: StagedUpdate) -> dict[str, A
 def _publish(env: Env, run: Run) -> Published:
     spec = run.spec
     if not run.incremental:
-        return run.side.publish(spec.place.path, run.staging, spec.force)
+        return run.side.publish(spec.place.path, run.staging, spec.force, env.cfg.node_timeout)
     try:
-        swapped = run.side.publish_update(spec.place.path, run.staging, env.cfg.keep_generations, env.cfg.spare)
+        swapped = run.side.publish_update(spec.place.path, run.staging, env.cfg.keep_generations, env.cfg.spare,
+                                          env.cfg.node_timeout)
     except QrmfsError as e:
         e.message += ("; if the publish had begun, the next qrmfs operation on the image finishes it (its node "
                       "state is never left behind)")
         raise
     for f in swapped.prune_failed:
         env.ui.warn(f"an earlier generation could not be deleted (the next operation on the image tries again): {f}")
+    kept_for_nodes(env, swapped.held)
     return Published(swapped.path, True, swapped.generation)
 
 

@@ -19,6 +19,7 @@ class RemoveRequest:
     target: Target
     yes: bool = False
     force: bool = False
+    running_ok: bool = False  # remove it although nodes run it (else refused, the nodes named)
     only_physical: bool = False
     dry_run: bool = False
     creds: Credentials = field(default_factory=lambda: Credentials(None, None))
@@ -44,7 +45,7 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
     if not req.yes and not confirm(f"remove {what}" + (" and deregister it from openQRM" if deregister else "")):
         raise AbortedError("nothing removed")
     with env.locked(side, req.target.path, "remove", req.target.name):
-        side.remove(req.target.path, req.force)
+        side.remove(req.target.path, req.force, req.running_ok, env.cfg.node_timeout)
         unexported = exports.apply(env, side, req.target, "remove")  # only now: the image is gone
     env.ui.step(f"removed {req.target}")
     # a registration still waiting in the spool for this image must never arrive after its removal

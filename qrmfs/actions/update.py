@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import jobs, openqrm
+from ..agent.holds import stamp
 from ..agent.manifest import Manifest
 from ..errors import NotFoundError, RefusedError, UsageError
 from ..model import Location, Route, Target
@@ -28,6 +29,7 @@ from ..results import (
     GenerationListing,
     GenerationRow,
     Generations,
+    NodeRow,
     Registration,
     RegState,
     RolledBack,
@@ -148,7 +150,8 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     manifest = _current(env, req.target)
     storage = env.storage(req.target)
     side = env.side(storage)
-    gens = [g for g in side.generations(req.target.path).generations if g.role == "generation" and g.manifest]
+    gens = [g for g in side.generations(req.target.path, node_timeout=env.cfg.node_timeout).generations
+            if g.role == "generation" and g.manifest]
     if not gens:
         raise NotFoundError(f"{req.target} has no earlier generation to roll back to")
     to = gens[0]
@@ -198,7 +201,7 @@ def _when(m: Manifest | None) -> str:
 
 def generations(env: Env, target: Target) -> Generations:
     side = env.side(env.storage(target))
-    listed = side.generations(target.path, costs=True)
+    listed = side.generations(target.path, costs=True, node_timeout=env.cfg.node_timeout)
     if not listed.generations[0].manifest:
         raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json)")
     rows = []
@@ -207,7 +210,7 @@ def generations(env: Env, target: Target) -> Generations:
         rows.append(GenerationRow(
             path=g.path, role=g.role, seq=g.seq, made=_when(g.manifest), made_by=m.made_by, source=m.source,
             changes=m.changes, base_copy=m.base_copy_method, files=m.files, bytes=m.bytes, cost=g.cost,
-            id=m.generation_id))
+            id=m.generation_id, nodes=[NodeRow(h.node, stamp(h.since), stamp(h.seen)) for h in g.nodes]))
     return Generations(str(target), rows, listed.journal)
 
 

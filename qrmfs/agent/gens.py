@@ -12,7 +12,7 @@ image. Steps, each one recoverable:
     swap     exchange <incoming> and <image> (renameat2 RENAME_EXCHANGE: the image's name never disappears;
              two renames where the file system cannot exchange)
     retire   rename <incoming> (now the old image) -> <outgoing>, the newest generation
-    prune    generations beyond `keep` are renamed out of sight, then deleted
+    prune    generations beyond `keep` are renamed out of sight, then deleted (never one a node runs: holds.py)
     done     the journal is removed
 The next operation on the image takes its lock and calls recover(), which finishes a journaled publish
 (it only ever moves forward: the incoming tree was complete before the journal was written).
@@ -30,8 +30,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import holds
 from . import protocol as P
 from .fsutil import Mounted, holders, in_two, is_real_dir, mine, remove, write_file
+from .holds import NODES
 from .manifest import CHANGE_KINDS, generation_id
 from .protocol import AgentError, ErrorKind
 from .tree import (
@@ -45,7 +47,6 @@ from .tree import (
     write_manifest,
 )
 
-NODES = ".qrmfs/nodes"
 CRASH_ENV = "QRMFS_TEST_CRASH_AT"  # tests: the agent dies (os._exit) right after the named step
 
 
@@ -150,14 +151,16 @@ def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
     if os.path.lexists(incoming) and os.path.lexists(path) and not os.path.lexists(outgoing):
         os.rename(incoming, outgoing)  # after an exchange, incoming's name holds the old image
     _crash_point("retire")
-    pruned, failed = prune(path, int(j.get("keep", 1)), str(j.get("spare", P.SPARE_DEFAULT)))
+    pruned, failed, held = prune(path, int(j.get("keep", 1)), str(j.get("spare", P.SPARE_DEFAULT)),
+                                 int(j.get("node_timeout", P.NODE_TIMEOUT_DEFAULT)))
     _crash_point("prune")
     remove_pins(path)  # the source's pinned host key served the copy only
     remove(siblings(path).journal)
-    return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed)
+    return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed, held)
 
 
-def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT) -> P.Swapped:
+def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT,
+          node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Swapped:
     m = read_manifest(incoming)
     if m is None:
         raise AgentError(ErrorKind.REFUSED, f"{incoming} has no manifest: not publishing an unfinished image")
@@ -167,7 +170,8 @@ def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT) -> 
         m = m.patched({"generation": {**m.generation, "id": new_id}})
         write_manifest(incoming, m)
     _set_aside(incoming)
-    j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep, "spare": spare}
+    j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep, "spare": spare,
+         "node_timeout": node_timeout}
     write_file(siblings(path).journal, (json.dumps(j) + "\n").encode(), 0o600)
     _crash_point("journal")
     return _finish(path, j)
@@ -194,10 +198,27 @@ def recover(path: str) -> P.Swapped | None:
         return None  # a stale journal (its tree is gone): removed
 
 
-def prune(path: str, keep: int, policy: str) -> tuple[list[str], list[str]]:
+def trees(path: str) -> dict[str, str | None]:
+    """Every tree of an image, with the generation id it says it is (holds.generation_of: what its nodes report):
+    the image, its generations, its spare."""
+    spare = siblings(path).spare
+    found = [path, *(d for _, d in generations(path)), *([spare] if is_real_dir(spare) else [])]
+    return {d: holds.generation_of(d) for d in found}
+
+
+def held_trees(path: str, node_timeout: int) -> dict[str, list[P.NodeHold]]:
+    """The trees of an image that nodes run now, with their nodes (holds.py)."""
+    return holds.by_tree(trees(path), node_timeout)
+
+
+def prune(path: str, keep: int, policy: str, node_timeout: int
+          ) -> tuple[list[str], list[str], list[P.Held]]:
     """Delete the oldest generations beyond `keep` (each renamed out of sight first, so a crash never leaves
-    a half-deleted tree that looks like a generation). (deleted, could not delete): a generation that cannot
-    be deleted never undoes the publish; what is left of it is tried again at the next lock.
+    a half-deleted tree that looks like a generation). (deleted, could not delete, kept because nodes run
+    them): a generation that cannot be deleted never undoes the publish; what is left of it is tried again at
+    the next lock. A generation a node runs (holds.py: its record is younger than node_timeout) is neither
+    deleted nor made the spare: it stays a generation, and the first prune after its last node rebooted into
+    another generation or stopped reporting deletes it.
 
     The newest of them is not deleted but becomes the image's spare (`.<name>.qrmfs-spare`, one at most) where
     `policy` says so: "reflink" where the file system shares extents (reflinks), "always", "never". The next
@@ -207,14 +228,17 @@ def prune(path: str, keep: int, policy: str) -> tuple[list[str], list[str]]:
     tree; without ("always" on ext4) it holds a whole copy between updates, the copy an update without it makes
     while it runs (so the space an update needs at its peak is the same), and an update then neither copies
     the image nor deletes a whole tree."""
-    gone, failed = [], []
+    gone: list[str] = []
+    failed: list[str] = []
     gens = generations(path)
-    doomed = gens[:max(0, len(gens) - keep)]
+    by_node = held_trees(path, node_timeout)
+    kept = [P.Held(d, by_node[d]) for _, d in gens[:max(0, len(gens) - keep)] if d in by_node]
+    doomed = [(seq, d) for seq, d in gens[:max(0, len(gens) - keep)] if d not in by_node]
     spare = siblings(path).spare
     for seq, d in doomed:
         hidden = f"{siblings(path).removing}-gen-{seq}"
         busy = holders(d)
-        if busy:  # a node still runs on it (the NFS server holds its files), or a shell is in it: kept
+        if busy:  # a shell or a process on the storage server is in it: kept
             failed.append(f"{d}: in use by {', '.join(busy[:5])}")
             continue
         try:
@@ -228,14 +252,15 @@ def prune(path: str, keep: int, policy: str) -> tuple[list[str], list[str]]:
             gone.append(d)
         except (OSError, Mounted) as e:
             failed.append(f"{d}: {e.strerror}: {e.filename}" if isinstance(e, OSError) else f"{d}: {e}")
-    return gone, failed
+    return gone, failed, kept
 
 
 def _keeps_spare(path: str, policy: str) -> bool:
     return policy == "always" or (policy == "reflink" and can_reflink(os.path.dirname(path)))
 
 
-def op_publish_update(path: str, export_root: str, staging: str, keep: int, spare: str) -> P.Swapped:
+def op_publish_update(path: str, export_root: str, staging: str, keep: int, spare: str,
+                      node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Swapped:
     """A finished staging copy becomes the image; the image becomes the newest generation."""
     _check_under(path, export_root)
     if spare not in P.SPARE_POLICIES:
@@ -243,7 +268,18 @@ def op_publish_update(path: str, export_root: str, staging: str, keep: int, spar
     check_staging(path, staging, exists=True)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
-    return _swap(path, staging, keep, spare)
+    return _swap(path, staging, keep, spare, node_timeout)
+
+
+def op_prune(path: str, export_root: str, keep: int, spare: str,
+             node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Pruned:
+    """gc: prune as an update would, without publishing anything (see prune)."""
+    _check_under(path, export_root)
+    if spare not in P.SPARE_POLICIES:
+        raise AgentError(ErrorKind.BAD_REQUEST, f"spare must be one of {', '.join(P.SPARE_POLICIES)}, not {spare!r}")
+    if read_manifest(path) is None:
+        raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest")
+    return P.Pruned(*prune(path, keep, spare, node_timeout))
 
 
 def op_rollback(path: str, export_root: str, keep: int) -> P.Swapped:
@@ -257,7 +293,8 @@ def op_rollback(path: str, export_root: str, keep: int) -> P.Swapped:
     return _swap(path, gens[-1][1], max(keep, len(generations(path))))
 
 
-def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
+def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | None = None,
+                    node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.StagedUpdate:
     """A fresh staging directory for an update, the image's top-level entries to copy into it (all but
     /.qrmfs: the manifest is written anew and node state moves at publish), and whether the file system
     can share extents (reflinks)."""
@@ -266,7 +303,7 @@ def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | 
     _check_under(path, export_root)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
-    spare = _usable_spare(path)
+    spare = _usable_spare(path, node_timeout)
     staged = op_stage(path, export_root, token, known_hosts, check_inner=spare is None)  # else: op_rebase_scan
     if spare is not None:
         recycled = _recycle(spare, staged.staging)
@@ -274,12 +311,13 @@ def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | 
     return _copy_of(path, staged)
 
 
-def _usable_spare(path: str) -> str | None:
+def _usable_spare(path: str, node_timeout: int) -> str | None:
     """The image's spare (see prune), when there is one the staging copy can be renamed from (a directory on
-    the file system of the image's parent, where staging is made)."""
+    the file system of the image's parent, where staging is made) and no node runs it (a node that booted it
+    while it was the image, and was not heard of when it was pruned: it stays where it is)."""
     spare = siblings(path).spare
     usable = is_real_dir(spare) and os.lstat(spare).st_dev == os.lstat(os.path.dirname(path)).st_dev
-    return spare if usable else None
+    return spare if usable and spare not in held_trees(path, node_timeout) else None
 
 
 def _recycle(spare: str, staging: str) -> dict[str, Any]:
@@ -616,13 +654,17 @@ def cost(top: str, skip: str | None = None) -> int:
     return size
 
 
-def op_generations(path: str, export_root: str, costs: bool = False) -> P.GenerationList:
-    """The image and its earlier generations (newest first), each with its manifest and, asked for, its cost."""
+def op_generations(path: str, export_root: str, costs: bool = False,
+                   node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.GenerationList:
+    """The image and its earlier generations (newest first), each with its manifest, the nodes that run it
+    and, asked for, its cost."""
     _check_under(path, export_root)
     if not is_real_dir(path):
         raise AgentError(ErrorKind.NOT_FOUND, f"{path} does not exist")
+    by_node = held_trees(path, node_timeout)
     items = [P.Generation(path, "current", None, read_manifest(path),
-                          cost(path, os.path.join(path, NODES)) if costs else None)]
+                          cost(path, os.path.join(path, NODES)) if costs else None, by_node.get(path, []))]
     for seq, d in reversed(generations(path)):
-        items.append(P.Generation(d, "generation", seq, read_manifest(d), cost(d) if costs else None))
+        items.append(P.Generation(d, "generation", seq, read_manifest(d), cost(d) if costs else None,
+                                  by_node.get(d, [])))
     return P.GenerationList(items, _read_journal(path) is not None)

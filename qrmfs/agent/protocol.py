@@ -40,6 +40,10 @@ EXPORT_KINDS = ("none", "kernel", "ganesha")
 EXPORT_FILES = {"kernel": "/etc/exports", "ganesha": "/etc/ganesha/qrmfs-exports.conf"}  # the default per kind
 EXPORT_ACTIONS = ("add", "refresh", "remove", "show")
 
+# Seconds after a node's last heartbeat that its record stops holding the generation it runs (holds.py): how
+# long a node that crashed or lost power keeps its generation. The config's `node_timeout`.
+NODE_TIMEOUT_DEFAULT = 900
+
 
 class ErrorKind(str, enum.Enum):  # noqa: UP042 - StrEnum needs python 3.11 on the storage server
     LOCKED = "locked"
@@ -181,6 +185,22 @@ class StagedUpdate:
 
 
 @dataclass(frozen=True)
+class NodeHold:
+    """A node's record that it runs a generation (holds.py); times are the storage server's clock (epoch s)."""
+    node: str
+    generation: str        # the generation id the node booted
+    since: float           # when it booted (its record was written)
+    seen: float            # its last heartbeat
+
+
+@dataclass(frozen=True)
+class Held:
+    """A tree kept (not deleted, not made the spare) because nodes run it."""
+    path: str
+    nodes: list[NodeHold]
+
+
+@dataclass(frozen=True)
 class Swapped:
     """A journaled publish (update or rollback) done: where the replaced image went, what was pruned."""
     path: str
@@ -188,6 +208,7 @@ class Swapped:
     pruned: list[str]
     nodes_moved: bool
     prune_failed: list[str] = field(default_factory=list)  # generations that could not be deleted (yet)
+    held: list[Held] = field(default_factory=list)  # generations beyond `keep` kept because nodes run them
 
 
 @dataclass(frozen=True)
@@ -197,6 +218,7 @@ class Generation:
     seq: int | None        # generations: higher is newer; 0 is an old-style .NAME.qrmfs-previous
     manifest: Manifest | None
     cost: int | None       # bytes shared with no other tree (reflinks); None when not asked for
+    nodes: list[NodeHold] = field(default_factory=list)  # the nodes that run it (holds.py)
 
 
 @dataclass(frozen=True)
@@ -379,6 +401,7 @@ class Publish(Request[Published]):
     export_root: str
     staging: str
     force: bool
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -390,6 +413,7 @@ class StageUpdate(Request[StagedUpdate]):
     export_root: str
     token: str
     known_hosts: str | None = None
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -418,6 +442,7 @@ class PublishUpdate(Request[Swapped]):
     staging: str
     keep: int
     spare: str = SPARE_DEFAULT
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -461,6 +486,28 @@ class Generations(Request[GenerationList]):
     path: str
     export_root: str
     costs: bool = False
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
+
+
+@dataclass(frozen=True)
+class Pruned:
+    pruned: list[str]
+    failed: list[str]
+    held: list[Held]
+
+
+@dataclass(frozen=True)
+class Prune(Request[Pruned]):
+    """gc: the generations beyond `keep` that no node runs any more are deleted (gens.prune), as an update
+    would; call under the image's lock."""
+    op: ClassVar[str] = "prune"
+    answer: ClassVar[type] = Pruned
+    handler: ClassVar[str] = "gens.op_prune"
+    path: str
+    export_root: str
+    keep: int
+    spare: str
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -502,12 +549,15 @@ class RebaseScan(Request[RebaseScanned]):
 
 @dataclass(frozen=True)
 class Remove(Request[Removed]):
+    """running_ok: remove the image although nodes run it (else refused, the nodes named)."""
     op: ClassVar[str] = "remove"
     answer: ClassVar[type] = Removed
     handler: ClassVar[str] = "tree.op_remove"
     path: str
     export_root: str
     force: bool
+    running_ok: bool = False
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 from . import protocol as P
 from .fsutil import holders, is_real_dir, mounts_at_or_below, remove, remove_tree, walk_tree
 from .manifest import PATH as MANIFEST
-from .manifest import Manifest, ManifestError
+from .manifest import Manifest, ManifestError, generation_id
 from .protocol import AgentError, ErrorKind
 
 
@@ -213,15 +213,22 @@ def read_manifest(path: str) -> Manifest | None:
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:
+    """The manifest, and beside it the generation id alone (`.qrmfs/generation`: qrmfs-init reads it at boot and
+    reports it, see holds.py), each written by replace."""
     d = os.path.join(root, ".qrmfs")
     if not is_real_dir(d):
         if os.path.lexists(d):
             remove(d)
         os.makedirs(d, mode=0o755)
-    tmp = os.path.join(d, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.text())
-    os.replace(tmp, os.path.join(d, "manifest.json"))
+    gen = generation_id(manifest)
+    for name, text in (("generation", f"{gen}\n" if gen else None), ("manifest.json", manifest.text())):
+        tmp = os.path.join(d, f"{name}.tmp")
+        if text is None:
+            remove(os.path.join(d, name))
+            continue
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(d, name))
 
 
 def _root_of(path: str, root: str | None) -> str:
@@ -370,8 +377,10 @@ def op_write_manifest(path: str, export_root: str, staging: str, manifest: Manif
     return P.Written(staging)
 
 
-def op_publish(path: str, export_root: str, staging: str, force: bool) -> P.Published:
-    """Rename the staging copy to the image's name; with force the old image becomes `.previous`."""
+def op_publish(path: str, export_root: str, staging: str, force: bool,
+               node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Published:
+    """Rename the staging copy to the image's name; with force the old image becomes `.previous` (refused
+    while nodes run the `.previous` it would replace)."""
     _check_under(path, export_root)
     s = siblings(path)
     check_staging(path, staging, exists=True)
@@ -381,6 +390,7 @@ def op_publish(path: str, export_root: str, staging: str, force: bool) -> P.Publ
     if os.path.lexists(path):
         if not force:
             raise AgentError(ErrorKind.EXISTS, f"{path} exists")
+        _refuse_running(path, node_timeout, [s.previous], "replacing it")
         remove_tree(s.previous)
         os.rename(path, s.previous)
         replaced = True
@@ -389,8 +399,25 @@ def op_publish(path: str, export_root: str, staging: str, force: bool) -> P.Publ
     return P.Published(path, replaced, s.previous if replaced else None)
 
 
-def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
-    """Remove an image: refuse anything that is not plainly an unmounted image below the export root."""
+def _refuse_running(path: str, node_timeout: int, trees: list[str] | None, doing: str, allowed: bool = False
+                    ) -> None:
+    """Refused while nodes run the image (or, given, these of its trees): the nodes named (holds.py); not
+    when `allowed` (the operator said so)."""
+    from .gens import held_trees
+    from .holds import describe
+
+    if allowed:
+        return
+    held = {t: h for t, h in held_trees(path, node_timeout).items() if trees is None or t in trees}
+    if held:
+        raise AgentError(ErrorKind.REFUSED, "nodes run " + "; ".join(
+            f"{t}: {describe(h)}" for t, h in sorted(held.items())) + f": not {doing}")
+
+
+def op_remove(path: str, export_root: str, force: bool, running_ok: bool = False,
+              node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Removed:
+    """Remove an image: refuse anything that is not plainly an unmounted image below the export root, or that
+    nodes run (unless running_ok)."""
     if path in ("", "/") or not path.startswith("/"):
         raise AgentError(ErrorKind.REFUSED, f"refusing to remove {path!r}")
     _check_under(path, export_root)
@@ -406,6 +433,7 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     busy = mounts_at_or_below(path)
     if busy:
         raise AgentError(ErrorKind.REFUSED, f"{path} has mounts under it: {', '.join(busy)}")
+    _refuse_running(path, node_timeout, None, "removing it (--running-nodes-ok removes it anyway)", running_ok)
     s = siblings(path)
     earlier = _earlier_generations(path)  # every earlier generation goes with the image
     for tree_ in (path, *earlier):

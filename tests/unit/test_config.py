@@ -113,8 +113,8 @@ UNKNOWN = [
     ('[storage.nas1]\naddress = "h"\n[storage.nas1.extra]\nx = 1\n',
      "config: unknown key 'extra' in [storage.nas1]; known: address, export_clients, export_root, exports, "
      "exports_file, nfs_address, ssh_port, ssh_user, storage_id"),
-    ("verbose = true\n", "config: unknown key 'verbose' at the top level; known: keep_generations, spare, "
-                          "spool_dir"),
+    ("verbose = true\n", "config: unknown key 'verbose' at the top level; known: keep_generations, "
+                          "node_timeout, spare, spool_dir"),
 ]
 
 
@@ -375,3 +375,16 @@ def test_a_path_with_a_newline_stays_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as ei:
         config.load(str(tmp_path / "a\nb.toml"))
     assert "\n" not in ei.value.message and "\\n" in ei.value.message
+
+
+@pytest.mark.parametrize(("text", "want"), [("", 900), ("node_timeout = 45\n", 45)])
+def test_node_timeout_has_a_documented_default_and_can_be_set(text: str, want: int) -> None:
+    assert config.parse(tomllib.loads(text)).node_timeout == want
+
+
+@pytest.mark.parametrize("text", ["node_timeout = 0\n", "node_timeout = -5\n", 'node_timeout = "1h"\n',
+                                  "node_timeout = 1.5\n"])
+def test_a_bad_node_timeout_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.parse(tomllib.loads(text))
+    assert "node_timeout" in ei.value.message

@@ -38,28 +38,28 @@ def test_full_cycle(side: StorageSide, root: Path) -> None:
     assert st == str(root / ".img1.qrmfs-staging-tok")
     Path(st, "etc").mkdir()
     assert side.write_manifest(path, st, Manifest.new({"image": "img1"})) == P.Written(st)
-    assert side.publish(path, st, force=False) == P.Published(path, False, None)
+    assert side.publish(path, st, force=False, node_timeout=900) == P.Published(path, False, None)
     assert side.list() == P.Listed([P.ListedImage(path, Manifest.new({"image": "img1"}), None)])
     assert side.stats(path).files == 3  # etc, .qrmfs, manifest.json
-    assert side.remove(path, force=False) == P.Removed(path)
+    assert side.remove(path, force=False, running_ok=False, node_timeout=900) == P.Removed(path)
     assert os.listdir(root) == []
 
 
 def test_errors_map_to_exit_codes(side: StorageSide, root: Path) -> None:
     with pytest.raises(RefusedError) as ei:
-        side.remove("/", force=True)
+        side.remove("/", force=True, running_ok=False, node_timeout=900)
     assert (ei.value.message, ei.value.exit_code) == ("refusing to remove '/'", 11)
     with pytest.raises(NotFoundError):
-        side.remove(str(root / "nope"), force=True)
+        side.remove(str(root / "nope"), force=True, running_ok=False, node_timeout=900)
     (root / "plain").mkdir()
     with pytest.raises(RefusedError, match="has no qrmfs manifest"):
-        side.remove(str(root / "plain"), force=False)
+        side.remove(str(root / "plain"), force=False, running_ok=False, node_timeout=900)
     (root / "img1/.qrmfs").mkdir(parents=True)
     tree.write_manifest(str(root / "img1"), Manifest.new({}))
     st = side.stage(str(root / "img1"), "t").staging
     tree.write_manifest(st, Manifest.new({}))
     with pytest.raises(ExistsError):
-        side.publish(str(root / "img1"), st, force=False)
+        side.publish(str(root / "img1"), st, force=False, node_timeout=900)
     with pytest.raises(NotFoundError) as ei2:
         side.stats(str(root / "missing"))
     assert str(root / "missing") in ei2.value.message

@@ -736,3 +736,37 @@ def test_an_image_whose_manifest_cannot_be_read_is_refused_in_one_line_and_only_
     code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", "-o", "--force", capsys=capsys)
     assert code == 0, out
     assert not env["img"].exists()
+
+
+def _run_node(img: Path, node: str) -> None:
+    """A node's record (agent/holds.py) that it runs the image's current generation, as qrmfs-init writes it."""
+    from qrmfs.agent import holds
+
+    d = img / holds.NODES / node
+    d.mkdir(parents=True, exist_ok=True)
+    (d / holds.RUNNING).write_text((img / ".qrmfs/generation").read_text())
+    (d / holds.ALIVE).write_text("")
+
+
+def test_a_generation_a_node_runs_is_kept_listed_and_freed_by_gc_after_the_node_rebooted(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    env["cfg"].write_text(env["cfg"].read_text().replace("keep_generations = 1", "keep_generations = 0"))
+    create(env, capsys)
+    _run_node(env["img"], "7")
+    booted = (env["img"] / ".qrmfs/generation").read_text().strip()
+    code, out = update(env, capsys)
+    gen1 = env["root"] / ".img1.qrmfs-gen-1"
+    assert code == 0 and (gen1 / ".qrmfs/generation").read_text().strip() == booted
+    assert [w for w in out["result"]["warnings"] if "beyond keep_generations" in w and "node 7 (since " in w], out
+    code, out = qrmfs(env, "list", "--generations", "-t", f"local:{env['img']}", capsys=capsys)
+    rows = out["result"]["images"][0]["generations"]
+    assert [(r["role"], [n["node"] for n in r["nodes"]]) for r in rows] == [("current", []), ("generation", ["7"])]
+    code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", "-o", capsys=capsys)
+    assert code != 0 and "node 7 (since " in out["error"]["message"] and gen1.is_dir() and env["img"].is_dir()
+    code, out = qrmfs(env, "gc", capsys=capsys)
+    assert code == 0 and out["result"]["held"] == [str(gen1)] and gen1.is_dir()
+    _run_node(env["img"], "7")  # node 7 rebooted into the current generation
+    code, out = qrmfs(env, "gc", capsys=capsys)
+    assert code == 0 and str(gen1) in out["result"]["removed"] and not gen1.exists(), out
+    code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", "-o", "--running-nodes-ok", capsys=capsys)
+    assert code == 0 and not env["img"].exists(), out
