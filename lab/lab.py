@@ -654,6 +654,11 @@ def status(name: str = DEFAULT_NAME) -> dict[str, Any] | None:
     found = _containers(_client(), lab)
     if not _ours(lab, found):
         return None
+    # A lab whose `up` was stopped before it registered every storage server with openQRM is not fully
+    # running: `up` registers them (its registration is idempotent).
+    registered = _openqrm_facts(lab, found[OPENQRM])["storage_ids"]
+    if any(r not in registered for r in found if r == "storage" or is_extra_storage(r)):
+        return None
     return _info(lab, found)
 
 
