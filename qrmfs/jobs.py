@@ -125,7 +125,8 @@ def record_fields_changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]
 
 def records(name: str, fields: dict[str, str] | None, replace: bool) -> list[openqrm.Request]:
     """The image requests: a new record (fields), replacing the record of that name first (replace: openQRM's
-    update_image needs the record's image_id, which no answer of openQRM shows). None: the record stays."""
+    update_image needs the record's image_id, which no answer of openQRM shows). None: the record stays.
+    A new record without replace is only for an image that has none (openQRM would hold two)."""
     if fields is None:
         return [openqrm.remove_by_name(name)] if replace else []
     return [*([openqrm.remove_by_name(name)] if replace else []), openqrm.new_image(fields)]

@@ -300,6 +300,8 @@ class Client:
             raise Transient(f"cannot connect to {self.url}: {type(e).__name__} {e}") from None
         if r.status_code == 500:
             return
+        if r.status_code == 401:
+            raise RegistrationError(f"openQRM at {self.url} refused the credentials of user {self.user!r} (401)")
         self._judge(Request("image", {"image_command": "(none: the role probe)"}), r)
         raise NotOpenQrmError(f"{self.url} does not answer as openQRM 5.3 does to the role probe ({r.status_code})")
 

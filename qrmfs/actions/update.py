@@ -126,14 +126,14 @@ def _dry_run(req: UpdateRequest, env: Env, manifest: Manifest, creq: CreateReque
     """What the update would change: rsync's itemized dry run from the source into the current image, with the
     update's excludes; the paths the preparation changes on purpose are left out. Nothing is written."""
     enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, _made(creq), env)
+    changed = _changes(manifest, _made(creq))
     changes = changes_from_source(env, env.storage(req.target), req.target, creq.location, creq.excludes, manifest)
     counts = Counter(change_kind(c["change"]) for c in changes)
     return UpdatePlan(image=req.target.name, target=str(req.target), source=str(creq.location),
                       counts=dict(sorted(counts.items())), changes=changes[:200], truncated=len(changes) > 200,
                       options=creq.options_record(), keep_generations=env.cfg.keep_generations,
                       registration=[] if enroll is None else jobs.planned(req.creds.url, jobs.requests(
-                          "update", req.target.name, str(req.target), enroll.fields,
-                          _changes(manifest, _made(creq)))))
+                          "update", req.target.name, str(req.target), enroll.fields if changed else None, changed)))
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,9 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     back = to.manifest
     assert back is not None
     enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, back, env)
-    closing = [] if enroll is None else jobs.closing("rollback", name, target, enroll.fields,
-                                                     _changes(manifest, back))
+    changed = _changes(manifest, back)
+    closing = [] if enroll is None else jobs.closing("rollback", name, target, enroll.fields if changed else None,
+                                                     changed)
     if req.dry_run:
         plan = [] if enroll is None else [jobs.started("rollback", name, target), *closing]
         return RolledBack(target, to.path, _when(to.manifest), None, Registration.of_manifest(manifest),

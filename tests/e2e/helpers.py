@@ -74,9 +74,32 @@ def until(what: str, check: Any, timeout: float = 60.0) -> Any:
         time.sleep(0.2)
 
 
-def mock_state(mock: Any) -> dict[str, Any]:
-    """The openQRM mock's tables and requests (GET /_mock/state), image_info without openQRM's own records
-    (openqrm, idle), which every install has."""
-    st: dict[str, Any] = mock.get("/_mock/state").json()
-    st["images"] = [i for i in st["images"] if i["image_id"] not in ("0", "1")]
-    return st
+OPENQRM_OWN = ("openqrm", "idle")  # the records every openQRM (and the mock) has from its install
+
+
+def mock_images(mock: Any) -> list[dict[str, Any]]:
+    """The mock's image_info rows that qrmfs made (openQRM's own `openqrm` and `idle` left out)."""
+    return [i for i in mock.get("/_mock/state").json()["images"] if i["image_name"] not in OPENQRM_OWN]
+
+
+def mock_events(mock: Any) -> list[dict[str, Any]]:
+    """The mock's event_info rows that qrmfs sent (event_source qrmfs), in the order stored."""
+    return [e for e in mock.get("/_mock/state").json()["events"] if e["event_source"] == "qrmfs"]
+
+
+def real_images(lab: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The real openQRM server's image_info rows of that name."""
+    from lab import lab as _lab
+
+    return [i for i in _lab.images(lab["name"]) if i["image_name"] == name]
+
+
+def real_events(lab: dict[str, Any], name: str) -> list[tuple[str, int]]:
+    """The real server's events qrmfs sent about image `name`: (event_name, priority), in the order stored."""
+    from lab import lab as _lab
+    from qrmfs import jobs
+
+    names = {jobs.event_name(c, name) for c in jobs.COMMANDS}
+    return [(str(e["event_name"]), int(str(e["event_priority"]))) for e in _lab.events(lab["name"])
+            if e["event_source"] == "qrmfs" and e["event_name"] in names]
+

@@ -19,7 +19,7 @@ import pytest
 from lab import lab as _lab
 from qrmfs import openqrm
 
-from .helpers import mock_state, qrmfs, run_on, write_config
+from .helpers import qrmfs, run_on, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +41,8 @@ def scratch_left(lab: dict[str, Any]) -> list[str]:
     return out.split()
 
 
-def test_all_checks_pass_on_the_lab(lab, cfg, mock):
+def test_all_checks_pass_on_the_lab(lab, cfg):
+    before = (_lab.events(lab["name"]), _lab.images(lab["name"]))
     r = qrmfs("check", "-t", "storage:/exports/imgcheck", "-l", "source:/", "--json", config=cfg)
     assert r.returncode == 0, r.stdout + r.stderr
     got = checks(r)
@@ -59,10 +60,9 @@ def test_all_checks_pass_on_the_lab(lab, cfg, mock):
     assert 50 * 2**20 < got["source source:/ size"]["data"]["bytes"] < 2**30
     assert got["storage storage free space"]["data"]["need"] == got["source source:/ size"]["data"]["bytes"]
     assert scratch_left(lab) == []
-    # the openQRM probe changed nothing on the server
-    state = mock_state(mock)
-    assert state["images"] == [] and state["events"] == []
-    assert [q["authorized_user"] for q in state["requests"]] == ["openqrm"]
+    # the real openQRM's database: its requests (the database read, the realm, the role probe) changed nothing
+    assert (_lab.events(lab["name"]), _lab.images(lab["name"])) == before
+    assert got["openqrm record"]["status"] == "ok"
     # text mode: one line per check, then the verdict
     t = qrmfs("check", "-t", "storage", "-l", "source:/", config=cfg)
     assert t.returncode == 0
@@ -166,22 +166,22 @@ def test_storage_without_xattr_support_fails_acl_xattr_and_capability(lab, cfg, 
     assert run_on(lab, "storage", f"ls -A {d}").stdout == b""
 
 
-def test_wrong_password_fails_the_openqrm_check(lab, cfg, mock, tmp_path):
+def test_wrong_password_fails_the_openqrm_check(lab, cfg, tmp_path):
     pw = tmp_path / "pw"
     pw.write_text("not-the-password\n")
     r = qrmfs("check", "-t", "storage", "--password-file", str(pw), "--json", config=cfg)
     assert r.returncode == 15, r.stdout + r.stderr
     c = checks(r)["openqrm"]
     assert c["status"] == "fail"
-    assert c["message"] == f"openQRM at {lab['openqrm_mock']['url']} refused the credentials of user 'openqrm' (401)"
+    assert c["message"] == f"openQRM at {lab['openqrm']['url']} refused the credentials of user 'openqrm' (401)"
     assert "not-the-password" not in r.stdout + r.stderr
     # a user who logs in but is no administrator cannot register images either
     viewer = lab["openqrm"]["viewer"]
     r = qrmfs("check", "-t", "storage", "-u", viewer["user"], "--password-file", viewer["password_file"], "--json",
               config=cfg)
     assert r.returncode == 15
-    assert "is not an administrator (403)" in checks(r)["openqrm"]["message"]
-    assert mock_state(mock)["images"] == []
+    assert "user 'viewer' is not an administrator" in checks(r)["openqrm"]["message"]
+    assert [i["image_name"] for i in _lab.images(lab["name"])][:2] == ["openqrm", "idle"]
 
 
 def test_unreachable_openqrm_fails(lab, cfg):

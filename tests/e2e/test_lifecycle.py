@@ -10,7 +10,7 @@ import pytest
 
 from lab import lab as _lab
 
-from .helpers import exports_listing, mock_state, qrmfs, result_of, run_on, tree_info, write_config
+from .helpers import exports_listing, qrmfs, real_events, real_images, result_of, run_on, tree_info, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -92,7 +92,7 @@ def test_validate_reports_drift_from_the_source_and_changes_nothing(lab, cfg, im
         on_source(f"rm -rf {scratch}")
 
 
-def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, mock, cfg, base_image, image_path, on_storage):
+def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, cfg, base_image, image_path, on_storage):
     r = _clone(cfg, base_image, image_path, "-u", "openqrm", "--hostname", "clone-node", "--json")
     out = result_of(r)
     assert out["registration"]["state"] == "registered"
@@ -110,8 +110,9 @@ def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, mock, cfg, bas
                        f"cat {image_path}/{key} {base_image}/{key}").stdout.decode().splitlines()
     assert ident[0] == "clone-node" and ident[1] == "0"
     assert ident[2].split()[1] != ident[3].split()[1], "the clone kept the original's ssh host key"
-    images = mock_state(mock)["images"]
-    assert [(i["image_name"], i["image_rootdevice"]) for i in images] == [(posixpath.basename(image_path), image_path)]
+    (rec,) = real_images(lab, posixpath.basename(image_path))  # the real openQRM's record of the clone
+    assert (rec["image_rootdevice"], rec["image_type"], rec["image_storageid"]) == (
+        image_path, "nfs-deployment", str(lab["openqrm"]["storage_ids"]["storage"]))
 
 
 def test_clone_refusals(lab, cfg, base_image, image_path, on_storage):
@@ -127,10 +128,11 @@ def test_clone_refusals(lab, cfg, base_image, image_path, on_storage):
     assert r.returncode == 2
 
 
-def test_remove_deregisters_and_never_leaves_the_image(lab, mock, cfg, image_path, on_storage):
+def test_remove_deregisters_and_never_leaves_the_image(lab, cfg, image_path, on_storage):
+    name = posixpath.basename(image_path)
     assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm",
                  config=cfg).returncode == 0
-    assert len(mock_state(mock)["images"]) == 1
+    assert len(real_images(lab, name)) == 1
     r = qrmfs("remove", "-t", f"storage:{image_path}", "-u", "openqrm", config=cfg)
     assert r.returncode == 14 and "without --yes" in r.stderr  # no terminal: never removes silently
     on_storage(f"test -d {image_path}")
@@ -138,7 +140,8 @@ def test_remove_deregisters_and_never_leaves_the_image(lab, mock, cfg, image_pat
     assert r.returncode == 0, r.stderr
     assert result_of(r)["registration"]["state"] == "deregistered"
     on_storage(f"test ! -e {image_path} && test -s /etc/hostname")  # the fixture's /etc link was not followed
-    assert mock_state(mock)["images"] == []
+    assert real_images(lab, name) == []
+    assert real_events(lab, name)[-2:] == [(f"remove_image_{name}", 5)] * 2
     assert not any(posixpath.basename(image_path) in n and "lock" not in n for n in exports_listing(lab))
 
 
@@ -196,7 +199,7 @@ def test_remove_refuses_an_image_in_use(lab, cfg, image_path, on_storage):
     on_storage(f"test -d {image_path}/fixture")
 
 
-def test_list_agrees_with_openqrm(lab, mock, cfg, image_path):
+def test_list_agrees_with_openqrm(lab, cfg, image_path):
     other = image_path + "_o"
     try:
         assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm", "--shared",
@@ -210,8 +213,8 @@ def test_list_agrees_with_openqrm(lab, mock, cfg, image_path):
         assert mine["source"] == "source:/srv" and mine["files"] > 20 and mine["validation"] == "problems"
         assert rows[posixpath.basename(other)]["registration"]["state"] == "not_registered"
         registered = {n for n, i in rows.items() if i["registration"]["state"] == "registered"}
-        in_mock = {i["image_name"] for i in mock_state(mock)["images"]}
-        assert registered & {posixpath.basename(image_path), posixpath.basename(other)} == in_mock
+        in_openqrm = {n for n in (posixpath.basename(image_path), posixpath.basename(other)) if real_images(lab, n)}
+        assert registered & {posixpath.basename(image_path), posixpath.basename(other)} == in_openqrm
         text = qrmfs("list", config=cfg).stdout
         assert posixpath.basename(image_path) in text and "registered" in text
     finally:

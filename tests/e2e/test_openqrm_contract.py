@@ -90,6 +90,8 @@ def _cases(n: str, dep: int, sid: int) -> dict[str, list[Req]]:
         + [_qrmfs(r) for r in jobs.requests("remove", n, target, None, replace=True)],
         "qrmfs with a long name": [_qrmfs(r) for r in jobs.requests("clone", long_name, target, None)],
         "qrmfs check probe": [_image({})],
+        "qrmfs check: the database read and openQRM's realm": [
+            ("event", {"resource_command": "post_event", "resource_id": "0"}, None), _image({}, None)],
         "qrmfs role probe": [_image(dict(openqrm.ROLE_PROBE)), _image(dict(openqrm.ROLE_PROBE), "viewer"),
                              _image(dict(openqrm.ROLE_PROBE), None)],
         "the web UI's identifier picks the storage id": [

@@ -15,7 +15,7 @@ INFO = {
               "openqrm": {"address": "172.30.0.4", "ssh_port": None},
               "openqrm-mock": {"address": "172.30.0.7", "ssh_port": None}},
     "openqrm": {"url": "http://172.30.0.4:80/openqrm", "user": "openqrm", "password_file": "/s/pw",
-                "nfs_deployment_id": 17964779206127,
+                "nfs_deployment_id": 17964779220001,
                 "storage_ids": {"storage": 17964779222587, "storage2": 17964779222999}},
     "openqrm_mock": {"url": "http://172.30.0.7:80/openqrm", "user": "openqrm", "password_file": "/s/pw"},
     "ssh": {"private_key": "/s/id_ed25519", "known_hosts": "/s/known_hosts"},
@@ -30,12 +30,13 @@ def test_lab_config_names_the_storage_and_every_source_host():
     # the real server's id of the storage server, for both blocks of that server
     assert cfg.storage["storage"].storage_id == cfg.storage["plain"].storage_id == 17964779222587
     assert cfg.openqrm is not None and cfg.openqrm.url == "http://172.30.0.4:80/openqrm"
-    assert cfg.openqrm.deployment_id == 17964779206127  # the real server's id of the nfs-deployment type
+    assert cfg.openqrm.deployment_id == 17964779220001  # the real server's nfs-deployment id: records need it
 
 
 def test_the_mock_variant_points_qrmfs_at_the_mock():
     data = tomllib.loads(_lab.config_toml(INFO, server="openqrm_mock"))
     assert data["openqrm"]["url"] == "http://172.30.0.7:80/openqrm"
+    assert data["openqrm"]["deployment_id"] == 17964779220001
 
 
 def test_test_variant_has_its_own_spool_and_quick_retries():

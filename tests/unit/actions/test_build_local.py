@@ -384,7 +384,8 @@ def test_a_flush_records_the_delivery_in_the_manifest(env: Env, exports: Path, s
     assert names(exports) == [".img1.qrmfs-lock", "img1"]  # the lock was taken and given back
     (row,) = list_images(later, "local").images
     assert row.registration.state is RegState.REGISTERED
-    assert str(row.registration) == f"registered ({reg['time']} by flush of spool job {job_id})"
+    assert str(row.registration) == (f"registered ({reg['time']} by flush of spool job {job_id}; openQRM ran "
+                                     "new_image for an administrator; it shows no record, so the record is not seen)")
 
 
 def test_a_publish_that_fails_keeps_or_drops_the_armed_registration_by_what_happened(
@@ -498,6 +499,16 @@ def test_every_commands_dry_run_is_the_job_it_sends(env: Env, exports: Path, sou
     assert server.requests == planned  # back to the unshared generation: its record again
     assert [q.get("image_command") for q in planned] == [None, "remove_by_name", "new_image", None]
     assert planned[2]["image_isshared"] == "0"
+
+    server.requests.clear()  # an update that changes nothing the record shows: its events only, never a 2nd record
+    planned = _plan(update_act.update(update_act.UpdateRequest(t, creds=creds(), dry_run=True),
+                                      env).registration)  # type: ignore[union-attr]
+    update_act.update(update_act.UpdateRequest(t, creds=creds()), env)
+    assert server.requests == planned and [q.get("image_command") for q in planned] == [None, None]
+    server.requests.clear()  # ... and so does a rollback to a generation with the same options
+    planned = _plan(update_act.rollback(update_act.RollbackRequest(t, creds=creds(), dry_run=True), env).plan)
+    update_act.rollback(update_act.RollbackRequest(t, creds=creds()), env)
+    assert server.requests == planned and [q.get("image_command") for q in planned] == [None, None]
 
     server.requests.clear()
     r = remove_act.RemoveRequest(Target("local", f"{exports}/img2"), yes=True, creds=creds())
