@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import model, openqrm
+from ..agent.gens import generation_id
 from ..agent.protocol import Inspected, Locked
 from ..config import Config, Storage, _shown
 from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
@@ -232,32 +233,36 @@ def claim_job(env: Env, job: openqrm.Job) -> None:
 
 
 def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
-    """A job armed before a publish by a run that is gone (its claim is ours now): is the image at its target
-    the generation it was armed for? Decided under the image's lock (which finishes an interrupted publish
-    first). True: published, send it. False: never published: its registration is dropped and the failure
-    reported instead. None: cannot tell now (storage unreachable, image locked): it waits."""
+    """A job armed before a publish by a run that is gone (its claim is ours now): was the generation it was
+    armed for published? Decided under the image's lock (which finishes an interrupted publish first), from
+    the image's own record: the generation is the image or one of its earlier generations, or a generation
+    made from it since (an update, a rollback) still names the job in its manifest. True: published, send it.
+    False: the image is not there (never published, or removed since): its registration is dropped and the
+    failure reported instead. None: cannot tell now (storage unreachable, image locked): it waits."""
     assert job.publish is not None
+    armed = job.publish.get("generation")
     try:
         target = Target.parse(job.target)
         side = env.side(env.storage(target))
         with env.locked(side, target.path, "flush", target.name):
-            manifest = side.inspect(target.path).manifest
+            exists = side.inspect(target.path).manifest is not None
+            trees = side.generations(target.path).generations if exists else []
     except QrmfsError as e:
         env.ui.warn(f"spooled registration {job.id} ({job.image}) waits: cannot tell whether {job.target} was "
                     f"published ({e.message})")
         return None
-    gen = (manifest or {}).get("generation") or {}
-    published = isinstance(gen, dict) and gen.get("id") == job.publish.get("generation")
+    published = any(generation_id(g.manifest) == armed or Registration.of_manifest(g.manifest).spool_job == job.id
+                    for g in trees)
     if not published:
         name = job.image
         ev = next((r.params["event_name"] for r in job.requests if r.kind == "event"), f"create_image_{name}")
         verb = ev.split("_", 1)[0]
+        why = (f"{job.target} was never published (the run that armed it stopped first)" if exists else
+               f"{job.target} was never published, or was removed since")
         job.requests = [r for r in job.requests if r.kind == "event" and r.params.get("event_priority") == "9"]
-        job.requests += [openqrm.event(ev, 3, f"Failed to {verb} image {name}: qrmfs stopped before publishing "
-                                              f"{job.target}"),
+        job.requests += [openqrm.event(ev, 3, f"Failed to {verb} image {name}: {why}"),
                          openqrm.event(ev, 10, f"Ended {verb} image {name}")]
-        env.ui.warn(f"spooled registration {job.id}: {job.target} was never published (the run that armed it "
-                    "stopped first); not registering it, reporting the failure instead")
+        env.ui.warn(f"spooled registration {job.id}: {why}; not registering it, reporting the failure instead")
     job.publish = None
     env.spool().save(job)
     return published
@@ -302,6 +307,9 @@ def _bound_elsewhere(job: openqrm.Job, creds: Credentials) -> str | None:
     return None
 
 
+CLAIM_WAIT = 30.0  # seconds a flush waits for another process's delivery of a job before calling it pending
+
+
 def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str]]:
     """Deliver what earlier runs left in the spool (oldest first). Quick: one attempt each, short timeout.
     A job goes only to its own URL with credentials from its own source; one held by another qrmfs
@@ -318,7 +326,8 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
             (env.ui.debug if quick else env.ui.warn)(f"spooled registration {listed.id} ({listed.image}) not sent: "
                                                      f"{why}")
             continue
-        claim = spool.claim(listed.id)
+        # another flush delivering it now is waited for (it is then gone, not pending); a quick flush waits not
+        claim = spool.claim(listed.id, wait=0.0 if quick else CLAIM_WAIT)
         if claim is None:
             left.append(listed.id)
             env.ui.debug(f"spooled registration {listed.id} ({listed.image}) is being delivered by another qrmfs")

@@ -181,7 +181,9 @@ def _as_new_generation(env: Env, spec: BuildSpec, current: dict[str, Any] | None
     has one: the same name and root device, so only the events are sent; openQRM's update_image would need the
     record's image_id, which qrmfs cannot learn. A field that would change is named, never sent elsewhere."""
     keeps = Registration.of_manifest(current).has_record
-    spec = dataclasses.replace(spec, parent=spec.parent or current, new_record=spec.new_record and not keeps)
+    # the manifest read under the lock: a flush before it may have recorded a delivery since the caller read it
+    spec = dataclasses.replace(spec, parent=current if current is not None else spec.parent,
+                               new_record=spec.new_record and not keeps)
     if spec.enroll and keeps:
         for f in record_fields_changed((current or {}).get("options", {}), spec.manifest.get("options", {})):
             env.ui.warn(f"openQRM's record keeps its {f}: qrmfs cannot send update_image without the record's "
@@ -513,10 +515,12 @@ def _write_manifest(run: Run) -> None:
 
 
 def _registration_record(run: Run) -> dict[str, Any]:
+    if run.incremental and not run.spec.new_record:
+        # a new generation of an image with a record: the record is as it was (its events, if any, are no
+        # registration; a new_image still waiting in the spool stays named, so its flush records the delivery)
+        return Registration.of_manifest(run.spec.parent).record()
     if run.job:  # until openQRM accepts it: the spool job that carries it is named (flush records the delivery)
         return Registration(RegState.PENDING, run.job.id).record()
-    if run.incremental and not run.spec.new_record:  # a new generation, not sent (-o): the record is as it was
-        return Registration.of_manifest(run.spec.parent).record()
     return Registration(RegState.NOT_REGISTERED).record()
 
 
@@ -621,10 +625,12 @@ def _register(env: Env, run: Run) -> Registration:
         e.message += (f"; the image is created and its registration waits in the spool (job {job.id}): "
                       "fix the cause and run `qrmfs flush`")
         raise
-    if why is None:
-        earlier = Registration.of_manifest(spec.parent)
-        reg = (Registration(RegState.REGISTERED, time=iso_now(), via=spec.command) if spec.new_record
-               or earlier.state is not RegState.REGISTERED else earlier)  # an update: the record stays as it was
+    if not spec.new_record:  # a new generation sent only its events: the record stays as it was
+        reg = Registration.of_manifest(spec.parent)
+        if why is not None:
+            env.ui.warn(f"openQRM did not answer ({why}): the {spec.command}'s events wait in the spool")
+    elif why is None:
+        reg = Registration(RegState.REGISTERED, time=iso_now(), via=spec.command)
         env.ui.step(f"registered {spec.name} with openQRM at {spec.enroll.creds.url}")
     else:
         reg = Registration(RegState.PENDING, job.id)

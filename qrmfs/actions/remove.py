@@ -10,7 +10,7 @@ from .. import openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
-from .common import Credentials, Env, deliver, flush_spool, require_registration, same_image
+from .common import CLAIM_WAIT, Credentials, Env, deliver, flush_spool, require_registration, same_image
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
     for job in spool.jobs():
         if not same_image(env.cfg, job, req.target):
             continue
-        claim = spool.claim(job.id, wait=30.0)  # a flush delivering it right now finishes first
+        claim = spool.claim(job.id, wait=CLAIM_WAIT)  # a flush delivering it right now finishes first
         if claim is None:
             env.ui.warn(f"the spooled registration {job.id} of the removed image is held by another qrmfs "
                         f"process; drop it with `rm {spool.dir}/{job.id}.json` once that process ended")

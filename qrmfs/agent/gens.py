@@ -31,11 +31,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import protocol as P
-from .fsutil import Mounted, holders, in_two, is_real_dir, mine, remove, write_file
+from .fsutil import Mounted, holders, in_two, is_real_dir, mine, open_beneath, plain_dir, remove, write_file
 from .protocol import AgentError, ErrorKind
 from .tree import (
     _check_under,
     check_staging,
+    generation_seq,
     images_below,
     read_manifest,
     refuse_inner_images,
@@ -54,22 +55,30 @@ def _crash_point(step: str) -> None:
 
 
 def generations(path: str) -> list[tuple[int, str]]:
-    """(seq, dir) of every earlier generation, oldest first."""
-    s = siblings(path)
-    parent, prefix = os.path.dirname(path), os.path.basename(s.gen_prefix)
+    """(seq, dir) of every earlier generation, oldest first: a directory named by qrmfs's own pattern
+    (`gen-` and ASCII digits, nothing else: `gen-²` is no generation) that holds a qrmfs manifest. What only
+    looks like one is no generation: never pruned, rolled back to or deleted (`list` shows it as foreign)."""
+    parent = os.path.dirname(path)
     out = []
     for e in os.listdir(parent) if is_real_dir(parent) else []:
+        seq = generation_seq(path, e)
         full = os.path.join(parent, e)
-        if e.startswith(prefix) and e[len(prefix):].isdigit() and is_real_dir(full):
-            out.append((int(e[len(prefix):]), full))
-    if is_real_dir(s.previous):
-        out.append((0, s.previous))
+        if seq is not None and is_real_dir(full) and _made_by_qrmfs(full):
+            out.append((seq, full))
     return sorted(out)
 
 
+def _made_by_qrmfs(tree_: str) -> bool:
+    """qrmfs made this tree (its own record: a manifest qrmfs wrote there), or cannot tell without following
+    what a node planted (Planted: the caller's operation is refused, naming it)."""
+    return read_manifest(tree_) is not None
+
+
 def _next_generation(path: str) -> str:
-    gens = generations(path)
-    return siblings(path).gen_prefix + str((gens[-1][0] if gens else 0) + 1)
+    """A name after every generation's, and after any foreign name that looks like one (never renamed onto)."""
+    parent = os.path.dirname(path)
+    seqs = [q for e in os.listdir(parent) if (q := generation_seq(path, e)) is not None]
+    return siblings(path).gen_prefix + str(max(seqs, default=0) + 1)
 
 
 def generation_id(manifest: dict[str, Any] | None) -> str | None:
@@ -104,23 +113,48 @@ def _exchange(a: str, b: str) -> bool:
 def _move_nodes(image: str, incoming: str) -> bool:
     """The image's node state moves into the incoming tree (a rename: same inodes, so running nodes' bind
     mounts keep working). Once the incoming tree holds node state, it is the one that was moved there (see
-    _set_aside): a node that booted in between and seeded a new one in the image leaves that with the image."""
-    src, dst = os.path.join(image, NODES), os.path.join(incoming, NODES)
-    if not os.path.lexists(src) or os.path.lexists(dst):
+    _set_aside): a node that booted in between and seeded a new one in the image leaves that with the image.
+    Both `.qrmfs` directories are opened without following anything a node planted (a symlink to another
+    image's, a mount point): the rename is between those two directory fds."""
+    if not plain_dir(image, NODES) or _lexists_beneath(incoming, NODES):
         return False
-    d = os.path.dirname(dst)
-    if not is_real_dir(d):
-        os.makedirs(d, 0o755)
-    os.rename(src, dst)
+    if not plain_dir(incoming, ".qrmfs"):
+        os.mkdir(os.path.join(incoming, ".qrmfs"), 0o755)
+    src, dst = (open_beneath(t, ".qrmfs", os.O_RDONLY | os.O_DIRECTORY) for t in (image, incoming))
+    try:
+        os.rename("nodes", "nodes", src_dir_fd=src, dst_dir_fd=dst)
+    finally:
+        os.close(src)
+        os.close(dst)
     return True
+
+
+def _lexists_beneath(top: str, rel: str) -> bool:
+    """Whether anything is at top/rel, its directory reached as open_beneath reaches it."""
+    d, name = os.path.split(rel)
+    try:
+        fd = open_beneath(top, d, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        os.lstat(name, dir_fd=fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _set_aside(incoming: str) -> None:
     """Node state an old generation still carries (an image replaced by create --force before generations
     existed kept its nodes) is renamed aside before the journal is written, never mixed with the current."""
-    dst = os.path.join(incoming, NODES)
-    if os.path.lexists(dst):
-        os.rename(dst, dst + time.strftime(".superseded-%Y%m%dT%H%M%S", time.gmtime()))
+    if _lexists_beneath(incoming, NODES):
+        d = open_beneath(incoming, ".qrmfs", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rename("nodes", "nodes" + time.strftime(".superseded-%Y%m%dT%H%M%S", time.gmtime()),
+                      src_dir_fd=d, dst_dir_fd=d)
+        finally:
+            os.close(d)
 
 
 def _read_journal(path: str) -> dict[str, Any] | None:
@@ -172,6 +206,7 @@ def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT) -> 
         new_id = os.urandom(8).hex()
         m["generation"] = {"id": new_id}
         write_manifest(incoming, m)
+    plain_dir(path, NODES)  # node state a node made strange is refused before the journal commits the publish
     _set_aside(incoming)
     j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep, "spare": spare}
     write_file(siblings(path).journal, (json.dumps(j) + "\n").encode(), 0o600)

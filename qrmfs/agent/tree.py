@@ -17,6 +17,7 @@ stale one. Earlier versions kept it beside the image as `.<name>.qrmfs-known_hos
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,7 +30,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as P
-from .fsutil import holders, is_real_dir, mounts_at_or_below, remove, remove_tree, walk_tree
+from .fsutil import (
+    Planted,
+    holders,
+    is_real_dir,
+    mounts_at_or_below,
+    open_beneath,
+    plain_dir,
+    read_beneath,
+    remove,
+    remove_tree,
+    walk_tree,
+)
 from .protocol import AgentError, ErrorKind
 
 MANIFEST = ".qrmfs/manifest.json"
@@ -181,7 +193,10 @@ def scan(top: str, depth: int) -> Iterator[tuple[str, str, dict[str, Any] | None
             if e.startswith("."):
                 yield "hidden", full, None
             elif is_dir:
-                m = read_manifest(full)
+                try:
+                    m = read_manifest(full)
+                except Planted:
+                    continue  # a tree a node made strange: not shown, not entered (its commands name it)
                 if m is not None:
                     yield "image", full, m
                 elif level < depth:
@@ -196,27 +211,45 @@ def images_below(path: str, depth: int = 4) -> list[str]:
 
 
 def read_manifest(path: str) -> dict[str, Any] | None:
-    p = os.path.join(path, MANIFEST)
-    if os.path.islink(p) or not os.path.isfile(p):
-        return None
+    """The manifest of an image, generation, spare or staging copy; None where there is none (or it is no JSON
+    object). Read without following anything a node could have planted (fsutil.read_beneath): Planted."""
     try:
-        with open(p) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        data = read_beneath(path, MANIFEST)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # no tree at path
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None  # path itself is a symlink: no image (its caller refuses it by its path)
+        raise
+    try:
+        m = json.loads(data) if data is not None else None
+    except ValueError:
         return None
+    return m if isinstance(m, dict) else None
 
 
 def write_manifest(root: str, manifest: dict[str, Any]) -> None:
-    d = os.path.join(root, ".qrmfs")
-    if not is_real_dir(d):
-        if os.path.lexists(d):
-            remove(d)
-        os.makedirs(d, mode=0o755)
-    tmp = os.path.join(d, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(d, "manifest.json"))
+    """Write root's manifest (a new file, renamed over the old one), through a directory fd of its .qrmfs
+    reached as open_beneath reaches it: never through a symlink a node planted."""
+    try:
+        there = plain_dir(root, ".qrmfs")
+    except Planted:
+        remove(os.path.join(root, ".qrmfs"))  # a symlink (unlinked, not followed) or a file
+        there = False
+    if not there:
+        os.mkdir(os.path.join(root, ".qrmfs"), 0o755)
+    d = open_beneath(root, ".qrmfs", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink("manifest.json.tmp", dir_fd=d)
+        fd = os.open("manifest.json.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=d)
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace("manifest.json.tmp", "manifest.json", src_dir_fd=d, dst_dir_fd=d)
+    finally:
+        os.close(d)
 
 
 def _root_of(path: str, root: str | None) -> str:
@@ -415,12 +448,23 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
 
 
 def _earlier_generations(path: str) -> list[str]:
-    """`.NAME.qrmfs-gen-<seq>` and an old-style `.NAME.qrmfs-previous` (gens.generations orders them)."""
+    """`.NAME.qrmfs-gen-<seq>` and an old-style `.NAME.qrmfs-previous` that qrmfs made (each holds a
+    manifest qrmfs wrote; a name that only looks like one is foreign: never deleted). Planted where one was
+    made strange."""
+    parent = os.path.dirname(path)
+    found = [os.path.join(parent, e) for e in sorted(os.listdir(parent)) if generation_seq(path, e) is not None]
+    return [g for g in found if is_real_dir(g) and read_manifest(g) is not None]
+
+
+def generation_seq(path: str, entry: str) -> int | None:
+    """The seq of a generation's name beside the image at path (the previous image of old: 0); None for any
+    other name, strictly: only ASCII digits, no sign, no space."""
     s = siblings(path)
-    parent, gen = os.path.dirname(path), os.path.basename(s.gen_prefix)
-    found = [os.path.join(parent, e) for e in sorted(os.listdir(parent))
-             if e.startswith(gen) and e[len(gen):].isdigit()]
-    return [*found, s.previous] if os.path.lexists(s.previous) else found
+    if entry == os.path.basename(s.previous):
+        return 0
+    prefix = os.path.basename(s.gen_prefix)
+    digits = entry[len(prefix):] if entry.startswith(prefix) else ""
+    return int(digits) if re.fullmatch(r"[0-9]{1,18}", digits) else None
 
 
 SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+|gen-[0-9]+|"
