@@ -16,6 +16,14 @@ from typing import Any
 MAX_LINKS = 40
 
 
+CRASH_ENV = "QRMFS_TEST_CRASH_AT"  # tests: the agent dies (os._exit) right after the named step
+
+
+def crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os._exit(137)
+
+
 class Escape(Exception):
     """A path would leave the image (or loops); the image is not touched there."""
 

@@ -31,11 +31,24 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import protocol as P
-from .fsutil import Mounted, holders, in_two, is_real_dir, mine, open_beneath, plain_dir, remove, write_file
+from .fsutil import CRASH_ENV as CRASH_ENV  # the tests' name for it
+from .fsutil import (
+    Mounted,
+    crash_point,
+    holders,
+    in_two,
+    is_real_dir,
+    mine,
+    open_beneath,
+    plain_dir,
+    remove,
+    write_file,
+)
 from .protocol import AgentError, ErrorKind
 from .tree import (
     _check_under,
     check_staging,
+    finish_remove,
     generation_seq,
     images_below,
     read_manifest,
@@ -46,14 +59,6 @@ from .tree import (
 )
 
 NODES = ".qrmfs/nodes"
-CRASH_ENV = "QRMFS_TEST_CRASH_AT"  # tests: the agent dies (os._exit) right after the named step
-
-
-def _crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        os._exit(137)
-
-
 def generations(path: str) -> list[tuple[int, str]]:
     """(seq, dir) of every earlier generation, oldest first: a directory named by qrmfs's own pattern
     (`gen-` and ASCII digits, nothing else: `gen-²` is no generation) that holds a qrmfs manifest. What only
@@ -179,19 +184,19 @@ def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
             raise AgentError(ErrorKind.REFUSED, f"{incoming} is gone; the publish it journaled cannot finish")
         if os.path.lexists(path):
             nodes_moved = _move_nodes(path, incoming)
-            _crash_point("nodes")
+            crash_point("nodes")
             if not _exchange(incoming, path):
                 os.rename(path, outgoing)
-                _crash_point("retire-first")
+                crash_point("retire-first")
                 os.rename(incoming, path)
         else:  # two-rename fallback interrupted between its renames
             os.rename(incoming, path)
-        _crash_point("swap")
+        crash_point("swap")
     if os.path.lexists(incoming) and os.path.lexists(path) and not os.path.lexists(outgoing):
         os.rename(incoming, outgoing)  # after an exchange, incoming's name holds the old image
-    _crash_point("retire")
+    crash_point("retire")
     pruned, failed = prune(path, int(j.get("keep", 1)), str(j.get("spare", P.SPARE_DEFAULT)))
-    _crash_point("prune")
+    crash_point("prune")
     remove_pins(path)  # the source's pinned host key served the copy only
     remove(siblings(path).journal)
     return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed)
@@ -210,7 +215,7 @@ def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT) -> 
     _set_aside(incoming)
     j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep, "spare": spare}
     write_file(siblings(path).journal, (json.dumps(j) + "\n").encode(), 0o600)
-    _crash_point("journal")
+    crash_point("journal")
     return _finish(path, j)
 
 
@@ -228,6 +233,9 @@ def recover(path: str) -> P.Swapped | None:
     if j is None:
         if os.path.lexists(s.journal):
             remove(s.journal)
+        return None
+    if j.get("remove") == path:  # a remove that started: it finishes
+        finish_remove(path)
         return None
     try:
         return _finish(path, j)

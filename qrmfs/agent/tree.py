@@ -32,6 +32,7 @@ from typing import Any
 from . import protocol as P
 from .fsutil import (
     Planted,
+    crash_point,
     holders,
     is_real_dir,
     mounts_at_or_below,
@@ -41,6 +42,7 @@ from .fsutil import (
     remove,
     remove_tree,
     walk_tree,
+    write_file,
 )
 from .protocol import AgentError, ErrorKind
 
@@ -428,23 +430,44 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
     if read_manifest(path) is None and not force:
         raise AgentError(ErrorKind.NOT_IMAGE,
                          f"{path} has no qrmfs manifest: not an image (use --force to remove anyway)")
-    busy = mounts_at_or_below(path)
-    if busy:
-        raise AgentError(ErrorKind.REFUSED, f"{path} has mounts under it: {', '.join(busy)}")
-    s = siblings(path)
-    earlier = _earlier_generations(path)  # every earlier generation goes with the image
-    for tree_ in (path, *earlier):
-        busy = holders(tree_) if is_real_dir(tree_) else []
+    trees = _trees_of(path)
+    for t in trees:  # every tree is checked before anything is deleted: a refused remove leaves all of it
+        busy = mounts_at_or_below(t)
         if busy:
-            raise AgentError(ErrorKind.REFUSED, f"{tree_} is in use by {', '.join(busy[:5])}: not removing it")
-    remove(s.removing)
-    os.rename(path, s.removing)  # gone from its name at once; the slow part happens out of sight
-    remove(s.removing)
-    for g in earlier:
-        remove(g)
-    remove(s.spare)
-    remove(s.journal)
+            raise AgentError(ErrorKind.REFUSED, f"{t} has mounts under it: {', '.join(busy)}")
+        users = holders(t) if is_real_dir(t) else []
+        if users:
+            raise AgentError(ErrorKind.REFUSED, f"{t} is in use by {', '.join(users[:5])}: nothing was removed")
+        if not os.access(os.path.dirname(t), os.W_OK | os.X_OK):
+            raise AgentError(ErrorKind.REFUSED, f"{os.path.dirname(t)} is not writable for the agent: nothing "
+                                                "was removed")
+    # the intent first: a remove that started is finished by the next lock (gens.recover), however it ends
+    write_file(siblings(path).journal, (json.dumps({"remove": path}) + "\n").encode(), 0o600)
+    finish_remove(path)
     return P.Removed(path)
+
+
+def _trees_of(path: str) -> list[str]:
+    """Every tree of an image: the image, its generations, its spare, its staging copies."""
+    s = siblings(path)
+    parent = os.path.dirname(path)
+    staging = [os.path.join(parent, e) for e in sorted(os.listdir(parent))
+               if os.path.join(parent, e).startswith(s.staging_prefix)]
+    return [path, *_earlier_generations(path), *([s.spare] if os.path.lexists(s.spare) else []), *staging]
+
+
+def finish_remove(path: str) -> None:
+    """Carry a journaled remove through: the image's name goes first (renamed out of sight), then each of its
+    trees, then the journal. Called by op_remove and, after a crash, by the next lock."""
+    s = siblings(path)
+    if os.path.lexists(path):
+        remove(s.removing)
+        os.rename(path, s.removing)  # gone from its name at once; the slow part happens out of sight
+    crash_point("remove-image")
+    remove(s.removing)
+    for t in _trees_of(path)[1:]:
+        remove(t)
+    remove(s.journal)
 
 
 def _earlier_generations(path: str) -> list[str]:

@@ -78,11 +78,12 @@ def test_inspect_directory_without_manifest_is_not_an_image(root: Path) -> None:
     assert (info["exists"], info["is_image"]) == (True, False)
 
 
-def test_manifest_through_symlink_is_ignored(root: Path, tmp_path: Path) -> None:
+def test_manifest_through_symlink_is_refused_never_read(root: Path, tmp_path: Path) -> None:
     (tmp_path / "fake.json").write_text('{"image": "evil"}')
     (root / "img1/.qrmfs").mkdir(parents=True)
     os.symlink(tmp_path / "fake.json", root / "img1/.qrmfs/manifest.json")
-    assert tree.read_manifest(str(root / "img1")) is None
+    with pytest.raises(fsutil.Planted, match=r"img1/\.qrmfs/manifest\.json is a symlink"):
+        tree.read_manifest(str(root / "img1"))
     (root / "img2/.qrmfs").mkdir(parents=True)
     (root / "img2/.qrmfs/manifest.json").write_text("{broken")
     assert tree.read_manifest(str(root / "img2")) is None
