@@ -29,7 +29,7 @@ e2e: setup
 	$(PY) -m pytest $(PAR) tests/e2e
 
 lint: setup
-	$(VENV)/bin/ruff check qrmfs lab tests bench ansible
+	$(VENV)/bin/ruff check qrmfs lab tests bench ansible scripts
 	$(VENV)/bin/mypy qrmfs lab bench/run.py bench/mechanisms.py bench/ansible_fanout.py
 
 lab-up: setup

@@ -27,9 +27,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import run as R  # noqa: E402
+import run as R
 
-from tests.e2e.helpers import tree_info  # noqa: E402
+from tests.e2e.helpers import tree_info
 
 FIXTURE = "/srv/fixture"
 

@@ -456,8 +456,8 @@ class Bench:
         pulls its own fresh 1%). The space column is what the XFS export lost per generation.
 
         The timed updates are an image's daily ones: two untimed updates first give it what it has from its
-        second update on (a generation, and on XFS the spare the next update starts from, see README
-        "Updating an image"); the first update after a create, which copies the whole image, is timed once
+        second update on (a generation, and on XFS the spare the next update starts from, see
+        docs/updating.md); the first update after a create, which copies the whole image, is timed once
         on its own ("update (first after create)")."""
         path, _e_opts, excl = self.tree_source(t)
 
@@ -667,7 +667,7 @@ def main() -> None:
                     help="only these jobs (default: all that apply to each tree)")
     ap.add_argument("--export", default="xfs", choices=("xfs", "plain"), help="what the lab's /exports is")
     ap.add_argument("--spare", choices=SPARE_POLICIES,
-                    help="qrmfs's `spare` setting (README \"Updating an image\"; default: the config's, reflink)")
+                    help="qrmfs's `spare` setting (docs/updating.md; default: the config's, reflink)")
     args = ap.parse_args()
     if args.pairs < 3:
         ap.error("--pairs: at least 3, medians of fewer say little")

@@ -20,13 +20,13 @@ import httpx
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
-from testcontainers.core.container import DockerContainer  # noqa: E402
-from testcontainers.core.network import Network  # noqa: E402
-from testcontainers.core.waiting_utils import WaitStrategy  # noqa: E402
+from testcontainers.core.container import DockerContainer
+from testcontainers.core.network import Network
+from testcontainers.core.waiting_utils import WaitStrategy
 
-from . import exports, images, keys  # noqa: E402
-from .images import ROLES, LabError  # noqa: E402
-from .paths import state_dir  # noqa: E402
+from . import exports, images, keys
+from .images import ROLES, LabError
+from .paths import state_dir
 
 LABEL = "io.qrmfs.lab"
 ROLE_LABEL = "io.qrmfs.lab.role"

@@ -24,7 +24,7 @@ SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "
                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-o", f"Ciphers={CIPHERS}")
 
 
-def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,  # noqa: PLR0913
+def ssh_options(h: SshHost, *, identity: str | None = None, known_hosts: str | None = None,
                 forward_agent: bool = False, control: str | None = None,
                 known_hosts_only: bool = False) -> tuple[str, ...]:
     """control: the socket of a master connection (ssh_master_argv) to reuse; without a master there,
@@ -56,7 +56,7 @@ def ssh_argv(h: SshHost, remote: Sequence[str], *, identity: str | None = None, 
             shlex.join(remote))
 
 
-def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,  # noqa: PLR0913 - ssh's options
+def ssh_master_argv(h: SshHost, control: str, *, identity: str | None = None,  # ssh's options
                     known_hosts: str | None = None, remote: Sequence[str] = (),
                     forward_agent: bool = False) -> tuple[str, ...]:
     """A master connection that later ssh calls with the same control socket share (no new handshake);

@@ -18,7 +18,7 @@ def _config(ctx: Any) -> Config | None:
         explicit = (getattr(ctx, "params", None) or {}).get("config")
     try:
         return load(explicit)
-    except Exception:  # noqa: BLE001 - a completion request must never fail
+    except Exception:  # a completion request must never fail
         return None
 
 

@@ -6,9 +6,11 @@ Without any, a storage server can still be named by address (ssh as root, export
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,20 +88,23 @@ class Config:
         return SshHost(addr, user or "root")
 
 
-def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str, default: Any = None) -> Any:
-    v = d.get(key, default)
-    wrong = v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool))
-    if wrong:
-        name = "number" if isinstance(typ, tuple) else typ.__name__
-        raise ConfigError(f"config: {where}.{key} must be a {name}, not {type(v).__name__}")
-    return v
+# --- the settings: each one declared once --------------------------------------------------------------------
+# SETTINGS is the one list of what config.toml may hold: parse() reads every section through it, an unknown key
+# or section is an error naming the closest known one, and docs/configuration.md's table is generated from it
+# (`make docs`). A new setting is one Setting(...) line here, read from its section's values in parse().
+
+Rule = Callable[[Any, str], Any]   # (value, "section.key") -> the value to use; raises ConfigError
 
 
-def _table(d: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
-    v = d.get(key) or {}
-    if not isinstance(v, dict):
-        raise ConfigError(f"config: [{where}{key}] must be a table, not {type(v).__name__}")
-    return v
+@dataclass(frozen=True)
+class Setting:
+    section: str   # "" for the top level, "openqrm", "ssh", "storage.NAME", "hosts.NAME"
+    key: str
+    type: type | tuple[type, ...]
+    default: Any
+    doc: str       # what it is and its rule, for docs/configuration.md
+    rule: Rule | None = None
+    required: bool = False
 
 
 def _check(rule: Any, value: Any, what: str) -> Any:
@@ -110,100 +115,196 @@ def _check(rule: Any, value: Any, what: str) -> Any:
         raise ConfigError(f"config: {e.message}") from None
 
 
-def _ssh_host(d: dict[str, Any], where: str) -> SshHost:
-    addr = _get(d, "address", str, where)
-    if not addr:
-        raise ConfigError(f"config: {where} needs an address")
-    _check(check_host, addr, f"{where}.address")
-    user = _check(model.ssh_user, _get(d, "ssh_user", str, where, "root"), f"{where}.ssh_user")
-    port = _get(d, "ssh_port", int, where, 22)
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"config: {where}.ssh_port must be 1-65535, not {port}")
-    return SshHost(bare_address(addr)[1], user, port)
+def _model(rule: Callable[[Any, str], Any]) -> Rule:
+    return lambda v, what: _check(rule, v, what)
 
 
-def _number(o: dict[str, Any], key: str, default: float, *, positive: bool) -> float:
-    v = float(_get(o, key, (int, float), "openqrm", default))
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ConfigError(f"config: openqrm.{key} must be a number {'>' if positive else '>='} 0, not {v:g}")
+def _between(lo: int, hi: int) -> Rule:
+    def rule(v: int, what: str) -> int:
+        if not lo <= v <= hi:
+            raise ConfigError(f"config: {what} must be {lo}-{hi}, not {v}")
+        return v
+    return rule
+
+
+def _not_negative(v: int, what: str) -> int:
+    if v < 0:
+        raise ConfigError(f"config: {what} must be >= 0, not {v}")
     return v
 
 
-def _openqrm(o: dict[str, Any]) -> OpenQrm:
-    url = _get(o, "url", str, "openqrm")
-    if url is not None:
-        _check(model.openqrm_url, url, "openqrm.url")
-    retries = _get(o, "retries", int, "openqrm", 4)
-    if not 0 <= retries <= 100:
-        raise ConfigError(f"config: openqrm.retries must be 0-100, not {retries}")
-    ca_file = _expand(_get(o, "ca_file", str, "openqrm"))
-    if ca_file is not None and not os.path.isfile(ca_file):
-        raise ConfigError(f"config: openqrm.ca_file {_shown(ca_file)} is not a readable file")
-    return OpenQrm(url, _get(o, "user", str, "openqrm"), _expand(_get(o, "password_file", str, "openqrm")),
-                   _number(o, "timeout", 10.0, positive=True), retries, _number(o, "backoff", 0.5, positive=False),
-                   ca_file)
+def _number(positive: bool) -> Rule:
+    def rule(v: float, what: str) -> float:
+        v = float(v)
+        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+            raise ConfigError(f"config: {what} must be a number {'>' if positive else '>='} 0, not {v:g}")
+        return v
+    return rule
 
 
-def _ssh_path(d: dict[str, Any], key: str) -> str | None:
+def _path(rule: Rule | None = None) -> Rule:
+    """A path setting: `~` expanded; empty means not set."""
+    def expanded(v: str, what: str) -> str | None:
+        p = os.path.expanduser(v)
+        return (rule(p, what) if rule else p) if p else None
+    return expanded
+
+
+def _file(p: str, what: str) -> str:
+    if not os.path.isfile(p):
+        raise ConfigError(f"config: {what} {_shown(p)} is not a readable file")
+    return p
+
+
+def _ssh_path(own_word: bool) -> Rule:
     """[ssh] identity_file / known_hosts: ssh gets them as -i PATH and -o UserKnownHostsFile=PATH."""
-    p = _expand(_get(d, key, str, "ssh"))
-    if p is None:
-        return None
-    try:
-        return model.ssh_value(p, f"ssh.{key}", own_word=key == "identity_file")
-    except UsageError as e:
-        raise ConfigError(f"config: {e.message}") from None
+    return _path(lambda p, what: _check(lambda v, w: model.ssh_value(v, w, own_word=own_word), p, what))
+
+
+def _export_root(root: str, what: str) -> str:
+    if not root.startswith("/") or root == "/" or os.path.normpath(root) != root or root.startswith("//"):
+        raise ConfigError(f"config: {what} must be a canonical absolute path other than /")
+    return _check(model.safe_path, root, what)
+
+
+def _spool_dir(v: str, what: str) -> str:
+    if not v or any(ord(c) < 32 or ord(c) == 127 for c in v):
+        raise ConfigError(f"config: {what} {v!r} must be a path without control characters")
+    return v
+
+
+def _keep_generations(v: int, what: str) -> int:
+    if v < 0:
+        raise ConfigError(f"config: {what} must be 0 or more")
+    return v
+
+
+def _spare(v: str, what: str) -> str:
+    if v not in SPARE_POLICIES:
+        raise ConfigError(f"config: {what} must be one of {', '.join(SPARE_POLICIES)}, not {v!r}")
+    return v
+
+
+NUMBER = (int, float)
+USER_RULE = "1-32 letters, digits, `_.-`, not starting with `-` or `.`"
+
+
+def _ssh_host_settings(section: str, address: str) -> tuple[Setting, ...]:
+    return (
+        Setting(section, "address", str, None, address, _model(check_host), required=True),
+        Setting(section, "ssh_user", str, "root", USER_RULE, _model(model.ssh_user)),
+        Setting(section, "ssh_port", int, 22, "1-65535", _between(1, 65535)),
+    )
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("", "spool_dir", str, "~/.local/state/qrmfs/spool", "where registrations wait until openQRM "
+            "answers them (docs/registration.md); a path without control characters", _spool_dir),
+    Setting("", "keep_generations", int, 1, "earlier generations kept beside an image (update, create/clone "
+            "--force); 0 or more", _keep_generations),
+    Setting("", "spare", str, SPARE_DEFAULT, "when the pruned generation is kept as the next update's start "
+            "(docs/updating.md): `reflink` (where the file system shares extents), `always` or `never`", _spare),
+    Setting("openqrm", "url", str, None, "`http(s)://HOST[:PORT][/PATH]`, without credentials, query or fragment",
+            _model(model.openqrm_url)),
+    Setting("openqrm", "user", str, None, "an openQRM administrator"),
+    Setting("openqrm", "password_file", str, None, "a file whose first line is the password (chmod 600)",
+            _path()),
+    Setting("openqrm", "timeout", NUMBER, 10.0, "seconds per request, > 0", _number(positive=True)),
+    Setting("openqrm", "retries", int, 4, "retries after the first attempt, 0-100", _between(0, 100)),
+    Setting("openqrm", "backoff", NUMBER, 0.5, "seconds before the first retry, doubled each retry, >= 0",
+            _number(positive=False)),
+    Setting("openqrm", "ca_file", str, None, "a private CA for an https url (TLS is always verified); must exist",
+            _path(_file)),
+    Setting("ssh", "identity_file", str, None, "the key that logs in to the storage servers and the sources; "
+            "must not start with `-`, nor contain quotes, a backslash, `%` or control characters (`-i` is an "
+            "argv word of its own, so spaces are fine)", _ssh_path(own_word=True)),
+    Setting("ssh", "known_hosts", str, None, "their verified host keys; the rule of identity_file, and no white "
+            "space either (ssh splits `UserKnownHostsFile` on it)", _ssh_path(own_word=False)),
+    *_ssh_host_settings("storage.NAME", "host name or address, or `local` for the machine qrmfs runs on"),
+    Setting("storage.NAME", "export_root", str, "/exports", "canonical, other than `/`, each component obeying "
+            "the target path rule (docs/create.md)", _export_root),
+    Setting("storage.NAME", "storage_id", int, None, "openQRM's storage_info id of this server, >= 0",
+            _not_negative),
+    Setting("storage.NAME", "nfs_address", str, None, "what `--route nfs` mounts (default: address)",
+            _model(check_host)),
+    *_ssh_host_settings("hosts.NAME", "host name or address"),
+)
+SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
+
+
+def _unknown(name: str, known: Iterable[str], where: str, *, section: bool = False) -> ConfigError:
+    """`keep_generation = 5`, `[opnqrm]`, `exportroot = ...`: one line naming it and the closest known name."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    what = f"section [{name}]" if section else f"key {name!r} " + (f"in [{where}]" if where else "at the top level")
+    hint = f"did you mean {'[' + close[0] + ']' if section else repr(close[0])}?" if close else \
+        f"known: {', '.join(known)}"
+    return ConfigError(f"config: unknown {what}; {hint}")
+
+
+def _values(d: dict[str, Any], section: str, where: str) -> dict[str, Any]:
+    """The settings of one section (`where` names it: "storage.nas1"), each type-checked and through its rule."""
+    settings = {s.key: s for s in SETTINGS if s.section == section}
+    for key in d:
+        if key not in settings:
+            raise _unknown(key, settings, where)
+    out = {}
+    for key, s in settings.items():
+        what = f"{where}.{key}" if where else key
+        v = d.get(key, s.default)
+        if v is not None and (not isinstance(v, s.type) or (isinstance(v, bool) and s.type is not bool)):
+            name = "number" if isinstance(s.type, tuple) else s.type.__name__
+            raise ConfigError(f"config: {what} must be a {name}, not {type(v).__name__}")
+        if s.required and not v:
+            raise ConfigError(f"config: {where} needs an {key}")
+        out[key] = s.rule(v, what) if s.rule is not None and v is not None else v
+    return out
+
+
+def _table(d: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    v = d.get(key) or {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"config: [{where}{key}] must be a table, not {type(v).__name__}")
+    return v
+
+
+def _named(data: dict[str, Any], table: str) -> dict[str, dict[str, Any]]:
+    """[storage.NAME] / [hosts.NAME]: each NAME's values."""
+    out = {}
+    for name, d in _table(data, table).items():
+        where = f"{table}.{name}"
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: [{where}] must be a table")
+        out[name] = _values(d, f"{table}.NAME", where)
+    return out
+
+
+def _ssh_host(v: dict[str, Any]) -> SshHost:
+    return SshHost(bare_address(v["address"])[1], v["ssh_user"], v["ssh_port"])
 
 
 def parse(data: dict[str, Any], path: str | None = None) -> Config:
-    storage = {}
-    for name, s in _table(data, "storage").items():
-        where = f"storage.{name}"
-        if not isinstance(s, dict):
-            raise ConfigError(f"config: [{where}] must be a table")
-        root = _get(s, "export_root", str, where, "/exports")
-        if not root.startswith("/") or root == "/" or os.path.normpath(root) != root or root.startswith("//"):
-            raise ConfigError(f"config: {where}.export_root must be a canonical absolute path other than /")
-        _check(model.safe_path, root, f"{where}.export_root")
-        nfs = _get(s, "nfs_address", str, where)
-        if nfs is not None:
-            _check(check_host, nfs, f"{where}.nfs_address")
-        sid = _get(s, "storage_id", int, where)
-        if sid is not None and sid < 0:
-            raise ConfigError(f"config: {where}.storage_id must be >= 0, not {sid}")
-        storage[name] = Storage(name, _ssh_host(s, where), root, sid, nfs)
-    hosts = {}
-    for name, h in _table(data, "hosts").items():
-        if not isinstance(h, dict):
-            raise ConfigError(f"config: [hosts.{name}] must be a table")
-        hosts[name] = _ssh_host(h, f"hosts.{name}")
-    oq = _openqrm(_table(data, "openqrm"))
-    ssh = _table(data, "ssh")
-    spool = _get(data, "spool_dir", str, "", "~/.local/state/qrmfs/spool")
-    if not spool or any(ord(c) < 32 or ord(c) == 127 for c in spool):
-        raise ConfigError(f"config: spool_dir {spool!r} must be a path without control characters")
-    return Config(path, storage, hosts, oq, _ssh_path(ssh, "identity_file"), _ssh_path(ssh, "known_hosts"),
-                  spool, *_generations(data))
-
-
-def _generations(data: dict[str, Any]) -> tuple[int, str]:
-    """keep_generations and spare (see gens.prune)."""
-    keep = _get(data, "keep_generations", int, "", 1)
-    if keep < 0:
-        raise ConfigError("config: keep_generations must be 0 or more")
-    spare = _get(data, "spare", str, "", SPARE_DEFAULT)
-    if spare not in SPARE_POLICIES:
-        raise ConfigError(f"config: spare must be one of {', '.join(SPARE_POLICIES)}, not {spare!r}")
-    return keep, spare
+    tables = {s.split(".")[0] for s in SECTIONS if s}
+    top = {}
+    for key, v in data.items():
+        if key in tables:
+            continue
+        if isinstance(v, dict):
+            raise _unknown(key, tables, "", section=True)
+        top[key] = v
+    t = _values(top, "", "")
+    oq = _values(_table(data, "openqrm"), "openqrm", "openqrm")
+    ssh = _values(_table(data, "ssh"), "ssh", "ssh")
+    storage = {name: Storage(name, _ssh_host(v), v["export_root"], v["storage_id"], v["nfs_address"])
+               for name, v in _named(data, "storage").items()}
+    hosts = {name: _ssh_host(v) for name, v in _named(data, "hosts").items()}
+    return Config(path, storage, hosts, OpenQrm(**oq), ssh["identity_file"], ssh["known_hosts"],
+                  t["spool_dir"], t["keep_generations"], t["spare"])
 
 
 def _shown(p: str) -> str:
     """A path as it goes into a one-line message: as is when printable, else quoted with escapes."""
     return p if p.isprintable() else repr(p)
-
-
-def _expand(p: str | None) -> str | None:
-    return os.path.expanduser(p) if p else None
 
 
 def load(explicit: str | None = None) -> Config:

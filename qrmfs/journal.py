@@ -39,10 +39,10 @@ def record(command: str, target: str | None, outcome: str, *, address: str | Non
     if os.environ.get("SUDO_USER"):
         parts.append(f"sudo_user={_value(os.environ['SUDO_USER'])}")
     parts += [f"{k}={_value(v)}" for k, v in fields.items() if v is not None]
-    import logging.handlers  # noqa: PLC0415 - here, at a run's end: 7 ms of every run's start-up otherwise
+    import logging.handlers  # here, at a run's end: 7 ms of every run's start-up otherwise
 
     class Handler(logging.handlers.SysLogHandler):
-        def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        def handleError(self, record: logging.LogRecord) -> None:  # logging's name
             pass  # a log that cannot be written must not disturb the command
 
     try:

@@ -37,7 +37,7 @@ LIVE = ("/proc", "/sys", "/dev", "/run")
 
 
 class Route(enum.Enum):
-    """How the image's tree is written (README "Routes"): over ssh on the storage server, or through the
+    """How the image's tree is written (docs/routes.md): over ssh on the storage server, or through the
     export mounted here with the kernel's NFS client (the manual's way)."""
     SSH = "ssh"
     NFS = "nfs"

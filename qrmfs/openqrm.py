@@ -180,7 +180,7 @@ class Spool:
 def prepare(url: str, ca_file: str | None) -> None:
     """Import httpx and make the TLS context a client of `url` uses, now: a run that will talk to openQRM does
     this during its storage server's ssh handshake, off its critical path (together 60-100 ms)."""
-    import httpcore  # noqa: F401, PLC0415 - httpx's transport imports it when the first client is made
+    import httpcore  # noqa: F401 - httpx's transport imports it when the first client is made
 
     _tls(_https(url), ca_file)  # imports httpx
 
@@ -194,9 +194,9 @@ def _tls(https: bool, ca_file: str | None) -> ssl.SSLContext:
     """The TLS context of every client of a run, made once (loading CAs costs 20-40 ms a time). TLS is always
     verified: against httpx's CA bundle, or [openqrm] ca_file. A plain-http URL's client gets a context that
     trusts no CA at all: it never speaks TLS (it follows no redirects), and if it ever did, it would refuse."""
-    import ssl  # noqa: PLC0415
+    import ssl
 
-    import httpx  # noqa: PLC0415
+    import httpx
 
     if not https:
         return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names, trusts no CA
@@ -212,7 +212,7 @@ class Client:
         self.user, self.password = user, password
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
         # imported here: ssl and httpx are a tenth of qrmfs's start-up, paid only by runs that talk to openQRM
-        import httpx  # noqa: PLC0415
+        import httpx
 
         self.httpx = httpx
         self.http = httpx.Client(timeout=timeout, transport=transport, verify=_tls(_https(url), ca_file))

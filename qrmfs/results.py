@@ -1,5 +1,5 @@
 """What each command returns, typed, and the one renderer for it: plain text for people, or with --json one
-envelope for programs (README "JSON output"):
+envelope for programs (docs/json.md):
 
     {"schema": 1, "ok": true,  "command": "create", "result": {...}}
     {"schema": 1, "ok": false, "command": "create", "error": {"kind", "message", "exit_code", "detail"}}

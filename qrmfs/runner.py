@@ -83,7 +83,7 @@ class Runner:
             raise CommandFailed(argv, code, err)
         return Result(tuple(argv), code, out, err)
 
-    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,),  # noqa: PLR0913
+    def stream(self, argv: Sequence[str], on_line: Callable[[str], None], *, ok: Sequence[int] = (0,),
                input: bytes | None = None, on_err_line: Callable[[str], bool] | None = None,
                started: subprocess.Popen[bytes] | None = None) -> Result:
         """Run, calling on_line for each stdout line, split on \\r too: rsync's progress rewrites one line with
@@ -168,7 +168,7 @@ def later(fn: Callable[[], T]) -> Callable[[], T]:
     def work() -> None:
         try:
             box.append((True, fn()))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+        except BaseException as e:  # handed to whoever asks for the result
             box.append((False, e))
 
     t = threading.Thread(target=work, daemon=True)

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, cast, overload
 
 from . import argv as A
 from .agent import protocol as P
@@ -39,6 +39,7 @@ ERRORS: dict[ErrorKind, type[QrmfsError]] = {
     ErrorKind.REFUSED: RefusedError, ErrorKind.NOT_IMAGE: RefusedError, ErrorKind.OS: StorageError,
     ErrorKind.BAD_REQUEST: StorageError}
 T = TypeVar("T")
+Ps = ParamSpec("Ps")
 
 
 class Supervised(NamedTuple):
@@ -86,8 +87,29 @@ def node_init_script() -> str:
     return (resources.files("qrmfs") / "data" / "qrmfs-init").read_text()
 
 
+class Op(Generic[Ps, T]):
+    """StorageSide's typed method for an agent operation whose request begins (path, export_root, ...): called
+    with the path and the request's other fields, the export root is the side's own."""
+
+    def __init__(self, request: Callable[Concatenate[str, str, Ps], P.Request[T]]) -> None:
+        self.request = request
+        self.op = cast("type[P.Request[T]]", request).op  # its type as a Callable hides that it is a class
+        self.__doc__ = request.__doc__
+
+    @overload
+    def __get__(self, side: None, owner: type) -> Op[Ps, T]: ...
+    @overload
+    def __get__(self, side: StorageSide, owner: type) -> Callable[Concatenate[str, Ps], T]: ...
+
+    def __get__(self, side: StorageSide | None, owner: type) -> Any:
+        return self if side is None else functools.partial(self, side)
+
+    def __call__(self, side: StorageSide, path: str, /, *args: Ps.args, **kwargs: Ps.kwargs) -> T:
+        return side._call(self.request(path, side.root, *args, **kwargs))
+
+
 class StorageSide:
-    def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,  # noqa: PLR0913
+    def __init__(self, storage: Storage, runner: Runner, *, identity: str | None = None,
                  known_hosts: str | None = None, agent_sock: str | None = None,
                  share: StorageSide | None = None) -> None:
         """agent_sock: where this run's own ssh-agent listens. The master connection then forwards it, so a
@@ -289,58 +311,33 @@ class StorageSide:
         raise ERRORS[ans.kind](ans.message)
 
     # --- the operations, typed; the export root is this server's -------------------------------------------
+    # Each is its request's client method (protocol.Request): Op(P.X) for a request of (path, export_root, ...),
+    # a method of its own for the others (tests/unit/agent/test_ops.py checks that every operation has one).
 
-    def inspect(self, path: str) -> P.Inspected:
-        return self._call(P.Inspect(path, self.root))
-
-    def stage(self, path: str, token: str, known_hosts: str | None = None) -> P.Staged:
-        return self._call(P.Stage(path, self.root, token, known_hosts))
-
-    def discard(self, path: str, staging: str) -> P.Discarded:
-        return self._call(P.Discard(path, self.root, staging))
-
-    def write_manifest(self, path: str, staging: str, manifest: dict[str, Any]) -> P.Written:
-        return self._call(P.WriteManifest(path, self.root, staging, manifest))
-
-    def publish(self, path: str, staging: str, force: bool) -> P.Published:
-        return self._call(P.Publish(path, self.root, staging, force))
-
-    def remove(self, path: str, force: bool) -> P.Removed:
-        return self._call(P.Remove(path, self.root, force))
+    inspect = Op(P.Inspect)
+    stage = Op(P.Stage)
+    discard = Op(P.Discard)
+    write_manifest = Op(P.WriteManifest)
+    publish = Op(P.Publish)
+    remove = Op(P.Remove)
+    manifest_update = Op(P.ManifestUpdate)
+    stats = Op(P.Stats)
+    pin_host = Op(P.PinHost)
+    unpin_host = Op(P.UnpinHost)
+    prepare = Op(P.Prepare)
+    check = Op(P.Check)
+    stage_update = Op(P.StageUpdate)
+    stage_copy = Op(P.StageCopy)
+    publish_update = Op(P.PublishUpdate)
+    rollback = Op(P.Rollback)
+    generations = Op(P.Generations)
 
     def list(self, leftovers: bool = True) -> P.Listed:
         return self._call(P.List(self.root, leftovers=leftovers))
 
-    def manifest_update(self, path: str, patch: dict[str, Any]) -> P.ManifestUpdated:
-        return self._call(P.ManifestUpdate(path, self.root, patch))
-
-    def stats(self, path: str, root: str | None = None) -> P.Counts:
-        return self._call(P.Stats(path, self.root, root))
-
-    def pin_host(self, path: str, known_hosts: str) -> P.Pinned:
-        return self._call(P.PinHost(path, self.root, known_hosts))
-
-    def unpin_host(self, path: str) -> P.Unpinned:
-        return self._call(P.UnpinHost(path, self.root))
-
-    def prepare(self, path: str, options: P.Options, root: str | None = None) -> P.Prepared:
-        return self._call(P.Prepare(path, self.root, options, root))
-
-    def check(self, path: str, options: P.Options, root: str | None = None) -> P.Checked:
-        return self._call(P.Check(path, self.root, options, root))
-
     def check_later(self, path: str, options: P.Options) -> Callable[[], P.Checked]:
         """check, started now, its findings read when the returned function is called."""
         return self._begin(P.Check(path, self.root, options))
-
-    def stage_update(self, path: str, token: str, known_hosts: str | None = None) -> P.StagedUpdate:
-        return self._call(P.StageUpdate(path, self.root, token, known_hosts))
-
-    def stage_copy(self, path: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:
-        return self._call(P.StageCopy(path, self.root, token, origin, origin_root))
-
-    def publish_update(self, path: str, staging: str, keep: int, spare: str) -> P.Swapped:
-        return self._call(P.PublishUpdate(path, self.root, staging, keep, spare))
 
     def rebase(self, path: str, staging: str, prepared: Iterable[str], only: Iterable[str] | None = None
                ) -> P.Rebased:
@@ -349,12 +346,6 @@ class StorageSide:
     def rebase_scan_later(self, path: str, staging: str) -> Callable[[], P.RebaseScanned]:
         """rebase_scan, started now (it runs while rsync does), its paths read when the function is called."""
         return self._begin(P.RebaseScan(path, self.root, staging))
-
-    def rollback(self, path: str, keep: int) -> P.Swapped:
-        return self._call(P.Rollback(path, self.root, keep))
-
-    def generations(self, path: str, costs: bool = False) -> P.GenerationList:
-        return self._call(P.Generations(path, self.root, costs))
 
     def supervised(self, path: str, argv: Sequence[str], holder: str | None,
                    forward_agent: bool = False, pipe_to: Sequence[str] | None = None) -> Supervised:

@@ -183,7 +183,7 @@ def check_rsync(code: int, stderr: str, what: str = "") -> str | None:
     raise TransferError(f"{what}rsync exited with {code}: {why}", detail)
 
 
-def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None,  # noqa: PLR0913
+def run_rsync(runner: Runner, argv: Sequence[str], on_progress: Callable[[int, int, str], None] | None,
               input: bytes | None = None, changes: Callable[[str, str], None] | None = None,
               started: subprocess.Popen[bytes] | None = None) -> tuple[dict[str, int], str | None, int]:
     """Run one rsync (already wrapped for where it runs; input: what its supervisor reads on stdin;

@@ -22,7 +22,7 @@ class Ui:
     def err(self) -> Console:
         """stderr's console, made at the first line shown: importing rich takes 15-20 ms, which a run spends
         while its first ssh handshake runs, not before it starts."""
-        from rich.console import Console  # noqa: PLC0415
+        from rich.console import Console
 
         return Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -49,7 +49,7 @@ class Ui:
             yield None
             return
         # imported here: only a copy on a terminal draws a bar (rich.progress is 15 ms of every run's start-up)
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         # rsync's progress2 gives percent of the whole transfer, bytes so far and its own rate.
         cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[pct]}"),

@@ -350,7 +350,7 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
                 env.ui.step(f"delivered spooled registration {job.id} ({job.image}) to {job.url}")
                 if registers:
                     record_delivery(env, job, iso_now())
-            except Exception as e:  # noqa: BLE001 - a failed delivery stays in the spool; never fails the command
+            except Exception as e:  # a failed delivery stays in the spool; never fails the command
                 left.append(job.id)
                 (env.ui.debug if quick else env.ui.warn)(f"spooled registration {job.id} ({job.image}) still "
                                                          f"pending: {getattr(e, 'message', e)}")

@@ -1,7 +1,7 @@
 """How the bytes travel: the exact rsync command lines for one copy into a directory on the storage server.
 Pure planning: nothing here starts a process (hosts.py does the running around a copy).
 
-How a copy runs (README "Routes"), decided once per plan by `hop()`:
+How a copy runs (docs/routes.md), decided once per plan by `hop()`:
 - pull on the storage server (the ssh route's default): rsync runs ON the storage server and pulls from the
   source host over ssh, with this machine's key forwarded through an ssh agent and the source's host key
   pinned in a known_hosts file the agent wrote: data flows source -> storage in one hop;

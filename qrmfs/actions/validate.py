@@ -153,8 +153,8 @@ def _itemized(env: Env, side: StorageSide, path: str, cp: copyplan.CopyPlan) -> 
         for c in cp.copies:
             r = dry_run(c)
             if r.code == SILENT_SSH_END and not r.stderr.strip():
-                # the remote side died without a word (bench/results/drift-255.md): a dry run changes nothing,
-                # so it is run once more
+                # the remote side died without a word (bench/results/history.md, Investigations): a dry run
+                # changes nothing, so it is run once more
                 env.ui.warn("drift check: the ssh session ended without an exit status or a message (exit 255); "
                             "running the dry run once more")
                 r = dry_run(c)

@@ -449,7 +449,7 @@ def in_two(work: Callable[[int, int], Any]) -> list[Any]:
         try:
             os.close(r)
             out = json.dumps({"ok": work(1, 2)})
-        except BaseException as e:  # noqa: BLE001 - whatever it was goes to the parent, which raises it
+        except BaseException as e:  # whatever it was goes to the parent, which raises it
             err = [e.errno, e.strerror, e.filename] if isinstance(e, OSError) and e.errno is not None else None
             out, code = json.dumps({"error": f"{type(e).__name__}: {e}", "oserror": err}), 1
         with contextlib.suppress(OSError), os.fdopen(w, "w") as f:

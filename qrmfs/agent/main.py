@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -15,50 +16,52 @@ from . import protocol as P
 from .protocol import AgentError, ErrorKind
 
 
-def _prepare(req: P.Prepare) -> P.Prepared:
-    fixed, left, counts = steps.prepare(tree._root_of(req.path, req.root), req.options)
+def op_prepare(path: str, export_root: str, options: P.Options, root: str | None) -> P.Prepared:
+    tree._check_under(path, export_root)
+    fixed, left, counts = steps.prepare(tree._root_of(path, root), options)
     return P.Prepared(fixed, left, P.Counts(*counts))
 
 
-def _check(req: P.Check) -> P.Checked:
-    return P.Checked([f.record() for f in steps.check(tree._root_of(req.path, req.root), req.options)])
+def op_check(path: str, export_root: str, options: P.Options, root: str | None) -> P.Checked:
+    tree._check_under(path, export_root)
+    return P.Checked([f.record() for f in steps.check(tree._root_of(path, root), options)])
 
 
-def _fields(fn: Callable[..., Any]) -> Callable[[Any], Any]:
-    """A tree operation called with the request's fields as its arguments."""
-    return lambda req: fn(**{f.name: getattr(req, f.name) for f in dataclasses.fields(req)})
+# Where a request's `handler` ("module.function") is looked up.
+MODULES: dict[str, Any] = {"tree": tree, "gens": gens, "steps": steps, "main": sys.modules[__name__]}
+_HANDLERS: dict[type[Any], Callable[..., Any]] = {}
 
 
-def _under(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """An operation on the image or its staging copy: the image's path is checked against the export root."""
-    def run(req: Any) -> Any:
-        tree._check_under(req.path, req.export_root)
-        return fn(req)
-    return run
+def _takes(fn: Any, fields: set[str]) -> bool:
+    """fn takes these keyword arguments, and needs no other."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    positional = code.co_varnames[:code.co_argcount]
+    required = set(positional[:len(positional) - len(fn.__defaults__ or ())])
+    keyword = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+    required |= set(keyword) - set(fn.__kwdefaults__ or {})
+    return required <= fields <= set(positional) | set(keyword)
 
 
-HANDLERS: dict[type[Any], Callable[[Any], Any]] = {
-    P.Inspect: _fields(tree.op_inspect),
-    P.Stage: _fields(tree.op_stage),
-    P.Discard: _fields(tree.op_discard),
-    P.WriteManifest: _fields(tree.op_write_manifest),
-    P.Publish: _fields(tree.op_publish),
-    P.Remove: _fields(tree.op_remove),
-    P.List: _fields(tree.op_list),
-    P.ManifestUpdate: _fields(tree.op_manifest_update),
-    P.Stats: _fields(tree.op_stats),
-    P.PinHost: _fields(tree.op_pin_host),
-    P.UnpinHost: _fields(tree.op_unpin_host),
-    P.Prepare: _under(_prepare),
-    P.Check: _under(_check),
-    P.StageUpdate: _fields(gens.op_stage_update),
-    P.StageCopy: _fields(gens.op_stage_copy),
-    P.PublishUpdate: _fields(gens.op_publish_update),
-    P.Rollback: _fields(gens.op_rollback),
-    P.Generations: _fields(gens.op_generations),
-    P.Rebase: _fields(gens.op_rebase),
-    P.RebaseScan: _fields(gens.op_rebase_scan),
-}
+def handler(cls: type[Any]) -> Callable[..., Any]:
+    """The function a request's `handler` names, checked to take exactly the request's fields: an operation
+    this agent cannot do is answered bad_request (the session goes on)."""
+    if cls in _HANDLERS:
+        return _HANDLERS[cls]
+    mod, _, name = cls.handler.partition(".")
+    fn = getattr(MODULES.get(mod), name, None) if name else None
+    if fn is None or not _takes(fn, {f.name for f in dataclasses.fields(cls)}):
+        raise AgentError(ErrorKind.BAD_REQUEST, f"this agent has no handler for {cls.op} ({cls.handler})")
+    _HANDLERS[cls] = typing.cast(Callable[..., Any], fn)
+    return _HANDLERS[cls]
+
+
+def dispatch(req: Any) -> Any:
+    """Do one request that is not the session's own (P.SESSION): its handler, called with its fields."""
+    if type(req).handler == P.SESSION:
+        raise AgentError(ErrorKind.BAD_REQUEST, f"{req.op} cannot run inside a session")
+    return handler(type(req))(**{f.name: getattr(req, f.name) for f in dataclasses.fields(req)})
 
 
 def _take_lock(req: P.Lock) -> tuple[int, P.Locked]:
@@ -105,9 +108,7 @@ class Session:
                 raise AgentError(ErrorKind.NOT_FOUND, f"this session holds no lock on {req.path}")
             tree.release_lock(self.locks.pop(req.path), req.path)
             return P.Unlocked(tree.siblings(req.path).lock)
-        if isinstance(req, (P.Run, P.Serve)):
-            raise AgentError(ErrorKind.BAD_REQUEST, f"{req.op} cannot run inside a session")
-        return HANDLERS[type(req)](req)
+        return dispatch(req)
 
     def handle_line(self, line: str) -> Any:
         return self.handle(_request(line))
@@ -142,6 +143,8 @@ def _answer(fn: Callable[[], Any]) -> str:
         return P.error_line(ErrorKind.REFUSED, str(e))
     except OSError as e:
         return P.error_line(ErrorKind.OS, f"{e.strerror}: {e.filename}")
+    except Exception as e:  # a fault of the agent's own: answered, so the session (and the lock it holds) goes on
+        return P.error_line(ErrorKind.OS, f"the agent failed: {type(e).__name__}: {e}")
 
 
 def run(op: str, args: Any) -> int:
@@ -156,7 +159,7 @@ def run(op: str, args: Any) -> int:
         return supervise.run(req)
     if isinstance(req, P.Serve):
         return Session().serve()
-    line = _answer(lambda: HANDLERS[type(req)](req))
+    line = _answer(functools.partial(dispatch, req))
     print(line, flush=True)
     return 0 if line.startswith('{"ok": true') else P.FAILED
 

@@ -254,10 +254,29 @@ class Checked:
 A = TypeVar("A")
 
 
+SESSION = "session"  # the handler of the ops the agent's framing serves itself (main.py): lock, unlock, serve, run
+REQUESTS: dict[str, type[Request[Any]]] = {}  # every operation by its name: each Request subclass adds itself
+
+
 class Request(Generic[A]):
-    """A request dataclass names its operation and the dataclass of its answer."""
+    """One agent operation, declared once, as a frozen dataclass of its arguments that names
+    - `op`: the operation's name on the wire;
+    - `answer`: the dataclass of its result (the client decodes the answer line into it);
+    - `handler`: "module.function" in this package that does it, called with the request's fields as keyword
+      arguments (main.py resolves it; an agent without it answers bad_request), or SESSION for the ops that
+      main.py's framing serves itself.
+    Defining the class registers it in REQUESTS. The client's typed method is storage.StorageSide's
+    `name = op(P.Name)` (or a method of its own that sends it); tests/unit/agent/test_ops.py checks that every
+    operation has all four."""
     op: ClassVar[str]
     answer: ClassVar[type]
+    handler: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.op in REQUESTS:
+            raise TypeError(f"{REQUESTS[cls.op].__name__} and {cls.__name__} both declare the operation {cls.op!r}")
+        REQUESTS[cls.op] = cls
 
     def decode_answer(self, data: Any) -> A:
         return typing.cast(A, decode(self.answer, data))
@@ -268,6 +287,7 @@ class Inspect(Request[Inspected]):
     """What is at the target now: exists, is an image, staging leftovers, free space."""
     op: ClassVar[str] = "inspect"
     answer: ClassVar[type] = Inspected
+    handler: ClassVar[str] = "tree.op_inspect"
     path: str
     export_root: str
 
@@ -277,6 +297,7 @@ class Lock(Request[Locked]):
     """Take the image's lock and hold it until the client's stdin closes."""
     op: ClassVar[str] = "lock"
     answer: ClassVar[type] = Locked
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
     holder: str
@@ -287,6 +308,7 @@ class Unlock(Request[Unlocked]):
     """In a session: give up the image's lock that this session took."""
     op: ClassVar[str] = "unlock"
     answer: ClassVar[type] = Unlocked
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
 
@@ -296,6 +318,7 @@ class Serve(Request[Serving]):
     """Start a session: answer, then answer one request line after another until stdin closes."""
     op: ClassVar[str] = "serve"
     answer: ClassVar[type] = Serving
+    handler: ClassVar[str] = SESSION
 
 
 @dataclass(frozen=True)
@@ -303,6 +326,7 @@ class Stage(Request[Staged]):
     """A fresh staging directory beside the image (leftovers of crashed runs removed first)."""
     op: ClassVar[str] = "stage"
     answer: ClassVar[type] = Staged
+    handler: ClassVar[str] = "tree.op_stage"
     path: str
     export_root: str
     token: str
@@ -313,6 +337,7 @@ class Stage(Request[Staged]):
 class Discard(Request[Discarded]):
     op: ClassVar[str] = "discard"
     answer: ClassVar[type] = Discarded
+    handler: ClassVar[str] = "tree.op_discard"
     path: str
     export_root: str
     staging: str
@@ -323,6 +348,7 @@ class WriteManifest(Request[Written]):
     """Write the manifest into a staging copy of the image (the last thing before publish)."""
     op: ClassVar[str] = "write_manifest"
     answer: ClassVar[type] = Written
+    handler: ClassVar[str] = "tree.op_write_manifest"
     path: str
     export_root: str
     staging: str
@@ -333,6 +359,7 @@ class WriteManifest(Request[Written]):
 class Publish(Request[Published]):
     op: ClassVar[str] = "publish"
     answer: ClassVar[type] = Published
+    handler: ClassVar[str] = "tree.op_publish"
     path: str
     export_root: str
     staging: str
@@ -343,6 +370,7 @@ class Publish(Request[Published]):
 class StageUpdate(Request[StagedUpdate]):
     op: ClassVar[str] = "stage_update"
     answer: ClassVar[type] = StagedUpdate
+    handler: ClassVar[str] = "gens.op_stage_update"
     path: str
     export_root: str
     token: str
@@ -355,6 +383,7 @@ class StageCopy(Request[StagedUpdate]):
     origin's top-level entries to copy (all but /.qrmfs) and whether staging can share its extents."""
     op: ClassVar[str] = "stage_copy"
     answer: ClassVar[type] = StagedUpdate
+    handler: ClassVar[str] = "gens.op_stage_copy"
     path: str
     export_root: str
     token: str
@@ -368,6 +397,7 @@ class PublishUpdate(Request[Swapped]):
     generations beyond `keep` are pruned, the newest of them kept as the spare as `spare` says (SPARE_POLICIES)."""
     op: ClassVar[str] = "publish_update"
     answer: ClassVar[type] = Swapped
+    handler: ClassVar[str] = "gens.op_publish_update"
     path: str
     export_root: str
     staging: str
@@ -379,6 +409,7 @@ class PublishUpdate(Request[Swapped]):
 class Rollback(Request[Swapped]):
     op: ClassVar[str] = "rollback"
     answer: ClassVar[type] = Swapped
+    handler: ClassVar[str] = "gens.op_rollback"
     path: str
     export_root: str
     keep: int
@@ -388,6 +419,7 @@ class Rollback(Request[Swapped]):
 class Generations(Request[GenerationList]):
     op: ClassVar[str] = "generations"
     answer: ClassVar[type] = GenerationList
+    handler: ClassVar[str] = "gens.op_generations"
     path: str
     export_root: str
     costs: bool = False
@@ -405,6 +437,7 @@ class Rebase(Request[Rebased]):
     `only`: the paths where they can differ (a scan's and rsync's), else every path."""
     op: ClassVar[str] = "rebase"
     answer: ClassVar[type] = Rebased
+    handler: ClassVar[str] = "gens.op_rebase"
     path: str
     export_root: str
     staging: str
@@ -423,6 +456,7 @@ class RebaseScan(Request[RebaseScanned]):
     (gens.op_rebase_scan); None: too many to name."""
     op: ClassVar[str] = "rebase_scan"
     answer: ClassVar[type] = RebaseScanned
+    handler: ClassVar[str] = "gens.op_rebase_scan"
     path: str
     export_root: str
     staging: str
@@ -432,6 +466,7 @@ class RebaseScan(Request[RebaseScanned]):
 class Remove(Request[Removed]):
     op: ClassVar[str] = "remove"
     answer: ClassVar[type] = Removed
+    handler: ClassVar[str] = "tree.op_remove"
     path: str
     export_root: str
     force: bool
@@ -443,6 +478,7 @@ class List(Request[Listed]):
     of each generation and spare)."""
     op: ClassVar[str] = "list"
     answer: ClassVar[type] = Listed
+    handler: ClassVar[str] = "tree.op_list"
     export_root: str
     depth: int = 3
     leftovers: bool = True
@@ -452,6 +488,7 @@ class List(Request[Listed]):
 class ManifestUpdate(Request[ManifestUpdated]):
     op: ClassVar[str] = "manifest_update"
     answer: ClassVar[type] = ManifestUpdated
+    handler: ClassVar[str] = "tree.op_manifest_update"
     path: str
     export_root: str
     patch: dict[str, Any]
@@ -462,6 +499,7 @@ class Stats(Request[Counts]):
     """Entries and allocated bytes of the image, or of its staging copy `root`."""
     op: ClassVar[str] = "stats"
     answer: ClassVar[type] = Counts
+    handler: ClassVar[str] = "tree.op_stats"
     path: str
     export_root: str
     root: str | None = None
@@ -471,6 +509,7 @@ class Stats(Request[Counts]):
 class PinHost(Request[Pinned]):
     op: ClassVar[str] = "pin_host"
     answer: ClassVar[type] = Pinned
+    handler: ClassVar[str] = "tree.op_pin_host"
     path: str
     export_root: str
     known_hosts: str
@@ -480,6 +519,7 @@ class PinHost(Request[Pinned]):
 class UnpinHost(Request[Unpinned]):
     op: ClassVar[str] = "unpin_host"
     answer: ClassVar[type] = Unpinned
+    handler: ClassVar[str] = "tree.op_unpin_host"
     path: str
     export_root: str
 
@@ -489,6 +529,7 @@ class Prepare(Request[Prepared]):
     """Apply the preparation steps to the image, or to its staging copy `root`."""
     op: ClassVar[str] = "prepare"
     answer: ClassVar[type] = Prepared
+    handler: ClassVar[str] = "main.op_prepare"
     path: str
     export_root: str
     options: Options
@@ -499,6 +540,7 @@ class Prepare(Request[Prepared]):
 class Check(Request[Checked]):
     op: ClassVar[str] = "check"
     answer: ClassVar[type] = Checked
+    handler: ClassVar[str] = "main.op_check"
     path: str
     export_root: str
     options: Options
@@ -520,17 +562,12 @@ class Run(Request[Ran]):
     held by that holder; it then exits with STOPPED and says why on stderr."""
     op: ClassVar[str] = "run"
     answer: ClassVar[type] = Ran
+    handler: ClassVar[str] = SESSION
     path: str
     export_root: str
     argv: list[str]
     holder: str | None = None
     pipe_to: list[str] | None = None  # a second command reading argv's stdout (a tar stream's extracting end)
-
-
-REQUESTS: dict[str, type[Request[Any]]] = {
-    r.op: r for r in (Inspect, Lock, Stage, Discard, WriteManifest, Publish, Remove, List, ManifestUpdate, Stats,
-                      PinHost, UnpinHost, Prepare, Check, Run, StageUpdate, StageCopy, PublishUpdate, Rollback,
-                      Generations, Rebase, RebaseScan, Unlock, Serve)}
 
 
 # --- encoding --------------------------------------------------------------------------------------------
@@ -541,7 +578,7 @@ def encode(value: Any) -> Any:
         return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, (list, tuple)):  # noqa: UP038 - the agent may run on an older python3
+    if isinstance(value, (list, tuple)):  # the agent may run on an older python3
         return [encode(v) for v in value]
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}

@@ -39,7 +39,7 @@ def qrmfs(*args: str, config: str | None = None, env: dict[str, str] | None = No
 
 
 def result_of(r: subprocess.CompletedProcess[str], ok: bool = True) -> Any:
-    """The result inside qrmfs's --json envelope (README "JSON output"), after checking the envelope."""
+    """The result inside qrmfs's --json envelope (docs/json.md), after checking the envelope."""
     import json
 
     env = json.loads(r.stdout)

@@ -105,6 +105,19 @@ def test_missing_config_file_exit_3(env: dict[str, Path], capsys: pytest.Capture
     assert err.splitlines() == [f"qrmfs: error: config file {env['tmp'] / 'nope.toml'} not found"]
 
 
+def test_a_mistyped_config_key_exit_3_one_line_nothing_written(env: dict[str, Path],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`exportroot` for export_root: the default /exports would be used silently; qrmfs refuses instead."""
+    env["cfg"].write_text(env["cfg"].read_text().replace("export_root", "exportroot"))
+    before = tree_of(env["tmp"])
+    code, out, err = run(create_args(env), capsys)
+    assert code == 3
+    assert err.splitlines() == ["qrmfs: error: config: unknown key 'exportroot' in [storage.local]; "
+                                "did you mean 'export_root'?"]
+    assert out == ""
+    assert tree_of(env["tmp"]) == before
+
+
 # --- --json -----------------------------------------------------------------------------------------
 
 def test_json_error_output(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -99,6 +99,45 @@ def test_type_errors_are_config_errors(data: dict, message: str) -> None:
     assert ei.value.exit_code == 3
 
 
+UNKNOWN = [
+    ("keep_generation = 5\n", "config: unknown key 'keep_generation' at the top level; did you mean "
+                               "'keep_generations'?"),
+    ('[opnqrm]\nurl = "http://q/openqrm"\n', "config: unknown section [opnqrm]; did you mean [openqrm]?"),
+    ('[storage.nas1]\naddress = "h"\nexportroot = "/srv"\n', "config: unknown key 'exportroot' in "
+                                                                "[storage.nas1]; did you mean 'export_root'?"),
+    ('[hosts.web1]\naddress = "h"\nssh_usr = "op"\n', "config: unknown key 'ssh_usr' in [hosts.web1]; "
+                                                         "did you mean 'ssh_user'?"),
+    ('[openqrm]\npassword = "secret"\n', "config: unknown key 'password' in [openqrm]; did you mean "
+                                          "'password_file'?"),
+    ('[ssh]\nport = 22\n', "config: unknown key 'port' in [ssh]; known: identity_file, known_hosts"),
+    ('[storage.nas1]\naddress = "h"\n[storage.nas1.extra]\nx = 1\n',
+     "config: unknown key 'extra' in [storage.nas1]; known: address, export_root, nfs_address, ssh_port, "
+     "ssh_user, storage_id"),
+    ("verbose = true\n", "config: unknown key 'verbose' at the top level; known: keep_generations, spare, "
+                          "spool_dir"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), UNKNOWN, ids=[u[0].split("\n")[-2] for u in UNKNOWN])
+def test_unknown_keys_and_sections_are_config_errors(text: str, message: str) -> None:
+    """A typo is never ignored for the default: one line naming the key, its section and the closest known one."""
+    with pytest.raises(ConfigError) as ei:
+        config.parse(tomllib.loads(text))
+    assert ei.value.message == message
+    assert ei.value.exit_code == 3
+
+
+def test_every_documented_example_key_is_known() -> None:
+    """The README's first config and docs/configuration.md's example parse (a key they show is a key qrmfs
+    reads), once their paths that must exist are left out."""
+    root = Path(__file__).resolve().parents[2]
+    for doc in (root / "README.md", root / "docs" / "configuration.md"):
+        block = doc.read_text().split("```toml\n", 1)[1].split("```", 1)[0]
+        data = tomllib.loads(block)
+        data.get("openqrm", {}).pop("ca_file", None)
+        config.parse(data)
+
+
 @pytest.mark.parametrize("key", ["timeout", "backoff"])
 def test_openqrm_float_type_error_is_config_error(key: str) -> None:
     with pytest.raises(ConfigError, match=f"config: openqrm.{key} must be a number, not str"):

@@ -47,7 +47,7 @@ class Server:
             def log_message(self, *a: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 u = urlsplit(self.path)
                 q = dict(parse_qsl(u.query, keep_blank_values=True))
                 auth = self.headers.get("Authorization")

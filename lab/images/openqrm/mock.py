@@ -218,7 +218,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base class signature)
+    def log_message(self, format: str, *args: Any) -> None:  # base class signature
         sys.stderr.write(f"{self.address_string()} [{self.log_date_time_string()}] {format % args}\n")
         sys.stderr.flush()
 
@@ -226,19 +226,19 @@ class Handler(BaseHTTPRequestHandler):
         self.log_message('"%s %s" %s user=%s', self.command, self.path, outcome, user or "-")
 
     # --- method entry points ----------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._dispatch()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch()
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._dispatch()
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._dispatch()
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._dispatch()
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -519,7 +519,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Mock openQRM server for the qrmfs lab")
-    parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 (container service)
+    parser.add_argument("--host", default="0.0.0.0")  # container service
     parser.add_argument("--port", type=int, default=80)
     args = parser.parse_args(argv)
     try:

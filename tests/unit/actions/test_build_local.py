@@ -408,7 +408,7 @@ def test_a_publish_that_fails_keeps_or_drops_the_armed_registration_by_what_happ
 def test_validate_l_runs_a_silently_failed_dry_run_once_more(env: Env, exports: Path, source: Path,
                                                               tmp_path: Path) -> None:
     """A dry run that ends with 255 and nothing on stderr (what ssh does when the remote side is killed at once,
-    bench/results/drift-255.md) is run once more, with a warning; a second such end fails and says why."""
+    bench/results/history.md, Investigations) is run once more, with a warning; a second such end fails and says why."""
     from plumbum import local
 
     create(env, exports, source, only_physical=True)

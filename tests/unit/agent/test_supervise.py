@@ -95,7 +95,8 @@ def test_a_warm_agent_stops_its_command_when_qrmfs_is_gone(side: StorageSide, ro
 
 def test_a_death_by_signal_is_reported_not_silent(side: StorageSide, root: Path) -> None:
     """A command killed at once (the OOM killer, a crash) ends with 128 + N and a line that names the signal,
-    where its ssh session would otherwise end with 255 and nothing on stderr (bench/results/drift-255.md)."""
+    where its ssh session would otherwise end with 255 and nothing on stderr (bench/results/history.md,
+    Investigations)."""
     argv, payload, _started = side.supervised(str(root / "img1"), ["sh", "-c", "kill -KILL $$"], None)
     r = Runner().stream(argv, lambda _l: None, ok=range(256), input=payload)
     assert r.code == 128 + 9

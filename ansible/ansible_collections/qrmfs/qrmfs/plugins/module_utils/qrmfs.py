@@ -4,7 +4,7 @@
 qrmfs's JSON envelope, and the pure decisions (which command a state needs, whether it changed anything, the
 diff). Everything but `run()` is free of Ansible, so it is unit-tested without a playbook.
 
-The envelope (README "JSON output"): {"schema": 1, "ok", "command", "result" | "error"}; a command that ran but
+The envelope (docs/json.md): {"schema": 1, "ok", "command", "result" | "error"}; a command that ran but
 answers "no" (validate with problems, list with an unreachable server) carries both.
 """
 

@@ -142,7 +142,7 @@ operation:
   returned: always
   type: str
 result:
-  description: The C(result) of qrmfs's JSON envelope for the command that ran (see the README's "JSON output").
+  description: The C(result) of qrmfs's JSON envelope for the command that ran (see qrmfs's docs/json.md).
   returned: when a command changed or planned something
   type: dict
 image:
