@@ -20,7 +20,7 @@ def gc(env: Env, storage_name: str | None) -> Collected:
     in_use: list[str] = []
     for s in storages(env, storage_name):
         side = env.side(s)
-        doomed = [x for x in side.list().leftovers if x.kind not in ("previous", "generation", "spare")]
+        doomed = [x for x in side.list().leftovers if x.kind not in ("previous", "generation", "spare", "foreign")]
         for image in sorted({x.image for x in doomed}):
             try:
                 with side.lock(image, holder("gc", posixpath.basename(image))):

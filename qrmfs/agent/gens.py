@@ -51,6 +51,7 @@ from .tree import (
     finish_remove,
     generation_seq,
     images_below,
+    made_by_qrmfs,
     read_manifest,
     refuse_inner_images,
     remove_pins,
@@ -59,6 +60,8 @@ from .tree import (
 )
 
 NODES = ".qrmfs/nodes"
+
+
 def generations(path: str) -> list[tuple[int, str]]:
     """(seq, dir) of every earlier generation, oldest first: a directory named by qrmfs's own pattern
     (`gen-` and ASCII digits, nothing else: `gen-²` is no generation) that holds a qrmfs manifest. What only
@@ -68,15 +71,9 @@ def generations(path: str) -> list[tuple[int, str]]:
     for e in os.listdir(parent) if is_real_dir(parent) else []:
         seq = generation_seq(path, e)
         full = os.path.join(parent, e)
-        if seq is not None and is_real_dir(full) and _made_by_qrmfs(full):
+        if seq is not None and made_by_qrmfs(full):
             out.append((seq, full))
     return sorted(out)
-
-
-def _made_by_qrmfs(tree_: str) -> bool:
-    """qrmfs made this tree (its own record: a manifest qrmfs wrote there), or cannot tell without following
-    what a node planted (Planted: the caller's operation is refused, naming it)."""
-    return read_manifest(tree_) is not None
 
 
 def _next_generation(path: str) -> str:

@@ -476,7 +476,7 @@ def _earlier_generations(path: str) -> list[str]:
     made strange."""
     parent = os.path.dirname(path)
     found = [os.path.join(parent, e) for e in sorted(os.listdir(parent)) if generation_seq(path, e) is not None]
-    return [g for g in found if is_real_dir(g) and read_manifest(g) is not None]
+    return [g for g in found if made_by_qrmfs(g)]
 
 
 def generation_seq(path: str, entry: str) -> int | None:
@@ -492,6 +492,7 @@ def generation_seq(path: str, entry: str) -> int | None:
 
 SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+|gen-[0-9]+|"
                      r"journal|removing-gen-[0-9]+|spare)$")
+NAMESPACE = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(.*)$", re.DOTALL)  # any name in qrmfs's namespace
 
 
 def op_list(export_root: str, depth: int = 3, leftovers: bool = True) -> P.Listed:
@@ -514,18 +515,33 @@ def op_list(export_root: str, depth: int = 3, leftovers: bool = True) -> P.Liste
 
 
 def _leftover(parent: str, entry: str) -> list[P.Leftover]:
-    m = SIBLING.match(entry)
+    """What a hidden entry beside images is. "foreign": a name in qrmfs's namespace that qrmfs did not make
+    (by its own record: a generation, previous or spare holds a manifest qrmfs wrote; any other name must be
+    one qrmfs spells): shown, never deleted."""
+    m = SIBLING.match(entry) or NAMESPACE.match(entry)
     if not m:
         return []
     image = os.path.join(parent, m.group(1))
-    kind = ("staging" if m.group(2).startswith("staging-") else "generation" if m.group(2).startswith("gen-")
-            else "removing" if m.group(2).startswith("removing-") else m.group(2))
     path = os.path.join(parent, entry)
+    kind = ("foreign" if m.re is NAMESPACE else "staging" if m.group(2).startswith("staging-") else
+            "generation" if m.group(2).startswith("gen-") else
+            "removing" if m.group(2).startswith("removing-") else m.group(2))
+    if kind in ("generation", "previous", "spare"):
+        try:
+            kind = kind if made_by_qrmfs(path) else "foreign"
+        except Planted:
+            kind = "foreign"
     held = _lock_held(siblings(image).lock)
     if kind == "lock" and (held or os.path.lexists(image)):
         return []  # the lock of an image that exists, or one in use: nothing left over
     size = tree_counts(path)[1] if is_real_dir(path) else os.lstat(path).st_blocks * 512
     return [P.Leftover(path, image, kind, size, held)]
+
+
+def made_by_qrmfs(tree_: str) -> bool:
+    """A tree qrmfs made (by its own record: a manifest qrmfs wrote there), read without following anything
+    planted in it (Planted: the caller refuses, naming it, or shows it as foreign)."""
+    return is_real_dir(tree_) and read_manifest(tree_) is not None
 
 
 def _lock_held(lock: str) -> str | None:

@@ -146,6 +146,10 @@ def test_a_directory_named_like_a_generation_is_foreign(export: dict[str, Any]) 
         assert r.returncode == 0, (args, r.stderr)
         for d in (odd, fake):
             assert (d / "mine").read_text() == "an operator's\n", args
+        if args[0] == "list" and len(args) == 1:
+            listed = _run(env, "list", "--config", cfg).stdout
+            for d in (odd, fake):  # shown, as what it is
+                assert f"local:{d}  foreign" in listed and "not made by qrmfs: left alone" in listed, listed
     assert not (root / "att").exists()
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".att.") and not p.name.endswith("-lock")) == [
         fake.name, odd.name]
