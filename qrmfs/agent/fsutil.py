@@ -290,6 +290,38 @@ def remove_tree(path: str) -> None:
     remove(path)
 
 
+def unchangeable(d: str) -> str | None:
+    """Why the agent's user may not change directory d (add, remove or rename its entries), or None."""
+    if os.access(d, os.W_OK | os.X_OK, follow_symlinks=False):
+        return None
+    st = os.lstat(d)
+    return f"{d} (owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}) may not be changed"
+
+
+def undeletable(path: str) -> str | None:
+    """Why the agent's user could not delete the tree at path (a directory in it, or its parent, it may not
+    change: owned by another user, read-only), or None. Walks the directories only (not following symlinks,
+    nor into other file systems); root may change any."""
+    def blocked(d: str) -> str | None:  # an empty directory needs no change of its own to go
+        try:
+            with os.scandir(d) as it:
+                empty = next(it, None) is None
+        except PermissionError:
+            empty = False
+        return None if empty else unchangeable(d)
+
+    why = unchangeable(os.path.dirname(path))
+    if why or not is_real_dir(path):
+        return why
+    dev = os.lstat(path).st_dev
+    for dirpath, dirnames, _files in os.walk(path):
+        why = blocked(dirpath)
+        if why:
+            return why
+        dirnames[:] = [n for n in dirnames if os.lstat(os.path.join(dirpath, n)).st_dev == dev]
+    return None
+
+
 def remove(path: str) -> None:
     """Remove a file, symlink or whole directory tree without following symlinks, and never into another
     filesystem: a tree with anything mounted at or below it is refused whole (Mounted), before anything goes."""

@@ -42,6 +42,7 @@ from .fsutil import (
     open_beneath,
     plain_dir,
     remove,
+    unchangeable,
     write_file,
 )
 from .protocol import AgentError, ErrorKind
@@ -208,7 +209,13 @@ def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT) -> 
         new_id = os.urandom(8).hex()
         m["generation"] = {"id": new_id}
         write_manifest(incoming, m)
-    plain_dir(path, NODES)  # node state a node made strange is refused before the journal commits the publish
+    # node state a node made strange, or that the agent's user may not move, is refused before the journal
+    # commits the publish (which would then fail at every lock)
+    if plain_dir(path, NODES):
+        for d in (os.path.join(path, NODES), os.path.join(path, ".qrmfs"), os.path.join(incoming, ".qrmfs")):
+            why = unchangeable(d) if is_real_dir(d) else None
+            if why:
+                raise AgentError(ErrorKind.REFUSED, f"{why}: the node state cannot move; nothing was published")
     _set_aside(incoming)
     j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep, "spare": spare}
     write_file(siblings(path).journal, (json.dumps(j) + "\n").encode(), 0o600)

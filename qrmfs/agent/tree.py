@@ -41,6 +41,7 @@ from .fsutil import (
     read_beneath,
     remove,
     remove_tree,
+    undeletable,
     walk_tree,
     write_file,
 )
@@ -438,9 +439,10 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
         users = holders(t) if is_real_dir(t) else []
         if users:
             raise AgentError(ErrorKind.REFUSED, f"{t} is in use by {', '.join(users[:5])}: nothing was removed")
-        if not os.access(os.path.dirname(t), os.W_OK | os.X_OK):
-            raise AgentError(ErrorKind.REFUSED, f"{os.path.dirname(t)} is not writable for the agent: nothing "
-                                                "was removed")
+        locked = undeletable(t)
+        if locked:
+            raise AgentError(ErrorKind.REFUSED, f"{t} cannot be deleted by the agent's user: {locked}; nothing was "
+                                                "removed")
     # the intent first: a remove that started is finished by the next lock (gens.recover), however it ends
     write_file(siblings(path).journal, (json.dumps({"remove": path}) + "\n").encode(), 0o600)
     finish_remove(path)
