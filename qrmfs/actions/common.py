@@ -240,6 +240,8 @@ def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
     False: the image is not there (never published, or removed since): its registration is dropped and the
     failure reported instead. None: cannot tell now (storage unreachable, image locked): it waits."""
     assert job.publish is not None
+    if "removal" in job.publish:
+        return settle_removal(env, job)
     armed = job.publish.get("generation")
     try:
         target = Target.parse(job.target)
@@ -266,6 +268,28 @@ def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
     job.publish = None
     env.spool().save(job)
     return published
+
+
+def settle_removal(env: Env, job: openqrm.Job) -> bool | None:
+    """A deregistration armed before a remove by a run that is gone: is the image gone? Decided under its lock
+    (which finishes a remove that started). True: send it. False: the image is still there (the remove never
+    began): dropped. None: cannot tell now."""
+    try:
+        target = Target.parse(job.target)
+        side = env.side(env.storage(target))
+        with env.locked(side, target.path, "flush", target.name):
+            exists = side.inspect(target.path).exists
+    except QrmfsError as e:
+        env.ui.warn(f"spooled deregistration {job.id} ({job.image}) waits: cannot tell whether {job.target} was "
+                    f"removed ({e.message})")
+        return None
+    if exists:
+        env.ui.warn(f"spooled deregistration {job.id}: {job.target} is still there (its remove never began); "
+                    "not deregistering it")
+        job.requests = []
+    job.publish = None
+    env.spool().save(job)
+    return not exists
 
 
 def iso_now() -> str:
@@ -339,6 +363,10 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
                 continue
             if job.publish is not None and settle_publish(env, job) is None:
                 left.append(job.id)
+                continue
+            if not job.requests:  # settled: nothing to send (a remove that never began)
+                spool.drop(job)
+                claim.release(unlink=True)
                 continue
             _warn_plain_http(env, creds)
             c = env.client(Credentials(job.url, creds.user, creds.password), quick=quick)

@@ -66,6 +66,7 @@ def test_a_mount_in_an_earlier_generation_refuses_the_whole_remove(home: dict[st
         _whole(root, gens)  # the image and every generation whole
         assert server.images == ["img1"] and "remove_by_name" not in server.commands()  # still registered
         assert not (root / ".img1.qrmfs-journal").exists()
+        assert rf.spool_jobs(home) == []  # no deregistration waits for a remove that did not happen
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     r = _run(home, "remove", "-t", image["t"], "--yes", "--config", image["cfg"])
@@ -99,3 +100,21 @@ def test_a_remove_killed_after_the_image_went_finishes_at_the_next_lock(home: di
     assert r.returncode == 0, r.stderr
     assert [p.name for p in root.iterdir()] == []  # every generation, the journal, the lock: all gone
     assert os.listdir(root) == []
+
+
+def test_a_registered_remove_killed_after_the_image_went_deregisters_at_the_next_flush(
+        home: dict[str, Any], server: Server, image: dict[str, Any]) -> None:
+    """The openQRM record goes exactly when the image is gone: the deregistration is written ahead, so a remove
+    whose agent died after the image's name went (the record used to stay for good) is deregistered by the
+    next flush, once its lock has finished the remove."""
+    root = image["root"]
+    r = _run(home, "remove", "-t", image["t"], "--yes", "--config", image["cfg"],
+             env={"QRMFS_TEST_CRASH_AT": "remove-image"})
+    assert r.returncode != 0 and not (root / "img1").exists()
+    assert server.images == ["img1"]  # not sent yet: the remove did not finish
+    (job,) = rf.spool_jobs(home)
+    assert [q["params"].get("image_command") for q in job["requests"] if q["kind"] == "image"] == ["remove_by_name"]
+    r = _run(home, "flush", "--config", image["cfg"])
+    assert r.returncode == 0, r.stderr
+    assert server.images == [] and server.commands().count("remove_by_name") == 1
+    assert rf.spool_jobs(home) == [] and os.listdir(root) == []
