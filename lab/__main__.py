@@ -37,8 +37,13 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
         print(f"  {role:<8} {h[role]['address']}  ssh :22, NFS :2049 exports {EXPORTS_PLAIN}")
     for role, facts in sorted(info.get("sources", {}).items()):
         print(f"  {role:<8} {h[role]['address']}  ssh :22  ({facts['description']})")
-    print(f"  openqrm  {info['openqrm']['url']}  ({info['openqrm']['user']}, password in "
-          f"{info['openqrm']['password_file']})")
+    oq = info["openqrm"]
+    print(f"  openqrm  {oq['url']}  (openQRM {oq['version']}; administrator {oq['user']}, password in "
+          f"{oq['password_file']}; not an administrator: {oq['viewer']['user']}, password in "
+          f"{oq['viewer']['password_file']})")
+    print(f"           nfs-deployment id {oq['nfs_deployment_id']}; storage ids: "
+          + ", ".join(f"{r} {i}" for r, i in sorted(oq["storage_ids"].items())))
+    print(f"  mock     {info['openqrm_mock']['url']}  (the openQRM mock, for injected faults: /_mock/fault)")
     print(f"  ssh key  {info['ssh']['private_key']}   known_hosts {info['ssh']['known_hosts']}")
     print(f"  config   {info['config']}   (qrmfs --config {info['config']} ...)")
 

@@ -1,5 +1,6 @@
 """`make demo`: the main job against the lab. Starts the lab, creates an image of the lab's source host on
-its storage server, registers it with the openQRM mock, validates and lists it, and shows what openQRM got."""
+its storage server, registers it with the lab's real openQRM 5.3.60 server, validates and lists it, and shows the
+record from the server's database."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import json
 import subprocess
 import sys
 from typing import Any
-
-import httpx
 
 from . import lab as _lab
 
@@ -22,7 +21,7 @@ def _run(title: str, *args: str, config: str) -> int:
 
 
 def main(name: str = _lab.DEFAULT_NAME) -> int:
-    print("== starting the lab (storage: nfs-ganesha + sshd, source: Debian with systemd, openqrm: mock)")
+    print("== starting the lab (storage: nfs-ganesha + sshd, source: Debian with systemd, openqrm: openQRM 5.3.60)")
     info: dict[str, Any] = _lab.up(name)
     cfg = info["config"]
     for role, h in info["hosts"].items():
@@ -36,9 +35,10 @@ def main(name: str = _lab.DEFAULT_NAME) -> int:
         return rc
     _run("validate", "validate", "-t", target, config=cfg)
     _run("list", "list", config=cfg)
-    state = httpx.get(info["openqrm"]["base"] + "/_mock/state", timeout=10).json()
-    rec = [i for i in state["images"] if i["image_name"] == IMAGE]
-    print("\n== what the openQRM server holds for the image (GET /_mock/state):")
+    oq = info["openqrm"]
+    rec = _lab.openqrm_sql(name, f"SELECT * FROM image_info WHERE image_name='{IMAGE}' ORDER BY image_id")
+    print(f"\n== what openQRM {oq['version']} holds for the image (SELECT * FROM image_info in its database; "
+          f"its nfs-deployment id is {oq['nfs_deployment_id']}, the storage's id {oq['storage_ids']['storage']}):")
     print(json.dumps(rec[-1] if rec else None, indent=2))
     print(f"\nThe image is at {target} (NFS export {info['hosts']['storage']['address']}:/exports/{IMAGE}).")
     print(f"Boot it diskless in QEMU: .venv/bin/python -m lab boot -t {target}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,21 +21,35 @@ from typing import Any
 import docker
 import docker.errors
 
-from .paths import IMAGES, state_dir
+from .paths import IMAGES, REPO, state_dir
 
-ROLES = ("storage", "source", "openqrm")
+# openqrm: the real openQRM 5.3.60 server; openqrm-mock: the mock, only for faults a real server cannot make.
+ROLES = ("storage", "source", "openqrm", "openqrm-mock")
 BASE_REPO = "qrmfs-lab-base"
+# The openQRM server code the `openqrm` image is built from (read-only, beside the checkout; see PROVENANCE.md).
+OPENQRM_SRC_ENV = "QRMFS_OPENQRM_SRC"
+OPENQRM_SRC_DIR = "openqrm-5.3.60"
 
 
 class LabError(RuntimeError):
     """A lab step failed; the message says which and why."""
 
 
-def _hash_files(paths: list[Path], extra: str = "") -> str:
+def _hash_files(paths: list[Path], extra: str = "", root: Path = IMAGES) -> str:
     h = hashlib.sha256(extra.encode())
     for p in sorted(paths):
-        h.update(str(p.relative_to(IMAGES)).encode() + b"\0" + p.read_bytes() + b"\0")
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:12]
+
+
+def openqrm_src() -> Path:
+    """The openQRM 5.3.60 tree: $QRMFS_OPENQRM_SRC, else ../shared/openqrm-5.3.60 beside the checkout."""
+    env = os.environ.get(OPENQRM_SRC_ENV)
+    src = Path(env) if env else REPO.parent / "shared" / OPENQRM_SRC_DIR
+    if not (src / "PROVENANCE.md").is_file() or not (src / "src" / "web" / "base").is_dir():
+        raise LabError(f"the openQRM 5.3.60 server code is not at {src} (the lab's openqrm image is built from "
+                       f"it; set ${OPENQRM_SRC_ENV} to where it is)")
+    return src
 
 
 def base_tag() -> str:
@@ -44,7 +59,11 @@ def base_tag() -> str:
 
 def host_tag(role: str) -> str:
     files = [p for d in (IMAGES / role, IMAGES / "common") for p in d.rglob("*") if p.is_file()]
-    return f"qrmfs-lab-{role}:{_hash_files(files, base_tag())}"
+    extra = base_tag()
+    if role == "openqrm":  # the image holds the openQRM tree: its content is part of the tag
+        src = openqrm_src()
+        extra += _hash_files([p for p in src.rglob("*") if p.is_file()], OPENQRM_SRC_DIR, root=src)
+    return f"qrmfs-lab-{role}:{_hash_files(files, extra)}"
 
 
 def _exists(client: docker.DockerClient, tag: str) -> bool:
@@ -107,14 +126,27 @@ def build_host(client: docker.DockerClient, role: str) -> str:
     if _exists(client, tag):
         return tag
     base = build_base(client)
-    _log(f"building image {tag}")
+    _log(f"building image {tag}" + (" (apache2, PHP, MariaDB: a few minutes, once)" if role == "openqrm" else ""))
+    if role != "openqrm":
+        _docker_build(client, IMAGES, f"{role}/Dockerfile", tag, base)
+        return tag
+    # The build context: lab/images plus the openQRM tree (outside the checkout), copied verbatim.
+    src = openqrm_src()
+    with tempfile.TemporaryDirectory(prefix="qrmfs-lab-openqrm-") as tmp:
+        ctx = Path(tmp) / "ctx"
+        shutil.copytree(IMAGES, ctx, symlinks=True)
+        shutil.copytree(src, ctx / OPENQRM_SRC_DIR, symlinks=True)
+        _docker_build(client, ctx, "openqrm/Dockerfile", tag, base)
+    return tag
+
+
+def _docker_build(client: docker.DockerClient, context: Path, dockerfile: str, tag: str, base: str) -> None:
     try:
-        client.images.build(path=str(IMAGES), dockerfile=f"{role}/Dockerfile", tag=tag,
+        client.images.build(path=str(context), dockerfile=dockerfile, tag=tag,
                             buildargs={"BASE": base}, rm=True, forcerm=True, pull=False)
     except docker.errors.BuildError as e:
         tail = "".join(str(x.get("stream", x.get("error", ""))) for x in list(e.build_log)[-15:])
         raise LabError(f"building {tag} failed: {e.msg}\n{tail}") from e
-    return tag
 
 
 @contextmanager
@@ -202,10 +234,5 @@ def _build_source(client: docker.DockerClient, name: str, tag: str) -> str:
     if not _exists(client, base):
         docker_import(ensure_tree(name), base)
     _log(f"building image {tag}")
-    try:
-        client.images.build(path=str(IMAGES), dockerfile="sources/Dockerfile", tag=tag,
-                            buildargs={"BASE": base}, rm=True, forcerm=True, pull=False)
-    except docker.errors.BuildError as e:
-        tail = "".join(str(x.get("stream", x.get("error", ""))) for x in list(e.build_log)[-15:])
-        raise LabError(f"building {tag} failed: {e.msg}\n{tail}") from e
+    _docker_build(client, IMAGES, "sources/Dockerfile", tag, base)
     return tag

@@ -1,4 +1,5 @@
-"""The container lab: an NFS storage server, an sshd source host and an openQRM mock on one network.
+"""The container lab: an NFS storage server, an sshd source host, the real openQRM 5.3.60 server and an
+openQRM mock (for injected faults only) on one network.
 
 Started with testcontainers (Ryuk disabled: it is an image that cannot be pulled here); found again by
 docker labels, so `python -m lab up` is idempotent and `down` removes exactly what `up` made.
@@ -24,7 +25,9 @@ from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 from testcontainers.core.waiting_utils import WaitStrategy
 
-from . import exports, images, keys
+from . import exports, keys
+from . import images as _images
+from . import openqrm as _oq
 from .images import ROLES, LabError
 from .paths import state_dir
 
@@ -36,6 +39,9 @@ EXPORT_LABEL = "io.qrmfs.lab.export"  # the kind of /exports the storage was sta
 DEFAULT_NAME = os.environ.get("QRMFS_LAB_NAME") or "qrmfs-lab"
 # Not openQRM's default openqrm/openqrm: a password unlike every other string lets tests prove it never leaks.
 OPENQRM_USER, OPENQRM_PASSWORD = "openqrm", "lab-Secret-4711"
+# A user who is not an administrator (openQRM's `readonly` role): the real server answers it 200 and does nothing.
+VIEWER_USER, VIEWER_PASSWORD = "viewer", "lab-Viewer-0815"
+OPENQRM, MOCK = "openqrm", "openqrm-mock"
 EXPORT_ROOT = exports.EXPORT_ROOT
 PLAIN_ROOT = exports.PLAIN_ROOT
 READY_TIMEOUT = 90
@@ -45,7 +51,7 @@ MOUNTS = "mounts"
 
 
 def extra_sources() -> list[str]:
-    return [*images.source_names(), MOUNTS]
+    return [*_images.source_names(), MOUNTS]
 
 
 # On demand (`up --storages N`): more storage servers, `storage2` ... `storageN`, each the storage image with its
@@ -66,7 +72,9 @@ def is_extra_storage(role: str) -> bool:
 _INNER_READY = {
     "storage": "test -e /run/sshd.pid && pgrep -x ganesha.nfsd >/dev/null",
     "source": "test -e /srv/fixture/.complete && test -e /run/sshd.pid",
-    "openqrm": "python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1/_mock/health')\"",
+    # entrypoint.sh marks the end of its set-up (schema, users, deployment type); the DB must still answer.
+    OPENQRM: "test -e /run/openqrm.ready && lab-openqrm-db status",
+    MOCK: "python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1/_mock/health')\"",
 }
 
 
@@ -163,6 +171,7 @@ def _address(container: Any, lab: LabHandle) -> str:
 def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str], export: str) -> None:
     down(lab.name, quiet=True)
     keys.ensure_keys(lab.state, ("storage", "source"))
+    _password_files(lab)
     net = Network(docker_network_kw={"labels": _labels(lab)})
     net.name = lab.network
     net.create()
@@ -174,7 +183,7 @@ def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str], ex
     for role in ROLES:
         kwargs: dict[str, Any] = {"labels": _labels(lab, role), "hostname": f"lab-{role}"}
         volumes: dict[str, dict[str, str]] = {}
-        if role in ("storage", "source"):
+        if role in ("storage", "source", OPENQRM):
             volumes[str(lab.state / "hosts" / role)] = {"bind": "/lab", "mode": "ro"}
         if role == "storage":
             volumes[exports_src] = {"bind": EXPORT_ROOT, "mode": "rw"}
@@ -189,8 +198,9 @@ def _start(lab: LabHandle, client: docker.DockerClient, tags: dict[str, str], ex
              .with_kwargs(**kwargs)
              .waiting_for(InnerReady(_INNER_READY[role])
                           .with_startup_timeout(READY_TIMEOUT).with_poll_interval(0.2)))
-        if role == "openqrm":
-            c.with_env("MOCK_USERS", f"{OPENQRM_USER}:{OPENQRM_PASSWORD}:administrator,viewer:viewer:user")
+        if role == MOCK:
+            c.with_env("MOCK_USERS", f"{OPENQRM_USER}:{OPENQRM_PASSWORD}:administrator,"
+                                     f"{VIEWER_USER}:{VIEWER_PASSWORD}:readonly")
         for src, spec in volumes.items():
             c.with_volume_mapping(src, spec["bind"], spec["mode"])
         try:
@@ -355,8 +365,13 @@ def _probe_all(info: dict[str, Any]) -> None:
         return True, ""
 
     def http_probe() -> tuple[bool, str]:
-        r = httpx.get(info["openqrm"]["base"] + "/_mock/health", timeout=5)
+        r = httpx.get(info["openqrm_mock"]["base"] + "/_mock/health", timeout=5)
         return r.status_code == 200, r.text
+
+    def openqrm_probe() -> tuple[bool, str]:
+        # apache's Basic-auth layer (openQRM's .htaccess) answers for the authenticated endpoint
+        r = httpx.get(info["openqrm"]["url"] + "/base/server/image/image-action.php", timeout=5)
+        return r.status_code == 401 and "openQRM" in r.headers.get("www-authenticate", ""), f"{r.status_code}"
 
     _wait("ssh to storage", ssh_probe("storage"))
     _wait("ssh to source", ssh_probe("source"))
@@ -364,6 +379,7 @@ def _probe_all(info: dict[str, Any]) -> None:
         _wait(f"ssh to {role}", ssh_probe(role))
     _wait("NFS on storage", nfs_probe)
     _wait("openQRM mock", http_probe)
+    _wait("openQRM server", openqrm_probe)
 
 
 def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
@@ -371,10 +387,11 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
     addr = {role: _address(found[role], lab) for role in (*ROLES, *extra)}
     state = lab.state
     known_hosts = keys.write_known_hosts(state, {r: addr[r] for r in ("storage", "source", *extra)})
-    pw = state / "openqrm.password"
-    pw.write_text(OPENQRM_PASSWORD + "\n")
-    pw.chmod(0o600)
-    base = f"http://{addr['openqrm']}:80"
+    pw, viewer_pw = _password_files(lab)
+    base = f"http://{addr[OPENQRM]}:80"
+    mock_base = f"http://{addr[MOCK]}:80"
+    server = found[OPENQRM]
+    facts = _openqrm_facts(lab, server)
     kind = found["storage"].labels.get(EXPORT_LABEL, "plain")
     info: dict[str, Any] = {
         "name": lab.name,
@@ -386,11 +403,20 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
                         "export_kind": kind,
                         "exports": {EXPORT_ROOT: exports.FS_TYPE[kind], PLAIN_ROOT: exports.FS_TYPE["plain"]}},
             "source": {"address": addr["source"], "ssh_port": 22, "container_id": found["source"].id},
-            "openqrm": {"address": addr["openqrm"], "ssh_port": None, "http_port": 80,
-                        "container_id": found["openqrm"].id},
+            OPENQRM: {"address": addr[OPENQRM], "ssh_port": None, "http_port": 80,
+                      "container_id": server.id},
+            MOCK: {"address": addr[MOCK], "ssh_port": None, "http_port": 80, "container_id": found[MOCK].id},
         },
+        # The real openQRM 5.3.60 server (lab/images/openqrm): its administrator, a read-only user, the id its
+        # nfs-storage plugin got for the nfs-deployment type, and its storage_id of each lab storage server.
         "openqrm": {"url": f"{base}/openqrm", "base": base, "user": OPENQRM_USER,
-                    "password": OPENQRM_PASSWORD, "password_file": str(pw)},
+                    "password": OPENQRM_PASSWORD, "password_file": str(pw),
+                    "viewer": {"user": VIEWER_USER, "password": VIEWER_PASSWORD, "password_file": str(viewer_pw)},
+                    "version": "5.3.60", "nfs_deployment_id": facts["nfs_deployment_id"],
+                    "storage_ids": facts["storage_ids"]},
+        # The mock (lab/images/openqrm-mock): the same users; /_mock/fault makes it hang, fail or close.
+        "openqrm_mock": {"url": f"{mock_base}/openqrm", "base": mock_base, "user": OPENQRM_USER,
+                         "password": OPENQRM_PASSWORD, "password_file": str(pw)},
         "ssh": {"user": "root", "private_key": str(state / "id_ed25519"), "known_hosts": str(known_hosts)},
         "sources": {r: _source_facts(r) for r in extra if not is_extra_storage(r)},
         "storages": [r for r in extra if is_extra_storage(r)],
@@ -409,15 +435,18 @@ def _info(lab: LabHandle, found: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_toml(info: dict[str, Any], *, spool_dir: str | None = None, timeout: float | None = None,
-                retries: int | None = None, backoff: float | None = None) -> str:
+                retries: int | None = None, backoff: float | None = None, server: str = "openqrm") -> str:
     """The qrmfs configuration for the lab (the one writer: `up` writes it to the state dir, the e2e tests
-    write variants with their own spool and quicker openQRM retries)."""
+    write variants with their own spool and quicker openQRM retries). `server`: "openqrm" (the real
+    server) or "openqrm_mock" (the mock, for tests that inject faults)."""
     s = info["hosts"]["storage"]
+    sids = info["openqrm"]["storage_ids"]
     head = f"# qrmfs configuration for the lab `{info['name']}` (written by lab/lab.py).\n"
     if spool_dir is not None:
         head += f"spool_dir = {json.dumps(spool_dir)}\n"
-    oq = [f"url = {json.dumps(info['openqrm']['url'])}", f"user = {json.dumps(info['openqrm']['user'])}",
-          f"password_file = {json.dumps(info['openqrm']['password_file'])}"]
+    oq = [f"url = {json.dumps(info[server]['url'])}", f"user = {json.dumps(info[server]['user'])}",
+          f"password_file = {json.dumps(info[server]['password_file'])}",
+          f"deployment_id = {info['openqrm']['nfs_deployment_id']}"]  # the real server's: records need it
     oq += [f"{k} = {v}" for k, v in (("timeout", timeout), ("retries", retries), ("backoff", backoff))
            if v is not None]
     out = head + "\n[openqrm]\n" + "".join(f"{ln}\n" for ln in oq)
@@ -431,7 +460,7 @@ address = {json.dumps(s['address'])}
 ssh_user = "root"
 ssh_port = {s['ssh_port']}
 export_root = {json.dumps(s['export_root'])}
-storage_id = 1
+storage_id = {sids['storage']}
 
 # The same server's plain-directory export ({exports.FS_TYPE['plain']}, no reflinks): -t plain:{PLAIN_ROOT}/NAME
 [storage.plain]
@@ -439,7 +468,7 @@ address = {json.dumps(s['address'])}
 ssh_user = "root"
 ssh_port = {s['ssh_port']}
 export_root = "{PLAIN_ROOT}"
-storage_id = 1
+storage_id = {sids['storage']}
 """
     for role in info.get("storages", []):
         h = info["hosts"][role]
@@ -450,10 +479,10 @@ address = {json.dumps(h['address'])}
 ssh_user = "root"
 ssh_port = {h['ssh_port']}
 export_root = {json.dumps(h['export_root'])}
-storage_id = {int(role.removeprefix("storage"))}
+storage_id = {sids[role]}
 """
     for role, h in sorted(info["hosts"].items()):
-        if role in ("storage", "openqrm") or is_extra_storage(role):
+        if role in ("storage", OPENQRM, MOCK) or is_extra_storage(role):
             continue
         out += f"""
 [hosts.{role}]
@@ -469,7 +498,7 @@ def _source_facts(role: str) -> dict[str, Any]:
         return {"description": "the default source (Debian 12, systemd) with a separate /boot and /var/log "
                                "(ext4) and a bind mount at /srv/data", "init": "systemd", "suite": "bookworm",
                 "separate": sorted(t for t, _ in MOUNTS_FS.values()), "bind": MOUNTS_BIND[1]}
-    r = images.source_recipe(role)
+    r = _images.source_recipe(role)
     return {"description": r["description"], "init": r["init"], "suite": r["suite"]}
 
 
@@ -501,7 +530,7 @@ def up(name: str = DEFAULT_NAME, sources: list[str] | tuple[str, ...] = (),
         raise LabError(f"unknown export kind {export!r}: use one of {', '.join(exports.KINDS)}")
     lab = LabHandle(name)
     client = _client()
-    tags = images.build_all(client)
+    tags = _images.build_all(client)
     found = _containers(client, lab)
     base = {r: c for r, c in found.items() if r in ROLES}
     reusable = (_ours(lab, found) and all(tags[r] in c.image.tags for r, c in base.items())
@@ -512,7 +541,7 @@ def up(name: str = DEFAULT_NAME, sources: list[str] | tuple[str, ...] = (),
         found = _containers(client, lab)
     if sources:
         for role in sources:
-            tags[role] = tags["source"] if role == MOUNTS else images.build_source(client, role)
+            tags[role] = tags["source"] if role == MOUNTS else _images.build_source(client, role)
         stale = [r for r in sources if r not in found or tags[r] not in found[r].image.tags
                  or found[r].status != "running"]
         if stale:
@@ -523,9 +552,95 @@ def up(name: str = DEFAULT_NAME, sources: list[str] | tuple[str, ...] = (),
     if stale:
         _start_storages(lab, client, stale, tags["storage"])
         found = _containers(client, lab)
+    _register_storages(lab, found)
     info = _info(lab, found)
     _probe_all(info)
     return info
+
+
+def _password_files(lab: LabHandle) -> tuple[Path, Path]:
+    """The administrator's and the viewer's password files, in the directory the openQRM server reads them
+    from at its start (/lab): the files qrmfs's --password-file points at."""
+    d = lab.state / "hosts" / OPENQRM
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)
+    files = []
+    for fname, password in (("openqrm.password", OPENQRM_PASSWORD), ("viewer.password", VIEWER_PASSWORD)):
+        f = d / fname
+        f.write_text(password + "\n")
+        f.chmod(0o600)
+        files.append(f)
+    return files[0], files[1]
+
+
+def _register_storages(lab: LabHandle, found: dict[str, Any]) -> None:
+    """A storage record (and the resource record with its IP) in the real server for each storage server
+    of the lab, as an administrator adds them; kept when it is already there."""
+    for role in ("storage", *sorted(r for r in found if is_extra_storage(r))):
+        c = found[role]
+        c.reload()
+        net = c.attrs["NetworkSettings"]["Networks"][lab.network]
+        _oq.register_storage(found[OPENQRM], role, net["IPAddress"], net["MacAddress"])
+    _openqrm_facts(lab, found[OPENQRM], refresh=True)
+
+
+def _openqrm_facts(lab: LabHandle, server: Any, refresh: bool = False) -> dict[str, Any]:
+    """The server's nfs-deployment id and storage ids, read from its database when `up` registered the
+    storages and kept in the state dir for that container (`status` works while its database is down)."""
+    path = lab.state / "openqrm.json"
+    if not refresh and path.exists():
+        facts: dict[str, Any] = json.loads(path.read_text())
+        if facts.get("container_id") == server.id:
+            return facts
+    facts = {"container_id": server.id, "nfs_deployment_id": _oq.deployment_id(server),
+             "storage_ids": _oq.storage_ids(server)}
+    path.write_text(json.dumps(facts, indent=2) + "\n")
+    return facts
+
+
+def _server(name: str) -> Any:
+    lab = LabHandle(name)
+    try:
+        return _client().containers.get(lab.container_name(OPENQRM))
+    except docker.errors.NotFound as e:
+        raise LabError(f"lab {name} has no openQRM server (start it with `python -m lab up`)") from e
+
+
+def openqrm_sql(name: str, query: str) -> list[dict[str, str | None]]:
+    """Rows of a query in the real openQRM server's database (values as text, None for NULL)."""
+    return _oq.sql(_server(name), query)
+
+
+def images(name: str = DEFAULT_NAME) -> list[dict[str, str | None]]:
+    """image_info, oldest id first (openQRM's own `openqrm` and `idle` records included)."""
+    return openqrm_sql(name, "SELECT * FROM image_info ORDER BY image_id")
+
+
+def events(name: str = DEFAULT_NAME) -> list[dict[str, str | None]]:
+    """event_info in the order the server stored them (by event_id)."""
+    return openqrm_sql(name, "SELECT * FROM event_info ORDER BY event_id")
+
+
+def deployments(name: str = DEFAULT_NAME) -> list[dict[str, str | None]]:
+    return openqrm_sql(name, "SELECT * FROM deployment_info ORDER BY deployment_id")
+
+
+def storages(name: str = DEFAULT_NAME) -> list[dict[str, str | None]]:
+    return openqrm_sql(name, "SELECT * FROM storage_info ORDER BY storage_id")
+
+
+def resources(name: str = DEFAULT_NAME) -> list[dict[str, str | None]]:
+    return openqrm_sql(name, "SELECT * FROM resource_info ORDER BY resource_id")
+
+
+def openqrm_requests(name: str = DEFAULT_NAME) -> list[dict[str, Any]]:
+    """What reached the real server: apache's access log as {method, path, query, status, user} dicts."""
+    return _oq.requests(_server(name))
+
+
+def openqrm_database(name: str, action: str) -> None:
+    """`stop` or `start` the real server's MariaDB (apache keeps answering): for "database is down" tests."""
+    _oq.database(_server(name), action)
 
 
 def status(name: str = DEFAULT_NAME) -> dict[str, Any] | None:

@@ -112,8 +112,9 @@ def create(  # noqa: PLR0913 - typer: one parameter per command-line option
     shared: Annotated[bool, typer.Option("--shared", help="The image is shared by many nodes.")] = False,
     operating_system: Annotated[str | None, typer.Option("--operation-system", "--operating-system",
                                                          metavar="OS", help="Operating system tag in openQRM.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing image (kept until the new one is "
-                                        "published, then as .NAME.qrmfs-previous).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing image: a qrmfs image gets a new "
+                                        "generation, as with update (the old one kept as .NAME.qrmfs-gen-N); any "
+                                        "other directory is kept as .NAME.qrmfs-previous.")] = False,
     route: Annotated[str, typer.Option("--route", metavar="ssh|nfs",
                                        help="ssh (default: storage pulls from the source) or nfs "
                                        "(mount the export here, the manual's way).")] = "ssh",

@@ -59,6 +59,7 @@ class OpenQrm:
     retries: int = 4
     backoff: float = 0.5
     ca_file: str | None = None   # CA bundle for an https URL; TLS is always verified
+    deployment_id: int | None = None  # that server's id of the nfs-deployment type (image_type of every record)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,13 @@ def _number(positive: bool) -> Rule:
     return rule
 
 
+def _deployment_id(v: int, what: str) -> int:
+    if v <= 1:
+        raise ConfigError(f"config: {what} must be openQRM's id of its nfs-deployment type (> 1: id 1 is its "
+                          f"ramdisk deployment), not {v}")
+    return v
+
+
 def _path(rule: Rule | None = None) -> Rule:
     """A path setting: `~` expanded; empty means not set."""
     def expanded(v: str, what: str) -> str | None:
@@ -215,6 +223,8 @@ SETTINGS: tuple[Setting, ...] = (
             _number(positive=False)),
     Setting("openqrm", "ca_file", str, None, "a private CA for an https url (TLS is always verified); must exist",
             _path(_file)),
+    Setting("openqrm", "deployment_id", int, None, "that server's deployment_info id of the nfs-deployment type, "
+            "the image_type of every record (docs/openqrm.md); needed to register", _deployment_id),
     Setting("ssh", "identity_file", str, None, "the key that logs in to the storage servers and the sources; "
             "must not start with `-`, nor contain quotes, a backslash, `%` or control characters (`-i` is an "
             "argv word of its own, so spaces are fine)", _ssh_path(own_word=True)),

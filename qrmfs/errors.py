@@ -77,6 +77,23 @@ class RegistrationError(QrmfsError):
     exit_code, kind = 13, "registration"
 
 
+class NotAdministratorError(RegistrationError):
+    """openQRM took the credentials but did not run the request: the user is not an administrator (openQRM answers
+    200 all the same; its empty answer shows it stopped at the role check)."""
+    exit_code, kind = 16, "not_administrator"
+
+
+class OpenQrmDownError(RegistrationError):
+    """openQRM's PHP fails even on a request that only reads its database: the database is down (or the server
+    broken). Nothing was done; the job waits in the spool."""
+    exit_code, kind = 17, "openqrm_down"
+
+
+class NotOpenQrmError(RegistrationError):
+    """The URL does not answer as openQRM 5.3 does: not its base URL, or not openQRM."""
+    exit_code, kind = 18, "not_openqrm"
+
+
 class AbortedError(QrmfsError):
     """The operator declined a confirmation."""
     exit_code, kind = 14, "aborted"

@@ -49,8 +49,17 @@ def _matching(rx: re.Pattern[str], value: str, message: str) -> str:
     return value
 
 
+# openQRM's own two images: it registers a record of these names but never deregisters one (remove_by_name keeps
+# them, and its database compares names without case: `remove OpenQRM` would delete openQRM's own record)
+RESERVED_NAMES = ("openqrm", "idle")
+
+
 def image_name(value: str, what: str = "image name") -> str:
-    return _matching(NAME_RE, value, f"invalid {what} {value!r}: use 1-50 letters, digits and '_' only")
+    _matching(NAME_RE, value, f"invalid {what} {value!r}: use 1-50 letters, digits and '_' only")
+    if value.lower() in RESERVED_NAMES:
+        raise UsageError(f"invalid {what} {value!r}: openQRM keeps its own image of that name (in any case) and "
+                         "never deregisters one; choose another name")
+    return value
 
 
 def _canonical(value: str) -> str:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import RegistrationError
+from .errors import NotAdministratorError, NotOpenQrmError, OpenQrmDownError, RegistrationError
 
 if TYPE_CHECKING:
     import ssl
@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 EVENT_PATH = "/action/resource-monitor.php"
 IMAGE_PATH = "/base/server/image/image-action.php"
 EVENT_SOURCE = "qrmfs"
+PROCESSED = "\n"  # image-action.php's answer when it ran a command: the one byte after its closing `?>`
+REALM = "openQRM-Server Login"  # the Basic-auth realm of openQRM's openqrm-htaccess.conf
+# the role probe (probe_credentials): past the role check, PHP's strlen() fails on the array before any write
+ROLE_PROBE = {"action": "add", "identifier[]": "0", "image_storageid[]": "0"}
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Job:
     storage: dict[str, Any] | None = None
     publish: dict[str, Any] | None = None  # {"generation": ID}: armed before a publish; sent only once the image
     #                                        at target is that generation (a run that died before it: never)
+    command: str | None = None  # the qrmfs command whose job it is (jobs.py); None in jobs spooled before it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -102,6 +107,10 @@ class Job:
 
 class Transient(Exception):
     """The server did not take the request this time (down, 5xx, timeout): try again later."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status it answered, if it answered
 
 
 class Claim:
@@ -207,10 +216,12 @@ class Client:
     def __init__(self, url: str, user: str | None, password: str | None, *,  # noqa: PLR0913 - keyword-only settings
                  timeout: float = 10.0,
                  retries: int = 4, backoff: float = 0.5, transport: httpx.BaseTransport | None = None,
-                 sleep: Callable[[float], None] = time.sleep, ca_file: str | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, ca_file: str | None = None,
+                 diagnose: bool = True) -> None:
         self.url = url.rstrip("/")
         self.user, self.password = user, password
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
+        self.diagnose = diagnose  # after a last 500: tell a down database (OpenQrmDownError) from a passing fault
         # imported here: ssl and httpx are a tenth of qrmfs's start-up, paid only by runs that talk to openQRM
         import httpx
 
@@ -232,34 +243,65 @@ class Client:
         except self.httpx.TransportError as e:
             req.maybe_delivered = True  # it may have arrived before the connection died
             raise Transient(f"no answer from {self.url}: {type(e).__name__} {e}") from None
-        if r.status_code == 200:
-            return
-        if req.params.get("image_command") == "remove_by_name" and r.status_code == 404:
-            return  # nothing to remove: the state we wanted
-        if r.status_code >= 500 or r.status_code in (408, 429):
-            raise Transient(f"{self.url} answered {r.status_code}")
-        what = {401: "refused the credentials (401)", 403: f"user {self.user!r} is not an administrator (403)"}
-        raise RegistrationError(f"openQRM {what.get(r.status_code, f'answered {r.status_code}')} for "
-                                f"{req.describe()}")
+        self._judge(req, r)
 
-    def probe_credentials(self) -> int:
-        """A request that changes nothing: the image interface without an image_command, authenticated.
-        openQRM checks the login and the administrator role before it looks at the command, and does
-        nothing without one (docs/openqrm.md). Returns the HTTP status (200, or 400 for "no command");
-        raises Transient or RegistrationError like send_once."""
+    def _judge(self, req: Request, r: httpx.Response) -> None:
+        """What openQRM 5.3's answer shows (docs/openqrm.md): image-action.php runs a command only for an
+        administrator and then answers its one byte after `?>` (a newline); it stops at the role check with an
+        empty answer; resource-monitor.php's post_event answers nothing. Both answer 200 either way."""
+        if r.status_code == 200:
+            if r.text == (PROCESSED if req.kind == "image" else ""):
+                return
+            if req.kind == "image" and r.text == "":
+                raise NotAdministratorError(
+                    f"openQRM at {self.url} did not run {req.describe()}: user {self.user!r} is not an administrator "
+                    "(openQRM answers 200 and logs an \"Un-Authorized access\" event); the job waits in the spool")
+            expected = "a newline" if req.kind == "image" else "nothing"
+            raise NotOpenQrmError(f"{self.url} does not answer as openQRM 5.3: {req.describe()} got a page of "
+                                  f"{len(r.content)} bytes, where openQRM answers {expected} (is the URL openQRM's "
+                                  "base, e.g. http://host/openqrm?)")
+        if r.status_code >= 500 or r.status_code in (408, 429):
+            raise Transient(f"{self.url} answered {r.status_code}", r.status_code)
+        if r.status_code == 401:
+            raise RegistrationError(f"openQRM at {self.url} refused the credentials of user {self.user!r} (401) for "
+                                    f"{req.describe()}")
+        raise NotOpenQrmError(f"{self.url} does not answer as openQRM 5.3: {r.status_code} to {req.describe()} (is "
+                              "the URL openQRM's base, e.g. http://host/openqrm?)")
+
+    def database_answers(self) -> bool:
+        """Does openQRM's PHP reach its database? A post_event without an event name reads the database (the
+        server's own address) and writes nothing; it fails with 500 when the database is down. Raises
+        Transient when the server does not answer at all, NotOpenQrmError when the answer is not openQRM's."""
         try:
-            r = self.http.get(self.url + IMAGE_PATH, auth=(self.user or "", self.password or ""))
+            r = self.http.get(self.url + EVENT_PATH, params={"resource_command": "post_event", "resource_id": "0"})
         except self.httpx.TransportError as e:
             raise Transient(f"cannot connect to {self.url}: {type(e).__name__} {e}") from None
-        if r.status_code in (200, 400):
-            return r.status_code
-        if r.status_code >= 500 or r.status_code in (408, 429):
-            raise Transient(f"{self.url} answered {r.status_code}")
-        what = {401: "refused the credentials of user {u!r} (401)",
-                403: "accepted user {u!r}, who is not an administrator (403): registering images needs one",
-                404: "has no image interface at {p} (404): is the URL the openQRM base, e.g. http://host/openqrm?"}
-        raise RegistrationError(f"openQRM at {self.url} " + what.get(r.status_code, f"answered {r.status_code}")
-                                .format(u=self.user, p=IMAGE_PATH))
+        if r.status_code == 500:
+            return False
+        self._judge(Request("event", {"resource_command": "post_event", "event_name": "", "event_priority": "",
+                                      "event_description": "(none: reads the database only)"}), r)
+        return True
+
+    def probe_credentials(self) -> None:
+        """Is the user an openQRM administrator? Proven without changing anything on the server: image-action.php
+        checks the role first, and past it fails with 500 on an array-valued image_storageid (a PHP TypeError in its
+        `strlen`) before it logs or writes anything; a user without the role is stopped before, with an empty 200
+        (openQRM itself then logs the refused access). Without credentials Apache answers 401 with openQRM's realm.
+        Only meaningful while the database answers (database_answers(), just before): a down database is a 500 too.
+        Raises RegistrationError (and its kinds) or Transient."""
+        try:
+            bare = self.http.get(self.url + IMAGE_PATH)
+            if bare.status_code != 401 or REALM not in bare.headers.get("www-authenticate", ""):
+                raise NotOpenQrmError(f"{self.url} does not answer as openQRM 5.3: {IMAGE_PATH} without credentials "
+                                      f"answered {bare.status_code}, not 401 for the realm \"{REALM}\" (is the URL "
+                                      "openQRM's base, e.g. http://host/openqrm?)")
+            r = self.http.get(self.url + IMAGE_PATH, params=ROLE_PROBE, auth=(self.user or "", self.password or ""))
+        except self.httpx.TransportError as e:
+            raise Transient(f"cannot connect to {self.url}: {type(e).__name__} {e}") from None
+        if r.status_code == 500:
+            return
+        self._judge(Request("image", {"image_command": "(none: the role probe)"}), r)
+        raise NotOpenQrmError(f"{self.url} does not answer as openQRM 5.3 does to the role probe ({r.status_code})")
 
     def send(self, req: Request) -> None:
         """With retries and exponential backoff; the last Transient propagates. A new_image that may
@@ -273,8 +315,12 @@ class Client:
                 self.send_once(req)
                 req.maybe_delivered = False
                 return
-            except Transient:
+            except Transient as e:
                 if attempt == self.retries:
+                    if e.status == 500 and self.diagnose and not self.database_answers():
+                        raise OpenQrmDownError(
+                            f"openQRM at {self.url} fails (500) even on a request that only reads its database: its "
+                            f"database is down (or its PHP broken); {req.describe()} was not done") from None
                     raise
                 self.sleep(delay)
                 delay *= 2
@@ -308,23 +354,6 @@ class Client:
 
 def is_new_image(req: Request) -> bool:
     return req.kind == "image" and req.params.get("image_command") == "new_image"
-
-
-def image_fields(*, name: str,  # noqa: PLR0913 - keyword-only: the columns of one openQRM record
-                 rootdevice: str, storage_id: int | None, shared: bool, comment: str,
-                 arch: str | None, os_name: str | None) -> dict[str, str]:
-    """new_image's image_* parameters for an NFS-root image (openqrm-api.md)."""
-    caps = " ".join(f"{k}={v}" for k, v in (("arch", arch), ("os", os_name)) if v)
-    return {
-        "image_name": name,
-        "image_type": "nfs-deployment",
-        "image_rootdevice": rootdevice,
-        "image_rootfstype": "nfs",
-        "image_storageid": "" if storage_id is None else str(storage_id),
-        "image_isshared": "1" if shared else "0",
-        "image_comment": comment,
-        "image_capabilities": caps,
-    }
 
 
 def public(job: Job) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from .agent.manifest import Manifest, RegistrationRecord
 from .agent.protocol import FindingRecord, encode
 from .errors import ConnectError, InvalidImageError, QrmfsError, RegistrationError
 
@@ -32,8 +33,6 @@ class RegState(enum.Enum):
 
     @classmethod
     def parse(cls, value: Any) -> RegState:
-        if isinstance(value, str) and value.startswith("not registered"):
-            return cls.NOT_REGISTERED  # manifests written before schema 1
         try:
             return cls(value)
         except ValueError:
@@ -47,16 +46,16 @@ class Registration:
     error: str | None = None
     time: str | None = None          # when openQRM accepted it (UTC, ISO 8601), as recorded at that moment
     via: str | None = None           # how: "create", "clone", "flush of spool job ID", ...
+    seen: str | None = None          # what openQRM's answers showed of it, and what they cannot show (jobs.SEEN)
 
     def record(self) -> dict[str, Any]:
         """As kept in the manifest."""
         return {k: v for k, v in encode(self).items() if v is not None}
 
     @classmethod
-    def of_manifest(cls, manifest: dict[str, Any] | None) -> Registration:
-        reg = (manifest or {}).get("registration") or {}
-        return cls(RegState.parse(reg.get("state")), reg.get("spool_job"), reg.get("error"), reg.get("time"),
-                   reg.get("via"))
+    def of_manifest(cls, manifest: Manifest | None) -> Registration:
+        reg = manifest.registration if manifest is not None else RegistrationRecord()
+        return cls(RegState.parse(reg.state), reg.spool_job, reg.error, reg.time, reg.via, reg.seen)
 
     @property
     def has_record(self) -> bool:
@@ -67,8 +66,18 @@ class Registration:
         text = self.state.value.replace("_", " ")
         if self.spool_job and self.state is RegState.PENDING:
             return f"{text} (spool job {self.spool_job})"
-        known = " by ".join(x for x in (self.time, self.via) if x)
-        return f"{text} ({known})" if known and self.state is RegState.REGISTERED else text
+        known = "; ".join(x for x in (" by ".join(x for x in (self.time, self.via) if x), self.seen) if x)
+        return f"{text} ({known})" if known and self.state in (RegState.REGISTERED, RegState.DEREGISTERED) else text
+
+
+def plan_lines(registration: list[dict[str, Any]]) -> list[str]:
+    """A dry run's openQRM requests (jobs.planned), one line each."""
+    if not registration:
+        return ["  openQRM: nothing sent"]
+    return ["  openQRM (in this order):", *(
+        f"    GET {r['url']} " + (r["params"].get("image_command") or
+                                  f"event {r['params'].get('event_name')} priority {r['params'].get('event_priority')}")
+        for r in registration)]
 
 
 class Result:
@@ -136,12 +145,7 @@ class BuildPlan(Result):
             lines.append("  " + self.note)
         lines.append("  preparation:")
         lines += [f"    {s['step']}: {s['what']}" for s in self.preparation]
-        if self.registration:
-            lines.append("  registration (openQRM):")
-            lines += [f"    GET {r['url']} {r['params'].get('image_command') or r['params'].get('event_name')}"
-                      for r in self.registration]
-        else:
-            lines.append("  registration: none (-o/--only-physical)")
+        lines += plan_lines(self.registration)
         lines.append("nothing was changed")
         return "\n".join(lines)
 
@@ -157,8 +161,7 @@ class UpdatePlan(Result):
     truncated: bool
     options: dict[str, Any]
     keep_generations: int
-    registration: list[str]
-    unsent_fields: list[str]
+    registration: list[dict[str, Any]]
     dry_run: bool = True
 
     def text(self) -> str:
@@ -170,8 +173,7 @@ class UpdatePlan(Result):
             lines.append(f"  ... ({total - len(self.changes)} more)")
         lines.append(f"  the current image would become the newest earlier generation (keep_generations = "
                      f"{self.keep_generations})")
-        lines.append("  openQRM: " + (", ".join(self.registration) if self.registration else "nothing sent")
-                     + (f"; the record keeps its {', '.join(self.unsent_fields)}" if self.unsent_fields else ""))
+        lines += plan_lines(self.registration)
         lines.append("nothing was changed")
         return "\n".join(lines)
 
@@ -184,10 +186,12 @@ class RolledBack(Result):
     kept_as: str | None     # where the replaced image went
     registration: Registration
     dry_run: bool = False
+    plan: list[dict[str, Any]] = field(default_factory=list)  # dry run: the openQRM requests it would send
 
     def text(self) -> str:
         if self.dry_run:
-            return f"would roll {self.target} back to {self.to} (made {self.made}); nothing was changed"
+            return "\n".join([f"would roll {self.target} back to {self.to} (made {self.made})",
+                              *plan_lines(self.plan), "nothing was changed"])
         return (f"rolled back {self.target} to the generation made {self.made}; the replaced image is kept as "
                 f"{self.kept_as}; openQRM: {self.registration}")
 
@@ -256,10 +260,12 @@ class RemovePlan(Result):
     remove: str
     deregister: bool
     is_image: bool
+    registration: list[dict[str, Any]] = field(default_factory=list)  # the openQRM requests it would send
     dry_run: bool = True
 
     def text(self) -> str:
-        return f"would remove {self.remove}" + (" and deregister it from openQRM" if self.deregister else "")
+        return "\n".join([f"would remove {self.remove}" + (" and deregister it from openQRM" if self.deregister
+                                                           else ""), *plan_lines(self.registration)])
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from .errors import (
 )
 from .runner import CommandFailed, Runner, stop, tail
 
-AGENT_MODULES = ("fsutil", "protocol", "steps", "tree", "gens", "supervise", "main")
+AGENT_MODULES = ("fsutil", "manifest", "protocol", "steps", "tree", "gens", "supervise", "main")
 # The -c program is tiny and fixed; the loader (agent/loader.py) and the agent modules come on stdin (first JSON
 # line, with the modules' digest: the loader keeps their compiled code in the storage server's cache by it).
 BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'
@@ -148,6 +148,8 @@ class StorageSide:
         self._io = threading.Condition()
         self._at_exit = False
         self._warm: dict[bool, tuple[subprocess.Popen[bytes], threading.Thread, tuple[str, ...]]] = {}
+        self._locks: set[str] = set()  # the images whose lock the session holds
+        self._lost: str | None = None  # the session that held a lock ended: why (nothing more is sent then)
 
     # --- this run's agent session (and, over ssh, its one connection) --------------------------------------
 
@@ -231,8 +233,8 @@ class StorageSide:
         answer = slot[0]
         if answer.startswith("{"):
             return answer
-        if self._session is p:
-            self._session = None  # it ended: the next call starts another (a lock it held is gone with it)
+        if self._session is p:  # the first of its waiting requests to see it ended says so
+            self._ended(f"its agent session ended (while it waited for the answer to {req.op})")
         try:
             code = p.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -243,8 +245,25 @@ class StorageSide:
         failed = CommandFailed(("ssh",) if not self.local else ("python3",), code, stderr)
         if (code == 255 and not self.local) or "python3" in stderr:
             raise self.connect_error(failed)
+        if self._lost is not None:
+            raise StorageError(self._lost, tail(stderr or answer))
         raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} (the agent exited "
                            f"with {code})", tail(stderr or answer))
+
+    def _ended(self, why: str) -> None:
+        """The session is gone (call with self._io held). A lock it held is gone with it: the side refuses
+        every later operation that needs it (a new session would hold no lock), so the run fails there."""
+        self._session = None
+        if self._locks:
+            self._lost = (f"the storage server {self.storage.name} no longer holds the lock on "
+                          f"{', '.join(sorted(self._locks))}: {why}")
+            self._locks.clear()
+
+    def _refuse_unlocked(self, op: str) -> None:
+        """No operation runs on after the lock was lost (but for those that clean up what this run made)."""
+        lost = self._primary._lost
+        if lost is not None:
+            raise StorageError(f"{lost}; {op} is not done without it")
 
     def _mux(self) -> str | None:
         """The run's connection to share (the session's ssh, waited for if it is starting): None when there is
@@ -271,7 +290,8 @@ class StorageSide:
         self._end_warm()
         if self._primary is not self:
             return self._primary.close()
-        p, self._session = self._session, None
+        p = self._session
+        self._ended("the session was closed")
         if p is not None:
             if p.stdin is not None:
                 try:
@@ -297,6 +317,7 @@ class StorageSide:
 
     def argv(self, remote: Sequence[str], forward_agent: bool = False) -> tuple[str, ...]:
         """argv that runs `remote` on the storage server (as is, when the storage server is local)."""
+        self._refuse_unlocked(remote[0] if remote else "a command")
         if self.local:
             return tuple(remote)
         # Agent forwarding must come from this process's own agent: through the shared master only when that
@@ -329,6 +350,8 @@ class StorageSide:
         if self._primary is not self:
             return self._primary._begin(req)
         with self._io:
+            if not req.after_lost_lock:
+                self._refuse_unlocked(req.op)
             p = self._live()
             slot: list[str] = []
             with signals_deferred():  # the request is sent and awaited as one step, or neither
@@ -401,6 +424,7 @@ class StorageSide:
         Keep stdin open for as long as the command should run (Runner.stream does). pipe_to: a second command
         reading argv's stdout (protocol Run). With a warm agent of the same forward_agent (warm()), `started`
         is that agent, and stdin is the request line alone."""
+        self._refuse_unlocked(P.Run.op)
         run = P.Run(path, self.root, list(argv), holder, None if pipe_to is None else list(pipe_to))
         warm = self._warm.pop(forward_agent, None)
         if warm is not None and warm[0].poll() is not None:  # it ended while it waited: start one now
@@ -451,10 +475,19 @@ class StorageSide:
         the session ends (its stdin closes when qrmfs ends, however it ends), so a qrmfs that dies cannot leave
         a stale lock behind."""
         locked = self._call(P.Lock(path, self.root, holder))
+        self._primary._locks.add(path)
         try:
             yield locked
-        finally:
+        except BaseException:
             try:
-                self._call(P.Unlock(path, self.root))
+                self._unlock(path)
             except QrmfsError:
-                pass  # the session is gone, and the lock with it
+                pass  # the block's own error is the one to see (a lost lock failed it, or went with it)
+            raise
+        self._unlock(path)  # raises when the session died: the block's end was not seen under the lock
+
+    def _unlock(self, path: str) -> None:
+        try:
+            self._call(P.Unlock(path, self.root))
+        finally:
+            self._primary._locks.discard(path)

@@ -113,7 +113,6 @@ def parse_stats(text: str) -> dict[str, int]:
 # rsync --itemize-changes: "YXcstpoguax path" (or "*deleting path")
 ITEM = re.compile(r"^(\*deleting|[<>ch.*][fdLDS][^ ]{7,9})\s+(.*)$")
 ITEM_KIND = re.compile(r"^(?P<op>[<>ch.*])(?P<type>[fdLDS])(?P<flags>.*)$")
-CHANGE_KINDS = ("new", "changed", "metadata", "deleted")
 
 
 def parse_item(line: str) -> tuple[str, str] | None:

@@ -449,17 +449,38 @@ class Checker:
                                         "needs them unless -o is given")
             return
         o = self.cfg.openqrm
-        c = openqrm.Client(creds.url, creds.user, creds.password, timeout=o.timeout, retries=0)
+        c = openqrm.Client(creds.url, creds.user, creds.password, timeout=o.timeout, retries=0, ca_file=o.ca_file)
         try:
-            status = c.probe_credentials()
+            if not c.database_answers():
+                self.r.add("openqrm", FAIL, f"{creds.url} is openQRM's, but its PHP fails (500) on a request that "
+                                            "only reads its database: the database is down")
+                return
+            c.probe_credentials()
         except openqrm.Transient as e:
             self.r.add("openqrm", FAIL, f"{creds.url} does not answer: {e}")
             return
         except QrmfsError as e:
             self.r.add("openqrm", FAIL, e.message)
             return
-        self.r.add("openqrm", OK, f"{creds.url} answers and accepts user {creds.user!r} as an administrator "
-                                  f"(HTTP {status})")
+        self.r.add("openqrm", OK, f"{creds.url} is openQRM, its database answers, and user {creds.user!r} is an "
+                                  "administrator (shown by requests that change nothing on the server)")
+        self.record_values()
+
+    def record_values(self) -> None:
+        """The values every record needs (jobs.image_fields). openQRM 5.3 shows neither over HTTP, so they are
+        checked for presence here; docs/openqrm.md says where an operator reads them."""
+        o = self.cfg.openqrm
+        if o.deployment_id is None:
+            self.r.add("openqrm record", FAIL, "[openqrm] deployment_id is not set: records need the id of openQRM's "
+                                               "nfs-deployment type (docs/openqrm.md, \"The values a record needs\")")
+        missing = sorted(n for n, st in self.cfg.storage.items() if st.storage_id is None)
+        if missing:
+            self.r.add("openqrm record", FAIL, f"no storage_id for storage server(s) {', '.join(missing)}: records "
+                                               "need openQRM's id of each (docs/openqrm.md)")
+        if o.deployment_id is not None and not missing:
+            self.r.add("openqrm record", OK, f"image_type {o.deployment_id} and a storage_id for every storage "
+                                             "server are set (openQRM 5.3 cannot show them over HTTP: not verified "
+                                             "against the server)")
 
     def spool(self) -> None:
         sp = self.env.spool()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import argv as A
-from .. import openqrm
+from .. import jobs
 from ..agent import steps
+from ..agent.manifest import Manifest
 from ..agent.protocol import Options
 from ..agent.tree import PIN_DIR, pin_file
 from ..config import Storage
@@ -39,7 +39,7 @@ class Origin:
     """The image cloned from: its server, its agent, its manifest."""
     storage: Storage
     side: StorageSide
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def source(self, path: str) -> copyplan.Source:
         return copyplan.Source(self.storage.ssh, path, CLONE_EXCLUDES, live_root=False)
@@ -51,19 +51,20 @@ def _origin(req: CloneRequest, env: Env) -> Origin:
     env.storage(req.target)
     storage, side, info = env.existing(req.source)
     if info.manifest is None:
-        raise NotFoundError(f"{req.source} is not a qrmfs image (no .qrmfs/manifest.json)")
+        raise NotFoundError(f"{req.source} is not a qrmfs image ({info.not_image_because})")
     return Origin(storage, side, info.manifest)
 
 
 def _options(req: CloneRequest, origin: Origin) -> Options:
-    o = Options.from_dict(origin.manifest.get("options", {}))
+    o = Options.from_dict(origin.manifest.options)
     return dataclasses.replace(o, image=req.name, hostname=req.hostname, fresh_identity=True)
 
 
-def _fields(req: CloneRequest, opts: Options, origin: Origin, storage_id: int | None) -> dict[str, str]:
-    so = origin.manifest.get("options", {})
-    return openqrm.image_fields(name=req.name, rootdevice=req.target.path, storage_id=storage_id, shared=opts.shared,
-                                comment=f"qrmfs clone of {req.source}", arch=so.get("arch"), os_name=so.get("os"))
+def _fields(req: CloneRequest, opts: Options, origin: Origin, env: Env) -> dict[str, str]:
+    m = origin.manifest
+    return jobs.image_fields(env.cfg.openqrm, env.storage(req.target), name=req.name, rootdevice=req.target.path,
+                             shared=opts.shared, comment=f"qrmfs clone of {req.source}", arch=m.option("arch"),
+                             os_name=m.option("os"))
 
 
 def dry_run(req: CloneRequest, env: Env) -> BuildPlan:
@@ -86,27 +87,26 @@ def dry_run(req: CloneRequest, env: Env) -> BuildPlan:
         staging=into.path, copies=copies, note=note,
         preparation=[{"step": s.name, "what": s.what} for s in steps.STEPS],
         options=dataclasses.asdict(opts) | {"node_init": None},
-        registration=[] if req.only_physical else [
-            {"url": (req.creds.url or "?") + openqrm.IMAGE_PATH,
-             "params": openqrm.new_image(_fields(req, opts, origin, storage.storage_id)).params}])
+        registration=[] if req.only_physical else jobs.planned(req.creds.url, jobs.requests(
+            "clone", req.name, str(req.target), _fields(req, opts, origin, env))))
 
 
 def clone(req: CloneRequest, env: Env) -> Built:
     origin = _origin(req, env)
+    opts = _options(req, origin)
+    fields = None
     if not req.only_physical:
         require_registration(req.creds)
+        fields = _fields(req, opts, origin, env)  # a record openQRM could not use: refused before anything is done
         flush_spool(env, req.creds, quick=True)
-    opts = _options(req, origin)
     m = origin.manifest
     with pipeline.placement(env, req.target) as place:
         spec = pipeline.BuildSpec(
             command="clone", place=place, source=origin.source(req.source.path), source_label=f"clone of {req.source}",
             options=opts, force=req.force,
-            enroll=None if req.only_physical else pipeline.Enrollment(
-                req.creds, _fields(req, opts, origin, place.storage.storage_id)),
-            manifest={"cloned_from": {"target": str(req.source), "source": m.get("source"),
-                                      "created": m.get("created")},
-                      "options": {**m.get("options", {}), "image": req.name, "hostname": req.hostname},
-                      "excludes": m.get("excludes", [])},
+            enroll=None if fields is None else pipeline.Enrollment(req.creds, fields),
+            manifest={"cloned_from": {"target": str(req.source), "source": m.source, "created": m.created},
+                      "options": {**m.options, "image": req.name, "hostname": req.hostname},
+                      "excludes": m.excludes},
             also_lock=((origin.side, req.source.path),), origin=(req.source.path, origin.storage.export_root))
         return pipeline.build(env, spec)

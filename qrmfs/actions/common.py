@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .. import model, openqrm
-from ..agent.gens import generation_id
+from .. import jobs, model, openqrm
+from ..agent.manifest import generation_id
 from ..agent.protocol import Inspected, Locked
 from ..config import Config, Storage, _shown
 from ..errors import NotFoundError, QrmfsError, RegistrationError, UsageError
@@ -41,10 +41,6 @@ class Credentials:
     password: str | None = field(default=None, repr=False)
     source: str | None = None
     warned: bool = field(default=False, repr=False, compare=False)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.url and self.user and self.password)
 
     @property
     def auth(self) -> str | None:
@@ -186,7 +182,7 @@ class Env:
         assert creds.url
         return openqrm.Client(creds.url, creds.user, creds.password, timeout=min(o.timeout, 3) if quick else o.timeout,
                               retries=0 if quick else o.retries, backoff=o.backoff, ca_file=o.ca_file,
-                              transport=self.transport)
+                              transport=self.transport, diagnose=not quick)
 
 
 def same_image(cfg: Config, job: openqrm.Job, target: Target) -> bool:
@@ -256,14 +252,9 @@ def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
     published = any(generation_id(g.manifest) == armed or Registration.of_manifest(g.manifest).spool_job == job.id
                     for g in trees)
     if not published:
-        name = job.image
-        ev = next((r.params["event_name"] for r in job.requests if r.kind == "event"), f"create_image_{name}")
-        verb = ev.split("_", 1)[0]
         why = (f"{job.target} was never published (the run that armed it stopped first)" if exists else
                f"{job.target} was never published, or was removed since")
-        job.requests = [r for r in job.requests if r.kind == "event" and r.params.get("event_priority") == "9"]
-        job.requests += [openqrm.event(ev, 3, f"Failed to {verb} image {name}: {why}"),
-                         openqrm.event(ev, 10, f"Ended {verb} image {name}")]
+        jobs.abandon(job, why)
         env.ui.warn(f"spooled registration {job.id}: {why}; not registering it, reporting the failure instead")
     job.publish = None
     env.spool().save(job)
@@ -309,7 +300,8 @@ def record_delivery(env: Env, job: openqrm.Job, when: str) -> None:
             if manifest is None or Registration.of_manifest(manifest).spool_job != job.id:
                 env.ui.debug(f"{job.target}'s manifest does not wait for spool job {job.id}: left as it is")
                 return
-            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}")
+            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}",
+                               seen=jobs.SEEN["new_image"])
             side.manifest_update(target.path, {"registration": reg.record()})
         env.ui.step(f"recorded the registration in the manifest of {job.target}")
     except QrmfsError as e:

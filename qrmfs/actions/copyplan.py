@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import argv as A
+from ..agent.manifest import Manifest
 from ..config import Config, SshHost, Storage
 from ..errors import RefusedError
 from ..transfer import Mounts, rebase_excludes
@@ -120,12 +120,12 @@ def parts(src: Source, dest: str) -> list[tuple[str, str, list[str], str]]:
 WHOLE_LIST_MAX = 1_000_000  # entries: rsync's whole file list then stays near 45 MB at each end
 
 
-def whole_list(manifest: dict[str, Any] | None) -> bool:
+def whole_list(manifest: Manifest | None) -> bool:
     """Whether rsync, comparing the source with an image (an update, a drift check), sends its whole file list
     first (argv.rsync_argv): where the image's manifest says it holds fewer than WHOLE_LIST_MAX entries.
     Bigger trees keep rsync's incremental recursion, whose memory stays flat."""
-    files = ((manifest or {}).get("counts") or {}).get("files")
-    return isinstance(files, int) and files < WHOLE_LIST_MAX
+    files = manifest.files if manifest is not None else None
+    return files is not None and files < WHOLE_LIST_MAX
 
 
 def plan(cfg: Config, src: Source, into: Into, *, progress: bool = False, drift: bool = False,  # noqa: PLR0913

@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import openqrm
+from .. import jobs
 from ..agent import steps
 from ..agent.protocol import Options
 from ..agent.tree import PIN_DIR, pin_file
+from ..config import OpenQrm, Storage
 from ..model import Location, Route, Target
 from ..results import BuildPlan, Built
 from . import copyplan, hosts, pipeline
@@ -48,11 +49,11 @@ class CreateRequest:
         o.update(arch=self.arch, os=self.os_name, only_physical=self.only_physical, route=self.route.value)
         return o
 
-    def fields(self, storage_id: int | None) -> dict[str, str]:
-        """new_image's image_* parameters for this image on a storage server with that openQRM id."""
-        return openqrm.image_fields(name=self.name, rootdevice=self.target.path, storage_id=storage_id,
-                                    shared=self.shared, comment=self.comment or f"qrmfs image from {self.location}",
-                                    arch=self.arch, os_name=self.os_name)
+    def fields(self, oq: OpenQrm, storage: Storage) -> dict[str, str]:
+        """new_image's image_* parameters for this image on that storage server."""
+        return jobs.image_fields(oq, storage, name=self.name, rootdevice=self.target.path, shared=self.shared,
+                                 comment=self.comment or f"qrmfs image from {self.location}", arch=self.arch,
+                                 os_name=self.os_name)
 
     def source(self, env: Env) -> copyplan.Source:
         return copyplan.Source(hosts.source_host(env.cfg, self.location), self.location.path, self.excludes)
@@ -64,22 +65,20 @@ def dry_run(req: CreateRequest, env: Env) -> BuildPlan:
     into = copyplan.Into(storage, pipeline.staging_name(req.target), storage.ssh.is_local or req.route is Route.NFS,
                          pin_file(req.target.path, PIN_DIR))
     cp = copyplan.plan(env.cfg, req.source(env), into, stream=True)
-    ev = f"create_image_{req.name}"
-    regs = [] if req.only_physical else [
-        openqrm.event(ev, 9, f"Started to create image {req.name} on {req.target}"),
-        openqrm.new_image(req.fields(storage.storage_id)),
-        openqrm.event(ev, 10, f"Finished to create image {req.name} on {req.target}")]
+    regs = [] if req.only_physical else jobs.requests("create", req.name, str(req.target),
+                                                      req.fields(env.cfg.openqrm, storage))
     return BuildPlan(
         command="create", image=req.name, target=str(req.target), source=str(req.location), route=req.route.value,
         staging=into.path, copies=cp.describe(),
         note="separate filesystems mounted below the source root are detected at run time and copied too",
         preparation=[{"step": s.name, "what": s.what} for s in steps.STEPS], options=req.options_record(),
-        registration=[{"url": (req.creds.url or "?") + r.path, "params": r.params} for r in regs])
+        registration=jobs.planned(req.creds.url, regs))
 
 
 def create(req: CreateRequest, env: Env) -> Built:
     if not req.only_physical:
         require_registration(req.creds)
+        req.fields(env.cfg.openqrm, env.storage(req.target))  # a record openQRM could not use: refused first
     if req.location.host is not None and req.route is Route.SSH:
         env.forward_agent()  # the storage server pulls from the source host (a local one is never reached)
     with pipeline.placement(env, req.target, req.route) as place:
@@ -88,7 +87,8 @@ def create(req: CreateRequest, env: Env) -> Built:
         spec = pipeline.BuildSpec(
             command="create", place=place, source=req.source(env), source_label=str(req.location),
             options=req.prepare_options(), force=req.force,
-            enroll=None if req.only_physical else pipeline.Enrollment(req.creds, req.fields(place.storage.storage_id)),
+            enroll=None if req.only_physical else pipeline.Enrollment(
+                req.creds, req.fields(env.cfg.openqrm, place.storage)),
             manifest={"options": req.options_record(), "excludes": list(req.excludes), "route": req.route.value},
             discover_mounts=True)
         return pipeline.build(env, spec)

@@ -3,8 +3,7 @@ from the manifest and the spool (a registration still in the spool is pending)."
 
 from __future__ import annotations
 
-from typing import Any
-
+from ..agent.manifest import Manifest
 from ..config import Storage
 from ..errors import QrmfsError, UsageError
 from ..model import Target
@@ -12,7 +11,7 @@ from ..results import ImageRow, LeftoverRow, Listing, Registration, RegState, St
 from .common import Env, same_image
 
 
-def registration_state(manifest: dict[str, Any], pending: str | None) -> Registration:
+def registration_state(manifest: Manifest, pending: str | None) -> Registration:
     """What is known of an image's registration: its manifest's record, and a new_image of it in the spool."""
     reg = Registration.of_manifest(manifest)
     if pending:
@@ -51,12 +50,10 @@ def list_images(env: Env, storage_name: str | None) -> Listing:
             m = entry.manifest
             here = Target(s.name, entry.path)
             pending = next((j.id for j in waiting if same_image(env.cfg, j, here)), None)
-            o = m.get("options", {})
-            counts = m.get("counts", {})
             images.append(ImageRow(
-                storage=s.name, name=m.get("image"), path=entry.path, target=m.get("target", f"{s.name}:{entry.path}"),
-                bytes=counts.get("bytes"), files=counts.get("files"), created=m.get("created"), source=m.get("source"),
-                shared=bool(o.get("shared")), arch=o.get("arch"), os=o.get("os"),
-                validation=m.get("validation", {}).get("state", "unknown"), registration=registration_state(m, pending),
+                storage=s.name, name=m.image, path=entry.path, target=m.target or f"{s.name}:{entry.path}",
+                bytes=m.bytes, files=m.files, created=m.created, source=m.source,
+                shared=bool(m.option("shared")), arch=m.option("arch"), os=m.option("os"),
+                validation=m.validation_state, registration=registration_state(m, pending),
                 locked_by=entry.locked))
     return Listing(images, errors, leftovers)

@@ -35,7 +35,7 @@ def registered_elsewhere(env: Env, name: str, target: Target) -> list[str]:
         for entry in listed.images:
             ident = identity_of(s, entry.path)
             key = (ident["address"], ident["port"], entry.path)
-            if entry.manifest.get("image") != name or ident == mine or key in seen:
+            if entry.manifest.image != name or ident == mine or key in seen:
                 continue
             seen.add(key)
             reg = Registration.of_manifest(entry.manifest)

@@ -25,10 +25,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import __version__, openqrm
+from .. import __version__, jobs, openqrm
 from .. import argv as A
 from ..agent import steps
-from ..agent.gens import CRASH_ENV, SCAN_LIMIT, generation_id, prepared_change
+from ..agent.gens import CRASH_ENV, SCAN_LIMIT, prepared_change
+from ..agent.manifest import CHANGE_KINDS, Manifest, generation_id
 from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, RebaseScanned, StagedUpdate
 from ..agent.tree import siblings
 from ..config import SshHost, Storage
@@ -37,7 +38,7 @@ from ..model import Route, Target
 from ..results import Built, Registration, RegState
 from ..runner import Runner, later, tail
 from ..storage import StorageSide, Supervised, node_init_script
-from ..transfer import CHANGE_KINDS, run_rsync, run_stream
+from ..transfer import run_rsync, run_stream
 from . import copyplan, hosts, names
 from .common import Credentials, Env, claim_job, deliver, holder, iso_now
 
@@ -97,7 +98,8 @@ class BuildSpec:
     also_lock: tuple[tuple[StorageSide, str], ...] = ()
     discover_mounts: bool = False     # read the source's mount table (create from a live host)
     new_record: bool = True           # register with new_image; False (update): the record stays, events only
-    parent: dict[str, Any] | None = None  # the current image's manifest, when a new generation is made
+    replace_record: bool = False      # a new generation whose record shows options that changed: remove + new
+    parent: Manifest | None = None    # the current image's manifest, when a new generation is made
     origin: tuple[str, str] | None = None  # clone: the image copied (path, its export root); on the same server
     #                                        it is copied with cp (reflinks where they work), not rsync
 
@@ -118,7 +120,7 @@ class Run:
     rsync: list[dict[str, Any]] = field(default_factory=list)
     prepared: Prepared | None = None
     counts: dict[str, int] = field(default_factory=dict)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
     incremental: bool = False         # a new generation of the image at the target
     base_copy: dict[str, Any] = field(default_factory=dict)  # how the staging copy of the image was made
 
@@ -167,27 +169,19 @@ def build(env: Env, spec: BuildSpec) -> Built:
         return _result(env, run, published, _register(env, run))
 
 
-# new_image fields that follow from an image's options: a new generation leaves its openQRM record as it is
-RECORD_FIELDS = {"shared": "image_isshared", "arch": "image_capabilities", "os": "image_capabilities"}
-
-
-def record_fields_changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """openQRM fields that differ between two images' options (manifest "options"), which the record keeps."""
-    return sorted({f for k, f in RECORD_FIELDS.items() if k in new and old.get(k) != new.get(k)})
-
-
-def _as_new_generation(env: Env, spec: BuildSpec, current: dict[str, Any] | None) -> BuildSpec:
+def _as_new_generation(env: Env, spec: BuildSpec, current: Manifest | None) -> BuildSpec:
     """An image that exists (update, create --force) gets a new generation, and keeps its openQRM record when it
-    has one: the same name and root device, so only the events are sent; openQRM's update_image would need the
-    record's image_id, which qrmfs cannot learn. A field that would change is named, never sent elsewhere."""
+    has one: the same name and root device, so only the events are sent, unless an option the record shows
+    (--shared, -a, --operation-system) changed: then the record is replaced (remove_by_name, new_image), as
+    openQRM's update_image needs the record's image_id, which no answer of openQRM shows."""
     keeps = Registration.of_manifest(current).has_record
+    changed = jobs.record_fields_changed(current.options if current else {}, spec.manifest.get("options", {}))
     # the manifest read under the lock: a flush before it may have recorded a delivery since the caller read it
     spec = dataclasses.replace(spec, parent=current if current is not None else spec.parent,
-                               new_record=spec.new_record and not keeps)
-    if spec.enroll and keeps:
-        for f in record_fields_changed((current or {}).get("options", {}), spec.manifest.get("options", {})):
-            env.ui.warn(f"openQRM's record keeps its {f}: qrmfs cannot send update_image without the record's "
-                        "image_id")
+                               new_record=spec.new_record and not keeps,
+                               replace_record=bool(spec.enroll and keeps and changed))
+    if spec.replace_record:
+        env.ui.step(f"openQRM's record of {spec.name} is replaced: its {', '.join(changed)} changes")
     return spec
 
 
@@ -205,12 +199,8 @@ def _open_job(spec: BuildSpec) -> openqrm.Job | None:
     if not spec.enroll:
         return None
     assert spec.enroll.creds.url
-    return openqrm.Job(spec.enroll.creds.url, spec.enroll.creds.user, spec.name, str(spec.place.target), [
-        _event(spec, 9, f"Started to {spec.command} image {spec.name} on {spec.place.target}")])
-
-
-def _event(spec: BuildSpec, priority: int, text: str) -> openqrm.Request:
-    return openqrm.event(f"{spec.command}_image_{spec.name}", priority, text)
+    return jobs.job(spec.enroll.creds.url, spec.enroll.creds.user, spec.command, spec.name, str(spec.place.target),
+                    [jobs.started(spec.command, spec.name, str(spec.place.target))])
 
 
 def _lock(env: Env, run: Run, held: ExitStack) -> None:
@@ -478,10 +468,9 @@ def _fresh_host_keys(env: Env, run: Run) -> None:
     env.runner.run(run.side.argv(("sh", "-c", script, "sh", run.staging)), timeout=120)
 
 
-def prepared_paths(manifest: dict[str, Any] | None) -> frozenset[str]:
-    """The paths an image's preparation changed on purpose (its manifest's fixes): they differ from the source
-    in every generation, so they are no change of the source (update counts, drift)."""
-    return frozenset(f["path"] for f in (manifest or {}).get("preparation", {}).get("fixed", []) if f.get("path"))
+def prepared_paths(manifest: Manifest | None) -> frozenset[str]:
+    """Manifest.prepared_paths; none without a manifest."""
+    return manifest.prepared_paths if manifest is not None else frozenset()
 
 
 def _iso(t: float) -> str:
@@ -496,7 +485,7 @@ def _write_manifest(run: Run) -> None:
     spec, place = run.spec, run.spec.place
     assert run.plan is not None and run.prepared is not None
     left = run.prepared.left
-    run.manifest = {
+    run.manifest = Manifest.new({
         **spec.manifest,
         "qrmfs_version": __version__, "image": spec.name, "target": str(place.target), "path": place.target.path,
         "storage": place.storage.name, "storage_id": place.storage.storage_id, "source": spec.source_label,
@@ -510,12 +499,12 @@ def _write_manifest(run: Run) -> None:
         "registration": _registration_record(run),
         "validation": {"state": "clean" if not left else "problems", "findings": _findings(left),
                        "time": _iso(time.time())},
-    }
+    })
     run.side.write_manifest(place.path, run.staging, run.manifest)
 
 
 def _registration_record(run: Run) -> dict[str, Any]:
-    if run.incremental and not run.spec.new_record:
+    if run.incremental and not (run.spec.new_record or run.spec.replace_record):
         # a new generation of an image with a record: the record is as it was (its events, if any, are no
         # registration; a new_image still waiting in the spool stays named, so its flush records the delivery)
         return Registration.of_manifest(run.spec.parent).record()
@@ -559,8 +548,8 @@ def _records(run: Run) -> list[openqrm.Request]:
     remove (remove_by_name would hit the record of another path's image of that name)."""
     spec = run.spec
     assert spec.enroll
-    record = [openqrm.new_image(spec.enroll.fields)] if spec.new_record else []
-    return [*record, _event(spec, 10, f"Finished to {spec.command} image {spec.name} on {spec.place.target}")]
+    fields = spec.enroll.fields if spec.new_record or spec.replace_record else None
+    return jobs.closing(spec.command, spec.name, str(spec.place.target), fields, spec.replace_record)
 
 
 def _arm(env: Env, run: Run) -> None:
@@ -571,7 +560,8 @@ def _arm(env: Env, run: Run) -> None:
     if not (job and spec.enroll):
         return
     job.requests += _records(run)
-    job.publish = {"generation": run.manifest["generation"]["id"]}
+    assert run.manifest is not None
+    job.publish = {"generation": run.manifest.generation_id}
     claim_job(env, job)
     env.spool().save(job)
 
@@ -588,11 +578,8 @@ def _report_failure(env: Env, run: Run, e: BaseException) -> None:
                         "reports the failure if it is not")
             return
         # armed, but surely not published: nothing of the registration may be sent
-        run.job.requests = [r for r in run.job.requests if r.kind == "event" and r.params["event_priority"] == "9"]
         run.job.publish = None
-    msg = e.message if isinstance(e, QrmfsError) else type(e).__name__
-    run.job.requests += [_event(spec, 3, f"Failed to {spec.command} image {spec.name}: {msg}"),
-                         _event(spec, 10, f"Ended {spec.command} image {spec.name}")]
+    jobs.abandon(run.job, e.message if isinstance(e, QrmfsError) else type(e).__name__)
     deliver(env, spec.enroll.creds, run.job, quick=True)
 
 
@@ -618,6 +605,7 @@ def _register(env: Env, run: Run) -> Registration:
         job.requests += _records(run)
     job.publish = None  # published: from now on it may be sent
     crash_point("register")
+    saw = jobs.seen(job.requests)
     try:
         why = deliver(env, spec.enroll.creds, job)
     except QrmfsError as e:
@@ -625,13 +613,15 @@ def _register(env: Env, run: Run) -> Registration:
         e.message += (f"; the image is created and its registration waits in the spool (job {job.id}): "
                       "fix the cause and run `qrmfs flush`")
         raise
-    if not spec.new_record:  # a new generation sent only its events: the record stays as it was
+    if not (spec.new_record or spec.replace_record):  # a new generation sent only its events: the record stays
         reg = Registration.of_manifest(spec.parent)
-        if why is not None:
+        if why is None:
+            env.ui.step(f"sent {spec.name}'s events to openQRM at {spec.enroll.creds.url}: {saw}")
+        else:
             env.ui.warn(f"openQRM did not answer ({why}): the {spec.command}'s events wait in the spool")
     elif why is None:
-        reg = Registration(RegState.REGISTERED, time=iso_now(), via=spec.command)
-        env.ui.step(f"registered {spec.name} with openQRM at {spec.enroll.creds.url}")
+        reg = Registration(RegState.REGISTERED, time=iso_now(), via=spec.command, seen=saw)
+        env.ui.step(f"sent {spec.name}'s registration to openQRM at {spec.enroll.creds.url}: {saw}")
     else:
         reg = Registration(RegState.PENDING, job.id)
         env.ui.warn(f"openQRM did not answer ({why}): the image is created and its registration waits in the "
@@ -646,11 +636,11 @@ def _record(run: Run, reg: Registration) -> None:
 
 
 def _result(env: Env, run: Run, published: Published, reg: Registration) -> Built:
-    spec = run.spec
-    assert run.plan is not None and run.prepared is not None
+    spec, m = run.spec, run.manifest
+    assert run.plan is not None and run.prepared is not None and m is not None
     return Built(command=spec.command, image=spec.name, target=str(spec.place.target), source=spec.source_label,
-                 route=run.manifest["route"], files=run.counts["files"], bytes=run.counts["bytes"],
+                 route=m.route or Route.SSH.value, files=run.counts["files"], bytes=run.counts["bytes"],
                  replaced=published.replaced, previous=published.previous,
-                 preparation_fixed=len(run.prepared.fixed), validation=run.manifest["validation"]["state"],
+                 preparation_fixed=len(run.prepared.fixed), validation=m.validation_state,
                  registration=reg, warnings=list(env.ui.warnings),
-                 changes=dict(run.manifest["generation"]["changes"]))
+                 changes=dict(m.changes or {}))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import openqrm
+from .. import jobs, openqrm
 from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
@@ -33,17 +33,13 @@ class RemoveRequest:
     creds: Credentials = field(default_factory=lambda: Credentials(None, None))
 
 
-def _arm_deregistration(env: Env, req: RemoveRequest) -> openqrm.Job:
+def _arm_deregistration(env: Env, req: RemoveRequest, requests: list[openqrm.Request]) -> openqrm.Job:
     """Write-ahead, before anything is deleted: the deregistration goes into the spool, bound to the image's
     removal and claimed by this process. Killed during the remove or after it, the next flush sends it once the
     image is gone (a remove that started is finished by the image's next lock), or drops it when the image is
     still there: the openQRM record goes exactly when the image does."""
     assert req.creds.url
-    name = req.target.name
-    job = openqrm.Job(req.creds.url, req.creds.user, name, str(req.target), [
-        openqrm.event(f"remove_image_{name}", 9, f"Started to remove image {name} from {req.target}"),
-        openqrm.remove_by_name(name),
-        openqrm.event(f"remove_image_{name}", 10, f"Finished to remove image {name} from {req.target}")])
+    job = jobs.job(req.creds.url, req.creds.user, "remove", req.target.name, str(req.target), requests)
     job.auth = req.creds.auth
     job.storage = storage_identity(env.cfg, job.target)
     job.publish = {"removal": str(req.target)}
@@ -73,19 +69,22 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
     _storage, side, info = env.existing(req.target)
     manifest = info.manifest
     if manifest is None and not req.force:
-        raise RefusedError(f"{req.target} is not a qrmfs image (no .qrmfs/manifest.json); "
+        raise RefusedError(f"{req.target} is not a qrmfs image ({info.not_image_because}); "
                            "use --force to remove it anyway")
     registered = manifest is None or Registration.of_manifest(manifest).state is not RegState.NOT_REGISTERED
     deregister = registered and not req.only_physical
     if deregister:
         require_registration(req.creds)
-    what = f"{req.target}" + (f" ({manifest['counts']['files']} files, {manifest['counts']['bytes'] / 2**20:.0f} MiB)"
-                              if manifest and "counts" in manifest else " (NOT a qrmfs image)")
+    size = "" if manifest is None or manifest.bytes is None else \
+        f" ({manifest.files} files, {manifest.bytes / 2**20:.0f} MiB)"
+    what = f"{req.target}" + (" (NOT a qrmfs image)" if manifest is None else size)
+    name, target = req.target.name, str(req.target)
+    requests = jobs.requests("remove", name, target, None, replace=True) if deregister else []
     if req.dry_run:
-        return RemovePlan(str(req.target), deregister, manifest is not None)
+        return RemovePlan(target, deregister, manifest is not None, jobs.planned(req.creds.url, requests))
     if not req.yes and not confirm(f"remove {what}" + (" and deregister it from openQRM" if deregister else "")):
         raise AbortedError("nothing removed")
-    job = _arm_deregistration(env, req) if deregister else None
+    job = _arm_deregistration(env, req, requests) if deregister else None
     try:
         with env.locked(side, req.target.path, "remove", req.target.name):
             side.remove(req.target.path, req.force)
@@ -103,7 +102,7 @@ def remove(req: RemoveRequest, env: Env, confirm: Callable[[str], bool]) -> Remo
     flush_spool(env, req.creds, quick=True)
     why = deliver(env, req.creds, job)
     if why is None:
-        return Removed(str(req.target), Registration(RegState.DEREGISTERED))
+        return Removed(str(req.target), Registration(RegState.DEREGISTERED, seen=jobs.SEEN["remove_by_name"]))
     env.ui.warn(f"openQRM did not answer ({why}): the deregistration waits in the spool; it is delivered "
                 "at the next qrmfs run, or now with `qrmfs flush`")
     return Removed(str(req.target), Registration(RegState.PENDING, job.id))

@@ -5,10 +5,11 @@ current image, then rsync --delete, then the preparation), published by the agen
 the nodes' state along. The source and options default to those in the image's manifest; what is given
 overrides them and is recorded. rollback makes the newest earlier generation current again, the same way.
 
-openQRM: the image's record stays as it is (same name, same root device). openQRM's update_image needs an
-image_id that qrmfs cannot learn (openQRM answers with a status only), and an update changes none of the
-record's fields unless options that openQRM shows are overridden; those are reported as not sent. So an
-update or rollback sends only its events (priority 9 and 10), through the spool, never a new_image.
+openQRM: the image's record stays as it is (same name, same root device), so an update or rollback of a
+registered image sends its events (priority 9 and 10) through the spool; only when an option the record shows
+changes (--shared, -a, --operation-system; or the generation rolled back to had others) is the record replaced:
+remove_by_name, then new_image, as openQRM's update_image needs the record's image_id, which no answer shows.
+The requests are built in jobs.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import openqrm
+from .. import jobs, openqrm
+from ..agent.manifest import Manifest
 from ..errors import NotFoundError, RefusedError, UsageError
 from ..model import Location, Route, Target
+from ..options import IMAGE_OPTIONS, OPTION
 from ..results import (
     Built,
     GenerationListing,
@@ -32,14 +35,10 @@ from ..results import (
 )
 from ..transfer import change_kind
 from . import pipeline
-from .common import Credentials, Env, deliver, flush_spool, holder, require_registration
+from .common import Credentials, Env, deliver, flush_spool, holder, iso_now, require_registration
 from .create import CreateRequest
 from .listing import list_images
 from .validate import changes_from_source
-
-# options of the manifest an update may override: (manifest key, UpdateRequest field)
-OPTION_KEYS = ("excludes", "private_add", "private_exclude", "keep_services", "keep_network", "hostname",
-               "shared", "arch", "os")
 
 
 @dataclass(frozen=True)
@@ -53,47 +52,54 @@ class UpdateRequest:
     creds: Credentials = field(default_factory=lambda: Credentials(None, None))
 
 
-def _current(env: Env, target: Target) -> dict[str, Any]:
+def _current(env: Env, target: Target) -> Manifest:
     _storage, _side, info = env.existing(target)
     if info.manifest is None:
-        raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json): nothing to update")
+        raise RefusedError(f"{target} is not a qrmfs image ({info.not_image_because}): nothing to update")
     return info.manifest
 
 
-def _registered(manifest: dict[str, Any]) -> bool:
+def _registered(manifest: Manifest) -> bool:
     return Registration.of_manifest(manifest).has_record
 
 
-def create_request(req: UpdateRequest, manifest: dict[str, Any]) -> CreateRequest:
+def create_request(req: UpdateRequest, manifest: Manifest) -> CreateRequest:
     """What a fresh create of this image with the recorded (or overridden) source and options would be."""
-    o = {**manifest.get("options", {}), **req.overrides}
+    o = {**manifest.options, **req.overrides}
     if req.location is not None:
         loc = req.location
     else:
         try:
-            loc = Location.parse(str(manifest.get("source", "")))
+            loc = Location.parse(manifest.source or "")
         except UsageError:
-            raise UsageError(f"{req.target} records no source qrmfs can pull from ({manifest.get('source')!r}); "
+            raise UsageError(f"{req.target} records no source qrmfs can pull from ({manifest.source!r}); "
                              "give -l/--location") from None
-    route = req.route or Route(o.get("route") or manifest.get("route") or Route.SSH.value)
-    return CreateRequest(
-        name=req.target.name, target=req.target, location=loc, only_physical=req.only_physical,
-        excludes=tuple(o.get("excludes") or ()), private_add=tuple(o.get("private_add") or ()),
-        private_exclude=tuple(o.get("private_exclude") or ()), arch=o.get("arch"), os_name=o.get("os"),
-        keep_services=bool(o.get("keep_services", True)), keep_network=bool(o.get("keep_network", False)),
-        hostname=o.get("hostname"), shared=bool(o.get("shared")), force=True, route=route, creds=req.creds)
+    # the route: given, else recorded in the options, else where a manifest before the options had it
+    route = req.route or Route(o.get("route") or manifest.route or OPTION["route"].default)
+    return CreateRequest(name=req.target.name, target=req.target, location=loc, only_physical=req.only_physical,
+                         force=True, route=route, creds=req.creds,
+                         **{opt.name: opt.recorded(o) for opt in IMAGE_OPTIONS if opt.name != "route"})
 
 
-def _unsent_fields(req: UpdateRequest, manifest: dict[str, Any]) -> list[str]:
-    """openQRM fields an override changes, which the record keeps (no image_id to send update_image with)."""
-    return pipeline.record_fields_changed(manifest.get("options", {}), req.overrides)
-
-
-def _events_only(req: UpdateRequest, manifest: dict[str, Any], env: Env) -> pipeline.Enrollment | None:
-    if req.only_physical or not _registered(manifest):
+def _enrollment(creds: Credentials, only_physical: bool, manifest: Manifest, target: Target,
+                made: Manifest, env: Env) -> pipeline.Enrollment | None:
+    """A registered image's record as the image `made` (its options and source) has it; sent only if what the
+    record shows differs from the current image's (_changes)."""
+    if only_physical or not _registered(manifest):
         return None
-    require_registration(req.creds)
-    return pipeline.Enrollment(req.creds, {})
+    return pipeline.Enrollment(creds, jobs.image_fields(
+        env.cfg.openqrm, env.storage(target), name=target.name, rootdevice=target.path,
+        shared=bool(made.option("shared")), comment=f"qrmfs image from {made.source}", arch=made.option("arch"),
+        os_name=made.option("os")))
+
+
+def _changes(manifest: Manifest, made: Manifest) -> bool:
+    return bool(jobs.record_fields_changed(manifest.options, made.options))
+
+
+def _made(creq: CreateRequest) -> Manifest:
+    """What the manifest of the image an update makes has of what its record follows."""
+    return Manifest.new({"options": creq.options_record(), "source": str(creq.location)})
 
 
 def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
@@ -102,30 +108,32 @@ def update(req: UpdateRequest, env: Env) -> Built | UpdatePlan:
     creq = create_request(req, manifest)
     if req.dry_run:
         return _dry_run(req, env, manifest, creq)
-    enroll = _events_only(req, manifest, env)
+    enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, _made(creq), env)
     if enroll:
+        require_registration(req.creds)
         flush_spool(env, req.creds, quick=True)
     with pipeline.placement(env, req.target, creq.route) as place:
         spec = pipeline.BuildSpec(
             command="update", place=place, source=creq.source(env), source_label=str(creq.location),
             options=creq.prepare_options(), force=True, enroll=enroll,
-            manifest={"options": {**creq.options_record(), "only_physical": manifest.get("options", {}).get(
-                "only_physical", False)}, "excludes": list(creq.excludes), "route": creq.route.value},
+            manifest={"options": {**creq.options_record(), "only_physical": manifest.option("only_physical", False)},
+                      "excludes": list(creq.excludes), "route": creq.route.value},
             discover_mounts=True, new_record=False, parent=manifest)
         return pipeline.build(env, spec)
 
 
-def _dry_run(req: UpdateRequest, env: Env, manifest: dict[str, Any], creq: CreateRequest) -> UpdatePlan:
+def _dry_run(req: UpdateRequest, env: Env, manifest: Manifest, creq: CreateRequest) -> UpdatePlan:
     """What the update would change: rsync's itemized dry run from the source into the current image, with the
     update's excludes; the paths the preparation changes on purpose are left out. Nothing is written."""
+    enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, _made(creq), env)
     changes = changes_from_source(env, env.storage(req.target), req.target, creq.location, creq.excludes, manifest)
     counts = Counter(change_kind(c["change"]) for c in changes)
     return UpdatePlan(image=req.target.name, target=str(req.target), source=str(creq.location),
                       counts=dict(sorted(counts.items())), changes=changes[:200], truncated=len(changes) > 200,
                       options=creq.options_record(), keep_generations=env.cfg.keep_generations,
-                      registration=[] if not _registered(manifest) or req.only_physical else
-                      [f"event update_image_{req.target.name} (9, 10)"],
-                      unsent_fields=_unsent_fields(req, manifest))
+                      registration=[] if enroll is None else jobs.planned(req.creds.url, jobs.requests(
+                          "update", req.target.name, str(req.target), enroll.fields,
+                          _changes(manifest, _made(creq)))))
 
 
 @dataclass(frozen=True)
@@ -144,35 +152,45 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
     if not gens:
         raise NotFoundError(f"{req.target} has no earlier generation to roll back to")
     to = gens[0]
+    name, target = req.target.name, str(req.target)
+    # the record as the generation rolled back to has it: replaced if what it shows differs
+    back = to.manifest
+    assert back is not None
+    enroll = _enrollment(req.creds, req.only_physical, manifest, req.target, back, env)
+    closing = [] if enroll is None else jobs.closing("rollback", name, target, enroll.fields,
+                                                     _changes(manifest, back))
     if req.dry_run:
-        return RolledBack(str(req.target), to.path, _made(to.manifest), None, Registration(RegState.NOT_REGISTERED),
-                          dry_run=True)
-    enroll = _events_only(UpdateRequest(req.target, only_physical=req.only_physical, creds=req.creds), manifest, env)
-    name = req.target.name
+        plan = [] if enroll is None else [jobs.started("rollback", name, target), *closing]
+        return RolledBack(target, to.path, _when(to.manifest), None, Registration.of_manifest(manifest),
+                          dry_run=True, plan=jobs.planned(req.creds.url, plan))
     job = None
     if enroll:
         assert req.creds.url
+        require_registration(req.creds)
         flush_spool(env, req.creds, quick=True)
-        job = openqrm.Job(req.creds.url, req.creds.user, name, str(req.target), [
-            openqrm.event(f"rollback_image_{name}", 9, f"Started to roll back image {name} on {req.target}")])
+        job = jobs.job(req.creds.url, req.creds.user, "rollback", name, target,
+                       [jobs.started("rollback", name, target)])
         deliver(env, req.creds, job, quick=True)
     with side.lock(req.target.path, holder("rollback", name)):
         swapped = side.rollback(req.target.path, env.cfg.keep_generations)
-    env.ui.step(f"rolled back {req.target} to the generation made {_made(to.manifest)}; the replaced one is kept "
+    env.ui.step(f"rolled back {req.target} to the generation made {_when(to.manifest)}; the replaced one is kept "
                 f"as {swapped.generation}")
     reg = Registration(RegState.NOT_REGISTERED) if not _registered(manifest) else Registration.of_manifest(manifest)
     if job is not None:
-        job.requests.append(openqrm.event(f"rollback_image_{name}", 10,
-                                          f"Finished to roll back image {name} on {req.target}"))
+        job.requests += closing
+        saw = jobs.seen(closing)
         why = deliver(env, req.creds, job)
-        reg = Registration(RegState.REGISTERED) if why is None else Registration(RegState.PENDING, job.id)
         if why is not None:
-            env.ui.warn(f"openQRM did not answer ({why}): the rollback's events wait in the spool")
-    return RolledBack(str(req.target), to.path, _made(to.manifest), swapped.generation, reg)
+            reg = Registration(RegState.PENDING, job.id)
+        elif any(openqrm.is_new_image(r) for r in closing):
+            reg = Registration(RegState.REGISTERED, time=iso_now(), via="rollback", seen=saw)
+        if why is not None:
+            env.ui.warn(f"openQRM did not answer ({why}): the rollback's requests wait in the spool")
+    return RolledBack(target, to.path, _when(to.manifest), swapped.generation, reg)
 
 
-def _made(m: dict[str, Any] | None) -> str:
-    return str((m or {}).get("finished") or (m or {}).get("created") or "?")
+def _when(m: Manifest | None) -> str:
+    return (m.made if m is not None else None) or "?"
 
 
 def generations(env: Env, target: Target) -> Generations:
@@ -182,13 +200,11 @@ def generations(env: Env, target: Target) -> Generations:
         raise RefusedError(f"{target} is not a qrmfs image (no .qrmfs/manifest.json)")
     rows = []
     for g in listed.generations:
-        m = g.manifest or {}
-        gen = m.get("generation") or {}
+        m = g.manifest or Manifest.new({})
         rows.append(GenerationRow(
-            path=g.path, role=g.role, seq=g.seq, made=_made(m), made_by=gen.get("made_by") or m.get("created_by"),
-            source=m.get("source"), changes=gen.get("changes"), base_copy=(gen.get("base_copy") or {}).get("method"),
-            files=(m.get("counts") or {}).get("files"), bytes=(m.get("counts") or {}).get("bytes"), cost=g.cost,
-            id=gen.get("id")))
+            path=g.path, role=g.role, seq=g.seq, made=_when(g.manifest), made_by=m.made_by, source=m.source,
+            changes=m.changes, base_copy=m.base_copy_method, files=m.files, bytes=m.bytes, cost=g.cost,
+            id=m.generation_id))
     return Generations(str(target), rows, listed.journal)
 
 

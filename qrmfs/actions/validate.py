@@ -8,8 +8,9 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from ..agent.manifest import PATH as manifest_path
+from ..agent.manifest import Manifest
 from ..agent.protocol import Checked, FindingRecord, Options
 from ..config import Storage
 from ..model import Location, Target
@@ -22,7 +23,7 @@ from .common import Env
 from .pipeline import prepared_options, prepared_paths
 
 DRIFT_SHOWN = 200
-MANIFEST = "/.qrmfs/manifest.json"
+MANIFEST = "/" + manifest_path
 
 
 @dataclass(frozen=True)
@@ -33,25 +34,24 @@ class ValidateRequest:
     location: Location | None = None
 
 
-def _manifest_findings(req: ValidateRequest, manifest: dict[str, Any] | None) -> list[FindingRecord]:
+def _manifest_findings(req: ValidateRequest, manifest: Manifest | None) -> list[FindingRecord]:
     if manifest is None:
         return [FindingRecord("manifest", MANIFEST, "missing: not made by qrmfs, or damaged (remove and create again)",
                               False)]
     out = []
-    for key, want in (("image", req.target.name), ("path", req.target.path)):
-        if manifest.get(key) != want:
-            out.append(FindingRecord("manifest", MANIFEST, f"{key} is {manifest.get(key)!r}, the tree is {want!r}",
-                                     True))
+    for key, have, want in (("image", manifest.image, req.target.name), ("path", manifest.path, req.target.path)):
+        if have != want:
+            out.append(FindingRecord("manifest", MANIFEST, f"{key} is {have!r}, the tree is {want!r}", True))
     for key in ("options", "rsync", "counts", "source"):
-        if key not in manifest:
+        if not manifest.has(key):
             out.append(FindingRecord("manifest", MANIFEST, f"has no {key!r}", False))
     return out
 
 
-def options_of(name: str, manifest: dict[str, Any] | None) -> Options:
+def options_of(name: str, manifest: Manifest | None) -> Options:
     """The options an image was prepared with. Without a manifest they are unknown: check and fix only what holds
     for every image (keep its network configuration and services as they are)."""
-    known = manifest.get("options", {}) if manifest else {"keep_network": True, "keep_services": True}
+    known = manifest.options if manifest else {"keep_network": True, "keep_services": True}
     return prepared_options(Options.from_dict({**known, "image": name}))
 
 
@@ -63,22 +63,22 @@ def validate(req: ValidateRequest, env: Env) -> Validated:
         return _validate(req, env, info.manifest)
     if req.fix:
         result = _validate(req, env, info.manifest)
-        return dataclasses.replace(result, drift=_drift(env, req, storage, info.manifest or {}))
+        return dataclasses.replace(result, drift=_drift(env, req, storage, info.manifest))
     # read-only: the agent checks the image while rsync's dry run compares it with the source
     checks: list[Callable[[], Checked]] = []
     opts = options_of(req.target.name, info.manifest)
-    drift = _drift(env, req, storage, info.manifest or {},
+    drift = _drift(env, req, storage, info.manifest,
                    alongside=lambda: checks.append(side.check_later(req.target.path, opts)))
     findings = _manifest_findings(req, info.manifest) + checks[0]().findings
     return Validated(req.target.name, str(req.target), findings, drift=drift)
 
 
-def _validate(req: ValidateRequest, env: Env, manifest: dict[str, Any] | None) -> Validated:
+def _validate(req: ValidateRequest, env: Env, manifest: Manifest | None) -> Validated:
     side = env.side(env.storage(req.target))
     opts = options_of(req.target.name, manifest)
     path = req.target.path
 
-    def findings(m: dict[str, Any] | None) -> list[FindingRecord]:
+    def findings(m: Manifest | None) -> list[FindingRecord]:
         return _manifest_findings(req, m) + side.check(path, opts).findings
 
     before = findings(manifest)
@@ -102,17 +102,17 @@ def _validate(req: ValidateRequest, env: Env, manifest: dict[str, Any] | None) -
     return Validated(req.target.name, str(req.target), after, fix=True, fixed=fixed, findings_before_fix=before)
 
 
-def _drift(env: Env, req: ValidateRequest, storage: Storage, manifest: dict[str, Any],
+def _drift(env: Env, req: ValidateRequest, storage: Storage, manifest: Manifest | None,
            alongside: Callable[[], object] | None = None) -> Drift:
     """What differs between the source now and the image."""
     assert req.location is not None
-    changes = changes_from_source(env, storage, req.target, req.location, manifest.get("excludes", []), manifest,
-                                  alongside)
+    excludes = manifest.excludes if manifest else []
+    changes = changes_from_source(env, storage, req.target, req.location, excludes, manifest, alongside)
     return Drift(str(req.location), len(changes), changes[:DRIFT_SHOWN], len(changes) > DRIFT_SHOWN)
 
 
 def changes_from_source(env: Env, storage: Storage, target: Target, location: Location,  # noqa: PLR0913
-                        excludes: Sequence[str], manifest: dict[str, Any],
+                        excludes: Sequence[str], manifest: Manifest | None,
                         alongside: Callable[[], object] | None = None) -> list[dict[str, str]]:
     """What rsync would change in the image to make it the source now (--dry-run --itemize-changes --delete;
     drift for validate -l, the plan of update --dry-run), without the image's own /.qrmfs and the paths the

@@ -45,6 +45,7 @@ from .fsutil import (
     unchangeable,
     write_file,
 )
+from .manifest import CHANGE_KINDS, generation_id
 from .protocol import AgentError, ErrorKind
 from .tree import (
     _check_under,
@@ -84,13 +85,6 @@ def _next_generation(path: str) -> str:
     return siblings(path).gen_prefix + str(max(seqs, default=0) + 1)
 
 
-def generation_id(manifest: dict[str, Any] | None) -> str | None:
-    g = (manifest or {}).get("generation") or {}
-    return g.get("id") if isinstance(g, dict) else None
-
-
-def _is_generation(path: str, d: str) -> bool:
-    return any(g == d for _, g in generations(path))
 
 
 # --- the journaled publish -------------------------------------------------------------------------------
@@ -207,7 +201,7 @@ def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT) -> 
     new_id = generation_id(m)
     if new_id is None:  # a generation made before generation ids: give it one (its manifest, by replace)
         new_id = os.urandom(8).hex()
-        m["generation"] = {"id": new_id}
+        m = m.patched({"generation": {**m.generation, "id": new_id}})
         write_manifest(incoming, m)
     # node state a node made strange, or that the agent's user may not move, is refused before the journal
     # commits the publish (which would then fail at every lock)
@@ -339,10 +333,10 @@ def _recycle(spare: str, staging: str) -> dict[str, Any]:
     """The spare becomes the staging copy, without its /.qrmfs (a manifest is written anew, node state moves in
     at publish): what it was. A crash from here on leaves a staging copy, which the next lock removes like
     any."""
-    m = read_manifest(spare) or {}
+    m = read_manifest(spare)
     os.rename(spare, staging)  # onto the empty staging directory, which it replaces
     remove(os.path.join(staging, ".qrmfs"))
-    return {"generation": generation_id(m), "made": m.get("finished") or m.get("created")}
+    return {"generation": generation_id(m), "made": m.made if m is not None else None}
 
 
 SCAN_LIMIT = 100_000  # paths a scan (or rsync's items) may name before the count walks the whole trees instead
@@ -423,7 +417,7 @@ def _differences(path: str, staging: str, share: int, shares: int, xattrs: bool 
 
 def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, shares: int) -> dict[str, int]:
     """op_rebase's counts for the differences that fall to `share` of `shares` (see _differences)."""
-    counts = {"new": 0, "changed": 0, "metadata": 0, "deleted": 0}
+    counts = dict.fromkeys(CHANGE_KINDS, 0)
     for kind, r in _differences(path, staging, share, shares, xattrs=True):
         _tally(counts, kind, r, path, staging, done)
     return counts
@@ -453,7 +447,7 @@ def _recount(path: str, staging: str, done: frozenset[str], candidates: list[str
     """op_rebase's counts, comparing only the candidate paths (with the entries below a new or deleted one).
     A candidate below an entry that is not a directory in both trees stands for that entry, as the whole walk
     would not go below it."""
-    counts = {"new": 0, "changed": 0, "metadata": 0, "deleted": 0}
+    counts = dict.fromkeys(CHANGE_KINDS, 0)
     both: dict[str, bool] = {}
     handled: set[str] = set()
 

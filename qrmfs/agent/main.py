@@ -13,6 +13,7 @@ from typing import Any
 
 from . import fsutil, gens, steps, supervise, tree
 from . import protocol as P
+from .manifest import ManifestError
 from .protocol import AgentError, ErrorKind
 
 
@@ -139,6 +140,8 @@ def _answer(fn: Callable[[], Any]) -> str:
         return P.ok_line(fn())
     except AgentError as e:
         return P.error_line(e.kind, str(e))
+    except ManifestError as e:
+        return P.error_line(ErrorKind.NOT_IMAGE, str(e))
     except (fsutil.Mounted, fsutil.InUse, fsutil.Planted) as e:
         return P.error_line(ErrorKind.REFUSED, str(e))
     except OSError as e:

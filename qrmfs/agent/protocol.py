@@ -25,6 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from .manifest import Manifest, ManifestError
+
 FAILED = 3  # the agent's exit code after an error answer
 STOPPED = 125  # `run`: the agent did not start the command, or stopped it (the reason is on stderr)
 # Where an update keeps the generation it prunes as the image's spare, the next update's start (gens.prune):
@@ -107,7 +109,13 @@ class Inspected:
     parent_exists: bool
     previous: bool
     free_bytes: int
-    manifest: dict[str, Any] | None
+    manifest: Manifest | None
+    manifest_error: str | None = None  # a manifest is there but cannot be read: why (then manifest is None)
+
+    @property
+    def not_image_because(self) -> str:
+        """Why the target is no qrmfs image: its manifest is missing, or cannot be read."""
+        return self.manifest_error or "no .qrmfs/manifest.json"
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,7 @@ class Generation:
     path: str
     role: str              # "current" | "generation"
     seq: int | None        # generations: higher is newer; 0 is an old-style .NAME.qrmfs-previous
-    manifest: dict[str, Any] | None
+    manifest: Manifest | None
     cost: int | None       # bytes shared with no other tree (reflinks); None when not asked for
 
 
@@ -195,7 +203,7 @@ class GenerationList:
 @dataclass(frozen=True)
 class ListedImage:
     path: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     locked: str | None
 
 
@@ -218,7 +226,7 @@ class Listed:
 
 @dataclass(frozen=True)
 class ManifestUpdated:
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 @dataclass(frozen=True)
@@ -271,6 +279,7 @@ class Request(Generic[A]):
     op: ClassVar[str]
     answer: ClassVar[type]
     handler: ClassVar[str]
+    after_lost_lock: ClassVar[bool] = False  # the client sends it after the session that held the lock died
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -338,6 +347,7 @@ class Discard(Request[Discarded]):
     op: ClassVar[str] = "discard"
     answer: ClassVar[type] = Discarded
     handler: ClassVar[str] = "tree.op_discard"
+    after_lost_lock: ClassVar[bool] = True  # a failed run removes its own unfinished copy: never the image
     path: str
     export_root: str
     staging: str
@@ -352,7 +362,7 @@ class WriteManifest(Request[Written]):
     path: str
     export_root: str
     staging: str
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 @dataclass(frozen=True)
@@ -578,6 +588,8 @@ def encode(value: Any) -> Any:
         return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, Manifest):
+        return value.data
     if isinstance(value, (list, tuple)):  # the agent may run on an older python3
         return [encode(v) for v in value]
     if isinstance(value, dict):
@@ -618,6 +630,11 @@ def _decode_value(hint: str, value: Any, where: str) -> Any:
 
 def decode(cls: type[Any], data: Any) -> Any:
     """Plain JSON data as the dataclass cls: unknown, missing or mistyped fields raise bad_request."""
+    if cls is Manifest:
+        try:
+            return Manifest.load(data)
+        except ManifestError as e:
+            raise _bad(str(e)) from None
     if not isinstance(data, dict):
         raise _bad(f"{cls.__name__}: expected an object")
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -45,9 +45,9 @@ from .fsutil import (
     walk_tree,
     write_file,
 )
+from .manifest import PATH as MANIFEST
+from .manifest import Manifest, ManifestError
 from .protocol import AgentError, ErrorKind
-
-MANIFEST = ".qrmfs/manifest.json"
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,10 @@ def _not_inside_an_image(path: str, root: str) -> None:
         raise AgentError(ErrorKind.REFUSED, f"{path} is a name qrmfs keeps for itself")
 
 
-def scan(top: str, depth: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
+def scan(top: str, depth: int) -> Iterator[tuple[str, str, Manifest | None]]:
     """Walk top a few levels deep, as images are found: ("image", path, manifest) for a directory with a
     manifest (not entered), ("hidden", path, None) for each hidden entry (qrmfs's siblings are among them)."""
-    def walk(d: str, level: int) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
+    def walk(d: str, level: int) -> Iterator[tuple[str, str, Manifest | None]]:
         try:
             with os.scandir(d) as it:  # the entry's type from the directory listing: no stat of each file
                 entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
@@ -200,6 +200,8 @@ def scan(top: str, depth: int) -> Iterator[tuple[str, str, dict[str, Any] | None
                     m = read_manifest(full)
                 except Planted:
                     continue  # a tree a node made strange: not shown, not entered (its commands name it)
+                except ManifestError:
+                    m = None  # not listed: inspect, update and remove name what is wrong with it
                 if m is not None:
                     yield "image", full, m
                 elif level < depth:
@@ -213,9 +215,11 @@ def images_below(path: str, depth: int = 4) -> list[str]:
     return [p for kind, p, _m in scan(path, depth) if kind == "image"]
 
 
-def read_manifest(path: str) -> dict[str, Any] | None:
-    """The manifest of an image, generation, spare or staging copy; None where there is none (or it is no JSON
-    object). Read without following anything a node could have planted (fsutil.read_beneath): Planted."""
+def read_manifest(path: str) -> Manifest | None:
+    """The manifest of an image, generation, spare or staging copy; None where there is none. Read without
+    following anything a node could have planted (fsutil.read_beneath: Planted names it). One that is there but
+    cannot be read as a manifest raises ManifestError: such a tree is no plain directory, and not an image to
+    act on."""
     try:
         data = read_beneath(path, MANIFEST)
     except (FileNotFoundError, NotADirectoryError):
@@ -224,14 +228,12 @@ def read_manifest(path: str) -> dict[str, Any] | None:
         if e.errno == errno.ELOOP:
             return None  # path itself is a symlink: no image (its caller refuses it by its path)
         raise
-    try:
-        m = json.loads(data) if data is not None else None
-    except ValueError:
+    if data is None:
         return None
-    return m if isinstance(m, dict) else None
+    return Manifest.parse(data.decode("utf-8", errors="surrogateescape"), os.path.join(path, MANIFEST))
 
 
-def write_manifest(root: str, manifest: dict[str, Any]) -> None:
+def write_manifest(root: str, manifest: Manifest) -> None:
     """Write root's manifest (a new file, renamed over the old one), through a directory fd of its .qrmfs
     reached as open_beneath reaches it: never through a symlink a node planted."""
     try:
@@ -248,8 +250,7 @@ def write_manifest(root: str, manifest: dict[str, Any]) -> None:
         fd = os.open("manifest.json.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644, dir_fd=d)
         with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(manifest.text())
         os.replace("manifest.json.tmp", "manifest.json", src_dir_fd=d, dst_dir_fd=d)
     finally:
         os.close(d)
@@ -269,10 +270,13 @@ def op_inspect(path: str, export_root: str) -> P.Inspected:
     _check_under(path, export_root)
     parent = os.path.dirname(path)
     st = os.statvfs(parent) if is_real_dir(parent) else os.statvfs(os.path.realpath(export_root))
-    manifest = read_manifest(path)
+    try:
+        manifest, error = read_manifest(path), None
+    except ManifestError as e:
+        manifest, error = None, str(e)
     return P.Inspected(exists=os.path.lexists(path), is_image=manifest is not None, parent_exists=is_real_dir(parent),
                        previous=os.path.lexists(siblings(path).previous), free_bytes=st.f_bavail * st.f_frsize,
-                       manifest=manifest)
+                       manifest=manifest, manifest_error=error)
 
 
 def take_lock(path: str, export_root: str, holder: str) -> tuple[int, P.Locked]:
@@ -392,7 +396,7 @@ def _journaled(path: str, staging: str) -> bool:
         return False
 
 
-def op_write_manifest(path: str, export_root: str, staging: str, manifest: dict[str, Any]) -> P.Written:
+def op_write_manifest(path: str, export_root: str, staging: str, manifest: Manifest) -> P.Written:
     _check_under(path, export_root)
     write_manifest(_root_of(path, staging), manifest)
     return P.Written(staging)
@@ -428,7 +432,7 @@ def op_remove(path: str, export_root: str, force: bool) -> P.Removed:
         raise AgentError(ErrorKind.NOT_FOUND, f"{path} does not exist")
     if not is_real_dir(path):
         raise AgentError(ErrorKind.REFUSED, f"{path} is not a directory")
-    if read_manifest(path) is None and not force:
+    if not force and read_manifest(path) is None:  # a manifest that cannot be read is refused as it says
         raise AgentError(ErrorKind.NOT_IMAGE,
                          f"{path} has no qrmfs manifest: not an image (use --force to remove anyway)")
     trees = _trees_of(path)
@@ -543,7 +547,10 @@ def _leftover(parent: str, entry: str) -> list[P.Leftover]:
 def made_by_qrmfs(tree_: str) -> bool:
     """A tree qrmfs made (by its own record: a manifest qrmfs wrote there), read without following anything
     planted in it (Planted: the caller refuses, naming it, or shows it as foreign)."""
-    return is_real_dir(tree_) and read_manifest(tree_) is not None
+    try:
+        return is_real_dir(tree_) and read_manifest(tree_) is not None
+    except ManifestError:
+        return False  # a manifest qrmfs cannot read is no record of its own: left alone
 
 
 def _lock_held(lock: str) -> str | None:
@@ -564,7 +571,7 @@ def op_manifest_update(path: str, export_root: str, patch: dict[str, Any]) -> P.
     m = read_manifest(path)
     if m is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest")
-    m.update(patch)
+    m = m.patched(patch)
     write_manifest(path, m)
     return P.ManifestUpdated(m)
 

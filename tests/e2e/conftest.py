@@ -35,16 +35,22 @@ def on_source(lab: dict[str, Any]) -> Any:
 
 @pytest.fixture
 def mock(lab: dict[str, Any]) -> Iterator[httpx.Client]:
-    """An httpx client on the openQRM mock, reset before and its faults cleared after each test."""
-    with httpx.Client(base_url=lab["openqrm"]["base"], timeout=10) as c:
+    """An httpx client on the openQRM mock, reset to a new install with the real server's deployment types
+    before and its faults cleared after each test. A test that uses it gets a `cfg` pointing qrmfs at the
+    mock instead of the real server."""
+    with httpx.Client(base_url=lab["openqrm_mock"]["base"], timeout=10) as c:
         c.post("/_mock/reset").raise_for_status()
+        # the real server's deployment types (their ids are the server's own): the config's deployment_id
+        # means the same on both
+        c.post("/_mock/state", json={"deployments": _lab.deployments(lab["name"])}).raise_for_status()
         yield c
         c.delete("/_mock/fault")
 
 
 @pytest.fixture
-def cfg(lab: dict[str, Any], tmp_path: Any) -> str:
-    return write_config(lab, tmp_path)
+def cfg(lab: dict[str, Any], tmp_path: Any, request: pytest.FixtureRequest) -> str:
+    """qrmfs's config for the lab: the real openQRM server, or the mock when the test uses `mock`."""
+    return write_config(lab, tmp_path, server="openqrm_mock" if "mock" in request.fixturenames else "openqrm")
 
 
 @pytest.fixture

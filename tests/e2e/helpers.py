@@ -20,11 +20,13 @@ def run_on(info: dict[str, Any], role: str, script: str, check: bool = True,
     return r
 
 
-def write_config(lab: dict[str, Any], directory: Any, *, retries: int = 1, timeout: float = 3.0) -> str:
-    """A qrmfs config for the lab with its own spool dir and quick openQRM retries (tests stay fast)."""
+def write_config(lab: dict[str, Any], directory: Any, *, retries: int = 1, timeout: float = 3.0,
+                 server: str = "openqrm") -> str:
+    """A qrmfs config for the lab with its own spool dir and quick openQRM retries (tests stay fast);
+    `server`: "openqrm" (the real openQRM 5.3.60) or "openqrm_mock" (the mock, for injected faults)."""
     path = directory / "qrmfs.toml"
     path.write_text(_lab.config_toml(lab, spool_dir=str(directory / "spool"), timeout=timeout, retries=retries,
-                                     backoff=0.05))
+                                     backoff=0.05, server=server))
     return str(path)
 
 
@@ -70,3 +72,11 @@ def until(what: str, check: Any, timeout: float = 60.0) -> Any:
             return got
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.2)
+
+
+def mock_state(mock: Any) -> dict[str, Any]:
+    """The openQRM mock's tables and requests (GET /_mock/state), image_info without openQRM's own records
+    (openqrm, idle), which every install has."""
+    st: dict[str, Any] = mock.get("/_mock/state").json()
+    st["images"] = [i for i in st["images"] if i["image_id"] not in ("0", "1")]
+    return st

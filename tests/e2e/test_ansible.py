@@ -18,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from lab import lab as _lab
@@ -92,10 +91,9 @@ def manifest(fleet: dict[str, Any], host: str) -> dict[str, Any]:
 
 
 def registered(fleet: dict[str, Any]) -> dict[str, str]:
-    """image name -> storage id, of this test's images in the openQRM mock."""
-    state = httpx.get(fleet["info"]["openqrm"]["base"] + "/_mock/state", timeout=10).json()
-    return {i["image_name"]: i["image_storageid"] for i in state["images"]
-            if i["image_name"].startswith(fleet["prefix"])}
+    """image name -> storage id, of this test's images in the real openQRM server's database."""
+    return {str(i["image_name"]): str(i["image_storageid"]) for i in _lab.images(fleet["info"]["name"])
+            if str(i["image_name"]).startswith(fleet["prefix"])}
 
 
 def _t(iso: str) -> datetime:
@@ -105,7 +103,8 @@ def _t(iso: str) -> datetime:
 @pytest.mark.slow
 def test_fleet_playbook_lifecycle(fleet: dict[str, Any]) -> None:
     p = fleet["prefix"]
-    names = {f"{p}_plain": "1", f"{p}_storage2": "2"}
+    sids = fleet["info"]["openqrm"]["storage_ids"]
+    names = {f"{p}_plain": str(sids["storage"]), f"{p}_storage2": str(sids["storage2"])}
 
     # check mode on an empty fleet: both would be created, nothing is
     rc, out, recap = play(fleet, "--check", "--diff")

@@ -19,7 +19,7 @@ import pytest
 from lab import lab as _lab
 from qrmfs import openqrm
 
-from .helpers import qrmfs, run_on, write_config
+from .helpers import mock_state, qrmfs, run_on, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,7 @@ def test_all_checks_pass_on_the_lab(lab, cfg, mock):
     assert got["storage storage free space"]["data"]["need"] == got["source source:/ size"]["data"]["bytes"]
     assert scratch_left(lab) == []
     # the openQRM probe changed nothing on the server
-    state = mock.get("/_mock/state").json()
+    state = mock_state(mock)
     assert state["images"] == [] and state["events"] == []
     assert [q["authorized_user"] for q in state["requests"]] == ["openqrm"]
     # text mode: one line per check, then the verdict
@@ -173,14 +173,15 @@ def test_wrong_password_fails_the_openqrm_check(lab, cfg, mock, tmp_path):
     assert r.returncode == 15, r.stdout + r.stderr
     c = checks(r)["openqrm"]
     assert c["status"] == "fail"
-    assert c["message"] == f"openQRM at {lab['openqrm']['url']} refused the credentials of user 'openqrm' (401)"
+    assert c["message"] == f"openQRM at {lab['openqrm_mock']['url']} refused the credentials of user 'openqrm' (401)"
     assert "not-the-password" not in r.stdout + r.stderr
     # a user who logs in but is no administrator cannot register images either
-    pw.write_text("viewer\n")
-    r = qrmfs("check", "-t", "storage", "-u", "viewer", "--password-file", str(pw), "--json", config=cfg)
+    viewer = lab["openqrm"]["viewer"]
+    r = qrmfs("check", "-t", "storage", "-u", viewer["user"], "--password-file", viewer["password_file"], "--json",
+              config=cfg)
     assert r.returncode == 15
     assert "is not an administrator (403)" in checks(r)["openqrm"]["message"]
-    assert mock.get("/_mock/state").json()["images"] == []
+    assert mock_state(mock)["images"] == []
 
 
 def test_unreachable_openqrm_fails(lab, cfg):

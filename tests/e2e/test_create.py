@@ -13,14 +13,10 @@ import time
 
 import pytest
 
-from .helpers import exports_listing, qrmfs, result_of, run_on, tree_info
+from .helpers import exports_listing, mock_state, qrmfs, result_of, run_on, tree_info
 
 pytestmark = pytest.mark.e2e
 FIXTURE = "/srv/fixture"
-
-
-def _state(mock):
-    return mock.get("/_mock/state").json()
 
 
 def _name(path: str) -> str:
@@ -77,16 +73,19 @@ def test_create_from_source_is_faithful_prepared_and_registered(lab, mock, cfg, 
     assert manifest["registration"]["state"] == "registered"
 
     # registered once, with the fields openQRM needs; events 9 (turned 5) and 10
-    state = _state(mock)
+    state = mock_state(mock)
     assert len(state["images"]) == 1
     img_rec = state["images"][0]
     assert {k: img_rec[k] for k in ("image_name", "image_type", "image_rootdevice", "image_rootfstype",
                                     "image_storageid", "image_isshared")} == {
         "image_name": name, "image_type": "nfs-deployment", "image_rootdevice": image_path,
-        "image_rootfstype": "nfs", "image_storageid": "1", "image_isshared": "0"}
+        "image_rootfstype": "nfs", "image_storageid": str(lab["openqrm"]["storage_ids"]["storage"]),
+        "image_isshared": "0"}
     assert img_rec["image_capabilities"] == "arch=x86_64 os=debian12"
+    # as openQRM stores them: the "finished" 10 as 5, and it turned the "started" 9 into 5; between them the
+    # server's own "Processing image new_image on Image NAME"
     assert [(e["event_priority"], e["event_name"]) for e in state["events"]] == [
-        (5, f"create_image_{name}"), (10, f"create_image_{name}")]
+        ("5", f"create_image_{name}"), ("5", "new_image"), ("5", f"create_image_{name}")]
     assert lab["openqrm"]["password"] not in json.dumps(manifest)
 
 
@@ -103,7 +102,7 @@ def test_create_from_local_directory(lab, mock, cfg, image_path, on_storage, tmp
     assert r.returncode == 0, r.stderr
     out = on_storage(f"cd {image_path} && cat etc/hostname && stat -c %h usr/bin/tool && ls var/log | wc -l")
     assert out.stdout.decode().split() == ["node-a", "2", "0"]
-    assert _state(mock)["images"] == []
+    assert mock_state(mock)["images"] == []
 
 
 def test_only_physical_creates_without_registering(lab, mock, cfg, image_path, on_storage):
@@ -111,7 +110,7 @@ def test_only_physical_creates_without_registering(lab, mock, cfg, image_path, o
     assert r.returncode == 0, r.stderr
     assert result_of(r)["registration"]["state"] == "not_registered"
     on_storage(f"test -f {image_path}/fixture/hardlinks/a")
-    state = _state(mock)
+    state = mock_state(mock)
     assert state["images"] == [] and state["events"] == [] and state["requests"] == []
 
 
@@ -124,7 +123,7 @@ def test_dry_run_changes_nothing(lab, mock, cfg, image_path):
     assert "nothing was changed" in r.stdout
     assert "secret-pw" not in r.stdout + r.stderr
     assert exports_listing(lab) == before
-    assert _state(mock)["requests"] == []
+    assert mock_state(mock)["requests"] == []
 
 
 @pytest.mark.parametrize("args,code,words", [
@@ -145,7 +144,7 @@ def test_dry_run_changes_nothing(lab, mock, cfg, image_path):
 def test_rejected_input_touches_nothing(lab, mock, tmp_path, args, code, words):
     from .helpers import write_config
 
-    cfg = write_config(lab, tmp_path)
+    cfg = write_config(lab, tmp_path, server="openqrm_mock")
     # without a password anywhere: the config's password_file is dropped for the credentials case
     text = open(cfg).read().replace(f'password_file = "{lab["openqrm"]["password_file"]}"\n', "")
     open(cfg, "w").write(text + '\n[hosts.deadhost]\naddress = "127.0.0.1"\nssh_port = 1\n')
@@ -155,7 +154,7 @@ def test_rejected_input_touches_nothing(lab, mock, tmp_path, args, code, words):
     assert words in r.stderr
     assert r.stderr.count("qrmfs: error:") + r.stderr.count("Error") >= 1
     assert exports_listing(lab) == before
-    assert _state(mock)["requests"] == []
+    assert mock_state(mock)["requests"] == []
 
 
 def test_existing_image_is_not_overwritten_without_force(lab, cfg, image_path, on_storage):
@@ -218,9 +217,9 @@ def test_copy_failing_half_way_leaves_no_image_and_no_registration(lab, mock, cf
     assert senders == ["tar", "rsync"] and "the tar stream did not end cleanly" in err
     assert "rsync exited with" in err
     assert exports_listing(lab) == before  # nothing of the image, not even its lock file
-    state = _state(mock)
+    state = mock_state(mock)
     assert state["images"] == []
-    assert [e["event_priority"] for e in state["events"]] == [5, 3, 10]
+    assert [e["event_priority"] for e in state["events"]] == ["5", "3", "5"]  # 9 and 10 stored as 5
 
 
 def test_a_stream_that_fails_is_repaired_by_rsync_and_says_why(lab, cfg, image_path, on_source, on_storage):
@@ -256,7 +255,7 @@ def test_openqrm_down_spools_and_delivers_exactly_once(lab, mock, cfg, image_pat
     spooled = list((tmp_path / "spool").glob("*.json"))
     assert len(spooled) == 1
     assert lab["openqrm"]["password"] not in spooled[0].read_text()
-    assert _state(mock)["images"] == []
+    assert mock_state(mock)["images"] == []
 
     # still down: flush keeps it
     r = qrmfs("flush", config=cfg)
@@ -267,9 +266,9 @@ def test_openqrm_down_spools_and_delivers_exactly_once(lab, mock, cfg, image_pat
     assert r.returncode == 0, r.stderr
     assert result_of(r)["delivered"] == [spooled[0].stem]
     assert qrmfs("flush", config=cfg).returncode == 0  # nothing left: nothing sent again
-    state = _state(mock)
+    state = mock_state(mock)
     assert [i["image_name"] for i in state["images"]] == [_name(image_path)]
-    assert [e["event_priority"] for e in state["events"]] == [5, 10]
+    assert [e["event_priority"] for e in state["events"]] == ["5", "5"]  # 9 and 10 stored as 5
     assert list((tmp_path / "spool").glob("*.json")) == []
 
 
@@ -284,7 +283,7 @@ def test_spooled_registration_is_delivered_by_the_next_run(lab, mock, cfg, image
         assert r.returncode == 0, r.stderr
     finally:
         run_on(lab, "storage", f"rm -rf {second} /exports/.{_name(second)}.qrmfs-*", check=False)
-    names = [i["image_name"] for i in _state(mock)["images"]]
+    names = [i["image_name"] for i in mock_state(mock)["images"]]
     assert sorted(names) == sorted([_name(image_path), _name(second)])
     assert list((tmp_path / "spool").glob("*.json")) == []
 

@@ -17,17 +17,13 @@ import pytest
 
 from lab import lab as _lab
 
-from .helpers import exports_listing, qrmfs, result_of, run_on, write_config
+from .helpers import exports_listing, mock_state, qrmfs, result_of, run_on, write_config
 
 pytestmark = pytest.mark.e2e
 
 
 def _name(path: str) -> str:
     return path.rsplit("/", 1)[1]
-
-
-def _state(mock: Any) -> dict[str, Any]:
-    return mock.get("/_mock/state").json()
 
 
 def _spool(tmp_path: Any) -> list[dict[str, Any]]:
@@ -53,7 +49,7 @@ def test_killed_while_new_image_is_in_flight_then_flush_leaves_one_record(lab, m
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait("new_image reaches the mock", lambda: any(
-            r["query"].get("image_command") == "new_image" for r in _state(mock)["requests"]), timeout=300)
+            r["query"].get("image_command") == "new_image" for r in mock_state(mock)["requests"]), timeout=300)
         (job,) = _spool(tmp_path)
         new = [r for r in job["requests"] if r["params"].get("image_command") == "new_image"]
         assert new and new[0]["maybe_delivered"] is True  # written before the request went out
@@ -68,15 +64,16 @@ def test_killed_while_new_image_is_in_flight_then_flush_leaves_one_record(lab, m
     # the server side of the same fault: it did apply the request after all (as a real server may)
     mock.delete("/_mock/fault").raise_for_status()
     params = next(r["params"] for r in job["requests"] if r["params"].get("image_command") == "new_image")
-    httpx.get(lab["openqrm"]["url"] + "/base/server/image/image-action.php", params=params, timeout=10,
+    httpx.get(lab["openqrm_mock"]["url"] + "/base/server/image/image-action.php", params=params, timeout=10,
               auth=("openqrm", lab["openqrm"]["password"])).raise_for_status()
-    assert [i["image_name"] for i in _state(mock)["images"]] == [_name(image_path)]
+    assert [i["image_name"] for i in mock_state(mock)["images"]] == [_name(image_path)]
     r = qrmfs("flush", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
     assert result_of(r)["delivered"] == [job["id"]]
-    image_cmds = [q["query"].get("image_command") for q in _state(mock)["requests"] if "image_command" in q["query"]]
+    image_cmds = [q["query"].get("image_command") for q in mock_state(mock)["requests"]
+                  if "image_command" in q["query"]]
     assert image_cmds[-2:] == ["remove_by_name", "new_image"]
-    assert [i["image_name"] for i in _state(mock)["images"]] == [_name(image_path)]  # exactly one
+    assert [i["image_name"] for i in mock_state(mock)["images"]] == [_name(image_path)]  # exactly one
     assert _spool(tmp_path) == []
 
 
@@ -97,7 +94,7 @@ def test_remove_by_address_drops_what_was_spooled_under_the_config_name(lab, moc
     r = qrmfs("flush", "--json", config=cfg)
     out = result_of(r)
     assert r.returncode == 0 and (out["delivered"], out["pending"]) == ([], [])
-    assert _state(mock)["images"] == []  # the removed image never reaches openQRM
+    assert mock_state(mock)["images"] == []  # the removed image never reaches openQRM
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -106,7 +103,7 @@ def test_remove_by_address_drops_what_was_spooled_under_the_config_name(lab, moc
     ("timeout = 0", "config: openqrm.timeout must be a number > 0, not 0"),
 ])
 def test_bad_openqrm_settings_exit_3_before_anything(lab, mock, image_path, tmp_path, setting, message):
-    path = write_config(lab, tmp_path)
+    path = write_config(lab, tmp_path, server="openqrm_mock")
     text = open(path).read()
     key = setting.split()[0]
     lines = [ln for ln in text.splitlines() if not ln.startswith(f"{key} =")]
@@ -118,7 +115,7 @@ def test_bad_openqrm_settings_exit_3_before_anything(lab, mock, image_path, tmp_
     assert r.returncode == 3
     assert r.stderr.splitlines() == [f"qrmfs: error: {message}"]
     assert exports_listing(lab) == before
-    assert _state(mock)["requests"] == [] and not (tmp_path / "spool").exists()
+    assert mock_state(mock)["requests"] == [] and not (tmp_path / "spool").exists()
 
 
 def test_bad_openqrm_url_option_exits_2_before_anything(lab, mock, cfg, image_path, tmp_path):
@@ -128,7 +125,7 @@ def test_bad_openqrm_url_option_exits_2_before_anything(lab, mock, cfg, image_pa
     assert r.returncode == 2
     assert r.stderr.splitlines() == ["qrmfs: error: invalid --openqrm-url 'notaurl': expected "
                                      "http(s)://HOST[:PORT]/PATH"]
-    assert exports_listing(lab) == before and _state(mock)["requests"] == []
+    assert exports_listing(lab) == before and mock_state(mock)["requests"] == []
 
 
 def test_hostile_target_component_touches_nothing_on_the_storage_server(lab, cfg, on_storage):
@@ -198,7 +195,7 @@ def test_the_password_in_no_argv_on_any_host_nor_in_the_image_or_a_url(lab, mock
     name = _name(image_path)
     found = run_on(lab, "storage", f"grep -rlF -- {pw} {image_path}/.qrmfs /exports/.{name}.qrmfs-* || true")
     assert found.stdout.decode().strip() == ""
-    reqs = _state(mock)["requests"]
+    reqs = mock_state(mock)["requests"]
     assert all(pw not in json.dumps(r["query"]) for r in reqs)  # never in a URL
     assert {(r["path"].rsplit("/", 1)[1], r["authorized_user"]) for r in reqs} == {
         ("resource-monitor.php", None), ("image-action.php", "openqrm")}

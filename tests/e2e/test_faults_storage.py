@@ -24,15 +24,11 @@ import pytest
 
 from lab import lab as _lab
 
-from .helpers import exports_listing, qrmfs, result_of, run_on, until, write_config
+from .helpers import exports_listing, mock_state, qrmfs, result_of, run_on, until, write_config
 
 pytestmark = pytest.mark.e2e
 
 PINS = "/var/lib/qrmfs/pins"
-
-
-def _state(mock: Any) -> dict[str, Any]:
-    return mock.get("/_mock/state").json()
 
 
 def _manifest(lab: dict[str, Any], path: str) -> dict[str, Any]:
@@ -84,7 +80,7 @@ def test_a_second_image_under_a_registered_name_is_refused(lab, mock, cfg, image
     name = posixpath.basename(image_path)
     r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm", config=cfg)
     assert r.returncode == 0, r.stderr
-    sent = len(_state(mock)["requests"])
+    sent = len(mock_state(mock)["requests"])
     other = f"/exports-plain/{name}"  # another configured storage (the same server's second export)
     try:
         r = qrmfs("create", "-t", f"plain:{other}", "-l", "source:/srv", "-u", "openqrm", config=cfg)
@@ -93,8 +89,8 @@ def test_a_second_image_under_a_registered_name_is_refused(lab, mock, cfg, image
         assert f"the openQRM image name {name} is already taken by storage:{image_path} (registered)" in line
         assert len(r.stderr.strip().splitlines()) == 1
         assert run_on(lab, "storage", f"ls -A /exports-plain | grep -F {name} || true").stdout == b""
-        assert len(_state(mock)["requests"]) == sent  # nothing sent, not even the "started" event
-        assert [i["image_name"] for i in _state(mock)["images"]] == [name]
+        assert len(mock_state(mock)["requests"]) == sent  # nothing sent, not even the "started" event
+        assert [i["image_name"] for i in mock_state(mock)["images"]] == [name]
         # -o registers nothing: the same name elsewhere is fine then
         r = qrmfs("create", "-t", f"plain:{other}", "-l", "source:/srv", "-o", config=cfg)
         assert r.returncode == 0, r.stderr
@@ -125,7 +121,7 @@ def test_a_flush_records_the_delivery_in_the_manifest_and_list_shows_it(lab, moc
     assert (row["registration"]["state"], row["registration"]["via"]) == ("registered", f"flush of spool job {job}")
     text = qrmfs("list", config=cfg).stdout
     assert f"registered ({got['time']} by flush of spool job {job})" in text
-    assert [i["image_name"] for i in _state(mock)["images"]] == [name]
+    assert [i["image_name"] for i in mock_state(mock)["images"]] == [name]
 
 
 # --- the source's host key, pinned outside the export; SIGKILL leaves it, list shows it, gc removes it ---
@@ -167,7 +163,7 @@ def test_sigkill_at_the_publish(lab, mock, cfg, image_path, at):
               env={"QRMFS_TEST_CRASH_AT": at})
     assert r.returncode == -signal.SIGKILL, r.stderr
     until("nothing of ours runs on the storage server", lambda: _ours_on_storage(lab, name) == [], 60)
-    assert "new_image" not in [q["query"].get("image_command") for q in _state(mock)["requests"]]
+    assert "new_image" not in [q["query"].get("image_command") for q in mock_state(mock)["requests"]]
     listed = result_of(qrmfs("list", "--json", config=cfg))
     rows = [i for i in listed["images"] if i["path"] == image_path]
     if at == "after-publish":
@@ -179,14 +175,15 @@ def test_sigkill_at_the_publish(lab, mock, cfg, image_path, at):
         assert sorted(x["kind"] for x in _leftovers(cfg, name)) == ["known_hosts", "lock", "staging"]
     r = qrmfs("flush", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
-    images = [i["image_name"] for i in _state(mock)["images"]]
+    images = [i["image_name"] for i in mock_state(mock)["images"]]
     if at == "after-publish":
         assert images == [name]  # registered exactly once
         assert _manifest(lab, image_path)["registration"]["state"] == "registered"
     else:
         assert images == []  # an image that was never published is never registered
         assert "was never published" in r.stderr and "left by an earlier qrmfs run" in r.stderr
-        prios = [int(e["event_priority"]) for e in _state(mock)["events"] if e["event_name"] == f"create_image_{name}"]
+        prios = [int(e["event_priority"]) for e in mock_state(mock)["events"]
+                 if e["event_name"] == f"create_image_{name}"]
         assert 3 in prios and prios[-1] in (5, 10)  # the failure reported, the action ended
     assert _leftovers(cfg, name) == []
 

@@ -1,4 +1,4 @@
-"""The lab's services are real: NFS serves what ssh wrote, sshd accepts the lab key, the mock stores."""
+"""The lab's services are real: NFS serves what ssh wrote, sshd accepts the lab key, the openQRM mock stores."""
 
 from __future__ import annotations
 
@@ -56,27 +56,26 @@ def test_event_sent_to_mock_appears_in_state(lab, mock):
     assert r.status_code == 200
     events = mock.get("/_mock/state").json()["events"]
     assert [(e["event_name"], e["event_priority"], e["event_description"]) for e in events] == [
-        ("smoke", 9, "hello")]
+        ("smoke", "9", "hello")]
 
 
 def test_new_image_needs_credentials(lab, mock):
-    params = {"image_command": "new_image", "image_name": "smoke_img", "image_type": "nfs-deployment"}
+    params = {"image_command": "new_image", "image_name": "smoke_img", "image_type": "1"}
     url = "/openqrm/base/server/image/image-action.php"
+
+    def names() -> list[str]:
+        return [i["image_name"] for i in mock.get("/_mock/state").json()["images"]]
+
     assert mock.get(url, params=params).status_code == 401
-    assert mock.get("/_mock/state").json()["images"] == []
+    assert names() == ["openqrm", "idle"]
     ok = mock.get(url, params=params, auth=(lab["openqrm"]["user"], lab["openqrm"]["password"]))
     assert ok.status_code == 200
     images = mock.get("/_mock/state").json()["images"]
-    assert [(i["image_name"], i["image_type"]) for i in images] == [("smoke_img", "nfs-deployment")]
+    assert [(i["image_name"], i["image_type"]) for i in images[2:]] == [("smoke_img", "ram")]  # deployment id 1
     import base64
 
     creds = base64.b64encode(f"{lab['openqrm']['user']}:{lab['openqrm']['password']}".encode()).decode()
     assert creds not in mock.get("/_mock/state").text
-
-
-def test_storage_record_names_the_lab_storage(lab, mock):
-    storage = mock.get("/_mock/state").json()["storage"]
-    assert storage[0]["storage_name"] == "storage" and storage[0]["storage_id"] == 1
 
 
 def test_up_is_idempotent_and_down_leaves_nothing(lab):

@@ -10,7 +10,7 @@ import pytest
 
 from lab import lab as _lab
 
-from .helpers import exports_listing, qrmfs, result_of, run_on, tree_info, write_config
+from .helpers import exports_listing, mock_state, qrmfs, result_of, run_on, tree_info, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -110,7 +110,7 @@ def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, mock, cfg, bas
                        f"cat {image_path}/{key} {base_image}/{key}").stdout.decode().splitlines()
     assert ident[0] == "clone-node" and ident[1] == "0"
     assert ident[2].split()[1] != ident[3].split()[1], "the clone kept the original's ssh host key"
-    images = mock.get("/_mock/state").json()["images"]
+    images = mock_state(mock)["images"]
     assert [(i["image_name"], i["image_rootdevice"]) for i in images] == [(posixpath.basename(image_path), image_path)]
 
 
@@ -130,7 +130,7 @@ def test_clone_refusals(lab, cfg, base_image, image_path, on_storage):
 def test_remove_deregisters_and_never_leaves_the_image(lab, mock, cfg, image_path, on_storage):
     assert qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm",
                  config=cfg).returncode == 0
-    assert len(mock.get("/_mock/state").json()["images"]) == 1
+    assert len(mock_state(mock)["images"]) == 1
     r = qrmfs("remove", "-t", f"storage:{image_path}", "-u", "openqrm", config=cfg)
     assert r.returncode == 14 and "without --yes" in r.stderr  # no terminal: never removes silently
     on_storage(f"test -d {image_path}")
@@ -138,7 +138,7 @@ def test_remove_deregisters_and_never_leaves_the_image(lab, mock, cfg, image_pat
     assert r.returncode == 0, r.stderr
     assert result_of(r)["registration"]["state"] == "deregistered"
     on_storage(f"test ! -e {image_path} && test -s /etc/hostname")  # the fixture's /etc link was not followed
-    assert mock.get("/_mock/state").json()["images"] == []
+    assert mock_state(mock)["images"] == []
     assert not any(posixpath.basename(image_path) in n and "lock" not in n for n in exports_listing(lab))
 
 
@@ -210,7 +210,7 @@ def test_list_agrees_with_openqrm(lab, mock, cfg, image_path):
         assert mine["source"] == "source:/srv" and mine["files"] > 20 and mine["validation"] == "problems"
         assert rows[posixpath.basename(other)]["registration"]["state"] == "not_registered"
         registered = {n for n, i in rows.items() if i["registration"]["state"] == "registered"}
-        in_mock = {i["image_name"] for i in mock.get("/_mock/state").json()["images"]}
+        in_mock = {i["image_name"] for i in mock_state(mock)["images"]}
         assert registered & {posixpath.basename(image_path), posixpath.basename(other)} == in_mock
         text = qrmfs("list", config=cfg).stdout
         assert posixpath.basename(image_path) in text and "registered" in text

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import exports_listing, qrmfs, result_of, run_on
+from .helpers import exports_listing, mock_state, qrmfs, result_of, run_on
 
 pytestmark = pytest.mark.e2e
 
@@ -34,10 +34,6 @@ def scratch(lab: dict[str, Any]) -> Iterator[str]:
     run_on(lab, "source", f"rm -rf {d}", check=False)
 
 
-def _state(mock: Any) -> dict[str, Any]:
-    return mock.get("/_mock/state").json()
-
-
 def _manifest(on_storage: Any, path: str) -> dict[str, Any]:
     return json.loads(on_storage(f"cat {path}/.qrmfs/manifest.json").stdout)
 
@@ -48,7 +44,7 @@ def test_node_data_kept_across_two_updates_and_a_rollback_one_openqrm_record(  #
     name = os.path.basename(image_path)
     r = qrmfs("create", "-t", t, "-l", f"source:{scratch}", "--shared", "--private-add", "/var/lib/app", config=cfg)
     assert r.returncode == 0, r.stderr
-    [record] = _state(mock)["images"]
+    [record] = mock_state(mock)["images"]
     on_storage(f"mkdir -p {image_path}/.qrmfs/nodes/1/var/lib/app && echo node-one > {image_path}/{NODE_FILE}")
 
     on_source(f"echo v2 > {scratch}/usr/bin/tool && rm {scratch}/etc/motd")
@@ -74,7 +70,7 @@ def test_node_data_kept_across_two_updates_and_a_rollback_one_openqrm_record(  #
     assert [e for e in exports_listing(lab) if name in e and not e.endswith("qrmfs-lock")] == sorted(
         [name, f".{name}.qrmfs-gen-3", *([f".{name}.qrmfs-spare"] if reflinks else [])])
 
-    st = _state(mock)
+    st = mock_state(mock)
     assert st["images"] == [record]  # the same record: never a second one, never a new id
     events = [(e["event_name"], e["event_priority"]) for e in st["events"]]
     assert events.count((f"update_image_{name}", 5)) == 2 and events.count((f"update_image_{name}", 10)) == 2

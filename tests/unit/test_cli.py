@@ -20,7 +20,8 @@ def env(tmp_path: Path, isolated_home: Path) -> dict[str, Path]:
     (src / "etc").mkdir(parents=True)
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'spool_dir = "{tmp_path}/spool"\n\n[storage.local]\naddress = "local"\n'
-                   f'export_root = "{root}"\n\n[openqrm]\nurl = "http://127.0.0.1:9/openqrm"\nuser = "openqrm"\n')
+                   f'export_root = "{root}"\nstorage_id = 3\n\n[openqrm]\nurl = "http://127.0.0.1:9/openqrm"\n'
+                   'user = "openqrm"\ndeployment_id = 2\n')
     return {"tmp": tmp_path, "root": root, "src": src, "cfg": cfg}
 
 
@@ -164,7 +165,7 @@ def test_create_dry_run_prints_rsync_argv_and_changes_nothing(env: dict[str, Pat
         f"{src}/", f"{root}/.img1.qrmfs-staging-<id>/"]
     assert "  preparation:" in lines
     assert "    dirs: empty proc, sys, run; dev; tmp with mode 1777; mnt/floppy and mnt/cdrom" in lines
-    assert "  registration: none (-o/--only-physical)" in lines
+    assert "  openQRM: nothing sent" in lines
     assert lines[-1] == "nothing was changed"
     assert tree_of(env["tmp"]) == before  # no export root, no staging, no spool, no lock
 

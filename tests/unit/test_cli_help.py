@@ -149,8 +149,10 @@ def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> str:
 def test_no_color_gives_plain_text_on_a_terminal(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    args = ["create", "-t", "nas1.lan:/exports/img", "-l", str(src), "-u", "u", "-p", "pw",
-            "--openqrm-url", "http://127.0.0.1:9/openqrm", "--dry-run"]
+    cfg = tmp_path / "c.toml"  # the values a record needs: the dry run shows the job it would send
+    cfg.write_text('[openqrm]\ndeployment_id = 2\n\n[storage.nas1]\naddress = "nas1.lan"\nstorage_id = 3\n')
+    args = ["create", "-t", "nas1:/exports/img", "-l", str(src), "-u", "u", "-p", "pw",
+            "--openqrm-url", "http://127.0.0.1:9/openqrm", "--dry-run", "--config", str(cfg)]
     base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
     base["HOME"] = str(tmp_path)
     coloured = _stderr_on_a_terminal(args, {**base, "TERM": "xterm-256color"})

@@ -12,8 +12,12 @@ INFO = {
     "hosts": {"storage": {"address": "172.30.0.2", "ssh_port": 22, "export_root": "/exports"},
               "source": {"address": "172.30.0.3", "ssh_port": 22},
               "sysv": {"address": "172.30.0.5", "ssh_port": 22},
-              "openqrm": {"address": "172.30.0.4", "ssh_port": None}},
-    "openqrm": {"url": "http://172.30.0.4:80/openqrm", "user": "openqrm", "password_file": "/s/pw"},
+              "openqrm": {"address": "172.30.0.4", "ssh_port": None},
+              "openqrm-mock": {"address": "172.30.0.7", "ssh_port": None}},
+    "openqrm": {"url": "http://172.30.0.4:80/openqrm", "user": "openqrm", "password_file": "/s/pw",
+                "nfs_deployment_id": 17964779206127,
+                "storage_ids": {"storage": 17964779222587, "storage2": 17964779222999}},
+    "openqrm_mock": {"url": "http://172.30.0.7:80/openqrm", "user": "openqrm", "password_file": "/s/pw"},
     "ssh": {"private_key": "/s/id_ed25519", "known_hosts": "/s/known_hosts"},
 }
 
@@ -23,6 +27,15 @@ def test_lab_config_names_the_storage_and_every_source_host():
     assert cfg.storage["storage"].ssh.address == "172.30.0.2" and cfg.storage["storage"].export_root == "/exports"
     assert sorted(cfg.hosts) == ["source", "sysv"]
     assert cfg.hosts["sysv"].address == "172.30.0.5"
+    # the real server's id of the storage server, for both blocks of that server
+    assert cfg.storage["storage"].storage_id == cfg.storage["plain"].storage_id == 17964779222587
+    assert cfg.openqrm is not None and cfg.openqrm.url == "http://172.30.0.4:80/openqrm"
+    assert cfg.openqrm.deployment_id == 17964779206127  # the real server's id of the nfs-deployment type
+
+
+def test_the_mock_variant_points_qrmfs_at_the_mock():
+    data = tomllib.loads(_lab.config_toml(INFO, server="openqrm_mock"))
+    assert data["openqrm"]["url"] == "http://172.30.0.7:80/openqrm"
 
 
 def test_test_variant_has_its_own_spool_and_quick_retries():
@@ -68,7 +81,7 @@ def test_extra_storage_servers_get_their_own_storage_block_not_a_host_block():
     cfg = config.parse(tomllib.loads(_lab.config_toml(info)))
     assert sorted(cfg.storage) == ["plain", "storage", "storage2"]
     s2 = cfg.storage["storage2"]
-    assert (s2.ssh.address, s2.export_root, s2.storage_id) == ("172.30.0.6", "/exports", 2)
+    assert (s2.ssh.address, s2.export_root, s2.storage_id) == ("172.30.0.6", "/exports", 17964779222999)
     assert sorted(cfg.hosts) == ["source", "sysv"]
     assert "storage2" not in tomllib.loads(_lab.config_toml(INFO))["storage"]  # the default lab is unchanged
     assert _lab.extra_storages(1) == [] and _lab.extra_storages(3) == ["storage2", "storage3"]

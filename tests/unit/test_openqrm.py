@@ -11,20 +11,26 @@ from typing import Any
 import httpx
 import pytest
 
-from qrmfs import openqrm
-from qrmfs.errors import RegistrationError
+from qrmfs import jobs, openqrm
+from qrmfs.config import OpenQrm, SshHost, Storage
+from qrmfs.errors import NotOpenQrmError, OpenQrmDownError, RegistrationError
 from qrmfs.openqrm import Client, Job, Request, Spool, Transient
 
 URL = "http://qrm.example/openqrm"
 USER, PASSWORD = "openqrm", "S3cr3t pw!'\""
-FIELDS = openqrm.image_fields(name="img1", rootdevice="/exports/img1", storage_id=1, shared=False,
-                              comment="qrmfs image from src1:/", arch="x86_64", os_name=None)
+OQ = OpenQrm(deployment_id=17964780252743)
+NAS1 = Storage("nas1", SshHost("10.0.0.5"), storage_id=1)
+FIELDS = jobs.image_fields(OQ, NAS1, name="img1", rootdevice="/exports/img1", shared=False,
+                           comment="qrmfs image from src1:/", arch="x86_64", os_name=None)
 
 
 class FakeQrm:
-    """The openQRM interface qrmfs speaks, with scripted faults consumed one per request.
+    """The openQRM 5.3 interface qrmfs speaks, answering as it does (image-action.php: a newline once it ran a
+    command, for an administrator; resource-monitor.php: nothing), with scripted faults consumed one per request.
 
-    Faults: "500", "503", "408", "429", "401", "403", "404" answer with that status and change nothing;
+    Faults: "500", "503", "408", "429", "401", "404" answer with that status and change nothing; "viewer"
+    answers as openQRM does to a user without the administrator role (200, empty, nothing done); "page" answers
+    200 with an HTML page, as a server that is not openQRM;
     "connect" raises httpx.ConnectError before anything arrives; "read" / "proto" first APPLY the request,
     then kill the connection (httpx.ReadError / httpx.RemoteProtocolError), like a server that answered
     into a dead connection.
@@ -55,29 +61,31 @@ class FakeQrm:
         if fault.isdigit() and fault != "200":
             self.log.append((what, fault))
             return httpx.Response(int(fault), text="<html>error</html>")
-        status = self.apply(request.url.path, q)
-        self.log.append((what, fault if fault in ("read", "proto") else str(status)))
+        if fault in ("viewer", "page"):
+            self.log.append((what, fault))
+            return httpx.Response(200, text="" if fault == "viewer" else "<html>a web server</html>")
+        answer = self.apply(request.url.path, q)
+        self.log.append((what, fault if fault in ("read", "proto") else "200"))
         if fault == "read":
             raise httpx.ReadError("connection reset by peer", request=request)
         if fault == "proto":
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
-        return httpx.Response(status, text="<html>ok</html>")
+        return httpx.Response(200, text=answer)
 
-    def apply(self, path: str, q: dict[str, str]) -> int:
+    def apply(self, path: str, q: dict[str, str]) -> str:
+        """The request's effect; the body openQRM answers."""
         if path == "/openqrm/action/resource-monitor.php":
-            self.events.append(q)
-            return 200
+            if q.get("event_name"):
+                self.events.append(q)
+            return ""
         assert path == "/openqrm/base/server/image/image-action.php", path
-        cmd = q.pop("image_command")
+        cmd = q.pop("image_command", "")
         if cmd == "new_image":
             self.images.append({"image_id": str(self.next_id), **q})
             self.next_id += 1
-            return 200
         if cmd == "remove_by_name":
-            before = len(self.images)
             self.images = [i for i in self.images if i["image_name"] != q["image_name"]]
-            return 200 if len(self.images) < before else 404
-        return 400
+        return "\n"
 
 
 def client(server: FakeQrm, sleeps: list[float], *, retries: int = 4, backoff: float = 0.5,
@@ -99,7 +107,7 @@ def spool_files(d: Path) -> list[Path]:
 def test_image_fields_exact() -> None:
     assert FIELDS == {
         "image_name": "img1",
-        "image_type": "nfs-deployment",
+        "image_type": "17964780252743",
         "image_rootdevice": "/exports/img1",
         "image_rootfstype": "nfs",
         "image_storageid": "1",
@@ -107,14 +115,6 @@ def test_image_fields_exact() -> None:
         "image_comment": "qrmfs image from src1:/",
         "image_capabilities": "arch=x86_64",
     }
-
-
-def test_image_fields_shared_no_storage_id() -> None:
-    f = openqrm.image_fields(name="n", rootdevice="/e/n", storage_id=None, shared=True, comment="",
-                             arch="i686", os_name="Debian 12")
-    assert f == {"image_name": "n", "image_type": "nfs-deployment", "image_rootdevice": "/e/n",
-                 "image_rootfstype": "nfs", "image_storageid": "", "image_isshared": "1", "image_comment": "",
-                 "image_capabilities": "arch=i686 os=Debian 12"}
 
 
 def test_request_builders() -> None:
@@ -180,21 +180,58 @@ def test_send_no_retries() -> None:
     assert sleeps == []
 
 
-@pytest.mark.parametrize(("status", "message"), [
-    ("401", "openQRM refused the credentials (401) for new_image img1"),
-    ("403", "openQRM user 'openqrm' is not an administrator (403) for new_image img1"),
-    ("404", "openQRM answered 404 for new_image img1"),
-    ("400", "openQRM answered 400 for new_image img1"),
+@pytest.mark.parametrize(("status", "message", "code"), [
+    ("401", "openQRM at http://qrm.example/openqrm refused the credentials of user 'openqrm' (401) for new_image "
+            "img1", 13),
+    ("viewer", "openQRM at http://qrm.example/openqrm did not run new_image img1: user 'openqrm' is not an "
+               "administrator (openQRM answers 200 and logs an \"Un-Authorized access\" event); the job waits in "
+               "the spool", 16),
+    ("404", "http://qrm.example/openqrm does not answer as openQRM 5.3: 404 to new_image img1 (is the URL openQRM's "
+            "base, e.g. http://host/openqrm?)", 18),
+    ("page", "http://qrm.example/openqrm does not answer as openQRM 5.3: new_image img1 got a page of 25 bytes, "
+             "where openQRM answers a newline (is the URL openQRM's base, e.g. http://host/openqrm?)", 18),
 ])
-def test_send_does_not_retry_refusals(status: str, message: str) -> None:
+def test_send_does_not_retry_refusals(status: str, message: str, code: int) -> None:
     srv, sleeps = FakeQrm([status] * 5), []
     with pytest.raises(RegistrationError) as ei:
         client(srv, sleeps).send(openqrm.new_image(FIELDS))
     assert ei.value.message == message
-    assert ei.value.exit_code == 13
+    assert ei.value.exit_code == code
     assert sleeps == []
     assert len(srv.log) == 1
     assert srv.images == []
+
+
+def test_a_page_to_an_event_is_not_openqrm() -> None:
+    """openQRM's post_event answers nothing: a page means another server (the event went nowhere)."""
+    srv = FakeQrm(["page"])
+    with pytest.raises(NotOpenQrmError, match="where openQRM answers nothing"):
+        client(srv, []).send(openqrm.event("e", 5, "d"))
+
+
+def test_a_500_that_stays_with_the_database_down_is_its_own_error() -> None:
+    """The last 500, and the database read answering 500 too: OpenQrmDownError (17), not a quiet spool entry."""
+    srv = FakeQrm(["500", "500", "500"])
+    with pytest.raises(OpenQrmDownError, match="its database is down") as ei:
+        client(srv, [], retries=1).send(openqrm.new_image(FIELDS))
+    assert ei.value.exit_code == 17
+    assert [w for w, _ in srv.log] == ["new_image", "new_image", "?"]  # the last: post_event without a name
+    assert srv.events == [] and srv.images == []
+
+
+def test_a_500_with_the_database_answering_stays_transient() -> None:
+    srv = FakeQrm(["500", "500"])
+    with pytest.raises(Transient):
+        client(srv, [], retries=1).send(openqrm.new_image(FIELDS))
+    assert srv.events == [] and srv.images == []
+
+
+def test_quick_client_does_not_diagnose() -> None:
+    srv = FakeQrm(["500"])
+    c = Client(URL, USER, PASSWORD, retries=0, transport=srv.transport(), diagnose=False)
+    with pytest.raises(Transient):
+        c.send(openqrm.new_image(FIELDS))
+    assert len(srv.log) == 1
 
 
 def test_image_request_without_credentials_sends_nothing() -> None:
@@ -204,10 +241,10 @@ def test_image_request_without_credentials_sends_nothing() -> None:
     assert srv.log == []
 
 
-def test_remove_by_name_404_is_success() -> None:
+def test_remove_by_name_of_nothing_is_answered_alike() -> None:
     srv, sleeps = FakeQrm(), []
     client(srv, sleeps).send(openqrm.remove_by_name("img1"))
-    assert srv.log == [("remove_by_name", "404")]
+    assert srv.log == [("remove_by_name", "200")]
     assert sleeps == []
 
 
@@ -239,9 +276,9 @@ def test_new_image_dying_twice_still_one_record() -> None:
     srv, sleeps = FakeQrm(["read", "500", "proto"]), []
     client(srv, sleeps).send(openqrm.new_image(FIELDS))
     assert len(srv.images) == 1
-    # the remove that died after arriving is simply repeated (404 = nothing left to remove)
+    # the remove that died after arriving is simply repeated (removing nothing is answered alike)
     assert srv.log == [("new_image", "read"), ("remove_by_name", "500"), ("remove_by_name", "proto"),
-                       ("remove_by_name", "404"), ("new_image", "200")]
+                       ("remove_by_name", "200"), ("new_image", "200")]
 
 
 def test_event_death_is_not_followed_by_remove() -> None:

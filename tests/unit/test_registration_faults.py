@@ -20,17 +20,20 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from qrmfs import openqrm
+from qrmfs import jobs, openqrm
+from qrmfs.config import OpenQrm, SshHost, Storage
 from qrmfs.openqrm import Job, Spool
 
 USER, PASSWORD = "openqrm", "Tr4p-S3cret"
-FIELDS = openqrm.image_fields(name="img1", rootdevice="/exports/img1", storage_id=1, shared=False, comment="c",
-                              arch=None, os_name=None)
+FIELDS = jobs.image_fields(OpenQrm(deployment_id=2), Storage("nas1", SshHost("10.0.0.5"), storage_id=1),
+                           name="img1", rootdevice="/exports/img1", shared=False, comment="c", arch=None,
+                           os_name=None)
 
 
 class Server:
-    """A tiny openQRM: events, new_image / remove_by_name with HTTP Basic; records every request with its
-    raw Authorization header. delay: seconds before each answer; hang_new_image: hold new_image (after
+    """A tiny openQRM 5.3: events (answered with nothing), new_image / remove_by_name with HTTP Basic (answered
+    with image-action.php's newline); records every request with its raw Authorization header.
+    delay: seconds before each answer; hang_new_image: hold new_image (after
     applying it) until released, like a server whose answer never comes back."""
 
     def __init__(self) -> None:
@@ -62,18 +65,17 @@ class Server:
                         elif cmd == "new_image":
                             srv.images.append(q["image_name"])
                         elif cmd == "remove_by_name":
-                            before = len(srv.images)
                             srv.images = [i for i in srv.images if i != q["image_name"]]
-                            status = 200 if len(srv.images) < before else 404
                 if cmd == "new_image" and srv.hang_new_image:
                     srv.got_new_image.set()
                     srv.release.wait(60)
                     return  # no answer at all: the connection just closes
                 time.sleep(srv.delay)
+                body = b"\n" if cmd and status == 200 else b""
                 self.send_response(status)
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.httpd.daemon_threads = True
@@ -109,7 +111,8 @@ def home(tmp_path: Path) -> dict[str, Any]:
 def config(home: dict[str, Any], url: str, name: str = "c.toml", extra: str = "") -> str:
     p = home["tmp"] / name
     p.write_text(f'spool_dir = "{home["spool"]}"\n{extra}\n[openqrm]\nurl = "{url}"\nuser = "{USER}"\n'
-                 f'password_file = "{home["pwfile"]}"\ntimeout = 20\nretries = 0\nbackoff = 0\n')
+                 f'password_file = "{home["pwfile"]}"\ntimeout = 20\nretries = 0\nbackoff = 0\n'
+                 'deployment_id = 2\n')
     return str(p)
 
 
@@ -207,7 +210,7 @@ def test_crash_after_the_answer_before_removal_keeps_the_mark(tmp_path: Path) ->
     def again(request: httpx.Request) -> httpx.Response:
         q = dict(request.url.params)
         sent.append(q["image_command"])
-        return httpx.Response(200)
+        return httpx.Response(200, text="\n")  # image-action.php, having run the command
 
     Client("http://q/openqrm", USER, PASSWORD, transport=httpx.MockTransport(again)).deliver(saved, spool)
     assert sent == ["remove_by_name", "new_image"]
@@ -312,7 +315,8 @@ def _local_storage(home: dict[str, Any], server: Server) -> tuple[Path, Path, st
     root.mkdir()
     (src / "etc").mkdir(parents=True)
     (src / "etc" / "hostname").write_text("src\n")
-    cfg = config(home, server.url, extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\n')
+    cfg = config(home, server.url,
+                 extra=f'[storage.local]\naddress = "local"\nexport_root = "{root}"\nstorage_id = 1\n')
     return root, src, cfg
 
 

@@ -16,6 +16,7 @@ import pytest
 from qrmfs import storage as S
 from qrmfs.agent import protocol as P
 from qrmfs.agent import tree
+from qrmfs.agent.manifest import Manifest
 from qrmfs.config import SshHost, Storage
 from qrmfs.errors import ConnectError, ExistsError, LockedError, NotFoundError, RefusedError, StorageError
 from qrmfs.runner import CommandFailed, Runner
@@ -36,9 +37,9 @@ def test_full_cycle(side: StorageSide, root: Path) -> None:
     st = side.stage(path, "tok").staging
     assert st == str(root / ".img1.qrmfs-staging-tok")
     Path(st, "etc").mkdir()
-    assert side.write_manifest(path, st, {"image": "img1"}) == P.Written(st)
+    assert side.write_manifest(path, st, Manifest.new({"image": "img1"})) == P.Written(st)
     assert side.publish(path, st, force=False) == P.Published(path, False, None)
-    assert side.list() == P.Listed([P.ListedImage(path, {"image": "img1"}, None)])
+    assert side.list() == P.Listed([P.ListedImage(path, Manifest.new({"image": "img1"}), None)])
     assert side.stats(path).files == 3  # etc, .qrmfs, manifest.json
     assert side.remove(path, force=False) == P.Removed(path)
     assert os.listdir(root) == []
@@ -54,9 +55,9 @@ def test_errors_map_to_exit_codes(side: StorageSide, root: Path) -> None:
     with pytest.raises(RefusedError, match="has no qrmfs manifest"):
         side.remove(str(root / "plain"), force=False)
     (root / "img1/.qrmfs").mkdir(parents=True)
-    tree.write_manifest(str(root / "img1"), {})
+    tree.write_manifest(str(root / "img1"), Manifest.new({}))
     st = side.stage(str(root / "img1"), "t").staging
-    tree.write_manifest(st, {})
+    tree.write_manifest(st, Manifest.new({}))
     with pytest.raises(ExistsError):
         side.publish(str(root / "img1"), st, force=False)
     with pytest.raises(NotFoundError) as ei2:
@@ -200,20 +201,16 @@ def test_one_agent_process_answers_every_call(side: StorageSide, root: Path) -> 
         pass
 
 
-def test_a_session_that_ends_gives_up_its_lock_and_the_next_call_starts_another(side: StorageSide, root: Path
-                                                                                ) -> None:
+def test_a_session_that_ends_holding_no_lock_fails_its_call_and_the_next_call_starts_another(
+        side: StorageSide, root: Path) -> None:
     path = str(root / "img1")
-    other = StorageSide(side.storage, Runner())
-    with side.lock(path, "first"):
-        assert side._session is not None
-        side._session.kill()
-        side._session.wait()
-        with pytest.raises(StorageError, match="gave no answer to inspect"):
-            side.inspect(path)
-        with other.lock(path, "second"):  # the killed session's flock died with it
-            pass
+    assert side.inspect(path).exists is False
+    assert side._session is not None
+    side._session.kill()
+    side._session.wait()
+    with pytest.raises(StorageError, match="gave no answer to inspect"):
+        side.inspect(path)
     assert side.inspect(path).exists is False  # a new session
-    other.close()
 
 
 def test_session_refuses_run_and_serve(side: StorageSide, root: Path) -> None:
@@ -282,3 +279,38 @@ def test_two_exports_of_one_server_share_its_agent_session(tmp_path: Path) -> No
         assert side_a._session is None  # closing either ends the one session
     finally:
         side_a.close()
+
+
+def test_a_side_whose_locked_session_died_refuses_every_later_operation(side: StorageSide, root: Path) -> None:
+    """The session holding the lock is killed: no later operation starts a session without it (the lock's end
+    raises too, the block having done no more), but the run's own unfinished copy can still be removed; and
+    another run can take the lock at once (it died with the session)."""
+    path = str(root / "img1")
+    staging = side.stage(path, "tok").staging
+    with pytest.raises(StorageError, match="no longer holds the lock on .*img1.*: its agent session ended"):
+        with side.lock(path, "test"):
+            session = side._session
+            assert session is not None
+            session.kill()
+            session.wait()
+    for attempt in (lambda: side.inspect(path), lambda: side.supervised(path, ["true"], "test"),
+                    lambda: side.argv(["true"])):
+        with pytest.raises(StorageError, match="is not done without it"):
+            attempt()
+    assert side._session is None  # nothing started a session that holds no lock
+    assert side.discard(path, staging) == P.Discarded(staging)
+    other = StorageSide(side.storage, Runner())
+    try:
+        with other.lock(path, "another run"):
+            pass
+    finally:
+        other.close()
+
+
+def test_an_error_in_the_locked_block_is_the_one_raised_when_the_session_died_too(side: StorageSide,
+                                                                                   root: Path) -> None:
+    with pytest.raises(ValueError, match="the block's own"):
+        with side.lock(str(root / "img1"), "test"):
+            assert side._session is not None
+            side._session.kill()
+            raise ValueError("the block's own")

@@ -18,6 +18,7 @@ from plumbum import local
 
 from qrmfs import cli
 from qrmfs.agent import gens, tree
+from qrmfs.agent.manifest import Manifest
 from qrmfs.agent.protocol import AgentError, ErrorKind
 
 NODE_FILE = ".qrmfs/nodes/1/var/lib/app/state"
@@ -64,6 +65,12 @@ def create(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
 
 def update(env: dict[str, Path], capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, Any]:
     return qrmfs(env, "update", "-t", f"local:{env['img']}", *extra, capsys=capsys)
+
+
+def manifest_of(path: str) -> Any:
+    """The image's manifest as written (its data)."""
+    m = tree.read_manifest(path)
+    return None if m is None else m.data
 
 
 def snapshot(top: Path, skip: tuple[str, ...] = (".qrmfs",)) -> dict[str, tuple[Any, ...]]:
@@ -114,7 +121,7 @@ def test_node_state_kept_across_two_updates_and_a_rollback(env: dict[str, Path],
     assert code == 0, out
     assert (img / "usr/bin/tool").read_text() == "version 2 (second)\n" and (img / "etc/motd").exists()
     assert (img / NODE_FILE).read_text() == "node 1 state, later\n"
-    m = tree.read_manifest(str(img))
+    m = manifest_of(str(img))
     assert m is not None and m["generation"]["made_by"] == "update"
     # rollback again goes forward again: the generation it replaced is the newest one
     code, out = qrmfs(env, "rollback", "-t", f"local:{img}", "-o", capsys=capsys)
@@ -149,10 +156,10 @@ def test_update_leaves_the_previous_generation_untouched(env: dict[str, Path],
     assert os.stat(img / "usr/bin/same").st_ino != os.stat(prev / "usr/bin/same").st_ino  # never shared
     assert os.stat(img / "usr/bin/same").st_ino == os.stat(img / "usr/bin/same-link").st_ino
     assert not (img / "var/log/syslog").exists()  # prepared again
-    m = tree.read_manifest(str(img))
+    m = manifest_of(str(img))
     assert m is not None
     assert m["generation"]["base_copy"]["method"] in ("copy", "reflink")
-    assert m["generation"]["parent"] == tree.read_manifest(str(prev))["generation"]["id"]  # type: ignore[index]
+    assert m["generation"]["parent"] == manifest_of(str(prev))["generation"]["id"]  # type: ignore[index]
 
 
 def test_crash_at_each_step_keeps_image_and_node_state(env: dict[str, Path],
@@ -173,7 +180,7 @@ def test_crash_at_each_step_keeps_image_and_node_state(env: dict[str, Path],
         assert not (env["root"] / ".img1.qrmfs-journal").exists(), step
         assert (img / "usr/bin/tool").read_text() == f"crash {step}\n", step
         assert (img / NODE_FILE).read_text() == "node 1 state\n", step
-        assert tree.read_manifest(str(img)) is not None
+        assert manifest_of(str(img)) is not None
         assert len(gens.generations(str(img))) == 1, (step, os.listdir(env["root"]))
         assert not [e for e in os.listdir(env["root"]) if "staging" in e or "removing" in e], step
         assert i >= 0
@@ -235,7 +242,7 @@ def test_update_overrides_options_and_records_them(env: dict[str, Path], capsys:
     create(env, capsys)
     code, out = update(env, capsys, "-e", "/usr/bin", "--hostname", "web1")
     assert code == 0, out
-    m = tree.read_manifest(str(env["img"]))
+    m = manifest_of(str(env["img"]))
     assert m is not None and m["options"]["excludes"] == ["/usr/bin"] and m["options"]["hostname"] == "web1"
     assert m["options"]["shared"] is True and m["options"]["private_add"] == ["/var/lib/app"]  # kept
     assert os.listdir(env["img"] / "usr/bin") == []  # excluded now: deleted from the new generation
@@ -301,7 +308,7 @@ def test_reflink_generations_cost_only_what_changed(tmp_path: Path, xfs: Path, e
     (env["src"] / "usr/bin/tool").write_text("version 2 (second)\n")
     code, out = update(env, capsys)
     assert code == 0, out
-    m = tree.read_manifest(str(env["img"]))
+    m = manifest_of(str(env["img"]))
     assert m is not None and m["generation"]["base_copy"]["method"] == "reflink"
     code, out = qrmfs(env, "list", "--generations", capsys=capsys)
     current, previous = out["result"]["images"][0]["generations"]
@@ -345,7 +352,7 @@ def test_updates_on_xfs_keep_acls_and_change_nothing_when_nothing_changed(
 def _image(d: Path, tag: str, gen_id: str | None = None) -> None:
     (d / "etc").mkdir(parents=True)
     (d / "etc/tag").write_text(tag)
-    tree.write_manifest(str(d), {"image": "img1", **({"generation": {"id": gen_id}} if gen_id else {})})
+    tree.write_manifest(str(d), Manifest.new({"image": "img1", **({"generation": {"id": gen_id}} if gen_id else {})}))
 
 
 def test_a_publish_with_an_unknown_spare_policy_is_refused_before_anything_moves(tmp_path: Path) -> None:
@@ -488,7 +495,7 @@ def test_spare_always_keeps_one_without_reflinks_and_never_keeps_none_with_them(
         for _ in range(3):
             code, out = update(env, capsys)
             assert code == 0, out
-        m = tree.read_manifest(str(env["img"]))
+        m = manifest_of(str(env["img"]))
         assert m is not None and m["generation"]["base_copy"]["method"] in ("copy", "reflink"), where
         assert [p.name for p in where.iterdir() if "spare" in p.name] == [], where
         assert (env["img"] / NODE_FILE).read_text() == "node 1 state\n"
@@ -515,9 +522,9 @@ def _spare_cycle(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> No
     (env["src"] / "etc/new").write_text("new at the source\n")
     code, out = update(env, capsys)
     assert code == 0, out
-    m = tree.read_manifest(str(env["img"]))
+    m = manifest_of(str(env["img"]))
     assert m is not None and m["generation"]["base_copy"]["method"] == "recycled"
-    assert not spare.exists() or tree.read_manifest(str(spare)) != m  # the pruned generation 2 is the spare now
+    assert not spare.exists() or manifest_of(str(spare)) != m  # the pruned generation 2 is the spare now
     # since the current image: etc/gone deleted, etc/new new; usr/bin/tool changed one update before, not now
     changes = m["generation"]["changes"]
     assert {k: changes[k] for k in ("new", "changed", "deleted")} == {"new": 1, "changed": 0, "deleted": 1}
@@ -663,11 +670,69 @@ def test_an_update_from_the_spare_counts_a_change_of_xattrs_or_acls_alone(
     subprocess.run(["setfacl", "-m", "u:4242:r", str(env["src"] / "usr/bin/tool")], check=True)
     code, out = update(env, capsys)
     assert code == 0, out
-    gen = tree.read_manifest(str(env["img"]))["generation"]  # type: ignore[index]
+    gen = manifest_of(str(env["img"]))["generation"]  # type: ignore[index]
     assert gen["base_copy"]["method"] == "recycled"
     assert {k: gen["changes"][k] for k in ("new", "changed", "metadata", "deleted")} == {
         "new": 0, "changed": 0, "metadata": 2, "deleted": 0}
     assert os.getxattr(env["img"] / "etc/motd", "user.note") == b"changed"
     code, out = update(env, capsys)  # and nothing changed since
-    gen = tree.read_manifest(str(env["img"]))["generation"]  # type: ignore[index]
+    gen = manifest_of(str(env["img"]))["generation"]  # type: ignore[index]
     assert code == 0 and sum(gen["changes"][k] for k in ("new", "changed", "metadata", "deleted")) == 0, gen
+
+
+def test_an_agent_session_that_dies_during_the_spares_scan_fails_the_update_and_nothing_runs_unlocked(
+        tmp_path: Path, env: dict[str, Path], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session holding the image's lock is killed (SIGKILL) as the update from the spare asks for its scan,
+    whose failure alone the count tolerates: the lock died with it, so the update fails there, and neither the
+    change count, the preparation nor the publish runs on a new session that holds no lock. The image is as
+    it was; the unfinished copy is removed (only this run's own)."""
+    from qrmfs.storage import StorageSide
+    env = _env(tmp_path, tmp_path / "exports", keep=1, config='spare = "always"\n')
+    create(env, capsys)
+    for _ in range(2):
+        assert update(env, capsys)[0] == 0
+    assert (env["root"] / ".img1.qrmfs-spare").is_dir()
+    before, manifest = snapshot(env["img"], skip=()), manifest_of(str(env["img"]))
+    sent: list[str] = []
+    real_begin, real_scan = StorageSide._begin, StorageSide.rebase_scan_later
+
+    def begin(self: StorageSide, req: Any) -> Any:  # what is sent to an agent
+        answer = real_begin(self, req)
+        sent.append(req.op)
+        return answer
+
+    def dying_scan(self: StorageSide, path: str, staging: str) -> Any:
+        session = self._session
+        assert session is not None
+        session.kill()  # the agent that holds the lock, for real; its flock goes with it
+        session.wait()
+        return real_scan(self, path, staging)
+
+    monkeypatch.setattr(StorageSide, "_begin", begin)
+    monkeypatch.setattr(StorageSide, "rebase_scan_later", dying_scan)
+    (env["src"] / "usr/bin/tool").write_text("version 4\n")
+    code, out = update(env, capsys)
+    assert code == 9, out
+    message = out["error"]["message"]
+    assert "no longer holds the lock on" in message and "rebase is not done without it" in message, message
+    assert sent[sent.index("rebase_scan") + 1:] == ["discard"]  # only the clean-up was sent after it
+    assert snapshot(env["img"], skip=()) == before and manifest_of(str(env["img"])) == manifest
+    assert not [p for p in env["root"].iterdir() if ".qrmfs-staging-" in p.name]
+
+
+@pytest.mark.parametrize("text", ["[]", "{not json", '{"schema": 99}'])
+def test_an_image_whose_manifest_cannot_be_read_is_refused_in_one_line_and_only_removed_with_force(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str], text: str) -> None:
+    create(env, capsys)
+    (env["img"] / ".qrmfs/manifest.json").write_text(text)
+    before = snapshot(env["img"], skip=())
+    for args in (("update", "-t", f"local:{env['img']}"), ("remove", "-t", f"local:{env['img']}", "--yes", "-o"),
+                 ("rollback", "-t", f"local:{env['img']}")):
+        code, out = qrmfs(env, *args, capsys=capsys)
+        message = out["error"]["message"]
+        assert code == 11 and f"{env['img']}/.qrmfs/manifest.json " in message and "\n" not in message, (args, out)
+        assert snapshot(env["img"], skip=()) == before
+    code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", "-o", "--force", capsys=capsys)
+    assert code == 0, out
+    assert not env["img"].exists()

@@ -13,7 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import typer
 
+from qrmfs import cli
 from qrmfs.actions import clone as clone_act
 from qrmfs.actions import create as create_act
 from qrmfs.actions import remove as remove_act
@@ -39,9 +41,10 @@ class OpenQrm:
         self.status = 200
 
     def handle(self, request: httpx.Request) -> httpx.Response:
-        q = {k: v[0] for k, v in parse_qs(urlsplit(str(request.url)).query).items()}
+        q = {k: v[0] for k, v in parse_qs(urlsplit(str(request.url)).query, keep_blank_values=True).items()}
         self.requests.append(q)
-        return httpx.Response(self.status, text="<html></html>")
+        # as openQRM 5.3 answers: image-action.php's newline once it ran a command; post_event: nothing
+        return httpx.Response(self.status, text="\n" if "image-action" in request.url.path else "")
 
     def commands(self) -> list[str]:
         return [q.get("image_command") or f"event {q.get('event_priority')}" for q in self.requests]
@@ -62,7 +65,8 @@ def exports(tmp_path: Path) -> Path:
 @pytest.fixture
 def env(tmp_path: Path, exports: Path, server: OpenQrm) -> Env:
     cfg = tmp_path / "qrmfs.toml"
-    cfg.write_text(f'spool_dir = "{tmp_path}/spool"\n\n[openqrm]\nurl = "{URL}"\nuser = "openqrm"\nretries = 0\n\n'
+    cfg.write_text(f'spool_dir = "{tmp_path}/spool"\n\n[openqrm]\nurl = "{URL}"\nuser = "openqrm"\nretries = 0\n'
+                   f'deployment_id = 2\n\n'
                    f'[storage.local]\naddress = "local"\nexport_root = "{exports}"\nstorage_id = 7\n')
     return Env(load(str(cfg)), Runner(), Ui(), transport=httpx.MockTransport(server.handle))
 
@@ -204,16 +208,37 @@ def test_an_undeletable_old_generation_never_fails_the_publish(env: Env, exports
     assert server.commands() == ["event 9", "event 10"]  # a new generation: the openQRM record stays
 
 
-def test_create_force_keeps_the_openqrm_record_of_a_registered_image(env: Env, exports: Path, source: Path,
+def test_create_force_keeps_the_old_tree_where_its_help_says(env: Env, exports: Path, source: Path,
+                                                             server: OpenQrm) -> None:
+    """`create --help` (and docs/cli.md, made from it) names where --force keeps what it replaces: a qrmfs
+    image becomes a generation, any other directory .NAME.qrmfs-previous."""
+    command = typer.main.get_command(cli.app).commands["create"]  # type: ignore[attr-defined]
+    force_help = next(p.help for p in command.params if p.name == "force")
+    create(env, exports, source)
+    r = create(env, exports, source, force=True)
+    assert r.previous == str(exports / ".img1.qrmfs-gen-1")  # type: ignore[attr-defined]
+    assert ".NAME.qrmfs-gen-N" in force_help, force_help
+    (exports / "other" / "data").mkdir(parents=True)
+    r = create(env, exports, source, name="other", force=True)
+    assert r.previous == str(exports / ".other.qrmfs-previous")  # type: ignore[attr-defined]
+    assert (exports / ".other.qrmfs-previous" / "data").is_dir()
+    assert "other directory is kept as .NAME.qrmfs-previous" in force_help, force_help
+
+
+def test_create_force_replaces_the_record_whose_shown_options_change(env: Env, exports: Path, source: Path,
                                                                      server: OpenQrm) -> None:
+    """--shared changes what the record shows: openQRM's record is replaced (remove_by_name, new_image: its
+    update_image needs an image_id no answer shows), not kept with a warning. Fails on the old warning-only code."""
     create(env, exports, source)
     assert server.commands().count("new_image") == 1
     server.requests.clear()
     r = create(env, exports, source, force=True, shared=True)
     assert r.registration.state is RegState.REGISTERED  # type: ignore[attr-defined]
-    # no second record, no remove_by_name: the same name and root device, only the events
+    assert server.commands() == ["event 9", "remove_by_name", "new_image", "event 10"]
+    assert server.requests[2]["image_isshared"] == "1"
+    server.requests.clear()
+    create(env, exports, source, force=True, shared=True)  # nothing the record shows changes: events only
     assert server.commands() == ["event 9", "event 10"]
-    assert any("keeps its image_isshared" in w for w in env.ui.warnings)
 
 
 def test_create_force_registers_an_image_that_had_no_record(env: Env, exports: Path, source: Path,
@@ -445,3 +470,52 @@ def test_validate_l_runs_a_silently_failed_dry_run_once_more(env: Env, exports: 
         (marks / "2").touch()
         with pytest.raises(TransferError, match="exited with 255: the ssh session ended without an exit status"):
             validate_act.validate(req, env)
+
+
+# --- the dry run shows the job the real run sends ---------------------------------------------------------
+
+def _plan(plan: list[dict[str, object]]) -> list[dict[str, str]]:
+    return [dict(r["params"]) for r in plan]  # type: ignore[call-overload]
+
+
+def test_every_commands_dry_run_is_the_job_it_sends(env: Env, exports: Path, source: Path,
+                                                   server: OpenQrm) -> None:
+    """create, clone, update (with a changed --shared: the record replaced), rollback and remove: the openQRM
+    requests of --dry-run are exactly those the real run sends, in order. Fails on the old code (clone's plan
+    had no events, update's a line of text, rollback's and remove's none)."""
+    from qrmfs.actions import update as update_act
+
+    t = Target("local", f"{exports}/img1")
+    creq = create_act.CreateRequest(name="img1", target=t, location=Location(None, str(source)), creds=creds())
+    planned = _plan(create_act.dry_run(creq, env).registration)
+    create_act.create(creq, env)
+    assert server.requests == planned and [q.get("image_command") for q in planned] == [None, "new_image", None]
+
+    server.requests.clear()
+    c = clone_act.CloneRequest(name="img2", target=Target("local", f"{exports}/img2"), source=t, creds=creds())
+    planned = _plan(clone_act.dry_run(c, env).registration)
+    clone_act.clone(c, env)
+    assert server.requests == planned and len(planned) == 3
+
+    server.requests.clear()
+    u = update_act.UpdateRequest(t, overrides={"shared": True}, creds=creds())
+    planned = _plan(update_act.update(update_act.UpdateRequest(t, overrides={"shared": True}, creds=creds(),
+                                                               dry_run=True), env).registration)  # type: ignore[union-attr]
+    update_act.update(u, env)
+    assert server.requests == planned
+    assert [q.get("image_command") for q in planned] == [None, "remove_by_name", "new_image", None]
+
+    server.requests.clear()
+    rb = update_act.RollbackRequest(t, creds=creds())
+    planned = _plan(update_act.rollback(update_act.RollbackRequest(t, creds=creds(), dry_run=True), env).plan)
+    update_act.rollback(rb, env)
+    assert server.requests == planned  # back to the unshared generation: its record again
+    assert [q.get("image_command") for q in planned] == [None, "remove_by_name", "new_image", None]
+    assert planned[2]["image_isshared"] == "0"
+
+    server.requests.clear()
+    r = remove_act.RemoveRequest(Target("local", f"{exports}/img2"), yes=True, creds=creds())
+    planned = _plan(remove_act.remove(remove_act.RemoveRequest(r.target, creds=creds(), dry_run=True), env,
+                                      lambda _: True).registration)  # type: ignore[union-attr]
+    remove_act.remove(r, env, lambda _: True)
+    assert server.requests == planned and [q.get("image_command") for q in planned] == [None, "remove_by_name", None]

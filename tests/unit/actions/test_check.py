@@ -3,15 +3,20 @@ probe run for real on this machine's filesystem, the ssh failure messages, the -
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from qrmfs import cli
+from qrmfs import cli, openqrm
 from qrmfs.actions import check
 from qrmfs.config import SshHost
 from qrmfs.results import envelope
@@ -179,3 +184,74 @@ def test_unreadable_key_files_and_password_file_are_failed_checks(env, capsys):
     assert "fail config: [ssh] known_hosts /nonexistent/kh is not a readable file" in lines
     assert "fail openqrm: cannot read password file /nonexistent/pw: No such file or directory" in lines
     assert any(ln.startswith("ok   storage local export root") for ln in lines)  # the rest still ran
+
+
+# --- an https openQRM behind a private CA ----------------------------------------------------------
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def private_ca_openqrm(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An https server on 127.0.0.1 whose certificate a CA made here signed (in no system bundle). It answers
+    check's requests as openQRM 5.3 does for administrator openqrm / pw: resource-monitor.php's post_event an
+    empty 200; image-action.php 401 for its realm without (or with other) credentials, and 500 to the role
+    probe (docs/openqrm.md)."""
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "1",
+             "-subj", "/CN=qrmfs test CA")
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+             "-subj", "/CN=127.0.0.1")
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+             "-out", str(cert), "-days", "1", "-extfile", str(ext))
+    want = "Basic " + base64.b64encode(b"openqrm:pw").decode()
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path.startswith(f"/openqrm{openqrm.EVENT_PATH}?"):
+                self.send_response(200)
+            elif self.headers.get("Authorization") == want:
+                self.send_response(500)
+            else:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", f'Basic realm="{openqrm.REALM}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}/openqrm", ca
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_check_trusts_the_private_ca_of_ca_file_as_create_does(env, capsys, tmp_path, private_ca_openqrm):
+    """[openqrm] ca_file is the TLS set-up of every openQRM client of a run, check's probe included: an https
+    openQRM behind a private CA answers check as it answers create. Without ca_file it is not trusted."""
+    url, ca = private_ca_openqrm
+    pw = tmp_path / "pw"
+    pw.write_text("pw\n")
+    base = env["cfg"].read_text().replace("http://127.0.0.1:9/openqrm", url)
+    args = ["check", "-t", "local", "--password-file", str(pw), "--json", "--config", str(env["cfg"])]
+
+    env["cfg"].write_text(base.replace('user = "openqrm"\n', f'user = "openqrm"\nca_file = "{ca}"\n'))
+    _, out, _ = run(args, capsys)
+    got = {c["name"]: c for c in json.loads(out)["result"]["checks"]}["openqrm"]
+    assert (got["status"], got["message"]) == ("ok", f"{url} is openQRM, its database answers, and user 'openqrm' "
+                                                     "is an administrator (shown by requests that change nothing "
+                                                     "on the server)")
+
+    env["cfg"].write_text(base)
+    _, out, _ = run(args, capsys)
+    got = {c["name"]: c for c in json.loads(out)["result"]["checks"]}["openqrm"]
+    assert got["status"] == "fail" and "CERTIFICATE_VERIFY_FAILED" in got["message"], got

@@ -14,6 +14,7 @@ import pytest
 from qrmfs import model
 from qrmfs.agent import fsutil, tree
 from qrmfs.agent import main as agent_main
+from qrmfs.agent.manifest import Manifest, ManifestError
 from qrmfs.agent.protocol import encode
 from qrmfs.agent.tree import AgentError
 
@@ -22,7 +23,7 @@ def image(path: Path, manifest: dict[str, Any] | None = None) -> Path:
     (path / "etc").mkdir(parents=True, exist_ok=True)
     (path / "etc/hostname").write_text("n\n")
     if manifest is not None:
-        tree.write_manifest(str(path), manifest)
+        tree.write_manifest(str(path), Manifest.new(manifest))
     return path
 
 
@@ -57,7 +58,8 @@ def test_inspect_absent(root: Path) -> None:
     info = enc(tree.op_inspect)(str(root / "img1"), str(root))
     st = os.statvfs(root)
     assert {k: v for k, v in info.items() if k != "free_bytes"} == {
-        "exists": False, "is_image": False, "parent_exists": True, "previous": False, "manifest": None}
+        "exists": False, "is_image": False, "parent_exists": True, "previous": False, "manifest": None,
+        "manifest_error": None}
     assert abs(info["free_bytes"] - st.f_bavail * st.f_frsize) < 64 * 2**20
 
 
@@ -66,7 +68,7 @@ def test_inspect_image_and_parent_missing(root: Path) -> None:
     (root / ".img1.qrmfs-previous").mkdir()
     info = enc(tree.op_inspect)(str(root / "img1"), str(root))
     assert (info["exists"], info["is_image"], info["previous"], info["manifest"]) == (True, True, True,
-                                                                                     {"image": "img1"})
+                                                                                     {"image": "img1", "schema": 2})
     info = enc(tree.op_inspect)(str(root / "lab/img2"), str(root))
     assert (info["exists"], info["parent_exists"]) == (False, False)
     assert not (root / "lab").exists()  # inspect creates nothing
@@ -86,7 +88,8 @@ def test_manifest_through_symlink_is_refused_never_read(root: Path, tmp_path: Pa
         tree.read_manifest(str(root / "img1"))
     (root / "img2/.qrmfs").mkdir(parents=True)
     (root / "img2/.qrmfs/manifest.json").write_text("{broken")
-    assert tree.read_manifest(str(root / "img2")) is None
+    with pytest.raises(ManifestError, match=r"img2/\.qrmfs/manifest\.json is not JSON"):
+        tree.read_manifest(str(root / "img2"))
 
 
 @pytest.mark.parametrize("rel", ["../elsewhere/img", "img/../../x"])
@@ -177,7 +180,7 @@ def test_publish_refuses_without_manifest(root: Path) -> None:
 
 def test_publish_refuses_foreign_staging(root: Path) -> None:
     other = enc(tree.op_stage)(str(root / "img2"), str(root), "t")["staging"]
-    tree.write_manifest(other, {"image": "img2"})
+    tree.write_manifest(other, Manifest.new({"image": "img2"}))
     refused("refused", tree.op_publish, str(root / "img1"), str(root), other, False)
     refused("refused", tree.op_publish, str(root / "img1"), str(root), str(root / ".img1.qrmfs-staging-none"), False)
     assert os.path.isdir(other)
@@ -189,7 +192,7 @@ def test_publish_new(root: Path) -> None:
     out = enc(tree.op_publish)(str(root / "img1"), str(root), st, False)
     assert out == {"path": str(root / "img1"), "replaced": False, "previous": None}
     assert os.listdir(root) == ["img1"]  # staging renamed, known_hosts removed
-    assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 1}
+    assert tree.read_manifest(str(root / "img1")) == Manifest.new({"image": "img1", "n": 1})
 
 
 def test_publish_existing_refused_without_force_then_force_keeps_previous(root: Path) -> None:
@@ -199,11 +202,11 @@ def test_publish_existing_refused_without_force_then_force_keeps_previous(root: 
     st = enc(tree.op_stage)(str(root / "img1"), str(root), "t")["staging"]
     image(Path(st), {"image": "img1", "n": 2})
     assert refused("exists", tree.op_publish, str(root / "img1"), str(root), st, False) == f"{root / 'img1'} exists"
-    assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 1} and os.path.isdir(st)
+    assert tree.read_manifest(str(root / "img1")) == Manifest.new({"image": "img1", "n": 1}) and os.path.isdir(st)
     out = enc(tree.op_publish)(str(root / "img1"), str(root), st, True)
     assert out == {"path": str(root / "img1"), "replaced": True, "previous": str(root / ".img1.qrmfs-previous")}
-    assert tree.read_manifest(str(root / "img1")) == {"image": "img1", "n": 2}
-    assert tree.read_manifest(str(root / ".img1.qrmfs-previous")) == {"image": "img1", "n": 1}
+    assert tree.read_manifest(str(root / "img1")) == Manifest.new({"image": "img1", "n": 2})
+    assert tree.read_manifest(str(root / ".img1.qrmfs-previous")) == Manifest.new({"image": "img1", "n": 1})
     assert sorted(os.listdir(root)) == [".img1.qrmfs-previous", "img1"]
 
 
@@ -301,8 +304,8 @@ def test_list(root: Path) -> None:
     (root / "afile").write_text("x")
     got = enc(tree.op_list)(str(root))["images"]
     assert got == [
-        {"path": str(root / "img1"), "manifest": {"image": "img1"}, "locked": None},
-        {"path": str(root / "lab/deep/img2"), "manifest": {"image": "img2"}, "locked": None},
+        {"path": str(root / "img1"), "manifest": {"image": "img1", "schema": 2}, "locked": None},
+        {"path": str(root / "lab/deep/img2"), "manifest": {"image": "img2", "schema": 2}, "locked": None},
     ]
     assert [g["path"] for g in enc(tree.op_list)(str(root), depth=4)["images"]] == [
         str(root / "a/b/c/too_deep"), str(root / "img1"), str(root / "lab/deep/img2")]
@@ -330,7 +333,7 @@ def test_manifest_update(root: Path) -> None:
     image(root / "img1", {"image": "img1", "registration": {"state": "pending"}, "keep": 1})
     out = enc(tree.op_manifest_update)(str(root / "img1"), str(root), {"registration": {"state": "registered"}})
     out = out["manifest"]
-    assert out == {"image": "img1", "registration": {"state": "registered"}, "keep": 1}
+    assert out == {"image": "img1", "registration": {"state": "registered"}, "keep": 1, "schema": 2}
     assert json.loads((root / "img1/.qrmfs/manifest.json").read_text()) == out
     assert (root / "img1/.qrmfs/manifest.json").read_text().endswith("}\n")
     assert os.listdir(root / "img1/.qrmfs") == ["manifest.json"]
@@ -341,8 +344,8 @@ def test_manifest_update(root: Path) -> None:
 def test_write_manifest_replaces_a_non_directory(root: Path) -> None:
     (root / "img1").mkdir()
     (root / "img1/.qrmfs").write_text("junk")
-    tree.write_manifest(str(root / "img1"), {"b": 2, "a": 1})
-    assert (root / "img1/.qrmfs/manifest.json").read_text() == '{\n  "a": 1,\n  "b": 2\n}\n'
+    tree.write_manifest(str(root / "img1"), Manifest.new({"b": 2, "a": 1}))
+    assert (root / "img1/.qrmfs/manifest.json").read_text() == '{\n  "a": 1,\n  "b": 2,\n  "schema": 2\n}\n'
 
 
 def test_stats_counts_hard_links_once(tmp_path: Path) -> None:
@@ -418,7 +421,7 @@ def test_no_delete_crosses_a_mount_point(root: Path, tmpfs_in: Any) -> None:
     shared = tmpfs_in(prev / "srv/shared")
     # publish with force deletes the previous generation: refused, the mounted files survive
     st = enc(tree.op_stage)(str(root / "img1"), str(root), "t")["staging"]
-    tree.write_manifest(st, {"image": "img1"})
+    tree.write_manifest(st, Manifest.new({"image": "img1"}))
     with pytest.raises(fsutil.Mounted):
         tree.op_publish(str(root / "img1"), str(root), st, True)
     assert (shared / "precious").read_text() == "keep me\n"
@@ -469,7 +472,7 @@ def test_a_generation_in_use_is_not_deleted(root: Path) -> None:
     user = subprocess.Popen(["sleep", "60"], cwd=prev / "etc")  # like a process (or the NFS server) using it
     try:
         st = enc(tree.op_stage)(str(root / "img1"), str(root), "t")["staging"]
-        tree.write_manifest(st, {"image": "img1"})
+        tree.write_manifest(st, Manifest.new({"image": "img1"}))
         with pytest.raises(fsutil.InUse, match=rf"in use by pid {user.pid} \(sleep\)"):
             tree.op_publish(str(root / "img1"), str(root), st, True)
         assert (prev / "etc/hostname").exists() and (root / "img1/etc/hostname").exists()
