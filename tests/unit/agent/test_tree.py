@@ -507,7 +507,8 @@ def test_a_list_without_leftovers_names_the_images_and_walks_no_generation(root:
         (root / name / ".qrmfs/manifest.json").write_text(json.dumps({"image": name}))
     for made in (".img1.qrmfs-gen-1", ".img1.qrmfs-spare"):  # qrmfs's own (a manifest it wrote)
         (root / made / "usr").mkdir(parents=True)
-        tree.write_manifest(str(root / made), {"image": "img1"})
+        (root / made / ".qrmfs").mkdir()
+        (root / made / ".qrmfs/manifest.json").write_text(json.dumps({"image": "img1"}))
     full = tree.op_list(str(root))
     assert sorted(x.kind for x in full.leftovers) == ["generation", "spare"]
 
