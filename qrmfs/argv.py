@@ -186,7 +186,9 @@ MOUNT_DIRS_MARK = "# qrmfs: directories"
 # One read of the mount table, then which mount points are directories (a bind-mounted FILE, a container's
 # /etc/hosts, is copied like any file): mountinfo's own escaped names, decoded for the test only (every
 # backslash there starts an octal escape \NNN, which printf %b reads as \0NNN). Fixed text, no input.
-_MOUNTS_SCRIPT = ("mi=$(cat /proc/self/mountinfo) || exit; "  # one line: whatever the login shell, `sh -c` gets it
+NO_SOURCE_DIR = 3  # mounts_argv's exit code when the source path is no directory there
+_MOUNTS_SCRIPT = (f"[ -d \"$1\" ] || exit {NO_SOURCE_DIR}; "  # the source path, checked before anything starts
+                  "mi=$(cat /proc/self/mountinfo) || exit; "  # one line: whatever the login shell, `sh -c` gets it
                   f"printf '%s\\n' \"$mi\" '{MOUNT_DIRS_MARK}'; "
                   "printf '%s\\n' \"$mi\" | while read -r _ _ _ _ mp _; do "
                   "case $mp in *\\\\*) p=$(printf '%b' \"$(printf '%s' \"$mp\" | sed 's/\\\\/\\\\0/g')\");; "
@@ -194,10 +196,11 @@ _MOUNTS_SCRIPT = ("mi=$(cat /proc/self/mountinfo) || exit; "  # one line: whatev
                   "if [ -d \"$p\" ]; then printf '%s\\n' \"$mp\"; fi; done")
 
 
-def mounts_argv() -> tuple[str, ...]:
+def mounts_argv(source_path: str) -> tuple[str, ...]:
     """The source's mount table and its directory mount points, in one command (one ssh); see
-    transfer.source_mounts."""
-    return ("sh", "-c", _MOUNTS_SCRIPT)
+    transfer.source_mounts. It exits NO_SOURCE_DIR, having read nothing, when source_path is no directory
+    (an argument of the fixed script, never part of it)."""
+    return ("sh", "-c", _MOUNTS_SCRIPT, "sh", source_path)
 
 
 def mount_nfs_argv(server: str, export: str, mountpoint: str, vers: str = "4.1") -> tuple[str, ...]:

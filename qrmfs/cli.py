@@ -15,7 +15,7 @@ from . import __version__, journal, model
 from .actions.common import Credentials, Env, resolve_credentials
 from .completion import complete_host, complete_storage, complete_storage_name
 from .config import load
-from .errors import AbortedError, Interrupted, QrmfsError, UsageError
+from .errors import AbortedError, QrmfsError, UsageError, interrupt
 from .results import Flushed, Result, render_json
 from .runner import Runner
 from .ui import Ui
@@ -492,7 +492,7 @@ def _stop_on_signals() -> None:
     def handler(signum: int, _frame: object) -> None:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, lambda n, _f: print("qrmfs: still cleaning up; SIGKILL stops at once", file=sys.stderr))
-        raise Interrupted(signum)
+        interrupt(signum)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, handler)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class QrmfsError(Exception):
@@ -109,3 +111,32 @@ class Interrupted(QrmfsError):
 class CheckFailedError(QrmfsError):
     """qrmfs check: at least one check failed (each is reported on its own line)."""
     exit_code, kind = 15, "check_failed"
+
+
+# Signals that arrived inside a signals_deferred() block (the main thread's only: Python runs handlers there).
+_deferring: list[int] = []   # depth of the blocks being run
+_deferred: list[int] = []    # the signals that came meanwhile
+
+
+def interrupt(signum: int) -> None:
+    """What qrmfs's SIGINT/SIGTERM handler does: raise Interrupted, or, inside a signals_deferred() block,
+    note the signal and raise it when the block ends."""
+    if _deferring:
+        _deferred.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A short step that must happen whole (a request sent together with its place in the queue of answers):
+    Interrupted is raised after it, not inside. Nothing in it may wait long: the signal waits with it."""
+    _deferring.append(1)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    if not _deferring and _deferred:
+        signum = _deferred[0]
+        _deferred.clear()
+        raise Interrupted(signum)

@@ -374,6 +374,7 @@ class Listing(Result):
         for x in self.leftovers:
             state = (f"in use by {x.held_by}" if x.held_by else
                      "the next update starts from it" if x.kind == "spare" else
+                     "not made by qrmfs: left alone" if x.kind == "foreign" else
                      "kept" if x.kind in ("generation", "previous") else "left over")
             lines.append(f"  {x.storage}:{x.path}  {x.kind}, {x.bytes / 2**20:.1f} MiB, {state}")
         return lines

@@ -18,8 +18,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, cast, overload
 
@@ -27,7 +29,16 @@ from . import argv as A
 from .agent import protocol as P
 from .agent.protocol import ErrorKind
 from .config import Storage
-from .errors import ConnectError, ExistsError, LockedError, NotFoundError, QrmfsError, RefusedError, StorageError
+from .errors import (
+    ConnectError,
+    ExistsError,
+    LockedError,
+    NotFoundError,
+    QrmfsError,
+    RefusedError,
+    StorageError,
+    signals_deferred,
+)
 from .runner import CommandFailed, Runner, stop, tail
 
 AGENT_MODULES = ("fsutil", "manifest", "protocol", "steps", "tree", "holds", "gens", "supervise", "exports",
@@ -84,6 +95,13 @@ def _write(p: subprocess.Popen[bytes], data: bytes) -> None:
         pass
 
 
+@dataclass
+class _Answers:
+    """An agent session's requests waiting for their answers (each a slot the reader fills), oldest first."""
+    waiting: deque[list[str]] = field(default_factory=deque)
+    ended: bool = False
+
+
 def node_init_script() -> str:
     return (resources.files("qrmfs") / "data" / "qrmfs-init").read_text()
 
@@ -124,9 +142,11 @@ class StorageSide:
         self._session: subprocess.Popen[bytes] | None = None
         self._ready = False
         self._session_err: list[bytes] = []
-        self._threads: list[threading.Thread] = []  # the session's stderr reader and first writer
-        self._pending: list[tuple[P.Request[Any], list[str]]] = []  # sent, answer not read yet (in order)
-        self._io = threading.Lock()
+        self._threads: list[threading.Thread] = []  # the session's stderr reader, first writer, answer reader
+        self._answers = _Answers()  # the session's requests sent and not answered yet, in order
+        self._serve: list[str] = []  # the session's first answer (it is up), filled by its answer reader
+        # the session's state; the answer reader thread fills answers under it and notifies the waiting callers
+        self._io = threading.Condition()
         self._at_exit = False
         self._warm: dict[bool, tuple[subprocess.Popen[bytes], threading.Thread, tuple[str, ...]]] = {}
         self._locks: set[str] = set()  # the images whose lock the session holds
@@ -161,11 +181,14 @@ class StorageSide:
         assert p.stdin is not None and p.stdout is not None and p.stderr is not None
         err: list[bytes] = []
         payload = self._payload(P.Serve()).encode()
+        answers, self._serve = _Answers(), []
+        answers.waiting.append(self._serve)
         self._threads = [threading.Thread(target=lambda f=p.stderr: err.append(f.read()), daemon=True),
-                         threading.Thread(target=_write, args=(p, payload), daemon=True)]
+                         threading.Thread(target=_write, args=(p, payload), daemon=True),
+                         threading.Thread(target=self._read_answers, args=(p, answers), daemon=True)]
         for t in self._threads:
             t.start()
-        self._session, self._session_err, self._ready, self._pending = p, err, False, []
+        self._session, self._session_err, self._ready, self._answers = p, err, False, answers
         if not self._at_exit:
             atexit.register(self.close)
             self._at_exit = True
@@ -178,16 +201,41 @@ class StorageSide:
         assert p is not None
         if not self._ready:
             self._threads[1].join()
-            self._read(p, P.Serve())
+            self._wait(p, self._serve, P.Serve())
             self._ready = True
         return p
 
-    def _read(self, p: subprocess.Popen[bytes], req: P.Request[Any]) -> str:
+    def _read_answers(self, p: subprocess.Popen[bytes], answers: _Answers) -> None:
+        """The session's answer reader (a thread of its own: a signal raises Interrupted in the main thread
+        only, so no signal can fall between reading an answer and handing it to its request): each answer line
+        goes to the oldest request waiting, in order. At the session's end, every request still waiting gets
+        an empty answer, and so does any sent after it."""
         assert p.stdout is not None
-        answer = p.stdout.readline().decode(errors="replace")
+        while True:
+            line = p.stdout.readline().decode(errors="replace")
+            with self._io:
+                if not line.startswith("{"):
+                    answers.ended = True
+                    for slot in answers.waiting:
+                        slot.append(line)
+                    answers.waiting.clear()
+                    self._io.notify_all()
+                    return
+                if answers.waiting:  # an answer no request waits for cannot be: it is dropped
+                    answers.waiting.popleft().append(line)
+                self._io.notify_all()
+
+    def _wait(self, p: subprocess.Popen[bytes], slot: list[str], req: P.Request[Any]) -> str:
+        """The answer line of a request sent on session p, waited for (call with self._io held): a signal
+        while waiting raises Interrupted here, and the reader still hands the answer to this slot, so the
+        answers of later requests stay theirs."""
+        while not slot:
+            self._io.wait()
+        answer = slot[0]
         if answer.startswith("{"):
             return answer
-        self._ended(f"its agent session ended (while it waited for the answer to {req.op})")
+        if self._session is p:  # the first of its waiting requests to see it ended says so
+            self._ended(f"its agent session ended (while it waited for the answer to {req.op})")
         try:
             code = p.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -306,20 +354,19 @@ class StorageSide:
             if not req.after_lost_lock:
                 self._refuse_unlocked(req.op)
             p = self._live()
-            _write(p, _request_line(req).encode())
             slot: list[str] = []
-            self._pending.append((req, slot))
+            with signals_deferred():  # the request is sent and awaited as one step, or neither
+                answers = self._answers
+                if answers.ended:
+                    slot.append("")
+                else:
+                    answers.waiting.append(slot)
+                    _write(p, _request_line(req).encode())
 
         def answer() -> T:
             with self._io:
-                while not slot:
-                    if self._session is not p:
-                        raise StorageError(f"the storage server {self.storage.name} gave no answer to {req.op} "
-                                           "(its agent session ended)")
-                    first, first_slot = self._pending[0]
-                    first_slot.append(self._read(p, first))
-                    self._pending.pop(0)
-            return req.decode_answer(self._answer(slot[0], "", req))
+                line = self._wait(p, slot, req)
+            return req.decode_answer(self._answer(line, "", req))
         return answer
 
     def _answer(self, stdout: str, stderr: str = "", req: P.Request[Any] | None = None) -> Any:

@@ -232,8 +232,17 @@ class Streamed:
                                                      " (tar not found on the source)" if send == 127 else "")
                  ] if send else []
         parts += [f"extracting tar exited with {receive}"] if receive else []
-        last = tail(self.stderr, 1)
+        last = self.cause()
         return "; ".join(parts) + (f": {last}" if last else "")
+
+    def cause(self) -> str:
+        """The stream's own last error line: tar's closing summary ("Exiting with failure status due to previous
+        errors") names no cause, the line before it does."""
+        lines = [ln for ln in self.stderr.splitlines() if ln.strip() and not TAR_SUMMARY.search(ln)]
+        return lines[-1].strip() if lines else tail(self.stderr, 1)
+
+
+TAR_SUMMARY = re.compile(r"Exiting with failure status due to previous errors|Error is not recoverable")
 
 
 def parse_streamed(stdout: str, stderr: str, code: int) -> Streamed:

@@ -239,28 +239,58 @@ def claim_job(env: Env, job: openqrm.Job) -> None:
 
 
 def settle_publish(env: Env, job: openqrm.Job) -> bool | None:
-    """A job armed before a publish by a run that is gone (its claim is ours now): is the image at its target
-    the generation it was armed for? Decided under the image's lock (which finishes an interrupted publish
-    first). True: published, send it. False: never published: its registration is dropped and the failure
-    reported instead. None: cannot tell now (storage unreachable, image locked): it waits."""
+    """A job armed before a publish by a run that is gone (its claim is ours now): was the generation it was
+    armed for published? Decided under the image's lock (which finishes an interrupted publish first), from
+    the image's own record: the generation is the image or one of its earlier generations, or a generation
+    made from it since (an update, a rollback) still names the job in its manifest. True: published, send it.
+    False: the image is not there (never published, or removed since): its registration is dropped and the
+    failure reported instead. None: cannot tell now (storage unreachable, image locked): it waits."""
     assert job.publish is not None
+    if "removal" in job.publish:
+        return settle_removal(env, job)
+    armed = job.publish.get("generation")
     try:
         target = Target.parse(job.target)
         side = env.side(env.storage(target))
         with env.locked(side, target.path, "flush", target.name):
-            manifest = side.inspect(target.path).manifest
+            exists = side.inspect(target.path).manifest is not None
+            trees = side.generations(target.path).generations if exists else []
     except QrmfsError as e:
         env.ui.warn(f"spooled registration {job.id} ({job.image}) waits: cannot tell whether {job.target} was "
                     f"published ({e.message})")
         return None
-    published = generation_id(manifest) == job.publish.get("generation")
+    published = any(generation_id(g.manifest) == armed or Registration.of_manifest(g.manifest).spool_job == job.id
+                    for g in trees)
     if not published:
-        jobs.abandon(job, f"qrmfs stopped before publishing {job.target}")
-        env.ui.warn(f"spooled registration {job.id}: {job.target} was never published (the run that armed it "
-                    "stopped first); not registering it, reporting the failure instead")
+        why = (f"{job.target} was never published (the run that armed it stopped first)" if exists else
+               f"{job.target} was never published, or was removed since")
+        jobs.abandon(job, why)
+        env.ui.warn(f"spooled registration {job.id}: {why}; not registering it, reporting the failure instead")
     job.publish = None
     env.spool().save(job)
     return published
+
+
+def settle_removal(env: Env, job: openqrm.Job) -> bool | None:
+    """A deregistration armed before a remove by a run that is gone: is the image gone? Decided under its lock
+    (which finishes a remove that started). True: send it. False: the image is still there (the remove never
+    began): dropped. None: cannot tell now."""
+    try:
+        target = Target.parse(job.target)
+        side = env.side(env.storage(target))
+        with env.locked(side, target.path, "flush", target.name):
+            exists = side.inspect(target.path).exists
+    except QrmfsError as e:
+        env.ui.warn(f"spooled deregistration {job.id} ({job.image}) waits: cannot tell whether {job.target} was "
+                    f"removed ({e.message})")
+        return None
+    if exists:
+        env.ui.warn(f"spooled deregistration {job.id}: {job.target} is still there (its remove never began); "
+                    "not deregistering it")
+        job.requests = []
+    job.publish = None
+    env.spool().save(job)
+    return not exists
 
 
 def iso_now() -> str:
@@ -303,6 +333,9 @@ def _bound_elsewhere(job: openqrm.Job, creds: Credentials) -> str | None:
     return None
 
 
+CLAIM_WAIT = 30.0  # seconds a flush waits for another process's delivery of a job before calling it pending
+
+
 def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str]]:
     """Deliver what earlier runs left in the spool (oldest first). Quick: one attempt each, short timeout.
     A job goes only to its own URL with credentials from its own source; one held by another qrmfs
@@ -319,7 +352,8 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
             (env.ui.debug if quick else env.ui.warn)(f"spooled registration {listed.id} ({listed.image}) not sent: "
                                                      f"{why}")
             continue
-        claim = spool.claim(listed.id)
+        # another flush delivering it now is waited for (it is then gone, not pending); a quick flush waits not
+        claim = spool.claim(listed.id, wait=0.0 if quick else CLAIM_WAIT)
         if claim is None:
             left.append(listed.id)
             env.ui.debug(f"spooled registration {listed.id} ({listed.image}) is being delivered by another qrmfs")
@@ -331,6 +365,10 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
                 continue
             if job.publish is not None and settle_publish(env, job) is None:
                 left.append(job.id)
+                continue
+            if not job.requests:  # settled: nothing to send (a remove that never began)
+                spool.drop(job)
+                claim.release(unlink=True)
                 continue
             _warn_plain_http(env, creds)
             c = env.client(Credentials(job.url, creds.user, creds.password), quick=quick)

@@ -24,7 +24,7 @@ def gc(env: Env, storage_name: str | None) -> Collected:
     for s in storages(env, storage_name):
         side = env.side(s)
         listed = side.list()
-        doomed = [x for x in listed.leftovers if x.kind not in ("previous", "generation", "spare")]
+        doomed = [x for x in listed.leftovers if x.kind not in ("previous", "generation", "spare", "foreign")]
         images = {x.path for x in listed.images}
         for image in sorted(images | {x.image for x in doomed}):
             try:

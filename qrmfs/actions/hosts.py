@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from .. import argv as A
 from ..config import Config, SshHost, Storage
-from ..errors import ConnectError, RouteError
+from ..errors import ConnectError, RouteError, UsageError
 from ..model import Location
 from ..runner import CommandFailed, Runner, stop, tail
 from ..transfer import Mounts, source_mounts
@@ -49,11 +49,14 @@ def discover_mounts(runner: Runner, cfg: Config, h: SshHost | None, path: str) -
     """Separate disk filesystems below the source root (copied too) and network ones (left out)."""
     if h is not None and h.is_local:
         h = None
-    argv = A.mounts_argv() if h is None else A.ssh_argv(h, A.mounts_argv(), identity=cfg.identity_file,
-                                                         known_hosts=cfg.known_hosts)
+    mounts = A.mounts_argv(path)
+    argv = mounts if h is None else A.ssh_argv(h, mounts, identity=cfg.identity_file, known_hosts=cfg.known_hosts)
     try:
         out = runner.run(argv, timeout=60).stdout
     except CommandFailed as e:
+        if e.code == A.NO_SOURCE_DIR:
+            where = "this machine" if h is None else f"source host {h.address}"
+            raise UsageError(f"the source path {path} is not a directory on {where}") from None
         if h is None:
             return Mounts()
         raise ConnectError(f"cannot reach source host {h.address} over ssh ({h.dest} port {h.port})",

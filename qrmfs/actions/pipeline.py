@@ -182,7 +182,9 @@ def _as_new_generation(env: Env, spec: BuildSpec, current: Manifest | None) -> B
     openQRM's update_image needs the record's image_id, which no answer of openQRM shows."""
     keeps = Registration.of_manifest(current).has_record
     changed = jobs.record_fields_changed(current.options if current else {}, spec.manifest.get("options", {}))
-    spec = dataclasses.replace(spec, parent=spec.parent or current, new_record=spec.new_record and not keeps,
+    # the manifest read under the lock: a flush before it may have recorded a delivery since the caller read it
+    spec = dataclasses.replace(spec, parent=current if current is not None else spec.parent,
+                               new_record=spec.new_record and not keeps,
                                replace_record=bool(spec.enroll and keeps and changed))
     if spec.replace_record:
         env.ui.step(f"openQRM's record of {spec.name} is replaced: its {', '.join(changed)} changes")
@@ -510,10 +512,12 @@ def _write_manifest(run: Run) -> None:
 
 
 def _registration_record(run: Run) -> dict[str, Any]:
+    if run.incremental and not (run.spec.new_record or run.spec.replace_record):
+        # a new generation of an image with a record: the record is as it was (its events, if any, are no
+        # registration; a new_image still waiting in the spool stays named, so its flush records the delivery)
+        return Registration.of_manifest(run.spec.parent).record()
     if run.job:  # until openQRM accepts it: the spool job that carries it is named (flush records the delivery)
         return Registration(RegState.PENDING, run.job.id).record()
-    if run.incremental and not run.spec.new_record:  # a new generation, not sent (-o): the record is as it was
-        return Registration.of_manifest(run.spec.parent).record()
     return Registration(RegState.NOT_REGISTERED).record()
 
 
@@ -617,13 +621,15 @@ def _register(env: Env, run: Run) -> Registration:
         e.message += (f"; the image is created and its registration waits in the spool (job {job.id}): "
                       "fix the cause and run `qrmfs flush`")
         raise
-    if why is None:
-        earlier = Registration.of_manifest(spec.parent)
-        reg = (Registration(RegState.REGISTERED, time=iso_now(), via=spec.command, seen=saw)
-               if spec.new_record or spec.replace_record or earlier.state is not RegState.REGISTERED
-               else earlier)  # an update: the record stays as it was
-        env.ui.step(f"sent {spec.name}'s {'registration' if spec.new_record or spec.replace_record else 'events'} to "
-                    f"openQRM at {spec.enroll.creds.url}: {saw}")
+    if not (spec.new_record or spec.replace_record):  # a new generation sent only its events: the record stays
+        reg = Registration.of_manifest(spec.parent)
+        if why is None:
+            env.ui.step(f"sent {spec.name}'s events to openQRM at {spec.enroll.creds.url}: {saw}")
+        else:
+            env.ui.warn(f"openQRM did not answer ({why}): the {spec.command}'s events wait in the spool")
+    elif why is None:
+        reg = Registration(RegState.REGISTERED, time=iso_now(), via=spec.command, seen=saw)
+        env.ui.step(f"sent {spec.name}'s registration to openQRM at {spec.enroll.creds.url}: {saw}")
     else:
         reg = Registration(RegState.PENDING, job.id)
         env.ui.warn(f"openQRM did not answer ({why}): the image is created and its registration waits in the "

@@ -16,6 +16,14 @@ from typing import Any
 MAX_LINKS = 40
 
 
+CRASH_ENV = "QRMFS_TEST_CRASH_AT"  # tests: the agent dies (os._exit) right after the named step
+
+
+def crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os._exit(137)
+
+
 class Escape(Exception):
     """A path would leave the image (or loops); the image is not touched there."""
 
@@ -54,6 +62,137 @@ def resolve(root: str, rel: str, follow_last: bool = True) -> str:
             continue
         done.append(part)
     return os.path.join(root, *done)
+
+
+class Planted(Exception):
+    """Where qrmfs expects a directory or file of its own inside a tree a node can write (an image, a
+    generation, the spare, a staging copy made from them), something else is there: a symlink, a mount point,
+    a special file, a file with links elsewhere. qrmfs follows none of them: the operation is refused, naming
+    the path, before anything is read, moved or written through it."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"{path} is {what}, not what qrmfs made there (a node may have planted it): refusing to "
+                         "follow it; nothing was changed through it")
+        self.path = path
+
+
+# openat2(2): each component resolved in the kernel, below the directory, no symlink, no mount point crossed
+_SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
+_RESOLVE = 0x01 | 0x04 | 0x08  # RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH
+_openat2_works: list[bool] = []
+
+
+def _openat2(dirfd: int, rel: str, flags: int) -> int | None:
+    """openat2 with _RESOLVE; None where this kernel or libc has none (the caller then walks by hand)."""
+    import ctypes
+
+    if _openat2_works == [False]:
+        return None
+
+    class How(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        _openat2_works[:] = [False]
+        return None
+    how = How(flags | os.O_CLOEXEC, 0, _RESOLVE)
+    fd = int(libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how)))
+    if fd >= 0:
+        _openat2_works[:] = [True]
+        return fd
+    e = ctypes.get_errno()
+    if e in (errno.ENOSYS, errno.EPERM) and not _openat2_works:  # none here (or a seccomp filter forbids it)
+        _openat2_works[:] = [False]
+        return None
+    raise OSError(e, os.strerror(e), rel)
+
+
+def open_beneath(top: str, rel: str, flags: int = os.O_RDONLY) -> int:
+    """An fd of top/rel, reached without following a symlink or crossing a mount point at any component, and
+    never a special file (O_NONBLOCK: a FIFO does not block). Planted names what is in the way; an absent
+    path raises FileNotFoundError. `top` itself is the caller's to check (the agent checks an image's path
+    against the export root)."""
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    topfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    try:
+        try:
+            fd = _openat2(topfd, "/".join(parts), flags) if parts else os.dup(topfd)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR, errno.ENXIO):
+                raise
+            fd = None  # which component, and what it is: the walk below names it
+        if fd is None:
+            fd = _walk_beneath(top, topfd, parts, flags)
+    finally:
+        os.close(topfd)
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        os.close(fd)
+        raise Planted(os.path.join(top, *parts), "a special file")
+    return fd
+
+
+def _walk_beneath(top: str, topfd: int, parts: list[str], flags: int) -> int:
+    """open_beneath one component at a time (O_NOFOLLOW, st_dev and the mount table compared at each)."""
+    dev = os.fstat(topfd).st_dev
+    mounts = set(mounts_at_or_below(top))
+    fd, here = os.dup(topfd), top
+    try:
+        for i, part in enumerate(parts):
+            here = os.path.join(here, part)
+            if part == "..":
+                raise Planted(here, "a path out of its tree")
+            last = i == len(parts) - 1
+            st = os.lstat(part, dir_fd=fd)
+            if stat.S_ISLNK(st.st_mode):
+                raise Planted(here, "a symlink")
+            if st.st_dev != dev or here in mounts:
+                raise Planted(here, "a mount point")
+            if not last and not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), here)
+            nfd = os.open(part, flags if last else os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_beneath(top: str, rel: str) -> bytes | None:
+    """The regular file top/rel (see open_beneath); None when it is absent. (A hard link is no way out of a
+    tree: its other names lie on the same export, which the node sees only through its own image; qrmfs
+    never writes into such a file, it replaces it by a rename, see write_file.)"""
+    try:
+        fd = open_beneath(top, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise Planted(os.path.join(top, rel), "a directory")
+        return f.read()
+
+
+def plain_dir(top: str, rel: str) -> bool:
+    """Whether top/rel is a directory reached as open_beneath reaches it (False: absent); Planted where
+    something else is there."""
+    try:
+        fd = open_beneath(top, rel)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        raise Planted(os.path.join(top, rel), "below a file, not a directory") from None
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise Planted(os.path.join(top, rel), "a file, not a directory")
+    finally:
+        os.close(fd)
+    return True
 
 
 def is_real_dir(path: str) -> bool:
@@ -149,6 +288,38 @@ def remove_tree(path: str) -> None:
         raise InUse(f"refusing to delete {path}: in use by {', '.join(busy[:5])}"
                     + (f" and {len(busy) - 5} more" if len(busy) > 5 else ""))
     remove(path)
+
+
+def unchangeable(d: str) -> str | None:
+    """Why the agent's user may not change directory d (add, remove or rename its entries), or None."""
+    if os.access(d, os.W_OK | os.X_OK, follow_symlinks=False):
+        return None
+    st = os.lstat(d)
+    return f"{d} (owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}) may not be changed"
+
+
+def undeletable(path: str) -> str | None:
+    """Why the agent's user could not delete the tree at path (a directory in it, or its parent, it may not
+    change: owned by another user, read-only), or None. Walks the directories only (not following symlinks,
+    nor into other file systems); root may change any."""
+    def blocked(d: str) -> str | None:  # an empty directory needs no change of its own to go
+        try:
+            with os.scandir(d) as it:
+                empty = next(it, None) is None
+        except PermissionError:
+            empty = False
+        return None if empty else unchangeable(d)
+
+    why = unchangeable(os.path.dirname(path))
+    if why or not is_real_dir(path):
+        return why
+    dev = os.lstat(path).st_dev
+    for dirpath, dirnames, _files in os.walk(path):
+        why = blocked(dirpath)
+        if why:
+            return why
+        dirnames[:] = [n for n in dirnames if os.lstat(os.path.join(dirpath, n)).st_dev == dev]
+    return None
 
 
 def remove(path: str) -> None:

@@ -32,14 +32,30 @@ from typing import Any
 
 from . import holds
 from . import protocol as P
-from .fsutil import Mounted, holders, in_two, is_real_dir, mine, remove, write_file
+from .fsutil import CRASH_ENV as CRASH_ENV  # the tests' name for it
+from .fsutil import (
+    Mounted,
+    crash_point,
+    holders,
+    in_two,
+    is_real_dir,
+    mine,
+    open_beneath,
+    plain_dir,
+    remove,
+    unchangeable,
+    write_file,
+)
 from .holds import NODES
 from .manifest import CHANGE_KINDS, generation_id
 from .protocol import AgentError, ErrorKind
 from .tree import (
     _check_under,
     check_staging,
+    finish_remove,
+    generation_seq,
     images_below,
+    made_by_qrmfs,
     read_manifest,
     refuse_inner_images,
     remove_pins,
@@ -47,31 +63,26 @@ from .tree import (
     write_manifest,
 )
 
-CRASH_ENV = "QRMFS_TEST_CRASH_AT"  # tests: the agent dies (os._exit) right after the named step
-
-
-def _crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        os._exit(137)
-
 
 def generations(path: str) -> list[tuple[int, str]]:
-    """(seq, dir) of every earlier generation, oldest first."""
-    s = siblings(path)
-    parent, prefix = os.path.dirname(path), os.path.basename(s.gen_prefix)
+    """(seq, dir) of every earlier generation, oldest first: a directory named by qrmfs's own pattern
+    (`gen-` and ASCII digits, nothing else: `gen-²` is no generation) that holds a qrmfs manifest. What only
+    looks like one is no generation: never pruned, rolled back to or deleted (`list` shows it as foreign)."""
+    parent = os.path.dirname(path)
     out = []
     for e in os.listdir(parent) if is_real_dir(parent) else []:
+        seq = generation_seq(path, e)
         full = os.path.join(parent, e)
-        if e.startswith(prefix) and e[len(prefix):].isdigit() and is_real_dir(full):
-            out.append((int(e[len(prefix):]), full))
-    if is_real_dir(s.previous):
-        out.append((0, s.previous))
+        if seq is not None and made_by_qrmfs(full):
+            out.append((seq, full))
     return sorted(out)
 
 
 def _next_generation(path: str) -> str:
-    gens = generations(path)
-    return siblings(path).gen_prefix + str((gens[-1][0] if gens else 0) + 1)
+    """A name after every generation's, and after any foreign name that looks like one (never renamed onto)."""
+    parent = os.path.dirname(path)
+    seqs = [q for e in os.listdir(parent) if (q := generation_seq(path, e)) is not None]
+    return siblings(path).gen_prefix + str(max(seqs, default=0) + 1)
 
 
 
@@ -99,23 +110,48 @@ def _exchange(a: str, b: str) -> bool:
 def _move_nodes(image: str, incoming: str) -> bool:
     """The image's node state moves into the incoming tree (a rename: same inodes, so running nodes' bind
     mounts keep working). Once the incoming tree holds node state, it is the one that was moved there (see
-    _set_aside): a node that booted in between and seeded a new one in the image leaves that with the image."""
-    src, dst = os.path.join(image, NODES), os.path.join(incoming, NODES)
-    if not os.path.lexists(src) or os.path.lexists(dst):
+    _set_aside): a node that booted in between and seeded a new one in the image leaves that with the image.
+    Both `.qrmfs` directories are opened without following anything a node planted (a symlink to another
+    image's, a mount point): the rename is between those two directory fds."""
+    if not plain_dir(image, NODES) or _lexists_beneath(incoming, NODES):
         return False
-    d = os.path.dirname(dst)
-    if not is_real_dir(d):
-        os.makedirs(d, 0o755)
-    os.rename(src, dst)
+    if not plain_dir(incoming, ".qrmfs"):
+        os.mkdir(os.path.join(incoming, ".qrmfs"), 0o755)
+    src, dst = (open_beneath(t, ".qrmfs", os.O_RDONLY | os.O_DIRECTORY) for t in (image, incoming))
+    try:
+        os.rename("nodes", "nodes", src_dir_fd=src, dst_dir_fd=dst)
+    finally:
+        os.close(src)
+        os.close(dst)
     return True
+
+
+def _lexists_beneath(top: str, rel: str) -> bool:
+    """Whether anything is at top/rel, its directory reached as open_beneath reaches it."""
+    d, name = os.path.split(rel)
+    try:
+        fd = open_beneath(top, d, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        os.lstat(name, dir_fd=fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _set_aside(incoming: str) -> None:
     """Node state an old generation still carries (an image replaced by create --force before generations
     existed kept its nodes) is renamed aside before the journal is written, never mixed with the current."""
-    dst = os.path.join(incoming, NODES)
-    if os.path.lexists(dst):
-        os.rename(dst, dst + time.strftime(".superseded-%Y%m%dT%H%M%S", time.gmtime()))
+    if _lexists_beneath(incoming, NODES):
+        d = open_beneath(incoming, ".qrmfs", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rename("nodes", "nodes" + time.strftime(".superseded-%Y%m%dT%H%M%S", time.gmtime()),
+                      src_dir_fd=d, dst_dir_fd=d)
+        finally:
+            os.close(d)
 
 
 def _read_journal(path: str) -> dict[str, Any] | None:
@@ -140,20 +176,20 @@ def _finish(path: str, j: dict[str, Any]) -> P.Swapped:
             raise AgentError(ErrorKind.REFUSED, f"{incoming} is gone; the publish it journaled cannot finish")
         if os.path.lexists(path):
             nodes_moved = _move_nodes(path, incoming)
-            _crash_point("nodes")
+            crash_point("nodes")
             if not _exchange(incoming, path):
                 os.rename(path, outgoing)
-                _crash_point("retire-first")
+                crash_point("retire-first")
                 os.rename(incoming, path)
         else:  # two-rename fallback interrupted between its renames
             os.rename(incoming, path)
-        _crash_point("swap")
+        crash_point("swap")
     if os.path.lexists(incoming) and os.path.lexists(path) and not os.path.lexists(outgoing):
         os.rename(incoming, outgoing)  # after an exchange, incoming's name holds the old image
-    _crash_point("retire")
+    crash_point("retire")
     pruned, failed, held = prune(path, int(j.get("keep", 1)), str(j.get("spare", P.SPARE_DEFAULT)),
                                  int(j.get("node_timeout", P.NODE_TIMEOUT_DEFAULT)))
-    _crash_point("prune")
+    crash_point("prune")
     remove_pins(path)  # the source's pinned host key served the copy only
     remove(siblings(path).journal)
     return P.Swapped(path, outgoing if os.path.lexists(outgoing) else None, pruned, nodes_moved, failed, held)
@@ -169,11 +205,18 @@ def _swap(path: str, incoming: str, keep: int, spare: str = P.SPARE_DEFAULT,
         new_id = os.urandom(8).hex()
         m = m.patched({"generation": {**m.generation, "id": new_id}})
         write_manifest(incoming, m)
+    # node state a node made strange, or that the agent's user may not move, is refused before the journal
+    # commits the publish (which would then fail at every lock)
+    if plain_dir(path, NODES):
+        for d in (os.path.join(path, NODES), os.path.join(path, ".qrmfs"), os.path.join(incoming, ".qrmfs")):
+            why = unchangeable(d) if is_real_dir(d) else None
+            if why:
+                raise AgentError(ErrorKind.REFUSED, f"{why}: the node state cannot move; nothing was published")
     _set_aside(incoming)
     j = {"incoming": incoming, "outgoing": _next_generation(path), "new_id": new_id, "keep": keep, "spare": spare,
          "node_timeout": node_timeout}
     write_file(siblings(path).journal, (json.dumps(j) + "\n").encode(), 0o600)
-    _crash_point("journal")
+    crash_point("journal")
     return _finish(path, j)
 
 
@@ -191,6 +234,9 @@ def recover(path: str) -> P.Swapped | None:
     if j is None:
         if os.path.lexists(s.journal):
             remove(s.journal)
+        return None
+    if j.get("remove") == path:  # a remove that started: it finishes
+        finish_remove(path)
         return None
     try:
         return _finish(path, j)

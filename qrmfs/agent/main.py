@@ -143,7 +143,7 @@ def _answer(fn: Callable[[], Any]) -> str:
         return P.error_line(e.kind, str(e))
     except ManifestError as e:
         return P.error_line(ErrorKind.NOT_IMAGE, str(e))
-    except (fsutil.Mounted, fsutil.InUse) as e:
+    except (fsutil.Mounted, fsutil.InUse, fsutil.Planted) as e:
         return P.error_line(ErrorKind.REFUSED, str(e))
     except OSError as e:
         return P.error_line(ErrorKind.OS, f"{e.strerror}: {e.filename}")

@@ -17,6 +17,7 @@ stale one. Earlier versions kept it beside the image as `.<name>.qrmfs-known_hos
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,7 +30,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as P
-from .fsutil import holders, is_real_dir, mounts_at_or_below, remove, remove_tree, walk_tree
+from .fsutil import (
+    Planted,
+    crash_point,
+    holders,
+    is_real_dir,
+    mounts_at_or_below,
+    open_beneath,
+    plain_dir,
+    read_beneath,
+    remove,
+    remove_tree,
+    undeletable,
+    walk_tree,
+    write_file,
+)
 from .manifest import PATH as MANIFEST
 from .manifest import Manifest, ManifestError, generation_id
 from .protocol import AgentError, ErrorKind
@@ -183,6 +198,8 @@ def scan(top: str, depth: int) -> Iterator[tuple[str, str, Manifest | None]]:
             elif is_dir:
                 try:
                     m = read_manifest(full)
+                except Planted:
+                    continue  # a tree a node made strange: not shown, not entered (its commands name it)
                 except ManifestError:
                     m = None  # not listed: inspect, update and remove name what is wrong with it
                 if m is not None:
@@ -199,36 +216,51 @@ def images_below(path: str, depth: int = 4) -> list[str]:
 
 
 def read_manifest(path: str) -> Manifest | None:
-    """The image's manifest; None where there is none (or it cannot be opened). One that is there but cannot be
-    read as a manifest raises ManifestError: such a tree is no plain directory, and not an image to act on."""
-    p = os.path.join(path, MANIFEST)
-    if os.path.islink(p) or not os.path.isfile(p):
-        return None
+    """The manifest of an image, generation, spare or staging copy; None where there is none. Read without
+    following anything a node could have planted (fsutil.read_beneath: Planted names it). One that is there but
+    cannot be read as a manifest raises ManifestError: such a tree is no plain directory, and not an image to
+    act on."""
     try:
-        with open(p, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except OSError:
+        data = read_beneath(path, MANIFEST)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # no tree at path
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None  # path itself is a symlink: no image (its caller refuses it by its path)
+        raise
+    if data is None:
         return None
-    return Manifest.parse(text, p)
+    return Manifest.parse(data.decode("utf-8", errors="surrogateescape"), os.path.join(path, MANIFEST))
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:
     """The manifest, and beside it the generation id alone (`.qrmfs/generation`: qrmfs-init reads it at boot and
-    reports it, see holds.py), each written by replace."""
-    d = os.path.join(root, ".qrmfs")
-    if not is_real_dir(d):
-        if os.path.lexists(d):
-            remove(d)
-        os.makedirs(d, mode=0o755)
+    reports it, see holds.py), each a new file renamed over the old one, through a directory fd of its .qrmfs
+    reached as open_beneath reaches it: never through a symlink a node planted."""
+    try:
+        there = plain_dir(root, ".qrmfs")
+    except Planted:
+        remove(os.path.join(root, ".qrmfs"))  # a symlink (unlinked, not followed) or a file
+        there = False
+    if not there:
+        os.mkdir(os.path.join(root, ".qrmfs"), 0o755)
     gen = generation_id(manifest)
-    for name, text in (("generation", f"{gen}\n" if gen else None), ("manifest.json", manifest.text())):
-        tmp = os.path.join(d, f"{name}.tmp")
-        if text is None:
-            remove(os.path.join(d, name))
-            continue
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(d, name))
+    d = open_beneath(root, ".qrmfs", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, text in (("generation", f"{gen}\n" if gen else None), ("manifest.json", manifest.text())):
+            tmp = f"{name}.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=d)
+            if text is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=d)
+                continue
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=d)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+    finally:
+        os.close(d)
 
 
 def _root_of(path: str, root: str | None) -> str:
@@ -430,37 +462,71 @@ def op_remove(path: str, export_root: str, force: bool, running_ok: bool = False
     if not force and read_manifest(path) is None:  # a manifest that cannot be read is refused as it says
         raise AgentError(ErrorKind.NOT_IMAGE,
                          f"{path} has no qrmfs manifest: not an image (use --force to remove anyway)")
-    busy = mounts_at_or_below(path)
-    if busy:
-        raise AgentError(ErrorKind.REFUSED, f"{path} has mounts under it: {', '.join(busy)}")
     _refuse_running(path, node_timeout, None, "removing it (--running-nodes-ok removes it anyway)", running_ok)
-    s = siblings(path)
-    earlier = _earlier_generations(path)  # every earlier generation goes with the image
-    for tree_ in (path, *earlier):
-        busy = holders(tree_) if is_real_dir(tree_) else []
+    trees = _trees_of(path)
+    for t in trees:  # every tree is checked before anything is deleted: a refused remove leaves all of it
+        busy = mounts_at_or_below(t)
         if busy:
-            raise AgentError(ErrorKind.REFUSED, f"{tree_} is in use by {', '.join(busy[:5])}: not removing it")
-    remove(s.removing)
-    os.rename(path, s.removing)  # gone from its name at once; the slow part happens out of sight
-    remove(s.removing)
-    for g in earlier:
-        remove(g)
-    remove(s.spare)
-    remove(s.journal)
+            raise AgentError(ErrorKind.REFUSED, f"{t} has mounts under it: {', '.join(busy)}")
+        users = holders(t) if is_real_dir(t) else []
+        if users:
+            raise AgentError(ErrorKind.REFUSED, f"{t} is in use by {', '.join(users[:5])}: nothing was removed")
+        locked = undeletable(t)
+        if locked:
+            raise AgentError(ErrorKind.REFUSED, f"{t} cannot be deleted by the agent's user: {locked}; nothing was "
+                                                "removed")
+    # the intent first: a remove that started is finished by the next lock (gens.recover), however it ends
+    write_file(siblings(path).journal, (json.dumps({"remove": path}) + "\n").encode(), 0o600)
+    finish_remove(path)
     return P.Removed(path)
 
 
-def _earlier_generations(path: str) -> list[str]:
-    """`.NAME.qrmfs-gen-<seq>` and an old-style `.NAME.qrmfs-previous` (gens.generations orders them)."""
+def _trees_of(path: str) -> list[str]:
+    """Every tree of an image: the image, its generations, its spare, its staging copies."""
     s = siblings(path)
-    parent, gen = os.path.dirname(path), os.path.basename(s.gen_prefix)
-    found = [os.path.join(parent, e) for e in sorted(os.listdir(parent))
-             if e.startswith(gen) and e[len(gen):].isdigit()]
-    return [*found, s.previous] if os.path.lexists(s.previous) else found
+    parent = os.path.dirname(path)
+    staging = [os.path.join(parent, e) for e in sorted(os.listdir(parent))
+               if os.path.join(parent, e).startswith(s.staging_prefix)]
+    return [path, *_earlier_generations(path), *([s.spare] if os.path.lexists(s.spare) else []), *staging]
+
+
+def finish_remove(path: str) -> None:
+    """Carry a journaled remove through: the image's name goes first (renamed out of sight), then each of its
+    trees, then the journal. Called by op_remove and, after a crash, by the next lock."""
+    s = siblings(path)
+    if os.path.lexists(path):
+        remove(s.removing)
+        os.rename(path, s.removing)  # gone from its name at once; the slow part happens out of sight
+    crash_point("remove-image")
+    remove(s.removing)
+    for t in _trees_of(path)[1:]:
+        remove(t)
+    remove(s.journal)
+
+
+def _earlier_generations(path: str) -> list[str]:
+    """`.NAME.qrmfs-gen-<seq>` and an old-style `.NAME.qrmfs-previous` that qrmfs made (each holds a
+    manifest qrmfs wrote; a name that only looks like one is foreign: never deleted). Planted where one was
+    made strange."""
+    parent = os.path.dirname(path)
+    found = [os.path.join(parent, e) for e in sorted(os.listdir(parent)) if generation_seq(path, e) is not None]
+    return [g for g in found if made_by_qrmfs(g)]
+
+
+def generation_seq(path: str, entry: str) -> int | None:
+    """The seq of a generation's name beside the image at path (the previous image of old: 0); None for any
+    other name, strictly: only ASCII digits, no sign, no space."""
+    s = siblings(path)
+    if entry == os.path.basename(s.previous):
+        return 0
+    prefix = os.path.basename(s.gen_prefix)
+    digits = entry[len(prefix):] if entry.startswith(prefix) else ""
+    return int(digits) if re.fullmatch(r"[0-9]{1,18}", digits) else None
 
 
 SIBLING = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(lock|known_hosts|removing|previous|staging-.+|gen-[0-9]+|"
                      r"journal|removing-gen-[0-9]+|spare)$")
+NAMESPACE = re.compile(r"^\.([A-Za-z0-9_]{1,50})\.qrmfs-(.*)$", re.DOTALL)  # any name in qrmfs's namespace
 
 
 def op_list(export_root: str, depth: int = 3, leftovers: bool = True) -> P.Listed:
@@ -483,18 +549,36 @@ def op_list(export_root: str, depth: int = 3, leftovers: bool = True) -> P.Liste
 
 
 def _leftover(parent: str, entry: str) -> list[P.Leftover]:
-    m = SIBLING.match(entry)
+    """What a hidden entry beside images is. "foreign": a name in qrmfs's namespace that qrmfs did not make
+    (by its own record: a generation, previous or spare holds a manifest qrmfs wrote; any other name must be
+    one qrmfs spells): shown, never deleted."""
+    m = SIBLING.match(entry) or NAMESPACE.match(entry)
     if not m:
         return []
     image = os.path.join(parent, m.group(1))
-    kind = ("staging" if m.group(2).startswith("staging-") else "generation" if m.group(2).startswith("gen-")
-            else "removing" if m.group(2).startswith("removing-") else m.group(2))
     path = os.path.join(parent, entry)
+    kind = ("foreign" if m.re is NAMESPACE else "staging" if m.group(2).startswith("staging-") else
+            "generation" if m.group(2).startswith("gen-") else
+            "removing" if m.group(2).startswith("removing-") else m.group(2))
+    if kind in ("generation", "previous", "spare"):
+        try:
+            kind = kind if made_by_qrmfs(path) else "foreign"
+        except Planted:
+            kind = "foreign"
     held = _lock_held(siblings(image).lock)
     if kind == "lock" and (held or os.path.lexists(image)):
         return []  # the lock of an image that exists, or one in use: nothing left over
     size = tree_counts(path)[1] if is_real_dir(path) else os.lstat(path).st_blocks * 512
     return [P.Leftover(path, image, kind, size, held)]
+
+
+def made_by_qrmfs(tree_: str) -> bool:
+    """A tree qrmfs made (by its own record: a manifest qrmfs wrote there), read without following anything
+    planted in it (Planted: the caller refuses, naming it, or shows it as foreign)."""
+    try:
+        return is_real_dir(tree_) and read_manifest(tree_) is not None
+    except ManifestError:
+        return False  # a manifest qrmfs cannot read is no record of its own: left alone
 
 
 def _lock_held(lock: str) -> str | None:

@@ -266,8 +266,8 @@ def test_image_module_repairs_a_broken_image_and_reports_failures(local: dict[st
     # failures carry qrmfs's exit code, kind and message
     code, out = run_module(local, "qrmfs_image", name="img2", target=local["target"].replace("img1", "img2"),
                            source=str(local["tmp"] / "missing"), register=False)
-    assert code == 1 and out["failed"] and out["rc"] == 8 and out["kind"] == "transfer"
-    assert out["operation"] == "create" and "rsync" in out["msg"]
+    assert code == 1 and out["failed"] and out["rc"] == 2 and out["kind"] == "usage"  # refused before anything
+    assert out["operation"] == "create" and "is not a directory on this machine" in out["msg"]
     code, out = run_module(local, "qrmfs_image", name="img3", target="local:/elsewhere/img3", source="/",
                            register=False)  # outside the export root: refused before anything is touched
     assert code == 1 and out["rc"] == 2 and out["kind"] == "usage" and "export root" in out["msg"]

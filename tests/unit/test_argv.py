@@ -151,8 +151,8 @@ def test_ipv6_storage_from_config_gives_usable_argv() -> None:
 
 
 def test_mounts_argv_is_one_fixed_command_that_reads_the_table_once() -> None:
-    argv = A.mounts_argv()
-    assert argv[:2] == ("sh", "-c") and len(argv) == 3
+    argv = A.mounts_argv("/srv/a path; rm -rf /")
+    assert argv[:2] == ("sh", "-c") and argv[3:] == ("sh", "/srv/a path; rm -rf /")  # an argument, never script
     assert argv[2].count("/proc/self/mountinfo") == 1
     assert "\n" not in argv[2]  # one line: a csh login shell cannot take a newline inside quotes
 

@@ -67,14 +67,14 @@ def test_the_mounts_command_lists_directory_mount_points_and_not_a_bind_mounted_
     bin_.mkdir()
     (bin_ / "cat").write_text(f"#!/bin/sh\nprintf '%s\\n' {shlex.quote(table)}\n")
     (bin_ / "cat").chmod(0o755)
-    out = subprocess.run(A.mounts_argv(), capture_output=True, text=True, check=True,
+    out = subprocess.run(A.mounts_argv(str(tmp_path)), capture_output=True, text=True, check=True,
                          env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}).stdout
     m = source_mounts(out, str(tmp_path))
     assert m.skipped == [{"path": str(tmp_path / "my dir"), "fstype": "ext4", "why": "bind mount of /srv/a"}]
 
 
 def test_the_mounts_command_runs_on_this_machine() -> None:
-    m = source_mounts(subprocess.run(A.mounts_argv(), capture_output=True, text=True, check=True).stdout, "/")
+    m = source_mounts(subprocess.run(A.mounts_argv("/"), capture_output=True, text=True, check=True).stdout, "/")
     assert all(s["path"].startswith("/") for s in m.skipped) and "/" not in m.include
 
 

@@ -22,7 +22,7 @@ from qrmfs.actions import remove as remove_act
 from qrmfs.actions import validate as validate_act
 from qrmfs.actions.common import Credentials, Env
 from qrmfs.config import load
-from qrmfs.errors import ExistsError, QrmfsError, TransferError
+from qrmfs.errors import ExistsError, QrmfsError, TransferError, UsageError
 from qrmfs.model import Location, Target
 from qrmfs.results import RegState
 from qrmfs.runner import Runner
@@ -135,9 +135,21 @@ def _assert_nothing_published(exports: Path, server: OpenQrm, tmp_path: Path) ->
 
 
 def test_failed_copy_leaves_nothing(env: Env, exports: Path, source: Path, server: OpenQrm, tmp_path: Path) -> None:
-    with pytest.raises(TransferError):
-        create(env, exports, source / "missing")  # rsync exits 23: the source is not there
-    _assert_nothing_published(exports, server, tmp_path)
+    (source / "big").write_bytes(os.urandom(2 << 20))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "qrmfs-test", str(exports)], check=True)
+    try:
+        with pytest.raises(TransferError):
+            create(env, exports, source)  # rsync fails: the export fills up
+        _assert_nothing_published(exports, server, tmp_path)
+    finally:
+        subprocess.run(["umount", str(exports)], check=True)
+
+
+def test_a_source_that_is_not_there_is_refused_before_anything(env: Env, exports: Path, source: Path,
+                                                               server: OpenQrm) -> None:
+    with pytest.raises(UsageError, match="is not a directory on this machine"):
+        create(env, exports, source / "missing")
+    assert names(exports) == [] and server.commands() == []  # nothing staged, locked or sent
 
 
 def test_failed_preparation_leaves_nothing(env: Env, exports: Path, source: Path, server: OpenQrm,
@@ -176,8 +188,10 @@ def test_an_undeletable_old_generation_never_fails_the_publish(env: Env, exports
     server.requests.clear()
     # the oldest generation cannot be deleted (an immutable file in it): the new generation is published all
     # the same (create --force of an image makes a new generation), the old one is left and tried again later
-    prev = exports / ".img1.qrmfs-previous"
+    prev = exports / ".img1.qrmfs-previous"  # an image replaced by an old qrmfs (its manifest: qrmfs's own)
     (prev / "etc").mkdir(parents=True)
+    (prev / ".qrmfs").mkdir()
+    (prev / ".qrmfs/manifest.json").write_text('{"image": "img1"}\n')
     (prev / "etc/pinned").write_text("x")
     undo = _immutable(prev / "etc/pinned")
     if undo is None:

@@ -120,14 +120,17 @@ def broken_agent(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def raw(side: StorageSide) -> Iterator[Callable[[str], dict[str, Any]]]:
-    """One line to the side's real agent session, its answer line back."""
+    """One line to the side's real agent session, its answer line back (queued as the side queues a request's:
+    the session's reader thread hands each answer to the oldest request waiting)."""
     with side._io:
         p = side._live()
-    assert p.stdout is not None
 
     def ask(line: str) -> dict[str, Any]:
-        S._write(p, line.encode() + b"\n")
-        answer: dict[str, Any] = json.loads(p.stdout.readline())  # type: ignore[union-attr]
+        slot: list[str] = []
+        with side._io:
+            side._answers.waiting.append(slot)
+            S._write(p, line.encode() + b"\n")
+            answer: dict[str, Any] = json.loads(side._wait(p, slot, P.Inspect("", "")))
         return answer
     yield ask
     assert side._session is p  # the session lived through it all

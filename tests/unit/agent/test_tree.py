@@ -80,11 +80,12 @@ def test_inspect_directory_without_manifest_is_not_an_image(root: Path) -> None:
     assert (info["exists"], info["is_image"]) == (True, False)
 
 
-def test_manifest_through_symlink_is_ignored(root: Path, tmp_path: Path) -> None:
+def test_manifest_through_symlink_is_refused_never_read(root: Path, tmp_path: Path) -> None:
     (tmp_path / "fake.json").write_text('{"image": "evil"}')
     (root / "img1/.qrmfs").mkdir(parents=True)
     os.symlink(tmp_path / "fake.json", root / "img1/.qrmfs/manifest.json")
-    assert tree.read_manifest(str(root / "img1")) is None
+    with pytest.raises(fsutil.Planted, match=r"img1/\.qrmfs/manifest\.json is a symlink"):
+        tree.read_manifest(str(root / "img1"))
     (root / "img2/.qrmfs").mkdir(parents=True)
     (root / "img2/.qrmfs/manifest.json").write_text("{broken")
     with pytest.raises(ManifestError, match=r"img2/\.qrmfs/manifest\.json is not JSON"):
@@ -504,8 +505,10 @@ def test_a_list_without_leftovers_names_the_images_and_walks_no_generation(root:
     for name in ("img1", "img2"):
         (root / name / ".qrmfs").mkdir(parents=True)
         (root / name / ".qrmfs/manifest.json").write_text(json.dumps({"image": name}))
-    (root / ".img1.qrmfs-gen-1/usr").mkdir(parents=True)
-    (root / ".img1.qrmfs-spare").mkdir()
+    for made in (".img1.qrmfs-gen-1", ".img1.qrmfs-spare"):  # qrmfs's own (a manifest it wrote)
+        (root / made / "usr").mkdir(parents=True)
+        (root / made / ".qrmfs").mkdir()
+        (root / made / ".qrmfs/manifest.json").write_text(json.dumps({"image": "img1"}))
     full = tree.op_list(str(root))
     assert sorted(x.kind for x in full.leftovers) == ["generation", "spare"]
 
