@@ -456,7 +456,7 @@ class Checker:
             self.r.add(f"{label} ssh", FAIL, f"from storage server {s.name}: {why}", stderr=tail(err, 3))
 
     # --- openQRM and spool ---------------------------------------------------------------------------
-    def openqrm(self, creds: Credentials) -> None:
+    def openqrm(self, creds: Credentials, storages: Sequence[Storage]) -> None:
         if not creds.url:
             self.r.add("openqrm", WARN, "no openQRM URL (config [openqrm] url or --openqrm-url): create can only "
                                         "run with -o/--only-physical")
@@ -483,22 +483,23 @@ class Checker:
             return
         self.r.add("openqrm", OK, f"{creds.url} is openQRM, its database answers, and user {creds.user!r} is an "
                                   "administrator (shown by requests that change nothing on the server)")
-        self.record_values()
+        self.record_values(storages)
 
-    def record_values(self) -> None:
+    def record_values(self, storages: Sequence[Storage]) -> None:
         """The values every record needs (jobs.image_fields). openQRM 5.3 shows neither over HTTP, so they are
-        checked for presence here; docs/openqrm.md says where an operator reads them."""
+        checked for presence here, for the storage servers checked (every one without -t); docs/openqrm.md says where
+        an operator reads them."""
         o = self.cfg.openqrm
         if o.deployment_id is None:
             self.r.add("openqrm record", FAIL, "[openqrm] deployment_id is not set: records need the id of openQRM's "
                                                "nfs-deployment type (docs/openqrm.md, \"The values a record needs\")")
-        missing = sorted(n for n, st in self.cfg.storage.items() if st.storage_id is None)
+        missing = sorted({st.name for st in storages if st.storage_id is None})
         if missing:
             self.r.add("openqrm record", FAIL, f"no storage_id for storage server(s) {', '.join(missing)}: records "
                                                "need openQRM's id of each (docs/openqrm.md)")
         if o.deployment_id is not None and not missing:
-            self.r.add("openqrm record", OK, f"image_type {o.deployment_id} and a storage_id for every storage "
-                                             "server are set (openQRM 5.3 cannot show them over HTTP: not verified "
+            self.r.add("openqrm record", OK, f"image_type {o.deployment_id} and a storage_id for every storage server "
+                                             "checked are set (openQRM 5.3 cannot show them over HTTP: not verified "
                                              "against the server)")
 
     def spool(self) -> None:
@@ -603,6 +604,6 @@ def check(req: CheckRequest, runner: Runner, ui: Ui) -> Checked:
     if password_error:
         report.add("openqrm", FAIL, password_error)
     else:
-        checker.openqrm(creds)
+        checker.openqrm(creds, [s for s, _ in targets])
     checker.spool()
     return report.result()

@@ -267,3 +267,25 @@ def test_check_trusts_the_private_ca_of_ca_file_as_create_does(env, capsys, tmp_
     _, out, _ = run(args, capsys)
     got = {c["name"]: c for c in json.loads(out)["result"]["checks"]}["openqrm"]
     assert got["status"] == "fail" and "CERTIFICATE_VERIFY_FAILED" in got["message"], got
+
+
+def test_the_record_values_are_required_of_the_storage_servers_checked(env, capsys, tmp_path, private_ca_openqrm):
+    """`check -t NAME` asks openQRM's record values of NAME only: another configured storage server without a
+    storage_id (an Ansible host's config lists every server of the fleet) fails no check of NAME's. Without -t,
+    every storage server is checked, and the one without an id is named."""
+    url, ca = private_ca_openqrm
+    pw = tmp_path / "pw"
+    pw.write_text("pw\n")
+    env["cfg"].write_text(env["cfg"].read_text().replace("http://127.0.0.1:9/openqrm", url).replace(
+        'user = "openqrm"\n', f'user = "openqrm"\nca_file = "{ca}"\ndeployment_id = 7\n').replace(
+        'address = "local"\n', 'address = "local"\nstorage_id = 3\n')
+        + '\n[storage.other]\naddress = "127.0.0.1"\nssh_port = 9\n')
+
+    def record(*targets: str) -> dict[str, object]:
+        args = ["check", *targets, "--password-file", str(pw), "--json", "--config", str(env["cfg"])]
+        _, out, _ = run(args, capsys)
+        return {c["name"]: c for c in json.loads(out)["result"]["checks"]}["openqrm record"]
+
+    assert record("-t", "local")["status"] == "ok"
+    got = record()
+    assert got["status"] == "fail" and "no storage_id for storage server(s) other:" in got["message"], got
