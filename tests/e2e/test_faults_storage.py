@@ -106,7 +106,9 @@ def test_a_second_image_under_a_registered_name_is_refused(lab, mock, cfg, image
 
 def test_a_flush_records_the_delivery_in_the_manifest_and_list_shows_it(lab, mock, cfg, image_path):
     name = posixpath.basename(image_path)
-    mock.post("/_mock/fault", json={"mode": "500"}).raise_for_status()  # openQRM down for every request
+    # image-action fails (500) while the database answers: a passing fault, so the registration waits in the spool
+    # (500 on every request is a database that is down: exit 17, test_openqrm_real)
+    mock.post("/_mock/fault", json={"mode": "500", "path": "image-action"}).raise_for_status()
     r = qrmfs("create", "-t", f"storage:{image_path}", "-l", "source:/srv", "-u", "openqrm", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
     reg = result_of(r)["registration"]
