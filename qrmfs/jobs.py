@@ -20,6 +20,7 @@ from typing import Any
 from . import openqrm
 from .config import OpenQrm, Storage
 from .errors import ConfigError, UsageError
+from .options import IMAGE_OPTIONS
 
 STARTED, FINISHED, FAILED = 9, 10, 3
 # What openQRM 5.3's answers show (docs/openqrm.md): image-action.php's newline means it ran the command for an
@@ -115,7 +116,7 @@ def image_fields(oq: OpenQrm, storage: Storage, *,  # noqa: PLR0913 - keyword-on
 
 
 # the record's fields that follow from an image's options (manifest "options" key -> image_* field)
-RECORD_OPTIONS = {"shared": "image_isshared", "arch": "image_capabilities", "os": "image_capabilities"}
+RECORD_OPTIONS = {o.record: o.openqrm for o in IMAGE_OPTIONS if o.openqrm}
 
 
 def record_fields_changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
