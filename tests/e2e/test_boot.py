@@ -56,7 +56,9 @@ def make_image(lab: dict[str, Any], name: str, *options: str) -> str:
 
 def _remove(lab: dict[str, Any], path: str) -> None:
     assert re.fullmatch(r"/exports/boot_[a-z]+_[0-9a-f]{8}", path), path
-    r = qrmfs("remove", "-t", f"storage:{path}", "--yes", "-o", config=lab["config"])
+    # the test's nodes have powered off (their QEMU ended), but their last heartbeat still holds the image for
+    # node_timeout: removing it now is what --running-nodes-ok is for
+    r = qrmfs("remove", "-t", f"storage:{path}", "--yes", "-o", "--running-nodes-ok", config=lab["config"])
     assert r.returncode == 0, r.stderr
 
 
