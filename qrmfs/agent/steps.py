@@ -7,6 +7,7 @@ and running it twice changes nothing the second time. Paths are image paths ("/e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -22,6 +23,13 @@ QRM_RUNLEVEL = "3"
 MTAB_TARGET = "/proc/mounts"
 MTAB_OK = ("/proc/mounts", "/proc/self/mounts", "../proc/self/mounts", "../proc/mounts")
 NODE_INIT = "/sbin/qrmfs-init"
+SBIN_INIT = "/sbin/init"  # what the kernel and every initrd start (openQRM's linuxrc: `switch_root /mnt /sbin/init`)
+# Where the preparation keeps the distribution's own init once /sbin/init leads to qrmfs-init (images with
+# node-init): a symlink to the systemd binary /sbin/init pointed at, or SysV init's binary itself. qrmfs-init
+# carries the same path in its DIST_INIT line (a unit test compares them). Its name is `init`, as the kernel
+# and systemd need it: PID 1's name stays `init`, and systemd run as a command (not PID 1) acts as telinit only
+# when its name contains "init".
+DIST_INIT = "/usr/lib/qrmfs/init"
 NODE_CONF = "/etc/qrmfs/node.conf"
 EASYMIGRATION = "/etc/qrm/easymigration.conf"
 # Units that must not run on a diskless NFS-root node, whatever the options: they check, trim or
@@ -486,15 +494,202 @@ def _node_init(ctx: Ctx) -> Iterator[Finding]:
         yield from _no_node_init(ctx)
         return
     yield from _node_init_files(ctx)
+    yield from _init_leads_to_node_init(ctx)
     yield from _private_dirs(ctx)
 
 
+NOT_NODE_INIT = "present on an image that is neither shared nor has private directories"
+
+
 def _no_node_init(ctx: Ctx) -> Iterator[Finding]:
+    restorable = True
+    for f in _init_restored(ctx):
+        restorable = restorable and f.fix is not None
+        yield f
     for path in (NODE_CONF, NODE_INIT):
         host = ctx.host(path)
-        if os.path.lexists(host):
-            yield Finding("node-init", path, "present on an image that is neither shared nor has private "
-                          "directories", functools.partial(remove, host))
+        if os.path.lexists(host) and (restorable or path != NODE_INIT):  # never leave /sbin/init leading nowhere
+            yield Finding("node-init", path, NOT_NODE_INIT, functools.partial(remove, host))
+
+
+# --- /sbin/init leads to qrmfs-init, which starts the distribution's init (kept at DIST_INIT) ---------------
+
+@dataclass(frozen=True)
+class _Inits:
+    """Where /sbin/init, DIST_INIT and qrmfs-init are in an image (host paths, every symlink followed inside
+    the image), and why each of the first two is no init to start (None: an executable regular file)."""
+
+    link: str          # /sbin/init itself (its last component not followed)
+    target: str        # where /sbin/init leads
+    target_why: str | None
+    kept: str          # DIST_INIT itself
+    kept_target: str
+    kept_why: str | None
+    node_init: str     # /sbin/qrmfs-init
+
+    @property
+    def leads_to_node_init(self) -> bool:
+        return self.target == self.node_init or self.target_why == "qrmfs-init itself"
+
+    @property
+    def kept_ok(self) -> bool:
+        return self.kept_why is None and self.kept_target != self.node_init
+
+
+def _init_problem(ctx: Ctx, path: str) -> tuple[str, str | None]:
+    """Where image path `path` leads (a host path) and why that is no init to start, or None."""
+    try:
+        host = ctx.host(path)
+    except Escape:
+        return "", "a loop of symlinks"
+    try:
+        st = os.lstat(host)
+    except OSError:
+        own = ctx.host(path, follow_last=False)
+        return host, (f"a symlink to {os.readlink(own)}, which is not in the image" if os.path.islink(own)
+                      else "missing")
+    if stat.S_ISDIR(st.st_mode):
+        return host, "a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return host, "not a regular file"
+    if not st.st_mode & 0o111:
+        return host, "not executable"
+    if b"\n# qrmfs-init" in (_head(host) or b""):
+        return host, "qrmfs-init itself"
+    return host, None
+
+
+def _head(host: str) -> bytes | None:
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 256)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _inits(ctx: Ctx) -> _Inits:
+    target, target_why = _init_problem(ctx, SBIN_INIT)
+    kept_target, kept_why = _init_problem(ctx, DIST_INIT)
+    return _Inits(ctx.host(SBIN_INIT, follow_last=False), target, target_why, ctx.host(DIST_INIT, follow_last=False),
+                  kept_target, kept_why, ctx.host(NODE_INIT))
+
+
+def _image_path(ctx: Ctx, host: str) -> str:
+    return "/" + os.path.relpath(host, ctx.root) if host.startswith(os.path.join(ctx.root, "")) else host
+
+
+def _init_kept(ctx: Ctx, i: _Inits) -> bool:
+    """DIST_INIT is what /sbin/init is now: the same file, or a symlink to where /sbin/init's symlink leads."""
+    if os.path.islink(i.link):
+        return os.path.islink(i.kept) and os.readlink(i.kept) == _image_path(ctx, i.target)
+    try:
+        return os.path.samestat(os.lstat(i.link), os.lstat(i.kept))
+    except OSError:
+        return False
+
+
+def _init_leads_to_node_init(ctx: Ctx) -> Iterator[Finding]:
+    """The distribution's init is kept at DIST_INIT and /sbin/init leads to qrmfs-init, so qrmfs-init runs
+    whatever starts /sbin/init (openQRM's linuxrc, a plain kernel), and then starts the distribution's init."""
+    i = _inits(ctx)
+    link, kept = _image_path(ctx, i.link), _image_path(ctx, i.kept)
+    if i.leads_to_node_init:
+        if not i.kept_ok:
+            why = i.kept_why or "qrmfs-init itself"
+            yield Finding("node-init", kept, f"/sbin/init leads to qrmfs-init, but the distribution's init is not "
+                          f"kept here ({why}): qrmfs-init has no init to start after it (update the image from its "
+                          "source)", None)
+        return
+    if i.target_why == "missing" and i.kept_ok:  # a preparation interrupted between its two renames
+        yield Finding("node-init", link, f"missing (the distribution's init is kept at {DIST_INIT})",
+                      functools.partial(_lead_to_node_init, ctx))
+        return
+    if i.target_why is not None:
+        yield Finding("node-init", link, f"/sbin/init is {i.target_why}: there is no init for qrmfs-init to start "
+                      "after it, and an initrd that starts /sbin/init (openQRM's linuxrc) cannot boot the image",
+                      None)
+        return
+    if not _init_kept(ctx, i):
+        yield Finding("node-init", kept, f"the distribution's init ({_image_path(ctx, i.target)}) is not kept here",
+                      functools.partial(_keep_dist_init, ctx))
+    yield Finding("node-init", link, "/sbin/init does not lead to qrmfs-init: a node whose initrd starts /sbin/init "
+                  "(openQRM's linuxrc) would get no private directories, no identity of its own and no heartbeat",
+                  functools.partial(_lead_to_node_init, ctx))
+
+
+def _keep_dist_init(ctx: Ctx) -> None:
+    """DIST_INIT becomes what /sbin/init is: a second name of its file (renamed there where the file system
+    refuses hard links), or a symlink to the absolute image path its symlink leads to (a relative one would
+    lead elsewhere from DIST_INIT's directory). /sbin/init is never missing while both names are made."""
+    i = _inits(ctx)
+    if i.target_why is not None or i.leads_to_node_init or _init_kept(ctx, i):
+        return
+    makedirs(os.path.dirname(i.kept))
+    tmp = f"{i.kept}.qrmfs-tmp"
+    remove(tmp)
+    if os.path.islink(i.link):
+        os.symlink(_image_path(ctx, i.target), tmp)
+    else:
+        try:
+            os.link(i.link, tmp)
+        except OSError:
+            os.rename(i.link, tmp)
+    os.replace(tmp, i.kept)
+
+
+def _lead_to_node_init(ctx: Ctx) -> None:
+    """/sbin/init becomes a symlink to qrmfs-init (replaced by rename), once the distribution's init is kept."""
+    _keep_dist_init(ctx)
+    i = _inits(ctx)
+    if not i.kept_ok:
+        raise OSError(f"the distribution's init is not kept at {DIST_INIT} ({i.kept_why})")
+    _replace_with_symlink(NODE_INIT, i.link)
+
+
+def _replace_with_symlink(target: str, link: str) -> None:
+    tmp = f"{link}.qrmfs-tmp"
+    remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _init_restored(ctx: Ctx) -> Iterator[Finding]:
+    """Without node-init: /sbin/init is the distribution's init again, and DIST_INIT is gone."""
+    i = _inits(ctx)
+    link, kept = _image_path(ctx, i.link), _image_path(ctx, i.kept)
+    if i.leads_to_node_init and os.path.lexists(i.link):
+        if i.kept_ok:
+            yield Finding("node-init", link, f"leads to qrmfs-init on an image that is neither shared nor has private "
+                          f"directories (the distribution's init is kept at {DIST_INIT})",
+                          functools.partial(_restore_dist_init, ctx))
+        else:
+            yield Finding("node-init", link, f"leads to qrmfs-init, and the distribution's init is not kept at "
+                          f"{DIST_INIT} ({i.kept_why or 'qrmfs-init itself'}): update the image from its source", None)
+    elif os.path.lexists(i.kept):
+        yield Finding("node-init", kept, NOT_NODE_INIT, functools.partial(_remove_kept, i.kept))
+
+
+def _restore_dist_init(ctx: Ctx) -> None:
+    i = _inits(ctx)
+    if not (i.leads_to_node_init and i.kept_ok):
+        return
+    if os.path.islink(i.kept):
+        _replace_with_symlink(os.readlink(i.kept), i.link)
+        _remove_kept(i.kept)
+    else:
+        os.replace(i.kept, i.link)
+        _remove_kept(i.kept)
+
+
+def _remove_kept(kept: str) -> None:
+    remove(kept)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(kept))  # DIST_INIT's directory, when nothing else is in it
 
 
 def _node_init_files(ctx: Ctx) -> Iterator[Finding]:

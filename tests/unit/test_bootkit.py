@@ -505,6 +505,61 @@ def test_run_by_hand_it_sets_up_and_exits_without_starting_an_init(fake):
     assert "no /etc/qrmfs/node.conf" in fake.said
 
 
+# --- /sbin/init leads to qrmfs-init (issue 27): the distribution's init kept at DIST_INIT ------------------------
+
+def _dist_init(fake: FakeRoot) -> Path:
+    """The distribution's init where qrmfs keeps it in the fake root: a script that says how it was run."""
+    init = fake.root / "usr" / "lib" / "qrmfs" / "init"
+    init.parent.mkdir(parents=True)
+    init.write_text('#!/bin/sh\necho "DIST INIT ${0##*/} $# $*"\n')
+    init.chmod(0o755)
+    return init
+
+
+def test_qrmfs_init_keeps_the_distribution_init_where_the_preparation_puts_it():
+    from qrmfs.agent import steps
+
+    assert re.findall(r"^DIST_INIT=(\S+)$", QRMFS_INIT.read_text(), re.M) == [steps.DIST_INIT]
+
+
+def test_as_pid_1_it_starts_the_distribution_init_qrmfs_kept_with_its_arguments(fake):
+    _dist_init(fake)
+    fake.conf(image="img1", private="/var/lib/app")
+    fake.set_cmdline("qrmfs.node=1")
+    env = {**fake.env(), "QRMFS_INIT_EXEC": "1"}
+    del env["QRMFS_INIT_SOURCED"]
+    r = subprocess.run([str(QRMFS_INIT), "--system", "two words"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    # its name is `init` (PID 1's name; systemd run as a command acts as telinit only under such a name)
+    assert r.stdout == "DIST INIT init 2 --system two words\n", r.stderr
+    assert "qrmfs-init: node 1" in fake.said
+
+
+@pytest.mark.parametrize("name", ["init", "telinit"])
+def test_as_sbin_init_but_not_pid_1_it_hands_over_to_the_real_init_at_once(fake, tmp_path, name):
+    """`init 6`, `telinit q`, SysV shutdown's `init 0`: the distribution's init does it (as telinit), with the same
+    arguments; nothing is set up, mounted or said, even where node.conf asks for private directories."""
+    _dist_init(fake)
+    fake.conf(image="img1", shared="yes", private="/var/lib/app")
+    fake.set_cmdline("qrmfs.node=1")
+    link = tmp_path / "sbin" / name
+    link.parent.mkdir()
+    link.symlink_to(QRMFS_INIT)
+    env = fake.env()
+    del env["QRMFS_INIT_SOURCED"]
+    r = subprocess.run([str(link), "6"], env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "DIST INIT init 1 6\n"), r.stderr
+    assert fake.said == "" and not (fake.root / ".qrmfs").exists()
+
+
+def test_it_never_starts_itself_again(fake, tmp_path):
+    kept = fake.root / "usr" / "lib" / "qrmfs" / "init"
+    kept.parent.mkdir(parents=True)
+    kept.symlink_to(QRMFS_INIT)  # a kept init that leads back here is not started
+    r = fake.run(f'is_us "{kept}" && echo us; is_us /bin/sh || echo not-us; real_init')
+    assert r.stdout == "us\nnot-us\n/sbin/init", r.stderr  # exec_init then tries /sbin/init only if it is not us
+
+
 def test_a_glob_on_the_command_line_is_not_expanded(fake):
     fake.set_cmdline("qrmfs.node=* quiet")
     r = fake.run("cmdline_arg qrmfs.node")

@@ -64,6 +64,8 @@ def build(root: Path, merged_usr: bool = False, absolute_lib: bool = False) -> P
         _w(root, f"{lib}/systemd/system/{unit}", "[Unit]\n")
     if merged_usr:
         os.symlink("/usr/lib" if absolute_lib else "usr/lib", root / "lib")
+    (root / "sbin").mkdir()
+    os.symlink("/lib/systemd/systemd", root / "sbin/init")  # Debian's systemd-sysv
     _w(root, "etc/fstab", "# /etc/fstab\nUUID=0a1b2c3d / ext4 errors=remount-ro 0 1\nproc /proc proc defaults 0 0\n"
                           "/dev/sda2 none swap sw 0 0\n")
     _w(root, "etc/machine-id", "0123456789abcdef0123456789abcdef\n", 0o444)
@@ -327,6 +329,7 @@ def test_private_dirs_and_node_conf(img: Path) -> None:
     assert found(img, opts, ["node-init"]) == sorted([
         ("node-init", "/etc/qrmfs/node.conf", "missing or not matching the image's options"),
         ("node-init", "/sbin/qrmfs-init", "missing or not the current qrmfs-init"),
+        *INIT_FINDINGS,
         ("node-init", "/var/lib/node", "private directory missing"),
         ("node-init", "/srv/private", "private directory missing"),
         ("node-init", "/srv/private/common", "private directory missing")])
@@ -360,15 +363,151 @@ def test_node_conf_rewritten_when_options_change(img: Path) -> None:
     assert "QRMFS_HOSTNAME='n9'\n" in (img / "etc/qrmfs/node.conf").read_text()
 
 
+# --- /sbin/init leads to qrmfs-init (issue 27: initrds that start /sbin/init, as openQRM's linuxrc) ---------
+
+PRIVATE = Options("img1", private_add=["/var/lib/app"], node_init=NODE_INIT)
+SYSV_INIT = "\x7fELF sysvinit 3.06\n"
+INIT_FINDINGS = [
+    ("node-init", "/usr/lib/qrmfs/init", "the distribution's init (/lib/systemd/systemd) is not kept here"),
+    ("node-init", "/sbin/init", "/sbin/init does not lead to qrmfs-init: a node whose initrd starts /sbin/init "
+                                "(openQRM's linuxrc) would get no private directories, no identity of its own and no "
+                                "heartbeat")]
+
+
+def _inits(img: Path) -> tuple[str | None, object]:
+    """(/sbin/init's link target or None, what DIST_INIT is: its link target, its bytes, or None)."""
+    link = img / "sbin/init"
+    kept = img / steps.DIST_INIT.lstrip("/")
+    what: object = os.readlink(kept) if kept.is_symlink() else kept.read_bytes() if kept.exists() else None
+    return (os.readlink(link) if link.is_symlink() else None), what
+
+
+def _sysv(img: Path) -> Path:
+    """The image's /sbin/init as SysV init's binary (sysvinit-core)."""
+    os.unlink(img / "sbin/init")
+    return _w(img, "sbin/init", SYSV_INIT, 0o755)
+
+
+def test_systemd_init_symlink_leads_to_qrmfs_init_and_the_distribution_init_is_kept(img: Path) -> None:
+    assert found(img, PRIVATE, ["node-init"]) == sorted([
+        ("node-init", "/etc/qrmfs/node.conf", "missing or not matching the image's options"),
+        ("node-init", "/sbin/qrmfs-init", "missing or not the current qrmfs-init"), *INIT_FINDINGS])
+    fixed, left = steps.apply(str(img), PRIVATE)
+    assert left == [] and {"/sbin/init", "/usr/lib/qrmfs/init"} <= {f.path for f in fixed}
+    assert _inits(img) == ("/sbin/qrmfs-init", "/lib/systemd/systemd")
+    assert stat.S_IMODE(os.stat(img / "usr/lib/qrmfs").st_mode) == 0o755
+    # validate recognises the prepared state; a second preparation changes nothing
+    assert found(img, PRIVATE, ["node-init", "init"]) == []
+    assert steps.apply(str(img), PRIVATE) == ([], [])
+
+
+def test_sysv_init_binary_is_kept_by_a_second_name_and_sbin_init_leads_to_qrmfs_init(img: Path) -> None:
+    ino = _sysv(img).stat().st_ino
+    fixed, left = steps.apply(str(img), PRIVATE)
+    assert left == []
+    assert _inits(img) == ("/sbin/qrmfs-init", SYSV_INIT.encode())
+    kept = img / "usr/lib/qrmfs/init"
+    assert kept.stat().st_ino == ino and kept.stat().st_nlink == 1  # the same file, moved: no copy left behind
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o755
+    assert steps.apply(str(img), PRIVATE) == ([], [])
+
+
+def test_merged_usr_relative_init_link_is_kept_as_an_absolute_one(tmp_path: Path) -> None:
+    img = build(tmp_path / "img", merged_usr=True)
+    os.unlink(img / "sbin/init")
+    os.rmdir(img / "sbin")
+    (img / "usr/sbin").mkdir(parents=True)
+    os.symlink("usr/sbin", img / "sbin")
+    os.symlink("../lib/systemd/systemd", img / "usr/sbin/init")  # relative: from DIST_INIT it would lead elsewhere
+    fixed, left = steps.apply(str(img), PRIVATE)
+    assert left == []
+    # the paths the preparation changed are named as they are in the tree (an update leaves them out of its counts)
+    assert {"/usr/sbin/init", "/usr/lib/qrmfs/init"} <= {f.path for f in fixed}
+    assert os.readlink(img / "usr/sbin/init") == "/sbin/qrmfs-init"
+    assert os.readlink(img / "usr/lib/qrmfs/init") == "/usr/lib/systemd/systemd"
+    assert found(img, PRIVATE, ["node-init"]) == []
+
+
+def test_validate_fix_restores_it_after_a_package_upgrade_replaced_sbin_init(img: Path) -> None:
+    _sysv(img)
+    steps.apply(str(img), PRIVATE)
+    os.unlink(img / "sbin/init")  # dpkg unpacks a new sysvinit-core: /sbin/init is its binary again
+    _w(img, "sbin/init", "\x7fELF sysvinit 3.07\n", 0o755)
+    assert [(f[1], f[2][:40]) for f in found(img, PRIVATE, ["node-init"])] == [
+        ("/sbin/init", "/sbin/init does not lead to qrmfs-init: "),
+        ("/usr/lib/qrmfs/init", "the distribution's init (/sbin/init) is ")]
+    steps.apply(str(img), PRIVATE)
+    assert _inits(img) == ("/sbin/qrmfs-init", b"\x7fELF sysvinit 3.07\n")
+
+
+@pytest.mark.parametrize(("make", "why"), [
+    (lambda img: None, "/sbin/init is missing"),
+    (lambda img: os.symlink("/lib/systemd/nothing", img / "sbin/init"),
+     "/sbin/init is a symlink to /lib/systemd/nothing, which is not in the image"),
+    (lambda img: (img / "sbin/init").mkdir(), "/sbin/init is a directory"),
+    (lambda img: _w(img, "sbin/init", "ELF", 0o644), "/sbin/init is not executable"),
+    (lambda img: os.symlink("init", img / "sbin/init"), "/sbin/init is a loop of symlinks"),
+])
+def test_a_missing_or_odd_sbin_init_is_a_clear_finding_and_nothing_is_changed(img: Path, make, why) -> None:
+    os.unlink(img / "sbin/init")
+    make(img)
+    (f,) = [f for f in check_only(str(img), PRIVATE, ["node-init"]) if f.path == "/sbin/init"]
+    assert f.problem.startswith(why + ": there is no init for qrmfs-init to start") and f.fix is None, f.problem
+    before = snapshot(img / "sbin")
+    fixed, left = steps.apply(str(img), PRIVATE)
+    assert FindingRecord("node-init", "/sbin/init", f.problem, False) in left
+    after = snapshot(img / "sbin")
+    assert after.pop("qrmfs-init") and after == before  # only qrmfs-init was added
+    assert not os.path.lexists(img / "usr/lib/qrmfs")
+
+
+def test_an_interrupted_preparation_is_finished_and_a_lost_distribution_init_is_reported(img: Path) -> None:
+    _sysv(img)
+    steps.apply(str(img), PRIVATE)
+    os.unlink(img / "sbin/init")  # stopped between keeping the init and the link to qrmfs-init
+    assert found(img, PRIVATE, ["node-init"]) == [
+        ("node-init", "/sbin/init", "missing (the distribution's init is kept at /usr/lib/qrmfs/init)")]
+    steps.apply(str(img), PRIVATE)
+    assert _inits(img) == ("/sbin/qrmfs-init", SYSV_INIT.encode())
+    os.unlink(img / "usr/lib/qrmfs/init")
+    ((path, problem, fix),) = [(f.path, f.problem, f.fix) for f in check_only(str(img), PRIVATE, ["node-init"])]
+    assert (path, fix) == ("/usr/lib/qrmfs/init", None) and "qrmfs-init has no init to start" in problem
+
+
+def test_an_image_without_node_init_keeps_its_init_and_gets_it_back(img: Path) -> None:
+    plain = Options("img1")
+    steps.apply(str(img), plain)
+    assert _inits(img) == ("/lib/systemd/systemd", None)  # untouched
+    for make in (lambda: None, lambda: _sysv(img)):
+        make()
+        original = _inits(img)
+        steps.apply(str(img), PRIVATE)
+        assert _inits(img)[0] == "/sbin/qrmfs-init"
+        assert "/sbin/init" in {f[1] for f in found(img, plain, ["node-init"])}
+        fixed, left = steps.apply(str(img), plain)
+        assert left == [] and _inits(img) == original, original
+        assert not os.path.lexists(img / "usr/lib/qrmfs") and not os.path.lexists(img / "sbin/qrmfs-init")
+    # the distribution's init lost: /sbin/init keeps leading to qrmfs-init, which stays (never a dangling init)
+    steps.apply(str(img), PRIVATE)
+    os.unlink(img / "usr/lib/qrmfs/init")
+    assert [(f.path, f.fix is None) for f in check_only(str(img), plain, ["node-init"]) if "init" in f.path] == [
+        ("/sbin/init", True)]
+    steps.apply(str(img), plain)
+    assert os.path.exists(img / "sbin/qrmfs-init") and _inits(img)[0] == "/sbin/qrmfs-init"
+
+
 def test_node_init_removed_from_non_shared_image(img: Path) -> None:
     steps.apply(str(img), Options("img1", shared=True, node_init=NODE_INIT))
     assert (img / "etc/qrmfs/node.conf").exists() and (img / "sbin/qrmfs-init").exists()
     opts = Options("img1")
     assert found(img, opts, ["node-init"]) == [
         ("node-init", "/etc/qrmfs/node.conf", "present on an image that is neither shared nor has private directories"),
+        ("node-init", "/sbin/init", "leads to qrmfs-init on an image that is neither shared nor has private "
+                                    "directories (the distribution's init is kept at /usr/lib/qrmfs/init)"),
         ("node-init", "/sbin/qrmfs-init", "present on an image that is neither shared nor has private directories")]
     steps.apply(str(img), opts)
     assert not os.path.lexists(img / "etc/qrmfs/node.conf") and not os.path.lexists(img / "sbin/qrmfs-init")
+    assert os.readlink(img / "sbin/init") == "/lib/systemd/systemd"
 
 
 def test_private_path_that_is_a_file_is_reported_not_fixed(img: Path) -> None:
