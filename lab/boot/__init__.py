@@ -90,6 +90,8 @@ class BootSpec:
     hostname: str | None = None      # qrmfs.hostname=NAME
     probe: bool = True               # False: qrmfs.probe=0, the state is read from the console only
     clean_poweroff: bool = False     # an orderly shutdown at the end instead of a forced one
+    reboot: bool = False             # end with the image's own `reboot` command (an orderly reboot, which ends
+                                     # QEMU: -no-reboot); on SysV init it goes through shutdown and /sbin/init 6
     shutdown_timeout: float = 60     # after the probe is done, for the guest to power off
     visible_timeout: float = 150     # for the storage server to show the image over NFS
     forward_ssh: bool = True         # forward 127.0.0.1:PORT to the guest's sshd, to see it answer
@@ -109,6 +111,13 @@ class BootSpec:
             raise LabError("the openQRM boot always runs the probe (the lab's openqrm-client stands in for openQRM's)")
         if self.script is not None and not self.probe:
             raise LabError("a test script needs the probe (it runs the script inside the guest)")
+        if self.reboot and (self.clean_poweroff or not self.probe):
+            raise LabError("reboot is the probe's way to end a boot: not with clean_poweroff, nor without the probe")
+
+    @property
+    def orderly_end(self) -> bool:
+        """The boot ends with the image's own shutdown or reboot (the probe's qrmfs.poweroff=)."""
+        return self.clean_poweroff or self.reboot
 
 
 @dataclass(frozen=True)
@@ -231,7 +240,8 @@ def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (Debian qemu-system-x86; `make setup` installs it)")
     storage = info["hosts"]["storage"]["address"]
-    extra = (*(("qrmfs.poweroff=clean",) if spec.clean_poweroff else ()), *spec.cmdline)
+    extra = (*(("qrmfs.poweroff=clean",) if spec.clean_poweroff else ()),
+             *(("qrmfs.poweroff=reboot",) if spec.reboot else ()), *spec.cmdline)
     cmdline = kernel_cmdline(NFS_GUEST_ADDR, spec.image_path, spec.node_id, spec.hostname, probe=spec.probe,
                              extra=extra, mount=spec.mount)
     prep = prepare()
@@ -253,7 +263,7 @@ def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
         from .openqrm import ready_node
 
         node = ready_node(info, prep, image_name=spec.image_path.rsplit("/", 1)[-1], mac=mac, script=spec.script)
-        base, cmdline, netdev, records = node.initrd, node.cmdline, node.netdev, node.records
+        base, cmdline, netdev, records = node.initrd, " ".join((node.cmdline, *extra)), node.netdev, node.records
     with tempfile.TemporaryDirectory(dir=boot_dir(), prefix=".run-") as tmp:
         initrd = Path(tmp) / "initrd"
         initrd.write_bytes(assemble_initrd(base, per_boot_archive(None if spec.openqrm else spec.script)))
@@ -268,7 +278,7 @@ def _boot(info: dict[str, Any], spec: BootSpec) -> BootResult:
 
     clean = report.done and not run.timed_out and run.returncode == 0
     state, error = judge(report, timed_out=run.timed_out, returncode=run.returncode, timeout=spec.timeout,
-                         script_given=spec.script is not None, clean_poweroff=spec.clean_poweroff,
+                         script_given=spec.script is not None, clean_poweroff=spec.orderly_end,
                          clean_shutdown=clean, shutdown_timeout=spec.shutdown_timeout,
                          qemu_err="" if run.stopped_by_host else qemu_err, probe=spec.probe)
     reached = report.reached if spec.probe else report.reached_without_probe()

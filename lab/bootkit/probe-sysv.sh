@@ -22,7 +22,8 @@ if [ -f /run/qrmfs-probe/test.sh ]; then
 fi
 say "done"
 sync
-# qrmfs.poweroff=clean: init's runlevel 0 (the rc scripts' stop actions); by default a forced power-off
+# qrmfs.poweroff=clean: init's runlevel 0 (the rc scripts' stop actions), =reboot: runlevel 6 through `reboot`;
+# by default a forced power-off
 # (filesystems synced, no rc scripts): an image whose networking script takes eth0 down would otherwise
 # hang on its own NFS root.
 mode=force
@@ -34,6 +35,8 @@ done
 set +f
 if [ "$mode" = clean ]; then
     exec /sbin/init 0
+elif [ "$mode" = reboot ]; then
+    exec /sbin/reboot  # the command an operator types: halt -> shutdown -r -> /sbin/init 6 (QEMU's -no-reboot ends the VM)
 else
     exec /sbin/poweroff -f
 fi

@@ -31,7 +31,8 @@ if [ -f /run/qrmfs-probe/test.sh ]; then
 fi
 say "done"
 sync
-# qrmfs.poweroff=clean: a full, orderly shutdown (to test an image's shutdown); by default a forced one
+# qrmfs.poweroff=clean: a full, orderly shutdown (to test an image's shutdown), =reboot: the same through
+# `reboot`; by default a forced one
 # (processes killed, filesystems synced and remounted read-only, no unit stop jobs): an image whose
 # networking.service takes eth0 down would otherwise hang on its own NFS root for minutes.
 mode=force
@@ -43,6 +44,8 @@ done
 set +f
 if [ "$mode" = clean ]; then
     systemctl --no-block poweroff
+elif [ "$mode" = reboot ]; then
+    reboot  # the command an operator types (QEMU's -no-reboot ends the VM)
 else
     systemctl --no-block poweroff --force
 fi

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..agent.gens import prepared_change
 from ..agent.manifest import PATH as manifest_path
 from ..agent.manifest import Manifest
 from ..agent.protocol import Checked, FindingRecord, Options
@@ -17,7 +18,7 @@ from ..model import Location, Target
 from ..results import Drift, Validated
 from ..runner import Result
 from ..storage import StorageSide, Supervised
-from ..transfer import check_rsync, parse_item
+from ..transfer import change_kind, check_rsync, parse_item
 from . import copyplan, exports, hosts
 from .common import Env
 from .pipeline import prepared_options, prepared_paths
@@ -119,8 +120,9 @@ def changes_from_source(env: Env, storage: Storage, target: Target, location: Lo
                         alongside: Callable[[], object] | None = None) -> list[dict[str, str]]:
     """What rsync would change in the image to make it the source now (--dry-run --itemize-changes --delete;
     drift for validate -l, the plan of update --dry-run), without the image's own /.qrmfs and the paths the
-    preparation changed on purpose. Changes nothing. alongside: called just before the dry run starts (to
-    start agent work that runs during it)."""
+    preparation changed on purpose (rsync leaves them out, and gens.prepared_change the directories made to hold
+    them, /usr/lib/qrmfs of a source without /usr/lib). Changes nothing. alongside: called just before the dry run
+    starts (to start agent work that runs during it)."""
     src = hosts.source_host(env.cfg, location)
     prepared = sorted(prepared_paths(manifest))
     source = copyplan.Source(src, location.path, ("/.qrmfs", *excludes, *prepared))
@@ -134,8 +136,9 @@ def changes_from_source(env: Env, storage: Storage, target: Target, location: Lo
         if alongside is not None:
             alongside()
         into = copyplan.Into(storage, target.path, storage.ssh.is_local, pinned)
-        return _itemized(env, side, target.path, copyplan.plan(env.cfg, source, into, drift=True,
-                                                                whole=copyplan.whole_list(manifest)))
+        changes = _itemized(env, side, target.path, copyplan.plan(env.cfg, source, into, drift=True,
+                                                                   whole=copyplan.whole_list(manifest)))
+        return [c for c in changes if not prepared_change(change_kind(c["change"]), c["path"], frozenset(prepared))]
     finally:
         if pinned:
             side.unpin_host(target.path)
