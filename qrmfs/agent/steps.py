@@ -580,7 +580,8 @@ def _inits(ctx: Ctx) -> _Inits:
 
 
 def _image_path(ctx: Ctx, host: str) -> str:
-    return "/" + os.path.relpath(host, ctx.root) if host.startswith(os.path.join(ctx.root, "")) else host
+    root = os.path.abspath(ctx.root)
+    return "/" + os.path.relpath(host, root) if host.startswith(os.path.join(root, "")) else host
 
 
 def _init_kept(ctx: Ctx, i: _Inits) -> bool:
@@ -605,7 +606,7 @@ def _init_leads_to_node_init(ctx: Ctx) -> Iterator[Finding]:
                           f"kept here ({why}): qrmfs-init has no init to start after it (update the image from its "
                           "source)", None)
         return
-    if i.target_why == "missing" and i.kept_ok:  # a preparation interrupted between its two renames
+    if i.target_why == "missing" and i.kept_ok:  # interrupted after a rename kept the init (no hard links)
         yield Finding("node-init", link, f"missing (the distribution's init is kept at {DIST_INIT})",
                       functools.partial(_lead_to_node_init, ctx))
         return
