@@ -39,6 +39,7 @@ from .errors import (
     StorageError,
     signals_deferred,
 )
+from .pending import Pending
 from .runner import CommandFailed, Runner, stop, tail
 
 AGENT_MODULES = ("fsutil", "manifest", "protocol", "steps", "tree", "holds", "gens", "supervise", "exports",
@@ -342,11 +343,11 @@ class StorageSide:
         return self.argv(self._agent_remote(), forward_agent=forward_agent)
 
     def _call(self, req: P.Request[T]) -> T:
-        return self._begin(req)()
+        return self._begin(req).result()
 
-    def _begin(self, req: P.Request[T]) -> Callable[[], T]:
-        """Send a request now and read its answer when the returned function is called: the agent works on it
-        while we do something else. Answers come in the order of the requests; a call in between reads the
+    def _begin(self, req: P.Request[T]) -> Pending[T]:
+        """Send a request now, its answer read when it is joined: the agent works on it while we do something
+        else. Answers come in the order of the requests; a call in between reads the
         earlier answers first and keeps them for their callers."""
         if self._primary is not self:
             return self._primary._begin(req)
@@ -367,7 +368,7 @@ class StorageSide:
             with self._io:
                 line = self._wait(p, slot, req)
             return req.decode_answer(self._answer(line, "", req))
-        return answer
+        return Pending(f"the answer to {req.op}", answer)
 
     def _answer(self, stdout: str, stderr: str = "", req: P.Request[Any] | None = None) -> Any:
         lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
@@ -413,16 +414,16 @@ class StorageSide:
     def list(self, leftovers: bool = True) -> P.Listed:
         return self._call(P.List(self.root, leftovers=leftovers))
 
-    def check_later(self, path: str, options: P.Options) -> Callable[[], P.Checked]:
-        """check, started now, its findings read when the returned function is called."""
+    def start_check(self, path: str, options: P.Options) -> Pending[P.Checked]:
+        """check, started now, its findings read when joined."""
         return self._begin(P.Check(path, self.root, options))
 
     def rebase(self, path: str, staging: str, prepared: Iterable[str], only: Iterable[str] | None = None
                ) -> P.Rebased:
         return self._call(P.Rebase(path, self.root, staging, sorted(prepared), None if only is None else sorted(only)))
 
-    def rebase_scan_later(self, path: str, staging: str) -> Callable[[], P.RebaseScanned]:
-        """rebase_scan, started now (it runs while rsync does), its paths read when the function is called."""
+    def start_rebase_scan(self, path: str, staging: str) -> Pending[P.RebaseScanned]:
+        """rebase_scan, started now (it runs while rsync does), its paths read when joined."""
         return self._begin(P.RebaseScan(path, self.root, staging))
 
     def supervised(self, path: str, argv: Sequence[str], holder: str | None,

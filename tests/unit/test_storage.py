@@ -228,12 +228,12 @@ def test_remote_session_is_the_master_connection() -> None:
 
 
 def test_a_request_begun_early_is_answered_in_order(side: StorageSide, root: Path) -> None:
-    """check_later: the agent checks while we do something else; a call in between gets its own answer."""
+    """start_check: the agent checks while we do something else; a call in between gets its own answer."""
     img = root / "img1"
     (img / "etc").mkdir(parents=True)
-    later = side.check_later(str(img), P.Options("img1"))
+    later = side.start_check(str(img), P.Options("img1"))
     assert side.inspect(str(img)).exists is True  # answered after the check's answer, which is kept
-    findings = later().findings
+    findings = later.result().findings
     assert "init" in {f.step for f in findings}
 
 

@@ -695,7 +695,7 @@ def test_an_agent_session_that_dies_during_the_spares_scan_fails_the_update_and_
     assert (env["root"] / ".img1.qrmfs-spare").is_dir()
     before, manifest = snapshot(env["img"], skip=()), manifest_of(str(env["img"]))
     sent: list[str] = []
-    real_begin, real_scan = StorageSide._begin, StorageSide.rebase_scan_later
+    real_begin, real_scan = StorageSide._begin, StorageSide.start_rebase_scan
 
     def begin(self: StorageSide, req: Any) -> Any:  # what is sent to an agent
         answer = real_begin(self, req)
@@ -710,7 +710,7 @@ def test_an_agent_session_that_dies_during_the_spares_scan_fails_the_update_and_
         return real_scan(self, path, staging)
 
     monkeypatch.setattr(StorageSide, "_begin", begin)
-    monkeypatch.setattr(StorageSide, "rebase_scan_later", dying_scan)
+    monkeypatch.setattr(StorageSide, "start_rebase_scan", dying_scan)
     (env["src"] / "usr/bin/tool").write_text("version 4\n")
     code, out = update(env, capsys)
     assert code == 9, out

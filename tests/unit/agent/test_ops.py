@@ -17,6 +17,7 @@ from qrmfs.agent import main
 from qrmfs.agent import protocol as P
 from qrmfs.config import SshHost, Storage
 from qrmfs.errors import StorageError
+from qrmfs.pending import Pending
 from qrmfs.runner import Runner
 from qrmfs.storage import Op, StorageSide
 
@@ -49,9 +50,9 @@ class _Recorder(StorageSide):
         super().__init__(Storage("rec", SshHost("local"), "/exports"), Runner())
         self.sent: list[str] = []
 
-    def _begin(self, req: P.Request[Any]) -> Callable[[], Any]:
+    def _begin(self, req: P.Request[Any]) -> Pending[Any]:
         self.sent.append(req.op)
-        return lambda: None
+        return Pending.done(req.op, None)
 
     def _payload(self, req: P.Request[Any] | None) -> str:
         if req is not None:
@@ -69,9 +70,9 @@ def test_every_op_has_a_client_method() -> None:
     derived = {attr.op for attr in vars(StorageSide).values() if isinstance(attr, Op)}
     side = _Recorder()
     side.list()
-    side.check_later("/exports/a", P.Options("a"))
+    side.start_check("/exports/a", P.Options("a"))
     side.rebase("/exports/a", "/exports/.a.s", {"x"})
-    side.rebase_scan_later("/exports/a", "/exports/.a.s")
+    side.start_rebase_scan("/exports/a", "/exports/.a.s")
     side.storage = dataclasses.replace(side.storage, exports="kernel", export_clients="10.0.0.5")
     side.export("/exports/a", "show")  # the side's config says how it is exported
     with side.lock("/exports/a", "me"):
@@ -86,9 +87,9 @@ def test_an_op_method_sends_its_request_with_the_sides_export_root() -> None:
     side = _Recorder()
     sent: list[P.Request[Any]] = []
 
-    def begin(req: P.Request[Any]) -> Callable[[], Any]:
+    def begin(req: P.Request[Any]) -> Pending[Any]:
         sent.append(req)
-        return lambda: "answer"
+        return Pending.done(req.op, "answer")
     side._begin = begin  # type: ignore[method-assign]
     assert side.stats("/exports/a", root="/exports/.a.s") == "answer"
     assert sent == [P.Stats("/exports/a", "/exports", "/exports/.a.s")]
