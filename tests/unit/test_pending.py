@@ -5,22 +5,26 @@ import pytest
 from qrmfs.pending import Pending
 
 
-def test_started_work_runs_beside_the_caller_and_its_result_is_taken_at_the_join() -> None:
-    go, ran = threading.Event(), []
-    p = Pending.start("work", lambda: (go.wait(5), ran.append(1), 42)[2])
-    assert ran == []  # it waits for us: the caller went on
-    go.set()
-    assert p.result() == 42 and p.result() == 42 and ran == [1]
+def test_started_work_runs_beside_the_caller_and_hands_over_its_result_or_its_error() -> None:
+    started, release = threading.Event(), threading.Event()
 
+    def slow() -> int:
+        started.set()
+        assert release.wait(10)
+        return 42
 
-def test_an_error_of_the_work_is_raised_at_every_join_not_before() -> None:
-    def fail() -> int:
-        raise ValueError("the source cannot be read")
+    result = Pending.start("slow", slow)
+    assert started.wait(10)  # it runs before anyone asks for the result
+    release.set()
+    assert result.result() == 42 and result.result() == 42  # asked twice: the same answer
 
-    p = Pending.start("mounts", fail)
-    for _ in range(2):
-        with pytest.raises(ValueError, match="cannot be read"):
-            p.result()
+    def fails() -> int:
+        raise ValueError("unreachable source")
+
+    failing = Pending.start("fails", fails)
+    for _ in range(2):  # raised at the join, every time it is asked
+        with pytest.raises(ValueError, match="unreachable source"):
+            failing.result()
 
 
 def test_then_computes_in_the_joining_thread_from_the_result_and_passes_its_error_on() -> None:

@@ -394,31 +394,6 @@ def test_run_stream_whose_connection_was_cut_fails_without_a_repair() -> None:
     assert s.codes == (255, 2) and not s.clean  # the source's ssh failed: the ends say so, rsync repairs
 
 
-def test_later_runs_beside_the_caller_and_hands_over_its_result_or_its_error() -> None:
-    import threading
-
-    from qrmfs.runner import later
-
-    started, release = threading.Event(), threading.Event()
-
-    def slow() -> int:
-        started.set()
-        assert release.wait(10)
-        return 42
-
-    result = later(slow)
-    assert started.wait(10)  # it runs before anyone asks for the result
-    release.set()
-    assert result() == 42 and result() == 42  # asked twice: the same answer
-
-    def fails() -> int:
-        raise ValueError("unreachable source")
-
-    failing = later(fails)
-    with pytest.raises(ValueError, match="unreachable source"):
-        failing()
-
-
 def test_a_tar_stream_shows_its_progress_and_keeps_it_out_of_stderr(tmp_path: Path) -> None:
     """The extracting tar's checkpoint lines (real GNU tar, 25 MB through a pipe) reach the progress callback
     as bytes and rate; the stderr kept for messages holds only what tar says otherwise (its totals)."""
