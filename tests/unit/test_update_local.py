@@ -703,7 +703,7 @@ def test_an_agent_session_that_dies_during_the_spares_scan_fails_the_update_and_
         return answer
 
     def dying_scan(self: StorageSide, path: str, staging: str) -> Any:
-        session = self._session
+        session = self.session.process
         assert session is not None
         session.kill()  # the agent that holds the lock, for real; its flock goes with it
         session.wait()
