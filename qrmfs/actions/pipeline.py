@@ -28,10 +28,11 @@ from typing import Any
 from .. import __version__, jobs, openqrm
 from .. import argv as A
 from ..agent import steps
-from ..agent.gens import CRASH_ENV, SCAN_LIMIT, prepared_change
+from ..agent.gens import CRASH_ENV
 from ..agent.manifest import CHANGE_KINDS, Manifest, generation_id
 from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, RebaseScanned, StagedUpdate
 from ..agent.tree import siblings
+from ..agent.treediff import SCAN_LIMIT, prepared_change
 from ..config import SshHost, Storage
 from ..errors import ConnectError, ExistsError, QrmfsError, StorageError
 from ..model import Route, Target
@@ -302,7 +303,7 @@ def _stage(env: Env, run: Run, source: Pending[copyplan.Source], pin: str | None
 def _copy(env: Env, run: Run, staged: Staged) -> Copied:
     """The staged plan's copies, then the rest of the whole plan. A copy that fails while the source's mounts
     could not be read either fails with that reason (cannot reach the source), which says more than rsync's
-    exit code. From the spare, the changes are counted against the image by the agent (gens.op_rebase) once
+    exit code. From the spare, the changes are counted against the image by the agent (treediff.op_rebase) once
     every copy is done: it compares the paths that its scan, made while rsync ran, and rsync's own items name
     (the whole trees when they name too many)."""
     spec, plan = run.spec, staged.plan

@@ -11,7 +11,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from . import exports, fsutil, gens, steps, supervise, tree
+from . import exports, fsutil, gens, steps, supervise, tree, treediff
 from . import protocol as P
 from .manifest import ManifestError
 from .protocol import AgentError, ErrorKind
@@ -29,7 +29,7 @@ def op_check(path: str, export_root: str, options: P.Options, root: str | None) 
 
 
 # Where a request's `handler` ("module.function") is looked up.
-MODULES: dict[str, Any] = {"tree": tree, "gens": gens, "steps": steps, "exports": exports,
+MODULES: dict[str, Any] = {"tree": tree, "gens": gens, "treediff": treediff, "steps": steps, "exports": exports,
                            "main": sys.modules[__name__]}
 _HANDLERS: dict[type[Any], Callable[..., Any]] = {}
 

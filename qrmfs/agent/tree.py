@@ -347,7 +347,7 @@ def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = 
              check_inner: bool = True) -> P.Staged:
     """A fresh staging directory beside the image (and the source's pinned key). Refused where images lie
     below the path; not check_inner: the caller checks that later (an update from the spare, whose change
-    count walks the image anyway, gens.op_rebase_scan)."""
+    count walks the image anyway, treediff.op_rebase_scan)."""
     _check_under(path, export_root)
     refuse_inner_images(path, images_below(path) if check_inner and is_real_dir(path) else [])
     s = siblings(path)

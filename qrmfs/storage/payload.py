@@ -15,8 +15,8 @@ from typing import Any
 from .. import argv as A
 from ..agent import protocol as P
 
-AGENT_MODULES = ("fsutil", "manifest", "protocol", "steps", "tree", "holds", "gens", "supervise", "exports",
-                 "main")
+AGENT_MODULES = ("fsutil", "manifest", "protocol", "steps", "tree", "holds", "space", "treediff", "gens", "supervise",
+                 "exports", "main")
 # The -c program is tiny and fixed; the loader (agent/loader.py) and the agent modules come on stdin (first JSON
 # line, with the modules' digest: the loader keeps their compiled code in the storage server's cache by it).
 BOOTSTRAP = 'import sys,json;r=json.loads(sys.stdin.readline());exec(r["loader"])'

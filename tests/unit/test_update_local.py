@@ -17,7 +17,7 @@ import pytest
 from plumbum import local
 
 from qrmfs import cli
-from qrmfs.agent import gens, tree
+from qrmfs.agent import gens, space, tree
 from qrmfs.agent.manifest import Manifest
 from qrmfs.agent.protocol import AgentError, ErrorKind
 
@@ -485,7 +485,7 @@ def test_spare_always_keeps_one_without_reflinks_and_never_keeps_none_with_them(
     XFS: the third update starts from the pruned generation, and neither copies the image nor deletes a tree.
     `spare = "never"`: on XFS, the pruned generation is deleted and every update starts from a copy. The
     default keeps none without reflinks."""
-    if gens.can_reflink(str(tmp_path)):
+    if space.can_reflink(str(tmp_path)):
         pytest.skip("the temp directory's file system shares extents: no plain file system to test on")
     _spare_cycle(_env(tmp_path / "always", _mkdir(tmp_path / "always" / "exports"), keep=1,
                       config='spare = "always"\n'), capsys)
