@@ -46,8 +46,8 @@ from .manifest import generation_id
 from .protocol import AgentError, ErrorKind
 from .space import can_reflink, cost
 from .tree import (
-    _check_under,
     check_staging,
+    check_under,
     finish_remove,
     generation_seq,
     made_by_qrmfs,
@@ -302,7 +302,7 @@ def _keeps_spare(path: str, policy: str) -> bool:
 def op_publish_update(path: str, export_root: str, staging: str, keep: int, spare: str,
                       node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Swapped:
     """A finished staging copy becomes the image; the image becomes the newest generation."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if spare not in P.SPARE_POLICIES:
         raise AgentError(ErrorKind.BAD_REQUEST, f"spare must be one of {', '.join(P.SPARE_POLICIES)}, not {spare!r}")
     check_staging(path, staging, exists=True)
@@ -314,7 +314,7 @@ def op_publish_update(path: str, export_root: str, staging: str, keep: int, spar
 def op_prune(path: str, export_root: str, keep: int, spare: str,
              node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Pruned:
     """gc: prune as an update would, without publishing anything (see prune)."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if spare not in P.SPARE_POLICIES:
         raise AgentError(ErrorKind.BAD_REQUEST, f"spare must be one of {', '.join(P.SPARE_POLICIES)}, not {spare!r}")
     if read_manifest(path) is None:
@@ -324,7 +324,7 @@ def op_prune(path: str, export_root: str, keep: int, spare: str,
 
 def op_rollback(path: str, export_root: str, keep: int) -> P.Swapped:
     """The newest generation becomes the image again; the image becomes the newest generation."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest")
     gens = [(seq, d) for seq, d in generations(path) if read_manifest(d) is not None]
@@ -340,7 +340,7 @@ def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | 
     can share extents (reflinks)."""
     from .tree import op_stage
 
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
     spare = _usable_spare(path, node_timeout)
@@ -376,8 +376,8 @@ def op_stage_copy(path: str, export_root: str, token: str, origin: str, origin_r
     same answer as an update's, staging beside `path`, entries of `origin`."""
     from .tree import op_stage
 
-    _check_under(path, export_root)
-    _check_under(origin, origin_root)
+    check_under(path, export_root)
+    check_under(origin, origin_root)
     if read_manifest(origin) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{origin} has no qrmfs manifest: nothing to copy")
     return _copy_of(origin, op_stage(path, export_root, token, None))
@@ -395,7 +395,7 @@ def op_generations(path: str, export_root: str, costs: bool = False,
                    node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.GenerationList:
     """The image and its earlier generations (newest first), each with its manifest, the nodes that run it
     and, asked for, its cost."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if not is_real_dir(path):
         raise AgentError(ErrorKind.NOT_FOUND, f"{path} does not exist")
     by_node = held_trees(path, node_timeout)

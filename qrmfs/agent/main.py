@@ -18,13 +18,13 @@ from .protocol import AgentError, ErrorKind
 
 
 def op_prepare(path: str, export_root: str, options: P.Options, root: str | None) -> P.Prepared:
-    tree._check_under(path, export_root)
+    tree.check_under(path, export_root)
     fixed, left, counts = steps.prepare(tree._root_of(path, root), options)
     return P.Prepared(fixed, left, P.Counts(*counts))
 
 
 def op_check(path: str, export_root: str, options: P.Options, root: str | None) -> P.Checked:
-    tree._check_under(path, export_root)
+    tree.check_under(path, export_root)
     return P.Checked([f.record() for f in steps.check(tree._root_of(path, root), options)])
 
 

@@ -12,7 +12,7 @@ from . import protocol as P
 from .fsutil import in_two, is_real_dir, mine
 from .manifest import CHANGE_KINDS
 from .protocol import AgentError, ErrorKind
-from .tree import _check_under, check_staging, images_below, refuse_inner_images
+from .tree import check_staging, check_under, images_below, refuse_inner_images
 
 SCAN_LIMIT = 100_000  # paths a scan (or rsync's items) may name before the count walks the whole trees instead
 
@@ -31,7 +31,7 @@ def op_rebase(path: str, export_root: str, staging: str, prepared: list[str],
     per entry of both trees while rsync works): an xattr change since the image is in rsync's items, unless
     the spare already had it (the source set it back since the spare was the image), which is then not
     counted."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     check_staging(path, staging)
     done = frozenset(prepared)
     if only is not None:
@@ -45,7 +45,7 @@ def op_rebase_scan(path: str, export_root: str, staging: str) -> P.RebaseScanned
     the cores it leaves idle): each differing entry, a new or deleted directory as itself only. What rsync
     changes meanwhile it itemizes, so these paths and rsync's items name every difference at its end (see
     op_rebase's only). None: more than SCAN_LIMIT (the count then walks the trees)."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     check_staging(path, staging)
     refuse_inner_images(path, images_below(path))  # op_stage left it to this walk (the copy started from the spare)
     shares = _comparing(staging, lambda share, shares: _scan_share(path, staging, share, shares))
