@@ -42,7 +42,8 @@ from ..runner import Runner, tail
 from ..storage import StorageSide, Supervised, node_init_script
 from ..transfer import run_rsync, run_stream
 from . import copyplan, exports, hosts, names
-from .common import Credentials, Env, claim_job, deliver, holder, iso_now, kept_for_nodes
+from .common import Credentials, Env, holder, kept_for_nodes
+from .delivery import claim_job, deliver, iso_now
 
 
 @dataclass(frozen=True)
