@@ -16,8 +16,9 @@ from qrmfs import transfer
 from qrmfs.actions import copyplan
 from qrmfs.config import Config, SshHost, Storage
 from qrmfs.errors import TransferError
+from qrmfs.mounts import Mounts, mounts_below, rebase_excludes, source_mounts
 from qrmfs.runner import Result, Runner
-from qrmfs.transfer import Mounts, judge, mounts_below, parse_progress, parse_stats, rebase_excludes, source_mounts
+from qrmfs.transfer import judge, parse_progress, parse_stats
 
 # A Debian host: separate /boot, /boot/efi, /var, /home and /srv/my data; docker's bind mounts, an NFS home,
 # pseudo filesystems, a bind of a directory of the root fs, and a file bind (container style).

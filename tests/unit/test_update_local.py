@@ -549,7 +549,7 @@ def test_an_updates_root_copy_starts_before_the_sources_mount_table_is_read(
     """The root's rsync does not depend on the source's mounts: it runs while they are still being read (a
     reader that waits for the copy to begin is answered); a separate filesystem found then is copied after."""
     from qrmfs.actions import hosts, pipeline
-    from qrmfs.transfer import Mounts
+    from qrmfs.mounts import Mounts
 
     create(env, capsys)
     other = env["tmp"] / "src-boot"  # stands for a separate filesystem mounted at /boot of the source
