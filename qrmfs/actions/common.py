@@ -184,9 +184,11 @@ class Env:
     def spool(self) -> openqrm.Spool:
         return openqrm.Spool(self.cfg.spool_dir)
 
-    def client(self, creds: Credentials, quick: bool = False) -> openqrm.Client:
+    def client(self, creds: Credentials, quick: bool = False, retry: bool = True) -> openqrm.Client:
+        """The one way a client of openQRM is made, from [openqrm]: quick, one short attempt (a 500 is not looked
+        into); retry=False, one attempt with the configured timeout (check's probes); else with retries."""
         o = self.cfg.openqrm
         assert creds.url
         return openqrm.Client(creds.url, creds.user, creds.password, timeout=min(o.timeout, 3) if quick else o.timeout,
-                              retries=0 if quick else o.retries, backoff=o.backoff, ca_file=o.ca_file,
+                              retries=0 if quick or not retry else o.retries, backoff=o.backoff, ca_file=o.ca_file,
                               transport=self.transport, diagnose=not quick)
