@@ -1,4 +1,5 @@
-"""qrmfs/storage.py with a `local` storage server and the real Runner: the agent runs in a subprocess."""
+"""qrmfs/storage (StorageSide, its Session) with a `local` storage server and the real Runner: the agent runs in a
+subprocess."""
 
 from __future__ import annotations
 
