@@ -9,7 +9,8 @@ from __future__ import annotations
 from ..errors import ExistsError, QrmfsError
 from ..model import Target
 from ..results import Registration, RegState
-from .common import Env, identity_of, same_image, storage_identity
+from .common import Env, identity_of, storage_identity
+from .delivery import same_image
 
 # a manifest in these states means openQRM has (or may have, or will get) a record of that name
 HOLDS_THE_NAME = (RegState.REGISTERED, RegState.PENDING, RegState.UNKNOWN)

@@ -11,17 +11,8 @@ from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
 from . import exports
-from .common import (
-    CLAIM_WAIT,
-    Credentials,
-    Env,
-    claim_job,
-    deliver,
-    flush_spool,
-    require_registration,
-    same_image,
-    storage_identity,
-)
+from .common import Credentials, Env, require_registration, storage_identity
+from .delivery import CLAIM_WAIT, claim_job, deliver, flush_spool, same_image
 
 
 @dataclass(frozen=True)

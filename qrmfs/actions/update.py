@@ -37,8 +37,9 @@ from ..results import (
 )
 from ..transfer import change_kind
 from . import exports, pipeline
-from .common import Credentials, Env, deliver, flush_spool, holder, iso_now, require_registration
+from .common import Credentials, Env, holder, require_registration
 from .create import CreateRequest
+from .delivery import deliver, flush_spool, iso_now
 from .listing import list_images
 from .validate import changes_from_source
 

@@ -14,6 +14,7 @@ from ..agent.manifest import Manifest
 from ..agent.protocol import Checked, FindingRecord, Options
 from ..config import Storage
 from ..model import Location, Target
+from ..pending import Pending
 from ..results import Drift, Validated
 from ..runner import Result
 from ..storage import StorageSide, Supervised
@@ -65,11 +66,12 @@ def validate(req: ValidateRequest, env: Env) -> Validated:
         result = _validate(req, env, info.manifest)
         return dataclasses.replace(result, drift=_drift(env, req, storage, info.manifest))
     # read-only: the agent checks the image while rsync's dry run compares it with the source
-    checks: list[Callable[[], Checked]] = []
+    checks: list[Pending[Checked]] = []
     opts = options_of(req.target.name, info.manifest)
     drift = _drift(env, req, storage, info.manifest,
-                   alongside=lambda: checks.append(side.check_later(req.target.path, opts)))
-    findings = _manifest_findings(req, info.manifest) + checks[0]().findings + exports.findings(side, req.target.path)
+                   alongside=lambda: checks.append(side.start_check(req.target.path, opts)))
+    findings = (_manifest_findings(req, info.manifest) + checks[0].result().findings
+                + exports.findings(side, req.target.path))
     return Validated(req.target.name, str(req.target), findings, drift=drift)
 
 

@@ -11,25 +11,25 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from . import exports, fsutil, gens, steps, supervise, tree
+from . import exports, fsutil, gens, steps, supervise, tree, treediff
 from . import protocol as P
 from .manifest import ManifestError
 from .protocol import AgentError, ErrorKind
 
 
 def op_prepare(path: str, export_root: str, options: P.Options, root: str | None) -> P.Prepared:
-    tree._check_under(path, export_root)
+    tree.check_under(path, export_root)
     fixed, left, counts = steps.prepare(tree._root_of(path, root), options)
     return P.Prepared(fixed, left, P.Counts(*counts))
 
 
 def op_check(path: str, export_root: str, options: P.Options, root: str | None) -> P.Checked:
-    tree._check_under(path, export_root)
+    tree.check_under(path, export_root)
     return P.Checked([f.record() for f in steps.check(tree._root_of(path, root), options)])
 
 
 # Where a request's `handler` ("module.function") is looked up.
-MODULES: dict[str, Any] = {"tree": tree, "gens": gens, "steps": steps, "exports": exports,
+MODULES: dict[str, Any] = {"tree": tree, "gens": gens, "treediff": treediff, "steps": steps, "exports": exports,
                            "main": sys.modules[__name__]}
 _HANDLERS: dict[type[Any], Callable[..., Any]] = {}
 

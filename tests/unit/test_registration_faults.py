@@ -361,7 +361,8 @@ def test_password_in_no_argv_output_spool_manifest_or_url_while_create_runs(home
 
 def test_same_image_by_storage_identity_and_path() -> None:
     from qrmfs import config
-    from qrmfs.actions.common import same_image, storage_identity
+    from qrmfs.actions.common import storage_identity
+    from qrmfs.actions.delivery import same_image
     from qrmfs.model import Target
 
     cfg = config.parse({"storage": {"nas1": {"address": "10.0.0.5"}, "nas2": {"address": "10.0.0.5",

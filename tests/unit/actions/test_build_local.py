@@ -263,7 +263,7 @@ def test_openqrm_down_keeps_the_registration_in_the_spool(env: Env, exports: Pat
     (row,) = list_images(env, "local").images  # found by storage identity and path, however it was spelled
     assert (row.registration.state, row.registration.spool_job) == (RegState.PENDING, job[:-len(".json")])
     server.status = 200
-    from qrmfs.actions.common import flush_spool
+    from qrmfs.actions.delivery import flush_spool
 
     for claim in env._claims.values():  # the create's process ends: it gives its job up
         claim.release()
@@ -378,7 +378,7 @@ def test_a_flush_records_the_delivery_in_the_manifest(env: Env, exports: Path, s
     delivery (when, how) into the manifest under the image's lock; list shows that, not a guess."""
     import json
 
-    from qrmfs.actions.common import flush_spool
+    from qrmfs.actions.delivery import flush_spool
     from qrmfs.actions.listing import list_images
 
     server.status = 503
@@ -410,7 +410,7 @@ def test_a_publish_that_fails_keeps_or_drops_the_armed_registration_by_what_happ
     flush finds the image there and registers it once."""
     import json
 
-    from qrmfs.actions.common import flush_spool
+    from qrmfs.actions.delivery import flush_spool
     from qrmfs.errors import StorageError
     from qrmfs.storage import StorageSide
 
