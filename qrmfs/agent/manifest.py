@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PATH = ".qrmfs/manifest.json"  # inside the image
-SCHEMA = 3  # 1: every manifest written before the schema was recorded (qrmfs up to 0.1.0 of 2026-12)
+# 1: every manifest written before the schema was recorded (qrmfs up to 0.1.0 of 2026-12); 2: the schema recorded;
+# 3: a registration openQRM answered is "sent", no longer "registered" (openQRM 5.3 shows no record)
+SCHEMA = 3
 # What a generation's change count names (rsync's itemized changes, the agent's rebase), in this order.
 CHANGE_KINDS = ("new", "changed", "metadata", "deleted")
 

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from lab import lab as _lab
+from qrmfs import jobs
 
 from .helpers import exports_listing, qrmfs, real_events, real_images, result_of, run_on, tree_info, write_config
 
@@ -216,7 +217,9 @@ def test_list_agrees_with_openqrm(lab, cfg, image_path):
         in_openqrm = {n for n in (posixpath.basename(image_path), posixpath.basename(other)) if real_images(lab, n)}
         assert registered & {posixpath.basename(image_path), posixpath.basename(other)} == in_openqrm
         text = qrmfs("list", config=cfg).stdout
-        assert posixpath.basename(image_path) in text and " sent (" in text and " registered" not in text
+        (row,) = [ln for ln in text.splitlines() if f" {posixpath.basename(image_path)} " in ln]
+        assert f" sent ({mine['registration']['time']} by create; {jobs.SEEN['new_image']})" in row
+        assert "registered" not in row
     finally:
         run_on(lab, "storage", f"rm -rf {other} /exports/.{posixpath.basename(other)}.qrmfs-*", check=False)
 
