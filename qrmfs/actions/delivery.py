@@ -129,12 +129,12 @@ def record_delivery(env: Env, job: openqrm.Job, when: str) -> None:
             if manifest is None or Registration.of_manifest(manifest).spool_job != job.id:
                 env.ui.debug(f"{job.target}'s manifest does not wait for spool job {job.id}: left as it is")
                 return
-            reg = Registration(RegState.REGISTERED, job.id, time=when, via=f"flush of spool job {job.id}",
+            reg = Registration(RegState.SENT, job.id, time=when, via=f"flush of spool job {job.id}",
                                seen=jobs.SEEN["new_image"])
             side.manifest_update(target.path, {"registration": reg.record()})
         env.ui.step(f"recorded the registration in the manifest of {job.target}")
     except QrmfsError as e:
-        env.ui.warn(f"delivered spooled registration {job.id}, but could not record it in the manifest of "
+        env.ui.warn(f"sent spooled registration {job.id}, but could not record it in the manifest of "
                     f"{job.target} ({e.message}); `qrmfs list` shows its registration as unknown")
 
 
@@ -192,11 +192,12 @@ def flush_spool(env: Env, creds: Credentials, quick: bool) -> dict[str, list[str
             _warn_plain_http(env, creds)
             c = env.client(Credentials(job.url, creds.user, creds.password), quick=quick)
             registers = any(openqrm.is_new_image(r) for r in job.requests)
+            saw = jobs.seen(job.requests)
             try:
                 c.deliver(job, spool)
                 claim.release(unlink=True)
                 done.append(job.id)
-                env.ui.step(f"delivered spooled registration {job.id} ({job.image}) to {job.url}")
+                env.ui.step(f"sent spooled registration {job.id} ({job.image}) to {job.url}: {saw}")
                 if registers:
                     record_delivery(env, job, iso_now())
             except Exception as e:  # a failed delivery stays in the spool; never fails the command

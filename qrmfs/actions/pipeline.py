@@ -643,7 +643,7 @@ def _register(env: Env, run: Run) -> Registration:
         else:
             env.ui.warn(f"openQRM did not answer ({why}): the {spec.command}'s events wait in the spool")
     elif why is None:
-        reg = Registration(RegState.REGISTERED, time=iso_now(), via=spec.command, seen=saw)
+        reg = Registration(RegState.SENT, time=iso_now(), via=spec.command, seen=saw)
         env.ui.step(f"sent {spec.name}'s registration to openQRM at {spec.enroll.creds.url}: {saw}")
     else:
         reg = Registration(RegState.PENDING, job.id)

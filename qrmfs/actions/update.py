@@ -189,7 +189,7 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
         if why is not None:
             reg = Registration(RegState.PENDING, job.id)
         elif any(openqrm.is_new_image(r) for r in closing):
-            reg = Registration(RegState.REGISTERED, time=iso_now(), via="rollback", seen=saw)
+            reg = Registration(RegState.SENT, time=iso_now(), via="rollback", seen=saw)
         if why is not None:
             env.ui.warn(f"openQRM did not answer ({why}): the rollback's requests wait in the spool")
     exports.failed(exported)  # after the registration: the rollback is done either way

@@ -409,7 +409,7 @@ def test_killed_right_after_the_publish_the_next_flush_registers_once(home: dict
     assert server.images == ["img1"] and server.commands().count("new_image") == 1
     assert spool_jobs(home) == []
     reg = json.loads((root / "img1/.qrmfs/manifest.json").read_text())["registration"]
-    assert (reg["state"], reg["via"]) == ("registered", f"flush of spool job {job['id']}")
+    assert (reg["state"], reg["via"]) == ("sent", f"flush of spool job {job['id']}")
 
 
 def test_killed_right_before_the_publish_nothing_is_registered(home: dict[str, Any], server: Server) -> None:
