@@ -17,7 +17,7 @@ demo: setup
 	@$(PY) -m lab demo
 
 test: setup
-	$(PY) -m pytest $(PAR) tests/unit tests/e2e
+	$(PY) -m pytest $(PAR) --durations=25 tests/unit tests/e2e
 
 test-fast: setup
 	$(PY) -m pytest $(PAR) -m "not slow" tests/unit tests/e2e
