@@ -16,7 +16,6 @@ from . import protocol as P
 from .manifest import ManifestError
 from .protocol import AgentError, ErrorKind
 
-
 REFUSED_IN_PLACE = ("fixing it in place: a running node's root never changes under it. `qrmfs update` makes the "
                     "fixes in a new generation (nodes get it at their next boot); or run validate --fix again once "
                     "the nodes rebooted into another generation or stopped reporting for node_timeout")
