@@ -93,8 +93,10 @@ def _validate(req: ValidateRequest, env: Env, manifest: Manifest | None) -> Vali
     after = before
     with env.locked(side, path, "validate --fix", req.target.name):
         if before:
-            fixed = side.prepare(path, opts).fixed + [f for f in before if f.step in ("manifest", "export")
-                                                      and f.fixable]
+            # the tree itself only when a step has something to fix (the agent refuses it while nodes run it)
+            in_tree = any(f.fixable and f.step not in ("manifest", "export") for f in before)
+            fixed = (side.prepare(path, opts, node_timeout=env.cfg.node_timeout).fixed if in_tree else []) + [
+                f for f in before if f.step in ("manifest", "export") and f.fixable]
             if any(f.step == "export" for f in before):
                 side.export(path, "refresh")
             if manifest is not None:

@@ -16,10 +16,18 @@ from . import protocol as P
 from .manifest import ManifestError
 from .protocol import AgentError, ErrorKind
 
+REFUSED_IN_PLACE = ("fixing it in place: a running node's root never changes under it. `qrmfs update` makes the "
+                    "fixes in a new generation (nodes get it at their next boot); or run validate --fix again once "
+                    "the nodes rebooted into another generation or stopped reporting for node_timeout")
 
-def op_prepare(path: str, export_root: str, options: P.Options, root: str | None) -> P.Prepared:
+
+def op_prepare(path: str, export_root: str, options: P.Options, root: str | None,
+               node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Prepared:
     tree.check_under(path, export_root)
-    fixed, left, counts = steps.prepare(tree._root_of(path, root), options)
+    target = tree._root_of(path, root)
+    if target == path:  # the image in place: never the tree a node runs (a fix makes a new generation: update)
+        tree._refuse_running(path, node_timeout, [path], REFUSED_IN_PLACE)
+    fixed, left, counts = steps.prepare(target, options)
     return P.Prepared(fixed, left, P.Counts(*counts))
 
 

@@ -614,7 +614,9 @@ class UnpinHost(Request[Unpinned]):
 
 @dataclass(frozen=True)
 class Prepare(Request[Prepared]):
-    """Apply the preparation steps to the image, or to its staging copy `root`."""
+    """Apply the preparation steps to the image, or to its staging copy `root`. The image itself (no `root`:
+    validate --fix) is refused while nodes run it (holds.py, with node_timeout): a node's root never changes
+    under it."""
     op: ClassVar[str] = "prepare"
     answer: ClassVar[type] = Prepared
     handler: ClassVar[str] = "main.op_prepare"
@@ -622,6 +624,7 @@ class Prepare(Request[Prepared]):
     export_root: str
     options: Options
     root: str | None = None
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)

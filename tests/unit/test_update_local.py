@@ -770,3 +770,28 @@ def test_a_generation_a_node_runs_is_kept_listed_and_freed_by_gc_after_the_node_
     assert code == 0 and str(gen1) in out["result"]["removed"] and not gen1.exists(), out
     code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", "-o", "--running-nodes-ok", capsys=capsys)
     assert code == 0 and not env["img"].exists(), out
+
+
+def test_validate_fix_never_rewrites_the_image_a_node_runs(env: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """validate --fix refuses, the node named and how to proceed said, and changes nothing of the tree; a fix
+    the tree does not need (the manifest's record) is still made; after the node rebooted into another
+    generation, the same --fix repairs the image."""
+    create(env, capsys)
+    mtab = env["img"] / "etc/mtab"
+    mtab.unlink()
+    mtab.write_text("a file\n")  # the preparation made it a link to /proc/self/mounts: a fault --fix repairs
+    _run_node(env["img"], "7")
+    before = {p: p.lstat() for p in env["img"].rglob("*") if ".qrmfs" not in p.parts}
+    code, out = qrmfs(env, "validate", "-t", f"local:{env['img']}", "--fix", capsys=capsys)
+    msg = out["error"]["message"]
+    assert code != 0 and "node 7 (since " in msg and "qrmfs update" in msg and "in place" in msg, out
+    after = {p: p.lstat() for p in env["img"].rglob("*") if ".qrmfs" not in p.parts}
+    assert before == after and mtab.read_text() == "a file\n"
+    code, out = update(env, capsys)  # the fix through a new generation: the node keeps the one it runs
+    gen1 = env["root"] / ".img1.qrmfs-gen-1"
+    assert code == 0 and (gen1 / "etc/mtab").read_text() == "a file\n" and (env["img"] / "etc/mtab").is_symlink()
+    (env["img"] / "etc/mtab").unlink()
+    (env["img"] / "etc/mtab").write_text("a file\n")
+    code, out = qrmfs(env, "validate", "-t", f"local:{env['img']}", "--fix", capsys=capsys)
+    assert code == 0 and (env["img"] / "etc/mtab").is_symlink(), out  # no node runs the current image
