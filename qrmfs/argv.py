@@ -198,7 +198,7 @@ _MOUNTS_SCRIPT = (f"[ -d \"$1\" ] || exit {NO_SOURCE_DIR}; "  # the source path,
 
 def mounts_argv(source_path: str) -> tuple[str, ...]:
     """The source's mount table and its directory mount points, in one command (one ssh); see
-    transfer.source_mounts. It exits NO_SOURCE_DIR, having read nothing, when source_path is no directory
+    mounts.source_mounts. It exits NO_SOURCE_DIR, having read nothing, when source_path is no directory
     (an argument of the fixed script, never part of it)."""
     return ("sh", "-c", _MOUNTS_SCRIPT, "sh", source_path)
 

@@ -420,7 +420,7 @@ def flush(username: User = None,  # noqa: PLR0913 - typer: one parameter per com
     Example:
       qrmfs flush --password-file /etc/qrmfs/openqrm.password
     """
-    from .actions.common import flush_spool
+    from .actions.delivery import flush_spool
 
     env = _env(config, verbose)
     _warn_password_argv(password, env.ui)

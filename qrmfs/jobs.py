@@ -25,9 +25,11 @@ from .options import IMAGE_OPTIONS
 STARTED, FINISHED, FAILED = 9, 10, 3
 # What openQRM 5.3's answers show (docs/openqrm.md): image-action.php's newline means it ran the command for an
 # administrator; nothing it answers shows the record, nor whether an insert or delete took effect, nor an event.
-SEEN = {"new_image": "openQRM ran new_image for an administrator; it shows no record, so the record is not seen",
-        "remove_by_name": "openQRM ran remove_by_name for an administrator; it shows no record, so its removal is "
-                          "not seen",
+# These words follow a registration's state (results.RegState: sent, deregistration sent) wherever it is shown.
+SEEN = {"new_image": "new_image ran for an administrator; openQRM 5.3 shows no record, so the record itself is not "
+                     "verified; see docs/openqrm.md",
+        "remove_by_name": "remove_by_name ran for an administrator; openQRM 5.3 shows no record, so the removal "
+                          "itself is not verified; see docs/openqrm.md",
         "event": "events: sent, openQRM's answer to an event shows nothing"}
 RECORD_TEXT_MAX = 255      # image_info.image_rootdevice, image_comment, image_capabilities: VARCHAR(255)
 

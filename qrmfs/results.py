@@ -24,11 +24,12 @@ SCHEMA = 1
 
 
 class RegState(enum.Enum):
-    """An image's openQRM registration, as recorded in its manifest and reported."""
-    REGISTERED = "registered"
+    """An image's openQRM registration, as recorded in its manifest and reported. openQRM 5.3 shows no record
+    (docs/openqrm.md), so no state says "registered": what was sent and how openQRM answered is all qrmfs knows."""
+    SENT = "sent"                  # openQRM ran new_image for an administrator; the record itself is not seen
     PENDING = "pending"            # waiting in the spool (openQRM did not answer yet)
     NOT_REGISTERED = "not_registered"  # -o/--only-physical
-    DEREGISTERED = "deregistered"
+    DEREGISTRATION_SENT = "deregistration_sent"  # remove: openQRM ran remove_by_name for an administrator
     UNKNOWN = "unknown"
 
     @classmethod
@@ -39,12 +40,16 @@ class RegState(enum.Enum):
             return cls.UNKNOWN
 
 
+# the states whose requests openQRM answered: shown with when, how and what its answers showed (jobs.SEEN)
+ANSWERED = (RegState.SENT, RegState.DEREGISTRATION_SENT)
+
+
 @dataclass(frozen=True)
 class Registration:
     state: RegState
     spool_job: str | None = None
     error: str | None = None
-    time: str | None = None          # when openQRM accepted it (UTC, ISO 8601), as recorded at that moment
+    time: str | None = None          # when openQRM answered it (UTC, ISO 8601), as recorded at that moment
     via: str | None = None           # how: "create", "clone", "flush of spool job ID", ...
     seen: str | None = None          # what openQRM's answers showed of it, and what they cannot show (jobs.SEEN)
 
@@ -59,15 +64,16 @@ class Registration:
 
     @property
     def has_record(self) -> bool:
-        """openQRM has a record of the image, or is being sent one (the spool), or may have one."""
-        return self.state in (RegState.REGISTERED, RegState.PENDING, RegState.UNKNOWN)
+        """openQRM has a record of the image, or is being sent one (the spool), or may have one: everything that
+        acts on "is this image registered?" asks this."""
+        return self.state in (RegState.SENT, RegState.PENDING, RegState.UNKNOWN)
 
     def __str__(self) -> str:
         text = self.state.value.replace("_", " ")
         if self.spool_job and self.state is RegState.PENDING:
             return f"{text} (spool job {self.spool_job})"
         known = "; ".join(x for x in (" by ".join(x for x in (self.time, self.via) if x), self.seen) if x)
-        return f"{text} ({known})" if known and self.state in (RegState.REGISTERED, RegState.DEREGISTERED) else text
+        return f"{text} ({known})" if known and self.state in ANSWERED else text
 
 
 def plan_lines(registration: list[dict[str, Any]]) -> list[str]:
@@ -114,7 +120,7 @@ class Built(Result):
     def text(self) -> str:
         verb = {"create": "created", "clone": "cloned", "update": "updated"}.get(self.command, self.command)
         return (f"{verb} {self.target} from {self.source}: {self.files} files, {self.bytes / 2**20:.1f} MiB; "
-                f"registration: {self.registration}" + (f"; NFS export: {self.export}" if self.export else ""))
+                f"openQRM: {self.registration}" + (f"; NFS export: {self.export}" if self.export else ""))
 
 
 @dataclass(frozen=True)
@@ -265,7 +271,7 @@ class Removed(Result):
     registration: Registration
 
     def text(self) -> str:
-        return f"removed {self.removed}; registration: {self.registration}"
+        return f"removed {self.removed}; openQRM: {self.registration}"
 
 
 @dataclass(frozen=True)
@@ -425,7 +431,8 @@ class Flushed(Result):
     spool: str = ""
 
     def text(self) -> str:
-        return (f"delivered {len(self.delivered)}, still pending {len(self.pending)}"
+        # sent: openQRM answered every request of those jobs (what that shows: jobs.SEEN, in each image's manifest)
+        return (f"sent {len(self.delivered)}, still pending {len(self.pending)}"
                 + (f" ({', '.join(self.pending)}; see {self.spool})" if self.pending else ""))
 
     def failure(self) -> QrmfsError | None:

@@ -159,31 +159,6 @@ def _read_err(f: IO[bytes], into: list[bytes], on_line: Callable[[str], bool] | 
             into.append(line)
 
 
-def later(fn: Callable[[], T]) -> Callable[[], T]:
-    """Start fn in a thread now; the returned callable waits for it and gives its result (or raises what it
-    raised). The thread is a daemon: a run that fails before it asks does not wait for it, and a command the
-    thread started dies with qrmfs (PR_SET_PDEATHSIG follows the thread that forked it, which waits for it)."""
-    box: list[Any] = []
-
-    def work() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as e:  # handed to whoever asks for the result
-            box.append((False, e))
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-
-    def result() -> T:
-        t.join()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
-    return result
-
-
 def stop(p: subprocess.Popen[bytes], grace: float = 15.0) -> None:
     """End a child we are abandoning: close its stdin (a remote supervisor then stops what it runs, and ssh
     exits once that has ended), wait a little, then terminate, then kill."""

@@ -467,8 +467,7 @@ class Checker:
             self.r.add("openqrm", WARN, f"{creds.url}: no {missing}, so the credentials cannot be checked; create "
                                         "needs them unless -o is given")
             return
-        o = self.cfg.openqrm
-        c = openqrm.Client(creds.url, creds.user, creds.password, timeout=o.timeout, retries=0, ca_file=o.ca_file)
+        c = self.env.client(creds, retry=False)
         try:
             if not c.database_answers():
                 self.r.add("openqrm", FAIL, f"{creds.url} is openQRM's, but its PHP fails (500) on a request that "

@@ -18,7 +18,8 @@ from ..model import Target
 from ..results import BuildPlan, Built
 from ..storage import StorageSide
 from . import copyplan, pipeline
-from .common import Credentials, Env, flush_spool, require_registration
+from .common import Credentials, Env, require_registration
+from .delivery import flush_spool
 
 CLONE_EXCLUDES = ("/.qrmfs",)  # the old manifest and the old image's per-node state
 

@@ -20,7 +20,7 @@ from .. import argv as A
 from ..agent.manifest import Manifest
 from ..config import Config, SshHost, Storage
 from ..errors import RefusedError
-from ..transfer import Mounts, rebase_excludes
+from ..mounts import Mounts, rebase_excludes
 
 
 class Hop(enum.Enum):

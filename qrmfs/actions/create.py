@@ -15,7 +15,8 @@ from ..model import Location, Route, Target
 from ..options import OPTION
 from ..results import BuildPlan, Built
 from . import copyplan, hosts, pipeline
-from .common import Credentials, Env, flush_spool, require_registration
+from .common import Credentials, Env, require_registration
+from .delivery import flush_spool
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from .. import argv as A
 from ..config import Config, SshHost, Storage
 from ..errors import ConnectError, RouteError, UsageError
 from ..model import Location
+from ..mounts import Mounts, source_mounts
 from ..runner import CommandFailed, Runner, stop, tail
-from ..transfer import Mounts, source_mounts
 from .copyplan import CopyPlan
 
 

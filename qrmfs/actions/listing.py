@@ -8,7 +8,8 @@ from ..config import Storage
 from ..errors import QrmfsError, UsageError
 from ..model import Target
 from ..results import ImageRow, LeftoverRow, Listing, Registration, RegState, StorageFailure
-from .common import Env, same_image
+from .common import Env
+from .delivery import same_image
 
 
 def registration_state(manifest: Manifest, pending: str | None) -> Registration:

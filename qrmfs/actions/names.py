@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from ..errors import ExistsError, QrmfsError
 from ..model import Target
-from ..results import Registration, RegState
-from .common import Env, identity_of, same_image, storage_identity
-
-# a manifest in these states means openQRM has (or may have, or will get) a record of that name
-HOLDS_THE_NAME = (RegState.REGISTERED, RegState.PENDING, RegState.UNKNOWN)
+from ..results import Registration
+from .common import Env, identity_of, storage_identity
+from .delivery import same_image
 
 
 def registered_elsewhere(env: Env, name: str, target: Target) -> list[str]:
-    """Where else the openQRM name is held: "storage:/path (registered)" or "spool job ID (for storage:/path)".
+    """Where else the openQRM name is held: "storage:/path (registration sent)" or "spool job ID (for storage:/path)".
     A storage server that cannot be reached is warned about and skipped: it cannot be checked."""
     mine = storage_identity(env.cfg, str(target))
     found: list[str] = []
@@ -39,8 +37,8 @@ def registered_elsewhere(env: Env, name: str, target: Target) -> list[str]:
                 continue
             seen.add(key)
             reg = Registration.of_manifest(entry.manifest)
-            if reg.state in HOLDS_THE_NAME:
-                found.append(f"{s.name}:{entry.path} ({reg.state.value})")
+            if reg.has_record:  # openQRM has (or may have, or will get) a record of that name
+                found.append(f"{s.name}:{entry.path} (registration {reg.state.value})")
     for job in env.spool().jobs():
         registers = [r for r in job.requests if r.kind == "image" and r.params.get("image_name") == name]
         if registers and registers[-1].params.get("image_command") == "new_image" and not same_image(

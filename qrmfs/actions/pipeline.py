@@ -20,27 +20,30 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__, jobs, openqrm
 from .. import argv as A
 from ..agent import steps
-from ..agent.gens import CRASH_ENV, SCAN_LIMIT, prepared_change
+from ..agent.gens import CRASH_ENV
 from ..agent.manifest import CHANGE_KINDS, Manifest, generation_id
 from ..agent.protocol import FindingRecord, Inspected, Options, Prepared, Published, RebaseScanned, StagedUpdate
 from ..agent.tree import siblings
+from ..agent.treediff import SCAN_LIMIT, prepared_change
 from ..config import SshHost, Storage
 from ..errors import ConnectError, ExistsError, QrmfsError, StorageError
 from ..model import Route, Target
+from ..pending import Pending
 from ..results import Built, Registration, RegState
-from ..runner import Runner, later, tail
+from ..runner import Runner, tail
 from ..storage import StorageSide, Supervised, node_init_script
 from ..transfer import run_rsync, run_stream
 from . import copyplan, exports, hosts, names
-from .common import Credentials, Env, claim_job, deliver, holder, iso_now, kept_for_nodes
+from .common import Credentials, Env, holder, kept_for_nodes
+from .delivery import claim_job, deliver, iso_now
 
 
 @dataclass(frozen=True)
@@ -110,53 +113,67 @@ class BuildSpec:
 
 @dataclass
 class Run:
-    """What one build has done so far, step by step."""
+    """One build under way, for the steps that follow the target's check: what it builds and where, and what a
+    failure must clean up or report (the staging copy as soon as it exists, the openQRM job). What each step
+    makes is its return value, handed to the steps that use it."""
     spec: BuildSpec
     side: StorageSide
-    started: float = field(default_factory=time.time)
-    job: openqrm.Job | None = None
-    staging: str = ""
-    plan: copyplan.CopyPlan | None = None
-    rsync: list[dict[str, Any]] = field(default_factory=list)
-    prepared: Prepared | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    manifest: Manifest | None = None
-    incremental: bool = False         # a new generation of the image at the target
-    base_copy: dict[str, Any] = field(default_factory=dict)  # how the staging copy of the image was made
+    started: float
+    job: openqrm.Job | None
+    incremental: bool                 # a new generation of the image at the target
+    staging: str = ""                 # the staging directory, once made (_stage)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """The staging directory and the copies into it: `plan` runs first; `whole`, when the source's mounts were
+    still being read (an update), is the whole plan, whose copies beyond `plan`'s run after it."""
+    plan: copyplan.CopyPlan
+    whole: Pending[copyplan.CopyPlan] | None
+    base_copy: dict[str, Any]         # how the staging copy of an image was made (none: a fresh copy)
+
+
+@dataclass(frozen=True)
+class Copied:
+    plan: copyplan.CopyPlan           # the whole plan that ran
+    runs: list[dict[str, Any]]        # each copy's record (rsync's or the tar stream's), for the manifest
 
 
 def build(env: Env, spec: BuildSpec) -> Built:
-    run = Run(spec, env.side(spec.place.agent))
-    run.side.connect()  # the storage server's ssh handshake overlaps the source's (its mount table)
+    started = time.time()
+    side = env.side(spec.place.agent)
+    side.connect()  # the storage server's ssh handshake overlaps the source's (its mount table)
     source = _source(env, spec)  # read from here on, beside what follows
-    pinned = later(lambda: _pin(env, spec, spec.source))  # known_hosts looked up during the handshakes too
+    pinned = Pending.start("the source's known_hosts", lambda: _pin(env, spec, spec.source))  # during the handshakes
     if spec.enroll and spec.enroll.creds.url:  # after both ssh have started: the CPU it takes delays neither
         openqrm.prepare(spec.enroll.creds.url, env.cfg.openqrm.ca_file)
     if spec.enroll and spec.new_record:  # a name openQRM holds for another path: refused before anything is done
         names.check_name_free(env, spec.name, spec.place.target)
-    run.job = _open_job(spec)
+    job = _open_job(spec)
     if spec.parent is None:
         # a first copy: a source that cannot be reached fails before anything is touched. A new generation of an
         # image (update) reads the source's mounts while its staging copy is made and its root is copied: only
         # the separate filesystems' copies need them (_stage), and a failure then removes the staging copy.
-        source()
-    pin = pinned()  # a source host key we do not know: refused before anything is touched
+        source.result()
+    pin = pinned.result()  # a source host key we do not know: refused before anything is touched
     with ExitStack() as held:
-        _lock(env, run, held)
-        _warm(run, spec)
-        info = run.side.inspect(spec.place.path)
+        _lock(env, side, spec, held)  # the image's lock: held from here to the end of the block
+        _warm(side, spec)
+        info = side.inspect(spec.place.path)
         _check_target(info, spec)
-        run.incremental = spec.force and info.is_image
-        if run.incremental:
-            spec = run.spec = _as_new_generation(env, spec, info.manifest)
-        if run.job and spec.enroll:
-            deliver(env, spec.enroll.creds, run.job, quick=True)  # the "started" event, if openQRM answers now
+        incremental = spec.force and info.is_image
+        if incremental:
+            spec = _as_new_generation(env, spec, info.manifest)
+        run = Run(spec, side, started, job, incremental)
+        if job and spec.enroll:
+            deliver(env, spec.enroll.creds, job, quick=True)  # the "started" event, if openQRM answers now
         try:
-            _copy(env, run, _stage(env, run, source, pin))
+            staged = _stage(env, run, source, pin)
+            copied = _copy(env, run, staged)
             crash_point("before-prepare")
-            _prepare(env, run)
-            _write_manifest(run)
-            _arm(env, run)
+            prepared, counts = _prepare(env, run)
+            manifest = _write_manifest(run, staged, copied, prepared, counts)
+            _arm(env, run, manifest)
             crash_point("before-publish")
             published = _publish(env, run)
             crash_point("after-publish")
@@ -168,8 +185,8 @@ def build(env: Env, spec: BuildSpec) -> Built:
             f" (the image it replaced is kept as {published.previous})" if published.replaced else ""))
         # the image's own NFS export: new mounts get this generation; a failure is raised after the registration
         exported = exports.apply(env, env.side(spec.place.storage), spec.place.target,
-                                 "refresh" if run.incremental else "add")
-        built = dataclasses.replace(_result(env, run, published, _register(env, run)),
+                                 "refresh" if incremental else "add")
+        built = dataclasses.replace(_result(env, run, manifest, prepared, published, _register(env, run)),
                                     export=exports.shown(exported))
         exports.failed(exported)
         return built
@@ -209,9 +226,8 @@ def _open_job(spec: BuildSpec) -> openqrm.Job | None:
                     [jobs.started(spec.command, spec.name, str(spec.place.target))])
 
 
-def _lock(env: Env, run: Run, held: ExitStack) -> None:
-    spec = run.spec
-    held.enter_context(env.locked(run.side, spec.place.path, spec.command, spec.name))
+def _lock(env: Env, side: StorageSide, spec: BuildSpec, held: ExitStack) -> None:
+    held.enter_context(env.locked(side, spec.place.path, spec.command, spec.name))
     for other_side, other_path in spec.also_lock:
         held.enter_context(env.locked(other_side, other_path, spec.command, spec.name))
 
@@ -221,11 +237,11 @@ def _check_target(info: Inspected, spec: BuildSpec) -> None:
         raise exists_error(spec.place.target)
 
 
-def _source(env: Env, spec: BuildSpec) -> Callable[[], copyplan.Source]:
+def _source(env: Env, spec: BuildSpec) -> Pending[copyplan.Source]:
     """The source with what is mounted below it (a live host's separate filesystems), read in the background
-    from now on: the answer waits for it (and raises what reading it raised)."""
+    from now on: joining it waits for it (and raises what reading it raised)."""
     if not spec.discover_mounts:
-        return lambda: spec.source
+        return Pending.done("the source", spec.source)
 
     def read() -> copyplan.Source:
         mounts = hosts.discover_mounts(env.runner, env.cfg, spec.source.host, spec.source.path)
@@ -233,7 +249,7 @@ def _source(env: Env, spec: BuildSpec) -> Callable[[], copyplan.Source]:
             env.ui.warn(f"not copied: {s['path']} ({s['fstype']}, {s['why']})")
         return dataclasses.replace(spec.source, mounts=mounts)
 
-    return later(read)
+    return Pending.start("the source's mounts", read)
 
 
 def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
@@ -244,36 +260,35 @@ def _pin(env: Env, spec: BuildSpec, source: copyplan.Source) -> str | None:
     return hosts.source_known_hosts(env.runner, env.cfg, source.host)
 
 
-def _warm(run: Run, spec: BuildSpec) -> None:
+def _warm(side: StorageSide, spec: BuildSpec) -> None:
     """The agent of the copy's first supervised command, started while the lock, staging and plan are made."""
-    if run.side.local:
+    if side.local:
         return
     hop = _hop(spec, spec.source)
     if hop in (copyplan.Hop.PULL_ON_STORAGE, copyplan.Hop.ON_STORAGE):
-        run.side.warm(forward_agent=hop is copyplan.Hop.PULL_ON_STORAGE)
+        side.warm(forward_agent=hop is copyplan.Hop.PULL_ON_STORAGE)
 
 
-def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin: str | None
-           ) -> Callable[[], copyplan.CopyPlan] | None:
-    """The staging directory, and run.plan: its copies from the source. An update's plan is its root's copy
-    only, which does not depend on the source's mounts: it starts while they are still being read, and the
-    function returned gives the whole plan once they are (the separate filesystems' copies come after)."""
+def _stage(env: Env, run: Run, source: Pending[copyplan.Source], pin: str | None) -> Staged:
+    """The staging directory (run.staging from the moment it exists) and its copies from the source. An update's
+    first plan is its root's copy only, which does not depend on the source's mounts: it starts while they are
+    still being read, and the whole plan follows once they are (the separate filesystems' copies come after)."""
     spec = run.spec
     token = uuid.uuid4().hex[:10]
     if run.incremental:
         up = run.side.stage_update(spec.place.path, token, pin, env.cfg.node_timeout)
         run.staging = up.staging
-        run.base_copy = _copy_image(env, run, spec.place.path, up)
+        base_copy = _copy_image(env, run, spec.place.path, up)
         known_hosts = up.known_hosts
     elif spec.origin is not None and _same_server(spec, spec.source):
         up = run.side.stage_copy(spec.place.path, token, *spec.origin)
         run.staging = up.staging
-        run.base_copy = _copy_image(env, run, spec.origin[0], up)
-        run.plan = copyplan.CopyPlan(copyplan.Hop.ON_STORAGE, (), source_later().mounts)  # nothing left to copy
-        return None
+        base_copy = _copy_image(env, run, spec.origin[0], up)
+        nothing_left = copyplan.CopyPlan(copyplan.Hop.ON_STORAGE, (), source.result().mounts)
+        return Staged(nothing_left, None, base_copy)
     else:
         staged = run.side.stage(spec.place.path, token, pin)
-        run.staging, known_hosts = staged.staging, staged.known_hosts
+        run.staging, known_hosts, base_copy = staged.staging, staged.known_hosts, {}
     into = copyplan.Into(spec.place.agent, run.staging, spec.place.here, known_hosts)
 
     def plan(source: copyplan.Source) -> copyplan.CopyPlan:
@@ -281,40 +296,38 @@ def _stage(env: Env, run: Run, source_later: Callable[[], copyplan.Source], pin:
                              stream=not run.incremental, whole=run.incremental and copyplan.whole_list(spec.parent))
 
     if not run.incremental:
-        run.plan = plan(source_later())
-        return None
-    run.plan = plan(spec.source)  # no mounts known yet: the root's copy alone
-    return lambda: plan(source_later())
+        return Staged(plan(source.result()), None, base_copy)
+    # no mounts known yet: the root's copy alone first
+    return Staged(plan(spec.source), source.then("the whole copy plan", plan), base_copy)
 
 
-def _copy(env: Env, run: Run, whole_plan: Callable[[], copyplan.CopyPlan] | None) -> None:
-    """run.plan's copies, then (whole_plan: see _stage) the rest of the whole plan, which becomes run.plan. A
-    copy that fails while the source's mounts could not be read either fails with that reason (cannot reach
-    the source), which says more than rsync's exit code. From the spare, the changes are counted against the
-    image by the agent (gens.op_rebase) once every copy is done: it compares the paths that its scan, made
-    while rsync ran, and rsync's own items name (the whole trees when they name too many)."""
-    spec = run.spec
-    assert run.plan is not None
-    recycled = run.base_copy.get("method") == "recycled"
+def _copy(env: Env, run: Run, staged: Staged) -> Copied:
+    """The staged plan's copies, then the rest of the whole plan. A copy that fails while the source's mounts
+    could not be read either fails with that reason (cannot reach the source), which says more than rsync's
+    exit code. From the spare, the changes are counted against the image by the agent (treediff.op_rebase) once
+    every copy is done: it compares the paths that its scan, made while rsync ran, and rsync's own items name
+    (the whole trees when they name too many)."""
+    spec, plan = run.spec, staged.plan
+    recycled = staged.base_copy.get("method") == "recycled"
     prepared = prepared_paths(spec.parent) if run.incremental else frozenset()
     items: list[str] | None = [] if recycled else None
-    scan = run.side.rebase_scan_later(spec.place.path, run.staging) if recycled else None
+    scan = run.side.start_rebase_scan(spec.place.path, run.staging) if recycled else None
 
     def copies(cp: copyplan.CopyPlan) -> list[dict[str, Any]]:
         return copy(env, run.side, spec.place.path, cp, holder(spec.command, spec.name), prepared, items=items)
 
     try:
-        runs = copies(run.plan)
+        runs = copies(plan)
     except QrmfsError:
-        if whole_plan is not None:
-            whole_plan()
+        if staged.whole is not None:
+            staged.whole.result()
         raise
-    if whole_plan is not None:
-        whole = whole_plan()
-        done = len(run.plan.copies)
-        assert whole.copies[:done] == run.plan.copies, "the root's copy does not depend on the mounts"
+    if staged.whole is not None:
+        whole = staged.whole.result()
+        done = len(plan.copies)
+        assert whole.copies[:done] == plan.copies, "the root's copy does not depend on the mounts"
         runs += copies(dataclasses.replace(whole, copies=whole.copies[done:]))
-        run.plan = whole
+        plan = whole
     if scan is not None and runs:
         t0 = time.monotonic()
         found = _scanned(scan)
@@ -324,14 +337,14 @@ def _copy(env: Env, run: Run, whole_plan: Callable[[], copyplan.CopyPlan] | None
         runs[0]["changes_counted"] = {"against": "the image (the copy started from its spare)",
                                       "compared": "every path" if only is None else f"{len(only)} paths",
                                       "seconds": round(time.monotonic() - t0, 3)}
-    run.rsync = runs
+    return Copied(plan, runs)
 
 
-def _scanned(scan: Callable[[], RebaseScanned]) -> list[str] | None:
+def _scanned(scan: Pending[RebaseScanned]) -> list[str] | None:
     """The scan's paths; None when it named too many, or failed (the count then walks the whole trees). Its
     refusal (images lie below the image, which an update never replaces) stops the update."""
     try:
-        return scan().paths
+        return scan.result().paths
     except StorageError:  # not a RefusedError: that one stops the update
         return None
 
@@ -455,19 +468,20 @@ def prepared_options(options: Options) -> Options:
     return dataclasses.replace(options, node_init=node_init_script()) if options.needs_node_init else options
 
 
-def _prepare(env: Env, run: Run) -> None:
+def _prepare(env: Env, run: Run) -> tuple[Prepared, dict[str, int]]:
+    """The agent's preparation of the staging copy, and the copy's counts (files, bytes)."""
     spec = run.spec
     env.ui.step("preparing the image for an NFS root")
-    run.prepared = run.side.prepare(spec.place.path, prepared_options(spec.options), root=run.staging)
+    prepared = run.side.prepare(spec.place.path, prepared_options(spec.options), root=run.staging)
     if spec.options.regenerates_host_keys:
         _fresh_host_keys(env, run)
-    unfixed = [f for f in run.prepared.left if f.fixable]
+    unfixed = [f for f in prepared.left if f.fixable]
     if unfixed:
         raise StorageError("preparation left problems: " + "; ".join(f"{f.path}: {f.problem}" for f in unfixed))
-    for f in run.prepared.left:
+    for f in prepared.left:
         env.ui.warn(f"{f.step}: {f.path}: {f.problem}")
-    c = run.prepared.counts or run.side.stats(spec.place.path, run.staging)  # counted in the preparation's walk
-    run.counts = {"files": c.files, "bytes": c.bytes}
+    c = prepared.counts or run.side.stats(spec.place.path, run.staging)  # counted in the preparation's walk
+    return prepared, {"files": c.files, "bytes": c.bytes}
 
 
 def _fresh_host_keys(env: Env, run: Run) -> None:
@@ -489,26 +503,27 @@ def _findings(records: list[FindingRecord]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(f) for f in records]
 
 
-def _write_manifest(run: Run) -> None:
+def _write_manifest(run: Run, staged: Staged, copied: Copied, prepared: Prepared, counts: dict[str, int]
+                    ) -> Manifest:
     spec, place = run.spec, run.spec.place
-    assert run.plan is not None and run.prepared is not None
-    left = run.prepared.left
-    run.manifest = Manifest.new({
+    left = prepared.left
+    manifest = Manifest.new({
         **spec.manifest,
         "qrmfs_version": __version__, "image": spec.name, "target": str(place.target), "path": place.target.path,
         "storage": place.storage.name, "storage_id": place.storage.storage_id, "source": spec.source_label,
         "created": _iso(run.started), "finished": _iso(time.time()),
         "created_by": holder(spec.command, spec.name), "route": spec.manifest.get("route", Route.SSH.value),
-        "copy": run.plan.hop.value, "rsync": run.rsync,
-        "separate_filesystems": run.plan.mounts.include, "skipped_mounts": run.plan.mounts.skipped,
-        "counts": run.counts,
-        "generation": _generation(run),
-        "preparation": {"steps": [s.name for s in steps.STEPS], "fixed": _findings(run.prepared.fixed)},
+        "copy": copied.plan.hop.value, "rsync": copied.runs,
+        "separate_filesystems": copied.plan.mounts.include, "skipped_mounts": copied.plan.mounts.skipped,
+        "counts": counts,
+        "generation": _generation(run, staged.base_copy, copied.runs, counts),
+        "preparation": {"steps": [s.name for s in steps.STEPS], "fixed": _findings(prepared.fixed)},
         "registration": _registration_record(run),
         "validation": {"state": "clean" if not left else "problems", "findings": _findings(left),
                        "time": _iso(time.time())},
     })
-    run.side.write_manifest(place.path, run.staging, run.manifest)
+    run.side.write_manifest(place.path, run.staging, manifest)
+    return manifest
 
 
 def _registration_record(run: Run) -> dict[str, Any]:
@@ -521,17 +536,18 @@ def _registration_record(run: Run) -> dict[str, Any]:
     return Registration(RegState.NOT_REGISTERED).record()
 
 
-def _generation(run: Run) -> dict[str, Any]:
+def _generation(run: Run, base_copy: dict[str, Any], runs: list[dict[str, Any]], counts: dict[str, int]
+                ) -> dict[str, Any]:
     """This generation: its id, the one it replaced, how its tree was made, what changed (rsync's counts)."""
     parent = generation_id(run.spec.parent) if run.incremental else None
     if run.incremental:
-        changes = {k: sum(r.get("changes", {}).get(k, 0) for r in run.rsync) for k in CHANGE_KINDS}
+        changes = {k: sum(r.get("changes", {}).get(k, 0) for r in runs) for k in CHANGE_KINDS}
     else:  # a fresh copy: everything is new
-        changes = {"new": run.counts.get("files", 0)}
+        changes = {"new": counts.get("files", 0)}
     changes["bytes_transferred"] = sum(r.get("stats", {}).get("bytes_transferred", 0)
-                                       + r.get("stats", {}).get("bytes_streamed", 0) for r in run.rsync)
+                                       + r.get("stats", {}).get("bytes_streamed", 0) for r in runs)
     return {"id": uuid.uuid4().hex, "made_by": run.spec.command, "parent": parent,
-            "base_copy": run.base_copy or {"method": "none (a fresh copy)"},
+            "base_copy": base_copy or {"method": "none (a fresh copy)"},
             "changes": changes}
 
 
@@ -560,7 +576,7 @@ def _records(run: Run) -> list[openqrm.Request]:
     return jobs.closing(spec.command, spec.name, str(spec.place.target), fields, spec.replace_record)
 
 
-def _arm(env: Env, run: Run) -> None:
+def _arm(env: Env, run: Run, manifest: Manifest) -> None:
     """Write-ahead, before the publish: the registration goes into the spool, bound to the generation being
     published and claimed by this process. Killed at the publish or after it, the next flush sends it once the
     image is there, or drops it (reporting the failure) when the publish never happened."""
@@ -568,8 +584,7 @@ def _arm(env: Env, run: Run) -> None:
     if not (job and spec.enroll):
         return
     job.requests += _records(run)
-    assert run.manifest is not None
-    job.publish = {"generation": run.manifest.generation_id}
+    job.publish = {"generation": manifest.generation_id}
     claim_job(env, job)
     env.spool().save(job)
 
@@ -628,7 +643,7 @@ def _register(env: Env, run: Run) -> Registration:
         else:
             env.ui.warn(f"openQRM did not answer ({why}): the {spec.command}'s events wait in the spool")
     elif why is None:
-        reg = Registration(RegState.REGISTERED, time=iso_now(), via=spec.command, seen=saw)
+        reg = Registration(RegState.SENT, time=iso_now(), via=spec.command, seen=saw)
         env.ui.step(f"sent {spec.name}'s registration to openQRM at {spec.enroll.creds.url}: {saw}")
     else:
         reg = Registration(RegState.PENDING, job.id)
@@ -643,12 +658,12 @@ def _record(run: Run, reg: Registration) -> None:
     run.side.manifest_update(run.spec.place.path, {"registration": reg.record()})
 
 
-def _result(env: Env, run: Run, published: Published, reg: Registration) -> Built:
-    spec, m = run.spec, run.manifest
-    assert run.plan is not None and run.prepared is not None and m is not None
+def _result(env: Env, run: Run, m: Manifest, prepared: Prepared, published: Published,
+            reg: Registration) -> Built:
+    spec = run.spec
     return Built(command=spec.command, image=spec.name, target=str(spec.place.target), source=spec.source_label,
-                 route=m.route or Route.SSH.value, files=run.counts["files"], bytes=run.counts["bytes"],
+                 route=m.route or Route.SSH.value, files=m.files or 0, bytes=m.bytes or 0,
                  replaced=published.replaced, previous=published.previous,
-                 preparation_fixed=len(run.prepared.fixed), validation=m.validation_state,
+                 preparation_fixed=len(prepared.fixed), validation=m.validation_state,
                  registration=reg, warnings=list(env.ui.warnings),
                  changes=dict(m.changes or {}))

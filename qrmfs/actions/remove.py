@@ -11,17 +11,8 @@ from ..errors import AbortedError, RefusedError
 from ..model import Target
 from ..results import Registration, RegState, Removed, RemovePlan
 from . import exports
-from .common import (
-    CLAIM_WAIT,
-    Credentials,
-    Env,
-    claim_job,
-    deliver,
-    flush_spool,
-    require_registration,
-    same_image,
-    storage_identity,
-)
+from .common import Credentials, Env, require_registration, storage_identity
+from .delivery import CLAIM_WAIT, claim_job, deliver, flush_spool, same_image
 
 
 @dataclass(frozen=True)
@@ -111,7 +102,8 @@ def _deregister(req: RemoveRequest, env: Env, job: openqrm.Job | None) -> Remove
     flush_spool(env, req.creds, quick=True)
     why = deliver(env, req.creds, job)
     if why is None:
-        return Removed(str(req.target), Registration(RegState.DEREGISTERED, seen=jobs.SEEN["remove_by_name"]))
+        return Removed(str(req.target), Registration(RegState.DEREGISTRATION_SENT,
+                                                     seen=jobs.SEEN["remove_by_name"]))
     env.ui.warn(f"openQRM did not answer ({why}): the deregistration waits in the spool; it is delivered "
                 "at the next qrmfs run, or now with `qrmfs flush`")
     return Removed(str(req.target), Registration(RegState.PENDING, job.id))

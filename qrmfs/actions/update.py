@@ -37,8 +37,9 @@ from ..results import (
 )
 from ..transfer import change_kind
 from . import exports, pipeline
-from .common import Credentials, Env, deliver, flush_spool, holder, iso_now, require_registration
+from .common import Credentials, Env, holder, require_registration
 from .create import CreateRequest
+from .delivery import deliver, flush_spool, iso_now
 from .listing import list_images
 from .validate import changes_from_source
 
@@ -188,7 +189,7 @@ def rollback(req: RollbackRequest, env: Env) -> RolledBack:
         if why is not None:
             reg = Registration(RegState.PENDING, job.id)
         elif any(openqrm.is_new_image(r) for r in closing):
-            reg = Registration(RegState.REGISTERED, time=iso_now(), via="rollback", seen=saw)
+            reg = Registration(RegState.SENT, time=iso_now(), via="rollback", seen=saw)
         if why is not None:
             env.ui.warn(f"openQRM did not answer ({why}): the rollback's requests wait in the spool")
     exports.failed(exported)  # after the registration: the rollback is done either way

@@ -15,6 +15,7 @@ from ..agent.manifest import Manifest
 from ..agent.protocol import Checked, FindingRecord, Options
 from ..config import Storage
 from ..model import Location, Target
+from ..pending import Pending
 from ..results import Drift, Validated
 from ..runner import Result
 from ..storage import StorageSide, Supervised
@@ -66,11 +67,12 @@ def validate(req: ValidateRequest, env: Env) -> Validated:
         result = _validate(req, env, info.manifest)
         return dataclasses.replace(result, drift=_drift(env, req, storage, info.manifest))
     # read-only: the agent checks the image while rsync's dry run compares it with the source
-    checks: list[Callable[[], Checked]] = []
+    checks: list[Pending[Checked]] = []
     opts = options_of(req.target.name, info.manifest)
     drift = _drift(env, req, storage, info.manifest,
-                   alongside=lambda: checks.append(side.check_later(req.target.path, opts)))
-    findings = _manifest_findings(req, info.manifest) + checks[0]().findings + exports.findings(side, req.target.path)
+                   alongside=lambda: checks.append(side.start_check(req.target.path, opts)))
+    findings = (_manifest_findings(req, info.manifest) + checks[0].result().findings
+                + exports.findings(side, req.target.path))
     return Validated(req.target.name, str(req.target), findings, drift=drift)
 
 
@@ -92,8 +94,10 @@ def _validate(req: ValidateRequest, env: Env, manifest: Manifest | None) -> Vali
     after = before
     with env.locked(side, path, "validate --fix", req.target.name):
         if before:
-            fixed = side.prepare(path, opts).fixed + [f for f in before if f.step in ("manifest", "export")
-                                                      and f.fixable]
+            # the tree itself only when a step has something to fix (the agent refuses it while nodes run it)
+            in_tree = any(f.fixable and f.step not in ("manifest", "export") for f in before)
+            fixed = (side.prepare(path, opts, node_timeout=env.cfg.node_timeout).fixed if in_tree else []) + [
+                f for f in before if f.step in ("manifest", "export") and f.fixable]
             if any(f.step == "export" for f in before):
                 side.export(path, "refresh")
             if manifest is not None:

@@ -24,10 +24,7 @@ import contextlib
 import errno
 import json
 import os
-import stat
-import struct
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import holds
@@ -37,9 +34,7 @@ from .fsutil import (
     Mounted,
     crash_point,
     holders,
-    in_two,
     is_real_dir,
-    mine,
     open_beneath,
     plain_dir,
     remove,
@@ -47,17 +42,16 @@ from .fsutil import (
     write_file,
 )
 from .holds import NODES
-from .manifest import CHANGE_KINDS, generation_id
+from .manifest import generation_id
 from .protocol import AgentError, ErrorKind
+from .space import can_reflink, cost
 from .tree import (
-    _check_under,
     check_staging,
+    check_under,
     finish_remove,
     generation_seq,
-    images_below,
     made_by_qrmfs,
     read_manifest,
-    refuse_inner_images,
     remove_pins,
     siblings,
     write_manifest,
@@ -308,7 +302,7 @@ def _keeps_spare(path: str, policy: str) -> bool:
 def op_publish_update(path: str, export_root: str, staging: str, keep: int, spare: str,
                       node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Swapped:
     """A finished staging copy becomes the image; the image becomes the newest generation."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if spare not in P.SPARE_POLICIES:
         raise AgentError(ErrorKind.BAD_REQUEST, f"spare must be one of {', '.join(P.SPARE_POLICIES)}, not {spare!r}")
     check_staging(path, staging, exists=True)
@@ -320,7 +314,7 @@ def op_publish_update(path: str, export_root: str, staging: str, keep: int, spar
 def op_prune(path: str, export_root: str, keep: int, spare: str,
              node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Pruned:
     """gc: prune as an update would, without publishing anything (see prune)."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if spare not in P.SPARE_POLICIES:
         raise AgentError(ErrorKind.BAD_REQUEST, f"spare must be one of {', '.join(P.SPARE_POLICIES)}, not {spare!r}")
     if read_manifest(path) is None:
@@ -330,7 +324,7 @@ def op_prune(path: str, export_root: str, keep: int, spare: str,
 
 def op_rollback(path: str, export_root: str, keep: int) -> P.Swapped:
     """The newest generation becomes the image again; the image becomes the newest generation."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest")
     gens = [(seq, d) for seq, d in generations(path) if read_manifest(d) is not None]
@@ -346,7 +340,7 @@ def op_stage_update(path: str, export_root: str, token: str, known_hosts: str | 
     can share extents (reflinks)."""
     from .tree import op_stage
 
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if read_manifest(path) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest: nothing to update")
     spare = _usable_spare(path, node_timeout)
@@ -376,221 +370,14 @@ def _recycle(spare: str, staging: str) -> dict[str, Any]:
     return {"generation": generation_id(m), "made": m.made if m is not None else None}
 
 
-SCAN_LIMIT = 100_000  # paths a scan (or rsync's items) may name before the count walks the whole trees instead
-
-
-def op_rebase(path: str, export_root: str, staging: str, prepared: list[str],
-              only: list[str] | None = None) -> P.Rebased:
-    """What changed, counted against the image, when the staging copy started from the spare (an older tree,
-    so rsync's own items say what changed since the spare): the staging copy (after rsync, before the
-    preparation) is compared with the image, entry by entry (lstat: type, mode, owner, device, link target;
-    size and modification time for all but directories), below /.qrmfs left out. An entry only one of them
-    has is new or deleted (each entry below it too), as rsync counts them; an entry whose xattrs (ACLs among
-    them) alone differ is a metadata change. `prepared`: the paths the preparation changes on purpose (the
-    image's manifest), left out as in transfer's counts.
-    only: the paths where the two can differ (op_rebase_scan's, made while rsync ran, and rsync's items):
-    only those are compared, with the same result as the whole walk. The scan does not read xattrs (a read
-    per entry of both trees while rsync works): an xattr change since the image is in rsync's items, unless
-    the spare already had it (the source set it back since the spare was the image), which is then not
-    counted."""
-    _check_under(path, export_root)
-    check_staging(path, staging)
-    done = frozenset(prepared)
-    if only is not None:
-        return P.Rebased(_recount(path, staging, done, only))
-    shares = _comparing(staging, lambda share, shares: _rebase_share(path, staging, done, share, shares))
-    return P.Rebased({k: sum(s[k] for s in shares) for k in shares[0]})
-
-
-def op_rebase_scan(path: str, export_root: str, staging: str) -> P.RebaseScanned:
-    """The paths where the staging copy and the image differ, found while rsync still works in the copy (on
-    the cores it leaves idle): each differing entry, a new or deleted directory as itself only. What rsync
-    changes meanwhile it itemizes, so these paths and rsync's items name every difference at its end (see
-    op_rebase's only). None: more than SCAN_LIMIT (the count then walks the trees)."""
-    _check_under(path, export_root)
-    check_staging(path, staging)
-    refuse_inner_images(path, images_below(path))  # op_stage left it to this walk (the copy started from the spare)
-    shares = _comparing(staging, lambda share, shares: _scan_share(path, staging, share, shares))
-    found = [p for s in shares if s is not None for p in s]
-    return P.RebaseScanned(None if any(s is None for s in shares) or len(found) > SCAN_LIMIT else found)
-
-
-def _comparing(staging: str, work: Callable[[int, int], Any]) -> list[Any]:
-    """in_two(work) for a comparison of staging with the image; its failure says so."""
-    try:
-        return in_two(work)
-    except OSError as e:
-        raise AgentError(ErrorKind.OS, f"comparing {staging} with the image: {e}") from None
-
-
-def _differences(path: str, staging: str, share: int, shares: int, xattrs: bool = False
-                 ) -> Iterator[tuple[str | None, str]]:
-    """(kind, path in the tree) of each entry where staging and image differ, in the directories that fall to
-    `share` of `shares` (by a hash of the path); every share walks every directory both trees have, and
-    compares (lstat, and with `xattrs` the xattrs of an entry lstat finds unchanged) only the entries of its
-    own. kind None: the entry changed while it was compared."""
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        new_entries, old_entries = _listing(staging + rel), _listing(path + rel)
-        own = mine(rel, share, shares)
-        for name in new_entries.keys() | old_entries.keys():
-            r = f"{rel}/{name}"
-            if r == "/.qrmfs":
-                continue
-            n, o = new_entries.get(name), old_entries.get(name)
-            if n is not None and o is not None and _is_dir(n) and _is_dir(o):
-                stack.append(r)
-            if not own:
-                continue
-            try:
-                kind = _change(_lstat(o), _lstat(n), path + r, staging + r, xattrs)
-            except OSError:  # a link read as rsync replaced it
-                yield None, r
-                continue
-            if kind is not None:
-                yield kind, r
-
-
-def _rebase_share(path: str, staging: str, done: frozenset[str], share: int, shares: int) -> dict[str, int]:
-    """op_rebase's counts for the differences that fall to `share` of `shares` (see _differences)."""
-    counts = dict.fromkeys(CHANGE_KINDS, 0)
-    for kind, r in _differences(path, staging, share, shares, xattrs=True):
-        _tally(counts, kind, r, path, staging, done)
-    return counts
-
-
-def _tally(counts: dict[str, int], kind: str | None, r: str, path: str, staging: str,
-           done: frozenset[str]) -> None:
-    """Count one difference: a new or deleted entry with each entry below it, none made on purpose."""
-    if kind in ("new", "deleted"):
-        for sub in _entries(staging + r if kind == "new" else path + r, r):
-            if not prepared_change(kind, sub, done):
-                counts[kind] += 1
-    elif kind is not None and not prepared_change(kind, r, done):
-        counts[kind] += 1
-
-
-def _scan_share(path: str, staging: str, share: int, shares: int) -> list[str] | None:
-    found = []
-    for _kind, r in _differences(path, staging, share, shares):
-        found.append(r)
-        if len(found) > SCAN_LIMIT:
-            return None
-    return found
-
-
-def _recount(path: str, staging: str, done: frozenset[str], candidates: list[str]) -> dict[str, int]:
-    """op_rebase's counts, comparing only the candidate paths (with the entries below a new or deleted one).
-    A candidate below an entry that is not a directory in both trees stands for that entry, as the whole walk
-    would not go below it."""
-    counts = dict.fromkeys(CHANGE_KINDS, 0)
-    both: dict[str, bool] = {}
-    handled: set[str] = set()
-
-    def both_dirs(rel: str) -> bool:
-        if rel not in both:
-            both[rel] = is_real_dir(staging + rel) and is_real_dir(path + rel)
-        return both[rel]
-
-    for p in sorted(set(candidates)):
-        if p == "/.qrmfs" or p.startswith("/.qrmfs/") or not p.startswith("/"):
-            continue
-        parts = p.split("/")
-        target = next((a for a in ("/".join(parts[:i]) for i in range(2, len(parts))) if not both_dirs(a)), p)
-        if target in handled:
-            continue
-        handled.add(target)
-        kind = _change(_lstat_path(path + target), _lstat_path(staging + target), path + target, staging + target,
-                       xattrs=True)
-        _tally(counts, kind, target, path, staging, done)
-    return counts
-
-
-def prepared_change(kind: str, path: str, prepared: frozenset[str]) -> bool:
-    """A change the preparation makes on purpose, not a change of the source: a path it fixed (or inside one),
-    or a directory it made to hold one (/etc/qrmfs for node.conf, /mnt for /mnt/floppy), deleted by the copy
-    from the source and made again."""
-    if path in prepared or any(path.startswith(p + "/") for p in prepared if p != "/"):
-        return True
-    return kind in ("new", "deleted") and any(p.startswith(path + "/") for p in prepared)
-
-
-def _listing(d: str) -> dict[str, os.DirEntry[str]]:
-    """A directory's entries by name (each lstat-ed once, when asked, see _lstat); none when it is gone."""
-    try:
-        with os.scandir(d) as it:
-            return {e.name: e for e in it}
-    except OSError:
-        return {}
-
-
-def _entries(top: str, rel: str) -> list[str]:
-    """top and every entry below it, as paths in the tree (rel is top's)."""
-    out = [rel]
-    if is_real_dir(top):
-        for dirpath, dirnames, filenames in os.walk(top):
-            base = rel + dirpath[len(top):]
-            out += [f"{base}/{n}" for n in (*dirnames, *filenames)]
-    return out
-
-
-def _is_dir(e: os.DirEntry[str]) -> bool:
-    try:
-        return e.is_dir(follow_symlinks=False)
-    except OSError:
-        return False
-
-
-def _lstat_path(p: str) -> os.stat_result | None:
-    try:
-        return os.lstat(p)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def _lstat(e: os.DirEntry[str] | None) -> os.stat_result | None:
-    if e is None:
-        return None
-    try:
-        return e.stat(follow_symlinks=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def _change(old: os.stat_result | None, new: os.stat_result | None, old_path: str, new_path: str,
-            xattrs: bool = False) -> str | None:
-    """How the entry new (at new_path) differs from old (None: not at all, or in neither); with xattrs, an
-    entry lstat finds unchanged is compared by its xattrs too (ACLs are xattrs)."""
-    if new is None or old is None:
-        return None if new is None and old is None else "deleted" if new is None else "new"
-    if stat.S_IFMT(new.st_mode) != stat.S_IFMT(old.st_mode) or (
-            stat.S_ISLNK(new.st_mode) and os.readlink(new_path) != os.readlink(old_path)) or (
-            not stat.S_ISDIR(new.st_mode) and (new.st_size, new.st_mtime_ns) != (old.st_size, old.st_mtime_ns)):
-        return "changed"
-    if (new.st_mode, new.st_uid, new.st_gid, new.st_rdev) != (old.st_mode, old.st_uid, old.st_gid, old.st_rdev):
-        return "metadata"
-    if xattrs and _xattrs(new_path) != _xattrs(old_path):
-        return "metadata"
-    return None
-
-
-def _xattrs(p: str) -> dict[str, bytes] | None:
-    """An entry's xattrs, not following a symlink; None where it has none to read (gone, or a file system
-    without xattrs)."""
-    try:
-        return {n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)}
-    except OSError:
-        return None
-
 
 def op_stage_copy(path: str, export_root: str, token: str, origin: str, origin_root: str) -> P.StagedUpdate:
     """A fresh staging directory for a new image copied from the image `origin` on this server (clone): the
     same answer as an update's, staging beside `path`, entries of `origin`."""
     from .tree import op_stage
 
-    _check_under(path, export_root)
-    _check_under(origin, origin_root)
+    check_under(path, export_root)
+    check_under(origin, origin_root)
     if read_manifest(origin) is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{origin} has no qrmfs manifest: nothing to copy")
     return _copy_of(origin, op_stage(path, export_root, token, None))
@@ -604,107 +391,11 @@ def _copy_of(image: str, staged: P.Staged) -> P.StagedUpdate:
     same_fs = os.lstat(image).st_dev == os.lstat(staged.staging).st_dev
     return P.StagedUpdate(staged.staging, staged.known_hosts, entries, same_fs and can_reflink(staged.staging))
 
-
-FICLONE = 0x40049409
-
-
-def can_reflink(directory: str) -> bool:
-    """Whether files in this directory can share extents (FICLONE on two scratch files)."""
-    import fcntl
-
-    a, b = os.path.join(directory, ".qrmfs-reflink-a"), os.path.join(directory, ".qrmfs-reflink-b")
-    try:
-        with open(a, "wb") as fa:
-            fa.write(b"x" * 4096)
-        with open(a, "rb") as fa, open(b, "wb") as fb:
-            fcntl.ioctl(fb.fileno(), FICLONE, fa.fileno())
-        return True
-    except OSError:
-        return False
-    finally:
-        for p in (a, b):
-            if os.path.lexists(p):
-                os.unlink(p)
-
-
-# --- listing and cost ------------------------------------------------------------------------------------
-
-FS_IOC_FIEMAP = 0xC020660B
-FIEMAP_EXTENT_LAST = 0x1
-FIEMAP_EXTENT_SHARED = 0x2000
-_HEAD = struct.Struct("=QQLLLL")
-_EXTENT = struct.Struct("=QQQQQLLLL")
-
-
-def _unshared(fd: int, size: int, blocks: int) -> int:
-    """Bytes of a file's extents that no other file shares (FIEMAP); all its blocks where FIEMAP is missing."""
-    import fcntl
-
-    total, start, n = 0, 0, 64
-    while True:
-        buf = bytearray(_HEAD.pack(start, 2**64 - 1 - start, 0, 0, n, 0) + b"\0" * (_EXTENT.size * n))
-        try:
-            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
-        except OSError:
-            return blocks * 512
-        mapped = _HEAD.unpack_from(buf)[3]
-        if mapped == 0:
-            return total
-        last = None
-        for i in range(mapped):
-            ext = _EXTENT.unpack_from(buf, _HEAD.size + i * _EXTENT.size)
-            logical, length, flags = ext[0], ext[2], ext[5]
-            if not flags & FIEMAP_EXTENT_SHARED:
-                total += length
-            last = (logical, length, flags)
-        assert last is not None
-        if last[2] & FIEMAP_EXTENT_LAST or last[0] + last[1] >= size:
-            return total
-        start = last[0] + last[1]
-
-
-def cost(top: str, skip: str | None = None) -> int:
-    """What a tree costs on its own: the bytes of its extents shared with no other file (with reflinks, a
-    generation costs only what changed), plus its directories' blocks. `skip`: a subtree left out."""
-    size = 0
-    seen: set[int] = set()
-    dev = os.lstat(top).st_dev
-    stack = [top]
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                if skip and e.path == skip:
-                    continue
-                st = e.stat(follow_symlinks=False)
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    if st.st_ino in seen:
-                        continue
-                    seen.add(st.st_ino)
-                if stat.S_ISDIR(st.st_mode):
-                    size += st.st_blocks * 512
-                    if st.st_dev == dev:
-                        stack.append(e.path)
-                elif stat.S_ISREG(st.st_mode) and st.st_blocks:
-                    try:
-                        fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                    except OSError:
-                        size += st.st_blocks * 512
-                        continue
-                    try:
-                        size += _unshared(fd, st.st_size, st.st_blocks)
-                    finally:
-                        os.close(fd)
-                else:
-                    size += st.st_blocks * 512
-    return size
-
-
 def op_generations(path: str, export_root: str, costs: bool = False,
                    node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.GenerationList:
     """The image and its earlier generations (newest first), each with its manifest, the nodes that run it
     and, asked for, its cost."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if not is_real_dir(path):
         raise AgentError(ErrorKind.NOT_FOUND, f"{path} does not exist")
     by_node = held_trees(path, node_timeout)

@@ -11,25 +11,33 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from . import exports, fsutil, gens, steps, supervise, tree
+from . import exports, fsutil, gens, steps, supervise, tree, treediff
 from . import protocol as P
 from .manifest import ManifestError
 from .protocol import AgentError, ErrorKind
 
+REFUSED_IN_PLACE = ("fixing it in place: a running node's root never changes under it. `qrmfs update` makes the "
+                    "fixes in a new generation (nodes get it at their next boot); or run validate --fix again once "
+                    "the nodes rebooted into another generation or stopped reporting for node_timeout")
 
-def op_prepare(path: str, export_root: str, options: P.Options, root: str | None) -> P.Prepared:
-    tree._check_under(path, export_root)
-    fixed, left, counts = steps.prepare(tree._root_of(path, root), options)
+
+def op_prepare(path: str, export_root: str, options: P.Options, root: str | None,
+               node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Prepared:
+    tree.check_under(path, export_root)
+    target = tree._root_of(path, root)
+    if target == path:  # the image in place: never the tree a node runs (a fix makes a new generation: update)
+        tree._refuse_running(path, node_timeout, [path], REFUSED_IN_PLACE)
+    fixed, left, counts = steps.prepare(target, options)
     return P.Prepared(fixed, left, P.Counts(*counts))
 
 
 def op_check(path: str, export_root: str, options: P.Options, root: str | None) -> P.Checked:
-    tree._check_under(path, export_root)
+    tree.check_under(path, export_root)
     return P.Checked([f.record() for f in steps.check(tree._root_of(path, root), options)])
 
 
 # Where a request's `handler` ("module.function") is looked up.
-MODULES: dict[str, Any] = {"tree": tree, "gens": gens, "steps": steps, "exports": exports,
+MODULES: dict[str, Any] = {"tree": tree, "gens": gens, "treediff": treediff, "steps": steps, "exports": exports,
                            "main": sys.modules[__name__]}
 _HANDLERS: dict[type[Any], Callable[..., Any]] = {}
 

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PATH = ".qrmfs/manifest.json"  # inside the image
-SCHEMA = 2  # 1: every manifest written before the schema was recorded (qrmfs up to 0.1.0 of 2026-12)
+# 1: every manifest written before the schema was recorded (qrmfs up to 0.1.0 of 2026-12); 2: the schema recorded;
+# 3: a registration openQRM answered is "sent", no longer "registered" (openQRM 5.3 shows no record)
+SCHEMA = 3
 # What a generation's change count names (rsync's itemized changes, the agent's rebase), in this order.
 CHANGE_KINDS = ("new", "changed", "metadata", "deleted")
 
@@ -35,7 +37,22 @@ def _from_1(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-MIGRATIONS = {1: _from_1}  # schema N -> N + 1
+# what an earlier qrmfs's "registered" showed: it took openQRM's 200 for a record (before it read the answer for the
+# administrator's role, it wrote no "seen"); openQRM 5.3 shows no record, so it never was seen
+REGISTERED_BEFORE = ("recorded as registered by an earlier qrmfs on openQRM's answer 200, which shows neither the "
+                     "record nor the role it ran for; see docs/openqrm.md")
+
+
+def _from_2(d: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 recorded a registration openQRM had answered as "registered", which it never saw (the real
+    openQRM 5.3 shows no record): it is "sent", with what was seen kept, or said to be nothing where none was."""
+    reg = d.get("registration")
+    if isinstance(reg, dict) and reg.get("state") == "registered":
+        d["registration"] = {"seen": REGISTERED_BEFORE, **reg, "state": "sent"}
+    return d
+
+
+MIGRATIONS = {1: _from_1, 2: _from_2}  # schema N -> N + 1
 
 
 def _dict(d: dict[str, Any], key: str) -> dict[str, Any]:

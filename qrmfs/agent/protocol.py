@@ -517,12 +517,12 @@ class Rebased:
 
 @dataclass(frozen=True)
 class Rebase(Request[Rebased]):
-    """What changed against the image, when the staging copy started from the spare (gens.op_rebase):
+    """What changed against the image, when the staging copy started from the spare (treediff.op_rebase):
     the staging copy compared with the image; `prepared`: the paths the preparation changes on purpose;
     `only`: the paths where they can differ (a scan's and rsync's), else every path."""
     op: ClassVar[str] = "rebase"
     answer: ClassVar[type] = Rebased
-    handler: ClassVar[str] = "gens.op_rebase"
+    handler: ClassVar[str] = "treediff.op_rebase"
     path: str
     export_root: str
     staging: str
@@ -538,10 +538,10 @@ class RebaseScanned:
 @dataclass(frozen=True)
 class RebaseScan(Request[RebaseScanned]):
     """The paths where the staging copy and the image differ, found while rsync still works in the copy
-    (gens.op_rebase_scan); None: too many to name."""
+    (treediff.op_rebase_scan); None: too many to name."""
     op: ClassVar[str] = "rebase_scan"
     answer: ClassVar[type] = RebaseScanned
-    handler: ClassVar[str] = "gens.op_rebase_scan"
+    handler: ClassVar[str] = "treediff.op_rebase_scan"
     path: str
     export_root: str
     staging: str
@@ -614,7 +614,9 @@ class UnpinHost(Request[Unpinned]):
 
 @dataclass(frozen=True)
 class Prepare(Request[Prepared]):
-    """Apply the preparation steps to the image, or to its staging copy `root`."""
+    """Apply the preparation steps to the image, or to its staging copy `root`. The image itself (no `root`:
+    validate --fix) is refused while nodes run it (holds.py, with node_timeout): a node's root never changes
+    under it."""
     op: ClassVar[str] = "prepare"
     answer: ClassVar[type] = Prepared
     handler: ClassVar[str] = "main.op_prepare"
@@ -622,6 +624,7 @@ class Prepare(Request[Prepared]):
     export_root: str
     options: Options
     root: str | None = None
+    node_timeout: int = NODE_TIMEOUT_DEFAULT
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def _ended(name: str, code: int) -> int:
 
 
 def run(req: P.Run) -> int:
-    tree._check_under(req.path, req.export_root)
+    tree.check_under(req.path, req.export_root)
     lock = tree.siblings(req.path).lock
     if req.holder is not None and not holds(lock, req.holder):
         _say(f"not starting {req.argv[0]}: the lock of {req.path} is not held by this operation")

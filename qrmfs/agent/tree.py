@@ -151,7 +151,7 @@ def check_staging(path: str, staging: str, exists: bool = False) -> None:
         raise AgentError(ErrorKind.REFUSED, f"{staging} is not a staging directory of {path}")
 
 
-def _check_under(path: str, export_root: str) -> None:
+def check_under(path: str, export_root: str) -> None:
     """The path must be a canonical path strictly below the export root, reached without symlinks."""
     root = os.path.realpath(export_root)
     if not is_real_dir(root):
@@ -274,7 +274,7 @@ def _root_of(path: str, root: str | None) -> str:
 
 def op_inspect(path: str, export_root: str) -> P.Inspected:
     """What is at the target now: exists, is an image, staging leftovers, free space."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     parent = os.path.dirname(path)
     st = os.statvfs(parent) if is_real_dir(parent) else os.statvfs(os.path.realpath(export_root))
     try:
@@ -288,7 +288,7 @@ def op_inspect(path: str, export_root: str) -> P.Inspected:
 
 def take_lock(path: str, export_root: str, holder: str) -> tuple[int, P.Locked]:
     """Take the image's lock (fails at once when taken). The caller holds the fd for as long as it runs."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lock = siblings(path).lock
     while True:
@@ -347,8 +347,8 @@ def op_stage(path: str, export_root: str, token: str, known_hosts: str | None = 
              check_inner: bool = True) -> P.Staged:
     """A fresh staging directory beside the image (and the source's pinned key). Refused where images lie
     below the path; not check_inner: the caller checks that later (an update from the spare, whose change
-    count walks the image anyway, gens.op_rebase_scan)."""
-    _check_under(path, export_root)
+    count walks the image anyway, treediff.op_rebase_scan)."""
+    check_under(path, export_root)
     refuse_inner_images(path, images_below(path) if check_inner and is_real_dir(path) else [])
     s = siblings(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -367,7 +367,7 @@ def refuse_inner_images(path: str, inner: list[str]) -> None:
 def op_pin_host(path: str, export_root: str, known_hosts: str) -> P.Pinned:
     """Write the source's known_hosts lines into the image's pin file, outside the export (nodes cannot touch
     it), for the storage server's ssh to the source; that ssh reads this file only."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     _own_pin_dir(export_root)
     kh = pin_file(path)
     remove_pins(path)
@@ -378,14 +378,14 @@ def op_pin_host(path: str, export_root: str, known_hosts: str) -> P.Pinned:
 
 
 def op_unpin_host(path: str, export_root: str) -> P.Unpinned:
-    _check_under(path, export_root)
+    check_under(path, export_root)
     remove_pins(path)
     return P.Unpinned(pin_file(path))
 
 
 def op_discard(path: str, export_root: str, staging: str) -> P.Discarded:
     """Remove a staging copy (a failed run); the image's name is untouched."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     check_staging(path, staging)
     if _journaled(path, staging):
         # its publish began (gens.py): it is finished, never undone, under the image's next lock
@@ -404,7 +404,7 @@ def _journaled(path: str, staging: str) -> bool:
 
 
 def op_write_manifest(path: str, export_root: str, staging: str, manifest: Manifest) -> P.Written:
-    _check_under(path, export_root)
+    check_under(path, export_root)
     write_manifest(_root_of(path, staging), manifest)
     return P.Written(staging)
 
@@ -413,7 +413,7 @@ def op_publish(path: str, export_root: str, staging: str, force: bool,
                node_timeout: int = P.NODE_TIMEOUT_DEFAULT) -> P.Published:
     """Rename the staging copy to the image's name; with force the old image becomes `.previous` (refused
     while nodes run the `.previous` it would replace)."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     s = siblings(path)
     check_staging(path, staging, exists=True)
     if read_manifest(staging) is None:
@@ -452,7 +452,7 @@ def op_remove(path: str, export_root: str, force: bool, running_ok: bool = False
     nodes run (unless running_ok)."""
     if path in ("", "/") or not path.startswith("/"):
         raise AgentError(ErrorKind.REFUSED, f"refusing to remove {path!r}")
-    _check_under(path, export_root)
+    check_under(path, export_root)
     if os.path.realpath(path) != path:
         raise AgentError(ErrorKind.REFUSED, f"{path} resolves elsewhere ({os.path.realpath(path)}); refusing")
     if not os.path.lexists(path):
@@ -595,7 +595,7 @@ def _lock_held(lock: str) -> str | None:
 
 
 def op_manifest_update(path: str, export_root: str, patch: dict[str, Any]) -> P.ManifestUpdated:
-    _check_under(path, export_root)
+    check_under(path, export_root)
     m = read_manifest(path)
     if m is None:
         raise AgentError(ErrorKind.NOT_IMAGE, f"{path} has no qrmfs manifest")
@@ -607,7 +607,7 @@ def op_manifest_update(path: str, export_root: str, patch: dict[str, Any]) -> P.
 def op_stats(path: str, export_root: str, root: str | None = None) -> P.Counts:
     """Entries and bytes (allocated) of a tree, without following symlinks or crossing filesystems. Only
     inodes with more than one link are remembered (to count their blocks once): memory stays flat."""
-    _check_under(path, export_root)
+    check_under(path, export_root)
     top = _root_of(path, root)
     if not is_real_dir(top):
         raise AgentError(ErrorKind.NOT_FOUND, f"{top} does not exist")

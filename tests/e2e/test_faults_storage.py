@@ -23,6 +23,7 @@ import docker
 import pytest
 
 from lab import lab as _lab
+from qrmfs import jobs
 
 from .helpers import exports_listing, mock_events, mock_images, qrmfs, result_of, run_on, until, write_config
 
@@ -90,7 +91,7 @@ def test_a_second_image_under_a_registered_name_is_refused(lab, mock, cfg, image
         r = qrmfs("create", "-t", f"plain:{other}", "-l", "source:/srv", "-u", "openqrm", config=cfg)
         assert r.returncode == 5, r.stderr
         (line,) = [ln for ln in r.stderr.splitlines() if "already taken" in ln]
-        assert f"the openQRM image name {name} is already taken by storage:{image_path} (registered)" in line
+        assert f"the openQRM image name {name} is already taken by storage:{image_path} (registration sent)" in line
         assert len(r.stderr.strip().splitlines()) == 1
         assert run_on(lab, "storage", f"ls -A /exports-plain | grep -F {name} || true").stdout == b""
         assert len(_state(mock)["requests"]) == sent  # nothing sent, not even the "started" event
@@ -120,13 +121,15 @@ def test_a_flush_records_the_delivery_in_the_manifest_and_list_shows_it(lab, moc
     assert r.returncode == 0, r.stderr
     assert result_of(r)["delivered"] == [job]
     assert f"recorded the registration in the manifest of storage:{image_path}" in r.stderr
+    said = rf"sent spooled registration {job} \({name}\) to \S+: " + re.escape(jobs.SEEN["new_image"])
+    assert re.search(said, r.stderr), r.stderr
     got = _manifest(lab, image_path)["registration"]
-    assert (got["state"], got["spool_job"], got["via"]) == ("registered", job, f"flush of spool job {job}")
+    assert (got["state"], got["spool_job"], got["via"]) == ("sent", job, f"flush of spool job {job}")
     listed = result_of(qrmfs("list", "--json", config=cfg))
     (row,) = [i for i in listed["images"] if i["path"] == image_path]
-    assert (row["registration"]["state"], row["registration"]["via"]) == ("registered", f"flush of spool job {job}")
+    assert (row["registration"]["state"], row["registration"]["via"]) == ("sent", f"flush of spool job {job}")
     text = qrmfs("list", config=cfg).stdout
-    assert f"registered ({got['time']} by flush of spool job {job}; {got['seen']})" in text
+    assert f"sent ({got['time']} by flush of spool job {job}; {jobs.SEEN['new_image']})" in text
     assert [i["image_name"] for i in mock_images(mock)] == [name]
 
 
@@ -184,7 +187,7 @@ def test_sigkill_at_the_publish(lab, mock, cfg, image_path, at):
     images = [i["image_name"] for i in mock_images(mock)]
     if at == "after-publish":
         assert images == [name]  # registered exactly once
-        assert _manifest(lab, image_path)["registration"]["state"] == "registered"
+        assert _manifest(lab, image_path)["registration"]["state"] == "sent"
     else:
         assert images == []  # an image that was never published is never registered
         assert "was never published" in r.stderr and "left by an earlier qrmfs run" in r.stderr

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from lab import lab as _lab
+from qrmfs import jobs
 
 from .helpers import exports_listing, qrmfs, real_events, real_images, result_of, run_on, tree_info, write_config
 
@@ -95,7 +96,7 @@ def test_validate_reports_drift_from_the_source_and_changes_nothing(lab, cfg, im
 def test_clone_keeps_every_hard_case_and_gets_a_new_identity(lab, cfg, base_image, image_path, on_storage):
     r = _clone(cfg, base_image, image_path, "-u", "openqrm", "--hostname", "clone-node", "--json")
     out = result_of(r)
-    assert out["registration"]["state"] == "registered"
+    assert out["registration"]["state"] == "sent"
     assert tree_info(lab, "storage", image_path + "/srv/fixture") == \
         tree_info(lab, "storage", base_image + "/srv/fixture")
     manifest = json.loads(on_storage(f"cat {image_path}/.qrmfs/manifest.json").stdout)
@@ -138,7 +139,7 @@ def test_remove_deregisters_and_never_leaves_the_image(lab, cfg, image_path, on_
     on_storage(f"test -d {image_path}")
     r = qrmfs("remove", "-t", f"storage:{image_path}", "-u", "openqrm", "--yes", "--json", config=cfg)
     assert r.returncode == 0, r.stderr
-    assert result_of(r)["registration"]["state"] == "deregistered"
+    assert result_of(r)["registration"]["state"] == "deregistration_sent"
     on_storage(f"test ! -e {image_path} && test -s /etc/hostname")  # the fixture's /etc link was not followed
     assert real_images(lab, name) == []
     assert real_events(lab, name)[-2:] == [(f"remove_image_{name}", 5)] * 2
@@ -209,14 +210,16 @@ def test_list_agrees_with_openqrm(lab, cfg, image_path):
         assert r.returncode == 0, r.stderr
         rows = {i["name"]: i for i in result_of(r)["images"]}
         mine = rows[posixpath.basename(image_path)]
-        assert mine["registration"]["state"] == "registered" and mine["shared"] and mine["arch"] == "x86_64"
+        assert mine["registration"]["state"] == "sent" and mine["shared"] and mine["arch"] == "x86_64"
         assert mine["source"] == "source:/srv" and mine["files"] > 20 and mine["validation"] == "problems"
         assert rows[posixpath.basename(other)]["registration"]["state"] == "not_registered"
-        registered = {n for n, i in rows.items() if i["registration"]["state"] == "registered"}
+        registered = {n for n, i in rows.items() if i["registration"]["state"] == "sent"}
         in_openqrm = {n for n in (posixpath.basename(image_path), posixpath.basename(other)) if real_images(lab, n)}
         assert registered & {posixpath.basename(image_path), posixpath.basename(other)} == in_openqrm
         text = qrmfs("list", config=cfg).stdout
-        assert posixpath.basename(image_path) in text and "registered" in text
+        (row,) = [ln for ln in text.splitlines() if f" {posixpath.basename(image_path)} " in ln]
+        assert f" sent ({mine['registration']['time']} by create; {jobs.SEEN['new_image']})" in row
+        assert "registered" not in row
     finally:
         run_on(lab, "storage", f"rm -rf {other} /exports/.{posixpath.basename(other)}.qrmfs-*", check=False)
 

@@ -53,7 +53,7 @@ def test_node_data_kept_across_two_updates_and_a_rollback_one_openqrm_record(
     r = qrmfs("update", "-t", t, "--json", config=cfg)
     assert r.returncode == 0, r.stderr
     out = result_of(r)
-    assert out["command"] == "update" and out["registration"]["state"] == "registered"
+    assert out["command"] == "update" and out["registration"]["state"] == "sent"
     on_storage(f"test \"$(cat {image_path}/usr/bin/tool)\" = v2 && test ! -e {image_path}/etc/motd && "
                f"test \"$(cat {image_path}/{NODE_FILE})\" = node-one")
     on_storage(f"echo node-one-later > {image_path}/{NODE_FILE}")  # the node writes between updates

@@ -52,7 +52,7 @@ def test_sources_on_demand_are_named_or_all():
     from lab.images import LabError
 
     assert _lab.parse_sources(None) == [] and _lab.parse_sources("") == []
-    assert _lab.parse_sources("all") == ["bullseye", "sysv", "trixie", "mounts"] == _lab.extra_sources()
+    assert _lab.parse_sources("all") == ["bullseye", "dual", "sysv", "trixie", "mounts"] == _lab.extra_sources()
     assert _lab.parse_sources("sysv, mounts") == ["sysv", "mounts"]
     with pytest.raises(LabError, match="unknown lab source"):
         _lab.parse_sources("sysv,gentoo")
@@ -69,6 +69,9 @@ def test_each_debootstrap_source_recipe_names_its_suite_and_init():
         assert images.source_tag(name).startswith(f"qrmfs-lab-src-{name}:")
     sysv = images.debootstrap_argv(images.source_recipe("sysv"), images.IMAGES / "x")
     assert "--exclude=systemd-sysv" in sysv and any(a.startswith("--include=sysvinit-core,") for a in sysv)
+    dual = images.debootstrap_argv(images.source_recipe("dual"), images.IMAGES / "x")  # both inits, SysV's /sbin/init
+    include = next(a for a in dual if a.startswith("--include=")).split("=", 1)[1].split(",")
+    assert "--exclude=systemd-sysv" in dual and {"sysvinit-core", "systemd"} <= set(include)
 
 
 def test_extra_storage_servers_get_their_own_storage_block_not_a_host_block():

@@ -12,15 +12,19 @@ from lab.images import LabError
 
 
 class FakeContainer:
-    """What docker's exec_run returns for one command (the container itself is the real one in e2e)."""
+    """What docker's exec_run returns, one answer per call (the container itself is the real one in e2e)."""
 
-    def __init__(self, code: int, out: Any) -> None:
-        self.code, self.out = code, out
+    def __init__(self, code: int, *outs: Any) -> None:
+        self.code, self.outs = code, list(outs)
         self.argv: list[str] = []
+        self.calls = 0
 
     def exec_run(self, argv: list[str], demux: bool = False) -> tuple[int, Any]:
-        self.argv = argv
-        return self.code, self.out
+        self.argv, self.calls = argv, self.calls + 1
+        return self.code, self.outs.pop(0)
+
+
+END = b"qrmfs_lab_end_of_output\n1\n"
 
 
 def test_batch_output_becomes_rows_with_nulls_and_escapes():
@@ -32,11 +36,22 @@ def test_batch_output_becomes_rows_with_nulls_and_escapes():
 
 
 def test_sql_runs_in_the_openqrm_database_and_a_failure_says_which_query():
-    c = FakeContainer(0, (b"x\n1\n", b""))
-    assert openqrm.sql(c, "SELECT 1 AS x") == [{"x": "1"}]
-    assert c.argv[:2] == ["mariadb", "--batch"] and c.argv[-3:] == ["openqrm", "-e", "SELECT 1 AS x"]
+    c = FakeContainer(0, (b"x\n1\n" + END, b""))
+    assert openqrm.sql(c, "SELECT 1 AS x;") == [{"x": "1"}]
+    assert c.argv[:2] == ["mariadb", "--batch"] and c.argv[-3:-1] == ["openqrm", "-e"]
+    assert c.argv[-1] == "SELECT 1 AS x; SELECT 1 AS qrmfs_lab_end_of_output"
     with pytest.raises(LabError, match="'SELECT nope' failed .*Unknown column"):
         openqrm.sql(FakeContainer(1, (b"", b"ERROR 1054: Unknown column 'nope'")), "SELECT nope")
+
+
+def test_a_read_whose_output_came_back_cut_is_asked_again_and_a_write_is_not():
+    c = FakeContainer(0, (b"", b""), (b"x\n", b""), (b"x\n1\n" + END, b""))
+    assert openqrm.sql(c, "select 1 AS x") == [{"x": "1"}] and c.calls == 3
+    w = FakeContainer(0, (b"", b""))
+    assert openqrm.sql(w, "UPDATE image_info SET image_isactive=1") == [] and w.calls == 1
+    assert openqrm.sql(FakeContainer(0, (END, b"")), "DELETE FROM event_info") == []
+    with pytest.raises(LabError, match="came back cut 5 times"):
+        openqrm.sql(FakeContainer(0, *[(b"", b"")] * 5), "SELECT 1")
 
 
 def test_ids_are_allocated_as_openqrm_does():

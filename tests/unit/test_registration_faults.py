@@ -361,7 +361,8 @@ def test_password_in_no_argv_output_spool_manifest_or_url_while_create_runs(home
 
 def test_same_image_by_storage_identity_and_path() -> None:
     from qrmfs import config
-    from qrmfs.actions.common import same_image, storage_identity
+    from qrmfs.actions.common import storage_identity
+    from qrmfs.actions.delivery import same_image
     from qrmfs.model import Target
 
     cfg = config.parse({"storage": {"nas1": {"address": "10.0.0.5"}, "nas2": {"address": "10.0.0.5",
@@ -408,7 +409,7 @@ def test_killed_right_after_the_publish_the_next_flush_registers_once(home: dict
     assert server.images == ["img1"] and server.commands().count("new_image") == 1
     assert spool_jobs(home) == []
     reg = json.loads((root / "img1/.qrmfs/manifest.json").read_text())["registration"]
-    assert (reg["state"], reg["via"]) == ("registered", f"flush of spool job {job['id']}")
+    assert (reg["state"], reg["via"]) == ("sent", f"flush of spool job {job['id']}")
 
 
 def test_killed_right_before_the_publish_nothing_is_registered(home: dict[str, Any], server: Server) -> None:

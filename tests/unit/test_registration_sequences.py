@@ -46,7 +46,7 @@ def _manifest(root: Path) -> dict[str, Any]:
 
 def test_killed_after_publish_then_updated_the_flush_still_registers(home: dict[str, Any], server: Server) -> None:
     """Issue 26, reproduction 3: a registered create killed right after its publish, then `update -o`, then
-    flush: the image exists, so new_image is sent (once), no failure is reported, `list` says registered."""
+    flush: the image exists, so new_image is sent (once), no failure is reported, `list` says sent."""
     root, cfg, p, _err = _local_create(home, server, "after-publish")
     assert p.returncode == -signal.SIGKILL
     (job,) = spool_jobs(home)
@@ -60,8 +60,8 @@ def test_killed_after_publish_then_updated_the_flush_still_registers(home: dict[
     assert server.images == ["img1"] and server.commands().count("new_image") == 1
     assert "3" not in [r["query"].get("event_priority") for r in server.requests]  # no failure reported
     assert spool_jobs(home) == []
-    assert _manifest(root)["registration"]["state"] == "registered"
-    assert _listed_registration(home, cfg) == "registered"
+    assert _manifest(root)["registration"]["state"] == "sent"
+    assert _listed_registration(home, cfg) == "sent"
 
 
 def test_killed_after_publish_then_updated_and_rolled_back_the_flush_still_registers(
@@ -81,7 +81,7 @@ def test_killed_after_publish_then_updated_and_rolled_back_the_flush_still_regis
     assert rc == 0, err
     assert json.loads(out)["result"]["delivered"] == [job["id"]]
     assert server.images == ["img1"] and "never published" not in err
-    assert _listed_registration(home, cfg) == "registered"
+    assert _listed_registration(home, cfg) == "sent"
 
 
 def test_killed_after_publish_then_removed_the_registration_is_dropped_with_a_report(
@@ -101,9 +101,9 @@ def test_killed_after_publish_then_removed_the_registration_is_dropped_with_a_re
     assert spool_jobs(home) == []
 
 
-def test_create_and_update_spooled_then_flushed_list_says_registered(home: dict[str, Any], server: Server) -> None:
+def test_create_and_update_spooled_then_flushed_list_says_sent(home: dict[str, Any], server: Server) -> None:
     """Also seen: a create and an update both spooled while openQRM was down; flush delivers both, and `list`
-    then says registered (it said unknown for good: the update's events-only job had replaced the create's job
+    then says sent (it said unknown for good: the update's events-only job had replaced the create's job
     in the manifest)."""
     root, src, cfg = _local_storage(home, server)
     server.httpd.shutdown()
@@ -120,8 +120,8 @@ def test_create_and_update_spooled_then_flushed_list_says_registered(home: dict[
     assert len(json.loads(out)["result"]["delivered"]) == 2
     assert server.images == ["img1"]
     assert spool_jobs(home) == []
-    assert _manifest(root)["registration"]["state"] == "registered"
-    assert _listed_registration(home, cfg) == "registered"
+    assert _manifest(root)["registration"]["state"] == "sent"
+    assert _listed_registration(home, cfg) == "sent"
 
 
 def test_two_flushes_at_once_neither_reports_a_job_the_other_delivered(home: dict[str, Any],
@@ -136,4 +136,4 @@ def test_two_flushes_at_once_neither_reports_a_job_the_other_delivered(home: dic
     results = [json.loads(o)["result"] for o, _e in outs]
     assert sorted(len(r["delivered"]) for r in results) == [0, 1] and all(r["pending"] == [] for r in results)
     assert server.commands().count("new_image") == 1 and spool_jobs(home) == []
-    assert _listed_registration(home, cfg) == "registered"
+    assert _listed_registration(home, cfg) == "sent"

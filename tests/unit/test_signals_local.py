@@ -50,11 +50,11 @@ def framing_loop(root: str, runs: int, seed: int) -> dict[str, int]:
     side.inspect(img)  # the session is up: every cut below lands in the request/answer traffic
 
     def sequence() -> None:
-        later = side.check_later(img, P.Options("img1"))
+        later = side.start_check(img, P.Options("img1"))
         side.inspect(img)
         side.stats(img)
         side.generations(img)
-        later()
+        later.result()
 
     t0 = time.monotonic()
     sequence()

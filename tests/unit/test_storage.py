@@ -1,4 +1,5 @@
-"""qrmfs/storage.py with a `local` storage server and the real Runner: the agent runs in a subprocess."""
+"""qrmfs/storage (StorageSide, its Session) with a `local` storage server and the real Runner: the agent runs in a
+subprocess."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from qrmfs import argv as A
 from qrmfs import storage as S
 from qrmfs.agent import protocol as P
 from qrmfs.agent import tree
@@ -69,7 +71,7 @@ def test_errors_map_to_exit_codes(side: StorageSide, root: Path) -> None:
 
 def test_bad_request_is_storage_error(side: StorageSide, root: Path) -> None:
     """A client of another version: the agent refuses the request before it acts (one framing, one error)."""
-    payload = json.dumps({"loader": S._loader(), "modules": S._agent_sources(), "op": "inspect",
+    payload = json.dumps({"loader": S.payload.loader(), "modules": S.payload.agent_sources(), "op": "inspect",
                           "args": {"path": str(root / "x")}}) + "\n"
     r = Runner().run(side._agent_argv(), input=payload, ok=(0, 3))
     assert r.code == 3
@@ -80,11 +82,11 @@ def test_bad_request_is_storage_error(side: StorageSide, root: Path) -> None:
 def test_argv_local_and_remote(root: Path) -> None:
     local = StorageSide(Storage("local", SshHost("local"), str(root)), Runner())
     assert local.argv(["ls", "/x y"]) == ("ls", "/x y")
-    assert local._agent_argv() == (sys.executable, "-c", S.BOOTSTRAP)
+    assert local._agent_argv() == (sys.executable, "-c", S.payload.BOOTSTRAP)
     remote = StorageSide(Storage("nas", SshHost("nas", "admin", 2222), "/exports"), Runner(), identity="/k/id",
                          known_hosts="/k/kh")
     argv = remote._agent_argv()
-    assert argv[0] == "ssh" and argv[-2:] == ("nas", "python3 -c " + "'" + S.BOOTSTRAP + "'")
+    assert argv[0] == "ssh" and argv[-2:] == ("nas", "python3 -c " + "'" + S.payload.BOOTSTRAP + "'")
     assert argv[argv.index("-i") + 1] == "/k/id" and "-A" not in argv
     assert "-A" in remote.argv(["true"], forward_agent=True)
 
@@ -188,14 +190,14 @@ def test_lock_of_killed_holder_is_free_again(side: StorageSide, root: Path) -> N
 
 def test_one_agent_process_answers_every_call(side: StorageSide, root: Path) -> None:
     side.inspect(str(root / "img1"))
-    assert side._session is not None
-    pid = side._session.pid
+    assert side.session.process is not None
+    pid = side.session.process.pid
     path = str(root / "img1")
     with side.lock(path, "me") as locked:
         side.stage(path, "t1")
         assert Path(locked.lock).read_text().startswith("me since ")
     side.list()
-    assert side._session.pid == pid  # one agent for all of it
+    assert side.session.process.pid == pid  # one agent for all of it
     # the lock was given up at the end of the block, with the session still running
     with side.lock(path, "you"):
         pass
@@ -205,9 +207,9 @@ def test_a_session_that_ends_holding_no_lock_fails_its_call_and_the_next_call_st
         side: StorageSide, root: Path) -> None:
     path = str(root / "img1")
     assert side.inspect(path).exists is False
-    assert side._session is not None
-    side._session.kill()
-    side._session.wait()
+    assert side.session.process is not None
+    side.session.process.kill()
+    side.session.process.wait()
     with pytest.raises(StorageError, match="gave no answer to inspect"):
         side.inspect(path)
     assert side.inspect(path).exists is False  # a new session
@@ -222,18 +224,18 @@ def test_session_refuses_run_and_serve(side: StorageSide, root: Path) -> None:
 
 def test_remote_session_is_the_master_connection() -> None:
     remote = StorageSide(Storage("nas", SshHost("nas", "admin", 2222), "/exports"), Runner())
-    argv = S.A.ssh_master_argv(remote.storage.ssh, "/tmp/c/m", remote=S.A.agent_argv("python3", S.BOOTSTRAP))
+    argv = A.ssh_master_argv(remote.storage.ssh, "/tmp/c/m", remote=A.agent_argv("python3", S.payload.BOOTSTRAP))
     assert "ControlMaster=yes" in argv and "-N" not in argv
-    assert argv[-2:] == ("nas", "python3 -c " + "'" + S.BOOTSTRAP + "'")
+    assert argv[-2:] == ("nas", "python3 -c " + "'" + S.payload.BOOTSTRAP + "'")
 
 
 def test_a_request_begun_early_is_answered_in_order(side: StorageSide, root: Path) -> None:
-    """check_later: the agent checks while we do something else; a call in between gets its own answer."""
+    """start_check: the agent checks while we do something else; a call in between gets its own answer."""
     img = root / "img1"
     (img / "etc").mkdir(parents=True)
-    later = side.check_later(str(img), P.Options("img1"))
+    later = side.start_check(str(img), P.Options("img1"))
     assert side.inspect(str(img)).exists is True  # answered after the check's answer, which is kept
-    findings = later().findings
+    findings = later.result().findings
     assert "init" in {f.step for f in findings}
 
 
@@ -241,13 +243,13 @@ def test_a_forwarding_master_carries_the_copys_dash_a_only_with_our_own_agent() 
     """With the run's own agent (agent_sock), the master forwards it and a copy's `ssh -A` shares the master;
     without it, `-A` never goes through the shared connection (it opens its own)."""
     nas = Storage("nas", SshHost("nas", "admin", 2222), "/exports")
-    master = S.A.ssh_master_argv(nas.ssh, "/tmp/c/m", remote=("true",), forward_agent=True)
+    master = A.ssh_master_argv(nas.ssh, "/tmp/c/m", remote=("true",), forward_agent=True)
     assert "-A" in master and "ControlMaster=yes" in master
-    assert "-A" not in S.A.ssh_master_argv(nas.ssh, "/tmp/c/m", remote=("true",))
+    assert "-A" not in A.ssh_master_argv(nas.ssh, "/tmp/c/m", remote=("true",))
     for sock, shared in (("/tmp/qrmfs-agent-x/agent.sock", True), (None, False)):
         side = StorageSide(nas, Runner(), agent_sock=sock)
-        side._session = object()  # type: ignore[assignment]  # a session that is up: no ssh in a unit test
-        side._ready, side._control = True, __file__  # an existing path stands in for the control socket
+        side.session.process = object()  # type: ignore[assignment]  # a session that is up: no ssh in a unit test
+        side.session.ready, side.session.control = True, __file__  # an existing path stands in for the control socket
         argv = side.argv(["rsync"], forward_agent=True)
         assert "-A" in argv
         assert (f"ControlPath={__file__}" in argv) is shared
@@ -271,12 +273,12 @@ def test_two_exports_of_one_server_share_its_agent_session(tmp_path: Path) -> No
         assert side_a is not side_b and env.side(sb) is side_b
         (b / "img").mkdir()
         assert side_b.inspect(str(b / "img")).exists and not side_a.inspect(str(a / "img")).exists
-        assert side_b._session is None and side_a._session is not None  # one agent process for both
+        assert side_b.session is side_a.session and side_a.session.process is not None  # one agent process for both
         with side_b.lock(str(b / "img"), "me"):
             with pytest.raises(RefusedError):  # each request is checked against its own export root
                 side_a.inspect(str(b / "img"))
         side_b.close()
-        assert side_a._session is None  # closing either ends the one session
+        assert side_a.session.process is None  # closing either ends the one session
     finally:
         side_a.close()
 
@@ -289,7 +291,7 @@ def test_a_side_whose_locked_session_died_refuses_every_later_operation(side: St
     staging = side.stage(path, "tok").staging
     with pytest.raises(StorageError, match="no longer holds the lock on .*img1.*: its agent session ended"):
         with side.lock(path, "test"):
-            session = side._session
+            session = side.session.process
             assert session is not None
             session.kill()
             session.wait()
@@ -297,7 +299,7 @@ def test_a_side_whose_locked_session_died_refuses_every_later_operation(side: St
                     lambda: side.argv(["true"])):
         with pytest.raises(StorageError, match="is not done without it"):
             attempt()
-    assert side._session is None  # nothing started a session that holds no lock
+    assert side.session.process is None  # nothing started a session that holds no lock
     assert side.discard(path, staging) == P.Discarded(staging)
     other = StorageSide(side.storage, Runner())
     try:
@@ -311,6 +313,6 @@ def test_an_error_in_the_locked_block_is_the_one_raised_when_the_session_died_to
                                                                                    root: Path) -> None:
     with pytest.raises(ValueError, match="the block's own"):
         with side.lock(str(root / "img1"), "test"):
-            assert side._session is not None
-            side._session.kill()
+            assert side.session.process is not None
+            side.session.process.kill()
             raise ValueError("the block's own")

@@ -16,8 +16,9 @@ from qrmfs import transfer
 from qrmfs.actions import copyplan
 from qrmfs.config import Config, SshHost, Storage
 from qrmfs.errors import TransferError
+from qrmfs.mounts import Mounts, mounts_below, rebase_excludes, source_mounts
 from qrmfs.runner import Result, Runner
-from qrmfs.transfer import Mounts, judge, mounts_below, parse_progress, parse_stats, rebase_excludes, source_mounts
+from qrmfs.transfer import judge, parse_progress, parse_stats
 
 # A Debian host: separate /boot, /boot/efi, /var, /home and /srv/my data; docker's bind mounts, an NFS home,
 # pseudo filesystems, a bind of a directory of the root fs, and a file bind (container style).
@@ -392,31 +393,6 @@ def test_run_stream_whose_connection_was_cut_fails_without_a_repair() -> None:
     assert "closed by remote host" in ei.value.detail
     s = transfer.run_stream(Runner(), ["sh", "-c", "echo '{\"pipeline\": [255, 2]}'; exit 255"], None)
     assert s.codes == (255, 2) and not s.clean  # the source's ssh failed: the ends say so, rsync repairs
-
-
-def test_later_runs_beside_the_caller_and_hands_over_its_result_or_its_error() -> None:
-    import threading
-
-    from qrmfs.runner import later
-
-    started, release = threading.Event(), threading.Event()
-
-    def slow() -> int:
-        started.set()
-        assert release.wait(10)
-        return 42
-
-    result = later(slow)
-    assert started.wait(10)  # it runs before anyone asks for the result
-    release.set()
-    assert result() == 42 and result() == 42  # asked twice: the same answer
-
-    def fails() -> int:
-        raise ValueError("unreachable source")
-
-    failing = later(fails)
-    with pytest.raises(ValueError, match="unreachable source"):
-        failing()
 
 
 def test_a_tar_stream_shows_its_progress_and_keeps_it_out_of_stderr(tmp_path: Path) -> None:

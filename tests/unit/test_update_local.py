@@ -17,7 +17,7 @@ import pytest
 from plumbum import local
 
 from qrmfs import cli
-from qrmfs.agent import gens, tree
+from qrmfs.agent import gens, space, tree
 from qrmfs.agent.manifest import Manifest
 from qrmfs.agent.protocol import AgentError, ErrorKind
 
@@ -485,7 +485,7 @@ def test_spare_always_keeps_one_without_reflinks_and_never_keeps_none_with_them(
     XFS: the third update starts from the pruned generation, and neither copies the image nor deletes a tree.
     `spare = "never"`: on XFS, the pruned generation is deleted and every update starts from a copy. The
     default keeps none without reflinks."""
-    if gens.can_reflink(str(tmp_path)):
+    if space.can_reflink(str(tmp_path)):
         pytest.skip("the temp directory's file system shares extents: no plain file system to test on")
     _spare_cycle(_env(tmp_path / "always", _mkdir(tmp_path / "always" / "exports"), keep=1,
                       config='spare = "always"\n'), capsys)
@@ -549,7 +549,7 @@ def test_an_updates_root_copy_starts_before_the_sources_mount_table_is_read(
     """The root's rsync does not depend on the source's mounts: it runs while they are still being read (a
     reader that waits for the copy to begin is answered); a separate filesystem found then is copied after."""
     from qrmfs.actions import hosts, pipeline
-    from qrmfs.transfer import Mounts
+    from qrmfs.mounts import Mounts
 
     create(env, capsys)
     other = env["tmp"] / "src-boot"  # stands for a separate filesystem mounted at /boot of the source
@@ -695,7 +695,7 @@ def test_an_agent_session_that_dies_during_the_spares_scan_fails_the_update_and_
     assert (env["root"] / ".img1.qrmfs-spare").is_dir()
     before, manifest = snapshot(env["img"], skip=()), manifest_of(str(env["img"]))
     sent: list[str] = []
-    real_begin, real_scan = StorageSide._begin, StorageSide.rebase_scan_later
+    real_begin, real_scan = StorageSide._begin, StorageSide.start_rebase_scan
 
     def begin(self: StorageSide, req: Any) -> Any:  # what is sent to an agent
         answer = real_begin(self, req)
@@ -703,14 +703,14 @@ def test_an_agent_session_that_dies_during_the_spares_scan_fails_the_update_and_
         return answer
 
     def dying_scan(self: StorageSide, path: str, staging: str) -> Any:
-        session = self._session
+        session = self.session.process
         assert session is not None
         session.kill()  # the agent that holds the lock, for real; its flock goes with it
         session.wait()
         return real_scan(self, path, staging)
 
     monkeypatch.setattr(StorageSide, "_begin", begin)
-    monkeypatch.setattr(StorageSide, "rebase_scan_later", dying_scan)
+    monkeypatch.setattr(StorageSide, "start_rebase_scan", dying_scan)
     (env["src"] / "usr/bin/tool").write_text("version 4\n")
     code, out = update(env, capsys)
     assert code == 9, out
@@ -770,3 +770,28 @@ def test_a_generation_a_node_runs_is_kept_listed_and_freed_by_gc_after_the_node_
     assert code == 0 and str(gen1) in out["result"]["removed"] and not gen1.exists(), out
     code, out = qrmfs(env, "remove", "-t", f"local:{env['img']}", "--yes", "-o", "--running-nodes-ok", capsys=capsys)
     assert code == 0 and not env["img"].exists(), out
+
+
+def test_validate_fix_never_rewrites_the_image_a_node_runs(env: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """validate --fix refuses, the node named and how to proceed said, and changes nothing of the tree; a fix
+    the tree does not need (the manifest's record) is still made; after the node rebooted into another
+    generation, the same --fix repairs the image."""
+    create(env, capsys)
+    mtab = env["img"] / "etc/mtab"
+    mtab.unlink()
+    mtab.write_text("a file\n")  # the preparation made it a link to /proc/self/mounts: a fault --fix repairs
+    _run_node(env["img"], "7")
+    before = {p: p.lstat() for p in env["img"].rglob("*") if ".qrmfs" not in p.parts}
+    code, out = qrmfs(env, "validate", "-t", f"local:{env['img']}", "--fix", capsys=capsys)
+    msg = out["error"]["message"]
+    assert code != 0 and "node 7 (since " in msg and "qrmfs update" in msg and "in place" in msg, out
+    after = {p: p.lstat() for p in env["img"].rglob("*") if ".qrmfs" not in p.parts}
+    assert before == after and mtab.read_text() == "a file\n"
+    code, out = update(env, capsys)  # the fix through a new generation: the node keeps the one it runs
+    gen1 = env["root"] / ".img1.qrmfs-gen-1"
+    assert code == 0 and (gen1 / "etc/mtab").read_text() == "a file\n" and (env["img"] / "etc/mtab").is_symlink()
+    (env["img"] / "etc/mtab").unlink()
+    (env["img"] / "etc/mtab").write_text("a file\n")
+    code, out = qrmfs(env, "validate", "-t", f"local:{env['img']}", "--fix", capsys=capsys)
+    assert code == 0 and (env["img"] / "etc/mtab").is_symlink(), out  # no node runs the current image

@@ -4,6 +4,7 @@ preparation and the publish fail in turn, for real, and nothing may look like an
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import httpx
 import pytest
 import typer
 
-from qrmfs import cli
+from qrmfs import cli, jobs
 from qrmfs.actions import clone as clone_act
 from qrmfs.actions import create as create_act
 from qrmfs.actions import remove as remove_act
@@ -111,7 +112,13 @@ def test_create_copies_prepares_publishes_and_registers(env: Env, exports: Path,
                                                           tmp_path: Path) -> None:
     r = create(env, exports, source)
     img = exports / "img1"
-    assert r.registration.state is RegState.REGISTERED  # type: ignore[attr-defined]
+    assert r.registration.state is RegState.SENT  # type: ignore[attr-defined]
+    # what openQRM's answer showed, in plain words, in the output and the manifest: never "registered"
+    reg = json.loads((img / ".qrmfs/manifest.json").read_text())["registration"]
+    assert reg == {"state": "sent", "time": reg["time"], "via": "create", "seen": jobs.SEEN["new_image"]}
+    assert r.text().endswith(f"; openQRM: sent ({reg['time']} by create; new_image ran for an administrator; "
+                             "openQRM 5.3 shows no record, so the record itself is not verified; see docs/openqrm.md)")
+    assert "registered" not in r.text()
     assert (img / "etc/hostname").read_text() == "golden\n"
     assert not (img / "etc/ssh/ssh_host_ed25519_key").exists()  # network removed: no host keys
     assert os.readlink(img / "etc/mtab") == "/proc/mounts"
@@ -233,7 +240,7 @@ def test_create_force_replaces_the_record_whose_shown_options_change(env: Env, e
     assert server.commands().count("new_image") == 1
     server.requests.clear()
     r = create(env, exports, source, force=True, shared=True)
-    assert r.registration.state is RegState.REGISTERED  # type: ignore[attr-defined]
+    assert r.registration.state is RegState.SENT  # type: ignore[attr-defined]
     assert server.commands() == ["event 9", "remove_by_name", "new_image", "event 10"]
     assert server.requests[2]["image_isshared"] == "1"
     server.requests.clear()
@@ -246,7 +253,7 @@ def test_create_force_registers_an_image_that_had_no_record(env: Env, exports: P
     create(env, exports, source, only_physical=True)
     assert server.commands() == []
     r = create(env, exports, source, force=True)
-    assert r.registration.state is RegState.REGISTERED  # type: ignore[attr-defined]
+    assert r.registration.state is RegState.SENT  # type: ignore[attr-defined]
     assert server.commands() == ["event 9", "new_image", "event 10"]
 
 
@@ -263,7 +270,7 @@ def test_openqrm_down_keeps_the_registration_in_the_spool(env: Env, exports: Pat
     (row,) = list_images(env, "local").images  # found by storage identity and path, however it was spelled
     assert (row.registration.state, row.registration.spool_job) == (RegState.PENDING, job[:-len(".json")])
     server.status = 200
-    from qrmfs.actions.common import flush_spool
+    from qrmfs.actions.delivery import flush_spool
 
     for claim in env._claims.values():  # the create's process ends: it gives its job up
         claim.release()
@@ -278,14 +285,17 @@ def test_clone_and_remove(env: Env, exports: Path, source: Path, server: OpenQrm
     req = clone_act.CloneRequest(name="img2", target=Target("local", f"{exports}/img2"),
                                  source=Target("local", f"{exports}/img1"), hostname="copy1", creds=creds())
     r = clone_act.clone(req, env)
-    assert r.registration.state is RegState.REGISTERED
+    assert r.registration.state is RegState.SENT
     assert (exports / "img2/etc/hostname").read_text() == "copy1\n"
     assert (exports / "img1/etc/hostname").read_text() == "golden\n"  # the original is untouched
     assert server.commands() == ["event 9", "new_image", "event 10"]
     server.requests.clear()
     removed = remove_act.remove(remove_act.RemoveRequest(Target("local", f"{exports}/img2"), yes=True,
                                                          creds=creds()), env, confirm=lambda q: False)
-    assert removed.registration.state is RegState.DEREGISTERED  # type: ignore[union-attr]
+    assert removed.registration.state is RegState.DEREGISTRATION_SENT  # type: ignore[union-attr]
+    assert removed.text() == (f"removed local:{exports}/img2; openQRM: deregistration sent (remove_by_name ran for "
+                              "an administrator; openQRM 5.3 shows no record, so the removal itself is not verified; "
+                              "see docs/openqrm.md)")
     assert not (exports / "img2").exists()
     assert "remove_by_name" in server.commands()
 
@@ -353,7 +363,7 @@ def test_a_name_registered_for_another_path_is_refused(env: Env, exports: Path, 
     with pytest.raises(ExistsError) as e:
         _create_at(env, exports / "b/img1", source)
     assert e.value.message.startswith("the openQRM image name img1 is already taken by local:")
-    assert f"local:{exports}/a/img1 (registered)" in e.value.message and "\n" not in e.value.message
+    assert f"local:{exports}/a/img1 (registration sent)" in e.value.message and "\n" not in e.value.message
     assert not (exports / "b").exists() and server.requests == []  # nothing copied, locked or sent
     # clone under that name elsewhere: refused the same way
     with pytest.raises(ExistsError):
@@ -376,9 +386,8 @@ def test_a_flush_records_the_delivery_in_the_manifest(env: Env, exports: Path, s
                                                       tmp_path: Path) -> None:
     """openQRM down at create: the manifest names the spool job. A later flush delivers it and writes the
     delivery (when, how) into the manifest under the image's lock; list shows that, not a guess."""
-    import json
 
-    from qrmfs.actions.common import flush_spool
+    from qrmfs.actions.delivery import flush_spool
     from qrmfs.actions.listing import list_images
 
     server.status = 503
@@ -393,13 +402,12 @@ def test_a_flush_records_the_delivery_in_the_manifest(env: Env, exports: Path, s
     later = Env(env.cfg, Runner(), Ui(), transport=env.transport)  # a later `qrmfs flush`
     assert flush_spool(later, creds(), quick=False)["delivered"] == [job_id]
     reg = json.loads(manifest.read_text())["registration"]
-    assert (reg["state"], reg["spool_job"], reg["via"]) == ("registered", job_id, f"flush of spool job {job_id}")
+    assert (reg["state"], reg["spool_job"], reg["via"]) == ("sent", job_id, f"flush of spool job {job_id}")
     assert reg["time"].endswith("Z")
     assert names(exports) == [".img1.qrmfs-lock", "img1"]  # the lock was taken and given back
     (row,) = list_images(later, "local").images
-    assert row.registration.state is RegState.REGISTERED
-    assert str(row.registration) == (f"registered ({reg['time']} by flush of spool job {job_id}; openQRM ran "
-                                     "new_image for an administrator; it shows no record, so the record is not seen)")
+    assert row.registration.state is RegState.SENT
+    assert str(row.registration) == f"sent ({reg['time']} by flush of spool job {job_id}; {jobs.SEEN['new_image']})"
 
 
 def test_a_publish_that_fails_keeps_or_drops_the_armed_registration_by_what_happened(
@@ -408,9 +416,8 @@ def test_a_publish_that_fails_keeps_or_drops_the_armed_registration_by_what_happ
     """The registration is armed before the publish. A publish that fails before anything happened drops it
     (the failure is reported). One whose answer is lost after the agent published keeps it armed: the next
     flush finds the image there and registers it once."""
-    import json
 
-    from qrmfs.actions.common import flush_spool
+    from qrmfs.actions.delivery import flush_spool
     from qrmfs.errors import StorageError
     from qrmfs.storage import StorageSide
 
@@ -442,7 +449,7 @@ def test_a_publish_that_fails_keeps_or_drops_the_armed_registration_by_what_happ
     later = Env(env.cfg, Runner(), Ui(), transport=env.transport)
     assert flush_spool(later, creds(), quick=False)["delivered"] == [armed["id"]]
     assert server.commands().count("new_image") == 1 and spool(tmp_path) == []
-    assert json.loads((exports / "img1/.qrmfs/manifest.json").read_text())["registration"]["state"] == "registered"
+    assert json.loads((exports / "img1/.qrmfs/manifest.json").read_text())["registration"]["state"] == "sent"
 
 
 def test_validate_l_runs_a_silently_failed_dry_run_once_more(env: Env, exports: Path, source: Path,

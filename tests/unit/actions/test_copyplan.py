@@ -11,7 +11,7 @@ from qrmfs.actions.copyplan import Hop, Into, Source, hop, plan, whole_list
 from qrmfs.agent.manifest import Manifest
 from qrmfs.config import Config, SshHost, Storage
 from qrmfs.errors import RefusedError
-from qrmfs.transfer import Mounts
+from qrmfs.mounts import Mounts
 
 NAS = Storage("nas", SshHost("nas.lan", "root", 22), "/exports")
 LOCAL = Storage("local", SshHost("local"), "/exports")

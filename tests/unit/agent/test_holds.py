@@ -219,3 +219,32 @@ def test_qrmfs_init_without_a_generation_id_says_so_and_writes_nothing(tmp_path:
     r = _init(tmp_path, f'report_running "{node}"')
     assert r.returncode == 1 and list(node.iterdir()) == []
     assert "no generation id" in (tmp_path / "console").read_text()
+
+
+def test_the_image_is_never_fixed_in_place_while_a_node_runs_it_only_its_staging_copy(img: Path) -> None:
+    """validate --fix's preparation of the image itself (no staging root) is refused while a node runs the
+    image, the node named and nothing changed; a staging copy (update) is prepared; once the node rebooted into
+    another generation, the image is fixed in place."""
+    from qrmfs.agent import main
+    from qrmfs.agent.protocol import Options
+
+    opts = Options.from_dict({"image": "img1"})
+    (img / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")  # a fault the preparation fixes
+    _record(img, "web-7", "c" * 32)
+    with pytest.raises(AgentError) as ei:
+        main.op_prepare(str(img), str(img.parent), opts, None, node_timeout=TIMEOUT)
+    assert ei.value.kind is ErrorKind.REFUSED, ei.value
+    assert "node web-7 (since " in str(ei.value) and "qrmfs update" in str(ei.value), ei.value
+    assert (img / "etc/machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+    assert not (img / "proc").exists(), "nothing of the image changed"
+
+    staging = img.parent / ".img1.qrmfs-staging-1234"
+    (staging / "etc").mkdir(parents=True)
+    with pytest.raises(AgentError, match="node web-7"):  # the image named as its own root is the image
+        main.op_prepare(str(img), str(img.parent), opts, str(img), node_timeout=TIMEOUT)
+    main.op_prepare(str(img), str(img.parent), opts, str(staging), node_timeout=TIMEOUT)
+    assert (staging / "proc").is_dir()
+
+    _record(img, "web-7", "00000003")  # it rebooted into another generation: the image is free
+    fixed = main.op_prepare(str(img), str(img.parent), opts, None, node_timeout=TIMEOUT).fixed
+    assert any(f.step == "machine-id" for f in fixed) and (img / "proc").is_dir(), fixed

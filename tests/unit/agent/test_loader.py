@@ -95,8 +95,8 @@ def test_a_cache_that_cannot_be_written_costs_only_the_compile(tmp_path: Path, m
 
 def test_qrmfs_names_the_cache_by_the_agents_sources(cache: Path) -> None:
     """The key qrmfs sends is the digest of the very modules it sends: a change to any of them is compiled."""
-    key = S._sources_key()
+    key = S.payload.sources_key()
     assert key.isalnum() and len(key) == 32
-    payload = S.StorageSide._payload(S.StorageSide.__new__(S.StorageSide), None)
+    payload = S.payload.payload(None)
     assert '"key": "' + key + '"' in payload and '"op"' not in payload
     assert os.path.basename(loader.cache_file(key) or "").startswith("agent-" + key)

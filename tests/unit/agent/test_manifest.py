@@ -16,11 +16,39 @@ from qrmfs.results import Registration, RegState
 from qrmfs.storage import StorageSide
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "manifests"
-OLD = sorted(FIXTURES.glob("*.json"))
+OLD = sorted(p for p in FIXTURES.glob("*.json") if not p.stem.endswith("-registered"))  # made with -o
+REGISTERED = sorted(FIXTURES.glob("*-registered.json"))  # made registered with an openQRM
 
 
 def test_the_fixtures_are_there() -> None:
     assert len(OLD) >= 8 and all(json.loads(p.read_text()).get("schema") is None for p in OLD)
+    assert [(p.stem, json.loads(p.read_text()).get("schema"), json.loads(p.read_text())["registration"]["state"])
+            for p in REGISTERED] == [("bf45072-img1-registered", None, "registered"),
+                                     ("ca0dd16-img1-registered", 2, "registered")]
+
+
+@pytest.mark.parametrize("path", REGISTERED, ids=lambda p: p.stem)
+def test_a_registration_an_earlier_qrmfs_called_registered_is_read_as_sent(path: Path, tmp_path: Path) -> None:
+    """openQRM 5.3 shows no record: what an earlier qrmfs recorded as "registered" was openQRM's answer, never
+    the record. It reads as "sent", its time and how kept, with what that qrmfs saw (or, where it wrote
+    nothing, that it saw only the 200); everything that asks "is it registered?" treats it as before."""
+    old = json.loads(path.read_text())["registration"]
+    m = Manifest.parse(path.read_text(), str(path))
+    reg = Registration.of_manifest(m)
+    assert (reg.state, reg.time, reg.via) == (RegState.SENT, old["time"], "create") and reg.has_record
+    assert reg.seen == old.get("seen", M.REGISTERED_BEFORE)
+    assert "record is not seen" in reg.seen if "seen" in old else "neither the record nor the role" in reg.seen
+    assert str(reg) == f"sent ({old['time']} by create; {reg.seen})"
+    assert m.image == "img1" and m.option("shared") is True and m.option("private_add") == ["/var/lib/app"]
+    tree.write_manifest(str(tmp_path), m)  # written as schema 3, read again as it is
+    assert json.loads((tmp_path / M.PATH).read_text())["registration"] == {**old, "state": "sent", "seen": reg.seen}
+    assert tree.read_manifest(str(tmp_path)) == m
+
+
+@pytest.mark.parametrize("reg", [{"state": "pending", "spool_job": "j1"}, {"state": "not_registered"},
+                                 {"state": "unknown", "spool_job": "j1", "error": "pending in the manifest"}])
+def test_the_migration_leaves_every_other_registration_as_it_was(reg: dict[str, str]) -> None:
+    assert Manifest.load({"schema": 2, "image": "img1", "registration": reg}).data["registration"] == reg
 
 
 @pytest.mark.parametrize("path", OLD, ids=lambda p: p.stem)
@@ -84,7 +112,7 @@ def test_through_the_agent_inspect_names_a_manifest_it_cannot_read_and_update_re
     assert info.manifest_error == (f"{img / M.PATH} has schema {M.SCHEMA + 1}, newer than this qrmfs reads "
                                    f"({M.SCHEMA}): use a qrmfs as new as the one that wrote it")
     with pytest.raises(RefusedError, match="newer than this qrmfs reads"):
-        side.manifest_update(str(img), {"registration": {"state": "registered"}})
+        side.manifest_update(str(img), {"registration": {"state": "sent"}})
     with pytest.raises(RefusedError, match="newer than this qrmfs reads"):
         side.stage(str(root / "img1/inner"), "t")  # an image inside it is refused as inside any image
     assert json.loads((img / M.PATH).read_text())["schema"] == M.SCHEMA + 1  # as it was

@@ -17,6 +17,7 @@ from qrmfs.agent import main
 from qrmfs.agent import protocol as P
 from qrmfs.config import SshHost, Storage
 from qrmfs.errors import StorageError
+from qrmfs.pending import Pending
 from qrmfs.runner import Runner
 from qrmfs.storage import Op, StorageSide
 
@@ -49,29 +50,33 @@ class _Recorder(StorageSide):
         super().__init__(Storage("rec", SshHost("local"), "/exports"), Runner())
         self.sent: list[str] = []
 
-    def _begin(self, req: P.Request[Any]) -> Callable[[], Any]:
+    def _begin(self, req: P.Request[Any]) -> Pending[Any]:
         self.sent.append(req.op)
-        return lambda: None
+        return Pending.done(req.op, None)
 
-    def _payload(self, req: P.Request[Any] | None) -> str:
-        if req is not None:
-            self.sent.append(req.op)
-        raise _Stop
+    def stop_at_payload(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """What starts an agent records the request it would carry, and stops there."""
+        def payload(req: P.Request[Any] | None) -> str:
+            if req is not None:
+                self.sent.append(req.op)
+            raise _Stop
+        monkeypatch.setattr(S.payload, "payload", payload)
 
 
 class _Stop(Exception):
     pass
 
 
-def test_every_op_has_a_client_method() -> None:
+def test_every_op_has_a_client_method(monkeypatch: pytest.MonkeyPatch) -> None:
     """Op(P.X) in StorageSide for a request of (path, export_root, ...); the others are sent by a method of
     their own, called here (a new one that sends another request is listed here)."""
     derived = {attr.op for attr in vars(StorageSide).values() if isinstance(attr, Op)}
     side = _Recorder()
+    side.stop_at_payload(monkeypatch)
     side.list()
-    side.check_later("/exports/a", P.Options("a"))
+    side.start_check("/exports/a", P.Options("a"))
     side.rebase("/exports/a", "/exports/.a.s", {"x"})
-    side.rebase_scan_later("/exports/a", "/exports/.a.s")
+    side.start_rebase_scan("/exports/a", "/exports/.a.s")
     side.storage = dataclasses.replace(side.storage, exports="kernel", export_clients="10.0.0.5")
     side.export("/exports/a", "show")  # the side's config says how it is exported
     with side.lock("/exports/a", "me"):
@@ -86,9 +91,9 @@ def test_an_op_method_sends_its_request_with_the_sides_export_root() -> None:
     side = _Recorder()
     sent: list[P.Request[Any]] = []
 
-    def begin(req: P.Request[Any]) -> Callable[[], Any]:
+    def begin(req: P.Request[Any]) -> Pending[Any]:
         sent.append(req)
-        return lambda: "answer"
+        return Pending.done(req.op, "answer")
     side._begin = begin  # type: ignore[method-assign]
     assert side.stats("/exports/a", root="/exports/.a.s") == "answer"
     assert sent == [P.Stats("/exports/a", "/exports", "/exports/.a.s")]
@@ -112,28 +117,28 @@ def broken_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     take its fields (an agent of another version): what the session's requests travel to is this text."""
     sources = [(name, text.replace('"tree.op_stats"', '"tree.op_nothing"')
                 .replace('"tree.op_manifest_update"', '"tree.op_stats"'))
-               for name, text in S._agent_sources()]
-    assert sources != S._agent_sources()
-    monkeypatch.setattr(S, "_agent_sources", lambda: sources)
-    monkeypatch.setattr(S, "_sources_key", lambda: "broken-agent-test")
+               for name, text in S.payload.agent_sources()]
+    assert sources != S.payload.agent_sources()
+    monkeypatch.setattr(S.payload, "agent_sources", lambda: sources)
+    monkeypatch.setattr(S.payload, "sources_key", lambda: "broken-agent-test")
 
 
 @pytest.fixture
 def raw(side: StorageSide) -> Iterator[Callable[[str], dict[str, Any]]]:
     """One line to the side's real agent session, its answer line back (queued as the side queues a request's:
     the session's reader thread hands each answer to the oldest request waiting)."""
-    with side._io:
-        p = side._live()
+    session = side.session
+    with session.io:
+        p = session.live()
 
     def ask(line: str) -> dict[str, Any]:
-        slot: list[str] = []
-        with side._io:
-            side._answers.waiting.append(slot)
-            S._write(p, line.encode() + b"\n")
-            answer: dict[str, Any] = json.loads(side._wait(p, slot, P.Inspect("", "")))
+        with session.io:
+            slot = session.answers.expect()
+            S.payload.write(p, line.encode() + b"\n")
+            answer: dict[str, Any] = json.loads(session.answers.wait(slot))
         return answer
     yield ask
-    assert side._session is p  # the session lived through it all
+    assert session.process is p  # the session lived through it all
 
 
 BAD = {

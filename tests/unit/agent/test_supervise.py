@@ -67,11 +67,11 @@ def test_a_warm_agent_of_other_forwarding_is_not_taken_and_ends_with_the_session
     """A warm agent waits for the command it was started for (with or without the ssh agent forwarded); one
     no command took reads end of file when the session closes and exits having run nothing."""
     side.warm(forward_agent=False)
-    p = side._warm[False][0]
+    p = side.warm_agents[False].process
     assert side.supervised(str(root / "img1"), ["true"], None, forward_agent=True).started is None
     assert p.poll() is None
     side.close()
-    assert p.wait(timeout=10) == 0 and not side._warm
+    assert p.wait(timeout=10) == 0 and not side.warm_agents
     assert p.stdout is not None and p.stdout.read() == b""
 
 
@@ -207,7 +207,7 @@ def test_stage_copy_refuses_an_origin_that_is_no_image_or_outside_its_export(sid
 def test_a_warm_agent_that_ended_while_it_waited_is_not_handed_over(side: StorageSide, root: Path) -> None:
     """A warm agent whose connection failed while it waited: the command gets an agent started then."""
     side.warm()
-    p = side._warm[False][0]
+    p = side.warm_agents[False].process
     assert p.stdin is not None
     p.stdin.close()  # it reads end of file where its request would be, and exits
     p.wait(timeout=10)

@@ -14,7 +14,7 @@ import pytest
 from qrmfs import model
 from qrmfs.agent import fsutil, tree
 from qrmfs.agent import main as agent_main
-from qrmfs.agent.manifest import Manifest, ManifestError
+from qrmfs.agent.manifest import SCHEMA, Manifest, ManifestError
 from qrmfs.agent.protocol import encode
 from qrmfs.agent.tree import AgentError
 
@@ -67,8 +67,8 @@ def test_inspect_image_and_parent_missing(root: Path) -> None:
     image(root / "img1", {"image": "img1"})
     (root / ".img1.qrmfs-previous").mkdir()
     info = enc(tree.op_inspect)(str(root / "img1"), str(root))
-    assert (info["exists"], info["is_image"], info["previous"], info["manifest"]) == (True, True, True,
-                                                                                     {"image": "img1", "schema": 2})
+    assert (info["exists"], info["is_image"], info["previous"]) == (True, True, True)
+    assert info["manifest"] == {"image": "img1", "schema": SCHEMA}
     info = enc(tree.op_inspect)(str(root / "lab/img2"), str(root))
     assert (info["exists"], info["parent_exists"]) == (False, False)
     assert not (root / "lab").exists()  # inspect creates nothing
@@ -304,8 +304,8 @@ def test_list(root: Path) -> None:
     (root / "afile").write_text("x")
     got = enc(tree.op_list)(str(root))["images"]
     assert got == [
-        {"path": str(root / "img1"), "manifest": {"image": "img1", "schema": 2}, "locked": None},
-        {"path": str(root / "lab/deep/img2"), "manifest": {"image": "img2", "schema": 2}, "locked": None},
+        {"path": str(root / "img1"), "manifest": {"image": "img1", "schema": SCHEMA}, "locked": None},
+        {"path": str(root / "lab/deep/img2"), "manifest": {"image": "img2", "schema": SCHEMA}, "locked": None},
     ]
     assert [g["path"] for g in enc(tree.op_list)(str(root), depth=4)["images"]] == [
         str(root / "a/b/c/too_deep"), str(root / "img1"), str(root / "lab/deep/img2")]
@@ -331,9 +331,9 @@ def test_list_shows_lock_holder(root: Path) -> None:
 
 def test_manifest_update(root: Path) -> None:
     image(root / "img1", {"image": "img1", "registration": {"state": "pending"}, "keep": 1})
-    out = enc(tree.op_manifest_update)(str(root / "img1"), str(root), {"registration": {"state": "registered"}})
+    out = enc(tree.op_manifest_update)(str(root / "img1"), str(root), {"registration": {"state": "sent"}})
     out = out["manifest"]
-    assert out == {"image": "img1", "registration": {"state": "registered"}, "keep": 1, "schema": 2}
+    assert out == {"image": "img1", "registration": {"state": "sent"}, "keep": 1, "schema": SCHEMA}
     assert json.loads((root / "img1/.qrmfs/manifest.json").read_text()) == out
     assert (root / "img1/.qrmfs/manifest.json").read_text().endswith("}\n")
     assert os.listdir(root / "img1/.qrmfs") == ["manifest.json"]
@@ -345,7 +345,7 @@ def test_write_manifest_replaces_a_non_directory(root: Path) -> None:
     (root / "img1").mkdir()
     (root / "img1/.qrmfs").write_text("junk")
     tree.write_manifest(str(root / "img1"), Manifest.new({"b": 2, "a": 1}))
-    assert (root / "img1/.qrmfs/manifest.json").read_text() == '{\n  "a": 1,\n  "b": 2,\n  "schema": 2\n}\n'
+    assert (root / "img1/.qrmfs/manifest.json").read_text() == f'{{\n  "a": 1,\n  "b": 2,\n  "schema": {SCHEMA}\n}}\n'
 
 
 def test_stats_counts_hard_links_once(tmp_path: Path) -> None:

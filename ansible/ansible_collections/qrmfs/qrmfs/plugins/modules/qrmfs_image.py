@@ -142,7 +142,9 @@ operation:
   returned: always
   type: str
 result:
-  description: The C(result) of qrmfs's JSON envelope for the command that ran (see qrmfs's docs/json.md).
+  description: The C(result) of qrmfs's JSON envelope for the command that ran (see qrmfs's docs/json.md). Its
+    I(registration.state) is C(sent) after a create (openQRM ran new_image for an administrator; the record itself
+    is not verified, as I(registration.seen) says) and C(deregistration_sent) after a remove.
   returned: when a command changed or planned something
   type: dict
 image:

@@ -61,7 +61,9 @@ EXAMPLES = r'''
 RETURN = r'''
 images:
   description: One dict per image (storage, name, path, target, bytes, files, created, source, shared, arch, os,
-    validation, registration, locked_by).
+    validation, registration, locked_by). I(registration.state) is C(sent) (openQRM ran new_image for an
+    administrator; openQRM 5.3 shows no record, so the record itself is not verified, as I(registration.seen)
+    says), C(pending), C(not_registered) or C(unknown); never C(registered) (see qrmfs's docs/openqrm.md).
   returned: always
   type: list
   elements: dict

@@ -1,4 +1,4 @@
-"""qrmfs/agent/gens.py: counting what changed against the image when an update started from its spare."""
+"""qrmfs/agent/treediff.py: counting what changed against the image when an update started from its spare."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qrmfs.agent import gens
+from qrmfs.agent import treediff
 from qrmfs.agent.protocol import AgentError
 
 
@@ -40,14 +40,14 @@ def test_rebase_counts_the_staging_copy_against_the_image(tmp_path: Path) -> Non
     (staging / "srv/new/f").write_text("f\n")
     (staging / "etc/fstab").write_text("the source's, prepared again later\n")  # prepared: not counted
     shutil.rmtree(staging / ".qrmfs")                                     # /.qrmfs: never counted
-    got = gens.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"])
+    got = treediff.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"])
     assert got.counts == {"new": 3, "changed": 2, "metadata": 1, "deleted": 4}
     same = tmp_path / ".img1.qrmfs-staging-u"
     shutil.copytree(image, same, symlinks=True, copy_function=shutil.copy2)
-    assert gens.op_rebase(str(image), str(tmp_path), str(same), []).counts == {
+    assert treediff.op_rebase(str(image), str(tmp_path), str(same), []).counts == {
         "new": 0, "changed": 0, "metadata": 0, "deleted": 0}
     with pytest.raises(AgentError, match="not a staging directory"):
-        gens.op_rebase(str(image), str(tmp_path), str(image / "etc"), [])
+        treediff.op_rebase(str(image), str(tmp_path), str(image / "etc"), [])
 
 
 def test_rebase_in_two_processes_counts_what_one_walk_counts(tmp_path: Path) -> None:
@@ -66,10 +66,10 @@ def test_rebase_in_two_processes_counts_what_one_walk_counts(tmp_path: Path) -> 
         shutil.rmtree(staging / f"d{i}/sub")
         (staging / f"d{i}/n{i}").write_text("new\n")
     done: frozenset[str] = frozenset()
-    one = gens._rebase_share(str(image), str(staging), done, 0, 1)
+    one = treediff._rebase_share(str(image), str(staging), done, 0, 1)
     assert one == {"new": 6, "changed": 12, "metadata": 12, "deleted": 36}
-    assert gens.op_rebase(str(image), str(tmp_path), str(staging), []).counts == one
-    halves = [gens._rebase_share(str(image), str(staging), done, k, 2) for k in (0, 1)]
+    assert treediff.op_rebase(str(image), str(tmp_path), str(staging), []).counts == one
+    halves = [treediff._rebase_share(str(image), str(staging), done, k, 2) for k in (0, 1)]
     assert all(sum(h.values()) for h in halves)  # both shares had work
 
 
@@ -95,7 +95,7 @@ def test_a_scan_made_while_rsync_works_and_rsyncs_items_count_what_the_whole_wal
     """The scan runs while rsync still changes the staging copy; whatever rsync changes after (or while) the
     scan looked, it itemizes: the count over those paths alone equals the whole walk's at the end."""
     image, staging = _pair(tmp_path)
-    scanned = gens.op_rebase_scan(str(image), str(tmp_path), str(staging)).paths
+    scanned = treediff.op_rebase_scan(str(image), str(tmp_path), str(staging)).paths
     assert scanned is not None and sorted(scanned) == [
         "/opt", "/usr/bin/mode", "/usr/bin/tool", "/var/old"]  # a new or deleted directory: itself only
     # what "rsync" does after the scan, and the items it prints for it
@@ -116,15 +116,15 @@ def test_a_scan_made_while_rsync_works_and_rsyncs_items_count_what_the_whole_wal
     (staging / "etc/.tool.Xy12ab").write_text("rsync's temporary file, gone at the end\n")
     os.unlink(staging / "etc/.tool.Xy12ab")
     items.append("/.qrmfs/nodes")                                    # never counted
-    whole = gens.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"]).counts
+    whole = treediff.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"]).counts
     assert whole == {"new": 5, "changed": 2, "metadata": 1, "deleted": 10}
-    assert gens.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"],
+    assert treediff.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"],
                           only=[*scanned, *items]).counts == whole
     # without rsync's items, the changes made after the scan are missed: the items are needed
-    assert gens.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"], only=scanned).counts != whole
+    assert treediff.op_rebase(str(image), str(tmp_path), str(staging), ["/etc/fstab"], only=scanned).counts != whole
 
 
 def test_a_scan_that_would_name_too_many_paths_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     image, staging = _pair(tmp_path)
-    monkeypatch.setattr(gens, "SCAN_LIMIT", 2)
-    assert gens.op_rebase_scan(str(image), str(tmp_path), str(staging)).paths is None
+    monkeypatch.setattr(treediff, "SCAN_LIMIT", 2)
+    assert treediff.op_rebase_scan(str(image), str(tmp_path), str(staging)).paths is None
