@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..agent.gens import prepared_change
 from ..agent.manifest import PATH as manifest_path
 from ..agent.manifest import Manifest
 from ..agent.protocol import Checked, FindingRecord, Options
+from ..agent.treediff import prepared_change
 from ..config import Storage
 from ..model import Location, Target
 from ..pending import Pending
@@ -124,7 +124,7 @@ def changes_from_source(env: Env, storage: Storage, target: Target, location: Lo
                         alongside: Callable[[], object] | None = None) -> list[dict[str, str]]:
     """What rsync would change in the image to make it the source now (--dry-run --itemize-changes --delete;
     drift for validate -l, the plan of update --dry-run), without the image's own /.qrmfs and the paths the
-    preparation changed on purpose (rsync leaves them out, and gens.prepared_change the directories made to hold
+    preparation changed on purpose (rsync leaves them out, and treediff.prepared_change the directories made to hold
     them, /usr/lib/qrmfs of a source without /usr/lib). Changes nothing. alongside: called just before the dry run
     starts (to start agent work that runs during it)."""
     src = hosts.source_host(env.cfg, location)
