@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -130,7 +131,12 @@ def interrupt(signum: int) -> None:
 @contextmanager
 def signals_deferred() -> Iterator[None]:
     """A short step that must happen whole (a request sent together with its place in the queue of answers):
-    Interrupted is raised after it, not inside. Nothing in it may wait long: the signal waits with it."""
+    Interrupted is raised after it, not inside. Nothing in it may wait long: the signal waits with it.
+    In any other thread than the main one it defers nothing: signals never interrupt those threads, and a
+    block there must not hold back the main thread's signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _deferring.append(1)
     try:
         yield

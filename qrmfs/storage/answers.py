@@ -7,6 +7,14 @@ import subprocess
 import threading
 from collections import deque
 
+from ..errors import signals_deferred
+
+# How long a signal may wait while a request waits for its answer: Condition.wait cannot take an exception at
+# every instant (one raised just after it let go of the lock leaves the lock released under the caller's `with`,
+# and its exit then fails with "cannot release un-acquired lock"), so the signal is noted during a short wait and
+# raised between two of them, with the lock held.
+SIGNAL_LATENCY = 0.2
+
 
 class Answers:
     """The requests of one session waiting for their answers (each a slot the reader fills), oldest first.
@@ -52,5 +60,6 @@ class Answers:
         here, and the reader still hands the answer to this slot, so the answers of later requests stay
         theirs. A line that is no JSON object means the session ended."""
         while not slot:
-            self.io.wait()
+            with signals_deferred():
+                self.io.wait(SIGNAL_LATENCY)
         return slot[0]

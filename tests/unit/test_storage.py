@@ -316,3 +316,60 @@ def test_an_error_in_the_locked_block_is_the_one_raised_when_the_session_died_to
             assert side.session.process is not None
             side.session.process.kill()
             raise ValueError("the block's own")
+
+
+def test_a_signal_while_a_request_waits_for_its_answer_is_raised_with_the_session_lock_held():
+    """SIGTERM while the main thread waits for an answer: Interrupted comes out within SIGNAL_LATENCY, the
+    session's lock is held when it does (the caller's `with io:` lets go of it cleanly: a signal raised inside
+    Condition.wait just after it released the lock made that exit fail with "cannot release un-acquired lock"),
+    and the answer that comes later still goes to its own slot."""
+    import threading
+
+    from qrmfs.errors import Interrupted, interrupt
+    from qrmfs.storage.answers import SIGNAL_LATENCY, Answers
+
+    io = threading.Condition()
+    answers = Answers(io)
+    before = signal.signal(signal.SIGTERM, lambda n, _f: interrupt(n))
+    try:
+        for i in range(20):  # the signal at 20 different instants of the wait
+            with io:
+                slot = answers.expect()
+            kill = threading.Timer(0.01 + 0.003 * i, os.kill, (os.getpid(), signal.SIGTERM))
+            kill.start()
+            t0 = time.monotonic()
+            with pytest.raises(Interrupted), io:
+                answers.wait(slot)
+            assert time.monotonic() - t0 < 0.01 + 0.003 * i + SIGNAL_LATENCY + 1.0
+            kill.join()
+            with io:  # the reader's hand-over of the late answer
+                answers.waiting.popleft().append('{"late": 1}')
+            assert slot == ['{"late": 1}']
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_signals_deferred_in_another_thread_holds_back_none_of_the_main_threads_signals():
+    import threading
+
+    from qrmfs.errors import Interrupted, interrupt, signals_deferred
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with signals_deferred():
+            inside.set()
+            leave.wait(10)
+
+    before = signal.signal(signal.SIGTERM, lambda n, _f: interrupt(n))
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        inside.wait(10)
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at the next bytecode; this sleep is only a bound
+    finally:
+        leave.set()
+        t.join()
+        signal.signal(signal.SIGTERM, before)
