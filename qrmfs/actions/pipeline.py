@@ -464,8 +464,8 @@ def _stream(env: Env, runner: Runner, side: StorageSide, path: str, c: copyplan.
 
 
 def prepared_options(options: Options) -> Options:
-    """The options the agent prepares with: with the qrmfs-init script's text where the image needs it."""
-    return dataclasses.replace(options, node_init=node_init_script()) if options.needs_node_init else options
+    """The options the agent prepares with: with the qrmfs-init script's text (every image gets it)."""
+    return dataclasses.replace(options, node_init=node_init_script())
 
 
 def _prepare(env: Env, run: Run) -> tuple[Prepared, dict[str, int]]:

@@ -94,11 +94,6 @@ class Options:
         """A copy of an image that keeps per-image host keys (clone) gets new ones of its own."""
         return self.fresh_identity and not self.per_node_network
 
-    @property
-    def needs_node_init(self) -> bool:
-        """/sbin/qrmfs-init and its node.conf belong in the image."""
-        return self.shared or bool(self.private_add)
-
 
 # --- answers ---------------------------------------------------------------------------------------------
 

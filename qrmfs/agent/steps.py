@@ -24,8 +24,8 @@ MTAB_TARGET = "/proc/mounts"
 MTAB_OK = ("/proc/mounts", "/proc/self/mounts", "../proc/self/mounts", "../proc/mounts")
 NODE_INIT = "/sbin/qrmfs-init"
 SBIN_INIT = "/sbin/init"  # what the kernel and every initrd start (openQRM's linuxrc: `switch_root /mnt /sbin/init`)
-# Where the preparation keeps the distribution's own init once /sbin/init leads to qrmfs-init (images with
-# node-init): a symlink to the systemd binary /sbin/init pointed at, or SysV init's binary itself. qrmfs-init
+# Where the preparation keeps the distribution's own init once /sbin/init leads to qrmfs-init (every prepared
+# image): a symlink to the systemd binary /sbin/init pointed at, or SysV init's binary itself. qrmfs-init
 # carries the same path in its DIST_INIT line (a unit test compares them). Its name is `init`, as the kernel
 # and systemd need it: PID 1's name stays `init`, and systemd run as a command (not PID 1) acts as telinit only
 # when its name contains "init".
@@ -488,28 +488,12 @@ def _excludes(ctx: Ctx) -> Iterator[Finding]:
             yield Finding("excludes", path, "excluded directory missing", functools.partial(makedirs, host))
 
 
-@step("node-init", "per-node private directories and identity: /sbin/qrmfs-init and /etc/qrmfs/node.conf")
+@step("node-init", "every node reports the generation it runs, and gets its private directories and identity: "
+      "/sbin/qrmfs-init and /etc/qrmfs/node.conf")
 def _node_init(ctx: Ctx) -> Iterator[Finding]:
-    if not ctx.opts.needs_node_init:
-        yield from _no_node_init(ctx)
-        return
     yield from _node_init_files(ctx)
     yield from _init_leads_to_node_init(ctx)
     yield from _private_dirs(ctx)
-
-
-NOT_NODE_INIT = "present on an image that is neither shared nor has private directories"
-
-
-def _no_node_init(ctx: Ctx) -> Iterator[Finding]:
-    restorable = True
-    for f in _init_restored(ctx):
-        restorable = restorable and f.fix is not None
-        yield f
-    for path in (NODE_CONF, NODE_INIT):
-        host = ctx.host(path)
-        if os.path.lexists(host) and (restorable or path != NODE_INIT):  # never leave /sbin/init leading nowhere
-            yield Finding("node-init", path, NOT_NODE_INIT, functools.partial(remove, host))
 
 
 # --- /sbin/init leads to qrmfs-init, which starts the distribution's init (kept at DIST_INIT) ---------------
@@ -619,7 +603,7 @@ def _init_leads_to_node_init(ctx: Ctx) -> Iterator[Finding]:
         yield Finding("node-init", kept, f"the distribution's init ({_image_path(ctx, i.target)}) is not kept here",
                       functools.partial(_keep_dist_init, ctx))
     yield Finding("node-init", link, "/sbin/init does not lead to qrmfs-init: a node whose initrd starts /sbin/init "
-                  "(openQRM's linuxrc) would get no private directories, no identity of its own and no heartbeat",
+                  "(openQRM's linuxrc) would not report the generation it runs, nor get its private directories and identity",
                   functools.partial(_lead_to_node_init, ctx))
 
 
@@ -649,6 +633,8 @@ def _lead_to_node_init(ctx: Ctx) -> None:
     i = _inits(ctx)
     if not i.kept_ok:
         raise OSError(f"the distribution's init is not kept at {DIST_INIT} ({i.kept_why})")
+    if _init_problem(ctx, NODE_INIT)[1] != "qrmfs-init itself":  # never lead /sbin/init to nothing
+        raise OSError(f"{NODE_INIT} is not in the image: /sbin/init stays the distribution's init")
     _replace_with_symlink(NODE_INIT, i.link)
 
 
@@ -657,40 +643,6 @@ def _replace_with_symlink(target: str, link: str) -> None:
     remove(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, link)
-
-
-def _init_restored(ctx: Ctx) -> Iterator[Finding]:
-    """Without node-init: /sbin/init is the distribution's init again, and DIST_INIT is gone."""
-    i = _inits(ctx)
-    link, kept = _image_path(ctx, i.link), _image_path(ctx, i.kept)
-    if i.leads_to_node_init and os.path.lexists(i.link):
-        if i.kept_ok:
-            yield Finding("node-init", link, f"leads to qrmfs-init on an image that is neither shared nor has private "
-                          f"directories (the distribution's init is kept at {DIST_INIT})",
-                          functools.partial(_restore_dist_init, ctx))
-        else:
-            yield Finding("node-init", link, f"leads to qrmfs-init, and the distribution's init is not kept at "
-                          f"{DIST_INIT} ({i.kept_why or 'qrmfs-init itself'}): update the image from its source", None)
-    elif os.path.lexists(i.kept):
-        yield Finding("node-init", kept, NOT_NODE_INIT, functools.partial(_remove_kept, i.kept))
-
-
-def _restore_dist_init(ctx: Ctx) -> None:
-    i = _inits(ctx)
-    if not (i.leads_to_node_init and i.kept_ok):
-        return
-    if os.path.islink(i.kept):
-        _replace_with_symlink(os.readlink(i.kept), i.link)
-        _remove_kept(i.kept)
-    else:
-        os.replace(i.kept, i.link)
-        _remove_kept(i.kept)
-
-
-def _remove_kept(kept: str) -> None:
-    remove(kept)
-    with contextlib.suppress(OSError):
-        os.rmdir(os.path.dirname(kept))  # DIST_INIT's directory, when nothing else is in it
 
 
 def _node_init_files(ctx: Ctx) -> Iterator[Finding]:

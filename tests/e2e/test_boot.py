@@ -22,7 +22,7 @@ from lab import boot as lab_boot
 from lab import lab as _lab
 from qrmfs.agent.steps import MTAB_OK
 
-from .helpers import qrmfs
+from .helpers import qrmfs, result_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.boot]
 
@@ -106,6 +106,18 @@ def test_image_made_by_create_boots_to_multi_user(lab, plain_image):
     assert f["dhcp"] == "0" and f["eth0"] == "10.0.2.15/24", f           # network config removed: NIC untouched
     assert f["sshd"] == "active" and f["hostkey"] == "yes", f            # host keys made anew at first boot
     assert f["container"] == "none", f
+    # a plain image's node reports the generation it runs too: /sbin/init led to qrmfs-init, which only recorded
+    # that (no private directory, no identity of its own) and started the distribution's init
+    generation = _on(lab, "storage", f"cat {plain_image}/.qrmfs/generation").strip()
+    assert f["sbin-init"] == "/sbin/qrmfs-init" and f["running"] == generation, f
+    assert f["identity-binds"] == "0" and f["nodes-hidden"] == "tmpfs", f
+    node = lab_boot.DEFAULT_MAC.replace(":", "")
+    assert _on(lab, "storage", f"cat {plain_image}/.qrmfs/nodes/{node}/running").strip() == generation
+    listed = qrmfs("list", "--generations", "-t", f"storage:{plain_image}", "--json", config=lab["config"])
+    assert listed.returncode == 0, listed.stderr
+    current = [g for g in result_of(listed)["images"][0]["generations"] if g["role"] == "current"]
+    assert [g["id"] for g in current] == [generation], current
+    assert node in [n["node"] for n in current[0]["nodes"]], current  # (test_cli_boot's node 9 may run it too)
     # Under TCG systemd sometimes fails to mount these API filesystems (exit 32; lab-notes.md saw it too):
     # harmless to a diskless node and not caused by the image. Any other failed unit is a failure.
     assert set(r.failed_units) <= FLAKY_API_MOUNTS, _explain(r)
@@ -131,6 +143,10 @@ echo "eth0=$(ip -4 -o addr show dev eth0 | awk '{print $4}' | tr '\n' ' ' | sed 
 echo "sshd=$(systemctl is-active ssh.service)"
 test -s /etc/ssh/ssh_host_ed25519_key && echo "hostkey=yes"
 echo "container=$(systemd-detect-virt --container)"
+echo "sbin-init=$(readlink /sbin/init)"
+echo "running=$(cat /.qrmfs/node/running)"
+echo "identity-binds=$(findmnt -n -o TARGET | grep -cxE '/etc/(machine-id|hostname)|/etc/ssh/ssh_host_.*')"
+echo "nodes-hidden=$(findmnt -n -o FSTYPE /.qrmfs/nodes)"
 true
 """
 

@@ -523,11 +523,11 @@ def test_qrmfs_init_keeps_the_distribution_init_where_the_preparation_puts_it():
 
 
 # These tests run qrmfs-init on this machine, whose state paths (/.qrmfs, the private directories, /etc) are not
-# moved by QRMFS_ROOT: their node.conf asks for nothing per node, so that no version of the script sets anything up.
+# moved by QRMFS_ROOT: their root has no node.conf (every node.conf asks at least for the node's running record),
+# so that nothing is set up.
 
 def test_as_pid_1_it_starts_the_distribution_init_qrmfs_kept_with_its_arguments(fake):
     _dist_init(fake)
-    fake.conf(image="img1")
     env = {**fake.env(), "QRMFS_INIT_EXEC": "1"}
     del env["QRMFS_INIT_SOURCED"]
     r = subprocess.run([str(QRMFS_INIT), "--system", "two words"], env=env, capture_output=True, text=True,
@@ -694,6 +694,37 @@ def test_hide_nodes_covers_every_nodes_state_and_keeps_the_own_reachable(fake):
     assert (st / "nodes/2/etc/ssh/ssh_host_ed25519_key").read_text() == "secret-of-2"
 
 
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -m (a private mount namespace)")
+def test_a_plain_images_node_only_reports_the_generation_it_runs(fake):
+    """An image neither shared nor with private directories: setup, as PID 1, writes the node's running record and
+    hides the nodes' state, and mounts nothing else (no identity, no private directory). Real mounts, in a private
+    mount namespace; the state paths moved into the test's directory, the heartbeat loop only named."""
+    st = fake.base / "img" / ".qrmfs"
+    (st / "nodes").mkdir(parents=True)
+    (st / "generation").write_text("0123abcd\n")
+    fake.set_cmdline("qrmfs.node=n7")
+    script = f"""
+        mount --make-rprivate /
+        R=""; STATE="{st}"; SELF="{st}/node"; ROOTBIND="{st}/root"
+        load_conf() {{ QRMFS_IMAGE=img QRMFS_SHARED=no QRMFS_HOSTNAME="" QRMFS_PRIVATE="" QRMFS_PRIVATE_EXCLUDE=""; }}
+        start_heartbeat() {{ echo "heartbeat=$1"; }}
+        before=$(awk '{{print $5}}' /proc/self/mountinfo | sort)
+        (setup); echo "rc=$?"
+        echo "mounted=$(awk '{{print $5}}' /proc/self/mountinfo | sort | grep -vxF "$before" | tr '\n' ' ')"
+        echo "running=$(cat "$SELF/running")"
+        test -f "$SELF/alive" && echo "alive=yes"
+    """
+    env = {**fake.env(), "QRMFS_INIT_EXEC": "1"}
+    r = subprocess.run(["unshare", "-m", "sh", "-c", f'. "$1"; {script}', "sh", str(QRMFS_INIT)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    out = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    assert out == {"rc": "0", "heartbeat": f"{st}/nodes/n7", "mounted": f"{st}/node {st}/nodes ",
+                   "running": "0123abcd", "alive": "yes"}, r.stdout + r.stderr
+    assert "running generation 0123abcd" in fake.said and "machine-id" not in fake.said, fake.said
+    # outside the namespace: the record stays in the image, nothing else was made in the node's state
+    assert sorted(p.name for p in (st / "nodes/n7").iterdir()) == ["alive", "running"]
+
+
 # --- qrmfs-init's verdict and owners ------------------------------------------------------------------------
 
 NODE_OK = ("QRMFS-BOOT switch_root /sbin/qrmfs-init\nqrmfs-init: node 1 (image x)\nqrmfs-init: set-up complete\n"
@@ -721,7 +752,7 @@ def test_the_probe_counts_as_reached_even_when_a_getty_swallowed_its_first_line(
 
 
 def test_main_says_when_the_set_up_is_complete(fake):
-    fake.conf(image="img")
+    # no node.conf: nothing to set up on this machine (see above), which is a complete set-up
     env = {**fake.env(), "QRMFS_INIT_SOURCED": "", "QRMFS_INIT_EXEC": "1", "QRMFS_CMDLINE_FILE": str(fake.cmdline)}
     fake.set_cmdline("qrmfs.init=/bin/true")
     r = subprocess.run(["sh", str(QRMFS_INIT)], env=env, capture_output=True, text=True, timeout=60)

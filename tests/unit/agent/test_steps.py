@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qrmfs.agent import fsutil, steps
-from qrmfs.agent.protocol import FindingRecord, Options
+from qrmfs.agent.protocol import AgentError, FindingRecord, Options
 
 OUTSIDE = "/etc/real-hostname-outside"  # the image's /etc/hostname points here: must never be written on the host
 NODE_INIT = "#!/bin/sh\n# qrmfs-init (test copy)\nexit 0\n"
@@ -124,6 +124,14 @@ def found(root: Path, opts: Options, only: list[str] | None = None) -> list[tupl
     return sorted((f.step, f.path, f.problem) for f in steps.check(str(root), opts) if not only or f.step in only)
 
 
+# /sbin/init leads to qrmfs-init in every image (issue 27: initrds that start /sbin/init, as openQRM's linuxrc)
+INIT_FINDINGS = [
+    ("node-init", "/usr/lib/qrmfs/init", "the distribution's init (/lib/systemd/systemd) is not kept here"),
+    ("node-init", "/sbin/init", "/sbin/init does not lead to qrmfs-init: a node whose initrd starts /sbin/init "
+                                "(openQRM's linuxrc) would not report the generation it runs, nor get its private "
+                                "directories and identity")]
+
+
 DEFAULT_FINDINGS = sorted([
     ("dirs", "/proc", "not empty (1 entries)"),
     ("dirs", "/sys", "missing"),
@@ -154,12 +162,16 @@ DEFAULT_FINDINGS = sorted([
     ("network", "/etc/network/interfaces.d/eth1", "configures interfaces"),
     ("services", "/etc/systemd/system/systemd-remount-fs.service", "not masked"),
     ("services", "/etc/systemd/system/fstrim.timer", "not masked"),
+    # every image: /sbin/init leads to qrmfs-init, which reports the generation a node runs
+    ("node-init", "/etc/qrmfs/node.conf", "missing or not matching the image's options"),
+    ("node-init", "/sbin/qrmfs-init", "missing or not the current qrmfs-init"),
+    *INIT_FINDINGS,
 ])
 
 
 def test_check_finds_everything(img: Path) -> None:
-    assert found(img, Options("img1"), [*FIXABLE_STEPS, "init"]) == DEFAULT_FINDINGS
-    assert all(f.fix is not None for f in steps.check(str(img), Options("img1")))
+    assert found(img, Options("img1", node_init=NODE_INIT), [*FIXABLE_STEPS, "init"]) == DEFAULT_FINDINGS
+    assert all(f.fix is not None for f in steps.check(str(img), Options("img1", node_init=NODE_INIT)))
 
 
 def test_check_changes_nothing(img: Path, tmp_path: Path) -> None:
@@ -169,7 +181,7 @@ def test_check_changes_nothing(img: Path, tmp_path: Path) -> None:
 
 
 def test_apply_result_and_end_state(img: Path, tmp_path: Path) -> None:
-    fixed, left = steps.apply(str(img), Options("img1"))
+    fixed, left = steps.apply(str(img), Options("img1", node_init=NODE_INIT))
     assert left == []
     assert sorted((f.step, f.path, f.problem) for f in fixed if f.step in FIXABLE_STEPS) == (
         DEFAULT_FINDINGS)
@@ -207,7 +219,10 @@ def test_apply_result_and_end_state(img: Path, tmp_path: Path) -> None:
     assert (img / OUTSIDE.lstrip("/")).read_text() == "src1\n"
     assert os.readlink(img / "etc/hostname") == OUTSIDE
     assert (tmp_path / "outside/sentinel").read_text() == "untouched\n"
-    assert not os.path.lexists(img / "etc/qrmfs") and not os.path.lexists(img / "sbin/qrmfs-init")
+    # node-init: only the report (no --shared, no private directory)
+    assert os.readlink(img / "sbin/init") == "/sbin/qrmfs-init"
+    assert os.readlink(img / "usr/lib/qrmfs/init") == "/lib/systemd/systemd"
+    assert "QRMFS_SHARED='no'\nQRMFS_HOSTNAME=''\nQRMFS_PRIVATE=''\n" in (img / "etc/qrmfs/node.conf").read_text()
 
 
 def test_apply_twice_changes_nothing(img: Path, tmp_path: Path) -> None:
@@ -223,15 +238,15 @@ def test_apply_twice_changes_nothing(img: Path, tmp_path: Path) -> None:
 
 
 STEP_OPTS = {
-    "hostname": Options("img1", hostname="node7"),
-    "excludes": Options("img1", excludes=["/home/big", "/var/cache/apt"]),
+    "hostname": Options("img1", hostname="node7", node_init=NODE_INIT),
+    "excludes": Options("img1", excludes=["/home/big", "/var/cache/apt"], node_init=NODE_INIT),
     "node-init": Options("img1", private_add=["/srv/private"], node_init=NODE_INIT),
 }
 
 
 @pytest.mark.parametrize("name", FIXABLE_STEPS)
 def test_each_step_check_fix_idempotent(name: str, img: Path, tmp_path: Path) -> None:
-    opts = STEP_OPTS.get(name, Options("img1"))
+    opts = STEP_OPTS.get(name, Options("img1", node_init=NODE_INIT))
     findings = check_only(str(img), opts, [name])
     assert findings, f"step {name} found nothing in the fake image"
     assert {f.step for f in findings} == {name}
@@ -271,7 +286,7 @@ def test_init_step(tmp_path: Path) -> None:
 # --- options ---------------------------------------------------------------------------------------
 
 def test_keep_network_leaves_interfaces_and_host_keys(img: Path) -> None:
-    opts = Options("img1", keep_network=True)
+    opts = Options("img1", keep_network=True, node_init=NODE_INIT)
     names = {f[0] for f in found(img, opts)}
     assert not names & {"network", "host-keys", "persistent-net"}
     fixed, left = steps.apply(str(img), opts)
@@ -295,15 +310,15 @@ def test_shared_removes_host_keys_even_with_keep_network(img: Path) -> None:
 
 def test_remove_services_masks_host_bound_units(img: Path) -> None:
     assert ("services", "/etc/systemd/system/smartd.service", "not masked") in found(
-        img, Options("img1", keep_services=False))
-    steps.apply(str(img), Options("img1", keep_services=False))
+        img, Options("img1", keep_services=False, node_init=NODE_INIT))
+    steps.apply(str(img), Options("img1", keep_services=False, node_init=NODE_INIT))
     assert os.readlink(img / "etc/systemd/system/smartd.service") == "/dev/null"
     # units the image does not have are not masked
     assert not os.path.lexists(img / "etc/systemd/system/NetworkManager.service")
 
 
 def test_hostname_sets_hostname_and_hosts_inside_the_image(img: Path, tmp_path: Path) -> None:
-    opts = Options("img1", hostname="node7")
+    opts = Options("img1", hostname="node7", node_init=NODE_INIT)
     assert found(img, opts, ["hostname"]) == [("hostname", "/etc/hostname", "not node7"),
                                               ("hostname", "/etc/hosts", "127.0.1.1 does not name node7")]
     steps.apply(str(img), opts)
@@ -318,7 +333,7 @@ def test_hostname_adds_hosts_line_when_missing(tmp_path: Path) -> None:
     root = tmp_path / "img"
     _w(root, "etc/hosts", "127.0.0.1 localhost")
     _w(root, "etc/hostname", "old\n")
-    steps.apply(str(root), Options("img1", hostname="n1.lab"))
+    steps.apply(str(root), Options("img1", hostname="n1.lab", node_init=NODE_INIT))
     assert (root / "etc/hostname").read_text() == "n1.lab\n"
     assert (root / "etc/hosts").read_text() == "127.0.0.1 localhost\n127.0.1.1\tn1.lab\n"
 
@@ -349,7 +364,7 @@ def test_private_dirs_and_node_conf(img: Path) -> None:
 
 
 def test_node_conf_shared_with_hostname_quotes() -> None:
-    text = steps.node_conf(Options("img1", shared=True, hostname="n1"))
+    text = steps.node_conf(Options("img1", shared=True, hostname="n1", node_init=NODE_INIT))
     assert "QRMFS_SHARED='yes'\nQRMFS_HOSTNAME='n1'\n" in text
     assert "QRMFS_IMAGE='it'\\''s'\n" in steps.node_conf(Options("it's"))
 
@@ -366,12 +381,8 @@ def test_node_conf_rewritten_when_options_change(img: Path) -> None:
 # --- /sbin/init leads to qrmfs-init (issue 27: initrds that start /sbin/init, as openQRM's linuxrc) ---------
 
 PRIVATE = Options("img1", private_add=["/var/lib/app"], node_init=NODE_INIT)
+PLAIN = Options("img1", node_init=NODE_INIT)
 SYSV_INIT = "\x7fELF sysvinit 3.06\n"
-INIT_FINDINGS = [
-    ("node-init", "/usr/lib/qrmfs/init", "the distribution's init (/lib/systemd/systemd) is not kept here"),
-    ("node-init", "/sbin/init", "/sbin/init does not lead to qrmfs-init: a node whose initrd starts /sbin/init "
-                                "(openQRM's linuxrc) would get no private directories, no identity of its own and no "
-                                "heartbeat")]
 
 
 def _inits(img: Path) -> tuple[str | None, object]:
@@ -474,39 +485,29 @@ def test_an_interrupted_preparation_is_finished_and_a_lost_distribution_init_is_
     assert (path, fix) == ("/usr/lib/qrmfs/init", None) and "qrmfs-init has no init to start" in problem
 
 
-def test_an_image_without_node_init_keeps_its_init_and_gets_it_back(img: Path) -> None:
-    plain = Options("img1")
-    steps.apply(str(img), plain)
-    assert _inits(img) == ("/lib/systemd/systemd", None)  # untouched
-    for make in (lambda: None, lambda: _sysv(img)):
+def test_a_plain_image_gets_qrmfs_init_which_only_reports_and_keeps_the_distribution_init(img: Path) -> None:
+    """Neither shared nor private directories: /sbin/init still leads to qrmfs-init (so the node reports the
+    generation it runs), with a node.conf that asks for nothing else; the distribution's init is kept."""
+    for make, dist_init in ((lambda: None, "/lib/systemd/systemd"), (lambda: _sysv(img), SYSV_INIT.encode())):
         make()
-        original = _inits(img)
-        steps.apply(str(img), PRIVATE)
-        assert _inits(img)[0] == "/sbin/qrmfs-init"
-        assert "/sbin/init" in {f[1] for f in found(img, plain, ["node-init"])}
-        fixed, left = steps.apply(str(img), plain)
-        assert left == [] and _inits(img) == original, original
-        assert not os.path.lexists(img / "usr/lib/qrmfs") and not os.path.lexists(img / "sbin/qrmfs-init")
-    # the distribution's init lost: /sbin/init keeps leading to qrmfs-init, which stays (never a dangling init)
-    steps.apply(str(img), PRIVATE)
-    os.unlink(img / "usr/lib/qrmfs/init")
-    assert [(f.path, f.fix is None) for f in check_only(str(img), plain, ["node-init"]) if "init" in f.path] == [
-        ("/sbin/init", True)]
-    steps.apply(str(img), plain)
-    assert os.path.exists(img / "sbin/qrmfs-init") and _inits(img)[0] == "/sbin/qrmfs-init"
-
-
-def test_node_init_removed_from_non_shared_image(img: Path) -> None:
+        fixed, left = steps.apply(str(img), PLAIN)
+        assert left == [] and _inits(img) == ("/sbin/qrmfs-init", dist_init)
+        assert (img / "sbin/qrmfs-init").read_text() == NODE_INIT
+        conf = (img / "etc/qrmfs/node.conf").read_text()
+        assert "QRMFS_SHARED='no'\n" in conf and "QRMFS_PRIVATE=''\n" in conf, conf
+        assert found(img, PLAIN, ["node-init"]) == []
+    # from shared to plain: the node.conf follows, qrmfs-init and the lead to it stay
     steps.apply(str(img), Options("img1", shared=True, node_init=NODE_INIT))
-    assert (img / "etc/qrmfs/node.conf").exists() and (img / "sbin/qrmfs-init").exists()
-    opts = Options("img1")
-    assert found(img, opts, ["node-init"]) == [
-        ("node-init", "/etc/qrmfs/node.conf", "present on an image that is neither shared nor has private directories"),
-        ("node-init", "/sbin/init", "leads to qrmfs-init on an image that is neither shared nor has private "
-                                    "directories (the distribution's init is kept at /usr/lib/qrmfs/init)"),
-        ("node-init", "/sbin/qrmfs-init", "present on an image that is neither shared nor has private directories")]
-    steps.apply(str(img), opts)
-    assert not os.path.lexists(img / "etc/qrmfs/node.conf") and not os.path.lexists(img / "sbin/qrmfs-init")
+    assert found(img, PLAIN, ["node-init"]) == [
+        ("node-init", "/etc/qrmfs/node.conf", "missing or not matching the image's options")]
+    steps.apply(str(img), PLAIN)
+    assert "QRMFS_SHARED='no'\n" in (img / "etc/qrmfs/node.conf").read_text()
+    assert _inits(img)[0] == "/sbin/qrmfs-init" and found(img, PLAIN, ["node-init"]) == []
+
+
+def test_sbin_init_never_leads_to_a_qrmfs_init_that_is_not_in_the_image(img: Path) -> None:
+    with pytest.raises(AgentError, match="/sbin/qrmfs-init is not in the image"):
+        steps.apply(str(img), Options("img1"))  # the script's text not sent, and none in the image
     assert os.readlink(img / "sbin/init") == "/lib/systemd/systemd"
 
 
@@ -520,7 +521,7 @@ def test_private_path_that_is_a_file_is_reported_not_fixed(img: Path) -> None:
 
 
 def test_excludes_are_created_empty(img: Path) -> None:
-    steps.apply(str(img), Options("img1", excludes=["/home/big", "/var/cache/apt"]))
+    steps.apply(str(img), Options("img1", excludes=["/home/big", "/var/cache/apt"], node_init=NODE_INIT))
     assert os.listdir(img / "home/big") == [] and os.listdir(img / "var/cache/apt") == []
 
 
@@ -536,11 +537,11 @@ def test_merged_usr_lib_symlink(tmp_path: Path, absolute: bool) -> None:
     root = build(tmp_path / "img", merged_usr=True, absolute_lib=absolute)
     assert steps.Ctx(str(root), Options("i")).uses_systemd()
     assert ("services", "/etc/systemd/system/fstrim.timer", "not masked") in found(root, Options("i"))
-    _, left = steps.apply(str(root), Options("i"))
+    _, left = steps.apply(str(root), Options("i", node_init=NODE_INIT))
     assert left == []
     assert os.readlink(root / "etc/systemd/system/fstrim.timer") == "/dev/null"
     assert os.readlink(root / "lib") == ("/usr/lib" if absolute else "usr/lib")  # the link itself is kept
-    assert steps.apply(str(root), Options("i")) == ([], [])
+    assert steps.apply(str(root), Options("i", node_init=NODE_INIT)) == ([], [])
 
 
 def test_sysv_only_image_gets_no_systemd_links(tmp_path: Path) -> None:
@@ -548,7 +549,7 @@ def test_sysv_only_image_gets_no_systemd_links(tmp_path: Path) -> None:
     _w(root, "etc/inittab", "id:5:initdefault:\n")
     _w(root, "etc/rc2.d/S10kudzu", "")
     _w(root, "etc/rc2.d/S20ssh", "")
-    steps.apply(str(root), Options("i"))
+    steps.apply(str(root), Options("i", node_init=NODE_INIT))
     assert (root / "etc/inittab").read_text() == "id:3:initdefault:\n"
     assert sorted(os.listdir(root / "etc/rc2.d")) == ["K10kudzu", "S20ssh"]
     assert not os.path.lexists(root / "etc/systemd")
@@ -558,7 +559,7 @@ def test_inittab_without_initdefault_gets_one(tmp_path: Path) -> None:
     root = tmp_path / "img"
     _w(root, "etc/inittab", "#id:5:initdefault:\nsi::sysinit:/etc/init.d/rcS\n")
     assert found(root, Options("i"), ["runlevel"]) == [("runlevel", "/etc/inittab", "initdefault is none, want 3")]
-    steps.apply(str(root), Options("i"))
+    steps.apply(str(root), Options("i", node_init=NODE_INIT))
     assert (root / "etc/inittab").read_text() == "id:3:initdefault:\n#id:5:initdefault:\nsi::sysinit:/etc/init.d/rcS\n"
 
 
@@ -581,7 +582,7 @@ def test_kudzu_red_hat_layout(tmp_path: Path) -> None:
     _w(root, "etc/inittab", "id:3:initdefault:\n")
     for n in ("rc3.d", "init.d"):
         os.symlink(f"rc.d/{n}", root / "etc" / n)
-    steps.apply(str(root), Options("i"))
+    steps.apply(str(root), Options("i", node_init=NODE_INIT))
     assert os.listdir(root / "etc/rc.d/rc3.d") == ["K05kudzu"]
 
 
@@ -598,7 +599,7 @@ def test_socket_in_var_log(tmp_path: Path) -> None:
     (root / "var/log").mkdir(parents=True)
     _w(root, "sbin/init", "ELF", 0o755)
     _socket(root / "var/log/dev-log")
-    _, left = steps.apply(str(root), Options("i"))
+    _, left = steps.apply(str(root), Options("i", node_init=NODE_INIT))
     assert left == [] and os.listdir(root / "var/log") == []
 
 
@@ -707,18 +708,18 @@ def test_dev_console_and_null_made_and_repaired(img: Path) -> None:
     """openQRM's linuxrc mounts a tmpfs over an image's /dev that lacks console or null (and systemd then
     waits 90 s for its serial console): preparation makes both, and replaces what stands in their place."""
     _w(img, "dev/null", "a file, not a device\n")
-    assert found(img, Options("img1"), only=["dirs"]) == sorted([
+    assert found(img, Options("img1", node_init=NODE_INIT), only=["dirs"]) == sorted([
         ("dirs", "/proc", "not empty (1 entries)"), ("dirs", "/sys", "missing"),
         ("dirs", "/run", "not empty (1 entries)"), ("dirs", "/tmp", "mode 0755, want 1777"),
         ("dirs", "/mnt/floppy", "missing"), ("dirs", "/mnt/cdrom", "missing"),
         ("dirs", "/dev/console", "missing"),
         ("dirs", "/dev/null", "not the character device 1:3 with mode 0666")])
-    steps.apply(str(img), Options("img1"))
+    steps.apply(str(img), Options("img1", node_init=NODE_INIT))
     for rel, dev, perm in (("dev/console", (5, 1), 0o600), ("dev/null", (1, 3), 0o666)):
         st = os.lstat(img / rel)
         assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == dev, rel
         assert stat.S_IMODE(st.st_mode) == perm, rel
-    assert found(img, Options("img1"), only=["dirs"]) == []
+    assert found(img, Options("img1", node_init=NODE_INIT), only=["dirs"]) == []
 
 
 def test_a_sysv_image_gets_no_dev_nodes(tmp_path: Path) -> None:
@@ -728,7 +729,7 @@ def test_a_sysv_image_gets_no_dev_nodes(tmp_path: Path) -> None:
     for d in ("dev", "etc"):
         (root / d).mkdir(parents=True)
     _w(root, "etc/inittab", "id:3:initdefault:\n")
-    assert not [f for f in found(root, Options("img1"), only=["dirs"]) if f[1].startswith("/dev/")]
+    assert not [f for f in found(root, Options("img1", node_init=NODE_INIT), only=["dirs"]) if f[1].startswith("/dev/")]
 
 
 def test_makedirs_exact_mode(tmp_path: Path) -> None:
@@ -878,14 +879,14 @@ def test_prepare_walks_once_and_counts_the_prepared_tree(img: Path, monkeypatch:
         walks.append(top)
         return real(top, count)
     monkeypatch.setattr(steps, "walk_tree", counting)
-    fixed, left, counts = steps.prepare(str(img), Options("img1"))
+    fixed, left, counts = steps.prepare(str(img), Options("img1", node_init=NODE_INIT))
     assert walks == [str(img)]
     assert ("sockets", "/var/lib/app/agent.sock") in [(f.step, f.path) for f in fixed]
     assert not [f for f in left if f.fixable]
     w = real(str(img))
     assert counts == (w.files, w.bytes) and w.sockets == []
     walks.clear()
-    steps.check(str(img), Options("img1"))
+    steps.check(str(img), Options("img1", node_init=NODE_INIT))
     assert walks == [str(img)]
 
 
