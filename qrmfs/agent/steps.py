@@ -7,7 +7,6 @@ and running it twice changes nothing the second time. Paths are image paths ("/e
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import re
@@ -603,7 +602,8 @@ def _init_leads_to_node_init(ctx: Ctx) -> Iterator[Finding]:
         yield Finding("node-init", kept, f"the distribution's init ({_image_path(ctx, i.target)}) is not kept here",
                       functools.partial(_keep_dist_init, ctx))
     yield Finding("node-init", link, "/sbin/init does not lead to qrmfs-init: a node whose initrd starts /sbin/init "
-                  "(openQRM's linuxrc) would not report the generation it runs, nor get its private directories and identity",
+                  "(openQRM's linuxrc) would not report the generation it runs, nor get its private directories and "
+                  "identity",
                   functools.partial(_lead_to_node_init, ctx))
 
 
