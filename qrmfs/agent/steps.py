@@ -653,12 +653,12 @@ def _node_init_files(ctx: Ctx) -> Iterator[Finding]:
         def fix_conf() -> None:
             makedirs(os.path.dirname(conf))
             write_file(conf, want_conf)
-        yield Finding("node-init", NODE_CONF, "missing or not matching the image's options", fix_conf)
+        yield Finding("node-init", _image_path(ctx, conf), "missing or not matching the image's options", fix_conf)
     if o.node_init and (read_file(script) != o.node_init.encode() or not os.access(script, os.X_OK)):
         def fix_script() -> None:
             makedirs(os.path.dirname(script))
             write_file(script, o.node_init.encode(), 0o755)
-        yield Finding("node-init", NODE_INIT, "missing or not the current qrmfs-init", fix_script)
+        yield Finding("node-init", _image_path(ctx, script), "missing or not the current qrmfs-init", fix_script)
 
 
 def _private_dirs(ctx: Ctx) -> Iterator[Finding]:
