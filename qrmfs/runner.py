@@ -19,7 +19,7 @@ from typing import IO, Any, TypeVar
 from plumbum import local
 from plumbum.commands.processes import CommandNotFound, ProcessTimedOut
 
-from .errors import QrmfsError
+from .errors import Interrupted, QrmfsError, signals_deferred
 
 
 def tail(text: str, lines: int = 12) -> str:
@@ -68,7 +68,19 @@ class Runner:
 
     def popen(self, argv: Sequence[str], stdin: int | IO[Any] | None = subprocess.PIPE,
               output: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
-        return self._cmd(argv).popen(stdin=stdin, stdout=output, stderr=output, **CHILD)
+        """The child, started. A SIGINT/SIGTERM during the fork is noted and raised once it returned (raised inside
+        the fork's own hooks it was ignored and lost: the run went on): the child just started is then killed."""
+        cmd = self._cmd(argv)
+        p: subprocess.Popen[bytes] | None = None
+        try:
+            with signals_deferred():
+                p = cmd.popen(stdin=stdin, stdout=output, stderr=output, **CHILD)
+        except Interrupted:
+            if p is not None:
+                p.kill()
+                p.wait()
+            raise
+        return p
 
     def run(self, argv: Sequence[str], *, input: str | bytes | None = None, ok: Sequence[int] = (0,),
             timeout: float | None = None) -> Result:
